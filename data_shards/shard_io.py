@@ -1,0 +1,144 @@
+"""Shard files: a deterministic WebDataset tar writer and the readers built on its byte offsets.
+
+Layout of a shard directory (see data_shards/README.md):
+    manifest.json          counts, rules, vocabularies, input hashes, shard list
+    validation.json        every bad-input finding by category (ids, file, line)
+    id_maps.json           raw id <-> index for users and items
+    items-NNNNNN.tar       one sample per item:  KEY.json (meta + raw text), KEY.tokens.npy, KEY.jpg
+    sequences-NNNNNN.tar   one sample per user:  KEY.json (full chronological history, split, features)
+    item_index.npy         per item: shard number and byte offset/size of its tokens and JPEG inside the tar
+
+Tars are written with fixed metadata (mtime 0, uid 0, sorted keys), so the same inputs give the same bytes.
+`ItemStore` reads any item's tokens or JPEG bytes by offset from memory-mapped tars: no shard scanning.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+ITEM_INDEX_DTYPE = np.dtype(
+    [
+        ("shard", "<i4"),
+        ("modality", "<i1"),  # 0 text, 1 image (the item's assigned modality)
+        ("tok_offset", "<i8"),  # byte offset of the raw int32 token data (after the .npy header)
+        ("tok_len", "<i4"),  # number of tokens
+        ("jpg_offset", "<i8"),
+        ("jpg_size", "<i8"),  # 0: the item has no usable image
+    ]
+)
+MODALITIES = ("text", "image")
+
+
+class DeterministicTarWriter:
+    """Writes tar members with fixed metadata and returns the byte offset of each member's data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, name: str, data: bytes) -> int:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        # The data ends where the file position is now, minus tar's padding to 512-byte blocks.
+        end = self._file.tell()
+        padded = (len(data) + 511) // 512 * 512
+        return end - padded
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
+
+
+def npy_bytes(array: np.ndarray) -> tuple[bytes, int]:
+    """The .npy encoding of `array` and the length of its header (where the raw data starts)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    data = buf.getvalue()
+    return data, len(data) - array.nbytes
+
+
+def load_manifest(shard_dir: Path | str) -> dict:
+    path = Path(shard_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no manifest.json in {shard_dir}: build shards first, e.g. `python -m data_shards.build "
+            f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed --out {shard_dir}`"
+        )
+    return json.loads(path.read_text())
+
+
+def read_sequences(shard_dir: Path | str) -> list[dict]:
+    """All user samples (json) in user-index order; used for evaluation and for building the loader's index."""
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    out = []
+    for name in manifest["shards"]["sequences"]:
+        with tarfile.open(shard_dir / name) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    out.append(json.loads(tar.extractfile(member).read()))
+    out.sort(key=lambda s: s["user"])
+    if [s["user"] for s in out] != list(range(manifest["num_users"])):
+        raise ValueError(f"sequence shards in {shard_dir} do not hold users 0..{manifest['num_users'] - 1}: rebuild them")
+    return out
+
+
+class ItemStore:
+    """Random access to every item's content by index, from memory-mapped item shards."""
+
+    def __init__(self, shard_dir: Path | str):
+        self.shard_dir = Path(shard_dir)
+        self.manifest = load_manifest(self.shard_dir)
+        self.index = np.load(self.shard_dir / "item_index.npy")
+        if self.index.dtype != ITEM_INDEX_DTYPE or len(self.index) != self.manifest["num_items"]:
+            raise ValueError(f"{self.shard_dir}/item_index.npy does not match the manifest: rebuild the shards")
+        self.modality = self.index["modality"].astype(np.int64)
+        self.num_items = len(self.index)
+        self._maps: list[mmap.mmap | None] = [None] * len(self.manifest["shards"]["items"])
+
+    def _shard(self, number: int) -> mmap.mmap:
+        # Opened lazily so that a store can be pickled into loader workers before first use.
+        if self._maps[number] is None:
+            with open(self.shard_dir / self.manifest["shards"]["items"][number], "rb") as f:
+                self._maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[number]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = [None] * len(self._maps)
+        return state
+
+    def tokens(self, item: int) -> np.ndarray:
+        rec = self.index[item]
+        start = int(rec["tok_offset"])
+        return np.frombuffer(self._shard(int(rec["shard"])), dtype="<i4", count=int(rec["tok_len"]), offset=start)
+
+    def jpeg(self, item: int) -> bytes:
+        rec = self.index[item]
+        size = int(rec["jpg_size"])
+        if size == 0:
+            raise KeyError(f"item {item} has no image in {self.shard_dir} (its modality is {MODALITIES[rec['modality']]})")
+        start = int(rec["jpg_offset"])
+        return bytes(self._shard(int(rec["shard"]))[start : start + size])
+
+    def token_matrix(self, items: np.ndarray, max_len: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids [N, max_len] (right padded) and lengths [N] for the given items."""
+        ids = np.full((len(items), max_len), pad_id, dtype=np.int64)
+        lengths = np.zeros(len(items), dtype=np.int64)
+        for row, item in enumerate(items):
+            tok = self.tokens(int(item))[:max_len]
+            ids[row, : len(tok)] = tok
+            lengths[row] = len(tok)
+        return ids, lengths

@@ -1,0 +1,252 @@
+"""Raw tables -> one in-memory domain: interactions, item content, side features, and every problem found.
+
+Three adapters read the raw files: `movielens-100k-mm`, `hm-fashion` (the layouts of the real datasets
+bundled under data/) and `generic` (column names given by flags). Nothing is dropped here: rows that cannot
+be parsed are recorded in `Problems` with their file and line, and the builder decides what to do with
+them (and reports them).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Problem categories that are bad input (counted, listed, fatal under --strict).
+BAD_INPUT = (
+    "unparseable_row",
+    "unknown_item",
+    "unknown_user_features",
+    "missing_image",
+    "corrupt_image",
+    "empty_text",
+    "item_without_content",
+    "duplicate_item_row",
+)
+
+
+@dataclass
+class Problems:
+    """Every bad-input finding, by category, each with enough detail to find the row or file."""
+
+    found: dict[str, list[dict]] = field(default_factory=lambda: {c: [] for c in BAD_INPUT})
+
+    def add(self, category: str, **detail) -> None:
+        if category not in self.found:
+            raise KeyError(f"unknown problem category {category!r}")
+        self.found[category].append(detail)
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(v) for c, v in self.found.items()}
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.found.values())
+
+
+@dataclass
+class Interaction:
+    user: str
+    item: str
+    time: float
+    row: int  # data line number in the interactions file (1 = first line after the header)
+
+
+@dataclass
+class ItemRecord:
+    raw_id: str
+    fields: dict[str, str]  # text fields used by the template
+    description: str  # the field whose emptiness is reported as `empty_text`
+    image_path: Path | None
+    features: dict[str, list[str]]  # categorical item features (several values for multi-valued ones)
+
+
+@dataclass
+class RawDomain:
+    name: str
+    interactions: list[Interaction]
+    items: dict[str, ItemRecord]
+    user_features: dict[str, dict[str, list[str]]]
+    text_template: str
+    input_files: dict[str, Path]
+    problems: Problems
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def render_text(template: str, fields: dict[str, str]) -> str:
+    """Fill the template; parts whose field is empty are dropped with their separator."""
+    parts = []
+    for part in template.split(" | "):
+        names = [n for n in fields if "{" + n + "}" in part]
+        if names and all(not fields.get(n, "").strip() for n in names):
+            continue
+        parts.append(part.format(**{k: v.strip() for k, v in fields.items()}))
+    return " ".join(p.strip() for p in parts if p.strip())
+
+
+def age_bucket(value: str) -> str:
+    """Ages become decades ('20s'); a missing or unparseable age becomes '' (the unknown feature value)."""
+    try:
+        age = int(float(value))
+    except (TypeError, ValueError):
+        return ""
+    return f"{(age // 10) * 10}s"
+
+
+def _read_csv(path: Path):
+    """Yield (line number of the data row, row dict); the header is line 0."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: check --source (and the dataset layout in data_shards/README)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for i, row in enumerate(reader, start=1):
+            yield i, row
+
+
+def _parse_time(value: str) -> float:
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def read_interactions(path: Path, user_col: str, item_col: str, time_col: str | None, problems: Problems) -> list[Interaction]:
+    """Interactions with parsed times; `time_col=None` means file order is the order (time = row)."""
+    out = []
+    for line, row in _read_csv(path):
+        user, item = (row.get(user_col) or "").strip(), (row.get(item_col) or "").strip()
+        raw_time = row.get(time_col) if time_col else str(line)
+        try:
+            if not user or not item or raw_time is None:
+                raise ValueError("empty user, item or time")
+            time = _parse_time(raw_time)
+        except ValueError as e:
+            problems.add("unparseable_row", file=path.name, line=line, reason=str(e), row=dict(row))
+            continue
+        out.append(Interaction(user, item, time, line))
+    return out
+
+
+MOVIELENS_TEMPLATE = "{title}. | Genres: {genres}. | {overview}"
+HM_TEMPLATE = "{prod_name}. | {product_type_name}, {colour_group_name}. | {detail_desc}"
+
+
+def load_movielens(source: Path) -> RawDomain:
+    problems = Problems()
+    interactions = read_interactions(source / "ratings.csv", "user_id", "movie_id", "unix_timestamp", problems)
+    items: dict[str, ItemRecord] = {}
+    for line, row in _read_csv(source / "items.csv"):
+        raw = (row.get("movie_id") or "").strip()
+        if not raw:
+            problems.add("unparseable_row", file="items.csv", line=line, reason="empty movie_id", row=dict(row))
+            continue
+        if raw in items:
+            problems.add("duplicate_item_row", file="items.csv", line=line, item=raw)
+            continue
+        genres = [g for g in (row.get("genres") or "").split("|") if g]
+        items[raw] = ItemRecord(
+            raw_id=raw,
+            fields={"title": row.get("title") or "", "genres": ", ".join(genres), "overview": row.get("overview") or ""},
+            description=row.get("overview") or "",
+            image_path=source / "posters" / f"{raw}.jpg",
+            features={"genres": genres},
+        )
+    users = {}
+    for _line, row in _read_csv(source / "users.csv"):
+        users[row["user_id"].strip()] = {
+            "age": [age_bucket(row.get("age", ""))],
+            "sex": [row.get("sex") or ""],
+            "occupation": [row.get("occupation") or ""],
+        }
+    files = {n: source / n for n in ("ratings.csv", "items.csv", "users.csv")}
+    return RawDomain("movielens-100k-mm", interactions, items, users, MOVIELENS_TEMPLATE, files, problems)
+
+
+def load_hm(source: Path) -> RawDomain:
+    problems = Problems()
+    interactions = read_interactions(source / "transactions.csv", "customer_id", "article_id", "t_dat", problems)
+    items: dict[str, ItemRecord] = {}
+    text_cols = ("prod_name", "product_type_name", "colour_group_name", "detail_desc")
+    for line, row in _read_csv(source / "articles.csv"):
+        raw = (row.get("article_id") or "").strip()
+        if not raw:
+            problems.add("unparseable_row", file="articles.csv", line=line, reason="empty article_id", row=dict(row))
+            continue
+        if raw in items:
+            problems.add("duplicate_item_row", file="articles.csv", line=line, item=raw)
+            continue
+        items[raw] = ItemRecord(
+            raw_id=raw,
+            fields={c: row.get(c) or "" for c in text_cols},
+            description=row.get("detail_desc") or "",
+            image_path=source / "images" / raw[:3] / f"{raw}.jpg",
+            features={"product_type": [row.get("product_type_name") or ""]},
+        )
+    users = {}
+    for _line, row in _read_csv(source / "customers.csv"):
+        users[row["customer_id"].strip()] = {
+            "age": [age_bucket(row.get("age", ""))],
+            "club_member_status": [row.get("club_member_status") or ""],
+            "fashion_news_frequency": [row.get("fashion_news_frequency") or ""],
+        }
+    files = {n: source / n for n in ("transactions.csv", "articles.csv", "customers.csv")}
+    return RawDomain("hm-fashion", interactions, items, users, HM_TEMPLATE, files, problems)
+
+
+@dataclass
+class GenericColumns:
+    """Column names of a generic domain (flags of `data_shards.build --dataset generic`)."""
+
+    interactions: str = "interactions.csv"
+    items: str = "items.csv"
+    users: str | None = None
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str | None = "timestamp"  # None: file order is the order
+    item_id_col: str = "item_id"
+    text_fields: tuple[str, ...] = ("title", "description")
+    description_field: str | None = None  # default: the last text field
+    image_col: str | None = "image"  # path relative to the source folder
+    item_feature_cols: tuple[str, ...] = ()
+    user_id_col: str = "user_id"
+    user_feature_cols: tuple[str, ...] = ()
+
+
+def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
+    problems = Problems()
+    interactions = read_interactions(source / cols.interactions, cols.user_col, cols.item_col, cols.time_col, problems)
+    description = cols.description_field or cols.text_fields[-1]
+    items: dict[str, ItemRecord] = {}
+    for line, row in _read_csv(source / cols.items):
+        raw = (row.get(cols.item_id_col) or "").strip()
+        if not raw:
+            problems.add("unparseable_row", file=cols.items, line=line, reason=f"empty {cols.item_id_col}", row=dict(row))
+            continue
+        if raw in items:
+            problems.add("duplicate_item_row", file=cols.items, line=line, item=raw)
+            continue
+        image = (row.get(cols.image_col) or "").strip() if cols.image_col else ""
+        items[raw] = ItemRecord(
+            raw_id=raw,
+            fields={c: row.get(c) or "" for c in cols.text_fields},
+            description=row.get(description) or "",
+            image_path=(source / image) if image else None,
+            features={c: [v for v in (row.get(c) or "").split("|") if v] for c in cols.item_feature_cols},
+        )
+    users: dict[str, dict[str, list[str]]] = {}
+    files = {cols.interactions: source / cols.interactions, cols.items: source / cols.items}
+    if cols.users:
+        files[cols.users] = source / cols.users
+        for _line, row in _read_csv(source / cols.users):
+            users[(row.get(cols.user_id_col) or "").strip()] = {c: [row.get(c) or ""] for c in cols.user_feature_cols}
+    template = " | ".join("{" + c + "}." for c in cols.text_fields)
+    return RawDomain("generic", interactions, items, users, template, files, problems)

@@ -1,0 +1,76 @@
+"""Implementation switch shared by every op in ``kernels``.
+
+Each public op takes ``impl`` in {"auto", "triton", "torch"}:
+
+- "torch": the PyTorch reference (``kernels/pytorch/pt_<op>.py``), runs anywhere;
+- "triton": the Triton kernels (``kernels/triton/triton_<op>.py``); needs CUDA tensors, or CPU tensors
+  with ``TRITON_INTERPRET=1`` set before the kernel modules are imported (the Triton interpreter);
+- "auto": defer to the process-wide default, and if that is "auto" too, pick Triton for CUDA tensors and
+  the reference otherwise.
+
+The process-wide default comes from ``set_default_impl`` if it was called, else the environment variable
+``TRANSREC_KERNELS``, else "auto". One setting flips a whole model between the two implementations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ALLOWED_IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
+ENV_VAR = "TRANSREC_KERNELS"
+
+_default_impl: str | None = None  # set by set_default_impl; None = fall back to the environment
+
+
+def _check(impl: object, where: str) -> str:
+    if not isinstance(impl, str) or impl not in ALLOWED_IMPLS:
+        raise ValueError(f"{where}: impl must be one of {ALLOWED_IMPLS}, got {impl!r}")
+    return impl
+
+
+def set_default_impl(impl: str | None) -> None:
+    """Set the process-wide default implementation ("auto" | "triton" | "torch"); None clears it."""
+    global _default_impl
+    _default_impl = None if impl is None else _check(impl, "set_default_impl")
+
+
+def get_default_impl() -> str:
+    """The process-wide default: set_default_impl's value, else $TRANSREC_KERNELS, else "auto"."""
+    if _default_impl is not None:
+        return _default_impl
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    return _check(env, f"${ENV_VAR}") if env else "auto"
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton kernels run through the interpreter (CPU tensors allowed).
+
+    The interpreter is chosen when ``triton.jit`` decorates a kernel, i.e. when the kernel modules are
+    imported; once imported, their recorded mode wins over the current environment.
+    """
+    try:
+        from kernels.triton.common import INTERPRET  # imported already: use the mode it recorded
+    except ImportError:  # Triton is missing
+        return False
+    return INTERPRET
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor | None, op: str = "kernels") -> str:
+    """Resolve ``impl`` to "triton" or "torch" for these input tensors (None entries are ignored)."""
+    impl = _check(impl, op)
+    if impl == "auto":
+        impl = get_default_impl()
+    present = [t for t in tensors if t is not None]
+    on_cuda = bool(present) and all(t.is_cuda for t in present)
+    if impl == "auto":
+        return "triton" if on_cuda else "torch"
+    if impl == "triton" and not on_cuda and not interpreter_enabled():
+        devices = sorted({str(t.device) for t in present})
+        raise RuntimeError(
+            f"{op}: impl='triton' got tensors on {devices}; Triton kernels need CUDA tensors, or CPU "
+            "tensors with TRITON_INTERPRET=1 set in the environment before kernels are imported "
+            "(the Triton interpreter). Use impl='torch' or 'auto' for the PyTorch reference."
+        )
+    return impl

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op (``triton_<op>.py``), each wrapped in a torch.autograd.Function."""
