@@ -1,0 +1,357 @@
+"""Training loader: WebDataset sequence streaming, exact rank/worker split, batch-unique item loading.
+
+    loader = make_train_loader(shard_dir, LoaderConfig(window=25, batch_size=128), rank=0, world_size=1)
+    loader.set_epoch(epoch); loader.skip_batches(k)   # resume mid-epoch at batch k
+    for batch in loader: ...                             # SequenceBatch
+
+Samples. Each user's training items (history[:num_train]) give windows: a window is the last <= `window`
+items ending at a training position `end` (exclusive), for end = min_len, min_len + stride, ... and always
+the user's last training position, so long histories give many training targets. `windows="last"` keeps
+one window per user.
+
+Order and split. Every process streams the sequence shards with webdataset in the same seeded shard order,
+expands windows, and passes them through the same seeded shuffle buffer, so all processes see one global
+order. Sample k of that order belongs to rank k % world_size; a rank's samples are cut into batches of
+`batch_size`, and batch b is built by worker (b - first) % num_workers, which is the order in which the
+PyTorch DataLoader polls its workers. Every rank yields exactly `steps_per_epoch` batches: the rank whose
+share is short is padded with zero-weight copies (weight 0, excluded from the loss and from coverage), since
+unequal step counts hang ZeRO's collectives. Every training window is thus seen exactly once per epoch.
+
+Batch-unique items. A batch holds, per (sequence, position), the index of its item in the batch's UNIQUE
+items (plus `num_negatives` shared negatives sampled uniformly from the catalogue, seeded per batch). The
+content of each unique item is loaded once from the ItemStore by offset: token ids for text items, JPEG
+bytes (or decoded pixels, when `decode_in_loader`) for image items.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Queue
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from data_shards.shard_io import ItemStore, load_manifest, read_sequences
+
+
+@dataclass
+class LoaderConfig:
+    window: int = 25  # model length: items per window (stage 2: history n + continuation l)
+    batch_size: int = 128  # sequences per rank per step (micro batch)
+    windows: str = "all"  # "all": every training position (with `stride`); "last": one window per user
+    stride: int = 1
+    min_len: int = 2  # shortest window (stage 1: 1 input + 1 target; stage 2: 1 + l)
+    shuffle_buffer: int = 4096
+    seed: int = 0
+    num_workers: int = 0
+    num_negatives: int = 0  # shared negatives per batch (stage 2)
+    load_content: bool = True  # False when the towers read cached features by item id
+    decode_in_loader: bool = True  # False: hand JPEG bytes to the main process (GPU decoding)
+    image_size: int = 64
+    decoder: str = "auto"
+    max_tokens: int = 64
+    prefetch: int = 2
+    user_fraction: float = 1.0  # seeded fraction of users whose windows are used (scaling experiments)
+
+    def __post_init__(self) -> None:
+        if self.window < 2 or self.batch_size < 1 or self.stride < 1:
+            raise ValueError("window must be >= 2, batch_size >= 1, stride >= 1")
+        if self.windows not in ("all", "last"):
+            raise ValueError(f"windows must be 'all' or 'last', not {self.windows!r}")
+        if not 2 <= self.min_len <= self.window:
+            raise ValueError(f"min_len must be in [2, window={self.window}], got {self.min_len}")
+        if not 0 < self.user_fraction <= 1:
+            raise ValueError("user_fraction must be in (0, 1]")
+
+
+@dataclass
+class ItemContent:
+    """Content of a batch's unique items, grouped by modality (rows index into `SequenceBatch.unique_items`)."""
+
+    modality: torch.Tensor  # [U] 0 text, 1 image
+    text_rows: torch.Tensor  # [Ut]
+    token_ids: torch.Tensor  # [Ut, T]
+    token_mask: torch.Tensor  # [Ut, T] bool
+    image_rows: torch.Tensor  # [Ui]
+    pixels: torch.Tensor | None = None  # [Ui, 3, S, S] normalised, when decoded in the loader
+    jpegs: list[bytes] | None = None  # raw JPEG bytes, when the main process decodes (GPU)
+
+
+@dataclass
+class SequenceBatch:
+    items: torch.Tensor  # [B, W] catalogue item index per position, left padded with -1
+    slots: torch.Tensor  # [B, W] index into unique_items per position, -1 = padding
+    users: torch.Tensor  # [B] user index
+    ends: torch.Tensor  # [B] end (exclusive) of the window in the user's history
+    weights: torch.Tensor  # [B] 1.0 real sample, 0.0 padding sample
+    unique_items: torch.Tensor  # [U] catalogue indices (the batch's items, then the negatives)
+    negatives: torch.Tensor  # [N] catalogue indices of the shared negatives
+    negative_slots: torch.Tensor  # [N] index into unique_items
+    batch_index: int = 0
+    content: ItemContent | None = None
+    user_features: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, k] (0 = unknown)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> SequenceBatch:
+        def mv(t):
+            return t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t
+
+        out = SequenceBatch(**{k: mv(v) for k, v in self.__dict__.items() if k not in ("content", "user_features")})
+        out.user_features = {k: mv(v) for k, v in self.user_features.items()}
+        if self.content is not None:
+            c = self.content
+            out.content = ItemContent(**{k: mv(v) for k, v in c.__dict__.items()})
+        return out
+
+
+def window_ends(num_train: int, cfg: LoaderConfig) -> list[int]:
+    """End positions (exclusive) of a user's training windows."""
+    if num_train < cfg.min_len:
+        return []
+    if cfg.windows == "last":
+        return [num_train]
+    ends = list(range(cfg.min_len, num_train + 1, cfg.stride))
+    if ends[-1] != num_train:
+        ends.append(num_train)
+    return ends
+
+
+def select_users(sequences: list[dict], fraction: float, seed: int) -> list[dict]:
+    if fraction >= 1:
+        return sequences
+    rng = random.Random(f"users:{seed}")
+    chosen = sorted(rng.sample(range(len(sequences)), max(1, round(fraction * len(sequences)))))
+    return [sequences[i] for i in chosen]
+
+
+def load_item_content(store: ItemStore, unique: np.ndarray, max_tokens: int, decoder=None,
+                      modality: np.ndarray | None = None) -> ItemContent:
+    """Tokens of the text items and JPEG bytes (or pixels, with `decoder`) of the image items.
+
+    `modality` overrides the shards' per-item modality (e.g. to evaluate an all-text view)."""
+    mods = (store.modality if modality is None else modality)[unique]
+    text_rows = np.flatnonzero(mods == 0)
+    image_rows = np.flatnonzero(mods == 1)
+    ids, lengths = store.token_matrix(unique[text_rows], max_tokens)
+    width = max(int(lengths.max()) if len(lengths) else 1, 1)
+    ids = ids[:, :width]
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    jpegs = [store.jpeg(int(unique[r])) for r in image_rows]
+    content = ItemContent(
+        modality=torch.from_numpy(mods.astype(np.int64)),
+        text_rows=torch.from_numpy(text_rows),
+        token_ids=torch.from_numpy(ids),
+        token_mask=torch.from_numpy(mask),
+        image_rows=torch.from_numpy(image_rows),
+        jpegs=jpegs,
+    )
+    if decoder is not None and len(jpegs):
+        content.pixels = decoder.decode(jpegs, [int(unique[r]) for r in image_rows])
+        content.jpegs = None
+    return content
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's batches of one epoch (see the module docstring for the split rule)."""
+
+    def __init__(self, shard_dir: Path | str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.shard_dir = Path(shard_dir)
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.manifest = load_manifest(self.shard_dir)
+        self.urls = [str(self.shard_dir / n) for n in self.manifest["shards"]["sequences"]]
+        sequences = select_users(read_sequences(self.shard_dir), cfg.user_fraction, cfg.seed)
+        self.users = {s["user"] for s in sequences}
+        self.user_features = {s["user"]: s["features"] for s in sequences}
+        self.num_samples = sum(len(window_ends(s["num_train"], cfg)) for s in sequences)
+        if self.num_samples == 0:
+            raise ValueError(f"no training windows in {shard_dir} (min_len={cfg.min_len}): histories too short")
+        per_rank = -(-self.num_samples // world_size)
+        self.steps_per_epoch = -(-per_rank // cfg.batch_size)
+        self.epoch = 0
+        self.first_batch = 0
+        self.store: ItemStore | None = None
+        self._decoder = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.first_batch = epoch, 0
+
+    def skip_batches(self, k: int) -> None:
+        """Resume: the next iteration starts at batch k of the current epoch."""
+        if not 0 <= k <= self.steps_per_epoch:
+            raise ValueError(f"cannot skip {k} of {self.steps_per_epoch} batches")
+        self.first_batch = k
+
+    # -- the global sample order --------------------------------------------------------------------------
+    def _samples(self):
+        """(user, end, items) windows in the global shuffled order of this epoch."""
+        cfg = self.cfg
+        urls = list(self.urls)
+        random.Random(f"shards:{cfg.seed}:{self.epoch}").shuffle(urls)
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode())
+        rng = random.Random(f"buffer:{cfg.seed}:{self.epoch}")
+        buffer: list[tuple[int, int, list[int]]] = []
+        for sample in pipeline:
+            seq = sample["json"]
+            if seq["user"] not in self.users:
+                continue
+            for end in window_ends(seq["num_train"], cfg):
+                buffer.append((seq["user"], end, seq["items"][max(0, end - cfg.window) : end]))
+                if len(buffer) >= cfg.shuffle_buffer:
+                    j = rng.randrange(len(buffer))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def rank_batches(self):
+        """This rank's batches as lists of (user, end, items, weight), padded to steps_per_epoch."""
+        bs = self.cfg.batch_size
+        current: list = []
+        produced = 0
+        first_real = None
+        for k, (user, end, items) in enumerate(self._samples()):
+            if k % self.world_size != self.rank:
+                continue
+            current.append((user, end, items, 1.0))
+            first_real = first_real or current[0]
+            if len(current) == bs:
+                yield current
+                produced += 1
+                current = []
+        while produced < self.steps_per_epoch:
+            filler = first_real or (0, 0, [0], 0.0)
+            current += [(filler[0], filler[1], filler[2], 0.0)] * (bs - len(current))
+            yield current
+            produced += 1
+            current = []
+
+    # -- building a batch ---------------------------------------------------------------------------------
+    def _decoder_for_worker(self):
+        if self._decoder is None and self.cfg.decode_in_loader:
+            from data_shards.decode import ImageDecoder
+
+            self._decoder = ImageDecoder(backend=self.cfg.decoder, size=self.cfg.image_size, device="cpu")
+        return self._decoder
+
+    def make_batch(self, index: int, samples: list) -> SequenceBatch:
+        cfg = self.cfg
+        if self.store is None:
+            self.store = ItemStore(self.shard_dir)
+        W = cfg.window
+        items = np.full((len(samples), W), -1, dtype=np.int64)
+        for r, (_, _, its, _) in enumerate(samples):
+            items[r, W - len(its) :] = its
+        negatives = np.zeros(0, dtype=np.int64)
+        if cfg.num_negatives:
+            rng = np.random.default_rng([cfg.seed, self.epoch, index, self.rank, 7])
+            negatives = rng.integers(0, self.store.num_items, size=cfg.num_negatives)
+        present = items[items >= 0]
+        unique, inverse = np.unique(np.concatenate([present, negatives]), return_inverse=True)
+        slots = np.full_like(items, -1)
+        slots[items >= 0] = inverse[: len(present)]
+        names = self.manifest["feature_vocabularies"]["user"]
+        feats = {}
+        for name in names:
+            rows = [self.user_features[u].get(name, [0]) for (u, _, _, _) in samples]
+            width = max(len(r) for r in rows)
+            feats[name] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        batch = SequenceBatch(
+            items=torch.from_numpy(items),
+            slots=torch.from_numpy(slots),
+            users=torch.tensor([s[0] for s in samples], dtype=torch.long),
+            ends=torch.tensor([s[1] for s in samples], dtype=torch.long),
+            weights=torch.tensor([s[3] for s in samples], dtype=torch.float32),
+            unique_items=torch.from_numpy(unique),
+            negatives=torch.from_numpy(negatives),
+            negative_slots=torch.from_numpy(inverse[len(present) :].astype(np.int64)),
+            batch_index=index,
+            user_features=feats,
+        )
+        if cfg.load_content:
+            batch.content = load_item_content(self.store, unique, cfg.max_tokens, self._decoder_for_worker())
+        return batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for b, samples in enumerate(self.rank_batches()):
+            if b < self.first_batch or (b - self.first_batch) % workers != worker:
+                continue
+            yield self.make_batch(b, samples)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.first_batch
+
+
+class _ThreadPrefetcher:
+    """Builds the next batches in a background thread while the current step runs (num_workers=0)."""
+
+    def __init__(self, iterable, depth: int):
+        self.iterable, self.depth = iterable, max(1, depth)
+
+    def __iter__(self):
+        queue: Queue = Queue(self.depth)
+        done = object()
+
+        def run():
+            try:
+                for x in self.iterable:
+                    queue.put(x)
+                queue.put(done)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+                queue.put(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        while True:
+            x = queue.get()
+            if x is done:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+
+
+class TrainLoader:
+    """Iterable over one rank's batches of an epoch, with prefetch (worker processes or a thread)."""
+
+    def __init__(self, stream: TrainStream):
+        self.stream = stream
+        self.cfg = stream.cfg
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.stream.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def skip_batches(self, k: int) -> None:
+        self.stream.skip_batches(k)
+
+    def state_dict(self, epoch: int, batches_done: int) -> dict:
+        return {"epoch": epoch, "batches_done": batches_done, "seed": self.cfg.seed}
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self):
+        if self.cfg.num_workers == 0:
+            yield from _ThreadPrefetcher(self.stream, self.cfg.prefetch)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch, persistent_workers=False,
+        )
+        yield from loader
+
+
+def make_train_loader(shard_dir: Path | str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> TrainLoader:
+    return TrainLoader(TrainStream(shard_dir, cfg, rank, world_size))

@@ -1,0 +1,1 @@
+"""TransRec trainer: model, two-stage DeepSpeed training, evaluation, transfer experiments."""

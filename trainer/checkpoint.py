@@ -1,0 +1,87 @@
+"""Exports (safetensors + JSON, independent of the number of ranks), --init-from, and the best-model file.
+
+An export holds the towers and the user encoder (no catalogue-specific heads or ID tables), so it loads
+into a run on another catalogue. Loading uses safetensors and JSON only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.config import ModelConfig
+
+# Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
+CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.")
+# Model settings that must match for the weights to mean the same thing.
+ARCHITECTURE_KEYS = ("d", "item_encoder", "image_backbone", "user_layers", "user_heads", "max_len", "side_features")
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(model.export_state()), str(tmp / "model.safetensors"))
+    meta = {"model": dataclasses.asdict(model_cfg), "format": "transrec-export-1", **(extra or {})}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
+    if out_dir.exists():
+        for f in out_dir.iterdir():
+            f.unlink()
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print) -> dict[str, list[str]]:
+    """Load an export into `model`; returns the loaded / newly created / mismatched parameter names.
+
+    Raises on architecture mismatches and on any unexpected missing or extra tensor."""
+    export_dir = Path(export_dir)
+    weights = export_dir / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} not found: --init-from expects a run's export/ folder")
+    meta = json.loads((export_dir / "config.json").read_text())
+    src = meta["model"]
+    diffs = {k: (src.get(k), getattr(model_cfg, k)) for k in ARCHITECTURE_KEYS if src.get(k) != getattr(model_cfg, k)}
+    if diffs:
+        raise ValueError(f"--init-from {export_dir}: architecture differs from this run: {diffs}; "
+                         "use the same model settings (model.* overrides) as the source run")
+    state = load_file(str(weights))
+    own = model.state_dict()
+    loaded, mismatched = [], []
+    for k, v in state.items():
+        if k not in own:
+            mismatched.append(f"{k} (not in this model)")
+        elif own[k].shape != v.shape:
+            mismatched.append(f"{k} (export {tuple(v.shape)} vs model {tuple(own[k].shape)})")
+        else:
+            loaded.append(k)
+    created = [k for k in own if k not in state]
+    unexpected_new = [k for k in created if not k.startswith(CATALOGUE_SPECIFIC)]
+    if mismatched or unexpected_new:
+        raise ValueError(f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
+                         f"{len(unexpected_new)} tensors missing from the export {unexpected_new[:5]}")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    log(f"init-from {export_dir}: loaded {len(loaded)} tensors; newly created (catalogue-specific) {len(created)}: "
+        f"{sorted({k.split('.')[0] for k in created})}; mismatched 0")
+    return {"loaded": loaded, "created": created, "mismatched": mismatched}
+
+
+def save_model_state(model, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(".partial")
+    save_file(_contiguous(model.state_dict()), str(tmp))
+    tmp.replace(path)
+
+
+def load_model_state(model, path: Path) -> None:
+    state = load_file(str(path))
+    model.load_state_dict(state, strict=True)

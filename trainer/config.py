@@ -1,0 +1,200 @@
+"""Typed configuration: one dataclass per component, presets, and command-line overrides.
+
+A run is a preset (`cpu-small`, `paper`, `tiny`) plus overrides. `ds_configs/*.json` hold only DeepSpeed's
+own engine keys (ZeRO, bf16, communication); batch size, optimizer and scheduler come from here and are
+filled into the DeepSpeed config by the trainer, which rejects ds_configs that set them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DS_OWNED_BY_TRAINER = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                       "optimizer", "scheduler", "gradient_clipping")
+
+
+@dataclass
+class ModelConfig:
+    d: int = 256
+    item_encoder: str = "content"  # "content" (TransRec towers) or "id" (IDRec: ID embedding table)
+    text_encoder: str = "minilm"  # "minilm" | "bert-base-random-init" | local HF BERT folder
+    image_backbone: str = "resnet18"  # "resnet18" | "efficientnet-lite0"
+    image_weights: str | None = None  # local weights for the image backbone
+    image_size: int = 64
+    max_tokens: int = 64
+    user_layers: int = 4
+    user_heads: int = 4
+    max_len: int = 25  # positions of the user encoder (window length)
+    dropout: float = 0.1
+    stage1_relu: bool = False  # the paper's ReLU before the catalogue softmax (Eq. 7)
+    side_features: bool = False  # concatenate user / item side features, then project back to d
+    activation_checkpointing: bool = False
+    kernels: str = "auto"  # "auto" | "triton" | "torch" for every fused op
+
+    def __post_init__(self) -> None:
+        if self.d % self.user_heads:
+            raise ValueError(f"d={self.d} must be divisible by user_heads={self.user_heads}")
+        if self.item_encoder not in ("content", "id"):
+            raise ValueError("item_encoder must be 'content' or 'id'")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError("kernels must be auto, triton or torch")
+        if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:
+            raise ValueError("image_size must be >= 32, max_tokens >= 4, max_len >= 3")
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 5
+    lr: float = 1e-4
+    tower_lr: float = 1e-5  # lower rate for the towers' backbone blocks
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    micro_batch: int = 64
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    text_trainable: int = 0  # top blocks of the text backbone that train (-1 all)
+    image_trainable: int = 0
+    n_history: int = 20  # stage 2: history C^u length
+    n_continuation: int = 5  # stage 2: continuation C^e length
+    negatives: int = 256  # stage 2: shared negatives per batch
+    stride: int = 1  # window stride (1: every training position ends a window)
+    max_steps: int = 0  # 0: no limit (tests and benches cap steps)
+    eval_every: int = 1  # epochs between validations
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "micro_batch", "grad_accum", "n_history", "n_continuation", "stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.tower_lr < 0:
+            raise ValueError("lr must be > 0 and tower_lr >= 0")
+        if self.negatives < 1:
+            raise ValueError("negatives must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    exclude_seen: bool = True  # drop the user's own earlier items from the ranking (every model alike)
+    ks: tuple[int, ...] = (5, 10, 20)
+    item_batch: int = 256
+    user_batch: int = 256
+    patience: int = 3  # validations without improvement before early stopping (0: off)
+    bootstrap: int = 1000
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/movielens-100k-mm-mixed"
+    num_workers: int = 0
+    decoder: str = "auto"
+    shuffle_buffer: int = 4096
+    user_fraction: float = 1.0
+    modality_override: str | None = None  # evaluate an all-"text" or all-"image" view of the same users
+
+    def __post_init__(self) -> None:
+        if self.modality_override not in (None, "text", "image"):
+            raise ValueError("modality_override must be text, image or None")
+        if not 0 < self.user_fraction <= 1:
+            raise ValueError("user_fraction must be in (0, 1]")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: str = "all"  # "1", "2" or "all"
+    seed: int = 0
+    run_dir: str | None = None
+    init_from: str | None = None
+    resume: str | None = None
+    save_every_steps: int = 200
+    log_every: int = 20
+    preset: str = "cpu-small"
+
+    def __post_init__(self) -> None:
+        if self.stages not in ("1", "2", "all"):
+            raise ValueError(f"--stage must be 1, 2 or all, not {self.stages!r}")
+
+
+def preset(name: str) -> RunConfig:
+    if name == "cpu-small":
+        # Sized for 2 CPU cores: frozen backbones cached in stage 1; stage 2 trains the top text layer and the
+        # top image block from cached lower outputs. Higher learning rates than the paper (short schedule).
+        return RunConfig(
+            model=ModelConfig(d=256, image_size=64, max_tokens=64, user_layers=2, user_heads=4, max_len=25),
+            stage1=StageConfig(epochs=6, lr=1e-3, micro_batch=128, warmup_steps=100, stride=1),
+            stage2=StageConfig(epochs=2, lr=3e-4, tower_lr=3e-5, micro_batch=64, text_trainable=1, image_trainable=1,
+                               n_history=20, n_continuation=5, negatives=256, stride=5, warmup_steps=50),
+            preset=name,
+        )
+    if name == "paper":
+        # The paper's settings: BERT-base shape, ResNet-18 at 224 px, d=256, Adam lr 1e-4, batch 512, length 25;
+        # the official code trains the top two blocks of each backbone.
+        return RunConfig(
+            model=ModelConfig(d=256, text_encoder="bert-base-random-init", image_size=224, max_tokens=32,
+                              user_layers=4, user_heads=4, max_len=25, activation_checkpointing=True),
+            stage1=StageConfig(epochs=10, lr=1e-4, micro_batch=512),
+            stage2=StageConfig(epochs=10, lr=1e-4, tower_lr=1e-5, micro_batch=512, text_trainable=2, image_trainable=2,
+                               n_history=20, n_continuation=5, negatives=4096, stride=5),
+            preset=name,
+        )
+    if name == "tiny":
+        # For tests: seconds per stage.
+        return RunConfig(
+            model=ModelConfig(d=32, image_size=32, max_tokens=16, user_layers=1, user_heads=2, max_len=8, dropout=0.0),
+            stage1=StageConfig(epochs=1, lr=1e-3, micro_batch=16, warmup_steps=2, max_steps=6, stride=4),
+            stage2=StageConfig(epochs=1, lr=1e-3, tower_lr=1e-3, micro_batch=8, text_trainable=1, image_trainable=1,
+                               n_history=5, n_continuation=2, negatives=16, stride=4, warmup_steps=2, max_steps=4),
+            eval=EvalConfig(bootstrap=100),
+            save_every_steps=3,
+            log_every=2,
+            preset=name,
+        )
+    raise ValueError(f"unknown preset {name!r}: choose cpu-small, paper or tiny")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`section.key=value` overrides, e.g. `stage1.epochs=3 model.image_backbone=efficientnet-lite0`."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        path, raw = item.split("=", 1)
+        *parents, key = path.split(".")
+        target = cfg
+        for p in parents:
+            target = getattr(target, p, None)
+            if target is None or not dataclasses.is_dataclass(target):
+                raise ValueError(f"override {item!r}: no config section {p!r}")
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if key not in fields:
+            raise ValueError(f"override {item!r}: {type(target).__name__} has no field {key!r}; fields: {sorted(fields)}")
+        current = getattr(target, key)
+        setattr(target, key, _parse(raw, current, item))
+        if hasattr(target, "__post_init__"):
+            target.__post_init__()
+    cfg.__post_init__()
+    return cfg
+
+
+def _parse(raw: str, current, item: str):
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"override {item!r}: cannot parse {raw!r} as {type(current).__name__}") from None
+    return None if raw.lower() == "none" else raw
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

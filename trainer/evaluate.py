@@ -1,0 +1,168 @@
+"""Leave-one-out evaluation over the WHOLE catalogue: exact ranks, HR@K, NDCG@K, paired bootstrap.
+
+Rank of the target = 1 + number of other items scoring >= the target (ties count against the model), found
+by counting over item chunks: no sort of the catalogue, memory O(users_batch x item_chunk). With
+`exclude_seen`, the user's earlier items (other than the target itself) are removed from the ranking, for
+every model alike. Users are split across ranks; the per-user ranks are gathered, so metrics are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class EvalUsers:
+    """The users evaluated in one split: histories (ids, left padded) and targets."""
+
+    users: np.ndarray  # [U]
+    histories: np.ndarray  # [U, L] item ids, -1 padded on the left
+    targets: np.ndarray  # [U]
+    seen: list[np.ndarray]  # per user: items before the target
+
+
+def eval_users(sequences: list[dict], split: str, max_len: int) -> EvalUsers:
+    """Validation: history = training items, target = the next; test: history includes the validation item."""
+    if split not in ("valid", "test"):
+        raise ValueError("split must be 'valid' or 'test'")
+    rows = [s for s in sequences if s["evaluated"]]
+    users, hist, targets, seen = [], np.full((len(rows), max_len), -1, dtype=np.int64), [], []
+    for r, s in enumerate(rows):
+        cut = s["num_train"] + (0 if split == "valid" else 1)
+        before = s["items"][:cut]
+        h = before[-max_len:]
+        hist[r, max_len - len(h) :] = h
+        users.append(s["user"])
+        targets.append(s["items"][cut])
+        seen.append(np.unique(np.asarray(before, dtype=np.int64)))
+    return EvalUsers(np.asarray(users), hist, np.asarray(targets), seen)
+
+
+def ranks_from_scores(score_chunks: Callable[[slice], torch.Tensor], num_items: int, targets: torch.Tensor,
+                      target_scores: torch.Tensor, seen: list[np.ndarray], exclude_seen: bool,
+                      seen_scores: list[torch.Tensor] | None, chunk: int = 65536) -> torch.Tensor:
+    """1 + #{v != target : s_v >= s_target} (minus seen items when excluded), counted over item chunks."""
+    count = torch.zeros(len(targets), dtype=torch.long, device=targets.device)
+    for start in range(0, num_items, chunk):
+        s = score_chunks(slice(start, min(start + chunk, num_items)))  # [B, C]
+        count += (s >= target_scores[:, None]).sum(1)
+    count -= 1  # the target itself
+    if exclude_seen:
+        for i, (items, sc) in enumerate(zip(seen, seen_scores)):
+            others = torch.as_tensor(items, device=sc.device) != targets[i]
+            count[i] -= int(((sc >= target_scores[i]) & others).sum())
+    return count + 1
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks=(5, 10, 20)) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        hit = ranks <= k
+        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
+        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean()) if len(ranks) else 0.0
+    out["users"] = int(len(ranks))
+    return out
+
+
+def per_user_gain(ranks: np.ndarray, metric: str) -> np.ndarray:
+    name, k = metric.split("@")
+    k = int(k)
+    if name == "hr":
+        return (ranks <= k).astype(np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of (a - b) over users and its percentile interval from `n` paired resamples of users."""
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError("paired bootstrap needs two equal-length, non-empty per-user arrays")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(n, len(diff)))
+    means = diff[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff": float(diff.mean()), "low": float(lo), "high": float(hi), "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def _shard_for_rank(n: int) -> tuple[slice, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    return slice(rank, n, world), rank, world
+
+
+def _gather(local: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (positions, local))
+    out = np.zeros(n, dtype=local.dtype)
+    for pos, vals in parts:
+        out[pos] = vals
+    return out
+
+
+@torch.no_grad()
+def rank_with_vectors(user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor], item_vectors: torch.Tensor,
+                      data: EvalUsers, exclude_seen: bool, user_batch: int = 256, device=None) -> np.ndarray:
+    """Exact ranks of every user's target by dot product with all item vectors [V, d]."""
+    n = len(data.users)
+    part, _, _ = _shard_for_rank(n)
+    positions = np.arange(n)[part]
+    device = device or item_vectors.device
+    out = np.zeros(len(positions), dtype=np.int64)
+    for start in range(0, len(positions), user_batch):
+        pos = positions[start : start + user_batch]
+        hist = torch.as_tensor(data.histories[pos], device=device)
+        u = user_vec_fn(hist, data.users[pos])  # [B, d]
+        tg = torch.as_tensor(data.targets[pos], device=device)
+        ts = (u * item_vectors[tg].to(u.dtype)).sum(-1)
+        seen = [data.seen[p] for p in pos]
+        seen_scores = [item_vectors[torch.as_tensor(s, device=device)].to(u.dtype) @ u[i] for i, s in enumerate(seen)]
+        r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), tg, ts, seen,
+                              exclude_seen, seen_scores)
+        out[start : start + len(pos)] = r.cpu().numpy()
+    return _gather(out, positions, n)
+
+
+@torch.no_grad()
+def rank_with_scores(score_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor], num_items: int, data: EvalUsers,
+                     exclude_seen: bool, user_batch: int = 256, device="cpu") -> np.ndarray:
+    """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(hist, users)."""
+    n = len(data.users)
+    part, _, _ = _shard_for_rank(n)
+    positions = np.arange(n)[part]
+    out = np.zeros(len(positions), dtype=np.int64)
+    for start in range(0, len(positions), user_batch):
+        pos = positions[start : start + user_batch]
+        hist = torch.as_tensor(data.histories[pos], device=device)
+        full = score_fn(hist, data.users[pos])  # [B, V]
+        tg = torch.as_tensor(data.targets[pos], device=device)
+        ts = full.gather(1, tg[:, None])[:, 0]
+        seen = [data.seen[p] for p in pos]
+        seen_scores = [full[i, torch.as_tensor(s, device=device)] for i, s in enumerate(seen)]
+        r = ranks_from_scores(lambda sl: full[:, sl], num_items, tg, ts, seen, exclude_seen, seen_scores)
+        out[start : start + len(pos)] = r.cpu().numpy()
+    return _gather(out, positions, n)
+
+
+def popularity_scores(sequences: list[dict], num_items: int, split: str, seed: int = 0) -> torch.Tensor:
+    """Interaction counts over the items available before the evaluated target (train, + valid for test),
+    plus a tiny seeded jitter below 1 that breaks count ties at random instead of against the target."""
+    counts = np.zeros(num_items, dtype=np.float64)
+    for s in sequences:
+        cut = s["num_train"] + (1 if split == "test" and s["evaluated"] else 0)
+        np.add.at(counts, np.asarray(s["items"][:cut], dtype=np.int64), 1.0)
+    jitter = np.random.default_rng(seed).random(num_items) * 0.5
+    return torch.as_tensor(counts + jitter, dtype=torch.float64)
+
+
+def popularity_ranks(sequences: list[dict], num_items: int, data: EvalUsers, split: str, exclude_seen: bool) -> np.ndarray:
+    pop = popularity_scores(sequences, num_items, split)
+    return rank_with_scores(lambda hist, users: pop[None].expand(len(hist), -1), num_items, data, exclude_seen)

@@ -1,0 +1,85 @@
+"""Cache of the frozen lower blocks' outputs, computed once per item.
+
+Frozen lower blocks of a tower depend only on the item, so their output is computed in one pass over the
+catalogue and stored (half precision by default); training then runs only the trainable top from the cache.
+Nothing learned changes: the frozen blocks would compute the same values every step. A tower that trains
+every block (trainable = -1) is not cached and reads content from the loader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_shards.loader import load_item_content
+from data_shards.shard_io import ItemStore
+
+
+class FeatureCache:
+    def __init__(self, text: tuple[torch.Tensor, torch.Tensor] | None, image: torch.Tensor | None,
+                 rows: torch.Tensor, covered: set[str]):
+        self._text, self._image, self._rows, self._covered = text, image, rows, covered
+
+    def covers(self, modality: str) -> bool:
+        return modality in self._covered
+
+    def text(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self._rows[items.to(self._rows.device)]
+        hidden, mask = self._text
+        return hidden[r].to(items.device), mask[r].to(items.device)
+
+    def image(self, items: torch.Tensor) -> torch.Tensor:
+        return self._image[self._rows[items.to(self._rows.device)]].to(items.device)
+
+    def nbytes(self) -> int:
+        total = 0
+        if self._text is not None:
+            total += sum(t.numel() * t.element_size() for t in self._text)
+        if self._image is not None:
+            total += self._image.numel() * self._image.element_size()
+        return total
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, store: ItemStore, modality: np.ndarray, decoder, max_tokens: int, device: torch.device,
+              chunk: int = 256, dtype: torch.dtype = torch.float16, show_progress: bool = True) -> FeatureCache | None:
+        """Lower-block outputs for every item of each cached tower (rows indexed per modality)."""
+        towers = model.towers
+        covered = {name for name, t in towers.items() if t.trainable < t.num_blocks}
+        if not covered:
+            return None
+        rows = torch.full((store.num_items,), -1, dtype=torch.long)
+        text = image = None
+        was_training = model.training
+        model.eval()
+        for m, name in enumerate(("text", "image")):
+            if name not in covered:
+                continue
+            items = np.flatnonzero(modality == m)
+            rows[torch.from_numpy(items)] = torch.arange(len(items))
+            outs, masks = [], []
+            tower = towers[name]
+            for start in tqdm(range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk",
+                              disable=not show_progress):
+                part = items[start : start + chunk]
+                content = load_item_content(store, part, max_tokens, decoder if name == "image" else None,
+                                            modality=np.full(store.num_items, m))
+                if name == "text":
+                    ids = content.token_ids.to(device)
+                    mask = content.token_mask.to(device)
+                    pad = max_tokens - ids.shape[1]
+                    hidden = tower.lower(ids, mask)
+                    outs.append(torch.nn.functional.pad(hidden, (0, 0, 0, pad)).to(dtype).cpu())
+                    masks.append(torch.nn.functional.pad(mask, (0, pad)).cpu())
+                else:
+                    outs.append(tower.lower(content.pixels.to(device, next(tower.parameters()).dtype)).to(dtype).cpu())
+            if name == "text":
+                text = (torch.cat(outs), torch.cat(masks))
+            else:
+                image = torch.cat(outs)
+        model.train(was_training)
+        # Kept on the training device (GPU gathers are cheap); on CPU this is a no-op.
+        text = tuple(t.to(device) for t in text) if text is not None else None
+        image = image.to(device) if image is not None else None
+        return cls(text, image, rows.to(device), covered)

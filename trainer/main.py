@@ -1,0 +1,102 @@
+"""TransRec training entry point.
+
+    deepspeed trainer/main.py --ds_config ds_configs/zero2.json [--shards DIR] [--preset cpu-small]
+        [--stage {1,2,all}] [--run-dir DIR] [--resume RUN_DIR] [--init-from EXPORT_DIR]
+        [--text-encoder PATH] [--image-weights PATH] [--set section.key=value ...]
+
+Multi-GPU and multi-node runs come from the `deepspeed` launcher (`--num_gpus`, `--hostfile`); without CUDA
+the trainer uses DeepSpeed's CPU accelerator with gloo. Run `python trainer/main.py --help` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# `deepspeed trainer/main.py` puts trainer/ first on sys.path: replace it by the repository root.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from trainer.config import RunConfig, apply_overrides, preset  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default="ds_configs/zero2.json",
+                   help="DeepSpeed engine config (ZeRO stage, bf16, communication only)")
+    p.add_argument("--shards", default=None, help="shard folder from data_shards.build")
+    p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "paper", "tiny"])
+    p.add_argument("--stage", default=None, choices=["1", "2", "all"], help="1, 2 or all (default: all)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--resume", default=None, help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--init-from", default=None, help="start from an export folder (RUN_DIR/export)")
+    p.add_argument("--text-encoder", default=None, help="'minilm', 'bert-base-random-init' or a local HF BERT folder")
+    p.add_argument("--image-backbone", default=None, choices=["resnet18", "efficientnet-lite0"])
+    p.add_argument("--image-weights", default=None, help="local weights (.pth / .safetensors) for the image backbone")
+    p.add_argument("--item-encoder", default=None, choices=["content", "id"], help="id = the IDRec baseline")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
+                   help="config overrides, e.g. stage1.epochs=3 model.stage1_relu=true eval.exclude_seen=false")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+                   help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.resume:
+        record = Path(a.resume) / "run_config.json"
+        if not record.exists():
+            p.error(f"--resume {a.resume}: no run_config.json there; is it a run directory?")
+        cfg = _config_from_dict(json.loads(record.read_text())["config"])
+        cfg.run_dir = a.resume
+        cfg.resume = a.resume
+        return cfg, a
+    try:
+        cfg = preset(a.preset)
+        direct = {"model.text_encoder": a.text_encoder, "model.image_backbone": a.image_backbone,
+                  "model.image_weights": a.image_weights, "model.item_encoder": a.item_encoder,
+                  "data.shards": a.shards, "stages": a.stage, "run_dir": a.run_dir, "init_from": a.init_from,
+                  "seed": None if a.seed is None else str(a.seed)}
+        overrides = [f"{k}={v}" for k, v in direct.items() if v is not None] + list(a.set)
+        cfg = apply_overrides(cfg, overrides)
+    except ValueError as e:
+        p.error(str(e))
+    return cfg, a
+
+
+def _config_from_dict(d: dict) -> RunConfig:
+    from trainer.config import DataConfig, EvalConfig, ModelConfig, StageConfig
+
+    ev = dict(d["eval"])
+    ev["ks"] = tuple(ev["ks"])
+    return RunConfig(
+        model=ModelConfig(**d["model"]), stage1=StageConfig(**d["stage1"]), stage2=StageConfig(**d["stage2"]),
+        eval=EvalConfig(**ev), data=DataConfig(**d["data"]),
+        **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data")},
+    )
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    cfg, args = parse_args(argv)
+    if not (Path(cfg.data.shards) / "manifest.json").exists():
+        raise SystemExit(f"error: no shards at {cfg.data.shards}: build them with `python -m data_shards.build "
+                         f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed "
+                         f"--out {cfg.data.shards}` (or `make shards`)")
+    from trainer.train import Trainer
+
+    resume_point = None
+    if cfg.resume:
+        point_file = Path(cfg.resume) / "resume.json"
+        if not point_file.exists():
+            raise SystemExit(f"error: {point_file} not found: the run saved no checkpoint yet; start it again")
+        resume_point = json.loads(point_file.read_text())
+    trainer = Trainer(cfg, args.ds_config, resume_state=resume_point["state"] if resume_point else None)
+    return trainer.run(resume_point)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""TransRec: item towers routed by modality, a BERT-style user encoder, and the two stages' losses.
+
+Attention in the user encoder is causal in stage 1, stage 2 and evaluation alike (declared and tested):
+the user vector is the final hidden state at the last history position, computed by `user_vector`, the one
+function used by stage-2 training and by evaluation. Sequences are left padded, and position embeddings
+count from the end (the last item always has position max_len - 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from trainer.config import ModelConfig
+from trainer.towers import build_towers
+
+MODALITY_NAMES = ("text", "image")
+
+
+class UserBlock(nn.Module):
+    """Post-LN transformer block (BERT layer): self-attention, then a GELU feed-forward."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.ln2 = nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+        self.p = dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, hd)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.p if self.training else 0.0)
+        x = self.ln1(x + self.drop(self.out(a.transpose(1, 2).reshape(B, L, d))))
+        return self.ln2(x + self.drop(self.ff(x)))
+
+
+class UserEncoder(nn.Module):
+    def __init__(self, d: int, layers: int, heads: int, max_len: int, dropout: float, checkpointing: bool = False):
+        super().__init__()
+        self.max_len = max_len
+        self.pos = nn.Embedding(max_len, d)
+        self.ln = nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(UserBlock(d, heads, dropout) for _ in range(layers))
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, L, d] item vectors (left padded), mask [B, L] True = real item -> hidden states [B, L, d]."""
+        B, L, _ = x.shape
+        if L > self.max_len:
+            raise ValueError(f"sequence of {L} items exceeds the user encoder's max_len {self.max_len}")
+        pos = torch.arange(self.max_len - L, self.max_len, device=x.device)
+        h = self.drop(self.ln(x + self.pos(pos)[None]))
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        allowed = causal[None] & mask[:, None, :]  # [B, L(query), L(key)]
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device)[None]  # padded queries see themselves
+        attn_mask = allowed[:, None]  # [B, 1, L, L]
+        for block in self.blocks:
+            if self.checkpointing and self.training and h.requires_grad:
+                h = checkpoint(block, h, attn_mask, use_reentrant=False)
+            else:
+                h = block(h, attn_mask)
+        return h
+
+
+class FeatureEmbedding(nn.Module):
+    """Categorical side features (several values per feature allowed, 0 = unknown) -> one vector."""
+
+    def __init__(self, vocab_sizes: dict[str, int], dim: int):
+        super().__init__()
+        self.names = sorted(vocab_sizes)
+        self.tables = nn.ModuleDict({n: nn.EmbeddingBag(vocab_sizes[n], dim, mode="mean") for n in self.names})
+        self.out_dim = dim * len(self.names)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.tables[n](feats[n]) for n in self.names], dim=-1)
+
+
+class TransRec(nn.Module):
+    """Item encoder (content towers or, for IDRec, an ID table) + user encoder + stage-1 catalogue head."""
+
+    def __init__(self, cfg: ModelConfig, num_items: int, item_modality: np.ndarray, trainable: dict[str, int],
+                 user_vocab: dict[str, int] | None = None, item_features: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        d = cfg.d
+        self.register_buffer("item_modality", torch.as_tensor(item_modality, dtype=torch.long), persistent=False)
+        if cfg.item_encoder == "content":
+            self.towers = build_towers(cfg, trainable)
+            self.id_embedding = None
+        else:
+            self.towers = nn.ModuleDict()
+            self.id_embedding = nn.Embedding(num_items, d)
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+        for tower in self.towers.values():  # small initial item vectors keep the first scores moderate
+            nn.init.normal_(tower.proj[-1].weight, std=0.02)
+            nn.init.zeros_(tower.proj[-1].bias)
+        self.user_encoder = UserEncoder(d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout,
+                                        cfg.activation_checkpointing)
+        # Stage-1 head W^U [V, d] + b: catalogue-specific, never exported.
+        self.head = nn.Linear(d, num_items)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.side = cfg.side_features
+        if self.side:
+            if not user_vocab or not item_features:
+                raise ValueError("side_features needs user and item feature vocabularies in the shards' manifest")
+            self.user_features = FeatureEmbedding(user_vocab, 32)
+            self.user_side_proj = nn.Linear(d + self.user_features.out_dim, d)
+            self.item_features = FeatureEmbedding({n: int(v.max()) + 1 for n, v in item_features.items()}, 32)
+            self.item_side_proj = nn.Linear(d + self.item_features.out_dim, d)
+            for name, table in item_features.items():
+                self.register_buffer(f"item_feat_{name}", torch.as_tensor(table, dtype=torch.long), persistent=False)
+        self.cache = None  # trainer/feature_cache.FeatureCache, set by the trainer
+
+    # -- items --------------------------------------------------------------------------------------------
+    def encode_items(self, items: torch.Tensor, content=None, modality: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors [U, d] of unique items: each modality's items in ONE tower call, scattered back by row.
+
+        A tower whose lower blocks are cached reads features by item id; otherwise `content` (the loader's
+        ItemContent for these items, rows aligned with `items`) supplies tokens / pixels."""
+        if self.id_embedding is not None:
+            vecs = self.id_embedding(items)
+        else:
+            modality = self.item_modality[items] if modality is None else modality
+            vecs = None
+            for m, name in enumerate(MODALITY_NAMES):
+                rows = (modality == m).nonzero(as_tuple=True)[0]
+                if rows.numel() == 0:
+                    continue
+                out = self._tower_vectors(name, items, rows, content)
+                if vecs is None:
+                    vecs = out.new_zeros(len(items), out.shape[-1])
+                vecs = vecs.index_copy(0, rows, out)
+        if self.side:
+            feats = {n: getattr(self, f"item_feat_{n}")[items] for n in self.item_features.names}
+            vecs = self.item_side_proj(torch.cat([vecs, self.item_features(feats).to(vecs.dtype)], dim=-1))
+        return vecs
+
+    def _tower_vectors(self, name: str, items: torch.Tensor, rows: torch.Tensor, content) -> torch.Tensor:
+        tower = self.towers[name]
+        dtype = tower.proj[0].weight.dtype
+        if self.cache is not None and self.cache.covers(name):
+            if name == "text":
+                hidden, mask = self.cache.text(items[rows])
+                return tower.upper(hidden.to(dtype), mask)
+            return tower.upper(self.cache.image(items[rows]).to(dtype))
+        if content is None:
+            raise RuntimeError(f"the {name} tower trains every block but the batch carries no content: "
+                               "the loader must run with load_content=True")
+        if name == "text":
+            pos = _positions(content.text_rows, rows)
+            return tower(content.token_ids[pos], content.token_mask[pos])
+        pos = _positions(content.image_rows, rows)
+        return tower(content.pixels[pos].to(dtype))
+
+    # -- users --------------------------------------------------------------------------------------------
+    def encode_sequence(self, vecs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.user_encoder(vecs, mask)
+
+    def user_vector(self, vecs: torch.Tensor, mask: torch.Tensor, user_feats: dict | None = None) -> torch.Tensor:
+        """THE user vector (stage 2 and evaluation): the last position's final hidden state [B, d]."""
+        u = self.encode_sequence(vecs, mask)[:, -1]
+        return self._with_user_features(u, user_feats)
+
+    def _with_user_features(self, u: torch.Tensor, user_feats: dict | None) -> torch.Tensor:
+        if not self.side:
+            return u
+        return self.user_side_proj(torch.cat([u, self.user_features(user_feats).to(u.dtype)], dim=-1))
+
+    # -- losses -------------------------------------------------------------------------------------------
+    def slot_vectors(self, batch, item_vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch.slots >= 0
+        return item_vecs[batch.slots.clamp(min=0)] * mask[..., None].to(item_vecs.dtype), mask
+
+    def stage1_loss(self, batch) -> torch.Tensor:
+        """Causal next-item softmax cross-entropy over the whole catalogue (Eq. 7-8), every position a target."""
+        item_vecs = self.encode_items(batch.unique_items, batch.content)
+        vecs, mask = self.slot_vectors(batch, item_vecs)
+        h = self.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L-1, d]
+        if self.side:
+            h = self._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
+        target = batch.items[:, 1:].clone()
+        valid = mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)
+        target[~valid] = -100
+        return kernels.catalog_cross_entropy(h.flatten(0, 1), self.head.weight, self.head.bias, target.flatten(),
+                                             relu=self.cfg.stage1_relu)
+
+    def stage2_loss(self, batch, n_continuation: int) -> torch.Tensor:
+        """CPC (Eq. 9): user vector from the history, BCE on the continuation items and shared negatives."""
+        item_vecs = self.encode_items(batch.unique_items, batch.content)
+        vecs, mask = self.slot_vectors(batch, item_vecs)
+        hist_vecs, hist_mask = vecs[:, :-n_continuation], mask[:, :-n_continuation]
+        user = self.user_vector(hist_vecs, hist_mask, batch.user_features)
+        pos = vecs[:, -n_continuation:]
+        real = batch.weights > 0
+        pos_mask = mask[:, -n_continuation:] & real[:, None]
+        neg = item_vecs[batch.negative_slots]  # [N, d] shared
+        # Negatives equal to any of the user's items in the window are dropped (masks built from ids).
+        neg_mask = (batch.negatives[None, :, None] != batch.items[:, None, :]).all(-1) & real[:, None]
+        return kernels.cpc_loss(user, pos, neg, pos_mask=pos_mask, neg_mask=neg_mask)
+
+    def forward(self, batch, stage: int, n_continuation: int = 5) -> torch.Tensor:
+        return self.stage1_loss(batch) if stage == 1 else self.stage2_loss(batch, n_continuation)
+
+    def stage1_scores(self, h: torch.Tensor) -> torch.Tensor:
+        z = h @ self.head.weight.T + self.head.bias
+        return F.relu(z) if self.cfg.stage1_relu else z
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Towers + user encoder (+ side projections), without catalogue-specific parts."""
+        skip = ("head.", "id_embedding.", "item_features.", "item_side_proj.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+
+def _positions(group_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Positions inside a modality group of the given unique-item rows (both sorted ascending)."""
+    pos = torch.searchsorted(group_rows, rows)
+    if pos.numel() and (pos.max() >= len(group_rows) or not torch.equal(group_rows[pos], rows)):
+        raise RuntimeError("item content does not match the routed modality: loader and model disagree")
+    return pos
+
+
+def _repeat_feats(feats: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
+    return {k: v.repeat_interleave(times, dim=0) for k, v in feats.items()}
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,128 @@
+"""Process set-up: distributed back-end, device, rank-0 logging, run directory, DeepSpeed config filling."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import DS_OWNED_BY_TRAINER, RunConfig, StageConfig, to_dict
+
+LOG = logging.getLogger("transrec")
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed when launched with several ranks.
+
+    Without CUDA, DeepSpeed's CPU accelerator with gloo is used and each rank runs one intra-op thread
+    (OMP_NUM_THREADS=1), which is what shares a few cores between ranks well."""
+    if "RANK" not in os.environ:  # started with plain `python`: a single rank
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if world > 1:
+            os.environ["OMP_NUM_THREADS"] = "1"
+            torch.set_num_threads(1)
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def setup_logging(rank: int) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[transrec %(asctime)s] %(message)s", "%H:%M:%S"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    LOG.propagate = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def git_hash() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_run_dir(cfg: RunConfig, rank: int) -> Path:
+    """A new folder under runs/ (or --run-dir), the same on every rank."""
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{stamp}-{cfg.preset}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [str(path)]
+        dist.broadcast_object_list(box, src=0)
+        path = Path(box[0])
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_ds_config(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found: pick one of ds_configs/*.json")
+    ds = json.loads(p.read_text())
+    owned = [k for k in DS_OWNED_BY_TRAINER if k in ds]
+    if owned:
+        raise ValueError(f"{path} sets {owned}: batch size, optimizer, scheduler and clipping come from the trainer's "
+                         "config (stage1.micro_batch, stage1.grad_accum, stage1.lr, ...); remove them from the ds_config")
+    return ds
+
+
+def fill_ds_config(base: dict, stage: StageConfig, world: int) -> dict:
+    ds = json.loads(json.dumps(base))
+    ds["train_micro_batch_size_per_gpu"] = stage.micro_batch
+    ds["gradient_accumulation_steps"] = stage.grad_accum
+    ds["train_batch_size"] = stage.micro_batch * stage.grad_accum * world
+    ds["gradient_clipping"] = stage.grad_clip
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def write_run_record(run_dir: Path, cfg: RunConfig, ds_config: dict, extra: dict) -> None:
+    record = {"config": to_dict(cfg), "ds_config": ds_config, "git_hash": git_hash(), "argv": sys.argv,
+              "torch": torch.__version__, "cuda": torch.cuda.is_available(), **extra}
+    (run_dir / "run_config.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    except ImportError:  # pragma: no cover
+        return float("nan")

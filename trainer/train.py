@@ -1,0 +1,417 @@
+"""The two-stage TransRec trainer on DeepSpeed: stage 1 (catalogue softmax), stage 2 (CPC), evaluation.
+
+One DeepSpeed engine per stage wraps the same model; the trainable parameters differ between stages.
+Validation after each epoch picks the best model across both stages (NDCG@10); the test split is evaluated
+with each stage's best model and with the overall best, which is exported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kernels
+from data_shards.loader import LoaderConfig, make_train_loader
+from data_shards.shard_io import ItemStore, load_manifest, read_sequences
+from trainer import evaluate as ev
+from trainer.checkpoint import load_export, load_model_state, save_export, save_model_state
+from trainer.config import RunConfig, StageConfig
+from trainer.feature_cache import FeatureCache
+from trainer.model import TransRec, count_parameters
+from trainer.run_setup import (
+    LOG,
+    fill_ds_config,
+    load_ds_config,
+    make_run_dir,
+    peak_memory_gib,
+    setup_distributed,
+    setup_logging,
+    write_run_record,
+)
+from trainer.text_vocab import check_vocabulary
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _item_feature_tables(shard_dir: Path, num_items: int) -> dict[str, np.ndarray]:
+    """Per item, the first value index of each categorical feature (for side features)."""
+    import tarfile
+
+    manifest = load_manifest(shard_dir)
+    names = sorted(manifest["feature_vocabularies"]["item"])
+    tables = {n: np.zeros(num_items, dtype=np.int64) for n in names}
+    for shard in manifest["shards"]["items"]:
+        with tarfile.open(shard_dir / shard) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    for n in names:
+                        tables[n][meta["item"]] = meta["features"][n][0]
+    return tables
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config_path: str, resume_state: dict | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed()
+        setup_logging(self.rank)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        kernels.set_default_impl(cfg.model.kernels)
+        self.ds_base = load_ds_config(ds_config_path)
+        self.shards = Path(cfg.data.shards)
+        self.manifest = load_manifest(self.shards)
+        if cfg.model.item_encoder == "content":
+            check_vocabulary(self.manifest, cfg.model.text_encoder)
+        self.store = ItemStore(self.shards)
+        self.sequences = read_sequences(self.shards)
+        self.num_items = self.store.num_items
+        self.modality = self.store.modality.copy()
+        if cfg.data.modality_override:
+            self.modality[:] = {"text": 0, "image": 1}[cfg.data.modality_override]
+            if cfg.data.modality_override == "image" and (self.store.index["jpg_size"] == 0).any():
+                raise ValueError("modality_override=image: some items have no image in these shards")
+        self.run_dir = make_run_dir(cfg, self.rank)
+        LOG.info(f"run directory: {self.run_dir}")
+        user_vocab = {n: len(v) for n, v in self.manifest["feature_vocabularies"]["user"].items()}
+        item_feats = _item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
+        self.model = TransRec(cfg.model, self.num_items, self.modality, {"text": 0, "image": 0},
+                              user_vocab, item_feats).to(self.device)
+        if cfg.init_from:
+            load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info)
+        for name, tower in self.model.towers.items():
+            LOG.info(f"{name} tower: {tower.weights_source}")
+        total, _ = count_parameters(self.model)
+        LOG.info(f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {len(self.sequences)} users; "
+                 f"world size {self.world} on {self.device}")
+        self.decoder = None
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
+        self.valid_users = ev.eval_users(self.sequences, "valid", cfg.model.max_len)
+        self.test_users = ev.eval_users(self.sequences, "test", cfg.model.max_len)
+        self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
+        self.global_step = 0
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def image_decoder(self):
+        if self.decoder is None:
+            from data_shards.decode import ImageDecoder
+
+            self.decoder = ImageDecoder(backend=self.cfg.data.decoder, size=self.cfg.model.image_size,
+                                        device=self.device)
+        return self.decoder
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def set_stage(self, stage: int) -> StageConfig:
+        sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
+        trainable = {"text": 0, "image": 0} if stage == 1 else {"text": sc.text_trainable, "image": sc.image_trainable}
+        for name, tower in self.model.towers.items():
+            tower.set_trainable(trainable[name])
+        self.model.head.requires_grad_(stage == 1)
+        self.model.cache = None
+        if self.model.towers:
+            t0 = time.time()
+            self.model.cache = FeatureCache.build(
+                self.model, self.store, self.modality, self.image_decoder(), self.cfg.model.max_tokens, self.device,
+                chunk=self.cfg.eval.item_batch, show_progress=self.rank == 0)
+            if self.model.cache is not None:
+                LOG.info(f"stage {stage}: cached frozen lower blocks of {sorted(self.model.cache._covered)} "
+                         f"({self.model.cache.nbytes() / 2**20:.0f} MiB) in {time.time() - t0:.1f} s")
+        return sc
+
+    def needs_content(self) -> bool:
+        return any(not (self.model.cache and self.model.cache.covers(n)) for n in self.model.towers)
+
+    def make_loader(self, stage: int, sc: StageConfig):
+        m = self.cfg.model
+        window = m.max_len + 1 if stage == 1 else sc.n_history + sc.n_continuation
+        lc = LoaderConfig(
+            window=window, batch_size=sc.micro_batch, stride=sc.stride,
+            min_len=2 if stage == 1 else sc.n_continuation + 1, shuffle_buffer=self.cfg.data.shuffle_buffer,
+            seed=self.cfg.seed, num_workers=self.cfg.data.num_workers,
+            num_negatives=0 if stage == 1 else sc.negatives, load_content=self.needs_content(),
+            decode_in_loader=self.device.type == "cpu", image_size=m.image_size, decoder=self.cfg.data.decoder,
+            max_tokens=m.max_tokens, user_fraction=self.cfg.data.user_fraction,
+        )
+        return make_train_loader(self.shards, lc, self.rank, self.world)
+
+    def make_engine(self, sc: StageConfig, steps_total: int):
+        import deepspeed
+
+        tower_params, other = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                is_backbone = name.startswith("towers.") and (".bert." in name or ".blocks." in name)
+                (tower_params if is_backbone else other).append(p)
+        groups = [{"params": other, "lr": sc.lr}]
+        if tower_params:
+            groups.append({"params": tower_params, "lr": sc.tower_lr})
+        opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+            if step < sc.warmup_steps:
+                return (step + 1) / sc.warmup_steps
+            progress = min(1.0, (step - sc.warmup_steps) / max(1, steps_total - sc.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        ds = fill_ds_config(self.ds_base, sc, self.world)
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched, config=ds)
+        return engine
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        from data_shards.loader import load_item_content
+
+        chunks = []
+        for start in range(0, self.num_items, self.cfg.eval.item_batch):
+            items = np.arange(start, min(start + self.cfg.eval.item_batch, self.num_items))
+            content = None
+            if self.model.towers and self.needs_content():
+                content = load_item_content(self.store, items, self.cfg.model.max_tokens, self.image_decoder(),
+                                            modality=self.modality)
+                content = _content_to(content, self.device)
+            chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
+        return torch.cat(chunks)
+
+    def user_feature_batch(self, users: np.ndarray) -> dict[str, torch.Tensor]:
+        names = self.manifest["feature_vocabularies"]["user"]
+        out = {}
+        for n in names:
+            rows = [self.sequences[u]["features"].get(n, [0]) for u in users]
+            width = max(len(r) for r in rows)
+            out[n] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split: str, stage: int) -> np.ndarray:
+        self.model.eval()
+        data = self.valid_users if split == "valid" else self.test_users
+        iv = self.item_vectors()
+        dtype = next(self.model.user_encoder.parameters()).dtype
+
+        def seq(hist):
+            mask = hist >= 0
+            return (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype), mask
+
+        if stage == 1:
+            def score(hist, users):
+                vecs, mask = seq(hist)
+                h = self.model.encode_sequence(vecs, mask)[:, -1]
+                h = self.model._with_user_features(h, self.user_feature_batch(users))
+                return self.model.stage1_scores(h).float()
+
+            ranks = ev.rank_with_scores(score, self.num_items, data, self.cfg.eval.exclude_seen,
+                                        self.cfg.eval.user_batch, self.device)
+        else:
+            def user_vec(hist, users):
+                vecs, mask = seq(hist)
+                return self.model.user_vector(vecs, mask, self.user_feature_batch(users)).float()
+
+            ranks = ev.rank_with_vectors(user_vec, iv, data, self.cfg.eval.exclude_seen, self.cfg.eval.user_batch)
+        self.model.train()
+        return ranks
+
+    def write_ranks(self, name: str, data: ev.EvalUsers, ranks: np.ndarray) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / f"{name}.tsv", "w") as f:
+            f.write("user\ttarget_item\trank\n")
+            for u, t, r in zip(data.users, data.targets, ranks):
+                f.write(f"{u}\t{t}\t{r}\n")
+
+    # -- a stage ------------------------------------------------------------------------------------------
+    def run_stage(self, stage: int, resume: dict | None = None) -> None:
+        sc = self.set_stage(stage)
+        loader = self.make_loader(stage, sc)
+        steps_total = sc.epochs * loader.steps_per_epoch // sc.grad_accum
+        if sc.max_steps:
+            steps_total = min(steps_total, sc.max_steps)
+        engine = self.make_engine(sc, steps_total)
+        start_epoch, skip = 0, 0
+        if resume is not None:
+            engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=f"stage{stage}")
+            start_epoch, skip = resume["epoch"], resume["batches_done"]
+            torch.set_rng_state(torch.load(self.run_dir / "checkpoints" / f"rng_rank{self.rank}.pt", weights_only=True))
+            LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip}")
+        LOG.info(f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
+                 f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}")
+        stale = resume.get("stale", 0) if resume else 0
+        stage_best = self.state["stage_best"].get(str(stage))
+        steps_done = engine.global_steps
+        for epoch in range(start_epoch, sc.epochs):
+            loader.set_epoch(epoch)
+            loader.skip_batches(skip)
+            t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
+            from tqdm import tqdm
+
+            bar = tqdm(total=loader.steps_per_epoch, initial=skip, desc=f"stage {stage} epoch {epoch}",
+                       disable=self.rank != 0, unit="step", leave=False)
+            for b_idx, batch in enumerate(loader, start=skip):
+                batch = self._prepare(batch)
+                loss = engine(batch, stage=stage, n_continuation=sc.n_continuation)
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach())
+                seqs += float(batch.weights.sum())
+                items_enc += int(batch.unique_items.numel())
+                bar.update(1)
+                steps_done = engine.global_steps
+                if (b_idx + 1) % self.cfg.log_every == 0:
+                    mean_loss = float(torch.stack(losses).float().mean())  # host sync on logging steps only
+                    if not math.isfinite(mean_loss):
+                        raise TrainingDiverged(
+                            f"stage {stage} epoch {epoch} step {b_idx}: loss is {mean_loss}; the last good checkpoint "
+                            f"in {self.run_dir / 'checkpoints'} is intact. Lower the learning rate (stage{stage}.lr) "
+                            "or check the input data.")
+                    dt_ = time.time() - t_last
+                    self.log_scalars({f"train/stage{stage}_loss": mean_loss,
+                                      "train/lr": engine.get_lr()[0],
+                                      "perf/sequences_per_s": seqs * self.world / dt_,
+                                      "perf/items_encoded_per_s": items_enc * self.world / dt_,
+                                      "mem/peak_gib": peak_memory_gib(self.device)}, self.global_step + steps_done)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", seq_s=f"{seqs * self.world / dt_:.0f}")
+                    t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
+                if (b_idx + 1) % self.cfg.save_every_steps == 0:
+                    self.save_resume_point(engine, stage, epoch, b_idx + 1, stale)
+                if sc.max_steps and steps_done >= sc.max_steps:
+                    break
+            bar.close()
+            if losses and not math.isfinite(float(torch.stack(losses).float().mean())):
+                raise TrainingDiverged(f"stage {stage} epoch {epoch}: loss is not finite; the last good checkpoint "
+                                       f"in {self.run_dir / 'checkpoints'} is intact. Lower stage{stage}.lr.")
+            skip = 0
+            stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best)
+            self.save_resume_point(engine, stage, epoch + 1, 0, stale)
+            if stop or (sc.max_steps and steps_done >= sc.max_steps):
+                break
+        self.global_step += steps_done
+        self.finish_stage(stage)
+
+    def _prepare(self, batch):
+        batch = batch.to(self.device)
+        c = batch.content
+        if c is not None and c.pixels is None and c.jpegs:
+            ids = batch.unique_items[c.image_rows].tolist()
+            c.pixels = self.image_decoder().decode(c.jpegs, ids)
+        return batch
+
+    def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None):
+        ranks = self.evaluate("valid", stage)
+        metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
+        self.log_scalars({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, self.global_step + epoch)
+        LOG.info(f"stage {stage} epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k))
+        record = {"stage": stage, "epoch": epoch, "valid": metrics}
+        if stage_best is None or metrics["ndcg@10"] > stage_best["valid"]["ndcg@10"]:
+            stage_best, stale = record, 0
+            if self.rank == 0:
+                save_model_state(self.model, self.run_dir / f"best_stage{stage}.safetensors")
+            self.state["stage_best"][str(stage)] = record
+        else:
+            stale += 1
+        patience = self.cfg.eval.patience
+        return stale, stage_best, bool(patience and stale >= patience)
+
+    def save_resume_point(self, engine, stage: int, epoch: int, batches_done: int, stale: int) -> None:
+        ckpt = self.run_dir / "checkpoints"
+        engine.save_checkpoint(str(ckpt), tag=f"stage{stage}")
+        torch.save(torch.get_rng_state(), ckpt / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            point = {"stage": stage, "epoch": epoch, "batches_done": batches_done, "stale": stale, "state": self.state}
+            tmp = self.run_dir / "resume.json.partial"
+            tmp.write_text(json.dumps(point, indent=1))
+            tmp.replace(self.run_dir / "resume.json")
+
+    def finish_stage(self, stage: int) -> None:
+        """Test with this stage's best model (the table's 'after stage N' row)."""
+        _barrier()
+        best_file = self.run_dir / f"best_stage{stage}.safetensors"
+        load_model_state(self.model, best_file)
+        ranks = self.evaluate("test", stage)
+        self.write_ranks(f"test_ranks_stage{stage}", self.test_users, ranks)
+        self.state["test"][str(stage)] = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
+        self.state["done_stages"].append(stage)
+        if self.rank == 0:
+            np.save(self.run_dir / f"test_ranks_stage{stage}.npy", ranks)
+
+    # -- the whole run ------------------------------------------------------------------------------------
+    def run(self, resume_point: dict | None = None) -> dict:
+        stages = {"1": [1], "2": [2], "all": [1, 2]}[self.cfg.stages]
+        for stage in stages:
+            if stage in self.state["done_stages"]:
+                continue
+            resume = resume_point if resume_point and resume_point["stage"] == stage else None
+            if stage == 2 and 1 in self.state["done_stages"]:
+                load_model_state(self.model, self.run_dir / "best_stage1.safetensors")  # stage 2 starts from stage 1's best
+            self.run_stage(stage, resume)
+        return self.finish()
+
+    def finish(self) -> dict:
+        sb = self.state["stage_best"]
+        best_stage = max(sb, key=lambda s: sb[s]["valid"]["ndcg@10"])
+        load_model_state(self.model, self.run_dir / f"best_stage{best_stage}.safetensors")
+        pop_valid = ev.popularity_ranks(self.sequences, self.num_items, self.valid_users, "valid", self.cfg.eval.exclude_seen)
+        pop_test = ev.popularity_ranks(self.sequences, self.num_items, self.test_users, "test", self.cfg.eval.exclude_seen)
+        test_ranks = np.load(self.run_dir / f"test_ranks_stage{best_stage}.npy") if self.rank == 0 else None
+        result = None
+        if self.rank == 0:
+            self.write_ranks("test_ranks", self.test_users, test_ranks)
+            self.write_ranks("test_ranks_popularity", self.test_users, pop_test)
+            result = self.report(best_stage, test_ranks, pop_valid, pop_test)
+            save_export(self.model, self.cfg.model, self.run_dir / "export",
+                        {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"]})
+            LOG.info(f"export written to {self.run_dir / 'export'}; run directory: {self.run_dir}")
+            self.writer.close()
+        _barrier()
+        return result
+
+    def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
+        from trainer.report import results_table
+
+        ks = self.cfg.eval.ks
+        metrics = {
+            "valid": self.state["stage_best"][best_stage]["valid"],
+            "test": ev.metrics_from_ranks(test_ranks, ks),
+            "popularity_valid": ev.metrics_from_ranks(pop_valid, ks),
+            "popularity_test": ev.metrics_from_ranks(pop_test, ks),
+            "best": {"stage": int(best_stage), "epoch": self.state["stage_best"][best_stage]["epoch"],
+                     "file": f"best_stage{best_stage}.safetensors"},
+            "stages": {s: {"valid": self.state["stage_best"][s]["valid"], "test": self.state["test"][s]}
+                       for s in self.state["stage_best"]},
+            "exclude_seen": self.cfg.eval.exclude_seen,
+        }
+        table, intervals = results_table(self.run_dir, metrics, pop_test, self.cfg.eval.bootstrap)
+        metrics["vs_popularity"] = intervals
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (self.run_dir / "results.md").write_text(table + "\n")
+        print(table, flush=True)
+        return metrics
+
+
+def _content_to(content, device):
+    from data_shards.loader import ItemContent
+
+    return ItemContent(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in content.__dict__.items()})
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
