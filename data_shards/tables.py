@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,11 +113,18 @@ def _read_csv(path: Path):
 
 
 def _parse_time(value: str) -> float:
+    """A number (seconds) or an ISO date/time; naive times are UTC, explicit offsets are honoured."""
     value = value.strip()
     try:
-        return float(value)
+        t = float(value)
     except ValueError:
-        return dt.datetime.fromisoformat(value).replace(tzinfo=dt.timezone.utc).timestamp()
+        when = dt.datetime.fromisoformat(value)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        t = when.timestamp()
+    if not math.isfinite(t):
+        raise ValueError(f"time {value!r} is not a finite number")
+    return t
 
 
 def read_interactions(path: Path, user_col: str, item_col: str, time_col: str | None, problems: Problems) -> list[Interaction]:
