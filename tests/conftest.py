@@ -13,3 +13,50 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the all-MiniLM-L6-v2 tokenizer files (same vocabulary
+    as the shards): the trainer's real text-tower code path at a size that makes tests fast."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from trainer.towers import minilm_path
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64), add_pooling_layer=False).save_pretrained(out)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = Path(minilm_path()) / name
+        if src.exists():
+            shutil.copy(src, out / name)
+    return out
+
+
+def _build(out: Path, dataset: str, source: Path, modality: str = "mixed", max_tokens: int = 16) -> Path:
+    from data_shards.build import BuildOptions, build
+
+    if not (out / "manifest.json").exists():
+        build(BuildOptions(dataset=dataset, source=source, out=out, modality=modality, max_tokens=max_tokens))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ml_shards(tmp_path_factory) -> Path:
+    """MovieLens-100k-mm (bundled), mixed modality, 16 tokens per text."""
+    return _build(tmp_path_factory.mktemp("shards") / "ml", "movielens-100k-mm", REPO / "data" / "movielens-100k-mm")
+
+
+@pytest.fixture(scope="session")
+def hm_shards(tmp_path_factory) -> Path:
+    """The bundled H&M fixture (200 customers), mixed modality."""
+    return _build(tmp_path_factory.mktemp("shards") / "hm", "hm-fashion", REPO / "data" / "hm-fashion-fixture")

@@ -43,19 +43,34 @@ def eval_users(sequences: list[dict], split: str, max_len: int) -> EvalUsers:
     return EvalUsers(np.asarray(users), hist, np.asarray(targets), seen)
 
 
-def ranks_from_scores(score_chunks: Callable[[slice], torch.Tensor], num_items: int, targets: torch.Tensor,
-                      target_scores: torch.Tensor, seen: list[np.ndarray], exclude_seen: bool,
-                      seen_scores: list[torch.Tensor] | None, chunk: int = 65536) -> torch.Tensor:
-    """1 + #{v != target : s_v >= s_target} (minus seen items when excluded), counted over item chunks."""
-    count = torch.zeros(len(targets), dtype=torch.long, device=targets.device)
-    for start in range(0, num_items, chunk):
-        s = score_chunks(slice(start, min(start + chunk, num_items)))  # [B, C]
-        count += (s >= target_scores[:, None]).sum(1)
-    count -= 1  # the target itself
+def excluded_pairs(targets: torch.Tensor, seen: list[np.ndarray], exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) pairs left out of each user's count: the target itself, and seen items when excluded."""
+    rows = [torch.arange(len(targets), device=targets.device)]
+    items = [targets]
     if exclude_seen:
-        for i, (items, sc) in enumerate(zip(seen, seen_scores)):
-            others = torch.as_tensor(items, device=sc.device) != targets[i]
-            count[i] -= int(((sc >= target_scores[i]) & others).sum())
+        for i, s in enumerate(seen):
+            s = torch.as_tensor(s, device=targets.device)
+            s = s[s != targets[i]]
+            rows.append(torch.full_like(s, i))
+            items.append(s)
+    return torch.cat(rows), torch.cat(items)
+
+
+def ranks_from_scores(score_chunk: Callable[[slice], torch.Tensor], num_items: int, target_scores: torch.Tensor,
+                      pairs: tuple[torch.Tensor, torch.Tensor], chunk: int = 65536) -> torch.Tensor:
+    """1 + #{items v not excluded : s_v >= s_target}, counted over item chunks (no sort, O(B x chunk) memory).
+
+    Excluded items (the target, seen items) are removed by index inside the chunk that scored them, so
+    the count never depends on recomputing a score in another way."""
+    rows, items = pairs
+    count = torch.zeros(len(target_scores), dtype=torch.long, device=target_scores.device)
+    for start in range(0, num_items, chunk):
+        stop = min(start + chunk, num_items)
+        s = score_chunk(slice(start, stop))  # [B, C]
+        count += (s >= target_scores[:, None]).sum(1)
+        sel = (items >= start) & (items < stop)
+        r, v = rows[sel], items[sel] - start
+        count.index_add_(0, r, -(s[r, v] >= target_scores[r]).long())
     return count + 1
 
 
@@ -123,10 +138,8 @@ def rank_with_vectors(user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Te
         u = user_vec_fn(hist, data.users[pos])  # [B, d]
         tg = torch.as_tensor(data.targets[pos], device=device)
         ts = (u * item_vectors[tg].to(u.dtype)).sum(-1)
-        seen = [data.seen[p] for p in pos]
-        seen_scores = [item_vectors[torch.as_tensor(s, device=device)].to(u.dtype) @ u[i] for i, s in enumerate(seen)]
-        r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), tg, ts, seen,
-                              exclude_seen, seen_scores)
+        pairs = excluded_pairs(tg, [data.seen[p] for p in pos], exclude_seen)
+        r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), ts, pairs)
         out[start : start + len(pos)] = r.cpu().numpy()
     return _gather(out, positions, n)
 
@@ -145,9 +158,8 @@ def rank_with_scores(score_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor
         full = score_fn(hist, data.users[pos])  # [B, V]
         tg = torch.as_tensor(data.targets[pos], device=device)
         ts = full.gather(1, tg[:, None])[:, 0]
-        seen = [data.seen[p] for p in pos]
-        seen_scores = [full[i, torch.as_tensor(s, device=device)] for i, s in enumerate(seen)]
-        r = ranks_from_scores(lambda sl: full[:, sl], num_items, tg, ts, seen, exclude_seen, seen_scores)
+        pairs = excluded_pairs(tg, [data.seen[p] for p in pos], exclude_seen)
+        r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs)
         out[start : start + len(pos)] = r.cpu().numpy()
     return _gather(out, positions, n)
 

@@ -142,7 +142,7 @@ class Trainer:
         window = m.max_len + 1 if stage == 1 else sc.n_history + sc.n_continuation
         lc = LoaderConfig(
             window=window, batch_size=sc.micro_batch, stride=sc.stride,
-            min_len=2 if stage == 1 else sc.n_continuation + 1, shuffle_buffer=self.cfg.data.shuffle_buffer,
+            min_len=sc.min_window or (2 if stage == 1 else sc.n_continuation + 1), shuffle_buffer=self.cfg.data.shuffle_buffer,
             seed=self.cfg.seed, num_workers=self.cfg.data.num_workers,
             num_negatives=0 if stage == 1 else sc.negatives, load_content=self.needs_content(),
             decode_in_loader=self.device.type == "cpu", image_size=m.image_size, decoder=self.cfg.data.decoder,
@@ -274,7 +274,8 @@ class Trainer:
                 bar.update(1)
                 steps_done = engine.global_steps
                 if (b_idx + 1) % self.cfg.log_every == 0:
-                    mean_loss = float(torch.stack(losses).float().mean())  # host sync on logging steps only
+                    mean_loss = self._mean_loss_across_ranks(losses)  # host sync on logging steps only
+                    self._append_loss(stage, steps_done, mean_loss)
                     if not math.isfinite(mean_loss):
                         raise TrainingDiverged(
                             f"stage {stage} epoch {epoch} step {b_idx}: loss is {mean_loss}; the last good checkpoint "
@@ -303,6 +304,23 @@ class Trainer:
                 break
         self.global_step += steps_done
         self.finish_stage(stage)
+
+    def _mean_loss_across_ranks(self, losses: list[torch.Tensor]) -> float:
+        import torch.distributed as dist
+
+        total = torch.stack(losses).float().mean().reshape(1)
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return float(total)
+
+    def _append_loss(self, stage: int, step: int, loss: float) -> None:
+        if self.rank == 0:
+            path = self.run_dir / f"loss_stage{stage}.csv"
+            new = not path.exists()
+            with open(path, "a") as f:
+                f.write("step,loss\n" if new else "")
+                f.write(f"{step},{loss:.8f}\n")
 
     def _prepare(self, batch):
         batch = batch.to(self.device)

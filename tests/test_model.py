@@ -1,0 +1,180 @@
+"""Model-level checks: metrics, routing, the shared user vector, causality, the feature cache, checkpointing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards.loader import load_item_content
+from data_shards.shard_io import ItemStore
+from trainer import evaluate as ev
+from trainer.config import ModelConfig
+from trainer.feature_cache import FeatureCache
+from trainer.model import TransRec
+
+
+def brute_force_rank(scores: np.ndarray, target: int, seen: np.ndarray, exclude_seen: bool) -> int:
+    """Rank by a full sort: position of the target when ties are placed before it (pessimistic)."""
+    keep = np.ones(len(scores), dtype=bool)
+    if exclude_seen:
+        keep[seen] = False
+        keep[target] = True
+    cand = np.flatnonzero(keep)
+    order = sorted(cand, key=lambda v: (-scores[v], 0 if v != target else 1))  # ties: others first
+    return order.index(target) + 1
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_ranks_and_metrics_match_brute_force(exclude_seen):
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 57
+    scores = rng.integers(0, 12, size=(n_users, n_items)).astype(np.float32)  # many ties on purpose
+    targets = rng.integers(0, n_items, size=n_users)
+    seen = [np.unique(rng.integers(0, n_items, size=rng.integers(1, 10))) for _ in range(n_users)]
+    data = ev.EvalUsers(np.arange(n_users), np.zeros((n_users, 3), dtype=np.int64), targets, seen)
+    table = torch.as_tensor(scores)
+    ranks = ev.rank_with_scores(lambda hist, users: table[torch.as_tensor(users)], n_items, data, exclude_seen,
+                                user_batch=7)
+    expected = np.array([brute_force_rank(scores[u], targets[u], seen[u], exclude_seen) for u in range(n_users)])
+    np.testing.assert_array_equal(ranks, expected)
+    m = ev.metrics_from_ranks(ranks, ks=(5, 10))
+    assert m["hr@10"] == pytest.approx(np.mean(expected <= 10))
+    assert m["ndcg@5"] == pytest.approx(np.mean([1 / np.log2(r + 1) if r <= 5 else 0 for r in expected]))
+
+
+def test_vector_ranking_matches_score_ranking():
+    torch.manual_seed(0)
+    items = torch.randn(300, 8)
+    users = torch.randn(20, 8)
+    targets = np.random.default_rng(1).integers(0, 300, size=20)
+    seen = [np.array([1, 2, int(targets[i])]) for i in range(20)]
+    data = ev.EvalUsers(np.arange(20), np.zeros((20, 2), dtype=np.int64), targets, seen)
+    by_vec = ev.rank_with_vectors(lambda hist, u: users[torch.as_tensor(u)], items, data, True, user_batch=6)
+    full = users @ items.T
+    by_score = ev.rank_with_scores(lambda hist, u: full[torch.as_tensor(u)], 300, data, True)
+    np.testing.assert_array_equal(by_vec, by_score)
+
+
+def test_paired_bootstrap_hand_case():
+    a = np.array([1.0, 1.0, 0.0, 1.0])
+    b = np.array([0.0, 1.0, 0.0, 0.0])
+    out = ev.paired_bootstrap(a, b, n=2000, seed=0)
+    assert out["diff"] == pytest.approx(0.5)
+    # Each resample's mean difference is k/4 for k ones drawn from {1, 0, 0, 1}: values in [0, 1].
+    assert 0.0 <= out["low"] <= 0.25 and 0.75 <= out["high"] <= 1.0
+    same = ev.paired_bootstrap(b, b, n=100)
+    assert same["diff"] == 0 and not same["excludes_zero"]
+
+
+@pytest.fixture(scope="module")
+def small_model(ml_shards, tiny_bert_dir):
+    torch.manual_seed(0)
+    store = ItemStore(ml_shards)
+    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
+                      user_heads=2, max_len=8, dropout=0.0)
+    model = TransRec(cfg, store.num_items, store.modality, {"text": -1, "image": -1}).eval()
+    from data_shards.decode import ImageDecoder
+
+    return model, store, ImageDecoder(backend="pil", size=32)
+
+
+def test_routing_equals_per_item_loop(small_model):
+    model, store, decoder = small_model
+    rng = np.random.default_rng(0)
+    unique = np.unique(rng.integers(0, store.num_items, size=40))
+    content = load_item_content(store, unique, 16, decoder)
+    with torch.no_grad():
+        routed = model.encode_items(torch.as_tensor(unique), content)
+        for row, item in enumerate(unique):  # the naive way: one item at a time through its own tower
+            single = load_item_content(store, np.array([item]), 16, decoder)
+            if store.modality[item] == 0:
+                vec = model.towers["text"](single.token_ids, single.token_mask)
+            else:
+                vec = model.towers["image"](single.pixels)
+            torch.testing.assert_close(routed[row], vec[0], rtol=1e-4, atol=1e-5)
+    assert set(store.modality[unique]) == {0, 1}
+
+
+def test_cached_lower_blocks_change_nothing(small_model):
+    model, store, decoder = small_model
+    items = np.arange(0, 60)
+    content = load_item_content(store, items, 16, decoder)
+    with torch.no_grad():
+        full = model.encode_items(torch.as_tensor(items), content)
+        for tower in model.towers.values():
+            tower.set_trainable(1)
+        model.cache = FeatureCache.build(model, store, store.modality, decoder, 16, torch.device("cpu"),
+                                         show_progress=False)
+        cached = model.encode_items(torch.as_tensor(items), None)
+    model.cache = None
+    for tower in model.towers.values():
+        tower.set_trainable(-1)
+    torch.testing.assert_close(cached, full, rtol=2e-3, atol=2e-3)  # the cache is stored in fp16
+
+
+def test_user_encoder_is_causal_and_user_vector_is_the_last_state(small_model):
+    model, _, _ = small_model
+    torch.manual_seed(0)
+    vecs = torch.randn(3, 8, 16)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    with torch.no_grad():
+        h = model.encode_sequence(vecs, mask)
+        changed = vecs.clone()
+        changed[:, 5:] = torch.randn(3, 3, 16)
+        h2 = model.encode_sequence(changed, mask)
+        torch.testing.assert_close(h[:, :5], h2[:, :5])  # positions before 5 do not see later items
+        assert not torch.allclose(h[:, 5:], h2[:, 5:])
+        torch.testing.assert_close(model.user_vector(vecs, mask), h[:, -1])
+        padded = vecs.clone()
+        padded[0, :3] = 99.0  # padding content must not matter
+        torch.testing.assert_close(model.user_vector(padded, mask)[0], h[0, -1])
+
+
+def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_shards):
+    from data_shards.loader import LoaderConfig, make_train_loader
+
+    model, store, decoder = small_model
+    calls = []
+    original = model.user_vector
+    monkeypatch.setattr(model, "user_vector", lambda *a, **k: calls.append(1) or original(*a, **k))
+    cfg = LoaderConfig(window=6, batch_size=4, min_len=3, num_negatives=8, decoder="pil", image_size=32,
+                       max_tokens=16)
+    batch = next(iter(make_train_loader(ml_shards, cfg)))
+    loss = model.stage2_loss(batch, n_continuation=2)
+    assert torch.isfinite(loss) and calls == [1]
+
+
+def _saved_activation_bytes(fn) -> int:
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_activation_checkpointing_lowers_saved_memory_at_equal_loss(small_model):
+    model, _, _ = small_model
+    torch.manual_seed(0)
+    vecs = torch.randn(16, 8, 16, requires_grad=True)
+    mask = torch.ones(16, 8, dtype=torch.bool)
+    model.train()
+    results = {}
+    for flag in (False, True):
+        model.user_encoder.checkpointing = flag
+        out = {}
+        out["bytes"] = _saved_activation_bytes(lambda: out.setdefault("loss", model.encode_sequence(vecs, mask).pow(2).mean()))
+        out["loss"].backward()
+        out["grad"] = vecs.grad.clone()
+        vecs.grad = None
+        results[flag] = out
+    model.user_encoder.checkpointing = False
+    model.eval()
+    assert results[True]["bytes"] < 0.5 * results[False]["bytes"]
+    torch.testing.assert_close(results[True]["loss"], results[False]["loss"])
+    torch.testing.assert_close(results[True]["grad"], results[False]["grad"])
