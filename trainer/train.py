@@ -246,9 +246,13 @@ class Trainer:
         engine = self.make_engine(sc, steps_total)
         start_epoch, skip = 0, 0
         if resume is not None:
-            engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=f"stage{stage}")
+            tag = resume["tag"]
+            load_path, _ = engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=tag)
+            if load_path is None:
+                raise FileNotFoundError(f"checkpoint {tag} missing in {self.run_dir / 'checkpoints'}: cannot resume")
             start_epoch, skip = resume["epoch"], resume["batches_done"]
-            torch.set_rng_state(torch.load(self.run_dir / "checkpoints" / f"rng_rank{self.rank}.pt", weights_only=True))
+            rng = torch.load(self.run_dir / "checkpoints" / tag / f"rng_rank{self.rank}.pt", weights_only=True)
+            torch.set_rng_state(rng)
             LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip}")
         LOG.info(f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
                  f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}")
@@ -347,14 +351,25 @@ class Trainer:
         return stale, stage_best, bool(patience and stale >= patience)
 
     def save_resume_point(self, engine, stage: int, epoch: int, batches_done: int, stale: int) -> None:
+        """A DeepSpeed checkpoint under a new tag, then resume.json naming it, then the older tags go: a kill at
+        any moment leaves resume.json pointing at a complete checkpoint."""
+        import shutil
+
         ckpt = self.run_dir / "checkpoints"
-        engine.save_checkpoint(str(ckpt), tag=f"stage{stage}")
-        torch.save(torch.get_rng_state(), ckpt / f"rng_rank{self.rank}.pt")
+        tag = f"stage{stage}-epoch{epoch}-batch{batches_done}"
+        engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
+        torch.save(torch.get_rng_state(), ckpt / tag / f"rng_rank{self.rank}.pt")
+        _barrier()
         if self.rank == 0:
-            point = {"stage": stage, "epoch": epoch, "batches_done": batches_done, "stale": stale, "state": self.state}
+            point = {"stage": stage, "epoch": epoch, "batches_done": batches_done, "stale": stale, "tag": tag,
+                     "state": self.state}
             tmp = self.run_dir / "resume.json.partial"
             tmp.write_text(json.dumps(point, indent=1))
             tmp.replace(self.run_dir / "resume.json")
+            for old in ckpt.iterdir():
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier()
 
     def finish_stage(self, stage: int) -> None:
         """Test with this stage's best model (the table's 'after stage N' row)."""

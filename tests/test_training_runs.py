@@ -1,0 +1,212 @@
+"""Whole training runs on the bundled data at a tiny size: stages, export, transfer, 2 ranks, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = ["--preset", "tiny"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_main(args: list[str], ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, str(REPO / "trainer" / "main.py"), *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+               str(_free_port()), str(REPO / "trainer" / "main.py"), *args]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"run failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def _losses(run_dir: Path, stage: int) -> list[tuple[int, float]]:
+    rows = (run_dir / f"loss_stage{stage}.csv").read_text().split()[1:]
+    return [(int(r.split(",")[0]), float(r.split(",")[1])) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory, ml_shards, tiny_bert_dir) -> Path:
+    """One two-stage run in-process on MovieLens (tiny preset), shared by several tests."""
+    from trainer.main import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "source"
+    metrics = main([*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir", str(run_dir),
+                    "--ds_config", str(REPO / "ds_configs" / "zero2.json")])
+    assert metrics is not None
+    return run_dir
+
+
+def test_two_stage_run_writes_metrics_events_ranks_and_export(source_run):
+    metrics = json.loads((source_run / "metrics.json").read_text())
+    for key in ("valid", "test", "popularity_test", "best", "stages", "vs_popularity"):
+        assert key in metrics
+    assert set(metrics["stages"]) == {"1", "2"}
+    assert metrics["test"]["users"] == 943 and 0 <= metrics["test"]["hr@10"] <= 1
+    assert metrics["popularity_test"]["hr@10"] > 0.02  # popularity is a real baseline on MovieLens
+    assert any((source_run / "tensorboard").iterdir())
+    rows = (source_run / "test_ranks.tsv").read_text().splitlines()
+    assert rows[0] == "user\ttarget_item\trank" and len(rows) == 944
+    assert (source_run / "export" / "model.safetensors").exists()
+    exported = load_file(str(source_run / "export" / "model.safetensors"))
+    assert not any(k.startswith("head.") for k in exported)  # catalogue-specific head never exported
+    assert any(k.startswith("towers.text.") for k in exported) and any(k.startswith("user_encoder.") for k in exported)
+    assert "| after stage 2 |" in (source_run / "results.md").read_text()
+
+
+def test_stage2_changes_trainable_tower_parameters(source_run):
+    s1 = load_file(str(source_run / "best_stage1.safetensors"))
+    s2 = load_file(str(source_run / "best_stage2.safetensors"))
+    top_text = [k for k in s1 if k.startswith("towers.text.bert.encoder.layer.1.")]  # tiny BERT: 2 layers, top 1 trains
+    low_text = [k for k in s1 if k.startswith("towers.text.bert.encoder.layer.0.")]
+    top_image = [k for k in s1 if k.startswith("towers.image.blocks.4.") and "running" not in k and "num_batches" not in k]
+    assert top_text and low_text and top_image
+    assert any(not torch.equal(s1[k], s2[k]) for k in top_text)
+    assert any(not torch.equal(s1[k], s2[k]) for k in top_image)
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("towers.text.pool."))
+    assert all(torch.equal(s1[k], s2[k]) for k in low_text)  # frozen lower blocks stay as they were
+
+
+def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    from trainer.config import apply_overrides, preset
+    from trainer.train import Trainer
+
+    exported = load_file(str(source_run / "export" / "model.safetensors"))
+
+    def build(init: bool) -> Trainer:
+        cfg = preset("tiny")
+        overrides = [f"data.shards={hm_shards}", f"model.text_encoder={tiny_bert_dir}",
+                     f"run_dir={tmp_path / ('t' if init else 's')}", "seed=1"]
+        if init:
+            overrides.append(f"init_from={source_run / 'export'}")
+        return Trainer(apply_overrides(cfg, overrides), str(REPO / "ds_configs" / "zero2.json"))
+
+    transfer, scratch = build(True), build(False)
+    t_state, s_state = transfer.model.state_dict(), scratch.model.state_dict()
+    assert t_state["head.weight"].shape[0] == transfer.num_items != 1682  # a new catalogue with its own head
+    for k, v in exported.items():
+        torch.testing.assert_close(t_state[k], v, rtol=0, atol=0)
+    differ = [k for k in exported if k.startswith(("user_encoder.", "towers.text.pool.", "towers.image.blocks."))
+              and not torch.equal(s_state[k], exported[k])]
+    assert differ, "scratch and transfer models should start from different weights"
+
+
+def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    from trainer.config import apply_overrides, preset
+    from trainer.train import Trainer
+
+    cfg = apply_overrides(preset("tiny"), [f"data.shards={hm_shards}", f"model.text_encoder={tiny_bert_dir}",
+                                           f"run_dir={tmp_path}", f"init_from={source_run / 'export'}", "model.d=48"])
+    with pytest.raises(ValueError, match="architecture differs"):
+        Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+
+
+COMPARE = ["--stage", "1", "--set", "stage1.max_steps=4", "stage1.min_window=9", "stage1.stride=100",
+           "stage1.epochs=1", "save_every_steps=1000", "eval.patience=0"]
+
+
+def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
+    common = [*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--ds_config",
+              str(REPO / "ds_configs" / "zero2.json")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run_main([*common, "--run-dir", str(one), *COMPARE, "stage1.micro_batch=8", "stage1.grad_accum=2", "log_every=2"])
+    _run_main([*common, "--run-dir", str(two), *COMPARE, "stage1.micro_batch=8", "stage1.grad_accum=1", "log_every=1"],
+              ranks=2)
+    a, b = _losses(one, 1), _losses(two, 1)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) <= 1e-4 * abs(la), (a, b)
+    assert abs(a[0][1] - a[-1][1]) > 1e-3  # the trajectory really moves
+    m1 = json.loads((one / "metrics.json").read_text())["test"]
+    m2 = json.loads((two / "metrics.json").read_text())["test"]
+    assert m1["users"] == m2["users"] == 943  # evaluation split across 2 ranks and gathered exactly
+    assert m1["hr@10"] == pytest.approx(m2["hr@10"], abs=2 / 943)
+
+
+def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir, tmp_path):
+    common = [*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--ds_config",
+              str(REPO / "ds_configs" / "zero2.json"), "--set", "save_every_steps=2", "stage1.max_steps=8",
+              "stage2.max_steps=4"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run_main([*common, "--run-dir", str(straight)])
+    proc = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"), *common, "--run-dir", str(killed)],
+                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    point = killed / "resume.json"
+    while time.time() < deadline:
+        if point.exists() and json.loads(point.read_text())["batches_done"] >= 4:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed mid-epoch")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(point.read_text())["batches_done"] > 0  # killed mid-epoch
+    assert not (killed / "metrics.json").exists()
+    _run_main(["--resume", str(killed)])
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["best"] == b["best"]
+    assert (killed / "export" / "model.safetensors").exists()
+
+
+def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_shards):
+    from trainer.config import apply_overrides, preset
+    from trainer.run_setup import load_ds_config
+
+    with pytest.raises(ValueError, match="stage1 has no field|has no field"):
+        apply_overrides(preset("tiny"), ["stage1.epoch=3"])
+    with pytest.raises(ValueError, match="cannot parse"):
+        apply_overrides(preset("tiny"), ["stage1.epochs=three"])
+    with pytest.raises(ValueError, match="micro_batch must be >= 1"):
+        apply_overrides(preset("tiny"), ["stage1.micro_batch=0"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="train_batch_size.*come from the trainer"):
+        load_ds_config(str(bad))
+    out = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--shards", str(tmp_path / "none")],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "no shards at" in out.stderr and "data_shards.build" in out.stderr
+    out = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--shards", str(ml_shards), "--set",
+                          "model.kernels=fast"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "kernels must be auto, triton or torch" in out.stderr
+
+
+def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path, monkeypatch):
+    from trainer.config import apply_overrides, preset
+    from trainer.train import Trainer, TrainingDiverged
+
+    cfg = apply_overrides(preset("tiny"), [f"data.shards={ml_shards}", f"model.text_encoder={tiny_bert_dir}",
+                                           f"run_dir={tmp_path}", "stages=1", "log_every=1"])
+    trainer = Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+    original = trainer.model.stage1_loss
+    monkeypatch.setattr(trainer.model, "stage1_loss", lambda batch: original(batch) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss is nan.*last good checkpoint"):
+        trainer.run()
