@@ -50,8 +50,8 @@ def interpreter_enabled() -> bool:
     The interpreter is chosen when ``triton.jit`` decorates a kernel, i.e. when the kernel modules are
     imported; once imported, their recorded mode wins over the current environment.
     """
-    try:
-        from kernels.triton.common import INTERPRET  # imported already: use the mode it recorded
+    try:  # importing kernels.triton.common records the mode the kernel modules get
+        from kernels.triton.common import INTERPRET
     except ImportError:  # Triton is missing
         return False
     return INTERPRET

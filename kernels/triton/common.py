@@ -37,10 +37,17 @@ def sm_count(device: torch.device) -> int:
 
 @triton.jit
 def mm(a, b, acc, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation (a: [M, K], b: [K, N]); see the module docstring."""
+    """acc + a @ b with fp32 accumulation (a: [M, K], b: [K, N]); see the module docstring.
+
+    Without CAST_FP32, ``a`` (often an fp32 coefficient tile) is cast to ``b``'s dtype (the input's),
+    so bf16 inputs run on the tensor cores.
+    """
     if CAST_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    else:
+        a = a.to(b.dtype)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit

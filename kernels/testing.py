@@ -1,0 +1,73 @@
+"""Helpers shared by the kernel tests: devices, per-dtype tolerances, value-and-gradient comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+# (atol, rtol) per dtype; atol is scaled by the reference tensor's largest magnitude (at least 1).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def triton_devices() -> list[str]:
+    """Where the Triton kernels are tested: CUDA (compiled) when present, else CPU (interpreter)."""
+    return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def describe_devices() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)}, compiled Triton)"
+    return "cpu (Triton interpreter, TRITON_INTERPRET=1)"
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    expected = expected.detach().float()
+    actual = actual.detach().float()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def value_and_grads(
+    fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor
+) -> list[torch.Tensor]:
+    """[fn(*inputs), d<fn, grad_out>/d input for every input that requires grad]."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*leaves)
+    wrt = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=False)
+    return [out.detach(), *grads]
+
+
+def compare(
+    fn_test: Callable[..., torch.Tensor],
+    fn_ref: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_out: torch.Tensor,
+    dtype: torch.dtype,
+    names: Sequence[str],
+) -> None:
+    """Output and every gradient of fn_test match fn_ref for the same inputs and upstream gradient."""
+    got = value_and_grads(fn_test, inputs, grad_out)
+    want = value_and_grads(fn_ref, inputs, grad_out)
+    labels = ["out", *(f"grad_{n}" for n, t in zip(names, inputs) if t.requires_grad)]
+    assert len(got) == len(want) == len(labels)
+    for label, g, w in zip(labels, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{label}: {g.shape}/{g.dtype} vs {w.shape}/{w.dtype}"
+        assert_close(g, w, dtype, label)
+
+
+def sweep(n: int, rng_seed: int, /, **ranges: tuple[int, int]) -> list[dict[str, int]]:
+    """n seeded random size sets, each value uniform in its inclusive (low, high) range."""
+    import random
+
+    rng = random.Random(rng_seed)
+    return [{k: rng.randint(lo, hi) for k, (lo, hi) in ranges.items()} for _ in range(n)]
+
+
+def sweep_id(case: dict[str, int]) -> str:
+    return "-".join(f"{k}{v}" for k, v in case.items())

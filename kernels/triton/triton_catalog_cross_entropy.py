@@ -1,0 +1,243 @@
+"""Catalogue cross-entropy in Triton: the [M, V] logits never reach memory.
+
+h [M, d] hidden states, W [V, d] item embeddings, bias [V] or None, target [M] (ignore_index rows
+skipped); z = h W^T + bias (optionally relu'd); loss_m = logsumexp_v z_mv - z_m,target_m.
+The forward streams V in tiles with an online log-sum-exp; the backward recomputes the logit tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import FunctionCtx
+
+from kernels.triton.common import dot_config, mm, next_pow2, sm_count
+
+
+@triton.jit
+def _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, CAST_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """(w tile [BLOCK_V, BLOCK_D], z = h w^T (+ bias, relu) [BLOCK_M, BLOCK_V] fp32, relu' mask)."""
+    w = tl.load(W + offs_v[:, None] * D + offs_d[None, :], mask=v_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    z = mm(h, tl.trans(w), tl.zeros([BLOCK_M, BLOCK_V], tl.float32), CAST_FP32, PRECISION)
+    if HAS_BIAS:
+        z += tl.load(BIAS + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    active = z > 0.0
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    return w, z, active
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    H, W, BIAS, TGT, LSE_P, ZT_P, M, V, D, V_PER_SPLIT,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """For rows m of one M-tile and the columns of one V-split:
+    LSE_P[split, m] = log sum_v exp(z_mv)   (online: running max r_m, running sum l_m = sum exp(z - r))
+    ZT_P[split, m]  = z_m,target_m if the target lies in this split, else 0.
+    The host combines splits: lse = logsumexp over splits, z_t = sum over splits."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    h = tl.load(H + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    tgt = tl.load(TGT + offs_m, mask=m_ok, other=-1)
+    r = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    zt = tl.zeros([BLOCK_M], tl.float32)
+    v_lo = split * V_PER_SPLIT
+    v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_ok = offs_v < v_hi
+        _, z, _ = _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS, RELU, BLOCK_M, BLOCK_V,
+                          CAST_FP32, PRECISION)
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        r_new = tl.maximum(r, tl.max(z, axis=1))
+        l = l * tl.exp(r - r_new) + tl.sum(tl.exp(z - r_new[:, None]), axis=1)
+        r = r_new
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+    tl.store(LSE_P + split * M + offs_m, r + tl.log(l), mask=m_ok)
+    tl.store(ZT_P + split * M + offs_m, zt, mask=m_ok)
+
+
+@triton.jit
+def _dlogits(z, active, offs_v, v_ok, tgt, lse, gscale, RELU: tl.constexpr):
+    """dL/dz_pre = g_m (softmax(z)_mv - [v == target_m]) (* [z_pre > 0] with relu), 0 off the catalogue."""
+    dz = tl.exp(z - lse[:, None]) - tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0)
+    if RELU:
+        dz = tl.where(active, dz, 0.0)
+    return tl.where(v_ok[None, :], dz * gscale[:, None], 0.0)
+
+
+@triton.jit
+def _ce_bwd_h_kernel(
+    H, W, BIAS, TGT, LSE, GSCALE, GH_P, M, V, D, V_PER_SPLIT,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """GH_P[split, m] = sum_{v in split} dz_mv w_v: logit tiles recomputed, dz @ w by tl.dot (fp32 acc)."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < M
+    tile_ok = m_ok[:, None] & (offs_d < D)[None, :]
+    h = tl.load(H + offs_m[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
+    tgt = tl.load(TGT + offs_m, mask=m_ok, other=-1)
+    lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+    gscale = tl.load(GSCALE + offs_m, mask=m_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    v_lo = split * V_PER_SPLIT
+    v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        v_ok = offs_v < v_hi
+        w, z, active = _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS, RELU, BLOCK_M, BLOCK_V,
+                               CAST_FP32, PRECISION)
+        dz = _dlogits(z, active, offs_v, v_ok, tgt, lse, gscale, RELU)
+        acc = mm(dz, w, acc, CAST_FP32, PRECISION)
+    tl.store(GH_P + (split * M + offs_m)[:, None] * D + offs_d[None, :], acc, mask=tile_ok)
+
+
+@triton.jit
+def _ce_bwd_w_kernel(
+    H, W, BIAS, TGT, LSE, GSCALE, GW, GB, M, V, D,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """GW[v] = sum_m dz_mv h_m (tl.dot of dz^T and h tiles), GB[v] = sum_m dz_mv; loops over all of M."""
+    pid_v = tl.program_id(0)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    v_ok = offs_v < V
+    acc_w = tl.zeros([BLOCK_V, BLOCK_D], tl.float32)
+    acc_b = tl.zeros([BLOCK_V], tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_ok = offs_m < M
+        h = tl.load(H + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & (offs_d < D)[None, :],
+                    other=0.0)
+        tgt = tl.load(TGT + offs_m, mask=m_ok, other=-1)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+        gscale = tl.load(GSCALE + offs_m, mask=m_ok, other=0.0)
+        _, z, active = _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS, RELU, BLOCK_M, BLOCK_V,
+                               CAST_FP32, PRECISION)
+        dz = _dlogits(z, active, offs_v, v_ok, tgt, lse, gscale, RELU)
+        dz = tl.where(m_ok[:, None], dz, 0.0)
+        acc_w = mm(tl.trans(dz), h, acc_w, CAST_FP32, PRECISION)
+        acc_b += tl.sum(dz, axis=0)
+    w_ok = v_ok[:, None] & (offs_d < D)[None, :]
+    tl.store(GW + offs_v[:, None] * D + offs_d[None, :], acc_w.to(GW.dtype.element_ty), mask=w_ok)
+    if HAS_BIAS:
+        tl.store(GB + offs_v, acc_b, mask=v_ok)
+
+
+def _blocks(block_d: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_V, num_warps): full-d tiles of h and w stay register/shared-memory sized."""
+    if interpret:
+        return 32, 128, 1
+    if block_d <= 128:
+        return 64, 128, 4
+    if block_d <= 256:
+        return 64, 64, 8
+    if block_d <= 512:
+        return 32, 32, 8
+    return 16, 16, 8
+
+
+def _v_split(m_blocks: int, V: int, block_v: int, device: torch.device, n_split: int | None) -> tuple[int, int]:
+    """(number of V-splits, columns per split, a multiple of BLOCK_V) so the grid fills the device."""
+    v_blocks = triton.cdiv(V, block_v)
+    if n_split is None:
+        n_split = triton.cdiv(4 * sm_count(device), m_blocks) if device.type == "cuda" else 1
+    n_split = max(1, min(n_split, v_blocks))
+    per_split = triton.cdiv(v_blocks, n_split) * block_v
+    return triton.cdiv(V, per_split), per_split
+
+
+class CatalogCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        target: torch.Tensor, ignore_index: int, reduction: str, relu: bool, n_split: int | None,
+    ) -> torch.Tensor:
+        from kernels.triton.common import INTERPRET
+
+        M, D = h.shape
+        V = weight.shape[0]
+        h, weight, target = h.contiguous(), weight.contiguous(), target.contiguous()
+        bias_arg = weight if bias is None else bias.contiguous()
+        block_d = max(16, next_pow2(D))
+        block_m, block_v, num_warps = _blocks(block_d, INTERPRET)
+        cast, precision = dot_config(h.dtype)
+        meta = {
+            "HAS_BIAS": bias is not None, "RELU": relu, "BLOCK_M": block_m, "BLOCK_V": block_v,
+            "BLOCK_D": block_d, "CAST_FP32": cast, "PRECISION": precision, "num_warps": num_warps,
+        }
+        m_blocks = triton.cdiv(M, block_m)
+        splits, per_split = _v_split(m_blocks, V, block_v, h.device, n_split)
+        lse_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
+        zt_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
+        if M > 0:
+            _ce_fwd_kernel[(m_blocks, splits)](h, weight, bias_arg, target, lse_p, zt_p, M, V, D, per_split, **meta)
+        lse = lse_p[0] if splits == 1 else torch.logsumexp(lse_p, dim=0)
+        valid = target != ignore_index
+        losses = torch.where(valid, lse - zt_p.sum(0), 0.0)  # [M] fp32
+        n_valid = valid.sum()
+        if reduction == "mean":
+            loss = losses.sum() / n_valid  # NaN when every row is ignored, as F.cross_entropy
+        elif reduction == "sum":
+            loss = losses.sum()
+        else:
+            loss = losses
+        ctx.save_for_backward(h, weight, bias, target, lse, valid, n_valid)
+        ctx.meta, ctx.reduction, ctx.n_split = meta, reduction, n_split
+        return loss.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight, bias, target, lse, valid, n_valid = ctx.saved_tensors
+        meta = ctx.meta
+        M, D = h.shape
+        V = weight.shape[0]
+        g = grad_out.float()
+        if ctx.reduction == "mean":
+            g = g / n_valid.clamp(min=1)
+        gscale = torch.where(valid, g.expand(M), 0.0).contiguous()  # dL/dloss_m, 0 on ignored rows
+        bias_arg = weight if bias is None else bias
+        block_m, block_v = meta["BLOCK_M"], meta["BLOCK_V"]
+        m_blocks = triton.cdiv(M, block_m)
+        splits, per_split = _v_split(m_blocks, V, block_v, h.device, ctx.n_split)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = gw = gb = None
+        if need_h:
+            gh_p = torch.zeros(splits, M, D, device=h.device, dtype=torch.float32)
+            if M > 0:
+                _ce_bwd_h_kernel[(m_blocks, splits)](h, weight, bias_arg, target, lse, gscale, gh_p, M, V, D,
+                                                     per_split, **meta)
+            gh = (gh_p[0] if splits == 1 else gh_p.sum(0)).to(h.dtype)
+        if need_w or need_b:
+            gw = torch.zeros_like(weight)
+            gb = torch.zeros(V, device=h.device, dtype=torch.float32)
+            if M > 0:
+                _ce_bwd_w_kernel[(triton.cdiv(V, block_v),)](h, weight, bias_arg, target, lse, gscale, gw, gb,
+                                                            M, V, D, **meta)
+            gw = gw if need_w else None
+            gb = gb.to(bias.dtype) if need_b else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def triton_catalog_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    ignore_index: int = -100, reduction: str = "mean", relu: bool = False, n_split: int | None = None,
+) -> torch.Tensor:
+    """Triton catalogue cross-entropy; ``n_split`` (default: fill the device) splits V across programs."""
+    return CatalogCrossEntropyFunction.apply(h, weight, bias, target, ignore_index, reduction, relu, n_split)
