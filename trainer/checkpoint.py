@@ -18,7 +18,7 @@ from trainer.config import ModelConfig
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
 CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.")
 # Model settings that must match for the weights to mean the same thing.
-ARCHITECTURE_KEYS = ("d", "item_encoder", "image_backbone", "user_layers", "user_heads", "max_len", "side_features")
+ARCHITECTURE_KEYS = ("d", "item_encoder", "user_encoder", "image_backbone", "user_layers", "user_heads", "max_len", "side_features")
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

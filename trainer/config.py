@@ -23,11 +23,13 @@ class ModelConfig:
     image_weights: str | None = None  # local weights for the image backbone
     image_size: int = 64
     max_tokens: int = 64
+    user_encoder: str = "transformer"  # "transformer" (TransRec/IDRec), "gru" (GRU4Rec), "nextitnet" (NextItNet)
     user_layers: int = 4
     user_heads: int = 4
     max_len: int = 25  # positions of the user encoder (window length)
     dropout: float = 0.1
     stage1_relu: bool = False  # the paper's ReLU before the catalogue softmax (Eq. 7)
+    frozen_towers: bool = False  # frozen mode: towers (incl. pooling and MLPs) never train; features cached once
     side_features: bool = False  # concatenate user / item side features, then project back to d
     activation_checkpointing: bool = False
     kernels: str = "auto"  # "auto" | "triton" | "torch" for every fused op
@@ -37,6 +39,8 @@ class ModelConfig:
             raise ValueError(f"d={self.d} must be divisible by user_heads={self.user_heads}")
         if self.item_encoder not in ("content", "id"):
             raise ValueError("item_encoder must be 'content' or 'id'")
+        if self.user_encoder not in ("transformer", "gru", "nextitnet"):
+            raise ValueError("user_encoder must be transformer, gru or nextitnet")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
         if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:

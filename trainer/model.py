@@ -72,6 +72,17 @@ class UserEncoder(nn.Module):
         return h
 
 
+def build_user_encoder(cfg: ModelConfig) -> nn.Module:
+    """Registry of sequence encoders; each maps (item vectors [B, L, d], mask [B, L]) -> causal states [B, L, d]."""
+    if cfg.user_encoder == "transformer":
+        return UserEncoder(cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing)
+    from trainer import baselines
+
+    if cfg.user_encoder == "gru":
+        return baselines.GRUEncoder(cfg.d, cfg.user_layers, cfg.dropout)
+    return baselines.NextItNetEncoder(cfg.d, cfg.user_layers, cfg.dropout)
+
+
 class FeatureEmbedding(nn.Module):
     """Categorical side features (several values per feature allowed, 0 = unknown) -> one vector."""
 
@@ -105,8 +116,7 @@ class TransRec(nn.Module):
         for tower in self.towers.values():  # small initial item vectors keep the first scores moderate
             nn.init.normal_(tower.proj[-1].weight, std=0.02)
             nn.init.zeros_(tower.proj[-1].bias)
-        self.user_encoder = UserEncoder(d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout,
-                                        cfg.activation_checkpointing)
+        self.user_encoder = build_user_encoder(cfg)
         # Stage-1 head W^U [V, d] + b: catalogue-specific, never exported.
         self.head = nn.Linear(d, num_items)
         nn.init.normal_(self.head.weight, std=0.02)

@@ -122,6 +122,9 @@ class Trainer:
         trainable = {"text": 0, "image": 0} if stage == 1 else {"text": sc.text_trainable, "image": sc.image_trainable}
         for name, tower in self.model.towers.items():
             tower.set_trainable(trainable[name])
+            if self.cfg.model.frozen_towers:
+                tower.set_trainable(0)
+                tower.requires_grad_(False)
         self.model.head.requires_grad_(stage == 1)
         self.model.cache = None
         if self.model.towers:
@@ -340,6 +343,12 @@ class Trainer:
         self.log_scalars({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, self.global_step + epoch)
         LOG.info(f"stage {stage} epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k))
         record = {"stage": stage, "epoch": epoch, "valid": metrics}
+        if self.rank == 0:
+            curve = self.run_dir / "valid_curve.csv"
+            keys = [k for k in metrics if "@" in k]
+            with open(curve, "a") as f:
+                f.write("" if curve.exists() and curve.stat().st_size else "stage,epoch," + ",".join(keys) + "\n")
+                f.write(f"{stage},{epoch}," + ",".join(f"{metrics[k]:.6f}" for k in keys) + "\n")
         if stage_best is None or metrics["ndcg@10"] > stage_best["valid"]["ndcg@10"]:
             stage_best, stale = record, 0
             if self.rank == 0:
