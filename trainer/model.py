@@ -48,6 +48,7 @@ class UserEncoder(nn.Module):
         super().__init__()
         self.max_len = max_len
         self.pos = nn.Embedding(max_len, d)
+        nn.init.normal_(self.pos.weight, std=0.02)  # BERT init: positions must not drown the item vectors
         self.ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(UserBlock(d, heads, dropout) for _ in range(layers))
