@@ -132,7 +132,7 @@ def preset(name: str) -> RunConfig:
         # learning rates than the paper for the short schedule.
         return RunConfig(
             model=ModelConfig(d=256, image_size=64, max_tokens=32, user_layers=2, user_heads=4, max_len=25),
-            stage1=StageConfig(epochs=8, lr=1e-3, micro_batch=256, warmup_steps=20, stride=25),
+            stage1=StageConfig(epochs=10, lr=1e-3, micro_batch=128, warmup_steps=20, stride=25),
             stage2=StageConfig(epochs=1, lr=3e-4, tower_lr=3e-5, micro_batch=128, text_trainable=1, image_trainable=1,
                                n_history=20, n_continuation=5, negatives=256, stride=25, warmup_steps=10),
             preset=name,

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Every GPU check in one go (about 8 minutes on one H100), for a machine whose own torch / triton stay as
+# they are and that reaches no package registry. Needs, beside the repository:
+#   .whl/            wheels of deepspeed, pydantic(+core, annotated-types, typing-inspection), hjson,
+#                    webdataset, braceexpand (see bench/README.md for the download commands)
+#   .gpu/tokenizer/  the all-MiniLM-L6-v2 tokenizer files (vocab.txt, tokenizer*.json, config.json)
+# Steps: install; then, side by side (correctness only, no timings): the kernel tests on CUDA, the decoder
+# tests on CUDA, and a tiny two-stage training run on CUDA; then, one after the other (timings): the kernel
+# benches at paper scale and bench/throughput.py at the paper preset. Results land in ${OUT:-bench/results}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-bench/results}"
+WORK=/tmp/gpu_work
+mkdir -p "$OUT_DIR" "$WORK"
+PY="$(command -v python3)"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TRANSREC_TOKENIZER_DIR="$PWD/.gpu/tokenizer"
+SUMMARY="$OUT_DIR/gpu_summary.log"
+T0=$SECONDS
+log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$SUMMARY"; }
+
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
+export PYTHONPATH="/tmp/site:$PWD"
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || log "editable install failed (PYTHONPATH has the repo)"
+"$PY" -c "import torch, triton, deepspeed, webdataset; print('torch', torch.__version__, 'triton', triton.__version__, \
+'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$SUMMARY"
+
+log "building MovieLens shards"
+timeout 120 "$PY" -m data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed \
+  --out "$WORK/ml" --max-tokens 32 >"$WORK/build.log" 2>&1 || log "shard build FAILED: $(tail -3 "$WORK/build.log")"
+
+# -- correctness, side by side ---------------------------------------------------------------------------------
+pids=()
+(timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_pool.py tests/test_cpc_loss.py \
+  tests/test_catalog_cross_entropy.py >"$WORK/kernel_tests.log" 2>&1; echo "rc=$?" >>"$WORK/kernel_tests.log") &
+pids+=($!)
+(timeout 200 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_decode.py >"$WORK/decode_tests.log" 2>&1; \
+  echo "rc=$?" >>"$WORK/decode_tests.log") &
+pids+=($!)
+(timeout 200 "$PY" trainer/main.py --preset tiny --text-encoder bert-base-random-init --shards "$WORK/ml" \
+  --run-dir "$WORK/run_tiny" --ds_config ds_configs/zero2_bf16.json --set model.image_size=64 >"$WORK/train_tiny.log" 2>&1; \
+  echo "rc=$?" >>"$WORK/train_tiny.log") &
+pids+=($!)
+for p in "${pids[@]}"; do wait "$p"; done
+for f in kernel_tests decode_tests train_tiny; do
+  log "--- $f"
+  grep -aE "tests run on|passed|failed|FAILED|Error|rc=|after stage|popularity|CUDA" "$WORK/$f.log" | tail -n 25 | tee -a "$SUMMARY"
+done
+cp "$WORK/run_tiny/metrics.json" "$OUT_DIR/gpu_train_tiny_metrics.json" 2>/dev/null
+
+# -- timings, one after the other ----------------------------------------------------------------------------
+CSV="$OUT_DIR/kernels_gpu.csv"
+rm -f "$CSV"
+for op in attention_pool cpc_loss catalog_cross_entropy; do
+  log "bench $op"
+  timeout 60 "$PY" bench/bench_$op.py --scale paper --csv "$CSV" --budget-s 35 >"$WORK/bench_$op.log" 2>&1 \
+    || log "bench $op stopped (rc=$?); rows measured so far are kept"
+done
+[ -s "$CSV" ] && "$PY" bench/kernel_bench_common.py --table "$CSV" --md "$OUT_DIR/kernels_gpu.md" | tee -a "$SUMMARY"
+
+if [ -f bench/gpu_throughput.sh ]; then
+  log "throughput (paper preset)"
+  SHARDS="$WORK/ml" OUT="$OUT_DIR" timeout 200 bash bench/gpu_throughput.sh >"$WORK/throughput.log" 2>&1 \
+    || log "throughput stopped (rc=$?)"
+  tail -n 40 "$WORK/throughput.log" | tee -a "$SUMMARY"
+fi
+tar czf "$OUT_DIR/gpu_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null
+log "done"
