@@ -210,3 +210,19 @@ def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path,
     monkeypatch.setattr(trainer.model, "stage1_loss", lambda batch: original(batch) * float("nan"))
     with pytest.raises(TrainingDiverged, match="loss is nan.*last good checkpoint"):
         trainer.run()
+
+
+@pytest.mark.parametrize("ds_config", ["zero3.json", "zero3_offload.json"])
+def test_zero3_one_step_save_and_load(ds_config, ml_shards, tiny_bert_dir, tmp_path):
+    """ZeRO-3 (and ZeRO-3 with CPU offload): one training step, a checkpoint, and a resume that loads it."""
+    run = tmp_path / "z3"
+    _run_main([*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir", str(run),
+               "--ds_config", str(REPO / "ds_configs" / ds_config), "--stage", "1", "--set", "stage1.max_steps=1",
+               "save_every_steps=1"])
+    first = json.loads((run / "metrics.json").read_text())
+    point = json.loads((run / "resume.json").read_text())
+    assert any((run / "checkpoints" / point["tag"]).glob("zero_pp_rank_0_*model_states.pt"))
+    (run / "metrics.json").unlink()
+    out = _run_main(["--resume", str(run)])
+    assert "resumed stage 1" in out.stdout
+    assert json.loads((run / "metrics.json").read_text())["test"] == first["test"]

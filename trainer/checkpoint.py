@@ -6,6 +6,7 @@ into a run on another catalogue. Loading uses safetensors and JSON only: nothing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -17,19 +18,27 @@ from trainer.config import ModelConfig
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
 CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.")
+# Side-feature modules are built on one domain's feature vocabularies: never carried to another run, so a source
+# without side features transfers into a target with them (and back); the target creates its own.
+DOMAIN_SPECIFIC = CATALOGUE_SPECIFIC + ("user_features.", "user_side_proj.")
 # Model settings that must match for the weights to mean the same thing.
-ARCHITECTURE_KEYS = ("d", "item_encoder", "user_encoder", "image_backbone", "user_layers", "user_heads", "max_len", "side_features")
+ARCHITECTURE_KEYS = ("d", "item_encoder", "user_encoder", "image_backbone", "user_layers", "user_heads", "max_len")
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None = None) -> Path:
+def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None = None, write: bool = True) -> Path:
+    """Every rank calls this (ZeRO-3 gathers); only `write` ranks write."""
     out_dir = Path(out_dir)
+    with gathered(model):
+        state = _contiguous(model.export_state()) if write else None
+    if not write:
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(model.export_state()), str(tmp / "model.safetensors"))
+    save_file(state, str(tmp / "model.safetensors"))
     meta = {"model": dataclasses.asdict(model_cfg), "format": "transrec-export-1", **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
     if out_dir.exists():
@@ -58,30 +67,48 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print) -> d
     own = model.state_dict()
     loaded, mismatched = [], []
     for k, v in state.items():
+        if k.startswith(DOMAIN_SPECIFIC):
+            continue
         if k not in own:
             mismatched.append(f"{k} (not in this model)")
         elif own[k].shape != v.shape:
             mismatched.append(f"{k} (export {tuple(v.shape)} vs model {tuple(own[k].shape)})")
         else:
             loaded.append(k)
-    created = [k for k in own if k not in state]
-    unexpected_new = [k for k in created if not k.startswith(CATALOGUE_SPECIFIC)]
+    created = [k for k in own if k not in loaded]
+    unexpected_new = [k for k in created if not k.startswith(DOMAIN_SPECIFIC)]
     if mismatched or unexpected_new:
         raise ValueError(f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
                          f"{len(unexpected_new)} tensors missing from the export {unexpected_new[:5]}")
-    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    with gathered(model, modifier_rank=0):
+        model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     log(f"init-from {export_dir}: loaded {len(loaded)} tensors; newly created (catalogue-specific) {len(created)}: "
         f"{sorted({k.split('.')[0] for k in created})}; mismatched 0")
     return {"loaded": loaded, "created": created, "mismatched": mismatched}
 
 
-def save_model_state(model, path: Path) -> None:
+def gathered(model, modifier_rank: int | None = None):
+    """Full parameters inside the block under ZeRO-3 (a collective: every rank enters); a no-op otherwise."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+def save_model_state(model, path: Path, write: bool = True) -> None:
+    """Every rank calls this (ZeRO-3 gathers); only `write` ranks write the file."""
     path = Path(path)
-    tmp = path.with_suffix(".partial")
-    save_file(_contiguous(model.state_dict()), str(tmp))
-    tmp.replace(path)
+    with gathered(model):
+        state = _contiguous(model.state_dict()) if write else None
+    if write:
+        tmp = path.with_suffix(".partial")
+        save_file(state, str(tmp))
+        tmp.replace(path)
 
 
 def load_model_state(model, path: Path) -> None:
     state = load_file(str(path))
-    model.load_state_dict(state, strict=True)
+    with gathered(model, modifier_rank=0):
+        model.load_state_dict(state, strict=True)

@@ -57,6 +57,8 @@ class FeatureCache:
             if name not in covered:
                 continue
             items = np.flatnonzero(modality == m)
+            if len(items) == 0:  # no item routed to this tower (single-modality shards)
+                continue
             rows[torch.from_numpy(items)] = torch.arange(len(items))
             outs, masks = [], []
             tower = towers[name]

@@ -28,8 +28,9 @@ from trainer.config import RunConfig, apply_overrides, preset  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default="ds_configs/zero2.json",
-                   help="DeepSpeed engine config (ZeRO stage, bf16, communication only)")
+    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=None,
+                   help="DeepSpeed engine config (ZeRO stage, bf16, communication only); default "
+                        "ds_configs/zero2.json, or with --resume the run's own ds_config.json")
     p.add_argument("--shards", default=None, help="shard folder from data_shards.build")
     p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "paper", "tiny"])
     p.add_argument("--stage", default=None, choices=["1", "2", "all"], help="1, 2 or all (default: all)")
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not point_file.exists():
             raise SystemExit(f"error: {point_file} not found: the run saved no checkpoint yet; start it again")
         resume_point = json.loads(point_file.read_text())
-    trainer = Trainer(cfg, args.ds_config, resume_state=resume_point["state"] if resume_point else None)
+    ds_config = args.ds_config or (str(Path(cfg.resume) / "ds_config.json") if cfg.resume else "ds_configs/zero2.json")
+    trainer = Trainer(cfg, ds_config, resume_state=resume_point["state"] if resume_point else None)
     return trainer.run(resume_point)
 
 

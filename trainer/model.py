@@ -94,7 +94,9 @@ class FeatureEmbedding(nn.Module):
         self.out_dim = dim * len(self.names)
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([self.tables[n](feats[n]) for n in self.names], dim=-1)
+        """feats[name]: [N, k] value ids (a bag per row) or [N] (one value per row) -> [N, out_dim]."""
+        bags = [feats[n] if feats[n].dim() == 2 else feats[n][:, None] for n in self.names]
+        return torch.cat([self.tables[n](b) for n, b in zip(self.names, bags)], dim=-1)
 
 
 class TransRec(nn.Module):

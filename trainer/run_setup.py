@@ -115,6 +115,7 @@ def write_run_record(run_dir: Path, cfg: RunConfig, ds_config: dict, extra: dict
     record = {"config": to_dict(cfg), "ds_config": ds_config, "git_hash": git_hash(), "argv": sys.argv,
               "torch": torch.__version__, "cuda": torch.cuda.is_available(), **extra}
     (run_dir / "run_config.json").write_text(json.dumps(record, indent=1, default=str))
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))  # what --resume uses
 
 
 def peak_memory_gib(device: torch.device) -> float:

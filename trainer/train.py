@@ -19,7 +19,7 @@ import kernels
 from data_shards.loader import LoaderConfig, make_train_loader
 from data_shards.shard_io import ItemStore, load_manifest, read_sequences
 from trainer import evaluate as ev
-from trainer.checkpoint import load_export, load_model_state, save_export, save_model_state
+from trainer.checkpoint import gathered, load_export, load_model_state, save_export, save_model_state
 from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache
 from trainer.model import TransRec, count_parameters
@@ -129,9 +129,10 @@ class Trainer:
         self.model.cache = None
         if self.model.towers:
             t0 = time.time()
-            self.model.cache = FeatureCache.build(
-                self.model, self.store, self.modality, self.image_decoder(), self.cfg.model.max_tokens, self.device,
-                chunk=self.cfg.eval.item_batch, show_progress=self.rank == 0)
+            with gathered(self.model):  # ZeRO-3: lower blocks read outside the engine need full weights
+                self.model.cache = FeatureCache.build(
+                    self.model, self.store, self.modality, self.image_decoder(), self.cfg.model.max_tokens, self.device,
+                    chunk=self.cfg.eval.item_batch, show_progress=self.rank == 0)
             if self.model.cache is not None:
                 LOG.info(f"stage {stage}: cached frozen lower blocks of {sorted(self.model.cache._covered)} "
                          f"({self.model.cache.nbytes() / 2**20:.0f} MiB) in {time.time() - t0:.1f} s")
@@ -174,6 +175,11 @@ class Trainer:
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         ds = fill_ds_config(self.ds_base, sc, self.world)
+        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            # The stage-1 head's weights are read directly in TransRec.forward (the fused loss), not by a forward
+            # of their own module: ZeRO-3 must gather them with the parent's.
+            for p in self.model.head.parameters():
+                deepspeed.zero.register_external_parameter(self.model, p)
         engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched, config=ds)
         return engine
 
@@ -204,6 +210,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str, stage: int) -> np.ndarray:
+        with gathered(self.model):  # ZeRO-3: evaluation reads weights outside module forwards
+            return self._evaluate(split, stage)
+
+    def _evaluate(self, split: str, stage: int) -> np.ndarray:
         self.model.eval()
         data = self.valid_users if split == "valid" else self.test_users
         iv = self.item_vectors()
@@ -351,8 +361,7 @@ class Trainer:
                 f.write(f"{stage},{epoch}," + ",".join(f"{metrics[k]:.6f}" for k in keys) + "\n")
         if stage_best is None or metrics["ndcg@10"] > stage_best["valid"]["ndcg@10"]:
             stage_best, stale = record, 0
-            if self.rank == 0:
-                save_model_state(self.model, self.run_dir / f"best_stage{stage}.safetensors")
+            save_model_state(self.model, self.run_dir / f"best_stage{stage}.safetensors", write=self.rank == 0)
             self.state["stage_best"][str(stage)] = record
         else:
             stale += 1
@@ -411,13 +420,14 @@ class Trainer:
         pop_valid = ev.popularity_ranks(self.sequences, self.num_items, self.valid_users, "valid", self.cfg.eval.exclude_seen)
         pop_test = ev.popularity_ranks(self.sequences, self.num_items, self.test_users, "test", self.cfg.eval.exclude_seen)
         test_ranks = np.load(self.run_dir / f"test_ranks_stage{best_stage}.npy") if self.rank == 0 else None
+        save_export(self.model, self.cfg.model, self.run_dir / "export",
+                    {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"]},
+                    write=self.rank == 0)
         result = None
         if self.rank == 0:
             self.write_ranks("test_ranks", self.test_users, test_ranks)
             self.write_ranks("test_ranks_popularity", self.test_users, pop_test)
             result = self.report(best_stage, test_ranks, pop_valid, pop_test)
-            save_export(self.model, self.cfg.model, self.run_dir / "export",
-                        {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"]})
             LOG.info(f"export written to {self.run_dir / 'export'}; run directory: {self.run_dir}")
             self.writer.close()
         _barrier()
