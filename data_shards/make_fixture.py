@@ -65,8 +65,15 @@ def make_fixture(source: Path, out: Path, *, seed: int = 0, customers: int = 200
             (tmp / "images" / a[:3]).mkdir(exist_ok=True)
             shutil.copyfile(src, tmp / "images" / a[:3] / f"{a}.jpg")
     (tmp / "PROVENANCE.md").write_text(
-        PROVENANCE.format(seed=seed, customers=customers, n_customers=len(chosen), lo=lo, hi=hi,
-                          n_tx=len(kept), n_articles=len(articles))
+        PROVENANCE.format(
+            seed=seed,
+            customers=customers,
+            n_customers=len(chosen),
+            lo=lo,
+            hi=hi,
+            n_tx=len(kept),
+            n_articles=len(articles),
+        )
     )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

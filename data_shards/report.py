@@ -43,7 +43,8 @@ def statistics_table(manifest: dict) -> str:
     lines += [f"| {r[0]:<18} | {r[1]!s:>7} | {r[2]!s:>7} | {r[3]!s:>12} |" for r in rows]
     pol = manifest["policies"]
     lines.append(
-        f"evaluated users: {manifest['num_users_evaluated']} (below {pol['min_interactions']} interactions, train-only: "
+        f"evaluated users: {manifest['num_users_evaluated']} "
+        f"(below {pol['min_interactions']} interactions, train-only: "
         f"{pol['users_below_min']}); duplicate interactions: {pol['duplicate_interactions']} "
         f"(--dedup {pol['dedup']}, removed {pol['duplicates_removed']}); modality fallbacks: "
         f"{manifest['modality_fallbacks']['count']}"

@@ -91,7 +91,9 @@ def read_sequences(shard_dir: Path | str) -> list[dict]:
                     out.append(json.loads(tar.extractfile(member).read()))
     out.sort(key=lambda s: s["user"])
     if [s["user"] for s in out] != list(range(manifest["num_users"])):
-        raise ValueError(f"sequence shards in {shard_dir} do not hold users 0..{manifest['num_users'] - 1}: rebuild them")
+        raise ValueError(
+            f"sequence shards in {shard_dir} do not hold users 0..{manifest['num_users'] - 1}: rebuild them"
+        )
     return out
 
 
@@ -129,7 +131,9 @@ class ItemStore:
         rec = self.index[item]
         size = int(rec["jpg_size"])
         if size == 0:
-            raise KeyError(f"item {item} has no image in {self.shard_dir} (its modality is {MODALITIES[rec['modality']]})")
+            raise KeyError(
+                f"item {item} has no image in {self.shard_dir} (its modality is {MODALITIES[rec['modality']]})"
+            )
         start = int(rec["jpg_offset"])
         return bytes(self._shard(int(rec["shard"]))[start : start + size])
 

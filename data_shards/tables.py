@@ -108,8 +108,7 @@ def _read_csv(path: Path):
         raise FileNotFoundError(f"{path} not found: check --source (and the dataset layout in data_shards/README)")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        for i, row in enumerate(reader, start=1):
-            yield i, row
+        yield from enumerate(reader, start=1)
 
 
 def _parse_time(value: str) -> float:
@@ -127,7 +126,9 @@ def _parse_time(value: str) -> float:
     return t
 
 
-def read_interactions(path: Path, user_col: str, item_col: str, time_col: str | None, problems: Problems) -> list[Interaction]:
+def read_interactions(
+    path: Path, user_col: str, item_col: str, time_col: str | None, problems: Problems
+) -> list[Interaction]:
     """Interactions with parsed times; `time_col=None` means file order is the order (time = row)."""
     out = []
     for line, row in _read_csv(path):
@@ -163,7 +164,11 @@ def load_movielens(source: Path) -> RawDomain:
         genres = [g for g in (row.get("genres") or "").split("|") if g]
         items[raw] = ItemRecord(
             raw_id=raw,
-            fields={"title": row.get("title") or "", "genres": ", ".join(genres), "overview": row.get("overview") or ""},
+            fields={
+                "title": row.get("title") or "",
+                "genres": ", ".join(genres),
+                "overview": row.get("overview") or "",
+            },
             description=row.get("overview") or "",
             image_path=source / "posters" / f"{raw}.jpg",
             features={"genres": genres},
@@ -237,7 +242,9 @@ def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
     for line, row in _read_csv(source / cols.items):
         raw = (row.get(cols.item_id_col) or "").strip()
         if not raw:
-            problems.add("unparseable_row", file=cols.items, line=line, reason=f"empty {cols.item_id_col}", row=dict(row))
+            problems.add(
+                "unparseable_row", file=cols.items, line=line, reason=f"empty {cols.item_id_col}", row=dict(row)
+            )
             continue
         if raw in items:
             problems.add("duplicate_item_row", file=cols.items, line=line, item=raw)

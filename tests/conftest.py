@@ -33,8 +33,12 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=64), add_pooling_layer=False).save_pretrained(out)
+    BertModel(
+        BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(out)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         src = Path(minilm_path()) / name
         if src.exists():

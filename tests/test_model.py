@@ -34,8 +34,9 @@ def test_ranks_and_metrics_match_brute_force(exclude_seen):
     seen = [np.unique(rng.integers(0, n_items, size=rng.integers(1, 10))) for _ in range(n_users)]
     data = ev.EvalUsers(np.arange(n_users), np.zeros((n_users, 3), dtype=np.int64), targets, seen)
     table = torch.as_tensor(scores)
-    ranks = ev.rank_with_scores(lambda hist, users: table[torch.as_tensor(users)], n_items, data, exclude_seen,
-                                user_batch=7)
+    ranks = ev.rank_with_scores(
+        lambda hist, users: table[torch.as_tensor(users)], n_items, data, exclude_seen, user_batch=7
+    )
     expected = np.array([brute_force_rank(scores[u], targets[u], seen[u], exclude_seen) for u in range(n_users)])
     np.testing.assert_array_equal(ranks, expected)
     m = ev.metrics_from_ranks(ranks, ks=(5, 10))
@@ -71,8 +72,16 @@ def test_paired_bootstrap_hand_case():
 def small_model(ml_shards, tiny_bert_dir):
     torch.manual_seed(0)
     store = ItemStore(ml_shards)
-    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
-                      user_heads=2, max_len=8, dropout=0.0)
+    cfg = ModelConfig(
+        d=16,
+        text_encoder=str(tiny_bert_dir),
+        image_size=32,
+        max_tokens=16,
+        user_layers=2,
+        user_heads=2,
+        max_len=8,
+        dropout=0.0,
+    )
     model = TransRec(cfg, store.num_items, store.modality, {"text": -1, "image": -1}).eval()
     from data_shards.decode import ImageDecoder
 
@@ -104,8 +113,9 @@ def test_cached_lower_blocks_change_nothing(small_model):
         full = model.encode_items(torch.as_tensor(items), content)
         for tower in model.towers.values():
             tower.set_trainable(1)
-        model.cache = FeatureCache.build(model, store, store.modality, decoder, 16, torch.device("cpu"),
-                                         show_progress=False)
+        model.cache = FeatureCache.build(
+            model, store, store.modality, decoder, 16, torch.device("cpu"), show_progress=False
+        )
         cached = model.encode_items(torch.as_tensor(items), None)
     model.cache = None
     for tower in model.towers.values():
@@ -139,8 +149,7 @@ def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_
     calls = []
     original = model.user_vector
     monkeypatch.setattr(model, "user_vector", lambda *a, **k: calls.append(1) or original(*a, **k))
-    cfg = LoaderConfig(window=6, batch_size=4, min_len=3, num_negatives=8, decoder="pil", image_size=32,
-                       max_tokens=16)
+    cfg = LoaderConfig(window=6, batch_size=4, min_len=3, num_negatives=8, decoder="pil", image_size=32, max_tokens=16)
     batch = next(iter(make_train_loader(ml_shards, cfg)))
     loss = model.stage2_loss(batch, n_continuation=2)
     assert torch.isfinite(loss) and calls == [1]
@@ -168,7 +177,9 @@ def test_activation_checkpointing_lowers_saved_memory_at_equal_loss(small_model)
     for flag in (False, True):
         model.user_encoder.checkpointing = flag
         out = {}
-        out["bytes"] = _saved_activation_bytes(lambda: out.setdefault("loss", model.encode_sequence(vecs, mask).pow(2).mean()))
+        out["bytes"] = _saved_activation_bytes(
+            lambda: out.setdefault("loss", model.encode_sequence(vecs, mask).pow(2).mean())
+        )
         out["loss"].backward()
         out["grad"] = vecs.grad.clone()
         vecs.grad = None

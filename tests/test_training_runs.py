@@ -22,8 +22,12 @@ TINY = ["--preset", "tiny"]
 
 def _env() -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
+    )
     env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -38,8 +42,15 @@ def _run_main(args: list[str], ranks: int = 1, timeout: int = 300) -> subprocess
     if ranks == 1:
         cmd = [sys.executable, str(REPO / "trainer" / "main.py"), *args]
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-               str(_free_port()), str(REPO / "trainer" / "main.py"), *args]
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(_free_port()),
+            str(REPO / "trainer" / "main.py"),
+            *args,
+        ]
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"run failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
@@ -56,8 +67,19 @@ def source_run(tmp_path_factory, ml_shards, tiny_bert_dir) -> Path:
     from trainer.main import main
 
     run_dir = tmp_path_factory.mktemp("runs") / "source"
-    metrics = main([*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir", str(run_dir),
-                    "--ds_config", str(REPO / "ds_configs" / "zero2.json")])
+    metrics = main(
+        [
+            *TINY,
+            "--shards",
+            str(ml_shards),
+            "--text-encoder",
+            str(tiny_bert_dir),
+            "--run-dir",
+            str(run_dir),
+            "--ds_config",
+            str(REPO / "ds_configs" / "zero2.json"),
+        ]
+    )
     assert metrics is not None
     return run_dir
 
@@ -84,7 +106,9 @@ def test_stage2_changes_trainable_tower_parameters(source_run):
     s2 = load_file(str(source_run / "best_stage2.safetensors"))
     top_text = [k for k in s1 if k.startswith("towers.text.bert.encoder.layer.1.")]  # tiny BERT: 2 layers, top 1 trains
     low_text = [k for k in s1 if k.startswith("towers.text.bert.encoder.layer.0.")]
-    top_image = [k for k in s1 if k.startswith("towers.image.blocks.4.") and "running" not in k and "num_batches" not in k]
+    top_image = [
+        k for k in s1 if k.startswith("towers.image.blocks.4.") and "running" not in k and "num_batches" not in k
+    ]
     assert top_text and low_text and top_image
     assert any(not torch.equal(s1[k], s2[k]) for k in top_text)
     assert any(not torch.equal(s1[k], s2[k]) for k in top_image)
@@ -100,8 +124,12 @@ def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir,
 
     def build(init: bool) -> Trainer:
         cfg = preset("tiny")
-        overrides = [f"data.shards={hm_shards}", f"model.text_encoder={tiny_bert_dir}",
-                     f"run_dir={tmp_path / ('t' if init else 's')}", "seed=1"]
+        overrides = [
+            f"data.shards={hm_shards}",
+            f"model.text_encoder={tiny_bert_dir}",
+            f"run_dir={tmp_path / ('t' if init else 's')}",
+            "seed=1",
+        ]
         if init:
             overrides.append(f"init_from={source_run / 'export'}")
         return Trainer(apply_overrides(cfg, overrides), str(REPO / "ds_configs" / "zero2.json"))
@@ -111,8 +139,12 @@ def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir,
     assert t_state["head.weight"].shape[0] == transfer.num_items != 1682  # a new catalogue with its own head
     for k, v in exported.items():
         torch.testing.assert_close(t_state[k], v, rtol=0, atol=0)
-    differ = [k for k in exported if k.startswith(("user_encoder.", "towers.text.pool.", "towers.image.blocks."))
-              and not torch.equal(s_state[k], exported[k])]
+    differ = [
+        k
+        for k in exported
+        if k.startswith(("user_encoder.", "towers.text.pool.", "towers.image.blocks."))
+        and not torch.equal(s_state[k], exported[k])
+    ]
     assert differ, "scratch and transfer models should start from different weights"
 
 
@@ -120,23 +152,49 @@ def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_
     from trainer.config import apply_overrides, preset
     from trainer.train import Trainer
 
-    cfg = apply_overrides(preset("tiny"), [f"data.shards={hm_shards}", f"model.text_encoder={tiny_bert_dir}",
-                                           f"run_dir={tmp_path}", f"init_from={source_run / 'export'}", "model.d=48"])
+    cfg = apply_overrides(
+        preset("tiny"),
+        [
+            f"data.shards={hm_shards}",
+            f"model.text_encoder={tiny_bert_dir}",
+            f"run_dir={tmp_path}",
+            f"init_from={source_run / 'export'}",
+            "model.d=48",
+        ],
+    )
     with pytest.raises(ValueError, match="architecture differs"):
         Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
 
 
-COMPARE = ["--stage", "1", "--set", "stage1.max_steps=4", "stage1.min_window=9", "stage1.stride=100",
-           "stage1.epochs=1", "save_every_steps=1000", "eval.patience=0"]
+COMPARE = [
+    "--stage",
+    "1",
+    "--set",
+    "stage1.max_steps=4",
+    "stage1.min_window=9",
+    "stage1.stride=100",
+    "stage1.epochs=1",
+    "save_every_steps=1000",
+    "eval.patience=0",
+]
 
 
 def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
-    common = [*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--ds_config",
-              str(REPO / "ds_configs" / "zero2.json")]
+    common = [
+        *TINY,
+        "--shards",
+        str(ml_shards),
+        "--text-encoder",
+        str(tiny_bert_dir),
+        "--ds_config",
+        str(REPO / "ds_configs" / "zero2.json"),
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     _run_main([*common, "--run-dir", str(one), *COMPARE, "stage1.micro_batch=8", "stage1.grad_accum=2", "log_every=2"])
-    _run_main([*common, "--run-dir", str(two), *COMPARE, "stage1.micro_batch=8", "stage1.grad_accum=1", "log_every=1"],
-              ranks=2)
+    _run_main(
+        [*common, "--run-dir", str(two), *COMPARE, "stage1.micro_batch=8", "stage1.grad_accum=1", "log_every=1"],
+        ranks=2,
+    )
     a, b = _losses(one, 1), _losses(two, 1)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (_, la), (_, lb) in zip(a, b):
@@ -149,13 +207,28 @@ def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
 
 
 def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir, tmp_path):
-    common = [*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--ds_config",
-              str(REPO / "ds_configs" / "zero2.json"), "--set", "save_every_steps=2", "stage1.max_steps=8",
-              "stage2.max_steps=4"]
+    common = [
+        *TINY,
+        "--shards",
+        str(ml_shards),
+        "--text-encoder",
+        str(tiny_bert_dir),
+        "--ds_config",
+        str(REPO / "ds_configs" / "zero2.json"),
+        "--set",
+        "save_every_steps=2",
+        "stage1.max_steps=8",
+        "stage2.max_steps=4",
+    ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _run_main([*common, "--run-dir", str(straight)])
-    proc = subprocess.Popen([sys.executable, str(REPO / "trainer" / "main.py"), *common, "--run-dir", str(killed)],
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "trainer" / "main.py"), *common, "--run-dir", str(killed)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     point = killed / "resume.json"
     while time.time() < deadline:
@@ -191,11 +264,23 @@ def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_s
     bad.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ValueError, match="train_batch_size.*come from the trainer"):
         load_ds_config(str(bad))
-    out = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--shards", str(tmp_path / "none")],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "trainer" / "main.py"), "--shards", str(tmp_path / "none")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "no shards at" in out.stderr and "data_shards.build" in out.stderr
-    out = subprocess.run([sys.executable, str(REPO / "trainer" / "main.py"), "--shards", str(ml_shards), "--set",
-                          "model.kernels=fast"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "trainer" / "main.py"), "--shards", str(ml_shards), "--set", "model.kernels=fast"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "kernels must be auto, triton or torch" in out.stderr
 
 
@@ -203,8 +288,16 @@ def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path,
     from trainer.config import apply_overrides, preset
     from trainer.train import Trainer, TrainingDiverged
 
-    cfg = apply_overrides(preset("tiny"), [f"data.shards={ml_shards}", f"model.text_encoder={tiny_bert_dir}",
-                                           f"run_dir={tmp_path}", "stages=1", "log_every=1"])
+    cfg = apply_overrides(
+        preset("tiny"),
+        [
+            f"data.shards={ml_shards}",
+            f"model.text_encoder={tiny_bert_dir}",
+            f"run_dir={tmp_path}",
+            "stages=1",
+            "log_every=1",
+        ],
+    )
     trainer = Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
     original = trainer.model.stage1_loss
     monkeypatch.setattr(trainer.model, "stage1_loss", lambda batch: original(batch) * float("nan"))
@@ -216,9 +309,24 @@ def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path,
 def test_zero3_one_step_save_and_load(ds_config, ml_shards, tiny_bert_dir, tmp_path):
     """ZeRO-3 (and ZeRO-3 with CPU offload): one training step, a checkpoint, and a resume that loads it."""
     run = tmp_path / "z3"
-    _run_main([*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir", str(run),
-               "--ds_config", str(REPO / "ds_configs" / ds_config), "--stage", "1", "--set", "stage1.max_steps=1",
-               "save_every_steps=1"])
+    _run_main(
+        [
+            *TINY,
+            "--shards",
+            str(ml_shards),
+            "--text-encoder",
+            str(tiny_bert_dir),
+            "--run-dir",
+            str(run),
+            "--ds_config",
+            str(REPO / "ds_configs" / ds_config),
+            "--stage",
+            "1",
+            "--set",
+            "stage1.max_steps=1",
+            "save_every_steps=1",
+        ]
+    )
     first = json.loads((run / "metrics.json").read_text())
     point = json.loads((run / "resume.json").read_text())
     assert any((run / "checkpoints" / point["tag"]).glob("zero_pp_rank_0_*model_states.pt"))

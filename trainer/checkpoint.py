@@ -61,8 +61,10 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print) -> d
     src = meta["model"]
     diffs = {k: (src.get(k), getattr(model_cfg, k)) for k in ARCHITECTURE_KEYS if src.get(k) != getattr(model_cfg, k)}
     if diffs:
-        raise ValueError(f"--init-from {export_dir}: architecture differs from this run: {diffs}; "
-                         "use the same model settings (model.* overrides) as the source run")
+        raise ValueError(
+            f"--init-from {export_dir}: architecture differs from this run: {diffs}; "
+            "use the same model settings (model.* overrides) as the source run"
+        )
     state = load_file(str(weights))
     own = model.state_dict()
     loaded, mismatched = [], []
@@ -78,12 +80,16 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print) -> d
     created = [k for k in own if k not in loaded]
     unexpected_new = [k for k in created if not k.startswith(DOMAIN_SPECIFIC)]
     if mismatched or unexpected_new:
-        raise ValueError(f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
-                         f"{len(unexpected_new)} tensors missing from the export {unexpected_new[:5]}")
+        raise ValueError(
+            f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
+            f"{len(unexpected_new)} tensors missing from the export {unexpected_new[:5]}"
+        )
     with gathered(model, modifier_rank=0):
         model.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    log(f"init-from {export_dir}: loaded {len(loaded)} tensors; newly created (catalogue-specific) {len(created)}: "
-        f"{sorted({k.split('.')[0] for k in created})}; mismatched 0")
+    log(
+        f"init-from {export_dir}: loaded {len(loaded)} tensors; newly created (catalogue-specific) {len(created)}: "
+        f"{sorted({k.split('.')[0] for k in created})}; mismatched 0"
+    )
     return {"loaded": loaded, "created": created, "mismatched": mismatched}
 
 

@@ -10,8 +10,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-DS_OWNED_BY_TRAINER = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                       "optimizer", "scheduler", "gradient_clipping")
+DS_OWNED_BY_TRAINER = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+)
 
 
 @dataclass
@@ -133,19 +139,48 @@ def preset(name: str) -> RunConfig:
         return RunConfig(
             model=ModelConfig(d=256, image_size=64, max_tokens=32, user_layers=2, user_heads=4, max_len=25),
             stage1=StageConfig(epochs=10, lr=1e-3, micro_batch=128, warmup_steps=20, stride=25),
-            stage2=StageConfig(epochs=1, lr=3e-4, tower_lr=3e-5, micro_batch=128, text_trainable=1, image_trainable=1,
-                               n_history=20, n_continuation=5, negatives=256, stride=25, warmup_steps=10),
+            stage2=StageConfig(
+                epochs=1,
+                lr=3e-4,
+                tower_lr=3e-5,
+                micro_batch=128,
+                text_trainable=1,
+                image_trainable=1,
+                n_history=20,
+                n_continuation=5,
+                negatives=256,
+                stride=25,
+                warmup_steps=10,
+            ),
             preset=name,
         )
     if name == "paper":
         # The paper's settings: BERT-base shape, ResNet-18 at 224 px, d=256, Adam lr 1e-4, batch 512, length 25;
         # the official code trains the top two blocks of each backbone.
         return RunConfig(
-            model=ModelConfig(d=256, text_encoder="bert-base-random-init", image_size=224, max_tokens=32,
-                              user_layers=4, user_heads=4, max_len=25, activation_checkpointing=True),
+            model=ModelConfig(
+                d=256,
+                text_encoder="bert-base-random-init",
+                image_size=224,
+                max_tokens=32,
+                user_layers=4,
+                user_heads=4,
+                max_len=25,
+                activation_checkpointing=True,
+            ),
             stage1=StageConfig(epochs=10, lr=1e-4, micro_batch=512),
-            stage2=StageConfig(epochs=10, lr=1e-4, tower_lr=1e-5, micro_batch=512, text_trainable=2, image_trainable=2,
-                               n_history=20, n_continuation=5, negatives=4096, stride=5),
+            stage2=StageConfig(
+                epochs=10,
+                lr=1e-4,
+                tower_lr=1e-5,
+                micro_batch=512,
+                text_trainable=2,
+                image_trainable=2,
+                n_history=20,
+                n_continuation=5,
+                negatives=4096,
+                stride=5,
+            ),
             preset=name,
         )
     if name == "tiny":
@@ -153,8 +188,20 @@ def preset(name: str) -> RunConfig:
         return RunConfig(
             model=ModelConfig(d=32, image_size=32, max_tokens=16, user_layers=1, user_heads=2, max_len=8, dropout=0.0),
             stage1=StageConfig(epochs=1, lr=1e-3, micro_batch=16, warmup_steps=2, max_steps=6, stride=4),
-            stage2=StageConfig(epochs=1, lr=1e-3, tower_lr=1e-3, micro_batch=8, text_trainable=1, image_trainable=1,
-                               n_history=5, n_continuation=2, negatives=16, stride=4, warmup_steps=2, max_steps=4),
+            stage2=StageConfig(
+                epochs=1,
+                lr=1e-3,
+                tower_lr=1e-3,
+                micro_batch=8,
+                text_trainable=1,
+                image_trainable=1,
+                n_history=5,
+                n_continuation=2,
+                negatives=16,
+                stride=4,
+                warmup_steps=2,
+                max_steps=4,
+            ),
             eval=EvalConfig(bootstrap=100),
             save_every_steps=3,
             log_every=2,
@@ -177,7 +224,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 raise ValueError(f"override {item!r}: no config section {p!r}")
         fields = {f.name: f for f in dataclasses.fields(target)}
         if key not in fields:
-            raise ValueError(f"override {item!r}: {type(target).__name__} has no field {key!r}; fields: {sorted(fields)}")
+            raise ValueError(
+                f"override {item!r}: {type(target).__name__} has no field {key!r}; fields: {sorted(fields)}"
+            )
         current = getattr(target, key)
         setattr(target, key, _parse(raw, current, item))
         if hasattr(target, "__post_init__"):

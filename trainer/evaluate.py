@@ -43,7 +43,9 @@ def eval_users(sequences: list[dict], split: str, max_len: int) -> EvalUsers:
     return EvalUsers(np.asarray(users), hist, np.asarray(targets), seen)
 
 
-def excluded_pairs(targets: torch.Tensor, seen: list[np.ndarray], exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def excluded_pairs(
+    targets: torch.Tensor, seen: list[np.ndarray], exclude_seen: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, item) pairs left out of each user's count: the target itself, and seen items when excluded."""
     rows = [torch.arange(len(targets), device=targets.device)]
     items = [targets]
@@ -56,8 +58,13 @@ def excluded_pairs(targets: torch.Tensor, seen: list[np.ndarray], exclude_seen: 
     return torch.cat(rows), torch.cat(items)
 
 
-def ranks_from_scores(score_chunk: Callable[[slice], torch.Tensor], num_items: int, target_scores: torch.Tensor,
-                      pairs: tuple[torch.Tensor, torch.Tensor], chunk: int = 65536) -> torch.Tensor:
+def ranks_from_scores(
+    score_chunk: Callable[[slice], torch.Tensor],
+    num_items: int,
+    target_scores: torch.Tensor,
+    pairs: tuple[torch.Tensor, torch.Tensor],
+    chunk: int = 65536,
+) -> torch.Tensor:
     """1 + #{items v not excluded : s_v >= s_target}, counted over item chunks (no sort, O(B x chunk) memory).
 
     Excluded items (the target, seen items) are removed by index inside the chunk that scored them, so
@@ -124,8 +131,14 @@ def _gather(local: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def rank_with_vectors(user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor], item_vectors: torch.Tensor,
-                      data: EvalUsers, exclude_seen: bool, user_batch: int = 256, device=None) -> np.ndarray:
+def rank_with_vectors(
+    user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+    item_vectors: torch.Tensor,
+    data: EvalUsers,
+    exclude_seen: bool,
+    user_batch: int = 256,
+    device=None,
+) -> np.ndarray:
     """Exact ranks of every user's target by dot product with all item vectors [V, d]."""
     n = len(data.users)
     part, _, _ = _shard_for_rank(n)
@@ -145,8 +158,14 @@ def rank_with_vectors(user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Te
 
 
 @torch.no_grad()
-def rank_with_scores(score_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor], num_items: int, data: EvalUsers,
-                     exclude_seen: bool, user_batch: int = 256, device="cpu") -> np.ndarray:
+def rank_with_scores(
+    score_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+    num_items: int,
+    data: EvalUsers,
+    exclude_seen: bool,
+    user_batch: int = 256,
+    device="cpu",
+) -> np.ndarray:
     """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(hist, users)."""
     n = len(data.users)
     part, _, _ = _shard_for_rank(n)
@@ -175,6 +194,8 @@ def popularity_scores(sequences: list[dict], num_items: int, split: str, seed: i
     return torch.as_tensor(counts + jitter, dtype=torch.float64)
 
 
-def popularity_ranks(sequences: list[dict], num_items: int, data: EvalUsers, split: str, exclude_seen: bool) -> np.ndarray:
+def popularity_ranks(
+    sequences: list[dict], num_items: int, data: EvalUsers, split: str, exclude_seen: bool
+) -> np.ndarray:
     pop = popularity_scores(sequences, num_items, split)
     return rank_with_scores(lambda hist, users: pop[None].expand(len(hist), -1), num_items, data, exclude_seen)

@@ -17,8 +17,13 @@ from data_shards.shard_io import ItemStore
 
 
 class FeatureCache:
-    def __init__(self, text: tuple[torch.Tensor, torch.Tensor] | None, image: torch.Tensor | None,
-                 rows: torch.Tensor, covered: set[str]):
+    def __init__(
+        self,
+        text: tuple[torch.Tensor, torch.Tensor] | None,
+        image: torch.Tensor | None,
+        rows: torch.Tensor,
+        covered: set[str],
+    ):
         self._text, self._image, self._rows, self._covered = text, image, rows, covered
 
     def covers(self, modality: str) -> bool:
@@ -42,8 +47,18 @@ class FeatureCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, store: ItemStore, modality: np.ndarray, decoder, max_tokens: int, device: torch.device,
-              chunk: int = 256, dtype: torch.dtype = torch.float16, show_progress: bool = True) -> FeatureCache | None:
+    def build(
+        cls,
+        model,
+        store: ItemStore,
+        modality: np.ndarray,
+        decoder,
+        max_tokens: int,
+        device: torch.device,
+        chunk: int = 256,
+        dtype: torch.dtype = torch.float16,
+        show_progress: bool = True,
+    ) -> FeatureCache | None:
         """Lower-block outputs for every item of each cached tower (rows indexed per modality)."""
         towers = model.towers
         covered = {name for name, t in towers.items() if t.trainable < t.num_blocks}
@@ -62,11 +77,13 @@ class FeatureCache:
             rows[torch.from_numpy(items)] = torch.arange(len(items))
             outs, masks = [], []
             tower = towers[name]
-            for start in tqdm(range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk",
-                              disable=not show_progress):
+            for start in tqdm(
+                range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk", disable=not show_progress
+            ):
                 part = items[start : start + chunk]
-                content = load_item_content(store, part, max_tokens, decoder if name == "image" else None,
-                                            modality=np.full(store.num_items, m))
+                content = load_item_content(
+                    store, part, max_tokens, decoder if name == "image" else None, modality=np.full(store.num_items, m)
+                )
                 if name == "text":
                     ids = content.token_ids.to(device)
                     mask = content.token_mask.to(device)

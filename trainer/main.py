@@ -26,11 +26,17 @@ from trainer.config import RunConfig, apply_overrides, preset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="trainer/main.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=None,
-                   help="DeepSpeed engine config (ZeRO stage, bf16, communication only); default "
-                        "ds_configs/zero2.json, or with --resume the run's own ds_config.json")
+    p = argparse.ArgumentParser(
+        prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--ds_config",
+        "--ds-config",
+        dest="ds_config",
+        default=None,
+        help="DeepSpeed engine config (ZeRO stage, bf16, communication only); default "
+        "ds_configs/zero2.json, or with --resume the run's own ds_config.json",
+    )
     p.add_argument("--shards", default=None, help="shard folder from data_shards.build")
     p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "paper", "tiny"])
     p.add_argument("--stage", default=None, choices=["1", "2", "all"], help="1, 2 or all (default: all)")
@@ -42,10 +48,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     p.add_argument("--image-weights", default=None, help="local weights (.pth / .safetensors) for the image backbone")
     p.add_argument("--item-encoder", default=None, choices=["content", "id"], help="id = the IDRec baseline")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
-                   help="config overrides, e.g. stage1.epochs=3 model.stage1_relu=true eval.exclude_seen=false")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="section.key=value",
+        help="config overrides, e.g. stage1.epochs=3 model.stage1_relu=true eval.exclude_seen=false",
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS
+    )
     a = p.parse_args(argv)
 
     if a.resume:
@@ -58,10 +70,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
         return cfg, a
     try:
         cfg = preset(a.preset)
-        direct = {"model.text_encoder": a.text_encoder, "model.image_backbone": a.image_backbone,
-                  "model.image_weights": a.image_weights, "model.item_encoder": a.item_encoder,
-                  "data.shards": a.shards, "stages": a.stage, "run_dir": a.run_dir, "init_from": a.init_from,
-                  "seed": None if a.seed is None else str(a.seed)}
+        direct = {
+            "model.text_encoder": a.text_encoder,
+            "model.image_backbone": a.image_backbone,
+            "model.image_weights": a.image_weights,
+            "model.item_encoder": a.item_encoder,
+            "data.shards": a.shards,
+            "stages": a.stage,
+            "run_dir": a.run_dir,
+            "init_from": a.init_from,
+            "seed": None if a.seed is None else str(a.seed),
+        }
         overrides = [f"{k}={v}" for k, v in direct.items() if v is not None] + list(a.set)
         cfg = apply_overrides(cfg, overrides)
     except ValueError as e:
@@ -75,8 +94,11 @@ def _config_from_dict(d: dict) -> RunConfig:
     ev = dict(d["eval"])
     ev["ks"] = tuple(ev["ks"])
     return RunConfig(
-        model=ModelConfig(**d["model"]), stage1=StageConfig(**d["stage1"]), stage2=StageConfig(**d["stage2"]),
-        eval=EvalConfig(**ev), data=DataConfig(**d["data"]),
+        model=ModelConfig(**d["model"]),
+        stage1=StageConfig(**d["stage1"]),
+        stage2=StageConfig(**d["stage2"]),
+        eval=EvalConfig(**ev),
+        data=DataConfig(**d["data"]),
         **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data")},
     )
 
@@ -84,9 +106,11 @@ def _config_from_dict(d: dict) -> RunConfig:
 def main(argv: list[str] | None = None) -> dict | None:
     cfg, args = parse_args(argv)
     if not (Path(cfg.data.shards) / "manifest.json").exists():
-        raise SystemExit(f"error: no shards at {cfg.data.shards}: build them with `python -m data_shards.build "
-                         f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed "
-                         f"--out {cfg.data.shards}` (or `make shards`)")
+        raise SystemExit(
+            f"error: no shards at {cfg.data.shards}: build them with `python -m data_shards.build "
+            f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed "
+            f"--out {cfg.data.shards}` (or `make shards`)"
+        )
     from trainer.train import Trainer
 
     resume_point = None

@@ -57,7 +57,7 @@ class UserEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, L, d] item vectors (left padded), mask [B, L] True = real item -> hidden states [B, L, d]."""
         B, L, _ = x.shape
-        if L > self.max_len:
+        if self.max_len < L:
             raise ValueError(f"sequence of {L} items exceeds the user encoder's max_len {self.max_len}")
         pos = torch.arange(self.max_len - L, self.max_len, device=x.device)
         h = self.drop(self.ln(x + self.pos(pos)[None]))
@@ -76,7 +76,9 @@ class UserEncoder(nn.Module):
 def build_user_encoder(cfg: ModelConfig) -> nn.Module:
     """Registry of sequence encoders; each maps (item vectors [B, L, d], mask [B, L]) -> causal states [B, L, d]."""
     if cfg.user_encoder == "transformer":
-        return UserEncoder(cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing)
+        return UserEncoder(
+            cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing
+        )
     from trainer import baselines
 
     if cfg.user_encoder == "gru":
@@ -102,8 +104,15 @@ class FeatureEmbedding(nn.Module):
 class TransRec(nn.Module):
     """Item encoder (content towers or, for IDRec, an ID table) + user encoder + stage-1 catalogue head."""
 
-    def __init__(self, cfg: ModelConfig, num_items: int, item_modality: np.ndarray, trainable: dict[str, int],
-                 user_vocab: dict[str, int] | None = None, item_features: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_items: int,
+        item_modality: np.ndarray,
+        trainable: dict[str, int],
+        user_vocab: dict[str, int] | None = None,
+        item_features: dict[str, np.ndarray] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
@@ -169,8 +178,10 @@ class TransRec(nn.Module):
                 return tower.upper(hidden.to(dtype), mask)
             return tower.upper(self.cache.image(items[rows]).to(dtype))
         if content is None:
-            raise RuntimeError(f"the {name} tower trains every block but the batch carries no content: "
-                               "the loader must run with load_content=True")
+            raise RuntimeError(
+                f"the {name} tower trains every block but the batch carries no content: "
+                "the loader must run with load_content=True"
+            )
         if name == "text":
             pos = _positions(content.text_rows, rows)
             return tower(content.token_ids[pos], content.token_mask[pos])
@@ -206,8 +217,9 @@ class TransRec(nn.Module):
         target = batch.items[:, 1:].clone()
         valid = mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)
         target[~valid] = -100
-        return kernels.catalog_cross_entropy(h.flatten(0, 1), self.head.weight, self.head.bias, target.flatten(),
-                                             relu=self.cfg.stage1_relu)
+        return kernels.catalog_cross_entropy(
+            h.flatten(0, 1), self.head.weight, self.head.bias, target.flatten(), relu=self.cfg.stage1_relu
+        )
 
     def stage2_loss(self, batch, n_continuation: int) -> torch.Tensor:
         """CPC (Eq. 9): user vector from the history, BCE on the continuation items and shared negatives."""

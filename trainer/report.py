@@ -14,8 +14,10 @@ def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: in
     intervals = {}
     for stage in sorted(metrics["stages"]):
         ranks = np.load(Path(run_dir) / f"test_ranks_stage{stage}.npy")
-        iv = {m: paired_bootstrap(per_user_gain(ranks, m), per_user_gain(pop_test, m), n=n_boot)
-              for m in ("hr@10", "ndcg@10")}
+        iv = {
+            m: paired_bootstrap(per_user_gain(ranks, m), per_user_gain(pop_test, m), n=n_boot)
+            for m in ("hr@10", "ndcg@10")
+        }
         intervals[f"stage{stage}"] = iv
         rows.append((f"after stage {stage}", metrics["stages"][stage]["test"], iv))
     best = metrics["best"]
@@ -32,9 +34,12 @@ def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: in
         cells = ["", ""]
         if iv is not None:
             cells = [f"{iv[k]['diff']:+.4f} [{iv[k]['low']:+.4f}, {iv[k]['high']:+.4f}]" for k in ("hr@10", "ndcg@10")]
-        lines.append(f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {cells[0]} | {cells[1]} | "
-                     f"{valid['ndcg@10']:.4f} |")
+        lines.append(
+            f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {cells[0]} | {cells[1]} | {valid['ndcg@10']:.4f} |"
+        )
     lines.append("")
-    lines.append(f"best on validation: stage {best['stage']} epoch {best['epoch']} ({best['file']}); "
-                 f"metrics.json 'test' holds its figures")
+    lines.append(
+        f"best on validation: stage {best['stage']} epoch {best['epoch']} ({best['file']}); "
+        f"metrics.json 'test' holds its figures"
+    )
     return "\n".join(lines), intervals

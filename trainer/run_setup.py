@@ -29,8 +29,13 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(port)),
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -61,10 +66,20 @@ def setup_logging(rank: int) -> None:
 
 def git_hash() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5,
-                               cwd=Path(__file__).resolve().parent).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -95,8 +110,10 @@ def load_ds_config(path: str) -> dict:
     ds = json.loads(p.read_text())
     owned = [k for k in DS_OWNED_BY_TRAINER if k in ds]
     if owned:
-        raise ValueError(f"{path} sets {owned}: batch size, optimizer, scheduler and clipping come from the trainer's "
-                         "config (stage1.micro_batch, stage1.grad_accum, stage1.lr, ...); remove them from the ds_config")
+        raise ValueError(
+            f"{path} sets {owned}: batch size, optimizer, scheduler and clipping come from the trainer's "
+            "config (stage1.micro_batch, stage1.grad_accum, stage1.lr, ...); remove them from the ds_config"
+        )
     return ds
 
 
@@ -112,8 +129,15 @@ def fill_ds_config(base: dict, stage: StageConfig, world: int) -> dict:
 
 
 def write_run_record(run_dir: Path, cfg: RunConfig, ds_config: dict, extra: dict) -> None:
-    record = {"config": to_dict(cfg), "ds_config": ds_config, "git_hash": git_hash(), "argv": sys.argv,
-              "torch": torch.__version__, "cuda": torch.cuda.is_available(), **extra}
+    record = {
+        "config": to_dict(cfg),
+        "ds_config": ds_config,
+        "git_hash": git_hash(),
+        "argv": sys.argv,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        **extra,
+    }
     (run_dir / "run_config.json").write_text(json.dumps(record, indent=1, default=str))
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))  # what --resume uses
 

@@ -21,4 +21,5 @@ def check_vocabulary(manifest: dict, text_encoder: str) -> None:
         raise ValueError(
             f"the shards were tokenized with another vocabulary (hash {have[:12]}) than the text encoder "
             f"{text_encoder!r} (hash {wanted[:12]}): rebuild them with `python -m data_shards.build ... "
-            f"--tokenizer {tokenizer_dir(text_encoder)}`")
+            f"--tokenizer {tokenizer_dir(text_encoder)}`"
+        )

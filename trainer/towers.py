@@ -71,7 +71,9 @@ class TextTower(nn.Module):
             self.bert = BertModel.from_pretrained(encoder, local_files_only=True, add_pooling_layer=False)
             self.weights_source = f"local pretrained BERT from {encoder}"
         else:
-            raise ValueError(f"text encoder {encoder!r}: use 'minilm', 'bert-base-random-init' or a local HF BERT folder")
+            raise ValueError(
+                f"text encoder {encoder!r}: use 'minilm', 'bert-base-random-init' or a local HF BERT folder"
+            )
         self.hidden = self.bert.config.hidden_size
         self.num_blocks = self.bert.config.num_hidden_layers
         self.pool = AttentionPool(self.hidden, max(self.hidden // 2, 64))
@@ -201,8 +203,15 @@ class ImageTower(nn.Module):
 
     modality = "image"
 
-    def __init__(self, backbone: str, d: int, trainable: int, weights: str | None = None, dropout: float = 0.1,
-                 checkpointing: bool = False):
+    def __init__(
+        self,
+        backbone: str,
+        d: int,
+        trainable: int,
+        weights: str | None = None,
+        dropout: float = 0.1,
+        checkpointing: bool = False,
+    ):
         super().__init__()
         if backbone not in IMAGE_BACKBONES:
             raise ValueError(f"image backbone {backbone!r}: choose one of {sorted(IMAGE_BACKBONES)}")
@@ -236,7 +245,11 @@ class ImageTower(nn.Module):
 
     def upper(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks[self.split :]:
-            x = checkpoint(block, x, use_reentrant=False) if self.checkpointing and self.training and x.requires_grad else block(x)
+            x = (
+                checkpoint(block, x, use_reentrant=False)
+                if self.checkpointing and self.training and x.requires_grad
+                else block(x)
+            )
         return self.proj(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -245,8 +258,16 @@ class ImageTower(nn.Module):
 
 def build_towers(cfg, trainable: dict[str, int]) -> nn.ModuleDict:
     """The registry: modality -> tower, from the model config."""
-    return nn.ModuleDict({
-        "text": TextTower(cfg.text_encoder, cfg.d, trainable["text"], cfg.dropout, cfg.activation_checkpointing),
-        "image": ImageTower(cfg.image_backbone, cfg.d, trainable["image"], cfg.image_weights, cfg.dropout,
-                            cfg.activation_checkpointing),
-    })
+    return nn.ModuleDict(
+        {
+            "text": TextTower(cfg.text_encoder, cfg.d, trainable["text"], cfg.dropout, cfg.activation_checkpointing),
+            "image": ImageTower(
+                cfg.image_backbone,
+                cfg.d,
+                trainable["image"],
+                cfg.image_weights,
+                cfg.dropout,
+                cfg.activation_checkpointing,
+            ),
+        }
+    )

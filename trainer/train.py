@@ -82,15 +82,18 @@ class Trainer:
         LOG.info(f"run directory: {self.run_dir}")
         user_vocab = {n: len(v) for n, v in self.manifest["feature_vocabularies"]["user"].items()}
         item_feats = _item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
-        self.model = TransRec(cfg.model, self.num_items, self.modality, {"text": 0, "image": 0},
-                              user_vocab, item_feats).to(self.device)
+        self.model = TransRec(
+            cfg.model, self.num_items, self.modality, {"text": 0, "image": 0}, user_vocab, item_feats
+        ).to(self.device)
         if cfg.init_from:
             load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info)
         for name, tower in self.model.towers.items():
             LOG.info(f"{name} tower: {tower.weights_source}")
         total, _ = count_parameters(self.model)
-        LOG.info(f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {len(self.sequences)} users; "
-                 f"world size {self.world} on {self.device}")
+        LOG.info(
+            f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {len(self.sequences)} users; "
+            f"world size {self.world} on {self.device}"
+        )
         self.decoder = None
         self.writer = None
         if self.rank == 0:
@@ -108,8 +111,9 @@ class Trainer:
         if self.decoder is None:
             from data_shards.decode import ImageDecoder
 
-            self.decoder = ImageDecoder(backend=self.cfg.data.decoder, size=self.cfg.model.image_size,
-                                        device=self.device)
+            self.decoder = ImageDecoder(
+                backend=self.cfg.data.decoder, size=self.cfg.model.image_size, device=self.device
+            )
         return self.decoder
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
@@ -131,11 +135,20 @@ class Trainer:
             t0 = time.time()
             with gathered(self.model):  # ZeRO-3: lower blocks read outside the engine need full weights
                 self.model.cache = FeatureCache.build(
-                    self.model, self.store, self.modality, self.image_decoder(), self.cfg.model.max_tokens, self.device,
-                    chunk=self.cfg.eval.item_batch, show_progress=self.rank == 0)
+                    self.model,
+                    self.store,
+                    self.modality,
+                    self.image_decoder(),
+                    self.cfg.model.max_tokens,
+                    self.device,
+                    chunk=self.cfg.eval.item_batch,
+                    show_progress=self.rank == 0,
+                )
             if self.model.cache is not None:
-                LOG.info(f"stage {stage}: cached frozen lower blocks of {sorted(self.model.cache._covered)} "
-                         f"({self.model.cache.nbytes() / 2**20:.0f} MiB) in {time.time() - t0:.1f} s")
+                LOG.info(
+                    f"stage {stage}: cached frozen lower blocks of {sorted(self.model.cache._covered)} "
+                    f"({self.model.cache.nbytes() / 2**20:.0f} MiB) in {time.time() - t0:.1f} s"
+                )
         return sc
 
     def needs_content(self) -> bool:
@@ -145,12 +158,20 @@ class Trainer:
         m = self.cfg.model
         window = m.max_len + 1 if stage == 1 else sc.n_history + sc.n_continuation
         lc = LoaderConfig(
-            window=window, batch_size=sc.micro_batch, stride=sc.stride,
-            min_len=sc.min_window or (2 if stage == 1 else sc.n_continuation + 1), shuffle_buffer=self.cfg.data.shuffle_buffer,
-            seed=self.cfg.seed, num_workers=self.cfg.data.num_workers,
-            num_negatives=0 if stage == 1 else sc.negatives, load_content=self.needs_content(),
-            decode_in_loader=self.device.type == "cpu", image_size=m.image_size, decoder=self.cfg.data.decoder,
-            max_tokens=m.max_tokens, user_fraction=self.cfg.data.user_fraction,
+            window=window,
+            batch_size=sc.micro_batch,
+            stride=sc.stride,
+            min_len=sc.min_window or (2 if stage == 1 else sc.n_continuation + 1),
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            seed=self.cfg.seed,
+            num_workers=self.cfg.data.num_workers,
+            num_negatives=0 if stage == 1 else sc.negatives,
+            load_content=self.needs_content(),
+            decode_in_loader=self.device.type == "cpu",
+            image_size=m.image_size,
+            decoder=self.cfg.data.decoder,
+            max_tokens=m.max_tokens,
+            user_fraction=self.cfg.data.user_fraction,
         )
         return make_train_loader(self.shards, lc, self.rank, self.world)
 
@@ -193,8 +214,9 @@ class Trainer:
             items = np.arange(start, min(start + self.cfg.eval.item_batch, self.num_items))
             content = None
             if self.model.towers and self.needs_content():
-                content = load_item_content(self.store, items, self.cfg.model.max_tokens, self.image_decoder(),
-                                            modality=self.modality)
+                content = load_item_content(
+                    self.store, items, self.cfg.model.max_tokens, self.image_decoder(), modality=self.modality
+                )
                 content = _content_to(content, self.device)
             chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
         return torch.cat(chunks)
@@ -224,15 +246,18 @@ class Trainer:
             return (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype), mask
 
         if stage == 1:
+
             def score(hist, users):
                 vecs, mask = seq(hist)
                 h = self.model.encode_sequence(vecs, mask)[:, -1]
                 h = self.model._with_user_features(h, self.user_feature_batch(users))
                 return self.model.stage1_scores(h).float()
 
-            ranks = ev.rank_with_scores(score, self.num_items, data, self.cfg.eval.exclude_seen,
-                                        self.cfg.eval.user_batch, self.device)
+            ranks = ev.rank_with_scores(
+                score, self.num_items, data, self.cfg.eval.exclude_seen, self.cfg.eval.user_batch, self.device
+            )
         else:
+
             def user_vec(hist, users):
                 vecs, mask = seq(hist)
                 return self.model.user_vector(vecs, mask, self.user_feature_batch(users)).float()
@@ -267,8 +292,10 @@ class Trainer:
             rng = torch.load(self.run_dir / "checkpoints" / tag / f"rng_rank{self.rank}.pt", weights_only=True)
             torch.set_rng_state(rng)
             LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip}")
-        LOG.info(f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
-                 f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}")
+        LOG.info(
+            f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
+            f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}"
+        )
         stale = resume.get("stale", 0) if resume else 0
         stage_best = self.state["stage_best"].get(str(stage))
         steps_done = engine.global_steps
@@ -278,8 +305,14 @@ class Trainer:
             t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
             from tqdm import tqdm
 
-            bar = tqdm(total=loader.steps_per_epoch, initial=skip, desc=f"stage {stage} epoch {epoch}",
-                       disable=self.rank != 0, unit="step", leave=False)
+            bar = tqdm(
+                total=loader.steps_per_epoch,
+                initial=skip,
+                desc=f"stage {stage} epoch {epoch}",
+                disable=self.rank != 0,
+                unit="step",
+                leave=False,
+            )
             for b_idx, batch in enumerate(loader, start=skip):
                 batch = self._prepare(batch)
                 loss = engine(batch, stage=stage, n_continuation=sc.n_continuation)
@@ -297,13 +330,19 @@ class Trainer:
                         raise TrainingDiverged(
                             f"stage {stage} epoch {epoch} step {b_idx}: loss is {mean_loss}; the last good checkpoint "
                             f"in {self.run_dir / 'checkpoints'} is intact. Lower the learning rate (stage{stage}.lr) "
-                            "or check the input data.")
+                            "or check the input data."
+                        )
                     dt_ = time.time() - t_last
-                    self.log_scalars({f"train/stage{stage}_loss": mean_loss,
-                                      "train/lr": engine.get_lr()[0],
-                                      "perf/sequences_per_s": seqs * self.world / dt_,
-                                      "perf/items_encoded_per_s": items_enc * self.world / dt_,
-                                      "mem/peak_gib": peak_memory_gib(self.device)}, self.global_step + steps_done)
+                    self.log_scalars(
+                        {
+                            f"train/stage{stage}_loss": mean_loss,
+                            "train/lr": engine.get_lr()[0],
+                            "perf/sequences_per_s": seqs * self.world / dt_,
+                            "perf/items_encoded_per_s": items_enc * self.world / dt_,
+                            "mem/peak_gib": peak_memory_gib(self.device),
+                        },
+                        self.global_step + steps_done,
+                    )
                     bar.set_postfix(loss=f"{mean_loss:.4f}", seq_s=f"{seqs * self.world / dt_:.0f}")
                     t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
                 if (b_idx + 1) % self.cfg.save_every_steps == 0:
@@ -312,8 +351,10 @@ class Trainer:
                     break
             bar.close()
             if losses and not math.isfinite(float(torch.stack(losses).float().mean())):
-                raise TrainingDiverged(f"stage {stage} epoch {epoch}: loss is not finite; the last good checkpoint "
-                                       f"in {self.run_dir / 'checkpoints'} is intact. Lower stage{stage}.lr.")
+                raise TrainingDiverged(
+                    f"stage {stage} epoch {epoch}: loss is not finite; the last good checkpoint "
+                    f"in {self.run_dir / 'checkpoints'} is intact. Lower stage{stage}.lr."
+                )
             skip = 0
             stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best)
             self.save_resume_point(engine, stage, epoch + 1, 0, stale)
@@ -351,7 +392,10 @@ class Trainer:
         ranks = self.evaluate("valid", stage)
         metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
         self.log_scalars({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, self.global_step + epoch)
-        LOG.info(f"stage {stage} epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k))
+        LOG.info(
+            f"stage {stage} epoch {epoch} validation: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k)
+        )
         record = {"stage": stage, "epoch": epoch, "valid": metrics}
         if self.rank == 0:
             curve = self.run_dir / "valid_curve.csv"
@@ -379,8 +423,14 @@ class Trainer:
         torch.save(torch.get_rng_state(), ckpt / tag / f"rng_rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
-            point = {"stage": stage, "epoch": epoch, "batches_done": batches_done, "stale": stale, "tag": tag,
-                     "state": self.state}
+            point = {
+                "stage": stage,
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "stale": stale,
+                "tag": tag,
+                "state": self.state,
+            }
             tmp = self.run_dir / "resume.json.partial"
             tmp.write_text(json.dumps(point, indent=1))
             tmp.replace(self.run_dir / "resume.json")
@@ -409,7 +459,9 @@ class Trainer:
                 continue
             resume = resume_point if resume_point and resume_point["stage"] == stage else None
             if stage == 2 and 1 in self.state["done_stages"]:
-                load_model_state(self.model, self.run_dir / "best_stage1.safetensors")  # stage 2 starts from stage 1's best
+                load_model_state(
+                    self.model, self.run_dir / "best_stage1.safetensors"
+                )  # stage 2 starts from stage 1's best
             self.run_stage(stage, resume)
         return self.finish()
 
@@ -417,12 +469,20 @@ class Trainer:
         sb = self.state["stage_best"]
         best_stage = max(sb, key=lambda s: sb[s]["valid"]["ndcg@10"])
         load_model_state(self.model, self.run_dir / f"best_stage{best_stage}.safetensors")
-        pop_valid = ev.popularity_ranks(self.sequences, self.num_items, self.valid_users, "valid", self.cfg.eval.exclude_seen)
-        pop_test = ev.popularity_ranks(self.sequences, self.num_items, self.test_users, "test", self.cfg.eval.exclude_seen)
+        pop_valid = ev.popularity_ranks(
+            self.sequences, self.num_items, self.valid_users, "valid", self.cfg.eval.exclude_seen
+        )
+        pop_test = ev.popularity_ranks(
+            self.sequences, self.num_items, self.test_users, "test", self.cfg.eval.exclude_seen
+        )
         test_ranks = np.load(self.run_dir / f"test_ranks_stage{best_stage}.npy") if self.rank == 0 else None
-        save_export(self.model, self.cfg.model, self.run_dir / "export",
-                    {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"]},
-                    write=self.rank == 0)
+        save_export(
+            self.model,
+            self.cfg.model,
+            self.run_dir / "export",
+            {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"]},
+            write=self.rank == 0,
+        )
         result = None
         if self.rank == 0:
             self.write_ranks("test_ranks", self.test_users, test_ranks)
@@ -442,10 +502,15 @@ class Trainer:
             "test": ev.metrics_from_ranks(test_ranks, ks),
             "popularity_valid": ev.metrics_from_ranks(pop_valid, ks),
             "popularity_test": ev.metrics_from_ranks(pop_test, ks),
-            "best": {"stage": int(best_stage), "epoch": self.state["stage_best"][best_stage]["epoch"],
-                     "file": f"best_stage{best_stage}.safetensors"},
-            "stages": {s: {"valid": self.state["stage_best"][s]["valid"], "test": self.state["test"][s]}
-                       for s in self.state["stage_best"]},
+            "best": {
+                "stage": int(best_stage),
+                "epoch": self.state["stage_best"][best_stage]["epoch"],
+                "file": f"best_stage{best_stage}.safetensors",
+            },
+            "stages": {
+                s: {"valid": self.state["stage_best"][s]["valid"], "test": self.state["test"][s]}
+                for s in self.state["stage_best"]
+            },
             "exclude_seen": self.cfg.eval.exclude_seen,
         }
         table, intervals = results_table(self.run_dir, metrics, pop_test, self.cfg.eval.bootstrap)
