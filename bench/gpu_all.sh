@@ -60,9 +60,14 @@ done
 
 if [ -f bench/gpu_throughput.sh ]; then
   log "throughput (paper preset)"
-  SHARDS="$WORK/ml" OUT="$OUT_DIR" timeout 200 bash bench/gpu_throughput.sh >"$WORK/throughput.log" 2>&1 \
+  mkdir -p "$WORK/tp"
+  SHARDS="$WORK/ml" OUT="$WORK/tp" timeout 220 bash bench/gpu_throughput.sh >"$WORK/throughput.log" 2>&1 \
     || log "throughput stopped (rc=$?)"
   tail -n 40 "$WORK/throughput.log" | tee -a "$SUMMARY"
+  # At most 8 files come back from the GPU machine: the figures go to OUT, the logs into one archive.
+  cp "$WORK"/tp/throughput_gpu.json "$WORK"/tp/throughput_gpu.md "$WORK"/tp/throughput.csv "$OUT_DIR"/ 2>/dev/null
+  cp "$WORK"/tp/*.log "$WORK"/ 2>/dev/null
 fi
+for f in "$OUT_DIR"/kernels_gpu_*.log; do [ -e "$f" ] && mv "$f" "$WORK"/; done
 tar czf "$OUT_DIR/gpu_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null
 log "done"

@@ -115,7 +115,10 @@ def test_preprocessing_matches_pil(images, reference, dataset, backend, device):
     diff = (got.cpu() - reference[dataset]).abs()
     print(f"{dataset} {backend} {device}: max {diff.max():.4f} mean {diff.mean():.2e} (pytest -s shows this)")
     if device == "cuda":
-        assert diff.max() <= 32 * LEVEL and diff.mean() <= 0.02
+        # nvjpeg (torchvision on CUDA) upsamples chroma differently from libjpeg: measured on an H100
+        # (bench/results/gpu_*.md) max 0.296 / mean 2.4e-3 on the H&M photos, max 1.03 / mean 1.1e-2 on
+        # the small MovieLens posters, whose sharp colour edges differ most. Bounds: those, with margin.
+        assert diff.max() <= 1.2 and diff.mean() <= 0.015
     elif backend == "torchvision":
         assert diff.max() <= LEVEL and diff.mean() <= 2e-4
     else:
