@@ -233,7 +233,9 @@ class TransRec(nn.Module):
         neg = item_vecs[batch.negative_slots]  # [N, d] shared
         # Negatives equal to any of the user's items in the window are dropped (masks built from ids).
         neg_mask = (batch.negatives[None, :, None] != batch.items[:, None, :]).all(-1) & real[:, None]
-        return kernels.cpc_loss(user, pos, neg, pos_mask=pos_mask, neg_mask=neg_mask)
+        # Scores are u.v / sqrt(d): the same ranking as the plain dot product, but logits of order 1 when stage 2
+        # starts from stage 1's unnormalised item vectors (plain dot products saturate the sigmoid there).
+        return kernels.cpc_loss(user * self.cfg.d**-0.5, pos, neg, pos_mask=pos_mask, neg_mask=neg_mask)
 
     def forward(self, batch, stage: int, n_continuation: int = 5) -> torch.Tensor:
         return self.stage1_loss(batch) if stage == 1 else self.stage2_loss(batch, n_continuation)
