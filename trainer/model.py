@@ -235,7 +235,13 @@ class TransRec(nn.Module):
         neg_mask = (batch.negatives[None, :, None] != batch.items[:, None, :]).all(-1) & real[:, None]
         # Scores are u.v / sqrt(d): the same ranking as the plain dot product, but logits of order 1 when stage 2
         # starts from stage 1's unnormalised item vectors (plain dot products saturate the sigmoid there).
-        return kernels.cpc_loss(user * self.cfg.d**-0.5, pos, neg, pos_mask=pos_mask, neg_mask=neg_mask)
+        u = user * self.cfg.d**-0.5
+        # Positives and negatives are averaged separately and added: with hundreds of shared negatives per
+        # positive, one mean over all terms is minimised by scoring every item low, which ranks nothing.
+        none_pos, none_neg = torch.zeros_like(pos_mask), torch.zeros_like(neg_mask)
+        return kernels.cpc_loss(u, pos, neg, pos_mask=pos_mask, neg_mask=none_neg) + kernels.cpc_loss(
+            u, pos, neg, pos_mask=none_pos, neg_mask=neg_mask
+        )
 
     def forward(self, batch, stage: int, n_continuation: int = 5) -> torch.Tensor:
         return self.stage1_loss(batch) if stage == 1 else self.stage2_loss(batch, n_continuation)

@@ -361,6 +361,7 @@ class Trainer:
             if stop or (sc.max_steps and steps_done >= sc.max_steps):
                 break
         self.global_step += steps_done
+        engine.destroy()  # removes its ZeRO gradient hooks: the next stage's engine wraps the same parameters
         self.finish_stage(stage)
 
     def _mean_loss_across_ranks(self, losses: list[torch.Tensor]) -> float:
