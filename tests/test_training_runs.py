@@ -29,6 +29,9 @@ def _env() -> dict:
         TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
     )
     env.pop("TRITON_INTERPRET", None)
+    # An in-process run in this pytest process set these for its own single rank: a subprocess must pick its own.
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     return env
 
 

@@ -1,0 +1,266 @@
+"""The experiments runner on the bundled data (--quick), the ID baselines' sequence encoders, and the statistics.
+
+One module-scoped quick run of table4 and table7 on the H&M fixture target (source: the bundled MovieLens) is
+shared by the runner tests: report, CSV and PNG; transfer wiring; frozen towers; the ID baselines; the cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.baselines import GRUEncoder, NextItNetEncoder
+from trainer.experiment_report import cold_mask, compare, seed_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ENCODERS = [GRUEncoder, NextItNetEncoder]
+
+
+# -- the baselines' encoders ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ENCODERS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_encoder_is_causal(cls, layers):
+    torch.manual_seed(0)
+    enc = cls(16, layers, dropout=0.1).eval()
+    x = torch.randn(3, 9, 16)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, :4] = False
+    mask[2, :7] = False
+    h = enc(x, mask)
+    assert h.shape == (3, 9, 16)
+    for t in range(8):
+        x2 = x.clone()
+        x2[:, t + 1 :] = torch.randn_like(x2[:, t + 1 :])  # change every future item
+        h2 = enc(x2, mask)
+        torch.testing.assert_close(h2[:, : t + 1], h[:, : t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(h2[:, -1], h[:, -1])  # the change is visible where it may be
+
+
+@pytest.mark.parametrize("cls", ENCODERS)
+def test_encoder_ignores_left_padding(cls):
+    torch.manual_seed(0)
+    enc = cls(16, 2, dropout=0.1).eval()
+    seq = torch.randn(1, 5, 16)
+    alone = enc(seq, torch.ones(1, 5, dtype=torch.bool))
+    for pads in (1, 4, 11):
+        garbage = torch.randn(1, pads, 16) * 50  # whatever sits at padded positions must not matter
+        x = torch.cat([garbage, seq], 1)
+        mask = torch.cat([torch.zeros(1, pads, dtype=torch.bool), torch.ones(1, 5, dtype=torch.bool)], 1)
+        h = enc(x, mask)
+        torch.testing.assert_close(h[:, pads:], alone, rtol=1e-5, atol=1e-5)
+        assert torch.all(h[:, :pads] == 0)
+    # rows of one batch with different paddings are independent
+    batch = torch.cat([torch.cat([torch.randn(1, 3, 16), seq], 1), torch.randn(1, 8, 16)])
+    bmask = torch.ones(2, 8, dtype=torch.bool)
+    bmask[0, :3] = False
+    torch.testing.assert_close(enc(batch, bmask)[:1, 3:], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ENCODERS)
+def test_encoder_trains(cls):
+    torch.manual_seed(0)
+    enc = cls(8, 1, dropout=0.0)
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    enc(x, mask)[:, -1].sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters() if p.requires_grad)
+    assert torch.all(x.grad[0, :2] == 0)  # no gradient reaches padded inputs
+
+
+# -- statistics ----------------------------------------------------------------------------------------------
+def test_warm_cold_split_and_paired_bootstrap_by_hand():
+    targets = np.array([10, 11, 12, 13])
+    cold = cold_mask(targets, train_items=np.array([10, 12, 99]))
+    assert cold.tolist() == [False, True, False, True]
+    a = np.array([[1, 3, 11, 1]])
+    b = np.array([[3, 3, 1, 20]])
+    m = seed_metrics(a[0], cold)
+    # HR@10 per user [1, 1, 0, 1]; NDCG@10 per user [1, 1/log2(4) = 0.5, 0, 1]
+    assert m["all"]["hr@10"] == 0.75 and m["warm"]["hr@10"] == 0.5 and m["cold"]["hr@10"] == 1.0
+    assert m["all"]["ndcg@10"] == pytest.approx(0.625) and m["warm"]["ndcg@10"] == pytest.approx(0.5)
+    assert m["cold"]["ndcg@10"] == pytest.approx(0.75)
+    assert (m["all"]["users"], m["warm"]["users"], m["cold"]["users"]) == (4, 2, 2)
+    # warm users 10, 12: NDCG a [1, 0], b [0.5, 1] -> differences [0.5, -1], mean -0.25; resamples of 2 users
+    # give means in {0.5, -0.25, -1}, so the interval spans zero
+    r = compare(a, b, cold, "ndcg@10", "warm", n=2000)
+    assert r["diff"] == pytest.approx(-0.25) and r["users"] == 2
+    assert r["low"] == pytest.approx(-1.0) and r["high"] == pytest.approx(0.5) and r["verdict"] == "no clear difference"
+    # cold users: HR a [1, 1], b [1, 0] -> differences [0, 1]: mean 0.5, interval [0, 1], not a win
+    r = compare(a, b, cold, "hr@10", "cold", n=2000)
+    assert r["diff"] == 0.5 and (r["low"], r["high"]) == (0.0, 1.0) and r["verdict"] == "no clear difference"
+    # a constant difference: the interval collapses onto it and decides
+    top, out = np.ones((1, 4), dtype=np.int64), np.full((1, 4), 50)
+    r = compare(top, out, cold, "hr@10", "all")
+    assert (r["diff"], r["low"], r["high"], r["verdict"]) == (1.0, 1.0, 1.0, "win")
+    assert compare(out, top, cold, "ndcg@10", "cold")["verdict"] == "loss"
+    # seeds are averaged per user before the bootstrap: a hit in one of two seeds counts 0.5
+    two_seeds = np.array([[1, 1, 1, 1], [50, 50, 50, 50]])
+    assert compare(two_seeds, out, cold, "hr@10", "all")["diff"] == 0.5
+    # an empty subset is reported, not divided by zero
+    assert compare(top, out, np.zeros(4, dtype=bool), "hr@10", "cold")["verdict"] == "no users"
+
+
+# -- the runner, end to end ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, list[str]]:
+    from trainer.experiments import main
+
+    out = tmp_path_factory.mktemp("experiments")
+    data = REPO / "data"
+    common = ["--quick", "--seeds", "1", "--out", str(out), "--targets", "hm-mixed",
+              "--movielens", str(data / "movielens-100k-mm"), "--hm", str(data / "hm-fashion-fixture")]
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    main(["table4", *common])
+    main(["table7", *common])
+    for k, v in saved.items():  # in-process runs set the rendezvous variables: keep them out of later subprocesses
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return out, common
+
+
+def _runs(out: Path) -> dict[tuple, Path]:
+    """(domain, model, frozen, fraction, source_fraction) -> run dir, from each run's runner.json."""
+    found = {}
+    for rec in (out / "runs").glob("*/runner.json"):
+        s = json.loads(rec.read_text())["spec"]
+        found[(s["domain"], s["model"], s["frozen"], s["fraction"])] = rec.parent
+    return found
+
+
+def _fresh_model_state(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The initial weights of a run: a Trainer built from its run_config.json (same seed), before training."""
+    from trainer.main import _config_from_dict
+    from trainer.train import Trainer
+
+    cfg = _config_from_dict(json.loads((run_dir / "run_config.json").read_text())["config"])
+    cfg.run_dir = str(tmp_path / f"init-{run_dir.name}")
+    return {k: v.clone() for k, v in Trainer(cfg, str(REPO / "ds_configs" / "zero2.json")).model.state_dict().items()}
+
+
+def test_quick_table4_writes_report_csv_and_png(quick):
+    out, _ = quick
+    md = (out / "table4.md").read_text()
+    for needle in ("## Settings", "## Data", "input files (sha256)", "warm", "cold", "## Headline differences",
+                   "## Runs used", "## The paper's claims and this run", "IDGru", "IDNext", "train-from-scratch",
+                   "TransRec (transfer)", "tiny random 2-layer BERT"):
+        assert needle in md, needle
+    assert md.rstrip().splitlines()[-1].startswith("| ")  # ends with the claims table
+    with open(out / "table4_runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == ["popularity", "IDRec", "IDGru", "IDNext", "train-from-scratch",
+                                        "TransRec (transfer)"]
+    assert all(r["users_all"] == "200" and int(r["users_warm"]) + int(r["users_cold"]) == 200 for r in rows)
+    assert int(rows[0]["users_cold"]) > 100  # the H&M fixture: most test items never occur in training
+    for name in ("table4_bars.png", "table4_curves.png", "table7_bars.png", "table7_curves.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "table7.md").exists() and "frozen" in (out / "table7.md").read_text()
+
+
+def test_transfer_runs_start_from_the_source_export(quick):
+    out, _ = quick
+    runs = _runs(out)
+    source = runs[("ml-mixed", "scratch", False, 1.0)]
+    export = load_file(str(source / "export" / "model.safetensors"))
+    for frozen in (False, True):
+        run = runs[("hm-mixed", "transfer", frozen, 1.0)]
+        cfg = json.loads((run / "run_config.json").read_text())["config"]
+        assert Path(cfg["init_from"]) == source / "export"
+        assert json.loads((run / "runner.json").read_text())["source_run"] == source.name
+    # frozen transfer: the towers never train, so they still equal the source's export bit for bit; the source
+    # trained their pooling and projections, so a scratch run's towers differ from them
+    transfer = load_file(str(runs[("hm-mixed", "transfer", True, 1.0)] / "best_stage2.safetensors"))
+    scratch = load_file(str(runs[("hm-mixed", "scratch", True, 1.0)] / "best_stage2.safetensors"))
+    towers = [k for k in export if k.startswith("towers.")]
+    assert towers and all(torch.equal(transfer[k], export[k]) for k in towers)
+    assert any(not torch.equal(scratch[k], export[k]) for k in towers if ".proj." in k or ".pool." in k)
+
+
+def test_frozen_towers_never_update(quick, tmp_path):
+    out, _ = quick
+    runs = _runs(out)
+    frozen, e2e = runs[("hm-mixed", "scratch", True, 1.0)], runs[("hm-mixed", "scratch", False, 1.0)]
+    init = _fresh_model_state(frozen, tmp_path)
+    towers = [k for k in init if k.startswith("towers.")]
+    best = json.loads((frozen / "metrics.json").read_text())["best"]["stage"]
+    for state in (load_file(str(frozen / f"best_stage{best}.safetensors")),
+                  load_file(str(frozen / "export" / "model.safetensors"))):
+        assert all(torch.equal(state[k], init[k]) for k in towers)
+        assert any(not torch.equal(state[k], init[k]) for k in state if k.startswith("user_encoder."))
+    # the same check sees end-to-end training move the towers' trainable top block, when stage 2 won
+    if json.loads((e2e / "metrics.json").read_text())["best"]["stage"] == 2:
+        state = load_file(str(e2e / "export" / "model.safetensors"))
+        top = [k for k in towers if k.startswith("towers.text.bert.encoder.layer.1.")]
+        assert top and any(not torch.equal(state[k], init[k]) for k in top)
+
+
+def test_id_baselines_train_and_share_the_evaluator(quick, tmp_path):
+    from trainer.evaluate import metrics_from_ranks
+
+    out, _ = quick
+    runs = _runs(out)
+    reference = (runs[("hm-mixed", "scratch", False, 1.0)] / "test_ranks.tsv").read_text().splitlines()
+    popularity = (runs[("hm-mixed", "scratch", False, 1.0)] / "test_ranks_popularity.tsv").read_text()
+    for model, encoder in (("idrec", "transformer"), ("idgru", "gru"), ("idnext", "nextitnet")):
+        run = runs[("hm-mixed", model, False, 1.0)]
+        cfg = json.loads((run / "run_config.json").read_text())["config"]
+        assert (cfg["model"]["item_encoder"], cfg["model"]["user_encoder"], cfg["stages"]) == ("id", encoder, "all")
+        for stage in (1, 2):
+            losses = [float(r.split(",")[1]) for r in (run / f"loss_stage{stage}.csv").read_text().split()[1:]]
+            assert losses and all(math.isfinite(v) for v in losses)
+        init = _fresh_model_state(run, tmp_path)
+        best_stage = json.loads((run / "metrics.json").read_text())["best"]["stage"]
+        assert not (run / f"best_stage{3 - best_stage}.safetensors").exists()  # pruned: only the best is kept
+        best = load_file(str(run / f"best_stage{best_stage}.safetensors"))
+        assert not torch.equal(best["id_embedding.weight"], init["id_embedding.weight"])
+        assert any(not torch.equal(best[k], init[k]) for k in best if k.startswith("user_encoder."))
+        ranks = (run / "test_ranks.tsv").read_text().splitlines()
+        # same users and targets, in the same order, as the content model; the same popularity baseline
+        assert [r.split("\t")[:2] for r in ranks] == [r.split("\t")[:2] for r in reference]
+        assert (run / "test_ranks_popularity.tsv").read_text() == popularity
+        metrics = json.loads((run / "metrics.json").read_text())["test"]
+        values = np.array([int(r.split("\t")[2]) for r in ranks[1:]])
+        assert metrics == pytest.approx(metrics_from_ranks(values))
+
+
+def test_views_reproduce_the_run_and_route_every_item(quick):
+    from data_shards.build import BuildOptions, build
+    from trainer.experiment_report import read_ranks
+    from trainer.experiments import check_same_split, evaluate_view
+
+    out, _ = quick
+    run = _runs(out)[("hm-mixed", "scratch", False, 1.0)]
+    shards = Path(json.loads((run / "run_config.json").read_text())["config"]["data"]["shards"])
+    same = evaluate_view(run, shards, out / "view-same")  # the eval-only path on the run's own shards
+    assert np.array_equal(read_ranks(out / "view-same" / "test_ranks.tsv")[2], read_ranks(run / "test_ranks.tsv")[2])
+    assert same["test"]["users"] == 200
+    text_shards = out / "hm-text-shards"
+    build(BuildOptions(dataset="hm-fashion", source=REPO / "data" / "hm-fashion-fixture", out=text_shards,
+                       modality="text"))
+    check_same_split(shards, text_shards)
+    evaluate_view(run, text_shards, out / "view-text")
+    assert len(read_ranks(out / "view-text" / "test_ranks.tsv")[2]) == 200
+    ml = next(p for p in (out / "shards").iterdir() if p.name.startswith("movielens"))
+    with pytest.raises(ValueError, match="differ in users, items or splits"):
+        check_same_split(shards, ml)
+
+
+def test_cached_runs_are_skipped(quick):
+    from trainer.experiments import main
+
+    out, common = quick
+    stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")}
+    main(["table4", *common])
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")} == stamps
+    assert "(0 trained in this invocation" in (out / "table4.md").read_text()

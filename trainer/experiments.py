@@ -1,0 +1,596 @@
+"""The paper's experiments (tables 2, 4-7) as cached training runs, with Markdown / CSV / PNG reports.
+
+    python -m trainer.experiments {table2,table4,table5,table6,table7,all} [--quick] [--seeds N] [--out DIR]
+        [--data-root DIR | --movielens DIR --hm DIR] [--preset cpu-small|paper|tiny] [--text-encoder PATH]
+        [--image-backbone resnet18|efficientnet-lite0] [--targets hm-mixed,hm-image,hm-text-side,ml-mixed]
+        [--scaling-target hm-mixed] [--set section.key=value ...] [--plan]
+
+Domains. Source: MovieLens-100k, mixed modality. Targets (no shared users or items): H&M mixed, H&M image only,
+H&M text only with user/item side features, and the reverse, very different, transfer: pre-trained on H&M mixed,
+fine-tuned on MovieLens mixed. The shards each domain needs are built once under OUT/shards/ with
+`python -m data_shards.build` (in-process).
+
+Runs. Every run is `trainer.main.main(argv)` in this process: the same TransRec class, shards, splits, stages,
+losses and evaluator for every model. IDRec / IDGru / IDNext = `model.item_encoder=id` with the transformer /
+GRU4Rec / NextItNet user encoder; train-from-scratch = TransRec from the towers' generic weights; transfer =
+the same with `--init-from` the source run's export (source seed 0, fine-tuned with the same schedule);
+TransRec- = `--stage 2` only; frozen = `model.frozen_towers=true`. A run is cached in OUT/runs/<config hash>/
+(the hash covers the preset, every override, the data's input hashes, the text encoder and the source run) and
+skipped when asked again; an interrupted run resumes; a finished run keeps its records, export and overall best
+model (`prune`). One invocation per OUT at a time (a lock file).
+
+Table 2's text and image rows evaluate the mixed-trained run's best model on the all-text / all-image shards of the
+same users, items and splits (`evaluate_view`, evaluation only).
+
+Defaults: table4 uses 3 seeds, the other tables 1 (`--seeds N` sets all). `--quick` = the tiny preset, a tiny
+random BERT as text encoder and the bundled data (data/): minutes, for smoke tests only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gc
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from trainer import experiment_report as er
+
+REPO = Path(__file__).resolve().parent.parent
+DS_CONFIG = REPO / "ds_configs" / "zero2.json"
+TABLES = ("table2", "table4", "table5", "table6", "table7")
+
+
+@dataclass(frozen=True)
+class Domain:
+    key: str
+    dataset: str  # data_shards.build --dataset
+    modality: str  # mixed | text | image
+    side_features: bool
+    label: str
+
+
+DOMAINS = {d.key: d for d in (
+    Domain("ml-mixed", "movielens-100k-mm", "mixed", False, "MovieLens mixed"),
+    Domain("ml-text", "movielens-100k-mm", "text", False, "MovieLens all-text view"),
+    Domain("ml-image", "movielens-100k-mm", "image", False, "MovieLens all-image view"),
+    Domain("hm-mixed", "hm-fashion", "mixed", False, "H&M mixed"),
+    Domain("hm-image", "hm-fashion", "image", False, "H&M image only"),
+    Domain("hm-text-side", "hm-fashion", "text", True, "H&M text only + side features"),
+)}
+TARGETS = ("hm-mixed", "hm-image", "hm-text-side", "ml-mixed")
+SOURCE_OF = {"hm-mixed": "ml-mixed", "hm-image": "ml-mixed", "hm-text-side": "ml-mixed", "ml-mixed": "hm-mixed"}
+SOURCE_SEED = 0
+MODEL_OVERRIDES = {"idrec": ["model.item_encoder=id", "model.user_encoder=transformer"],
+                   "idgru": ["model.item_encoder=id", "model.user_encoder=gru"],
+                   "idnext": ["model.item_encoder=id", "model.user_encoder=nextitnet"],
+                   "scratch": [], "transfer": [], "transrec-": ["stages=2"]}
+SOURCE_FRACTIONS = (0.2, 0.5, 1.0)
+TARGET_FRACTIONS = (0.2, 0.6, 1.0)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    domain: str
+    model: str  # a MODEL_OVERRIDES key
+    seed: int = 0
+    fraction: float = 1.0  # data.user_fraction of this run's training users
+    frozen: bool = False
+    source_fraction: float = 1.0  # transfer: the source run's user fraction
+
+    @property
+    def content(self) -> bool:
+        return self.model in ("scratch", "transfer", "transrec-")
+
+
+@dataclass
+class RowPlan:
+    """One row of a table: a model on a domain over seeds (or popularity, or a view of trained runs)."""
+
+    group: str
+    label: str
+    specs: list[RunSpec]
+    kind: str = "run"  # "run" | "popularity" | "view"
+    view: str | None = None  # kind "view": evaluate the runs' best model on this domain's shards
+    note: str = ""
+
+
+@dataclass
+class TablePlan:
+    name: str
+    title: str
+    rows: list[RowPlan]
+    headlines: list[tuple[str, str, str]]  # (group, label a, label b): a - b with a paired bootstrap interval
+    claims: list[dict]  # {"claim": text, "pairs": [(group, a, b)], "kind": "win" | "not_worse" | "monotone"}
+    seeds: list[int]
+    curves_title: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class Suite:
+    """Settings shared by every run of one invocation, the shard and run caches, and run execution."""
+
+    def __init__(self, a: argparse.Namespace):
+        self.quick = a.quick
+        self.preset = a.preset or ("tiny" if a.quick else "cpu-small")
+        default_out = REPO / "reports" / ("quick" if a.quick else "")
+        self.out = Path(a.out or default_out).resolve()
+        root = Path(a.data_root) if a.data_root else (REPO / "data" if a.quick else REPO.parent / "shared" / "datasets")
+        hm_default = root / "hm-fashion" if (root / "hm-fashion").is_dir() else root / "hm-fashion-fixture"
+        self.raw = {"movielens-100k-mm": Path(a.movielens or root / "movielens-100k-mm").resolve(),
+                    "hm-fashion": Path(a.hm or hm_default).resolve()}
+        self.text_encoder = a.text_encoder or ("tiny-random" if a.quick else None)
+        self.image_backbone = a.image_backbone
+        self.extra = list(a.set or [])
+        self.seeds_arg = a.seeds
+        self.targets = [t.strip() for t in a.targets.split(",")] if a.targets else list(TARGETS)
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            raise SystemExit(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
+        self.scaling_target = a.scaling_target
+        self.n_boot = 200 if a.quick else 1000
+        self.used: dict[str, dict] = {}  # run key -> record, for the reports
+        self._keys: dict[RunSpec, str] = {}
+        self._manifests: dict[str, dict] = {}
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def shards(self, domain: str) -> Path:
+        d = DOMAINS[domain]
+        src = self.raw[d.dataset]
+        tag = hashlib.sha256(str(src).encode()).hexdigest()[:8]
+        out = self.out / "shards" / f"{d.dataset}-{d.modality}-{tag}"
+        if not (out / "manifest.json").exists():
+            if not src.is_dir():
+                flag = {"movielens-100k-mm": "--movielens", "hm-fashion": "--hm"}[d.dataset]
+                raise SystemExit(f"error: raw data for {d.dataset} not found at {src}: pass --data-root or {flag}")
+            from data_shards.build import main as build_main
+
+            build_main(self.build_argv(domain, out))
+        return out
+
+    def build_argv(self, domain: str, out: Path) -> list[str]:
+        d = DOMAINS[domain]
+        return ["--dataset", d.dataset, "--source", str(self.raw[d.dataset]), "--modality", d.modality,
+                "--out", str(out)]
+
+    def manifest(self, domain: str) -> dict:
+        if domain not in self._manifests:
+            self._manifests[domain] = json.loads((self.shards(domain) / "manifest.json").read_text())
+        return self._manifests[domain]
+
+    def text_encoder_path(self) -> str | None:
+        if self.text_encoder != "tiny-random":
+            return self.text_encoder
+        path = self.out / "cache" / "tiny-random-bert"
+        if not (path / "config.json").exists():
+            make_tiny_bert(path)
+        return str(path)
+
+    def text_identity(self) -> str:
+        enc = self.text_encoder
+        if enc is None or enc in ("minilm", "bert-base-random-init"):
+            return enc or f"preset default ({self.preset})"
+        if enc == "tiny-random":
+            return "tiny-random-bert-v1"
+        p = Path(enc)
+        weights = sorted((f.name, f.stat().st_size) for f in p.glob("*.safetensors")) if p.is_dir() else []
+        cfg = (p / "config.json").read_bytes() if (p / "config.json").exists() else b""
+        return f"{p.name}:{hashlib.sha256(cfg).hexdigest()[:12]}:{weights}"
+
+    # -- runs -----------------------------------------------------------------------------------------------
+    def source_spec(self, spec: RunSpec) -> RunSpec:
+        return RunSpec(SOURCE_OF[spec.domain], "scratch", SOURCE_SEED, spec.source_fraction)
+
+    def overrides(self, spec: RunSpec) -> list[str]:
+        """The run's config overrides, paths excluded (init_from, text encoder: see `argv`)."""
+        o = list(MODEL_OVERRIDES[spec.model])
+        o.append(f"model.side_features={str(DOMAINS[spec.domain].side_features).lower()}")
+        o.append(f"data.user_fraction={spec.fraction}")
+        o.append(f"seed={spec.seed}")
+        if spec.content:
+            o.append(f"model.frozen_towers={str(spec.frozen).lower()}")
+            if self.image_backbone:
+                o.append(f"model.image_backbone={self.image_backbone}")
+        return o + self.extra
+
+    def key(self, spec: RunSpec) -> str:
+        if spec not in self._keys:
+            m = self.manifest(spec.domain)
+            canon = {"v": 1, "preset": self.preset, "overrides": self.overrides(spec),
+                     "data": {"dataset": m["dataset"], "modality": m["modality"], "inputs": m["input_files"],
+                              "items": m["num_items"], "users": m["num_users"]},
+                     "text_encoder": self.text_identity() if spec.content else None,
+                     "source": self.key(self.source_spec(spec)) if spec.model == "transfer" else None}
+            blob = json.dumps(canon, sort_keys=True).encode()
+            self._keys[spec] = hashlib.sha256(blob).hexdigest()[:16]
+        return self._keys[spec]
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return self.out / "runs" / self.key(spec)
+
+    def is_done(self, spec: RunSpec) -> bool:
+        rec = self.run_dir(spec) / "runner.json"
+        return rec.exists() and json.loads(rec.read_text()).get("status") == "done"
+
+    def argv(self, spec: RunSpec) -> list[str]:
+        argv = ["--preset", self.preset, "--shards", str(self.shards(spec.domain)),
+                "--run-dir", str(self.run_dir(spec)), "--ds_config", str(DS_CONFIG)]
+        sets = self.overrides(spec)
+        if spec.content and self.text_encoder_path():
+            sets.append(f"model.text_encoder={self.text_encoder_path()}")
+        if spec.model == "transfer":
+            sets.append(f"init_from={self.run_dir(self.source_spec(spec)) / 'export'}")
+        return argv + ["--set", *sets]
+
+    def ensure(self, spec: RunSpec) -> Path:
+        """Train the run unless it is cached (resume it when an earlier invocation was interrupted)."""
+        key, d = self.key(spec), self.run_dir(spec)
+        if self.is_done(spec):
+            self.used.setdefault(key, {**json.loads((d / "runner.json").read_text()), "this_invocation": "cached"})
+            return d
+        if spec.model == "transfer":
+            self.ensure(self.source_spec(spec))
+        from trainer.main import main
+
+        argv = self.argv(spec)
+        resumed = (d / "resume.json").exists() and not (d / "metrics.json").exists()
+        print(f"[experiments] {'resuming' if resumed else 'training'} run {key}: {spec}", flush=True)
+        t0 = time.time()
+        if resumed:
+            main(["--resume", str(d)])  # the run's own config and ds_config
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            main(argv)
+        wall = time.time() - t0
+        prune(d)
+        record = {"status": "done", "key": key, "spec": spec.__dict__, "argv": argv, "resumed": resumed,
+                  "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "source_run": self.key(self.source_spec(spec)) if spec.model == "transfer" else None}
+        (d / "runner.json").write_text(json.dumps(record, indent=1))
+        self.used[key] = {**record, "this_invocation": "trained"}
+        gc.collect()
+        return d
+
+    def ensure_view(self, spec: RunSpec, view: str) -> Path:
+        run = self.ensure(spec)
+        out = run / "views" / view
+        if not (out / "metrics.json").exists():
+            t0 = time.time()
+            evaluate_view(run, self.shards(view), out)
+            meta = json.loads((out / "metrics.json").read_text())
+            meta["wall_s"] = round(time.time() - t0, 1)
+            (out / "metrics.json").write_text(json.dumps(meta, indent=1))
+        return out
+
+    def seeds_for(self, table: str) -> list[int]:
+        n = self.seeds_arg if self.seeds_arg is not None else (3 if table == "table4" else 1)
+        return list(range(n))
+
+
+def prune(run_dir: Path) -> None:
+    """Disk: a finished run keeps its export and its overall best model; resume checkpoints and the other stage's
+    best model go (several hundred MB per content run at cpu-small scale)."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    best = int(json.loads((run_dir / "metrics.json").read_text())["best"]["stage"])
+    for f in run_dir.glob("best_stage*.safetensors"):
+        if f.name != f"best_stage{best}.safetensors":
+            f.unlink()
+
+
+def make_tiny_bert(path: Path) -> None:
+    """A 2-layer, 32-wide BERT with seeded random weights and the MiniLM tokenizer files (`--quick` only)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from trainer.towers import minilm_path
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64), add_pooling_layer=False).save_pretrained(path)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(minilm_path()) / name).exists():
+            shutil.copy(Path(minilm_path()) / name, path / name)
+
+
+def check_same_split(a: Path, b: Path) -> None:
+    """Two shard folders hold the same users, items (same indices) and splits; only item modality may differ."""
+    from data_shards.shard_io import read_sequences
+
+    ia, ib = (json.loads((p / "id_maps.json").read_text()) for p in (a, b))
+    sa, sb = read_sequences(a), read_sequences(b)
+    same = ia == ib and len(sa) == len(sb) and all(
+        x["items"] == y["items"] and x["num_train"] == y["num_train"] and x["evaluated"] == y["evaluated"]
+        for x, y in zip(sa, sb))
+    if not same:
+        raise ValueError(f"shards {a} and {b} differ in users, items or splits: a view must change modality only")
+
+
+def evaluate_view(run_dir: Path, shards: Path, out: Path) -> dict:
+    """Evaluate a finished run's best model (best_stage{N}.safetensors) on the test split of other shards of the
+    same users, items and splits (e.g. every item routed to text). Writes out/metrics.json and test_ranks.tsv."""
+    from trainer import evaluate as ev
+    from trainer.checkpoint import load_model_state
+    from trainer.main import _config_from_dict
+    from trainer.train import Trainer
+
+    record = json.loads((run_dir / "run_config.json").read_text())
+    cfg = _config_from_dict(record["config"])
+    check_same_split(Path(cfg.data.shards), shards)
+    best = int(json.loads((run_dir / "metrics.json").read_text())["best"]["stage"])
+    cfg.data.shards, cfg.run_dir, cfg.init_from, cfg.resume = str(shards), str(out), None, None
+    trainer = Trainer(cfg, str(DS_CONFIG))
+    load_model_state(trainer.model, run_dir / f"best_stage{best}.safetensors")
+    trainer.set_stage(best)  # the feature cache of this routing, from the loaded weights
+    ranks = trainer.evaluate("test", best)
+    trainer.write_ranks("test_ranks", trainer.test_users, ranks)
+    metrics = {"test": ev.metrics_from_ranks(ranks, cfg.eval.ks), "best": {"stage": best},
+               "run": str(run_dir), "shards": str(shards)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if trainer.writer is not None:
+        trainer.writer.close()
+    del trainer
+    gc.collect()
+    return metrics
+
+
+# -- results: run every row, then the headline comparisons ---------------------------------------------
+def execute(suite: Suite, plan: TablePlan) -> dict[tuple[str, str], er.RowResult]:
+    """Run (or load from the cache) every row's runs; ranks, warm / cold split, per-seed metrics."""
+    results = {}
+    train_cache: dict[str, np.ndarray] = {}
+    for row in plan.rows:
+        ranks, users, runs, curves, target_items = [], None, [], [], None
+        for spec in row.specs:
+            d = suite.ensure(spec)
+            runs.append(suite.key(spec))
+            if row.kind == "popularity":
+                path = d / "test_ranks_popularity.tsv"
+            elif row.kind == "view":
+                path = suite.ensure_view(spec, row.view) / "test_ranks.tsv"
+            else:
+                path = d / "test_ranks.tsv"
+                curves.append(d / "valid_curve.csv")
+            u, t, r = er.read_ranks(path)
+            if users is not None and not (np.array_equal(users, u) and np.array_equal(target_items, t)):
+                raise ValueError(f"{plan.name} {row.group}/{row.label}: runs disagree on the test users")
+            users, target_items = u, t
+            ranks.append(r)
+        domain = row.specs[0].domain
+        if domain not in train_cache:
+            train_cache[domain] = er.training_items(suite.shards(domain))
+        cold = er.cold_mask(target_items, train_cache[domain])
+        arr = np.stack(ranks)
+        per_seed = [er.seed_metrics(r, cold) for r in arr]
+        results[(row.group, row.label)] = er.RowResult(row, users, arr, cold, runs, per_seed, curves)
+    return results
+
+
+def headline_results(plan: TablePlan, results: dict, n_boot: int) -> dict:
+    out = {}
+    for group, a, b in plan.headlines:
+        ra, rb = results[(group, a)], results[(group, b)]
+        if not np.array_equal(ra.users, rb.users):
+            raise ValueError(f"{group}: {a} and {b} were evaluated on different users")
+        out[(group, a, b)] = {(m, s): er.compare(ra.ranks, rb.ranks, ra.cold, m, s, n=n_boot)
+                              for m in ("hr@10", "ndcg@10", "ndcg@20") for s in er.SUBSETS}
+    return out
+
+
+# -- the tables ----------------------------------------------------------------------------------------------
+def _seeded(spec: RunSpec, seeds: list[int]) -> list[RunSpec]:
+    return [replace(spec, seed=s) for s in seeds]
+
+
+def plan_table2(suite: Suite) -> TablePlan:
+    seeds = suite.seeds_for("table2")
+    rows, heads = [], []
+    for view in ("mixed", "text", "image"):
+        vd = None if view == "mixed" else f"ml-{view}"
+        rows.append(RowPlan(view, "popularity", [RunSpec("ml-mixed", "idrec", seeds[0])], kind="popularity"))
+        rows.append(RowPlan(view, "IDRec", _seeded(RunSpec("ml-mixed", "idrec"), seeds),
+                            note="" if vd is None else "IDs ignore content: the mixed run's ranks"))
+        for label, model in (("TransRec-", "transrec-"), ("TransRec", "scratch")):
+            rows.append(RowPlan(view, label, _seeded(RunSpec("ml-mixed", model), seeds),
+                                kind="run" if vd is None else "view", view=vd))
+        heads += [(view, "TransRec", "IDRec"), (view, "TransRec", "TransRec-"), (view, "TransRec", "popularity")]
+    claims = [
+        {"claim": "Pre-training the user encoder (stage 1) improves TransRec over TransRec- (stage 2 only), on "
+                  "mixed, text and image feedback.",
+         "pairs": [(v, "TransRec", "TransRec-") for v in ("mixed", "text", "image")], "kind": "win"},
+        {"claim": "Trained on mixture-of-modality feedback, TransRec is competitive with IDRec on the source domain.",
+         "pairs": [("mixed", "TransRec", "IDRec")], "kind": "not_worse"},
+        {"claim": "The mixed-trained model recommends from all-text and all-image versions of the same feedback "
+                  "(here: better than popularity).",
+         "pairs": [(v, "TransRec", "popularity") for v in ("text", "image")], "kind": "win"},
+    ]
+    note = ("The text and image rows evaluate the models trained on mixed feedback, unchanged, with every item "
+            "routed to its text (or image) tower: the same users, items and leave-one-out splits (checked); items "
+            "without a poster fall back to text in the all-image shards (see the manifest's modality_fallbacks).")
+    return TablePlan("table2", "Table 2: source domain (MovieLens mixed): IDRec vs TransRec- vs TransRec", rows, heads,
+                     claims, seeds, notes=[note])
+
+
+def plan_table4(suite: Suite) -> TablePlan:
+    seeds = suite.seeds_for("table4")
+    rows, heads, claims_tr, claims_id = [], [], [], []
+    models = (("IDRec", "idrec"), ("IDGru", "idgru"), ("IDNext", "idnext"), ("train-from-scratch", "scratch"),
+              ("TransRec (transfer)", "transfer"))
+    for t in suite.targets:
+        g = f"{DOMAINS[t].label} (from {DOMAINS[SOURCE_OF[t]].label})"
+        # IDs ignore item content: on H&M image-only the ID baselines are the H&M mixed runs (same users, items,
+        # splits and features), trained once
+        id_domain = "hm-mixed" if t == "hm-image" else t
+        rows.append(RowPlan(g, "popularity", [RunSpec(id_domain, "idrec", seeds[0])], kind="popularity"))
+        rows += [RowPlan(g, label, _seeded(RunSpec(t if m in ("scratch", "transfer") else id_domain, m), seeds))
+                 for label, m in models]
+        heads += [(g, "TransRec (transfer)", b)
+                  for b in ("train-from-scratch", "IDRec", "IDGru", "IDNext", "popularity")]
+        claims_tr.append((g, "TransRec (transfer)", "train-from-scratch"))
+        claims_id += [(g, "TransRec (transfer)", b) for b in ("IDRec", "IDGru", "IDNext")]
+    claims = [
+        {"claim": "Transfer (pre-trained on the source, fine-tuned) beats the same model trained from scratch on every "
+                  "target, without shared users or items.", "pairs": claims_tr, "kind": "win"},
+        {"claim": "TransRec (transfer) beats the ID baselines IDRec, IDGru (GRU4Rec) and IDNext (NextItNet) on every "
+                  "target.", "pairs": claims_id, "kind": "win"},
+        {"claim": "(design expectation, not a paper table) Content towers help most on cold test items, which ID "
+                  "models cannot have learned.", "pairs": [(g, a, b) for g, a, b in claims_id if b == "IDRec"],
+         "kind": "win", "subset": "cold"},
+    ]
+    note = (f"Transfer starts from the source run with seed {SOURCE_SEED} (one pre-trained model per source, as a "
+            "released checkpoint would be); the seeds vary the target training. The H&M text-only target uses user "
+            "and item side features for every trained model on it (popularity excepted); the side-feature modules "
+            "are domain-specific and start new in transfer. ID baselines ignore item content, so on H&M image-only "
+            "they are the H&M mixed runs (identical users, items and splits).")
+    return TablePlan("table4", "Table 4: transfer to the target domains", rows, heads, claims, seeds, notes=[note])
+
+
+def plan_table5(suite: Suite) -> TablePlan:
+    seeds, t = suite.seeds_for("table5"), suite.scaling_target
+    g = f"target {DOMAINS[t].label}"
+    rows = [RowPlan(g, "train-from-scratch", _seeded(RunSpec(t, "scratch"), seeds))]
+    labels = [f"transfer, source {int(f * 100)}%" for f in SOURCE_FRACTIONS]
+    rows += [RowPlan(g, lab, _seeded(RunSpec(t, "transfer", source_fraction=f), seeds))
+             for lab, f in zip(labels, SOURCE_FRACTIONS)]
+    heads = [(g, lab, "train-from-scratch") for lab in labels]
+    heads += [(g, labels[-1], labels[0]), (g, labels[1], labels[0])]
+    claims = [{"claim": "More source data gives a better target model (monotone in the source fraction).",
+               "pairs": [(g, labels[-1], labels[0])], "kind": "monotone", "order": [(g, lab) for lab in labels]},
+              {"claim": "Even a fraction of the source data transfers better than training from scratch.",
+               "pairs": [(g, lab, "train-from-scratch") for lab in labels], "kind": "win"}]
+    note = ("Source fractions sample the source's users (seeded, `data.user_fraction`); every source run is "
+            f"evaluated on all its users. The target trains on all its users. Source seed {SOURCE_SEED}.")
+    return TablePlan("table5", f"Table 5: source data scale (MovieLens fractions) -> {DOMAINS[t].label}", rows, heads,
+                     claims, seeds, notes=[note],
+                     curves_title="Figure 3: target validation NDCG@10 per source fraction")
+
+
+def plan_table6(suite: Suite) -> TablePlan:
+    seeds, t = suite.seeds_for("table6"), suite.scaling_target
+    rows, heads = [], []
+    for f in TARGET_FRACTIONS:
+        g = f"target {int(f * 100)}%"
+        rows += [RowPlan(g, "train-from-scratch", _seeded(RunSpec(t, "scratch", fraction=f), seeds)),
+                 RowPlan(g, "TransRec (transfer)", _seeded(RunSpec(t, "transfer", fraction=f), seeds))]
+        heads.append((g, "TransRec (transfer)", "train-from-scratch"))
+    claims = [{"claim": "Transfer beats training from scratch at every target data size.", "pairs": heads,
+               "kind": "win"},
+              {"claim": "The relative improvement of transfer over scratch is largest when target data is scarce.",
+               "pairs": heads, "kind": "relative_decreasing"}]
+    note = ("Target fractions sample the target's training users (seeded by the run seed); every run is evaluated on "
+            "all evaluated target users, with the warm/cold split of the full data.")
+    return TablePlan("table6", f"Table 6: target data scale ({DOMAINS[t].label}), transfer vs scratch", rows, heads,
+                     claims, seeds, notes=[note],
+                     curves_title="Figure 4: target validation NDCG@10, scratch vs transfer per target fraction")
+
+
+def plan_table7(suite: Suite) -> TablePlan:
+    seeds = suite.seeds_for("table7")
+    rows, heads, e2e = [], [], []
+    for t in [t for t in suite.targets if t.startswith("hm-")]:
+        g = DOMAINS[t].label
+        for label, model, frozen in (("scratch, end-to-end", "scratch", False),
+                                     ("scratch, frozen", "scratch", True),
+                                     ("transfer, end-to-end", "transfer", False),
+                                     ("transfer, frozen", "transfer", True)):
+            rows.append(RowPlan(g, label, _seeded(RunSpec(t, model, frozen=frozen), seeds)))
+        pairs = [(g, "scratch, end-to-end", "scratch, frozen"), (g, "transfer, end-to-end", "transfer, frozen")]
+        heads += pairs + [(g, "transfer, end-to-end", "scratch, end-to-end"),
+                          (g, "transfer, frozen", "scratch, frozen")]
+        e2e += pairs
+    claims = [{"claim": "End-to-end training of the towers beats frozen towers, for scratch and for transfer.",
+               "pairs": e2e, "kind": "win"}]
+    note = ("Frozen: `model.frozen_towers=true`, the towers (backbones, pooling, projections) never train and their "
+            "outputs are cached once; end-to-end: the towers' top blocks train in stage 2 (the preset's "
+            "text_trainable / image_trainable). Frozen transfer loads the same source export as end-to-end transfer.")
+    return TablePlan("table7", "Table 7: frozen vs end-to-end towers on the H&M targets", rows, heads, claims, seeds,
+                     notes=[note])
+
+
+PLANS = {"table2": plan_table2, "table4": plan_table4, "table5": plan_table5, "table6": plan_table6,
+         "table7": plan_table7}
+
+
+def run_table(suite: Suite, name: str, command: str) -> Path:
+    plan = PLANS[name](suite)
+    t0 = time.time()
+    results = execute(suite, plan)
+    heads = headline_results(plan, results, suite.n_boot)
+    return er.write_report(suite, plan, results, heads, command, time.time() - t0)
+
+
+def print_plan(suite: Suite, name: str) -> None:
+    plan = PLANS[name](suite)
+    specs = {}
+    for row in plan.rows:
+        for s in row.specs:
+            if s.model == "transfer":
+                specs[suite.source_spec(s)] = True
+            specs[s] = True
+    todo = [s for s in specs if not suite.is_done(s)]
+    print(f"{name}: {len(specs)} runs, {len(specs) - len(todo)} cached, {len(todo)} to train")
+    for s in specs:
+        print(f"  {'cached ' if suite.is_done(s) else 'TO RUN '} {suite.key(s)}  {s}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", choices=[*TABLES, "all"])
+    p.add_argument("--quick", action="store_true", help="tiny preset, tiny random BERT, bundled data: minutes")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per row (default: 3 for table4, 1 otherwise)")
+    p.add_argument("--out", default=None,
+                   help="reports, CSV, PNG, runs/ and shards/ (default reports/, quick: reports/quick/)")
+    p.add_argument("--data-root", default=None,
+                   help="folder with movielens-100k-mm/ and hm-fashion/ (default ../shared/datasets; quick: data/)")
+    p.add_argument("--movielens", default=None, help="MovieLens-100k-mm raw folder (overrides --data-root)")
+    p.add_argument("--hm", default=None, help="H&M raw folder (overrides --data-root)")
+    p.add_argument("--preset", default=None, choices=["cpu-small", "paper", "tiny"],
+                   help="trainer preset (default cpu-small; --quick: tiny)")
+    p.add_argument("--text-encoder", default=None,
+                   help="minilm | bert-base-random-init | local BERT folder | tiny-random (default: the preset's)")
+    p.add_argument("--image-backbone", default=None, choices=["resnet18", "efficientnet-lite0"])
+    p.add_argument("--targets", default=None, help=f"comma-separated subset of {','.join(TARGETS)} (tables 4 and 7)")
+    p.add_argument("--scaling-target", default="hm-mixed", choices=list(TARGETS), help="target of tables 5 and 6")
+    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="overrides for every run")
+    p.add_argument("--plan", action="store_true",
+                   help="list the runs each table needs and which are cached; train nothing")
+    a = p.parse_args(argv)
+    if a.seeds is not None and a.seeds < 1:
+        p.error("--seeds must be >= 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    a = parse_args(argv)
+    suite = Suite(a)
+    suite.out.mkdir(parents=True, exist_ok=True)
+    names = list(TABLES) if a.table == "all" else [a.table]
+    command = "python -m trainer.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
+    with open(suite.out / ".experiments.lock", "w") as lock:  # one invocation per OUT at a time
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another trainer.experiments is using {suite.out}; wait or pass --out") from None
+        if a.plan:
+            for name in names:
+                print_plan(suite, name)
+            return []
+        written = [run_table(suite, name, command) for name in names]
+    for path in written:
+        print(f"[experiments] report: {path}")
+    return written
+
+if __name__ == "__main__":
+    main()
