@@ -37,7 +37,7 @@ def case(M: int, V: int, d: int, dtype: torch.dtype, dev: torch.device) -> Case:
         return pt_catalog_cross_entropy(h, w, b, target)
     # the spec keeps ~4 fp32 [M, V] tensors alive around its backward
     free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 8 << 30
-    skip = {} if 16 * M * V < 0.8 * free else {"torch_spec": "skipped: [M, V] logits do not fit"}
+    skip = {} if 0.8 * free > 16 * M * V else {"torch_spec": "skipped: [M, V] logits do not fit"}
     if M * V > 1 << 32:  # thousands of Python-level chunks per call: seconds per sample
         skip["torch"] = "skipped: the chunked reference is too slow at this size for the time budget"
     return Case(
