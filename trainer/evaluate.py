@@ -46,16 +46,18 @@ def eval_users(sequences: list[dict], split: str, max_len: int) -> EvalUsers:
 def excluded_pairs(
     targets: torch.Tensor, seen: list[np.ndarray], exclude_seen: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, item) pairs left out of each user's count: the target itself, and seen items when excluded."""
-    rows = [torch.arange(len(targets), device=targets.device)]
-    items = [targets]
-    if exclude_seen:
-        for i, s in enumerate(seen):
-            s = torch.as_tensor(s, device=targets.device)
-            s = s[s != targets[i]]
-            rows.append(torch.full_like(s, i))
-            items.append(s)
-    return torch.cat(rows), torch.cat(items)
+    """(row, item) pairs left out of each user's count: the target itself, and seen items when excluded.
+
+    Built on the host with numpy and copied to the device once per user batch (no per-user device work)."""
+    t = targets.cpu().numpy()
+    rows, items = np.arange(len(t)), t
+    if exclude_seen and seen:
+        r = np.repeat(np.arange(len(seen)), [len(x) for x in seen])
+        v = np.concatenate([np.asarray(x, dtype=np.int64) for x in seen])
+        keep = v != t[r]
+        rows, items = np.concatenate([rows, r[keep]]), np.concatenate([items, v[keep]])
+    device = targets.device
+    return torch.as_tensor(rows, device=device), torch.as_tensor(items, dtype=torch.long, device=device)
 
 
 def ranks_from_scores(
