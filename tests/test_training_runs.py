@@ -64,6 +64,16 @@ def _losses(run_dir: Path, stage: int) -> list[tuple[int, float]]:
     return [(int(r.split(",")[0]), float(r.split(",")[1])) for r in rows]
 
 
+def _tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
+    """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
+    from trainer.config import apply_overrides, preset
+    from trainer.train import Trainer
+
+    base = [f"data.shards={shards}", f"model.text_encoder={text_encoder}", f"run_dir={run_dir}"]
+    cfg = apply_overrides(preset("tiny"), [*base, *overrides])
+    return Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+
+
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory, ml_shards, tiny_bert_dir) -> Path:
     """One two-stage run in-process on MovieLens (tiny preset), shared by several tests."""
@@ -120,24 +130,9 @@ def test_stage2_changes_trainable_tower_parameters(source_run):
 
 
 def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir, tmp_path):
-    from trainer.config import apply_overrides, preset
-    from trainer.train import Trainer
-
     exported = load_file(str(source_run / "export" / "model.safetensors"))
-
-    def build(init: bool) -> Trainer:
-        cfg = preset("tiny")
-        overrides = [
-            f"data.shards={hm_shards}",
-            f"model.text_encoder={tiny_bert_dir}",
-            f"run_dir={tmp_path / ('t' if init else 's')}",
-            "seed=1",
-        ]
-        if init:
-            overrides.append(f"init_from={source_run / 'export'}")
-        return Trainer(apply_overrides(cfg, overrides), str(REPO / "ds_configs" / "zero2.json"))
-
-    transfer, scratch = build(True), build(False)
+    transfer = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "t", "seed=1", f"init_from={source_run / 'export'}")
+    scratch = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "s", "seed=1")
     t_state, s_state = transfer.model.state_dict(), scratch.model.state_dict()
     assert t_state["head.weight"].shape[0] == transfer.num_items != 1682  # a new catalogue with its own head
     for k, v in exported.items():
@@ -152,21 +147,8 @@ def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir,
 
 
 def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
-    from trainer.config import apply_overrides, preset
-    from trainer.train import Trainer
-
-    cfg = apply_overrides(
-        preset("tiny"),
-        [
-            f"data.shards={hm_shards}",
-            f"model.text_encoder={tiny_bert_dir}",
-            f"run_dir={tmp_path}",
-            f"init_from={source_run / 'export'}",
-            "model.d=48",
-        ],
-    )
     with pytest.raises(ValueError, match="architecture differs"):
-        Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+        _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path, f"init_from={source_run / 'export'}", "model.d=48")
 
 
 COMPARE = [
@@ -288,20 +270,9 @@ def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_s
 
 
 def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path, monkeypatch):
-    from trainer.config import apply_overrides, preset
-    from trainer.train import Trainer, TrainingDiverged
+    from trainer.train import TrainingDiverged
 
-    cfg = apply_overrides(
-        preset("tiny"),
-        [
-            f"data.shards={ml_shards}",
-            f"model.text_encoder={tiny_bert_dir}",
-            f"run_dir={tmp_path}",
-            "stages=1",
-            "log_every=1",
-        ],
-    )
-    trainer = Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+    trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "log_every=1")
     original = trainer.model.stage1_loss
     monkeypatch.setattr(trainer.model, "stage1_loss", lambda batch: original(batch) * float("nan"))
     with pytest.raises(TrainingDiverged, match="loss is nan.*last good checkpoint"):
