@@ -264,3 +264,26 @@ def test_cached_runs_are_skipped(quick):
     main(["table4", *common])
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")} == stamps
     assert "(0 trained in this invocation" in (out / "table4.md").read_text()
+
+
+def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
+    """A changed preset default (not only an override) must give a new run key: no stale cache hit."""
+    import trainer.config as config
+    from trainer.experiments import RunSpec, Suite, parse_args
+
+    data = REPO / "data"
+    argv = ["table2", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
+            "--hm", str(data / "hm-fashion-fixture")]
+    spec = RunSpec("ml-mixed", "scratch")
+    before = Suite(parse_args(argv)).key(spec)
+    original = config.preset
+
+    def changed(name):
+        cfg = original(name)
+        cfg.stage1.epochs += 1
+        return cfg
+
+    monkeypatch.setattr(config, "preset", changed)
+    assert Suite(parse_args(argv)).key(spec) != before
+    monkeypatch.setattr(config, "preset", original)
+    assert Suite(parse_args(argv)).key(spec) == before

@@ -123,6 +123,45 @@ def test_cached_lower_blocks_change_nothing(small_model):
     torch.testing.assert_close(cached, full, rtol=2e-3, atol=2e-3)  # the cache is stored in fp16
 
 
+def test_feature_store_reuses_equal_frozen_blocks_only(small_model, tmp_path):
+    """The on-disk store returns the same tables for the same frozen weights and misses after any change."""
+    model, store, decoder = small_model
+    messages = []
+
+    def build():
+        return FeatureCache.build(model, store, store.modality, decoder, 16, torch.device("cpu"), show_progress=False,
+                                  store_dir=tmp_path, log=messages.append)
+
+    for tower in model.towers.values():
+        tower.set_trainable(1)
+    try:
+        first = build()
+        assert sum("stored" in m for m in messages) == 2 and len(list(tmp_path.glob("*.pt"))) == 2
+        second = build()
+        assert sum("reused" in m for m in messages) == 2
+        items = torch.arange(0, 60)
+        torch.testing.assert_close(second.text(items[store.modality[:60] == 0]),
+                                   first.text(items[store.modality[:60] == 0]))
+        torch.testing.assert_close(second.image(items[store.modality[:60] == 1]),
+                                   first.image(items[store.modality[:60] == 1]))
+        weight = model.towers["text"].bert.encoder.layer[0].intermediate.dense.weight
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(torch.randn_like(weight) * 1e-2)  # a frozen weight changes: the text table is recomputed
+        third = build()
+        with torch.no_grad():
+            weight.copy_(saved)
+        assert len(list(tmp_path.glob("text-*.pt"))) == 2 and len(list(tmp_path.glob("image-*.pt"))) == 1
+        text_items = items[store.modality[:60] == 0]
+        assert not torch.equal(third.text(text_items)[0], first.text(text_items)[0])
+        model.towers["text"].set_trainable(0)  # other blocks frozen: another key
+        build()
+        assert len(list(tmp_path.glob("text-*.pt"))) == 3
+    finally:
+        for tower in model.towers.values():
+            tower.set_trainable(-1)
+
+
 def test_user_encoder_is_causal_and_user_vector_is_the_last_state(small_model):
     model, _, _ = small_model
     torch.manual_seed(0)
@@ -153,6 +192,41 @@ def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_
     batch = next(iter(make_train_loader(ml_shards, cfg)))
     loss = model.stage2_loss(batch, n_continuation=2)
     assert torch.isfinite(loss) and calls == [1]
+
+
+def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
+    """Stage 1 feeds only real (position, next item) pairs to the catalogue softmax: same loss and gradients as
+    the naive cross-entropy over every position with padding and zero-weight samples ignored."""
+    from data_shards.loader import LoaderConfig, make_train_loader
+
+    model, _, _ = small_model
+    cfg = LoaderConfig(window=9, batch_size=4, min_len=2, decoder="pil", image_size=32, max_tokens=16)
+    batch = next(iter(make_train_loader(ml_shards, cfg)))
+    batch.slots[0, :4] = -1  # left padding in the first window
+    batch.items[0, :4] = -1
+    batch.weights[2] = 0.0  # a zero-weight padding sample
+    torch.manual_seed(0)
+    model.head.weight.data.normal_(0, 0.1)
+
+    def naive():
+        vecs, mask = model.slot_vectors(batch, model.encode_items(batch.unique_items, batch.content))
+        h = model.encode_sequence(vecs[:, :-1], mask[:, :-1]).flatten(0, 1)
+        target = batch.items[:, 1:].clone()
+        target[~(mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0))] = -100
+        logits = h @ model.head.weight.T + model.head.bias
+        return torch.nn.functional.cross_entropy(logits, target.flatten(), ignore_index=-100)
+
+    params = [model.head.weight, *model.user_encoder.parameters()]
+    results = []
+    for fn in (lambda: model.stage1_loss(batch), naive):
+        loss = fn()
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    batch.weights[:] = 0.0  # every sample padding: a zero loss, zero gradients, no NaN
+    loss = model.stage1_loss(batch)
+    assert loss.item() == 0.0 and torch.autograd.grad(loss, model.head.weight)[0].abs().sum() == 0
 
 
 def _saved_activation_bytes(fn) -> int:

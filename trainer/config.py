@@ -101,6 +101,7 @@ class DataConfig:
     shuffle_buffer: int = 4096
     user_fraction: float = 1.0
     modality_override: str | None = None  # evaluate an all-"text" or all-"image" view of the same users
+    feature_store: str | None = None  # folder of frozen lower-block outputs shared across runs (trainer/feature_cache)
 
     def __post_init__(self) -> None:
         if self.modality_override not in (None, "text", "image"):

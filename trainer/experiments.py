@@ -204,7 +204,7 @@ class Suite:
     def key(self, spec: RunSpec) -> str:
         if spec not in self._keys:
             m = self.manifest(spec.domain)
-            canon = {"v": 1, "preset": self.preset, "overrides": self.overrides(spec),
+            canon = {"v": 2, "preset": self.preset, "config": self.resolved_config(spec),
                      "data": {"dataset": m["dataset"], "modality": m["modality"], "inputs": m["input_files"],
                               "items": m["num_items"], "users": m["num_users"]},
                      "text_encoder": self.text_identity() if spec.content else None,
@@ -212,6 +212,17 @@ class Suite:
             blob = json.dumps(canon, sort_keys=True).encode()
             self._keys[spec] = hashlib.sha256(blob).hexdigest()[:16]
         return self._keys[spec]
+
+    def resolved_config(self, spec: RunSpec) -> dict:
+        """The run's full configuration (preset + overrides), paths left out: a preset whose defaults change gives new
+        run keys, so a cached run is reused only when it was trained with exactly these settings."""
+        from trainer.config import apply_overrides, preset, to_dict
+
+        cfg = to_dict(apply_overrides(preset(self.preset), self.overrides(spec)))
+        for section, key in (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), (None, "run_dir"),
+                             (None, "init_from"), (None, "resume")):
+            (cfg[section] if section else cfg).pop(key)
+        return cfg
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / self.key(spec)
@@ -226,6 +237,8 @@ class Suite:
         sets = self.overrides(spec)
         if spec.content and self.text_encoder_path():
             sets.append(f"model.text_encoder={self.text_encoder_path()}")
+        if spec.content:  # frozen lower-block outputs, shared by the runs whose frozen weights are equal
+            sets.append(f"data.feature_store={self.out / 'cache' / 'features'}")
         if spec.model == "transfer":
             sets.append(f"init_from={self.run_dir(self.source_spec(spec)) / 'export'}")
         return argv + ["--set", *sets]

@@ -4,9 +4,20 @@ Frozen lower blocks of a tower depend only on the item, so their output is compu
 catalogue and stored (half precision by default); training then runs only the trainable top from the cache.
 Nothing learned changes: the frozen blocks would compute the same values every step. A tower that trains
 every block (trainable = -1) is not cached and reads content from the loader.
+
+With a `store_dir` (config `data.feature_store`), each tower's table is also kept on disk and reused by later runs,
+keyed by everything the values depend on: the exact weights of the frozen blocks (hashed), which blocks they are,
+the shards (manifest), the items routed to the tower, the token / pixel size, the image decoder and the storage
+dtype. Runs that share frozen blocks (every scratch seed; transfer, whose lower blocks were never trained in the
+source) skip the pass; any changed weight gives a new key. Files are written atomically (temporary name, rename).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +69,8 @@ class FeatureCache:
         chunk: int = 256,
         dtype: torch.dtype = torch.float16,
         show_progress: bool = True,
+        store_dir: str | Path | None = None,
+        log=None,
     ) -> FeatureCache | None:
         """Lower-block outputs for every item of each cached tower (rows indexed per modality)."""
         towers = model.towers
@@ -75,8 +88,22 @@ class FeatureCache:
             if len(items) == 0:  # no item routed to this tower (single-modality shards)
                 continue
             rows[torch.from_numpy(items)] = torch.arange(len(items))
-            outs, masks = [], []
             tower = towers[name]
+            path = None
+            if store_dir is not None:
+                size = max_tokens if name == "text" else getattr(decoder, "size", None)
+                key = feature_key(tower, store, items, size, getattr(decoder, "backend", None), dtype)
+                path = Path(store_dir) / f"{name}-{key}.pt"
+                if path.exists():
+                    saved = torch.load(path, weights_only=True)
+                    if name == "text":
+                        text = (saved["hidden"], saved["mask"])
+                    else:
+                        image = saved["features"]
+                    if log is not None:
+                        log(f"{name} features: reused {path}")
+                    continue
+            outs, masks = [], []
             for start in tqdm(
                 range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk", disable=not show_progress
             ):
@@ -97,8 +124,29 @@ class FeatureCache:
                 text = (torch.cat(outs), torch.cat(masks))
             else:
                 image = torch.cat(outs)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                torch.save({"hidden": text[0], "mask": text[1]} if name == "text" else {"features": image}, tmp)
+                os.replace(tmp, path)
+                if log is not None:
+                    log(f"{name} features: stored {path}")
         model.train(was_training)
         # Kept on the training device (GPU gathers are cheap); on CPU this is a no-op.
         text = tuple(t.to(device) for t in text) if text is not None else None
         image = image.to(device) if image is not None else None
         return cls(text, image, rows.to(device), covered)
+
+
+def feature_key(tower, store: ItemStore, items: np.ndarray, size, decoder_backend, dtype: torch.dtype) -> str:
+    """Hash of everything a tower's cached lower-block outputs depend on (see the module docstring)."""
+    h = hashlib.sha256()
+    meta = {"tower": type(tower).__name__, "split": tower.split, "size": size, "decoder": decoder_backend,
+            "dtype": str(dtype), "manifest": json.dumps(store.manifest, sort_keys=True)}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(items, dtype=np.int64).tobytes())
+    for name, t in sorted(tower.lower_state().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]

@@ -214,11 +214,15 @@ class TransRec(nn.Module):
         h = self.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L-1, d]
         if self.side:
             h = self._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
-        target = batch.items[:, 1:].clone()
-        valid = mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)
-        target[~valid] = -100
+        valid = (mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)).flatten()
+        # Only real (position, next item) pairs enter the catalogue softmax: padded slots would cost a full [V]
+        # row of logits each (most H&M windows are short) and contribute nothing to the mean.
+        keep = valid.nonzero().squeeze(1)
+        if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
+            return h.sum() * 0.0 + self.head.weight.sum() * 0.0 + self.head.bias.sum() * 0.0
         return kernels.catalog_cross_entropy(
-            h.flatten(0, 1), self.head.weight, self.head.bias, target.flatten(), relu=self.cfg.stage1_relu
+            h.flatten(0, 1)[keep], self.head.weight, self.head.bias, batch.items[:, 1:].flatten()[keep],
+            relu=self.cfg.stage1_relu,
         )
 
     def stage2_loss(self, batch, n_continuation: int) -> torch.Tensor:

@@ -102,6 +102,12 @@ class TextTower(nn.Module):
     def _ext_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
+    def lower_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor `lower()` reads: the embeddings and the frozen layers."""
+        mods = {"embeddings": self.bert.embeddings}
+        mods.update({f"layer{i}": layer for i, layer in enumerate(self.bert.encoder.layer[: self.split])})
+        return {f"{k}.{n}": t for k, m in mods.items() for n, t in m.state_dict().items()}
+
     def lower(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, T, H] entering the first trainable layer."""
         x = self.bert.embeddings(input_ids=token_ids)
@@ -236,6 +242,10 @@ class ImageTower(nn.Module):
         for block in self.blocks[: self.split]:  # frozen blocks keep their BatchNorm statistics
             block.eval()
         return self
+
+    def lower_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor `lower()` reads: the frozen blocks (weights and BatchNorm statistics)."""
+        return {f"block{i}.{n}": t for i, b in enumerate(self.blocks[: self.split]) for n, t in b.state_dict().items()}
 
     def lower(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels

@@ -143,6 +143,8 @@ class Trainer:
                     self.device,
                     chunk=self.cfg.eval.item_batch,
                     show_progress=self.rank == 0,
+                    store_dir=self.cfg.data.feature_store,
+                    log=LOG.info,
                 )
             if self.model.cache is not None:
                 LOG.info(
