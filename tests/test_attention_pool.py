@@ -13,6 +13,7 @@ from kernels.pytorch.pt_attention_pool import pt_attention_pool
 from kernels.testing import (
     assert_close,
     compare,
+    compare_against_exact,
     describe_devices,
     sweep,
     sweep_id,
@@ -99,7 +100,31 @@ def test_large_scores_are_stable(device: str, dtype: torch.dtype) -> None:
     s = torch.tanh(inputs[0].float() @ inputs[1].float() + inputs[2].float()) @ inputs[3].float()
     assert s.abs().max() > 40
     grad_out = torch.randn(5, 64, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-    compare(run("triton", mask), run("torch", mask), inputs, grad_out, dtype, NAMES)
+    if dtype == torch.float32:  # ill-conditioned: judge both fp32 results against the fp64 ground truth
+        compare_against_exact(run("triton", mask), run("torch", mask), inputs, grad_out, NAMES)
+    else:
+        compare(run("triton", mask), run("torch", mask), inputs, grad_out, dtype, NAMES)
+
+
+def test_exact_comparison_catches_a_wrong_gradient() -> None:
+    """The fp64 check is not vacuous: a kernel whose gradient is off by 1e-3 fails it."""
+    inputs, mask = make_inputs(5, 37, 64, 16, torch.float32, "cpu", seed=3, score_scale=80.0)
+    grad_out = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+
+    class Skewed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * (1 + 1e-3)
+
+    def skewed(x, w1, b1, w2, b2):
+        return attention_pool(Skewed.apply(x), mask, w1, b1, w2, b2, impl="torch")
+
+    with pytest.raises(AssertionError, match="grad_x"):
+        compare_against_exact(skewed, run("torch", mask), inputs, grad_out, NAMES)
 
 
 SWEEP = sweep(6, 101, B=(1, 4), T=(1, 40), H=(1, 70), A=(1, 40), bf16=(0, 1), seed=(0, 2**16))

@@ -12,11 +12,12 @@ def pt_attention_pool(
     """out_b = sum_t alpha_bt x_bt with alpha_b = softmax over kept tokens of tanh(x_bt W1 + b1) w2 + b2.
 
     x [B, T, H], mask [B, T] bool (True = real token), w1 [H, A], b1 [A], w2 [A], b2 [] -> [B, H].
-    Computed in fp32 and cast back to x's dtype. Rows without any real token give zeros and zero
-    gradients (no NaN).
+    Computed in fp32 (fp64 inputs: in fp64, the ground truth of the precision tests) and cast back to x's
+    dtype. Rows without any real token give zeros and zero gradients (no NaN).
     """
-    xf = x.float()
-    s = torch.tanh(xf @ w1.float() + b1.float()) @ w2.float() + b2.float()  # [B, T]
+    ct = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(ct)
+    s = torch.tanh(xf @ w1.to(ct) + b1.to(ct)) @ w2.to(ct) + b2.to(ct)  # [B, T]
     mask = mask.bool()
     has_token = mask.any(dim=-1, keepdim=True)  # [B, 1]
     s = s.masked_fill(~mask, float("-inf"))
