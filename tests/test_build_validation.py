@@ -147,7 +147,8 @@ def test_bad_input_listed_in_validation_json(bad_hm):
     assert v["counts"] == bad_hm["manifest"]["validation"]
     found = v["found"]
     assert sorted(x["item"] for x in found["corrupt_image"]) == sorted([*d["truncated"], d["garbage"]])
-    assert sorted(x["file"] for x in found["corrupt_image"]) == sorted(f"{a}.jpg" for a in [*d["truncated"], d["garbage"]])
+    corrupt = [*d["truncated"], d["garbage"]]
+    assert sorted(x["file"] for x in found["corrupt_image"]) == sorted(f"{a}.jpg" for a in corrupt)
     assert all(x["reason"] for x in found["corrupt_image"])
     assert [(x["item"], x["file"]) for x in found["missing_image"]] == [(d["deleted"], f"{d['deleted']}.jpg")]
     assert [(x["item"], x["line"], x["file"]) for x in found["unknown_item"]] == [

@@ -219,8 +219,9 @@ class Suite:
         from trainer.config import apply_overrides, preset, to_dict
 
         cfg = to_dict(apply_overrides(preset(self.preset), self.overrides(spec)))
-        for section, key in (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), (None, "run_dir"),
-                             (None, "init_from"), (None, "resume")):
+        paths = (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), (None, "run_dir"),
+                 (None, "init_from"), (None, "resume"))
+        for section, key in paths:
             (cfg[section] if section else cfg).pop(key)
         return cfg
 
