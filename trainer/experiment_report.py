@@ -192,7 +192,11 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
                      f"({m['num_users_evaluated']}) | {m['num_items']} | {m['num_interactions']} | {hashes} |")
     lines.append("")
     for d in domains:
-        lines.append(f"- {d}: `python -m data_shards.build {' '.join(suite.build_argv(d, suite.shards(d)))}`")
+        policies = suite.manifest(d).get("policies", {})
+        collapsed = (f"; {policies['duplicates_removed']} same-day repeats of an article collapsed (see BUILD_OPTIONS "
+                     "in trainer/experiments.py)" if policies.get("duplicates_removed") else "")
+        argv = " ".join(suite.build_argv(d, suite.shards(d)))
+        lines.append(f"- {d}: `python -m data_shards.build {argv}`{collapsed}")
     cold = {}
     for res in results.values():
         dom = res.plan.specs[0].domain
