@@ -266,9 +266,12 @@ def test_cached_runs_are_skipped(quick):
 
     out, common = quick
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")}
-    main(["table4", *common])
+    main(["table4", *common, "--report-suffix", "_again"])
     assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")} == stamps
-    assert "(0 trained in this invocation" in (out / "table4.md").read_text()
+    assert "(0 trained in this invocation" in (out / "table4_again.md").read_text()
+    assert (out / "table4_again_runs.csv").exists() and (out / "table4_again_bars.png").exists()
+    with pytest.raises(SystemExit):
+        main(["table4", *common, "--report-suffix", "../elsewhere"])
 
 
 def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):

@@ -3,7 +3,7 @@
     python -m trainer.experiments {table2,table4,table5,table6,table7,all} [--quick] [--seeds N] [--out DIR]
         [--data-root DIR | --movielens DIR --hm DIR] [--preset cpu-small|paper|tiny] [--text-encoder PATH]
         [--image-backbone resnet18|efficientnet-lite0] [--targets hm-mixed,hm-image,hm-text-side,ml-mixed]
-        [--scaling-target hm-mixed] [--set section.key=value ...] [--plan]
+        [--scaling-target hm-mixed] [--set section.key=value ...] [--report-suffix S] [--plan]
 
 Domains. Source: MovieLens-100k, mixed modality. Targets (no shared users or items): H&M mixed, H&M image only,
 H&M text only with user/item side features, and the reverse, very different, transfer: pre-trained on H&M mixed,
@@ -141,6 +141,7 @@ class Suite:
         if bad:
             raise SystemExit(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
         self.scaling_target = a.scaling_target
+        self.report_suffix = a.report_suffix
         self.n_boot = 200 if a.quick else 1000
         self.used: dict[str, dict] = {}  # run key -> record, for the reports
         self._keys: dict[RunSpec, str] = {}
@@ -541,6 +542,7 @@ PLANS = {"table2": plan_table2, "table4": plan_table4, "table5": plan_table5, "t
 
 def run_table(suite: Suite, name: str, command: str) -> Path:
     plan = PLANS[name](suite)
+    plan.name += suite.report_suffix  # e.g. table4_3seeds.md beside a one-seed table4.md
     t0 = time.time()
     results = execute(suite, plan)
     heads = headline_results(plan, results, suite.n_boot)
@@ -581,11 +583,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=None, help=f"comma-separated subset of {','.join(TARGETS)} (tables 4 and 7)")
     p.add_argument("--scaling-target", default="hm-mixed", choices=list(TARGETS), help="target of tables 5 and 6")
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="overrides for every run")
+    p.add_argument("--report-suffix", default="",
+                   help="appended to the report's file names (tableN<suffix>.md, _runs.csv, PNGs); runs are shared")
     p.add_argument("--plan", action="store_true",
                    help="list the runs each table needs and which are cached; train nothing")
     a = p.parse_args(argv)
     if a.seeds is not None and a.seeds < 1:
         p.error("--seeds must be >= 1")
+    if a.report_suffix and not all(c.isalnum() or c in "_-." for c in a.report_suffix):
+        p.error(f"--report-suffix {a.report_suffix!r}: use letters, digits, '_', '-' or '.' only")
     return a
 
 
