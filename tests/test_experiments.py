@@ -160,7 +160,10 @@ def test_quick_table4_writes_report_csv_and_png(quick):
     with open(out / "table4_runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["row"] for r in rows] == ["popularity", "IDRec", "IDGru", "IDNext", "train-from-scratch",
-                                        "TransRec (transfer)"]
+                                        "TransRec (transfer)", "train-from-scratch, stage-2 model",
+                                        "TransRec (transfer), stage-2 model"]
+    # the stage-2 rows read the same runs' stage-2 ranks, not the validation-chosen model's
+    assert rows[-1]["run"] == rows[5]["run"] and rows[-1]["kind"] == "stage2"
     (manifest,) = (out / "shards").glob("hm-fashion-mixed-*/manifest.json")
     manifest = json.loads(manifest.read_text())
     assert manifest["policies"]["dedup"] == "collapse"  # same-day repeats of an article are one interaction
