@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from data_shards.loader import ItemContent, SequenceBatch
 from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
-from trainer.model import MODALITY_NAMES
+from trainer.model import MODALITY_NAMES, optimizer_param_groups
 
 Span = Callable[[str], AbstractContextManager]
 
@@ -158,16 +158,9 @@ class ReferenceTrainer:
 
     def __init__(self, model: torch.nn.Module, sc, span: Span | None = None):
         self.path, self.sc, self.span = ReferencePath(model, span), sc, span or _no_span
-        tower_params, other = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                is_backbone = name.startswith("towers.") and (".bert." in name or ".blocks." in name)
-                (tower_params if is_backbone else other).append(p)
-        groups = [{"params": other, "lr": sc.lr}]
-        if tower_params:
-            groups.append({"params": tower_params, "lr": sc.tower_lr})
+        groups = optimizer_param_groups(model, sc.lr, sc.tower_lr)
         self.opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
-        self.params = other + tower_params
+        self.params = [p for g in groups for p in g["params"]]
 
     def step(self, batch, stage: int) -> torch.Tensor:
         with self.span("forward"):

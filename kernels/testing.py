@@ -43,6 +43,11 @@ def value_and_grads(
     return [out.detach(), *grads]
 
 
+def _labels(names: Sequence[str], inputs: Sequence[torch.Tensor]) -> list[str]:
+    """Names of value_and_grads' results: the output, then the gradient of each input that requires grad."""
+    return ["out", *(f"grad_{n}" for n, t in zip(names, inputs) if t.requires_grad)]
+
+
 def compare(
     fn_test: Callable[..., torch.Tensor],
     fn_ref: Callable[..., torch.Tensor],
@@ -54,7 +59,7 @@ def compare(
     """Output and every gradient of fn_test match fn_ref for the same inputs and upstream gradient."""
     got = value_and_grads(fn_test, inputs, grad_out)
     want = value_and_grads(fn_ref, inputs, grad_out)
-    labels = ["out", *(f"grad_{n}" for n, t in zip(names, inputs) if t.requires_grad)]
+    labels = _labels(names, inputs)
     assert len(got) == len(want) == len(labels)
     for label, g, w in zip(labels, got, want):
         assert g.shape == w.shape and g.dtype == w.dtype, f"{label}: {g.shape}/{g.dtype} vs {w.shape}/{w.dtype}"
@@ -90,7 +95,7 @@ def compare_against_exact(
     exact = value_and_grads(fn_ref, exact_inputs, grad_out.double())
     got = value_and_grads(fn_test, inputs, grad_out)
     ref = value_and_grads(fn_ref, inputs, grad_out)
-    labels = ["out", *(f"grad_{n}" for n, t in zip(names, inputs) if t.requires_grad)]
+    labels = _labels(names, inputs)
     atol, _ = TOLERANCES[torch.float32]
     for label, g, r, e in zip(labels, got, ref, exact):
         scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0

@@ -328,15 +328,28 @@ def write_csv(path: Path, suite: Suite, plan: TablePlan, results: dict) -> None:
                 w.writerow(row)
 
 
-def plot_bars(path: Path, plan: TablePlan, results: dict) -> None:
+def _panels(plan: TablePlan, height: float):
+    """(pyplot, figure, [(axes, group)]): one panel per row group of the table, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(r.group for r in plan.rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
-    for ax, g in zip(axes[0], groups):
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), height), squeeze=False)
+    return plt, fig, list(zip(axes[0], groups))
+
+
+def _save(plt, fig, path: Path, title: str) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(path: Path, plan: TablePlan, results: dict) -> None:
+    plt, fig, panels = _panels(plan, 4)
+    for ax, g in panels:
         rows = [res for (gg, _), res in results.items() if gg == g]
         x = np.arange(len(rows))
         for i, sub in enumerate(SUBSETS):
@@ -347,23 +360,14 @@ def plot_bars(path: Path, plan: TablePlan, results: dict) -> None:
         ax.set_xticks(x, [r.plan.label for r in rows], rotation=35, ha="right", fontsize=7)
         ax.set_title(g, fontsize=8)
         ax.set_ylabel("test NDCG@10")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(plan.title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels[0][0].legend(fontsize=7)
+    _save(plt, fig, path, plan.title)
 
 
 def plot_curves(path: Path, plan: TablePlan, results: dict) -> None:
     """Validation NDCG@10 after each epoch (stage 1 epochs, then stage 2), seed 0 of each training row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = list(dict.fromkeys(r.group for r in plan.rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
-    for ax, g in zip(axes[0], groups):
+    plt, fig, panels = _panels(plan, 3.8)
+    for ax, g in panels:
         for (gg, label), res in results.items():
             if gg != g or not res.curves or not res.curves[0].exists():
                 continue
@@ -378,10 +382,7 @@ def plot_curves(path: Path, plan: TablePlan, results: dict) -> None:
         ax.set_xlabel("validation (stage 1 epochs, then stage 2)")
         ax.set_ylabel("valid NDCG@10")
         ax.legend(fontsize=7)
-    fig.suptitle(plan.curves_title or f"{plan.name}: validation curves", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, plan.curves_title or f"{plan.name}: validation curves")
 
 
 def write_report(suite: Suite, plan: TablePlan, results: dict, heads: dict, command: str, wall: float) -> Path:

@@ -276,3 +276,17 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return total, trainable
+
+
+def optimizer_param_groups(model: nn.Module, lr: float, tower_lr: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: everything at `lr`, the towers' backbone blocks (BERT layers, CNN
+    blocks) at `tower_lr`; the backbone group is left out when nothing in it trains."""
+    tower_params, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_backbone = name.startswith("towers.") and (".bert." in name or ".blocks." in name)
+            (tower_params if is_backbone else other).append(p)
+    groups = [{"params": other, "lr": lr}]
+    if tower_params:
+        groups.append({"params": tower_params, "lr": tower_lr})
+    return groups

@@ -22,7 +22,7 @@ from trainer import evaluate as ev
 from trainer.checkpoint import gathered, load_export, load_model_state, save_export, save_model_state
 from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache
-from trainer.model import TransRec, count_parameters
+from trainer.model import TransRec, count_parameters, optimizer_param_groups
 from trainer.run_setup import (
     LOG,
     fill_ds_config,
@@ -180,14 +180,7 @@ class Trainer:
     def make_engine(self, sc: StageConfig, steps_total: int):
         import deepspeed
 
-        tower_params, other = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                is_backbone = name.startswith("towers.") and (".bert." in name or ".blocks." in name)
-                (tower_params if is_backbone else other).append(p)
-        groups = [{"params": other, "lr": sc.lr}]
-        if tower_params:
-            groups.append({"params": tower_params, "lr": sc.tower_lr})
+        groups = optimizer_param_groups(self.model, sc.lr, sc.tower_lr)
         opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
 
         def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
