@@ -9,21 +9,14 @@
 # benches at paper scale and bench/throughput.py at the paper preset. Results land in ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-bench/results}"
-WORK=/tmp/gpu_work
-mkdir -p "$OUT_DIR" "$WORK"
-PY="$(command -v python3)"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TRANSREC_TOKENIZER_DIR="$PWD/.gpu/tokenizer"
-SUMMARY="$OUT_DIR/gpu_summary.log"
-T0=$SECONDS
-log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$SUMMARY"; }
+WORK=/tmp/gpu_work LOG_NAME=gpu_summary.log
+source bench/gpu_env.sh
 
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
 export PYTHONPATH="/tmp/site:$PWD"
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || log "editable install failed (PYTHONPATH has the repo)"
 "$PY" -c "import torch, triton, deepspeed, webdataset; print('torch', torch.__version__, 'triton', triton.__version__, \
-'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$SUMMARY"
+'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
 
 log "building MovieLens shards"
 timeout 120 "$PY" -m data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed \
@@ -44,7 +37,7 @@ pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 for f in kernel_tests decode_tests train_tiny; do
   log "--- $f"
-  grep -aE "tests run on|passed|failed|FAILED|Error|rc=|after stage|popularity|CUDA" "$WORK/$f.log" | tail -n 25 | tee -a "$SUMMARY"
+  grep -aE "tests run on|passed|failed|FAILED|Error|rc=|after stage|popularity|CUDA" "$WORK/$f.log" | tail -n 25 | tee -a "$LOG"
 done
 cp "$WORK/run_tiny/metrics.json" "$OUT_DIR/gpu_train_tiny_metrics.json" 2>/dev/null
 
@@ -56,14 +49,14 @@ for op in attention_pool cpc_loss catalog_cross_entropy; do
   timeout 60 "$PY" bench/bench_$op.py --scale paper --csv "$CSV" --budget-s 35 >"$WORK/bench_$op.log" 2>&1 \
     || log "bench $op stopped (rc=$?); rows measured so far are kept"
 done
-[ -s "$CSV" ] && "$PY" bench/kernel_bench_common.py --table "$CSV" --md "$OUT_DIR/kernels_gpu.md" | tee -a "$SUMMARY"
+[ -s "$CSV" ] && "$PY" bench/kernel_bench_common.py --table "$CSV" --md "$OUT_DIR/kernels_gpu.md" | tee -a "$LOG"
 
 if [ -f bench/gpu_throughput.sh ]; then
   log "throughput (paper preset)"
   mkdir -p "$WORK/tp"
   SHARDS="$WORK/ml" OUT="$WORK/tp" timeout 220 bash bench/gpu_throughput.sh >"$WORK/throughput.log" 2>&1 \
     || log "throughput stopped (rc=$?)"
-  tail -n 40 "$WORK/throughput.log" | tee -a "$SUMMARY"
+  tail -n 40 "$WORK/throughput.log" | tee -a "$LOG"
   # At most 8 files come back from the GPU machine: the figures go to OUT, the logs into one archive.
   cp "$WORK"/tp/throughput_gpu.json "$WORK"/tp/throughput_gpu.md "$WORK"/tp/throughput.csv "$OUT_DIR"/ 2>/dev/null
   cp "$WORK"/tp/*.log "$WORK"/ 2>/dev/null

@@ -15,16 +15,9 @@
 # shards' vocabulary check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-bench/results}"
-WORK=/tmp/gpu_throughput
-mkdir -p "$OUT_DIR" "$WORK"
-PY="$(command -v python3)"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-[ -d .gpu/tokenizer ] && export TRANSREC_TOKENIZER_DIR="${TRANSREC_TOKENIZER_DIR:-$PWD/.gpu/tokenizer}"
+WORK=/tmp/gpu_throughput LOG_NAME=throughput_gpu.log
+source bench/gpu_env.sh
 LIMIT_S="${LIMIT_S:-$([ -n "${SHARDS:-}" ] && echo 190 || echo 290)}"
-LOG="$OUT_DIR/throughput_gpu.log"
-T0=$SECONDS
-log() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$LOG"; }
 : >"$LOG"
 
 if ! "$PY" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
