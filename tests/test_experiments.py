@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.baselines import GRUEncoder, NextItNetEncoder
-from trainer.experiment_report import cold_mask, compare, seed_metrics
+from trainer.experiment_report import claim_lines, cold_mask, compare, seed_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -92,22 +92,46 @@ def test_warm_cold_split_and_paired_bootstrap_by_hand():
     assert (m["all"]["users"], m["warm"]["users"], m["cold"]["users"]) == (4, 2, 2)
     # warm users 10, 12: NDCG a [1, 0], b [0.5, 1] -> differences [0.5, -1], mean -0.25; resamples of 2 users
     # give means in {0.5, -0.25, -1}, so the interval spans zero
-    r = compare(a, b, cold, "ndcg@10", "warm", n=2000)
+    r = compare(a, b, cold, "ndcg@10", "warm", n=2000, min_users=1)
     assert r["diff"] == pytest.approx(-0.25) and r["users"] == 2
     assert r["low"] == pytest.approx(-1.0) and r["high"] == pytest.approx(0.5) and r["verdict"] == "no clear difference"
     # cold users: HR a [1, 1], b [1, 0] -> differences [0, 1]: mean 0.5, interval [0, 1], not a win
-    r = compare(a, b, cold, "hr@10", "cold", n=2000)
+    r = compare(a, b, cold, "hr@10", "cold", n=2000, min_users=1)
     assert r["diff"] == 0.5 and (r["low"], r["high"]) == (0.0, 1.0) and r["verdict"] == "no clear difference"
     # a constant difference: the interval collapses onto it and decides
     top, out = np.ones((1, 4), dtype=np.int64), np.full((1, 4), 50)
-    r = compare(top, out, cold, "hr@10", "all")
+    r = compare(top, out, cold, "hr@10", "all", min_users=1)
     assert (r["diff"], r["low"], r["high"], r["verdict"]) == (1.0, 1.0, 1.0, "win")
-    assert compare(out, top, cold, "ndcg@10", "cold")["verdict"] == "loss"
+    assert compare(out, top, cold, "ndcg@10", "cold", min_users=1)["verdict"] == "loss"
     # seeds are averaged per user before the bootstrap: a hit in one of two seeds counts 0.5
     two_seeds = np.array([[1, 1, 1, 1], [50, 50, 50, 50]])
-    assert compare(two_seeds, out, cold, "hr@10", "all")["diff"] == 0.5
-    # an empty subset is reported, not divided by zero
-    assert compare(top, out, np.zeros(4, dtype=bool), "hr@10", "cold")["verdict"] == "no users"
+    assert compare(two_seeds, out, cold, "hr@10", "all", min_users=1)["diff"] == 0.5
+    # an empty subset is reported, not divided by zero; a subset under min_users is not judged
+    assert compare(top, out, np.zeros(4, dtype=bool), "hr@10", "cold", min_users=1)["verdict"] == "not judged"
+    r = compare(top, out, cold, "hr@10", "all", min_users=5)
+    assert (r["verdict"], r["users"]) == ("not judged", 4) and np.isnan(r["diff"])
+    assert compare(top, out, cold, "hr@10", "all")["verdict"] == "not judged"  # the report's default: 30 users
+
+
+
+def test_claims_leave_out_groups_with_too_few_users():
+    """A claim is judged on the groups with enough test users only; with none it is NOT JUDGED, never HOLDS."""
+    from types import SimpleNamespace
+
+    big = np.zeros(200, dtype=bool)  # 200 warm users
+    tiny = np.r_[np.zeros(197, dtype=bool), np.ones(3, dtype=bool)]  # 3 cold users
+    a, b = np.ones((1, 200), dtype=np.int64), np.full((1, 200), 50)  # a ranks every target first, b never hits
+    heads = {("big", "a", "b"): {("ndcg@10", "cold"): compare(a, b, big, "ndcg@10", "cold"),
+                                 ("ndcg@10", "all"): compare(a, b, big, "ndcg@10", "all")},
+             ("tiny", "a", "b"): {("ndcg@10", "cold"): compare(a, b, tiny, "ndcg@10", "cold"),
+                                  ("ndcg@10", "all"): compare(a, b, tiny, "ndcg@10", "all")}}
+    pairs = [("big", "a", "b"), ("tiny", "a", "b")]
+    plan = SimpleNamespace(claims=[{"claim": "wins overall", "pairs": pairs, "kind": "win"},
+                                   {"claim": "wins on cold", "pairs": pairs, "kind": "win", "subset": "cold"}])
+    overall, cold = claim_lines(plan, {}, heads)[2:]
+    assert overall.endswith("**HOLDS** |") and "not judged" not in overall  # both groups judged, both win
+    assert "**NOT JUDGED" in cold and "HOLDS" not in cold  # big has no cold users, tiny only 3
+    assert "tiny (3 users)" in cold and "big (0 users)" in cold
 
 
 # -- the runner, end to end ----------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from trainer.experiments import RowPlan, Suite, TablePlan
 
 SUBSETS = ("all", "warm", "cold")
+MIN_JUDGED_USERS = 30  # a difference over fewer test users is reported as not judged
+NOT_JUDGED = "not judged"
 METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
 
 
@@ -63,16 +65,16 @@ def seed_metrics(ranks: np.ndarray, cold: np.ndarray) -> dict[str, dict[str, flo
 
 
 def compare(ranks_a: np.ndarray, ranks_b: np.ndarray, cold: np.ndarray, metric: str, subset: str,
-            n: int = 1000, seed: int = 0) -> dict:
+            n: int = 1000, seed: int = 0, min_users: int = MIN_JUDGED_USERS) -> dict:
     """a - b on one metric over one subset of test users: per-user gains averaged over seeds ([S, U] ranks; a and
     b may have different numbers of seeds), then a 95% paired bootstrap over users. Verdict: win / loss only
-    when the interval excludes zero."""
+    when the interval excludes zero; over fewer than `min_users` users the difference is not judged."""
     from trainer.evaluate import paired_bootstrap, per_user_gain
 
     m = subset_mask(cold, subset)
-    if not m.any():
+    if m.sum() < max(min_users, 1):  # e.g. MovieLens has 3 cold test targets: an interval over them says nothing
         return {"diff": float("nan"), "low": float("nan"), "high": float("nan"), "excludes_zero": False,
-                "verdict": "no users", "users": 0}
+                "verdict": NOT_JUDGED, "users": int(m.sum()), "min_users": max(min_users, 1)}
     ga = np.mean([per_user_gain(r[m], metric) for r in ranks_a], axis=0)
     gb = np.mean([per_user_gain(r[m], metric) for r in ranks_b], axis=0)
     res = paired_bootstrap(ga, gb, n=n, seed=seed)
@@ -131,8 +133,8 @@ def _mean(res: RowResult, metric: str, subset: str = "all") -> float:
 
 
 def _cell(r: dict) -> str:
-    if r["users"] == 0:
-        return "no users"
+    if r["verdict"] == NOT_JUDGED:
+        return f"{NOT_JUDGED}: {r['users']} test users (< {r['min_users']})"
     return f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] {r['verdict']}"
 
 
@@ -241,7 +243,8 @@ def headline_lines(plan: TablePlan, results: dict, heads: dict) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (g, a, b), res in heads.items():
         base = _mean(results[(g, b)], "ndcg@10")
-        rel = f"{100 * res[('ndcg@10', 'all')]['diff'] / base:+.1f}%" if base > 0 else "n/a"
+        judged = res[("ndcg@10", "all")]["verdict"] != NOT_JUDGED
+        rel = f"{100 * res[('ndcg@10', 'all')]['diff'] / base:+.1f}%" if base > 0 and judged else "n/a"
         out.append(f"| {g} | {a} − {b} | " + " | ".join(_cell(res[c]) for c in HEAD_CELLS) + f" | {rel} |")
     return out
 
@@ -251,10 +254,14 @@ def claim_lines(plan: TablePlan, results: dict, heads: dict) -> list[str]:
     for c in plan.claims:
         sub = c.get("subset", "all")
         found = [(p, heads[p][("ndcg@10", sub)]) for p in c["pairs"] if p in heads]
+        unjudged = [(p, r) for p, r in found if r["verdict"] == NOT_JUDGED]
+        found = [(p, r) for p, r in found if r["verdict"] != NOT_JUDGED]
         wins = [p for p, r in found if r["verdict"] == "win"]
         losses = [p for p, r in found if r["verdict"] == "loss"]
         detail = "; ".join(f"{g}: {a} − {b} = {_cell(r)}" for (g, a, b), r in found)
-        if c["kind"] == "win":
+        if not found:
+            verdict = f"NOT JUDGED (no group has {MIN_JUDGED_USERS} or more {sub} test users)"
+        elif c["kind"] == "win":
             verdict = ("HOLDS" if len(wins) == len(found) else "DOES NOT HOLD" if losses else
                        f"NOT SHOWN ({len(wins)} of {len(found)} intervals support it)")
         elif c["kind"] == "not_worse":
@@ -276,6 +283,9 @@ def claim_lines(plan: TablePlan, results: dict, heads: dict) -> list[str]:
             verdict = ("HOLDS" if decreasing and found and found[0][1]["verdict"] == "win" else
                        "DOES NOT HOLD" if not decreasing else "NOT SHOWN (smallest-data gain not significant)")
         subset_note = f" [{sub} test users, NDCG@10]" if sub != "all" else " [NDCG@10, all test users]"
+        if unjudged:
+            subset_note += "; {} (too few {} test users): {}".format(
+                NOT_JUDGED, sub, "; ".join(f"{g} ({r['users']} users)" for (g, _, _), r in unjudged))
         out.append(f"| {c['claim']} | {detail}{subset_note} | **{verdict}** |")
     return out
 
