@@ -15,7 +15,8 @@ losses and evaluator for every model. IDRec / IDGru / IDNext = `model.item_encod
 GRU4Rec / NextItNet user encoder; train-from-scratch = TransRec from the towers' generic weights; transfer =
 the same with `--init-from` the source run's export (source seed 0, fine-tuned with the same schedule);
 TransRec- = `--stage 2` only; frozen = `model.frozen_towers=true`. A run is cached in OUT/runs/<config hash>/
-(the hash covers the preset, every override, the data's input hashes, the text encoder and the source run) and
+(the hash covers the resolved configuration, the data's input hashes, the text encoder and the source run; so a new
+config field, even one whose default changes nothing, gives every run a new key and the cached runs train again) and
 skipped when asked again; an interrupted run resumes; a finished run keeps its records, export and overall best
 model (`prune`). One invocation per OUT at a time (a lock file).
 
