@@ -113,7 +113,6 @@ def test_warm_cold_split_and_paired_bootstrap_by_hand():
     assert compare(top, out, cold, "hr@10", "all")["verdict"] == "not judged"  # the report's default: 30 users
 
 
-
 def test_claims_leave_out_groups_with_too_few_users():
     """A claim is judged on the groups with enough test users only; with none it is NOT JUDGED, never HOLDS."""
     from types import SimpleNamespace
@@ -178,7 +177,8 @@ def test_quick_table4_writes_report_csv_and_png(quick):
     md = (out / "table4.md").read_text()
     for needle in ("## Settings", "## Data", "input files (sha256)", "warm", "cold", "## Headline differences",
                    "## Runs used", "## The paper's claims and this run", "IDGru", "IDNext", "train-from-scratch",
-                   "TransRec (transfer)", "tiny random 2-layer BERT"):
+                   "TransRec (transfer)", "tiny random 2-layer BERT",
+                   "these runs train it for 1 epoch (stage 2 of the `tiny` preset"):
         assert needle in md, needle
     assert md.rstrip().splitlines()[-1].startswith("| ")  # ends with the claims table
     with open(out / "table4_runs.csv") as f:

@@ -151,12 +151,14 @@ def plan_table4(suite) -> TablePlan:
             "and item side features for every trained model on it (popularity excepted); the side-feature modules "
             "are domain-specific and start new in transfer. ID baselines ignore item content, so on H&M image-only "
             "they are the H&M mixed runs (identical users, items and splits).")
+    epochs2 = suite.resolved_config(RunSpec(suite.targets[0], "scratch", seeds[0]))["stage2"]["epochs"]
     note_stage2 = ("Rows 'stage-2 model' evaluate the same runs with their stage-2 model instead of the model chosen "
                    "on validation. The chosen model is usually stage 1's, which scores items through the catalogue "
                    "softmax head W [V, d]: a free row per item that only items seen as training targets ever train, "
                    "so it cannot rank cold items (like an ID table). The stage-2 model scores user . item content "
-                   "vector, the part of TransRec that can rank a never-seen item, but the cpu-small preset trains "
-                   "it for one epoch only.")
+                   "vector, the part of TransRec that can rank a never-seen item; these runs train it for "
+                   f"{epochs2} epoch{'s' if epochs2 != 1 else ''} (stage 2 of the `{suite.preset}` preset, overrides "
+                   "included).")
     return TablePlan("table4", "Table 4: transfer to the target domains", rows, heads, claims, seeds,
                      notes=[note, note_stage2])
 

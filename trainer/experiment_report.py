@@ -71,10 +71,10 @@ def compare(ranks_a: np.ndarray, ranks_b: np.ndarray, cold: np.ndarray, metric: 
     when the interval excludes zero; over fewer than `min_users` users the difference is not judged."""
     from trainer.evaluate import paired_bootstrap, per_user_gain
 
-    m = subset_mask(cold, subset)
-    if m.sum() < max(min_users, 1):  # e.g. MovieLens has 3 cold test targets: an interval over them says nothing
+    m, min_users = subset_mask(cold, subset), max(min_users, 1)
+    if m.sum() < min_users:  # e.g. MovieLens has 3 cold test targets: an interval over them says nothing
         return {"diff": float("nan"), "low": float("nan"), "high": float("nan"), "excludes_zero": False,
-                "verdict": NOT_JUDGED, "users": int(m.sum()), "min_users": max(min_users, 1)}
+                "verdict": NOT_JUDGED, "users": int(m.sum()), "min_users": min_users}
     ga = np.mean([per_user_gain(r[m], metric) for r in ranks_a], axis=0)
     gb = np.mean([per_user_gain(r[m], metric) for r in ranks_b], axis=0)
     res = paired_bootstrap(ga, gb, n=n, seed=seed)
@@ -280,7 +280,7 @@ def claim_lines(plan: TablePlan, results: dict, heads: dict) -> list[str]:
                 rel.append(r["diff"] / base if base > 0 else float("nan"))
             detail = "relative NDCG@10 gain: " + ", ".join(f"{p[0]} {100 * v:+.1f}%" for (p, _), v in zip(found, rel))
             decreasing = all(x > y for x, y in itertools.pairwise(rel))
-            verdict = ("HOLDS" if decreasing and found and found[0][1]["verdict"] == "win" else
+            verdict = ("HOLDS" if decreasing and found[0][1]["verdict"] == "win" else
                        "DOES NOT HOLD" if not decreasing else "NOT SHOWN (smallest-data gain not significant)")
         subset_note = f" [{sub} test users, NDCG@10]" if sub != "all" else " [NDCG@10, all test users]"
         if unjudged:
