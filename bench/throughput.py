@@ -255,11 +255,12 @@ def run_project(t, stage: int, sc, sw: Switches, default: Switches, steps: int, 
     set_checkpointing(t.model, sw.ckpt)
     t.ds_base = ds_config_for(t.ds_base, sw.zero, sw.bf16)
     engine = t.make_engine(sc, steps_total=1000)
+    objective = t.objective(stage)
     res = TrainResult(stage, label or sw.label(default), "bf16" if sw.bf16 else "fp32")
 
     def step(batch):
         with spans("forward"):
-            loss = engine(batch, stage=stage, n_continuation=sc.n_continuation)
+            loss = engine(batch, objective=objective)
         with spans("backward"):
             engine.backward(loss)
         with spans("optimizer"):
@@ -522,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_start, cuda = time.perf_counter(), torch.cuda.is_available()
     torch.set_num_threads(args.threads) if args.threads else None  # on a shared CPU, 1 avoids OpenMP stalls
-    cfg = apply_overrides(preset(args.preset), list(args.set))
+    # The paper's objectives (free-head catalogue softmax, CPC): the reference path and the FLOP formulas model them.
+    cfg = apply_overrides(preset(args.preset), ["stage1.head=free", "stage2.loss=cpc", *args.set])
     run_dir = tempfile.TemporaryDirectory(prefix="throughput-")
     cfg.run_dir = run_dir.name
     ds_path = args.ds_config or str(ROOT / "ds_configs" / ("zero2_bf16.json" if cuda else "zero2.json"))

@@ -164,6 +164,81 @@ def test_chunked_reference(relu: bool, reduction: str, dtype: torch.dtype) -> No
     compare(chunked, spec, [h, w, b], upstream(reduction, 37, dtype, "cpu"), dtype, ["h", "weight", "bias"])
 
 
+# ---- exclusions (a sampled softmax's accidental hits) --------------------------------------------------
+
+
+def make_exclude(target: torch.Tensor, V: int, E: int, seed: int) -> torch.Tensor:
+    """[M, E] columns to exclude: random columns, -1 padding, duplicates, and each row's own target once."""
+    g = torch.Generator().manual_seed(seed)
+    M = target.shape[0]
+    excl = torch.randint(0, V, (M, E), generator=g)
+    excl[torch.rand(M, E, generator=g) < 0.3] = -1
+    if E >= 2:
+        excl[:, 0] = target.cpu().clamp(min=0)  # the target is listed: it must still count as the positive
+        excl[:, 1] = excl[:, -1]  # a duplicate
+    return excl.to(target.device)
+
+
+def fn_excl(impl: str, target: torch.Tensor, exclude: torch.Tensor, reduction: str = "mean", relu: bool = False):
+    def call(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return catalog_cross_entropy(h, w, b, target, reduction=reduction, relu=relu, exclude=exclude, impl=impl)
+
+    return call
+
+
+def test_exclusion_spec() -> None:
+    """Excluded columns leave the row's softmax (same as deleting them from the catalogue); the target never does."""
+    (h, w), b, target = make_inputs(6, 40, 8, torch.float32, "cpu", seed=21)
+    target = target.clamp(min=0)
+    exclude = make_exclude(target, 40, 5, seed=3)
+    got = pt_catalog_cross_entropy(h, w, b, target, reduction="none", exclude=exclude)
+    for m in range(6):
+        dropped = {int(c) for c in exclude[m] if c >= 0 and c != target[m]}
+        keep = torch.tensor([v for v in range(40) if v not in dropped])
+        z = h[m] @ w[keep].t() + b[keep]
+        want = torch.logsumexp(z, 0) - z[(keep == target[m]).nonzero()[0, 0]]
+        torch.testing.assert_close(got[m], want)
+    assert (exclude == target[:, None]).any(1).all()  # every row listed its target, which still counted
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(37, 300, 20), (5, 123, 16), (40, 7, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_exclusions_match_reference(device: str, dtype: torch.dtype, shape: tuple[int, int, int], relu: bool) -> None:
+    M, V, d = shape
+    (h, w), b, target = make_inputs(M, V, d, dtype, device, seed=22)
+    exclude = make_exclude(target, V, 6, seed=4)
+    compare(fn_excl("triton", target, exclude, relu=relu), fn_excl("torch", target, exclude, relu=relu),
+            [h, w, b], upstream("mean", M, dtype, device), dtype, ["h", "weight", "bias"])
+
+
+def test_exclusions_whole_tile(device: str) -> None:
+    """Rows whose excluded columns fill whole tiles (and a V-split) keep a finite loss and gradients."""
+    M, V = 8, 300
+    (h, w), b, target = make_inputs(M, V, 16, torch.float32, device, seed=23)
+    target = torch.full_like(target, V - 1)
+    exclude = torch.arange(V - 1, device=device).repeat(M, 1)  # everything but the target
+    exclude[::2, 150:] = -1
+    for n_split in (1, 3):
+        def tri(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return triton_catalog_cross_entropy(h, w, b, target, exclude=exclude, n_split=n_split)
+
+        compare(tri, fn_excl("torch", target, exclude), [h, w, b], upstream("mean", M, torch.float32, device),
+                torch.float32, ["h", "weight", "bias"])
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+def test_chunked_reference_exclusions(relu: bool) -> None:
+    (h, w), b, target = make_inputs(37, 1000, 45, torch.float32, "cpu", seed=24)
+    exclude = make_exclude(target, 1000, 9, seed=5)
+
+    def chunked(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return pt_catalog_cross_entropy_chunked(h, w, b, target, relu=relu, exclude=exclude, chunk_size=300)
+
+    compare(chunked, fn_excl("torch", target, exclude, relu=relu), [h, w, b],
+            upstream("mean", 37, torch.float32, "cpu"), torch.float32, ["h", "weight", "bias"])
+
+
 SWEEP = sweep(6, 301, M=(1, 40), V=(1, 400), d=(1, 40), bf16=(0, 1), relu=(0, 1), seed=(0, 2**16))
 if torch.cuda.is_available():
     SWEEP += sweep(2, 302, M=(1, 3000), V=(1, 70000), d=(1, 300), bf16=(0, 1), relu=(0, 1), seed=(0, 2**16))
@@ -211,7 +286,7 @@ def test_dispatch_and_chunked_switch(clean_default: None, monkeypatch: pytest.Mo
     monkeypatch.setattr(mod, "pt_catalog_cross_entropy_chunked",
                         lambda *a: calls.append("chunked") or pt_catalog_cross_entropy(*a))
     monkeypatch.setattr(tmod, "triton_catalog_cross_entropy",
-                        lambda *a: calls.append("triton") or pt_catalog_cross_entropy(*a))
+                        lambda *a, **k: calls.append("triton") or pt_catalog_cross_entropy(*a, **k))
     (h, w), b, target = make_inputs(8, 30, 8, torch.float32, "cpu")
     catalog_cross_entropy(h, w, b, target)
     monkeypatch.setattr(mod, "CHUNKED_MIN_LOGITS", 100)  # 8 x 30 logits: now "large"
@@ -230,6 +305,8 @@ def test_bad_arguments(clean_default: None, monkeypatch: pytest.MonkeyPatch) -> 
         catalog_cross_entropy(h, w, b, target, reduction="avg")
     with pytest.raises(ValueError, match="int64"):
         catalog_cross_entropy(h, w, b, target.int())
+    with pytest.raises(ValueError, match="exclude must be int64"):
+        catalog_cross_entropy(h, w, b, target, exclude=target[:, None].int())
     monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         catalog_cross_entropy(h, w, b, target, impl="triton")

@@ -57,6 +57,11 @@ def one_batch(shards: Path, window: int, negatives: int, load_content: bool, bat
     return next(iter(make_train_loader(shards, lc)))
 
 
+def loss_of(model, batch, stage: int) -> torch.Tensor:
+    """The paper's objectives, which the reference path and the FLOP formulas model: free-head softmax, CPC."""
+    return model.stage1_loss(batch) if stage == 1 else model.stage2_loss(batch, L_CONT)
+
+
 def loss_and_grads(model, fn) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = fn()
@@ -80,11 +85,11 @@ def test_reference_equals_project_from_cache(setup, ml_shards, stage):
                       batch_size=6 if stage == 2 else 16)
     assert batch.unique_items.numel() < (batch.items >= 0).sum() + len(batch.negatives)  # duplicates exist
     ref = ReferencePath(model)
-    project = loss_and_grads(model, lambda: model(batch, stage=stage, n_continuation=L_CONT))
+    project = loss_and_grads(model, lambda: loss_of(model, batch, stage))
     reference = loss_and_grads(model, lambda: ref.loss(batch, stage, L_CONT))
     assert_same(project, reference)
     assert ref.encoded == (batch.items >= 0).sum() + (len(batch.negatives) if stage == 2 else 0)  # every slot
-    dedup_off = loss_and_grads(model, lambda: model(expand_slots(batch), stage=stage, n_continuation=L_CONT))
+    dedup_off = loss_and_grads(model, lambda: loss_of(model, expand_slots(batch), stage))
     assert_same(project, dedup_off)
 
 
@@ -94,12 +99,12 @@ def test_reference_equals_project_end_to_end(setup, ml_shards):
     model.cache = None
     batch = one_batch(ml_shards, 7, 8, load_content=True)
     assert batch.content.pixels is not None and len(batch.content.text_rows) > 0
-    project = loss_and_grads(model, lambda: model(batch, stage=2, n_continuation=L_CONT))
+    project = loss_and_grads(model, lambda: model.stage2_loss(batch, L_CONT))
     reference = loss_and_grads(model, lambda: ReferencePath(model).loss(batch, 2, L_CONT))
     assert_same(project, reference)
     expanded = expand_slots(batch)
     assert len(expanded.unique_items) == (batch.items >= 0).sum() + len(batch.negatives)
-    assert_same(project, loss_and_grads(model, lambda: model(expanded, stage=2, n_continuation=L_CONT)))
+    assert_same(project, loss_and_grads(model, lambda: model.stage2_loss(expanded, L_CONT)))
 
 
 def test_reference_ranking_equals_project(setup, ml_shards):
@@ -130,7 +135,7 @@ def test_analytic_flops_match_flop_counter(setup, ml_shards, stage):
     model.cache = cache
     batch = one_batch(ml_shards, 7 if stage == 2 else 8, 8 if stage == 2 else 0, load_content=False)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # math sdpa: counted bmm
-        model(batch, stage=stage, n_continuation=L_CONT).backward()
+        loss_of(model, batch, stage).backward()
     model.zero_grad(set_to_none=True)
     mods = model.item_modality[batch.unique_items]
     B, W = batch.items.shape

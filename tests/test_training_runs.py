@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -111,7 +112,60 @@ def test_two_stage_run_writes_metrics_events_ranks_and_export(source_run):
     exported = load_file(str(source_run / "export" / "model.safetensors"))
     assert not any(k.startswith("head.") for k in exported)  # catalogue-specific head never exported
     assert any(k.startswith("towers.text.") for k in exported) and any(k.startswith("user_encoder.") for k in exported)
-    assert "| after stage 2 |" in (source_run / "results.md").read_text()
+    assert "| after stage 2, content |" in (source_run / "results.md").read_text()
+
+
+def test_content_models_are_labelled_and_selected(source_run):
+    """Defaults (stage1.head=content, stage2.loss=sampled_softmax): both stages score by content, and the run
+    selects, exports and reports the better of them on validation."""
+    metrics = json.loads((source_run / "metrics.json").read_text())
+    stages = metrics["stages"]
+    assert {s: stages[s]["scoring"] for s in stages} == {"1": "content", "2": "content"}
+    best = max(stages, key=lambda s: stages[s]["valid"]["ndcg@10"])
+    assert metrics["best"]["stage"] == int(best) and metrics["best"]["scoring"] == "content"
+    assert metrics["test"] == stages[best]["test"]
+    table = (source_run / "results.md").read_text()
+    assert f"after stage {best}, content (selected)" in table and "| after stage 1, content" in table
+    log = (source_run / "valid_curve.csv").read_text().splitlines()
+    assert log[0].startswith("stage,epoch,") and len(log) >= 3
+
+
+def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir, tmp_path):
+    """stage1.head=free, stage2.loss=cpc (the paper's objectives): stage 1 is labelled free_head and is never the
+    selected model, whatever its validation score; the CPC stage-2 model is."""
+    trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "run", "stage1.head=free", "stage2.loss=cpc")
+    metrics = trainer.run()
+    assert metrics["stages"]["1"]["scoring"] == "free_head" and metrics["stages"]["2"]["scoring"] == "content"
+    assert metrics["best"] == {**metrics["best"], "stage": 2, "scoring": "content"}
+    assert "after stage 1, free_head |" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, tiny_bert_dir, tmp_path):
+    """`--stage none` with --init-from: no training, content scoring. Items that were never a training interaction
+    get finite ranks, equal to a recount from user . item content vectors."""
+    from trainer import evaluate as ev
+
+    trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "zs", "stages=none",
+                            f"init_from={source_run / 'export'}")
+    metrics = trainer.run()
+    assert set(metrics["stages"]) == {"0"} and metrics["best"]["scoring"] == "content"
+    data = trainer.test_users
+    cold = np.flatnonzero(trainer.item_share[data.targets] == 0)
+    assert len(cold) >= 1  # MovieLens has test targets never seen in training
+    ranks = np.load(tmp_path / "zs" / "test_ranks_stage0.npy")
+    with torch.no_grad():
+        trainer.model.eval()
+        iv = trainer.item_vectors()
+        hist = torch.as_tensor(data.histories[cold])
+        mask = hist >= 0
+        users = trainer.model.user_vector(iv[hist.clamp(min=0)] * mask[..., None], mask)
+        scores = (users @ iv.T).numpy()
+    for row, u in enumerate(cold):
+        target = data.targets[u]
+        s = scores[row].copy()
+        s[np.setdiff1d(data.seen[u], [target])] = -np.inf  # seen items are excluded from the ranking
+        assert ranks[u] == 1 + int((np.delete(s, target) >= s[target]).sum()) <= trainer.num_items
+    assert metrics["test"] == ev.metrics_from_ranks(ranks, trainer.cfg.eval.ks)
 
 
 def test_stage2_changes_trainable_tower_parameters(source_run):
@@ -273,8 +327,8 @@ def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path,
     from trainer.train import TrainingDiverged
 
     trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "log_every=1")
-    original = trainer.model.stage1_loss
-    monkeypatch.setattr(trainer.model, "stage1_loss", lambda batch: original(batch) * float("nan"))
+    original = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda batch, objective: original(batch, objective) * float("nan"))
     with pytest.raises(TrainingDiverged, match="loss is nan.*last good checkpoint"):
         trainer.run()
 

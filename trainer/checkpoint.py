@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from trainer.config import ModelConfig
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
-CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.")
+CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.", "logit_scale")
 # Side-feature modules are built on one domain's feature vocabularies: never carried to another run, so a source
 # without side features transfers into a target with them (and back); the target creates its own.
 DOMAIN_SPECIFIC = CATALOGUE_SPECIFIC + ("user_features.", "user_side_proj.")

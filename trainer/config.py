@@ -39,6 +39,8 @@ class ModelConfig:
     side_features: bool = False  # concatenate user / item side features, then project back to d
     activation_checkpointing: bool = False
     kernels: str = "auto"  # "auto" | "triton" | "torch" for every fused op
+    temperature: float = 1.0  # content softmax: logits = user . item / temperature
+    learn_temperature: bool = False  # train log(1 / temperature) with the model
 
     def __post_init__(self) -> None:
         if self.d % self.user_heads:
@@ -51,6 +53,8 @@ class ModelConfig:
             raise ValueError("kernels must be auto, triton or torch")
         if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:
             raise ValueError("image_size must be >= 32, max_tokens >= 4, max_len >= 3")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -72,6 +76,11 @@ class StageConfig:
     min_window: int = 0  # shortest training window (0: 2 in stage 1, n_continuation + 1 in stage 2)
     max_steps: int = 0  # 0: no limit (tests and benches cap steps)
     eval_every: int = 1  # epochs between validations
+    # The content softmax (stage1.head=content, stage2.loss=sampled_softmax; trainer/losses.py):
+    candidates: str = "auto"  # "full" catalogue | "sampled" (batch items + negatives) | "auto": full if it fits
+    full_catalogue_max: int = 4096  # "auto": the full catalogue up to this many items (and every tower cached)
+    logq_correction: bool = True  # sampled: logits - log P(candidate)
+    mask_history: bool = True  # the user's earlier items are no negatives (as evaluation excludes seen items)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "micro_batch", "grad_accum", "n_history", "n_continuation", "stride"):
@@ -81,6 +90,34 @@ class StageConfig:
             raise ValueError("lr must be > 0 and tower_lr >= 0")
         if self.negatives < 1:
             raise ValueError("negatives must be >= 1")
+        if self.candidates not in ("auto", "full", "sampled"):
+            raise ValueError(f"candidates must be auto, full or sampled, not {self.candidates!r}")
+
+
+@dataclass
+class Stage1Config(StageConfig):
+    """Stage 1: the user encoder pre-trained on next-item softmax over the catalogue. `head=content` scores against
+    the towers' item vectors (transferable, ranks cold items); `head=free` is a free W^U [V, d] + b (an ID table)."""
+
+    head: str = "content"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head not in ("content", "free"):
+            raise ValueError(f"stage1.head must be content or free, not {self.head!r}")
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    """Stage 2: end to end. `loss=sampled_softmax`: every position predicts its next item against in-batch and
+    shared negative candidates; `loss=cpc`: the paper's Eq. 9 (one user vector per window, BCE)."""
+
+    loss: str = "sampled_softmax"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("sampled_softmax", "cpc"):
+            raise ValueError(f"stage2.loss must be sampled_softmax or cpc, not {self.loss!r}")
 
 
 @dataclass
@@ -113,11 +150,11 @@ class DataConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: StageConfig = field(default_factory=StageConfig)
-    stage2: StageConfig = field(default_factory=StageConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    stages: str = "all"  # "1", "2" or "all"
+    stages: str = "all"  # "1", "2", "all", or "none" (no training: evaluate the initial model, e.g. zero-shot)
     seed: int = 0
     run_dir: str | None = None
     init_from: str | None = None
@@ -127,8 +164,8 @@ class RunConfig:
     preset: str = "cpu-small"
 
     def __post_init__(self) -> None:
-        if self.stages not in ("1", "2", "all"):
-            raise ValueError(f"--stage must be 1, 2 or all, not {self.stages!r}")
+        if self.stages not in ("1", "2", "all", "none"):
+            raise ValueError(f"--stage must be 1, 2, all or none, not {self.stages!r}")
 
 
 def preset(name: str) -> RunConfig:
@@ -142,8 +179,8 @@ def preset(name: str) -> RunConfig:
             # with its real ImageNet weights, validation NDCG@10 0.102 against 0.085 for random-init ResNet-18.
             model=ModelConfig(d=256, image_backbone="efficientnet-lite0", image_size=64, max_tokens=32, user_layers=2,
                               user_heads=4, max_len=25),
-            stage1=StageConfig(epochs=10, lr=1e-3, micro_batch=128, warmup_steps=20, stride=25),
-            stage2=StageConfig(
+            stage1=Stage1Config(epochs=10, lr=1e-3, micro_batch=128, warmup_steps=20, stride=25),
+            stage2=Stage2Config(
                 epochs=1,
                 lr=3e-4,
                 tower_lr=3e-5,
@@ -172,8 +209,8 @@ def preset(name: str) -> RunConfig:
                 max_len=25,
                 activation_checkpointing=True,
             ),
-            stage1=StageConfig(epochs=10, lr=1e-4, micro_batch=512),
-            stage2=StageConfig(
+            stage1=Stage1Config(epochs=10, lr=1e-4, micro_batch=512),
+            stage2=Stage2Config(
                 epochs=10,
                 lr=1e-4,
                 tower_lr=1e-5,
@@ -191,8 +228,8 @@ def preset(name: str) -> RunConfig:
         # For tests: seconds per stage.
         return RunConfig(
             model=ModelConfig(d=32, image_size=32, max_tokens=16, user_layers=1, user_heads=2, max_len=8, dropout=0.0),
-            stage1=StageConfig(epochs=1, lr=1e-3, micro_batch=16, warmup_steps=2, max_steps=6, stride=4),
-            stage2=StageConfig(
+            stage1=Stage1Config(epochs=1, lr=1e-3, micro_batch=16, warmup_steps=2, max_steps=6, stride=4),
+            stage2=Stage2Config(
                 epochs=1,
                 lr=1e-3,
                 tower_lr=1e-3,
@@ -253,6 +290,8 @@ def _parse(raw: str, current, item: str):
             return tuple(int(x) for x in raw.split(","))
     except ValueError:
         raise ValueError(f"override {item!r}: cannot parse {raw!r} as {type(current).__name__}") from None
+    if isinstance(current, str) and not item.startswith(("data.modality_override", "model.image_weights")):
+        return raw  # a choice such as stages=none stays a string
     return None if raw.lower() == "none" else raw
 
 

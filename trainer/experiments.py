@@ -14,11 +14,14 @@ Runs. Every run is `trainer.main.main(argv)` in this process: the same TransRec 
 losses and evaluator for every model. IDRec / IDGru / IDNext = `model.item_encoder=id` with the transformer /
 GRU4Rec / NextItNet user encoder; train-from-scratch = TransRec from the towers' generic weights; transfer =
 the same with `--init-from` the source run's export (source seed 0, fine-tuned with the same schedule);
-TransRec- = `--stage 2` only; frozen = `model.frozen_towers=true`. A run is cached in OUT/runs/<config hash>/
-(the hash covers the resolved configuration, the data's input hashes, the text encoder and the source run; so a new
-config field, even one whose default changes nothing, gives every run a new key and the cached runs train again) and
-skipped when asked again; an interrupted run resumes; a finished run keeps its records, export and overall best
-model (`prune`). One invocation per OUT at a time (a lock file).
+zero-shot = the source export evaluated on the target by content with no target training (`--stage none`);
+TransRec- = `--stage 2` only; frozen = `model.frozen_towers=true`. TransRec trains with the content softmax
+(trainer/losses.py) by default; "-paper" models (e.g. `scratch-paper`) with the paper's objectives (free stage-1
+head, CPC), which the ID baselines keep. A run is cached in OUT/runs/<config hash>/ (the hash covers the resolved
+configuration, the data's input hashes, the text encoder and the source run; a new config field gives every run that
+reads it a new key; `drop_unused_objective_settings` leaves the content-softmax settings out of runs with the
+paper's objectives, which never read them) and skipped when asked again; an interrupted run resumes; a finished
+run keeps its records, export and overall best model (`prune`). One invocation per OUT at a time (a lock file).
 
 Table 2's text and image rows evaluate the mixed-trained run's best model on the all-text / all-image shards of the
 same users, items and splits (`evaluate_view`, evaluation only).
@@ -53,6 +56,7 @@ from trainer.experiment_plans import (  # noqa: F401  (re-exported: the runner's
     SOURCE_SEED,
     TARGET_FRACTIONS,
     TARGETS,
+    TRANSFERS,
     Domain,
     RowPlan,
     RunSpec,
@@ -137,7 +141,7 @@ class Suite:
 
     # -- runs -----------------------------------------------------------------------------------------------
     def source_spec(self, spec: RunSpec) -> RunSpec:
-        return RunSpec(SOURCE_OF[spec.domain], "scratch", SOURCE_SEED, spec.source_fraction)
+        return RunSpec(SOURCE_OF[spec.domain], spec.source_model, SOURCE_SEED, spec.source_fraction)
 
     def overrides(self, spec: RunSpec) -> list[str]:
         """The run's config overrides, paths excluded (init_from, text encoder: see `argv`)."""
@@ -159,7 +163,7 @@ class Suite:
                               "items": m["num_items"], "users": m["num_users"], "policies": m["policies"],
                               "interactions": m["num_interactions"], "split": m["split_rule"]},
                      "text_encoder": self.text_identity() if spec.content else None,
-                     "source": self.key(self.source_spec(spec)) if spec.model == "transfer" else None}
+                     "source": self.key(self.source_spec(spec)) if spec.model in TRANSFERS else None}
             blob = json.dumps(canon, sort_keys=True).encode()
             self._keys[spec] = hashlib.sha256(blob).hexdigest()[:16]
         return self._keys[spec]
@@ -174,7 +178,7 @@ class Suite:
                  (None, "init_from"), (None, "resume"))
         for section, key in paths:
             (cfg[section] if section else cfg).pop(key)
-        return cfg
+        return drop_unused_objective_settings(cfg)
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / self.key(spec)
@@ -191,7 +195,7 @@ class Suite:
             sets.append(f"model.text_encoder={self.text_encoder_path()}")
         if spec.content:  # frozen lower-block outputs, shared by the runs whose frozen weights are equal
             sets.append(f"data.feature_store={self.out / 'cache' / 'features'}")
-        if spec.model == "transfer":
+        if spec.model in TRANSFERS:
             sets.append(f"init_from={self.run_dir(self.source_spec(spec)) / 'export'}")
         return argv + ["--set", *sets]
 
@@ -201,7 +205,7 @@ class Suite:
         if self.is_done(spec):
             self.used.setdefault(key, {**json.loads((d / "runner.json").read_text()), "this_invocation": "cached"})
             return d
-        if spec.model == "transfer":
+        if spec.model in TRANSFERS:
             self.ensure(self.source_spec(spec))
         from trainer.main import main
 
@@ -218,7 +222,7 @@ class Suite:
         prune(d)
         record = {"status": "done", "key": key, "spec": spec.__dict__, "argv": argv, "resumed": resumed,
                   "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "source_run": self.key(self.source_spec(spec)) if spec.model == "transfer" else None}
+                  "source_run": self.key(self.source_spec(spec)) if spec.model in TRANSFERS else None}
         (d / "runner.json").write_text(json.dumps(record, indent=1))
         self.used[key] = {**record, "this_invocation": "trained"}
         gc.collect()
@@ -238,6 +242,24 @@ class Suite:
     def seeds_for(self, table: str) -> list[int]:
         n = self.seeds_arg if self.seeds_arg is not None else (3 if table == "table4" else 1)
         return list(range(n))
+
+
+CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history")
+
+
+def drop_unused_objective_settings(cfg: dict) -> dict:
+    """A run key covers the settings that change the run. A run trained with the paper's objectives (free stage-1
+    head, CPC) never reads the content-softmax settings: they, and the objective choices themselves, are left out
+    of its key, so such runs keep the keys they had before the content softmax existed (and their cached results)."""
+    if cfg["stage1"].get("head") != "free" or cfg["stage2"].get("loss") != "cpc":
+        return cfg
+    for stage in ("stage1", "stage2"):
+        for key in (*CONTENT_SOFTMAX_SETTINGS, "head", "loss"):
+            cfg[stage].pop(key, None)
+    if cfg["model"]["temperature"] == 1.0 and not cfg["model"]["learn_temperature"]:
+        cfg["model"].pop("temperature")
+        cfg["model"].pop("learn_temperature")
+    return cfg
 
 
 def prune(run_dir: Path) -> None:
@@ -290,12 +312,15 @@ def evaluate_view(run_dir: Path, shards: Path, out: Path) -> dict:
     record = json.loads((run_dir / "run_config.json").read_text())
     cfg = _config_from_dict(record["config"])
     check_same_split(Path(cfg.data.shards), shards)
-    best = int(json.loads((run_dir / "metrics.json").read_text())["best"]["stage"])
+    from trainer.train import record_scoring
+
+    chosen = json.loads((run_dir / "metrics.json").read_text())["best"]
+    best = int(chosen["stage"])
     cfg.data.shards, cfg.run_dir, cfg.init_from, cfg.resume = str(shards), str(out), None, None
     trainer = Trainer(cfg, str(DS_CONFIG))
     load_model_state(trainer.model, run_dir / f"best_stage{best}.safetensors")
-    trainer.set_stage(best)  # the feature cache of this routing, from the loaded weights
-    ranks = trainer.evaluate("test", best)
+    trainer.set_stage(max(best, 1))  # the feature cache of this routing, from the loaded weights
+    ranks = trainer.evaluate("test", record_scoring(chosen))
     trainer.write_ranks("test_ranks", trainer.test_users, ranks)
     metrics = {"test": ev.metrics_from_ranks(ranks, cfg.eval.ks), "best": {"stage": best},
                "run": str(run_dir), "shards": str(shards)}
@@ -321,8 +346,8 @@ def execute(suite: Suite, plan: TablePlan) -> dict[tuple[str, str], er.RowResult
                 path = d / "test_ranks_popularity.tsv"
             elif row.kind == "view":
                 path = suite.ensure_view(spec, row.view) / "test_ranks.tsv"
-            elif row.kind == "stage2":
-                path = d / "test_ranks_stage2.tsv"
+            elif row.kind in ("stage1", "stage2"):
+                path = d / f"test_ranks_{row.kind}.tsv"
             else:
                 path = d / "test_ranks.tsv"
                 curves.append(d / "valid_curve.csv")

@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     )
     p.add_argument("--shards", default=None, help="shard folder from data_shards.build")
     p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "paper", "tiny"])
-    p.add_argument("--stage", default=None, choices=["1", "2", "all"], help="1, 2 or all (default: all)")
+    p.add_argument("--stage", default=None, choices=["1", "2", "all", "none"],
+                   help="1, 2 or all (default: all); none: no training, evaluate the initial model by content "
+                        "(with --init-from: zero-shot transfer)")
     p.add_argument("--run-dir", default=None, help="run folder (default: a new folder under runs/)")
     p.add_argument("--resume", default=None, help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--init-from", default=None, help="start from an export folder (RUN_DIR/export)")
@@ -89,14 +91,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
 
 
 def _config_from_dict(d: dict) -> RunConfig:
-    from trainer.config import DataConfig, EvalConfig, ModelConfig, StageConfig
+    from trainer.config import DataConfig, EvalConfig, ModelConfig, Stage1Config, Stage2Config
 
     ev = dict(d["eval"])
     ev["ks"] = tuple(ev["ks"])
     return RunConfig(
         model=ModelConfig(**d["model"]),
-        stage1=StageConfig(**d["stage1"]),
-        stage2=StageConfig(**d["stage2"]),
+        stage1=Stage1Config(**d["stage1"]),
+        stage2=Stage2Config(**d["stage2"]),
         eval=EvalConfig(**ev),
         data=DataConfig(**d["data"]),
         **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data")},

@@ -8,6 +8,8 @@ count from the end (the last item always has position max_len - 1).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,10 @@ class TransRec(nn.Module):
         self.head = nn.Linear(d, num_items)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        # log(1 / temperature) of the content softmax (trainer/losses.py), shape [1] (DeepSpeed broadcasts no 0-d
+        # tensor); trains with model.learn_temperature.
+        inverse_temperature = torch.full((1,), -math.log(cfg.temperature))
+        self.logit_scale = nn.Parameter(inverse_temperature, requires_grad=cfg.learn_temperature)
         self.side = cfg.side_features
         if self.side:
             if not user_vocab or not item_features:
@@ -247,8 +253,9 @@ class TransRec(nn.Module):
             u, pos, neg, pos_mask=none_pos, neg_mask=neg_mask
         )
 
-    def forward(self, batch, stage: int, n_continuation: int = 5) -> torch.Tensor:
-        return self.stage1_loss(batch) if stage == 1 else self.stage2_loss(batch, n_continuation)
+    def forward(self, batch, objective) -> torch.Tensor:
+        """The training loss of `objective`, a component from trainer/losses.py (chosen by config)."""
+        return objective(self, batch)
 
     def stage1_scores(self, h: torch.Tensor) -> torch.Tensor:
         z = h @ self.head.weight.T + self.head.bias
@@ -256,7 +263,7 @@ class TransRec(nn.Module):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """Towers + user encoder (+ side projections), without catalogue-specific parts."""
-        skip = ("head.", "id_embedding.", "item_features.", "item_side_proj.")
+        skip = ("head.", "id_embedding.", "item_features.", "item_side_proj.", "logit_scale")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
 

@@ -1,4 +1,5 @@
-"""The run's results table: popularity, after stage 1, after stage 2, with paired bootstrap intervals."""
+"""The run's results table: popularity and every evaluated model (by stage and by how it scores), with paired
+bootstrap intervals against popularity, the selected model, and a loud line when it does not beat popularity."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from trainer.evaluate import paired_bootstrap, per_user_gain
 
 
 def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: int) -> tuple[str, dict]:
-    rows = [("popularity", metrics["popularity_test"], None)]
+    rows = [("popularity", metrics["popularity_test"], None, None)]
     intervals = {}
     for stage in sorted(metrics["stages"]):
         ranks = np.load(Path(run_dir) / f"test_ranks_stage{stage}.npy")
@@ -19,7 +20,9 @@ def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: in
             for m in ("hr@10", "ndcg@10")
         }
         intervals[f"stage{stage}"] = iv
-        rows.append((f"after stage {stage}", metrics["stages"][stage]["test"], iv))
+        label = "untrained (stage 0)" if stage == "0" else f"after stage {stage}"
+        rows.append((f"{label}, {metrics['stages'][stage].get('scoring', '?')}", metrics["stages"][stage]["test"], iv,
+                     stage))
     best = metrics["best"]
     lines = [
         f"Test, leave-one-out, full ranking of the catalogue ({metrics['test']['users']} users, "
@@ -29,8 +32,9 @@ def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: in
         "| model | HR@10 | NDCG@10 | HR@10 - pop [95% CI] | NDCG@10 - pop [95% CI] | valid NDCG@10 |",
         "|---|---|---|---|---|---|",
     ]
-    for name, m, iv in rows:
-        valid = metrics["popularity_valid"] if iv is None else metrics["stages"][name.split()[-1]]["valid"]
+    for name, m, iv, stage in rows:
+        valid = metrics["popularity_valid"] if stage is None else metrics["stages"][stage]["valid"]
+        name = f"**{name} (selected)**" if stage is not None and int(stage) == int(best["stage"]) else name
         cells = ["", ""]
         if iv is not None:
             cells = [f"{iv[k]['diff']:+.4f} [{iv[k]['low']:+.4f}, {iv[k]['high']:+.4f}]" for k in ("hr@10", "ndcg@10")]
@@ -39,7 +43,22 @@ def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: in
         )
     lines.append("")
     lines.append(
-        f"best on validation: stage {best['stage']} epoch {best['epoch']} ({best['file']}); "
-        f"metrics.json 'test' holds its figures"
+        f"selected: stage {best['stage']} epoch {best['epoch']} ({best['file']}, scoring: {best.get('scoring')}), "
+        "the best content-scoring model on validation (the model that is exported and transfers); metrics.json "
+        "'test' holds its figures"
     )
+    verdict = popularity_verdict(intervals[f"stage{best['stage']}"]["ndcg@10"])
+    if verdict:
+        lines += ["", verdict]
     return "\n".join(lines), intervals
+
+
+def popularity_verdict(iv: dict) -> str:
+    """'' when the selected model beats popularity (interval above 0), else a warning that says which way."""
+    if iv["low"] > 0:
+        return ""
+    if iv["high"] < 0:
+        return (f"**WARNING: the selected model is WORSE than popularity** (test NDCG@10 {iv['diff']:+.4f} "
+                f"[{iv['low']:+.4f}, {iv['high']:+.4f}]): train longer, check the data, or recommend popular items.")
+    return (f"**WARNING: the selected model does not beat popularity** (test NDCG@10 {iv['diff']:+.4f} "
+            f"[{iv['low']:+.4f}, {iv['high']:+.4f}], the interval includes 0).")

@@ -22,6 +22,7 @@ from trainer import evaluate as ev
 from trainer.checkpoint import gathered, load_export, load_model_state, save_export, save_model_state
 from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache
+from trainer.losses import Objective, build_objective, item_share, scoring_label
 from trainer.model import TransRec, count_parameters, optimizer_param_groups
 from trainer.run_setup import (
     LOG,
@@ -101,6 +102,7 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
+        self.item_share = item_share(self.sequences, self.num_items)  # the in-batch sampler's log-q
         self.valid_users = ev.eval_users(self.sequences, "valid", cfg.model.max_len)
         self.test_users = ev.eval_users(self.sequences, "test", cfg.model.max_len)
         self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
@@ -129,7 +131,7 @@ class Trainer:
             if self.cfg.model.frozen_towers:
                 tower.set_trainable(0)
                 tower.requires_grad_(False)
-        self.model.head.requires_grad_(stage == 1)
+        self.model.head.requires_grad_(stage == 1 and self.cfg.stage1.head == "free")
         self.model.cache = None
         if self.model.towers:
             t0 = time.time()
@@ -156,18 +158,29 @@ class Trainer:
     def needs_content(self) -> bool:
         return any(not (self.model.cache and self.model.cache.covers(n)) for n in self.model.towers)
 
-    def make_loader(self, stage: int, sc: StageConfig):
+    def objective(self, stage: int) -> Objective:
+        """The stage's loss component (trainer/losses.py); call after set_stage (full-catalogue candidates need
+        every tower's lower blocks cached)."""
+        sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
+        cached = not self.needs_content()
+        return build_objective(stage, sc, self.cfg.model, self.num_items, cached, self.item_share, self.device)
+
+    def scoring(self, obj: Objective) -> str:
+        return scoring_label(obj.scoring, self.cfg.model.item_encoder)
+
+    def make_loader(self, stage: int, sc: StageConfig, obj: Objective | None = None):
         m = self.cfg.model
-        window = m.max_len + 1 if stage == 1 else sc.n_history + sc.n_continuation
+        obj = obj or self.objective(stage)
+        window = m.max_len + 1 if obj.dense else sc.n_history + sc.n_continuation
         lc = LoaderConfig(
             window=window,
             batch_size=sc.micro_batch,
             stride=sc.stride,
-            min_len=sc.min_window or (2 if stage == 1 else sc.n_continuation + 1),
+            min_len=sc.min_window or (2 if obj.dense else sc.n_continuation + 1),
             shuffle_buffer=self.cfg.data.shuffle_buffer,
             seed=self.cfg.seed,
             num_workers=self.cfg.data.num_workers,
-            num_negatives=0 if stage == 1 else sc.negatives,
+            num_negatives=obj.negatives,
             load_content=self.needs_content(),
             decode_in_loader=self.device.type == "cpu",
             image_size=m.image_size,
@@ -226,11 +239,13 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, split: str, stage: int) -> np.ndarray:
+    def evaluate(self, split: str, scoring: str) -> np.ndarray:
+        """Ranks of the split's targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
+        user . item vector (the tower's content vectors, or the ID table's)."""
         with gathered(self.model):  # ZeRO-3: evaluation reads weights outside module forwards
-            return self._evaluate(split, stage)
+            return self._evaluate(split, scoring)
 
-    def _evaluate(self, split: str, stage: int) -> np.ndarray:
+    def _evaluate(self, split: str, scoring: str) -> np.ndarray:
         self.model.eval()
         data = self.valid_users if split == "valid" else self.test_users
         iv = self.item_vectors()
@@ -240,7 +255,7 @@ class Trainer:
             mask = hist >= 0
             return (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype), mask
 
-        if stage == 1:
+        if scoring == "free_head":
 
             def score(hist, users):
                 vecs, mask = seq(hist)
@@ -272,7 +287,9 @@ class Trainer:
     # -- a stage ------------------------------------------------------------------------------------------
     def run_stage(self, stage: int, resume: dict | None = None) -> None:
         sc = self.set_stage(stage)
-        loader = self.make_loader(stage, sc)
+        obj = self.objective(stage)
+        scoring = self.scoring(obj)
+        loader = self.make_loader(stage, sc, obj)
         steps_total = sc.epochs * loader.steps_per_epoch // sc.grad_accum
         if sc.max_steps:
             steps_total = min(steps_total, sc.max_steps)
@@ -289,7 +306,9 @@ class Trainer:
             LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip}")
         LOG.info(
             f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
-            f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}"
+            f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}; objective "
+            f"{obj.name}{' over the full catalogue' if getattr(obj, 'full_catalogue', False) else ''}, "
+            f"{obj.negatives} shared negatives, scored by {scoring}"
         )
         stale = resume.get("stale", 0) if resume else 0
         stage_best = self.state["stage_best"].get(str(stage))
@@ -310,7 +329,7 @@ class Trainer:
             )
             for b_idx, batch in enumerate(loader, start=skip):
                 batch = self._prepare(batch)
-                loss = engine(batch, stage=stage, n_continuation=sc.n_continuation)
+                loss = engine(batch, objective=obj)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach())
@@ -351,13 +370,13 @@ class Trainer:
                     f"in {self.run_dir / 'checkpoints'} is intact. Lower stage{stage}.lr."
                 )
             skip = 0
-            stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best)
+            stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best, scoring)
             self.save_resume_point(engine, stage, epoch + 1, 0, stale)
             if stop or (sc.max_steps and steps_done >= sc.max_steps):
                 break
         self.global_step += steps_done
         engine.destroy()  # removes its ZeRO gradient hooks: the next stage's engine wraps the same parameters
-        self.finish_stage(stage)
+        self.finish_stage(stage, scoring)
 
     def _mean_loss_across_ranks(self, losses: list[torch.Tensor]) -> float:
         import torch.distributed as dist
@@ -384,15 +403,15 @@ class Trainer:
             c.pixels = self.image_decoder().decode(c.jpegs, ids)
         return batch
 
-    def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None):
-        ranks = self.evaluate("valid", stage)
+    def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str):
+        ranks = self.evaluate("valid", scoring)
         metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
         self.log_scalars({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, self.global_step + epoch)
         LOG.info(
             f"stage {stage} epoch {epoch} validation: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k)
         )
-        record = {"stage": stage, "epoch": epoch, "valid": metrics}
+        record = {"stage": stage, "epoch": epoch, "valid": metrics, "scoring": scoring}
         if self.rank == 0:
             curve = self.run_dir / "valid_curve.csv"
             keys = [k for k in metrics if "@" in k]
@@ -435,12 +454,12 @@ class Trainer:
                     shutil.rmtree(old, ignore_errors=True)
         _barrier()
 
-    def finish_stage(self, stage: int) -> None:
+    def finish_stage(self, stage: int, scoring: str) -> None:
         """Test with this stage's best model (the table's 'after stage N' row)."""
         _barrier()
         best_file = self.run_dir / f"best_stage{stage}.safetensors"
         load_model_state(self.model, best_file)
-        ranks = self.evaluate("test", stage)
+        ranks = self.evaluate("test", scoring)
         self.write_ranks(f"test_ranks_stage{stage}", self.test_users, ranks)
         self.state["test"][str(stage)] = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
         self.state["done_stages"].append(stage)
@@ -449,6 +468,9 @@ class Trainer:
 
     # -- the whole run ------------------------------------------------------------------------------------
     def run(self, resume_point: dict | None = None) -> dict:
+        if self.cfg.stages == "none":
+            self.evaluate_untrained()
+            return self.finish()
         stages = {"1": [1], "2": [2], "all": [1, 2]}[self.cfg.stages]
         for stage in stages:
             if stage in self.state["done_stages"]:
@@ -461,9 +483,30 @@ class Trainer:
             self.run_stage(stage, resume)
         return self.finish()
 
+    def evaluate_untrained(self) -> None:
+        """`--stage none`: the initial model (e.g. a source export given by --init-from: zero-shot transfer) scored
+        by content on this catalogue, recorded as stage 0."""
+        if self.cfg.model.item_encoder != "content":
+            raise ValueError("--stage none evaluates a content model without training; an ID model would be random")
+        if not self.cfg.init_from:
+            LOG.warning("--stage none without --init-from: evaluating randomly initialised upper blocks")
+        self.set_stage(1)  # every tower's frozen blocks cached; nothing trains
+        ranks = self.evaluate("valid", "content")
+        record = {"stage": 0, "epoch": 0, "valid": ev.metrics_from_ranks(ranks, self.cfg.eval.ks), "scoring": "content"}
+        self.state["stage_best"]["0"] = record
+        save_model_state(self.model, self.run_dir / "best_stage0.safetensors", write=self.rank == 0)
+        LOG.info(f"untrained model (stage 0) validation NDCG@10 {record['valid']['ndcg@10']:.4f}")
+        self.finish_stage(0, "content")
+
     def finish(self) -> dict:
+        """Select, export and report the best content-scoring model on validation (the model that transfers and
+        ranks cold items); a run without one (ID baselines, a free-head-only stage 1) selects its best model."""
         sb = self.state["stage_best"]
-        best_stage = max(sb, key=lambda s: sb[s]["valid"]["ndcg@10"])
+        content = [s for s in sb if record_scoring(sb[s]) == "content"]
+        best_stage = max(content or list(sb), key=lambda s: sb[s]["valid"]["ndcg@10"])
+        if not content:
+            LOG.warning(f"no content-scoring model was trained: selecting stage {best_stage} "
+                        f"({record_scoring(sb[best_stage])}), which cannot rank items never seen in training")
         load_model_state(self.model, self.run_dir / f"best_stage{best_stage}.safetensors")
         pop_valid = ev.popularity_ranks(
             self.sequences, self.num_items, self.valid_users, "valid", self.cfg.eval.exclude_seen
@@ -490,7 +533,7 @@ class Trainer:
         return result
 
     def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
-        from trainer.report import results_table
+        from trainer.report import popularity_verdict, results_table
 
         ks = self.cfg.eval.ks
         metrics = {
@@ -502,10 +545,12 @@ class Trainer:
                 "stage": int(best_stage),
                 "epoch": self.state["stage_best"][best_stage]["epoch"],
                 "file": f"best_stage{best_stage}.safetensors",
+                "scoring": record_scoring(self.state["stage_best"][best_stage]),
             },
             "stages": {
-                s: {"valid": self.state["stage_best"][s]["valid"], "test": self.state["test"][s]}
-                for s in self.state["stage_best"]
+                s: {"valid": r["valid"], "test": self.state["test"][s], "scoring": record_scoring(r),
+                    "epoch": r["epoch"]}
+                for s, r in self.state["stage_best"].items()
             },
             "exclude_seen": self.cfg.eval.exclude_seen,
         }
@@ -514,7 +559,15 @@ class Trainer:
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (self.run_dir / "results.md").write_text(table + "\n")
         print(table, flush=True)
+        verdict = popularity_verdict(intervals[f"stage{best_stage}"]["ndcg@10"])
+        if verdict:
+            LOG.warning(verdict.replace("**", ""))
         return metrics
+
+
+def record_scoring(record: dict) -> str:
+    """How a validated model scores; records written before labels existed: stage 1 = free head, else content."""
+    return record.get("scoring") or ("free_head" if int(record["stage"]) == 1 else "content")
 
 
 def _content_to(content, device):

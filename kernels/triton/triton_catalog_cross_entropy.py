@@ -1,7 +1,9 @@
 """Catalogue cross-entropy in Triton: the [M, V] logits never reach memory.
 
 h [M, d] hidden states, W [V, d] item embeddings, bias [V] or None, target [M] (ignore_index rows
-skipped); z = h W^T + bias (optionally relu'd); loss_m = logsumexp_v z_mv - z_m,target_m.
+skipped); z = h W^T + bias (optionally relu'd); loss_m = logsumexp_v z_mv - z_m,target_m. With an exclusion
+list EXCL [M, E] (column indices, -1 padded), z_mv = -inf for the listed columns v != target_m: a sampled
+softmax drops accidental hits (a user's own earlier items among the candidates) this way.
 The forward streams V in tiles with an online log-sum-exp; the backward recomputes the logit tiles.
 """
 
@@ -30,9 +32,19 @@ def _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS: tl.constexpr, RELU: t
 
 
 @triton.jit
+def _excluded(z, EXCL, E, offs_m, m_ok, offs_v, tgt):
+    """z with -inf at the columns listed in EXCL[m, :E] other than the row's target (E comparisons per tile)."""
+    for e in range(0, E):
+        col = tl.load(EXCL + offs_m * E + e, mask=m_ok, other=-1)
+        hit = (offs_v[None, :] == col[:, None]) & (col[:, None] != tgt[:, None]) & (col[:, None] >= 0)
+        z = tl.where(hit, float("-inf"), z)
+    return z
+
+
+@triton.jit
 def _ce_fwd_kernel(
-    H, W, BIAS, TGT, LSE_P, ZT_P, M, V, D, V_PER_SPLIT,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    H, W, BIAS, TGT, EXCL, E, LSE_P, ZT_P, M, V, D, V_PER_SPLIT,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_EXCL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -57,9 +69,12 @@ def _ce_fwd_kernel(
         v_ok = offs_v < v_hi
         _, z, _ = _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS, RELU, BLOCK_M, BLOCK_V,
                           CAST_FP32, PRECISION)
+        if HAS_EXCL:
+            z = _excluded(z, EXCL, E, offs_m, m_ok, offs_v, tgt)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         r_new = tl.maximum(r, tl.max(z, axis=1))
-        l = l * tl.exp(r - r_new) + tl.sum(tl.exp(z - r_new[:, None]), axis=1)
+        r_safe = tl.where(r_new == float("-inf"), 0.0, r_new)  # a tile with every column excluded or off the end
+        l = l * tl.exp(r - r_safe) + tl.sum(tl.exp(z - r_safe[:, None]), axis=1)
         r = r_new
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
     tl.store(LSE_P + split * M + offs_m, r + tl.log(l), mask=m_ok)
@@ -77,8 +92,8 @@ def _dlogits(z, active, offs_v, v_ok, tgt, lse, gscale, RELU: tl.constexpr):
 
 @triton.jit
 def _ce_bwd_h_kernel(
-    H, W, BIAS, TGT, LSE, GSCALE, GH_P, M, V, D, V_PER_SPLIT,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    H, W, BIAS, TGT, EXCL, E, LSE, GSCALE, GH_P, M, V, D, V_PER_SPLIT,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_EXCL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -101,6 +116,8 @@ def _ce_bwd_h_kernel(
         v_ok = offs_v < v_hi
         w, z, active = _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS, RELU, BLOCK_M, BLOCK_V,
                                CAST_FP32, PRECISION)
+        if HAS_EXCL:
+            z = _excluded(z, EXCL, E, offs_m, m_ok, offs_v, tgt)
         dz = _dlogits(z, active, offs_v, v_ok, tgt, lse, gscale, RELU)
         acc = mm(dz, w, acc, CAST_FP32, PRECISION)
     tl.store(GH_P + (split * M + offs_m)[:, None] * D + offs_d[None, :], acc, mask=tile_ok)
@@ -108,8 +125,8 @@ def _ce_bwd_h_kernel(
 
 @triton.jit
 def _ce_bwd_w_kernel(
-    H, W, BIAS, TGT, LSE, GSCALE, GW, GB, M, V, D,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    H, W, BIAS, TGT, EXCL, E, LSE, GSCALE, GW, GB, M, V, D,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_EXCL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -130,6 +147,8 @@ def _ce_bwd_w_kernel(
         gscale = tl.load(GSCALE + offs_m, mask=m_ok, other=0.0)
         _, z, active = _logits(h, W, BIAS, offs_v, v_ok, offs_d, D, HAS_BIAS, RELU, BLOCK_M, BLOCK_V,
                                CAST_FP32, PRECISION)
+        if HAS_EXCL:
+            z = _excluded(z, EXCL, E, offs_m, m_ok, offs_v, tgt)
         dz = _dlogits(z, active, offs_v, v_ok, tgt, lse, gscale, RELU)
         dz = tl.where(m_ok[:, None], dz, 0.0)
         acc_w = mm(tl.trans(dz), h, acc_w, CAST_FP32, PRECISION)
@@ -168,6 +187,7 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         target: torch.Tensor, ignore_index: int, reduction: str, relu: bool, n_split: int | None,
+        exclude: torch.Tensor | None,
     ) -> torch.Tensor:
         from kernels.triton.common import INTERPRET
 
@@ -175,19 +195,23 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
         V = weight.shape[0]
         h, weight, target = h.contiguous(), weight.contiguous(), target.contiguous()
         bias_arg = weight if bias is None else bias.contiguous()
+        excl = target if exclude is None else exclude.contiguous()
+        n_excl = 0 if exclude is None else exclude.shape[1]
         block_d = max(16, next_pow2(D))
         block_m, block_v, num_warps = _blocks(block_d, INTERPRET)
         cast, precision = dot_config(h.dtype)
         meta = {
-            "HAS_BIAS": bias is not None, "RELU": relu, "BLOCK_M": block_m, "BLOCK_V": block_v,
-            "BLOCK_D": block_d, "CAST_FP32": cast, "PRECISION": precision, "num_warps": num_warps,
+            "HAS_BIAS": bias is not None, "RELU": relu, "HAS_EXCL": exclude is not None,
+            "BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_D": block_d, "CAST_FP32": cast, "PRECISION": precision,
+            "num_warps": num_warps,
         }
         m_blocks = triton.cdiv(M, block_m)
         splits, per_split = _v_split(m_blocks, V, block_v, h.device, n_split)
         lse_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
         zt_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
         if M > 0:
-            _ce_fwd_kernel[(m_blocks, splits)](h, weight, bias_arg, target, lse_p, zt_p, M, V, D, per_split, **meta)
+            _ce_fwd_kernel[(m_blocks, splits)](h, weight, bias_arg, target, excl, n_excl, lse_p, zt_p, M, V, D,
+                                                per_split, **meta)
         lse = lse_p[0] if splits == 1 else torch.logsumexp(lse_p, dim=0)
         valid = target != ignore_index
         losses = torch.where(valid, lse - zt_p.sum(0), 0.0)  # [M] fp32
@@ -198,14 +222,16 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
             loss = losses.sum()
         else:
             loss = losses
-        ctx.save_for_backward(h, weight, bias, target, lse, valid, n_valid)
+        ctx.save_for_backward(h, weight, bias, target, lse, valid, n_valid, exclude)
         ctx.meta, ctx.reduction, ctx.n_split = meta, reduction, n_split
         return loss.to(h.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, weight, bias, target, lse, valid, n_valid = ctx.saved_tensors
+        h, weight, bias, target, lse, valid, n_valid, exclude = ctx.saved_tensors
         meta = ctx.meta
+        excl = target if exclude is None else exclude
+        n_excl = 0 if exclude is None else exclude.shape[1]
         M, D = h.shape
         V = weight.shape[0]
         g = grad_out.float()
@@ -221,23 +247,26 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
         if need_h:
             gh_p = torch.zeros(splits, M, D, device=h.device, dtype=torch.float32)
             if M > 0:
-                _ce_bwd_h_kernel[(m_blocks, splits)](h, weight, bias_arg, target, lse, gscale, gh_p, M, V, D,
-                                                     per_split, **meta)
+                _ce_bwd_h_kernel[(m_blocks, splits)](h, weight, bias_arg, target, excl, n_excl, lse, gscale, gh_p,
+                                                     M, V, D, per_split, **meta)
             gh = (gh_p[0] if splits == 1 else gh_p.sum(0)).to(h.dtype)
         if need_w or need_b:
             gw = torch.zeros_like(weight)
             gb = torch.zeros(V, device=h.device, dtype=torch.float32)
             if M > 0:
-                _ce_bwd_w_kernel[(triton.cdiv(V, block_v),)](h, weight, bias_arg, target, lse, gscale, gw, gb,
-                                                            M, V, D, **meta)
+                _ce_bwd_w_kernel[(triton.cdiv(V, block_v),)](h, weight, bias_arg, target, excl, n_excl, lse, gscale,
+                                                            gw, gb, M, V, D, **meta)
             gw = gw if need_w else None
             gb = gb.to(bias.dtype) if need_b else None
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
 
 
 def triton_catalog_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     ignore_index: int = -100, reduction: str = "mean", relu: bool = False, n_split: int | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton catalogue cross-entropy; ``n_split`` (default: fill the device) splits V across programs."""
-    return CatalogCrossEntropyFunction.apply(h, weight, bias, target, ignore_index, reduction, relu, n_split)
+    """Triton catalogue cross-entropy; ``n_split`` (default: fill the device) splits V across programs;
+    ``exclude`` [M, E] int64 column indices (-1 padded) left out of each row's softmax unless the target."""
+    return CatalogCrossEntropyFunction.apply(h, weight, bias, target, ignore_index, reduction, relu, n_split,
+                                             exclude)

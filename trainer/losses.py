@@ -1,0 +1,152 @@
+"""Training objectives as components, chosen by config: each owns its loss and its batch requirements.
+
+| objective | config | scores with | windows |
+|---|---|---|---|
+| `FreeHeadSoftmax` | `stage1.head=free` | a free head W^U [V, d] + b (one row per item: an ID table) | dense |
+| `ContentSoftmax` | `stage1.head=content`, `stage2.loss=sampled_softmax` | user . item content vector | dense |
+| `CPC` | `stage2.loss=cpc` (the paper's Eq. 9) | user . item content vector | history + continuation |
+
+Dense windows: every position predicts its next item (causal), as in stage 1. `ContentSoftmax` scores against the
+towers' own item vectors, so what it trains is what transfers and what ranks a never-seen item. Its candidates are
+either the whole catalogue (exact softmax; needs every tower's lower blocks cached, `candidates=full`) or the batch's
+unique items plus `negatives` shared uniform samples (in-batch negatives are free: they are already encoded), with
+the log-q correction of a sampled softmax (Yi et al. 2019, "Sampling-bias-corrected neural modeling"): each
+candidate's logit is lowered by log q_i, q_i its probability of being among the candidates. Candidates that are
+one of the user's earlier items (other than the target) are left out of that position's softmax (accidental hits;
+evaluation removes seen items from the ranking the same way). The loss runs through `kernels.catalog_cross_entropy`
+with the candidates' vectors as the weight: gradients reach the towers, logits are never materialised on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import kernels
+from trainer.model import _repeat_feats
+
+# How an evaluated model ranks items: "content" (user . tower item vector), "id" (user . ID-table vector, the ID
+# baselines' stage-2 model), "free_head" (stage 1's catalogue head). The run selects among "content" models.
+SCORINGS = ("content", "id", "free_head")
+
+
+@dataclass
+class Objective:
+    name: str
+    scoring: str  # "free_head" or "item_vectors" (resolved to "content" / "id" by the item encoder)
+    dense: bool  # True: every position predicts its next item (windows of max_len + 1)
+    negatives: int = 0  # shared negatives the loader samples per batch
+
+    def __call__(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class FreeHeadSoftmax(Objective):
+    def __call__(self, model, batch) -> torch.Tensor:
+        return model.stage1_loss(batch)
+
+
+@dataclass
+class CPC(Objective):
+    n_continuation: int = 5
+
+    def __call__(self, model, batch) -> torch.Tensor:
+        return model.stage2_loss(batch, self.n_continuation)
+
+
+@dataclass
+class ContentSoftmax(Objective):
+    full_catalogue: bool = False
+    log_item_share: torch.Tensor | None = None  # [V] log of each item's share of training interactions (log-q)
+    mask_history: bool = True
+
+    def __call__(self, model, batch) -> torch.Tensor:
+        return content_softmax_loss(model, batch, self)
+
+
+def item_share(sequences: list[dict], num_items: int) -> np.ndarray:
+    """Each item's share of the training interactions (the in-batch sampler's distribution), floor 0."""
+    counts = np.zeros(num_items, dtype=np.float64)
+    for s in sequences:
+        np.add.at(counts, np.asarray(s["items"][: s["num_train"]], dtype=np.int64), 1.0)
+    return counts / max(1.0, counts.sum())
+
+
+def log_inclusion_probability(log_share: torch.Tensor, slots_filled: torch.Tensor, negatives: int,
+                              num_items: int) -> torch.Tensor:
+    """log q_i = log P(item i is a candidate) for a batch of `slots_filled` interactions drawn by item share
+    plus `negatives` uniform draws: q_i = 1 - (1 - p_i)^T (1 - 1/V)^j. Stays on the device (T is a tensor)."""
+    log_miss = slots_filled.to(torch.float32) * torch.log1p(-log_share.exp().clamp(max=1 - 1e-7))
+    if negatives:
+        log_miss = log_miss + negatives * math.log1p(-1.0 / num_items)
+    return torch.log((-torch.expm1(log_miss)).clamp(min=1e-30))
+
+
+def history_exclusions(ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids of the window's inputs (-1 padding) -> [B, L, L]: for position t, the ids at positions <= t
+    (the items the user had when predicting item t + 1), -1 elsewhere."""
+    L = ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()  # [t, j]: j <= t
+    return torch.where(causal[None], ids[:, None, :], torch.full_like(ids[:, None, :], -1))
+
+
+def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
+    item_vecs = model.encode_items(batch.unique_items, batch.content)  # [U, d]: batch items + shared negatives
+    vecs, mask = model.slot_vectors(batch, item_vecs)
+    h = model.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L, d]
+    if model.side:
+        h = model._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
+    B, L, d = h.shape
+    valid = (mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)).flatten()
+    if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no correction
+        weight = model.encode_items(torch.arange(model.num_items, device=h.device))
+        columns, bias = batch.items, None
+    else:
+        weight, columns = item_vecs, batch.slots
+        bias = None
+        if obj.log_item_share is not None:
+            bias = -log_inclusion_probability(obj.log_item_share[batch.unique_items], mask.sum(), obj.negatives,
+                                              model.num_items).to(weight.dtype)
+    target = columns[:, 1:].flatten()
+    exclude = history_exclusions(columns[:, :-1]).flatten(0, 1) if obj.mask_history else None
+    # Only real (position, next item) pairs enter the softmax (padded positions would cost a row each).
+    keep = valid.nonzero().squeeze(1)
+    if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
+        return h.sum() * 0.0 + weight.sum() * 0.0
+    scale = model.logit_scale.exp().to(h.dtype)  # 1 / temperature
+    return kernels.catalog_cross_entropy(
+        h.flatten(0, 1)[keep] * scale, weight, bias, target[keep],
+        exclude=None if exclude is None else exclude[keep],
+    )
+
+
+def build_objective(stage: int, sc, model_cfg, num_items: int, towers_cached: bool,
+                    share: np.ndarray | None, device: torch.device) -> Objective:
+    """The stage's objective from its config (`stage1.head`, `stage2.loss`, `candidates`, ...)."""
+    kind = sc.head if stage == 1 else sc.loss
+    if kind == "free":
+        return FreeHeadSoftmax("free_head_softmax", "free_head", dense=True)
+    if kind == "cpc":
+        return CPC("cpc", "item_vectors", dense=False, negatives=sc.negatives, n_continuation=sc.n_continuation)
+    full = sc.candidates == "full" or (sc.candidates == "auto" and num_items <= sc.full_catalogue_max)
+    if full and not towers_cached:
+        if sc.candidates == "full":
+            raise ValueError(
+                f"stage{stage}.candidates=full needs every tower's lower blocks cached (towers that train all their "
+                "blocks read content from the batch only); use candidates=sampled or a smaller trainable depth")
+        full = False
+    log_share = None
+    if not full and sc.logq_correction and share is not None:
+        log_share = torch.as_tensor(np.log(np.maximum(share, 1e-12)), dtype=torch.float32, device=device)
+    return ContentSoftmax("content_softmax", "item_vectors", dense=True, negatives=0 if full else sc.negatives,
+                          full_catalogue=full, log_item_share=log_share, mask_history=sc.mask_history)
+
+
+def scoring_label(obj_scoring: str, item_encoder: str) -> str:
+    if obj_scoring == "free_head":
+        return "free_head"
+    return "content" if item_encoder == "content" else "id"
