@@ -177,17 +177,20 @@ def test_quick_table4_writes_report_csv_and_png(quick):
     md = (out / "table4.md").read_text()
     for needle in ("## Settings", "## Data", "input files (sha256)", "warm", "cold", "## Headline differences",
                    "## Runs used", "## The paper's claims and this run", "IDGru", "IDNext", "train-from-scratch",
-                   "TransRec (transfer)", "tiny random 2-layer BERT",
-                   "these runs train it for 1 epoch (stage 2 of the `tiny` preset"):
+                   "TransRec (transfer)", "tiny random 2-layer BERT", "TransRec (zero-shot)",
+                   "report the best content-scoring model on validation"):
         assert needle in md, needle
     assert md.rstrip().splitlines()[-1].startswith("| ")  # ends with the claims table
     with open(out / "table4_runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["row"] for r in rows] == ["popularity", "IDRec", "IDGru", "IDNext", "train-from-scratch",
-                                        "TransRec (transfer)", "train-from-scratch, stage-2 model",
-                                        "TransRec (transfer), stage-2 model"]
-    # the stage-2 rows read the same runs' stage-2 ranks, not the validation-chosen model's
-    assert rows[-1]["run"] == rows[5]["run"] and rows[-1]["kind"] == "stage2"
+                                        "TransRec (transfer)", "TransRec (zero-shot)",
+                                        "scratch, paper objectives: free head", "scratch, paper objectives: CPC model",
+                                        "transfer, paper objectives: free head",
+                                        "transfer, paper objectives: CPC model"]
+    # the paper-objective rows read one set of runs, each row its stage's ranks
+    assert rows[-1]["run"] == rows[-2]["run"] != rows[5]["run"]
+    assert (rows[-2]["kind"], rows[-1]["kind"]) == ("stage1", "stage2")
     (manifest,) = (out / "shards").glob("hm-fashion-mixed-*/manifest.json")
     manifest = json.loads(manifest.read_text())
     assert manifest["policies"]["dedup"] == "collapse"  # same-day repeats of an article are one interaction
@@ -209,10 +212,21 @@ def test_transfer_runs_start_from_the_source_export(quick):
         cfg = json.loads((run / "run_config.json").read_text())["config"]
         assert Path(cfg["init_from"]) == source / "export"
         assert json.loads((run / "runner.json").read_text())["source_run"] == source.name
+    zero_shot = runs[("hm-mixed", "zeroshot", False, 1.0)]
+    assert json.loads((zero_shot / "runner.json").read_text())["source_run"] == source.name
+    zs_metrics = json.loads((zero_shot / "metrics.json").read_text())
+    assert set(zs_metrics["stages"]) == {"0"} and zs_metrics["best"]["scoring"] == "content"
+    paper = runs[("hm-mixed", "transfer-paper", False, 1.0)]
+    paper_source = json.loads((paper / "runner.json").read_text())["source_run"]
+    assert paper_source == runs[("ml-mixed", "scratch-paper", False, 1.0)].name != source.name
     # frozen transfer: the towers never train, so they still equal the source's export bit for bit; the source
     # trained their pooling and projections, so a scratch run's towers differ from them
-    transfer = load_file(str(runs[("hm-mixed", "transfer", True, 1.0)] / "best_stage2.safetensors"))
-    scratch = load_file(str(runs[("hm-mixed", "scratch", True, 1.0)] / "best_stage2.safetensors"))
+    def best_state(run: Path) -> dict[str, torch.Tensor]:
+        best = json.loads((run / "metrics.json").read_text())["best"]["stage"]
+        return load_file(str(run / f"best_stage{best}.safetensors"))
+
+    transfer = best_state(runs[("hm-mixed", "transfer", True, 1.0)])
+    scratch = best_state(runs[("hm-mixed", "scratch", True, 1.0)])
     towers = [k for k in export if k.startswith("towers.")]
     assert towers and all(torch.equal(transfer[k], export[k]) for k in towers)
     assert any(not torch.equal(scratch[k], export[k]) for k in towers if ".proj." in k or ".pool." in k)
