@@ -106,6 +106,16 @@ def plan_table2(suite) -> TablePlan:
             rows.append(RowPlan(view, label, _seeded(RunSpec("ml-mixed", model), seeds),
                                 kind="run" if vd is None else "view", view=vd))
         heads += [(view, "TransRec", "IDRec"), (view, "TransRec", "TransRec-"), (view, "TransRec", "popularity")]
+        if vd is None:  # the paper's objectives beside the content softmax, on the mixed feedback
+            rows += [RowPlan(view, "TransRec-, paper objectives (CPC)", _seeded(RunSpec("ml-mixed", "transrec--paper"),
+                                                                               seeds)),
+                     RowPlan(view, "TransRec, paper objectives: free head",
+                             _seeded(RunSpec("ml-mixed", "scratch-paper"), seeds), kind="stage1"),
+                     RowPlan(view, "TransRec, paper objectives: CPC model",
+                             _seeded(RunSpec("ml-mixed", "scratch-paper"), seeds), kind="stage2")]
+            heads += [(view, "TransRec", "TransRec, paper objectives: free head"),
+                      (view, "TransRec", "TransRec, paper objectives: CPC model"),
+                      (view, "TransRec-", "TransRec-, paper objectives (CPC)")]
     claims = [
         {"claim": "Pre-training the user encoder (stage 1) improves TransRec over TransRec- (stage 2 only), on "
                   "mixed, text and image feedback.",
