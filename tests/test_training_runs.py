@@ -126,6 +126,10 @@ def test_content_models_are_labelled_and_selected(source_run):
     assert metrics["test"] == stages[best]["test"]
     table = (source_run / "results.md").read_text()
     assert f"after stage {best}, content (selected)" in table and "| after stage 1, content" in table
+    cold = metrics["cold_test"]
+    assert cold["users"] == 3  # MovieLens: 3 test targets never occur in training
+    assert "cold test targets (items in no user's training portion): 3 of 943" in table
+    assert f"NDCG@10 {cold['ndcg@10']:.4f}" in table
     log = (source_run / "valid_curve.csv").read_text().splitlines()
     assert log[0].startswith("stage,epoch,") and len(log) >= 3
 

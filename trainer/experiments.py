@@ -312,7 +312,7 @@ def evaluate_view(run_dir: Path, shards: Path, out: Path) -> dict:
     record = json.loads((run_dir / "run_config.json").read_text())
     cfg = _config_from_dict(record["config"])
     check_same_split(Path(cfg.data.shards), shards)
-    from trainer.train import record_scoring
+    from trainer.report import record_scoring
 
     chosen = json.loads((run_dir / "metrics.json").read_text())["best"]
     best = int(chosen["stage"])

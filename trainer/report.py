@@ -47,6 +47,13 @@ def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: in
         "the best content-scoring model on validation (the model that is exported and transfers); metrics.json "
         "'test' holds its figures"
     )
+    cold = metrics.get("cold_test", {"users": 0})
+    if cold["users"]:
+        lines.append(f"cold test targets (items in no user's training portion): {cold['users']} of "
+                     f"{metrics['test']['users']}; the selected model on them: HR@10 {cold['hr@10']:.4f}, "
+                     f"NDCG@10 {cold['ndcg@10']:.4f}")
+    else:
+        lines.append("cold test targets (items in no user's training portion): none")
     verdict = popularity_verdict(intervals[f"stage{best['stage']}"]["ndcg@10"])
     if verdict:
         lines += ["", verdict]
@@ -62,3 +69,8 @@ def popularity_verdict(iv: dict) -> str:
                 f"[{iv['low']:+.4f}, {iv['high']:+.4f}]): train longer, check the data, or recommend popular items.")
     return (f"**WARNING: the selected model does not beat popularity** (test NDCG@10 {iv['diff']:+.4f} "
             f"[{iv['low']:+.4f}, {iv['high']:+.4f}], the interval includes 0).")
+
+
+def record_scoring(record: dict) -> str:
+    """How a validated model scores; records written before labels existed: stage 1 = free head, else content."""
+    return record.get("scoring") or ("free_head" if int(record["stage"]) == 1 else "content")

@@ -24,6 +24,7 @@ from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache
 from trainer.losses import Objective, build_objective, item_share, scoring_label
 from trainer.model import TransRec, count_parameters, optimizer_param_groups
+from trainer.report import record_scoring
 from trainer.run_setup import (
     LOG,
     fill_ds_config,
@@ -554,6 +555,9 @@ class Trainer:
             },
             "exclude_seen": self.cfg.eval.exclude_seen,
         }
+        # Cold test targets: items in no user's training portion; only content scoring can rank them.
+        cold = self.item_share[self.test_users.targets] == 0
+        metrics["cold_test"] = ev.metrics_from_ranks(test_ranks[cold], ks) if cold.any() else {"users": 0}
         table, intervals = results_table(self.run_dir, metrics, pop_test, self.cfg.eval.bootstrap)
         metrics["vs_popularity"] = intervals
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -563,11 +567,6 @@ class Trainer:
         if verdict:
             LOG.warning(verdict.replace("**", ""))
         return metrics
-
-
-def record_scoring(record: dict) -> str:
-    """How a validated model scores; records written before labels existed: stage 1 = free head, else content."""
-    return record.get("scoring") or ("free_head" if int(record["stage"]) == 1 else "content")
 
 
 def _content_to(content, device):

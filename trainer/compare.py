@@ -1,0 +1,110 @@
+"""Compare two finished runs on the same test users: metrics, and A - B with a paired bootstrap interval.
+
+    python -m trainer.compare RUN_A RUN_B [--metric ndcg@10] [--bootstrap 1000] [--out FILE.md]
+
+A run is a run directory (its selected model: `test_ranks.tsv`), or RUN_DIR:stageN for one stage's best model
+(`test_ranks_stageN.tsv`), or RUN_DIR:popularity. Both must rank the same users and targets (the same shards and
+splits). The difference is reported over all test users, warm targets and cold targets (items in no user's
+training portion), each with a 95% paired bootstrap interval over users; a subset of fewer than 30 users is not
+judged. Prints Markdown; `--out` writes it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.report import record_scoring
+from trainer.run_stats import METRICS, SUBSETS, cold_mask, compare, read_ranks, seed_metrics, training_items
+
+
+@dataclass
+class RankedRun:
+    label: str
+    run_dir: Path
+    users: np.ndarray
+    targets: np.ndarray
+    ranks: np.ndarray
+    model: str  # which model's ranks: "selected: stage 1 (content)", "stage 2 (cpc)", "popularity"
+    shards: Path
+
+
+def load_run(spec: str) -> RankedRun:
+    run_dir, _, which = spec.partition(":")
+    d = Path(run_dir)
+    if not (d / "metrics.json").exists():
+        raise SystemExit(f"error: {d} has no metrics.json: pass the directory of a finished run (trainer/main.py "
+                         "--run-dir, or the path printed at the end of a run)")
+    metrics = json.loads((d / "metrics.json").read_text())
+    config = json.loads((d / "run_config.json").read_text())["config"]
+    if not which:
+        best = metrics["best"]
+        name, model = "test_ranks.tsv", f"selected: stage {best['stage']} ({record_scoring(best)})"
+    elif which == "popularity":
+        name, model = "test_ranks_popularity.tsv", "popularity"
+    elif which.startswith("stage") and which[5:] in metrics.get("stages", {}):
+        stage = which[5:]
+        record = {"stage": stage, **metrics["stages"][stage]}
+        name, model = f"test_ranks_stage{stage}.tsv", f"stage {stage} ({record_scoring(record)})"
+    else:
+        stages = ", ".join(f"stage{s}" for s in metrics.get("stages", {}))
+        raise SystemExit(f"error: {spec}: unknown model {which!r}; this run has {stages}, or popularity")
+    if not (d / name).exists():
+        raise SystemExit(f"error: {d / name} is missing (a pruned run keeps only its selected model's ranks)")
+    users, targets, ranks = read_ranks(d / name)
+    return RankedRun(spec, d, users, targets, ranks, model, Path(config["data"]["shards"]))
+
+
+def comparison(a: RankedRun, b: RankedRun, metric: str, n_boot: int) -> str:
+    if not (np.array_equal(a.users, b.users) and np.array_equal(a.targets, b.targets)):
+        raise SystemExit(f"error: {a.label} and {b.label} rank different test users or targets: compare runs on the "
+                         "same shards (same users, items and splits)")
+    if not a.shards.exists():
+        raise SystemExit(f"error: the shards of {a.label} ({a.shards}) are gone: cold targets cannot be found")
+    cold = cold_mask(a.targets, training_items(a.shards))
+    ma, mb = seed_metrics(a.ranks, cold), seed_metrics(b.ranks, cold)
+    shown = ["hr@10"] + ([metric] if metric != "hr@10" else [])
+    lines = [f"Test users: {len(a.users)} ({int((~cold).sum())} warm, {int(cold.sum())} cold targets: items in no "
+             f"user's training portion); shards {a.shards}", "",
+             "| run | model | " + " | ".join(f"{m} {s}" for s in SUBSETS for m in shown) + " |",
+             "|---|---|" + "---|" * (len(SUBSETS) * len(shown))]
+    for run, m in ((a, ma), (b, mb)):
+        cells = [f"{m[s][k]:.4f}" if s in m and k in m[s] and m[s]["users"] else "-" for s in SUBSETS for k in shown]
+        lines.append(f"| {run.label} | {run.model} | " + " | ".join(cells) + " |")
+    lines += ["", f"A - B on {metric} (A = {a.label}, B = {b.label}), 95% paired bootstrap over users "
+              f"({n_boot} resamples):", "", "| subset | users | A - B | 95% interval | verdict |",
+              "|---|---|---|---|---|"]
+    for subset in SUBSETS:
+        r = compare(a.ranks[None], b.ranks[None], cold, metric, subset, n=n_boot)
+        interval = "" if r["verdict"] == "not judged" else f"[{r['low']:+.4f}, {r['high']:+.4f}]"
+        diff = "" if r["verdict"] == "not judged" else f"{r['diff']:+.4f}"
+        verdict = {"win": "A better", "loss": "B better"}.get(r["verdict"], r["verdict"])
+        if r["verdict"] == "not judged":
+            verdict = f"not judged: {r['users']} users (< {r['min_users']})"
+        lines.append(f"| {subset} | {r['users']} | {diff} | {interval} | {verdict} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_a", help="RUN_DIR, RUN_DIR:stageN or RUN_DIR:popularity")
+    p.add_argument("run_b", help="RUN_DIR, RUN_DIR:stageN or RUN_DIR:popularity")
+    p.add_argument("--metric", default="ndcg@10", choices=list(METRICS))
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--out", default=None, help="also write the Markdown here")
+    a = p.parse_args(argv)
+    text = comparison(load_run(a.run_a), load_run(a.run_b), a.metric, a.bootstrap)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
