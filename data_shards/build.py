@@ -70,8 +70,8 @@ class BuildOptions:
     def __post_init__(self) -> None:
         if self.modality not in ("mixed", "text", "image"):
             raise ValueError(f"--modality must be mixed, text or image, not {self.modality!r}")
-        if self.dedup not in ("keep", "collapse"):
-            raise ValueError(f"--dedup must be keep or collapse, not {self.dedup!r}")
+        if self.dedup not in ("keep", "collapse", "first"):
+            raise ValueError(f"--dedup must be keep, collapse or first, not {self.dedup!r}")
         if self.min_interactions < 3:
             raise ValueError(
                 "--min-interactions must be >= 3: leave-one-out needs a history, a validation and a test item"
@@ -168,16 +168,22 @@ def build(opts: BuildOptions) -> dict:
 
     # Item content: text, image validity, chosen modality.
     raw_items = sorted(domain.items, key=_sort_key)
-    with ThreadPoolExecutor(opts.workers) as pool:
-        checks = list(
-            tqdm(
-                pool.map(lambda r: check_image(domain.items[r].image_path), raw_items),
-                total=len(raw_items),
-                desc="checking images",
-                unit="img",
-                disable=None,
+    if not domain.has_image_column:  # declared text-only: an absent image is a choice, not a finding
+        if opts.modality == "image":
+            raise ValueError("--modality image: this dataset has no image column (--image-col ''); "
+                             "name the image column or build --modality text")
+        checks = [(None, "")] * len(raw_items)
+    else:
+        with ThreadPoolExecutor(opts.workers) as pool:
+            checks = list(
+                tqdm(
+                    pool.map(lambda r: check_image(domain.items[r].image_path), raw_items),
+                    total=len(raw_items),
+                    desc="checking images",
+                    unit="img",
+                    disable=None,
+                )
             )
-        )
     texts, has_image, modality, fallbacks, usable = {}, {}, {}, [], []
     for raw, (category, reason) in zip(raw_items, checks):
         rec = domain.items[raw]
@@ -186,11 +192,11 @@ def build(opts: BuildOptions) -> dict:
         if not rec.description.strip():
             problems.add("empty_text", item=raw, field="description")
         text = render_text(domain.text_template, rec.fields)
-        texts[raw], has_image[raw] = text, category is None
+        texts[raw], has_image[raw] = text, category is None and domain.has_image_column
         if not text and not has_image[raw]:
             problems.add("item_without_content", item=raw)
             continue
-        want = {"text": 0, "image": 1}.get(opts.modality)
+        want = {"text": 0, "image": 1}.get(opts.modality) if domain.has_image_column else 0
         want = modality_choice(raw, opts.seed) if want is None else want
         ok = bool(text) if want == 0 else has_image[raw]
         modality[raw] = want if ok else 1 - want
@@ -215,10 +221,10 @@ def build(opts: BuildOptions) -> dict:
         its.sort(key=lambda x: (x.time, x.row))
         seen, kept = set(), []
         for x in its:
-            key = (x.item, x.time)
+            key = x.item if opts.dedup == "first" else (x.item, x.time)
             if key in seen:
                 duplicates += 1
-                if opts.dedup == "collapse":
+                if opts.dedup != "keep":
                     continue
             seen.add(key)
             kept.append(x)
@@ -325,14 +331,14 @@ def build(opts: BuildOptions) -> dict:
         "feature_vocabularies": {"user": user_vocab, "item": item_vocab},
         "ordering_rule": ORDER_RULE,
         "split_rule": SPLIT_RULE,
-        "modality_rule": MODALITY_RULE
-        if opts.modality == "mixed"
+        "modality_rule": "no image column: every item is a text item" if not domain.has_image_column
+        else MODALITY_RULE if opts.modality == "mixed"
         else f"every item {opts.modality}, fallback when it has none",
         "text": {"template": domain.text_template, "max_tokens": opts.max_tokens, "tokenizer": tok_info},
         "policies": {
             "dedup": opts.dedup,
             "duplicate_interactions": duplicates,
-            "duplicates_removed": duplicates if opts.dedup == "collapse" else 0,
+            "duplicates_removed": duplicates if opts.dedup != "keep" else 0,
             "min_interactions": opts.min_interactions,
             "users_below_min": len(raw_users) - evaluated,
         },
@@ -345,6 +351,9 @@ def build(opts: BuildOptions) -> dict:
         "input_files": {n: file_sha256(p) for n, p in domain.input_files.items()},
         "shards": {"items": item_shards, "sequences": seq_shards},
     }
+    note = dedup_note(opts.dedup, domain.has_time_column)
+    if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
+        manifest["policies"]["dedup_note"] = note
     manifest["statistics"] = report.statistics(user_records, item_mod)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (tmp / "validation.json").write_text(json.dumps({"counts": counts, "found": problems.found}, indent=1, default=str))
@@ -355,6 +364,14 @@ def build(opts: BuildOptions) -> dict:
     print(report.problem_summary(problems))
     print(f"shards written to {opts.out}")
     return manifest
+
+
+def dedup_note(dedup: str, has_time: bool) -> str:
+    """'' when the dedup policy could apply, else why it could not (said in the build summary)."""
+    if dedup == "collapse" and not has_time:
+        return ("--dedup collapse compares (user, item, time), but this dataset has no time column (time = line "
+                "number), so nothing could collapse; --dedup first keeps one interaction per (user, item)")
+    return ""
 
 
 def parse_args(argv: list[str] | None = None) -> BuildOptions:
@@ -369,8 +386,9 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p.add_argument(
         "--dedup",
         default="keep",
-        choices=["keep", "collapse"],
-        help="keep repeat interactions, or collapse same (user, item, time) repeats",
+        choices=["keep", "collapse", "first"],
+        help="keep repeat interactions; collapse same (user, item, time) repeats; first: one interaction per "
+        "(user, item), the earliest (for data without timestamps)",
     )
     p.add_argument("--min-interactions", type=int, default=3, help="users with fewer are train-only (>= 3)")
     p.add_argument("--strict", action="store_true", help="any bad input is a non-zero exit; nothing is written")
@@ -387,7 +405,9 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     g.add_argument("--item-col", default=d.item_col)
     g.add_argument("--time-col", default=d.time_col, help="timestamp column (number or ISO date); '' = file order")
     g.add_argument("--item-id-col", default=d.item_id_col)
-    g.add_argument("--text-fields", default=",".join(d.text_fields), help="comma-separated item text columns")
+    g.add_argument("--text-fields", default=",".join(d.text_fields),
+                   help="comma-separated item text columns, each 'column' or 'column:Label' (rendered 'Label: value');"
+                   " a '|' inside a cell separates list values (rendered 'a, b')")
     g.add_argument("--image-col", default=d.image_col, help="item column with an image path relative to --source")
     g.add_argument("--item-feature-cols", default="", help="comma-separated categorical item columns ('|' = several)")
     g.add_argument("--user-id-col", default=d.user_id_col)

@@ -49,6 +49,10 @@ def statistics_table(manifest: dict) -> str:
         f"(--dedup {pol['dedup']}, removed {pol['duplicates_removed']}); modality fallbacks: "
         f"{manifest['modality_fallbacks']['count']}"
     )
+    if pol.get("dedup_note"):
+        lines.append(f"NOTE: {pol['dedup_note']}")
+    if manifest.get("modality_rule", "").startswith("no image column"):
+        lines.append("no image column: a text-only catalogue (no image tower is needed)")
     return "\n".join(lines)
 
 

@@ -72,6 +72,8 @@ class RawDomain:
     text_template: str
     input_files: dict[str, Path]
     problems: Problems
+    has_image_column: bool = True  # False: a text-only catalogue by declaration (no image is a finding)
+    has_time_column: bool = True  # False: file order is the order (time = line number)
 
 
 def file_sha256(path: Path) -> str:
@@ -226,7 +228,7 @@ class GenericColumns:
     item_col: str = "item_id"
     time_col: str | None = "timestamp"  # None: file order is the order
     item_id_col: str = "item_id"
-    text_fields: tuple[str, ...] = ("title", "description")
+    text_fields: tuple[str, ...] = ("title", "description")  # "column" or "column:Label" (rendered "Label: ...")
     description_field: str | None = None  # default: the last text field
     image_col: str | None = "image"  # path relative to the source folder
     item_feature_cols: tuple[str, ...] = ()
@@ -237,7 +239,9 @@ class GenericColumns:
 def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
     problems = Problems()
     interactions = read_interactions(source / cols.interactions, cols.user_col, cols.item_col, cols.time_col, problems)
-    description = cols.description_field or cols.text_fields[-1]
+    fields = [text_field(f) for f in cols.text_fields]
+    names = [n for n, _ in fields]
+    description = cols.description_field or names[-1]
     items: dict[str, ItemRecord] = {}
     for line, row in _read_csv(source / cols.items):
         raw = (row.get(cols.item_id_col) or "").strip()
@@ -252,7 +256,7 @@ def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
         image = (row.get(cols.image_col) or "").strip() if cols.image_col else ""
         items[raw] = ItemRecord(
             raw_id=raw,
-            fields={c: row.get(c) or "" for c in cols.text_fields},
+            fields={c: list_text(row.get(c) or "") for c in names},
             description=row.get(description) or "",
             image_path=(source / image) if image else None,
             features={c: [v for v in (row.get(c) or "").split("|") if v] for c in cols.item_feature_cols},
@@ -263,5 +267,19 @@ def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
         files[cols.users] = source / cols.users
         for _line, row in _read_csv(source / cols.users):
             users[(row.get(cols.user_id_col) or "").strip()] = {c: [row.get(c) or ""] for c in cols.user_feature_cols}
-    template = " | ".join("{" + c + "}." for c in cols.text_fields)
-    return RawDomain("generic", interactions, items, users, template, files, problems)
+    template = " | ".join((f"{label}: " if label else "") + "{" + c + "}." for c, label in fields)
+    return RawDomain("generic", interactions, items, users, template, files, problems,
+                     has_image_column=cols.image_col is not None, has_time_column=cols.time_col is not None)
+
+
+def text_field(spec: str) -> tuple[str, str]:
+    """'genres:Genres' -> ('genres', 'Genres'); 'title' -> ('title', '')."""
+    name, _, label = spec.partition(":")
+    if not name.strip():
+        raise ValueError(f"--text-fields: {spec!r} has no column name (use column or column:Label)")
+    return name.strip(), label.strip()
+
+
+def list_text(value: str) -> str:
+    """A text cell with several values separated by '|' (as in feature columns) reads as a list: 'a, b, c'."""
+    return ", ".join(v.strip() for v in value.split("|") if v.strip()) if "|" in value else value

@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +386,36 @@ def test_generic_strict_passes_on_clean_input_and_file_order(tmp_path):
           "--time-col", ""])
     assert [s["items"] for s in read_sequences(tmp_path / "file-order")] == [[1, 0, 1]]
     assert [s["timestamps"] for s in read_sequences(tmp_path / "file-order")] == [[1.0, 2.0, 3.0]]
+
+
+def test_generic_text_only_labels_lists_and_dedup_without_time(tmp_path, capsys):
+    """No image column: a declared text-only catalogue (no finding, --strict passes); text fields with labels and
+    '|' lists; without timestamps, --dedup collapse says it cannot apply and --dedup first removes repeats."""
+    items = [["i1", "Red shoe", "warm", "", "shoes|red"], ["i2", "Blue hat", "wool", "", ""]]
+    src = write_generic(tmp_path / "src", items,
+                        [["u1", "i1", ""], ["u1", "i2", ""], ["u1", "i1", ""], ["u1", "i2", ""]], [["u1", "SE"]])
+    flags = ["--dataset", "generic", "--source", str(src), *GENERIC_FLAGS, "--image-col", "", "--time-col", "",
+             "--text-fields", "name,tags:Tags,blurb", "--strict"]
+    main([*flags, "--out", str(tmp_path / "collapse"), "--dedup", "collapse"])
+    printed = capsys.readouterr().out
+    m = json.loads((tmp_path / "collapse" / "manifest.json").read_text())
+    assert sum(m["validation"].values()) == 0  # no image column: no missing_image finding
+    assert m["items_by_modality"] == {"text": 2, "image": 0} and m["modality_fallbacks"]["count"] == 0
+    assert m["modality_rule"] == "no image column: every item is a text item" and "no image column" in printed
+    assert m["text"]["template"] == "{name}. | Tags: {tags}. | {blurb}."
+    tok = tokenizer()
+    store = ItemStore(tmp_path / "collapse")
+    assert store.tokens(0).tolist() == tok("Red shoe. Tags: shoes, red. warm.", truncation=True,
+                                           max_length=64)["input_ids"]
+    assert m["num_interactions"] == 4 and m["policies"]["duplicates_removed"] == 0
+    assert "no time column" in m["policies"]["dedup_note"] and "NOTE: --dedup collapse" in printed
+    main([*flags, "--out", str(tmp_path / "first"), "--dedup", "first"])
+    m = json.loads((tmp_path / "first" / "manifest.json").read_text())
+    assert (m["num_interactions"], m["policies"]["duplicates_removed"]) == (2, 2) and "dedup_note" not in m["policies"]
+    assert [s["items"] for s in read_sequences(tmp_path / "first")] == [[0, 1]]
+    with pytest.raises(ValueError, match="no image column"):
+        build_quiet(dataset="generic", source=src, out=tmp_path / "img", modality="image",
+                    generic=replace(_generic_columns(), image_col=None))
 
 
 # ---------------------------------------------------------------- CLI
