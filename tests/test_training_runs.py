@@ -134,7 +134,7 @@ def test_content_models_are_labelled_and_selected(source_run):
     assert log[0].startswith("stage,epoch,") and len(log) >= 3
 
 
-def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir, tmp_path):
+def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir, tmp_path, capsys):
     """stage1.head=free, stage2.loss=cpc (the paper's objectives): stage 1 is labelled free_head and is never the
     selected model, whatever its validation score; the CPC stage-2 model is."""
     trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "run", "stage1.head=free", "stage2.loss=cpc")
@@ -142,15 +142,21 @@ def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir,
     assert metrics["stages"]["1"]["scoring"] == "free_head" and metrics["stages"]["2"]["scoring"] == "content"
     assert metrics["best"] == {**metrics["best"], "stage": 2, "scoring": "content"}
     assert "after stage 1, free_head |" in (tmp_path / "run" / "results.md").read_text()
+    printed = capsys.readouterr().out  # an estimate of the epoch time after the first steps of each stage
+    assert "stage 1: " in printed and "s/step over the first 5 steps: about" in printed and "min per epoch" in printed
 
 
-def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, tiny_bert_dir, tmp_path):
+def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, tiny_bert_dir, tmp_path, capsys):
     """`--stage none` with --init-from: no training, content scoring. Items that were never a training interaction
     get finite ranks, equal to a recount from user . item content vectors."""
     from trainer import evaluate as ev
 
     trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "zs", "stages=none",
                             f"init_from={source_run / 'export'}")
+    printed = capsys.readouterr().out
+    for name in ("text", "image"):  # the start-up lines say where each tower's weights finally came from
+        assert f"{name} tower weights: " in printed
+        assert f"tensors from --init-from {source_run / 'export'}" in printed.split(f"{name} tower weights: ")[1]
     metrics = trainer.run()
     assert set(metrics["stages"]) == {"0"} and metrics["best"]["scoring"] == "content"
     data = trainer.test_users
@@ -170,6 +176,20 @@ def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, t
         s[np.setdiff1d(data.seen[u], [target])] = -np.inf  # seen items are excluded from the ranking
         assert ranks[u] == 1 + int((np.delete(s, target) >= s[target]).sum()) <= trainer.num_items
     assert metrics["test"] == ev.metrics_from_ranks(ranks, trainer.cfg.eval.ks)
+
+
+def test_existing_run_dir_is_refused_unless_overwrite(ml_shards, tiny_bert_dir, tmp_path):
+    from trainer.main import main
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "resume.json").write_text("{}")  # a killed run's leftovers
+    argv = [*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir", str(run),
+            "--stage", "none"]
+    with pytest.raises(SystemExit, match=f"--run-dir {run} exists and is not empty.*--resume.*--overwrite"):
+        main(argv)
+    metrics = main([*argv, "--overwrite"])
+    assert not (run / "resume.json").exists() and set(metrics["stages"]) == {"0"}
 
 
 def test_stage2_changes_trainable_tower_parameters(source_run):

@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     p.add_argument("--stage", default=None, choices=["1", "2", "all", "none"],
                    help="1, 2 or all (default: all); none: no training, evaluate the initial model by content "
                         "(with --init-from: zero-shot transfer)")
-    p.add_argument("--run-dir", default=None, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: a new folder under runs/); an existing "
+                   "non-empty one is refused unless --resume or --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --run-dir first")
     p.add_argument("--resume", default=None, help="continue the run in RUN_DIR exactly where it stopped")
     p.add_argument("--init-from", default=None, help="start from an export folder (RUN_DIR/export)")
     p.add_argument("--text-encoder", default=None, help="'minilm', 'bert-base-random-init' or a local HF BERT folder")
@@ -105,6 +107,20 @@ def _config_from_dict(d: dict) -> RunConfig:
     )
 
 
+def check_run_dir(run_dir: str | None, overwrite: bool) -> None:
+    """A new run never writes into an old run's folder: its best models and resume.json could be picked up."""
+    if not run_dir or not Path(run_dir).is_dir() or not any(Path(run_dir).iterdir()):
+        return
+    if not overwrite:
+        raise SystemExit(
+            f"error: --run-dir {run_dir} exists and is not empty: continue that run with --resume {run_dir}, "
+            "delete it with --overwrite, or choose another --run-dir")
+    if int(os.environ.get("RANK", "0")) == 0:  # one rank deletes; the others find it gone or empty
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     cfg, args = parse_args(argv)
     if not (Path(cfg.data.shards) / "manifest.json").exists():
@@ -113,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed "
             f"--out {cfg.data.shards}` (or `make shards`)"
         )
+    if not cfg.resume:
+        check_run_dir(cfg.run_dir, args.overwrite)
     from trainer.train import Trainer
 
     resume_point = None

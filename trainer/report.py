@@ -3,11 +3,43 @@ bootstrap intervals against popularity, the selected model, and a loud line when
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from trainer.evaluate import paired_bootstrap, per_user_gain
+from trainer.evaluate import metrics_from_ranks, paired_bootstrap, per_user_gain
+
+
+def write_run_results(run_dir: Path, state: dict, best_stage: str, test_ranks: np.ndarray, pop_valid: np.ndarray,
+                      pop_test: np.ndarray, cold: np.ndarray, eval_cfg, log: Callable[[str], None] = print) -> dict:
+    """metrics.json and results.md of a finished run; prints the table and logs a warning when the selected model
+    does not beat popularity. `state` is the trainer's record of each stage's best model on validation."""
+    ks = eval_cfg.ks
+    best = state["stage_best"][best_stage]
+    metrics = {
+        "valid": best["valid"],
+        "test": metrics_from_ranks(test_ranks, ks),
+        "popularity_valid": metrics_from_ranks(pop_valid, ks),
+        "popularity_test": metrics_from_ranks(pop_test, ks),
+        "best": {"stage": int(best_stage), "epoch": best["epoch"], "file": f"best_stage{best_stage}.safetensors",
+                 "scoring": record_scoring(best)},
+        "stages": {s: {"valid": r["valid"], "test": state["test"][s], "scoring": record_scoring(r), "epoch": r["epoch"]}
+                   for s, r in state["stage_best"].items()},
+        "exclude_seen": eval_cfg.exclude_seen,
+        # cold test targets: items in no user's training portion; only content scoring can rank them
+        "cold_test": metrics_from_ranks(test_ranks[cold], ks) if cold.any() else {"users": 0},
+    }
+    table, intervals = results_table(run_dir, metrics, pop_test, eval_cfg.bootstrap)
+    metrics["vs_popularity"] = intervals
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (run_dir / "results.md").write_text(table + "\n")
+    print(table, flush=True)
+    verdict = popularity_verdict(intervals[f"stage{best_stage}"]["ndcg@10"])
+    if verdict:
+        log(verdict.replace("**", ""))
+    return metrics
 
 
 def results_table(run_dir: Path, metrics: dict, pop_test: np.ndarray, n_boot: int) -> tuple[str, dict]:

@@ -37,6 +37,8 @@ from trainer.run_setup import (
 )
 from trainer.text_vocab import check_vocabulary
 
+ETA_AFTER_STEPS = 5  # steps timed before the estimated time per epoch is logged
+
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -87,10 +89,14 @@ class Trainer:
         self.model = TransRec(
             cfg.model, self.num_items, self.modality, {"text": 0, "image": 0}, user_vocab, item_feats
         ).to(self.device)
+        loaded = []
         if cfg.init_from:
-            load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info)
+            loaded = load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info)["loaded"]
         for name, tower in self.model.towers.items():
-            LOG.info(f"{name} tower: {tower.weights_source}")
+            from_export = [k for k in loaded if k.startswith(f"towers.{name}.")]
+            source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
+                      f"{tower.weights_source})") if from_export else tower.weights_source
+            LOG.info(f"{name} tower weights: {source}")
         total, _ = count_parameters(self.model)
         LOG.info(
             f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {len(self.sequences)} users; "
@@ -328,6 +334,7 @@ class Trainer:
                 unit="step",
                 leave=False,
             )
+            t_epoch = time.time()
             for b_idx, batch in enumerate(loader, start=skip):
                 batch = self._prepare(batch)
                 loss = engine(batch, objective=obj)
@@ -338,6 +345,11 @@ class Trainer:
                 items_enc += int(batch.unique_items.numel())
                 bar.update(1)
                 steps_done = engine.global_steps
+                if epoch == start_epoch and b_idx == skip + ETA_AFTER_STEPS - 1:
+                    per_step = (time.time() - t_epoch) / ETA_AFTER_STEPS
+                    LOG.info(f"stage {stage}: {per_step:.2f} s/step over the first {ETA_AFTER_STEPS} steps: about "
+                             f"{per_step * loader.steps_per_epoch / 60:.1f} min per epoch, "
+                             f"{per_step * steps_total / 60:.1f} min for the stage's {steps_total} steps")
                 if (b_idx + 1) % self.cfg.log_every == 0:
                     mean_loss = self._mean_loss_across_ranks(losses)  # host sync on logging steps only
                     self._append_loss(stage, steps_done, mean_loss)
@@ -534,39 +546,11 @@ class Trainer:
         return result
 
     def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
-        from trainer.report import popularity_verdict, results_table
+        from trainer.report import write_run_results
 
-        ks = self.cfg.eval.ks
-        metrics = {
-            "valid": self.state["stage_best"][best_stage]["valid"],
-            "test": ev.metrics_from_ranks(test_ranks, ks),
-            "popularity_valid": ev.metrics_from_ranks(pop_valid, ks),
-            "popularity_test": ev.metrics_from_ranks(pop_test, ks),
-            "best": {
-                "stage": int(best_stage),
-                "epoch": self.state["stage_best"][best_stage]["epoch"],
-                "file": f"best_stage{best_stage}.safetensors",
-                "scoring": record_scoring(self.state["stage_best"][best_stage]),
-            },
-            "stages": {
-                s: {"valid": r["valid"], "test": self.state["test"][s], "scoring": record_scoring(r),
-                    "epoch": r["epoch"]}
-                for s, r in self.state["stage_best"].items()
-            },
-            "exclude_seen": self.cfg.eval.exclude_seen,
-        }
-        # Cold test targets: items in no user's training portion; only content scoring can rank them.
-        cold = self.item_share[self.test_users.targets] == 0
-        metrics["cold_test"] = ev.metrics_from_ranks(test_ranks[cold], ks) if cold.any() else {"users": 0}
-        table, intervals = results_table(self.run_dir, metrics, pop_test, self.cfg.eval.bootstrap)
-        metrics["vs_popularity"] = intervals
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (self.run_dir / "results.md").write_text(table + "\n")
-        print(table, flush=True)
-        verdict = popularity_verdict(intervals[f"stage{best_stage}"]["ndcg@10"])
-        if verdict:
-            LOG.warning(verdict.replace("**", ""))
-        return metrics
+        cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
+        return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
+                                 self.cfg.eval, log=LOG.warning)
 
 
 def _content_to(content, device):
