@@ -178,6 +178,28 @@ def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, t
     assert metrics["test"] == ev.metrics_from_ranks(ranks, trainer.cfg.eval.ks)
 
 
+def test_standalone_evaluator_reproduces_the_run_and_scores_another_catalogue(source_run, ml_shards, hm_shards,
+                                                                          tmp_path):
+    """`python -m trainer.evaluate` rebuilds the model from the export alone: the run's own test ranks, exactly;
+    and a catalogue it never saw (zero-shot), with clear errors for what is not an export."""
+    from trainer.evaluate import main as evaluate_main
+
+    metrics = json.loads((source_run / "metrics.json").read_text())
+    out = tmp_path / "eval.json"
+    result = evaluate_main(["--export", str(source_run / "export"), "--shards", str(ml_shards), "--out", str(out)])
+    assert result["content"] == metrics["test"] and result["popularity"] == metrics["popularity_test"]
+    assert (out.with_suffix(".ranks.tsv")).read_text() == (source_run / "test_ranks.tsv").read_text()
+    config = json.loads((source_run / "export" / "config.json").read_text())
+    selected = str(metrics["best"]["stage"])
+    assert config["trainable"] == ({"text": 1, "image": 1} if selected == "2" else {"text": 0, "image": 0})
+    other = evaluate_main(["--export", str(source_run / "export"), "--shards", str(hm_shards), "--split", "valid"])
+    assert other["content"]["users"] == json.loads((hm_shards / "manifest.json").read_text())["num_users_evaluated"]
+    with pytest.raises(SystemExit, match="is not an export"):
+        evaluate_main(["--export", str(tmp_path), "--shards", str(ml_shards)])
+    with pytest.raises(SystemExit, match="no shards at"):
+        evaluate_main(["--export", str(source_run / "export"), "--shards", str(tmp_path)])
+
+
 def test_existing_run_dir_is_refused_unless_overwrite(ml_shards, tiny_bert_dir, tmp_path):
     from trainer.main import main
 

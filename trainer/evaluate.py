@@ -1,5 +1,12 @@
 """Leave-one-out evaluation over the WHOLE catalogue: exact ranks, HR@K, NDCG@K, paired bootstrap.
 
+    python -m trainer.evaluate --export RUN_DIR/export --shards DIR [--split valid|test] [--out FILE]
+        [--include-seen] [--device cpu|cuda]
+
+evaluates an export by content on any shards (its own run's: the run's test figures; another catalogue's: zero-shot
+transfer) without a Trainer, DeepSpeed or TensorBoard; prints the metrics against popularity and writes them (with
+the per-user ranks beside, FILE.ranks.tsv) to FILE as JSON.
+
 Rank of the target = 1 + number of other items scoring >= the target (ties count against the model), found
 by counting over item chunks: no sort of the catalogue, memory O(users_batch x item_chunk). With
 `exclude_seen`, the user's earlier items (other than the target itself) are removed from the ranking, for
@@ -201,3 +208,51 @@ def popularity_ranks(
 ) -> np.ndarray:
     pop = popularity_scores(sequences, num_items, split)
     return rank_with_scores(lambda hist, users: pop[None].expand(len(hist), -1), num_items, data, exclude_seen)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from trainer.model_eval import ranker_from_export
+
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
+    p.add_argument("--shards", required=True, help="shard folder from data_shards.build (any catalogue)")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--out", default=None, help="write the metrics as JSON here (ranks beside, .ranks.tsv)")
+    p.add_argument("--include-seen", action="store_true", help="keep the user's earlier items in the ranking")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if not (Path(a.shards) / "manifest.json").exists():
+        raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m data_shards.build`")
+    try:
+        ranker = ranker_from_export(Path(a.export), Path(a.shards), a.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    max_len = ranker.model.cfg.max_len
+    data = eval_users(ranker.sequences, a.split, max_len)
+    ranks = ranker.ranks(data, "content", exclude_seen=not a.include_seen)
+    pop = popularity_ranks(ranker.sequences, ranker.store.num_items, data, a.split, not a.include_seen)
+    result = {"split": a.split, "export": str(a.export), "shards": str(a.shards), "exclude_seen": not a.include_seen,
+              "content": metrics_from_ranks(ranks), "popularity": metrics_from_ranks(pop),
+              "vs_popularity": {m: paired_bootstrap(per_user_gain(ranks, m), per_user_gain(pop, m))
+                                for m in ("hr@10", "ndcg@10")}}
+    iv = result["vs_popularity"]["ndcg@10"]
+    print(f"{a.split}: {len(ranks)} users, {ranker.store.num_items} items; content HR@10 "
+          f"{result['content']['hr@10']:.4f} NDCG@10 {result['content']['ndcg@10']:.4f}; popularity HR@10 "
+          f"{result['popularity']['hr@10']:.4f} NDCG@10 {result['popularity']['ndcg@10']:.4f}; NDCG@10 - popularity "
+          f"{iv['diff']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}]")
+    if a.out:
+        out = Path(a.out)
+        out.write_text(json.dumps(result, indent=1))
+        with open(out.with_suffix(".ranks.tsv"), "w") as f:
+            f.write("user\ttarget_item\trank\n")
+            f.writelines(f"{u}\t{t}\t{r}\n" for u, t, r in zip(data.users, data.targets, ranks))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache
 from trainer.losses import Objective, build_objective, item_share, scoring_label
 from trainer.model import TransRec, count_parameters, optimizer_param_groups
+from trainer.model_eval import ModelRanker
 from trainer.report import record_scoring
 from trainer.run_setup import (
     LOG,
@@ -130,13 +131,19 @@ class Trainer:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
+    def stage_trainable(self, stage: int) -> dict[str, int]:
+        """Top blocks of each tower that train in `stage` (0 in stage 1, in frozen mode, and untrained: stage 0)."""
+        sc = self.cfg.stage2
+        if stage != 2 or self.cfg.model.frozen_towers:
+            return {"text": 0, "image": 0}
+        return {"text": sc.text_trainable, "image": sc.image_trainable}
+
     def set_stage(self, stage: int) -> StageConfig:
         sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
-        trainable = {"text": 0, "image": 0} if stage == 1 else {"text": sc.text_trainable, "image": sc.image_trainable}
+        trainable = self.stage_trainable(stage)
         for name, tower in self.model.towers.items():
             tower.set_trainable(trainable[name])
             if self.cfg.model.frozen_towers:
-                tower.set_trainable(0)
                 tower.requires_grad_(False)
         self.model.head.requires_grad_(stage == 1 and self.cfg.stage1.head == "free")
         self.model.cache = None
@@ -220,68 +227,21 @@ class Trainer:
         return engine
 
     # -- evaluation ---------------------------------------------------------------------------------------
-    @torch.no_grad()
+    def ranker(self) -> ModelRanker:
+        return ModelRanker(self.model, self.store, self.modality, self.sequences,
+                           list(self.manifest["feature_vocabularies"]["user"]), self.cfg.model.max_tokens,
+                           self.image_decoder, self.device, self.cfg.eval.item_batch, self.cfg.eval.user_batch)
+
     def item_vectors(self) -> torch.Tensor:
-        from data_shards.loader import load_item_content
-
-        chunks = []
-        for start in range(0, self.num_items, self.cfg.eval.item_batch):
-            items = np.arange(start, min(start + self.cfg.eval.item_batch, self.num_items))
-            content = None
-            if self.model.towers and self.needs_content():
-                content = load_item_content(
-                    self.store, items, self.cfg.model.max_tokens, self.image_decoder(), modality=self.modality
-                )
-                content = _content_to(content, self.device)
-            chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
-        return torch.cat(chunks)
-
-    def user_feature_batch(self, users: np.ndarray) -> dict[str, torch.Tensor]:
-        names = self.manifest["feature_vocabularies"]["user"]
-        out = {}
-        for n in names:
-            rows = [self.sequences[u]["features"].get(n, [0]) for u in users]
-            width = max(len(r) for r in rows)
-            out[n] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
-        return out
+        return self.ranker().item_vectors()
 
     @torch.no_grad()
     def evaluate(self, split: str, scoring: str) -> np.ndarray:
         """Ranks of the split's targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
         user . item vector (the tower's content vectors, or the ID table's)."""
-        with gathered(self.model):  # ZeRO-3: evaluation reads weights outside module forwards
-            return self._evaluate(split, scoring)
-
-    def _evaluate(self, split: str, scoring: str) -> np.ndarray:
-        self.model.eval()
         data = self.valid_users if split == "valid" else self.test_users
-        iv = self.item_vectors()
-        dtype = next(self.model.user_encoder.parameters()).dtype
-
-        def seq(hist):
-            mask = hist >= 0
-            return (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype), mask
-
-        if scoring == "free_head":
-
-            def score(hist, users):
-                vecs, mask = seq(hist)
-                h = self.model.encode_sequence(vecs, mask)[:, -1]
-                h = self.model._with_user_features(h, self.user_feature_batch(users))
-                return self.model.stage1_scores(h).float()
-
-            ranks = ev.rank_with_scores(
-                score, self.num_items, data, self.cfg.eval.exclude_seen, self.cfg.eval.user_batch, self.device
-            )
-        else:
-
-            def user_vec(hist, users):
-                vecs, mask = seq(hist)
-                return self.model.user_vector(vecs, mask, self.user_feature_batch(users)).float()
-
-            ranks = ev.rank_with_vectors(user_vec, iv, data, self.cfg.eval.exclude_seen, self.cfg.eval.user_batch)
-        self.model.train()
-        return ranks
+        with gathered(self.model):  # ZeRO-3: evaluation reads weights outside module forwards
+            return self.ranker().ranks(data, scoring, self.cfg.eval.exclude_seen)
 
     def write_ranks(self, name: str, data: ev.EvalUsers, ranks: np.ndarray) -> None:
         if self.rank != 0:
@@ -532,7 +492,8 @@ class Trainer:
             self.model,
             self.cfg.model,
             self.run_dir / "export",
-            {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"]},
+            {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"],
+             "trainable": self.stage_trainable(int(best_stage))},
             write=self.rank == 0,
         )
         result = None
@@ -551,12 +512,6 @@ class Trainer:
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
         return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
                                  self.cfg.eval, log=LOG.warning)
-
-
-def _content_to(content, device):
-    from data_shards.loader import ItemContent
-
-    return ItemContent(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in content.__dict__.items()})
 
 
 def _barrier() -> None:

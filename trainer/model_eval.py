@@ -1,0 +1,141 @@
+"""Ranking a split with a model: item vectors once per evaluation, user vectors per user batch, exact ranks over the
+whole catalogue (trainer/evaluate.py). Used by the trainer after each epoch and by the standalone evaluator
+(`python -m trainer.evaluate --export DIR --shards DIR`), which rebuilds the model from an export alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import evaluate as ev
+
+
+class ModelRanker:
+    """`model` (a TransRec in eval mode for the duration of a call) ranked on `store`'s catalogue."""
+
+    def __init__(self, model, store, modality: np.ndarray, sequences: list[dict], user_feature_names: list[str],
+                 max_tokens: int, image_decoder: Callable[[], object], device: torch.device, item_batch: int = 256,
+                 user_batch: int = 256):
+        self.model, self.store, self.modality, self.sequences = model, store, modality, sequences
+        self.user_feature_names = user_feature_names
+        self.max_tokens, self.image_decoder, self.device = max_tokens, image_decoder, device
+        self.item_batch, self.user_batch = item_batch, user_batch
+
+    def needs_content(self) -> bool:
+        cache = self.model.cache
+        return any(not (cache and cache.covers(n)) for n in self.model.towers)
+
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        """[V, d] fp32: every catalogue item through its tower (cached lower blocks where the cache covers)."""
+        from data_shards.loader import load_item_content
+
+        chunks = []
+        for start in range(0, self.store.num_items, self.item_batch):
+            items = np.arange(start, min(start + self.item_batch, self.store.num_items))
+            content = None
+            if self.model.towers and self.needs_content():
+                content = load_item_content(self.store, items, self.max_tokens, self.image_decoder(),
+                                            modality=self.modality)
+                content = content_to(content, self.device)
+            chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
+        return torch.cat(chunks)
+
+    def user_feature_batch(self, users: np.ndarray) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.user_feature_names:
+            rows = [self.sequences[u]["features"].get(n, [0]) for u in users]
+            width = max(len(r) for r in rows)
+            out[n] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
+        return out
+
+    @torch.no_grad()
+    def ranks(self, data: ev.EvalUsers, scoring: str, exclude_seen: bool) -> np.ndarray:
+        """Ranks of `data`'s targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
+        user . item vector (the towers' content vectors, or the ID table's)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        iv = self.item_vectors()
+        dtype = next(model.user_encoder.parameters()).dtype
+
+        def seq(hist):
+            mask = hist >= 0
+            return (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype), mask
+
+        if scoring == "free_head":
+            def score(hist, users):
+                vecs, mask = seq(hist)
+                h = model.encode_sequence(vecs, mask)[:, -1]
+                h = model._with_user_features(h, self.user_feature_batch(users))
+                return model.stage1_scores(h).float()
+
+            ranks = ev.rank_with_scores(score, self.store.num_items, data, exclude_seen, self.user_batch, self.device)
+        else:
+            def user_vec(hist, users):
+                vecs, mask = seq(hist)
+                return model.user_vector(vecs, mask, self.user_feature_batch(users)).float()
+
+            ranks = ev.rank_with_vectors(user_vec, iv, data, exclude_seen, self.user_batch)
+        model.train(was_training)
+        return ranks
+
+
+def content_to(content, device):
+    from data_shards.loader import ItemContent
+
+    return ItemContent(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in content.__dict__.items()})
+
+
+# -- the standalone evaluator ---------------------------------------------------------------------------------
+def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | str = "cpu",
+                       show_progress: bool = True) -> ModelRanker:
+    """Rebuild the exported towers and user encoder (safetensors + JSON only) on `shards`' catalogue, its frozen
+    blocks cached as the run that made the export cached them."""
+    from safetensors.torch import load_file
+
+    from data_shards.decode import ImageDecoder
+    from data_shards.shard_io import ItemStore, load_manifest, read_sequences
+    from trainer.checkpoint import DOMAIN_SPECIFIC
+    from trainer.config import ModelConfig
+    from trainer.feature_cache import FeatureCache
+    from trainer.model import TransRec
+    from trainer.text_vocab import check_vocabulary
+
+    export_dir, shards, device = Path(export_dir), Path(shards), torch.device(device)
+    meta_file = export_dir / "config.json"
+    if not meta_file.exists() or not (export_dir / "model.safetensors").exists():
+        raise FileNotFoundError(f"{export_dir} is not an export: expected config.json and model.safetensors "
+                                "(a run writes them to RUN_DIR/export)")
+    meta = json.loads(meta_file.read_text())
+    cfg = ModelConfig(**meta["model"])
+    if cfg.item_encoder != "content":
+        raise ValueError(f"{export_dir}: an ID model's export has no item table (catalogue-specific); it cannot score "
+                         "items by content")
+    if cfg.side_features:
+        raise ValueError(f"{export_dir}: trained with side features, whose modules are catalogue-specific and not "
+                         "exported; evaluate it inside its run (metrics.json) instead")
+    manifest = load_manifest(shards)
+    check_vocabulary(manifest, cfg.text_encoder)
+    store, sequences = ItemStore(shards), read_sequences(shards)
+    trainable = meta.get("trainable", {"text": 0, "image": 0})  # the selected stage's split of each tower
+    model = TransRec(cfg, store.num_items, store.modality.copy(), trainable).to(device)
+    state = {k: v for k, v in load_file(str(export_dir / "model.safetensors")).items()
+             if not k.startswith(DOMAIN_SPECIFIC)}
+    missing = [k for k in model.state_dict() if k not in state and not k.startswith(DOMAIN_SPECIFIC)]
+    if missing:
+        raise ValueError(f"{export_dir}: {len(missing)} tensors of the model are missing from the export: "
+                         f"{missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    for name, tower in model.towers.items():
+        tower.set_trainable(trainable.get(name, 0))
+    model.eval()
+    decoder = ImageDecoder(backend="auto", size=cfg.image_size, device=device)
+    model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.max_tokens, device,
+                                     show_progress=show_progress)
+    return ModelRanker(model, store, store.modality, sequences, [], cfg.max_tokens, lambda: decoder, device)
