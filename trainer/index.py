@@ -1,0 +1,120 @@
+"""An item index of a catalogue: content vectors (safetensors) + raw ids, and an approximate index when FAISS is
+installed, with its recall@K against exact search measured and recorded.
+
+    python -m trainer.index --export DIR --shards DIR --out DIR [--k 10] [--queries 1000]
+
+OUT/item_vectors.safetensors ("vectors" [V, d] fp32), OUT/index.json (raw ids, the export and shards it was made
+from, the approximate index's kind and recall@K), OUT/faiss.index (FAISS HNSW over inner products) when FAISS is
+importable. `python -m trainer.serve --index OUT` serves from it without encoding the catalogue again; exact search
+(one matrix product) is the fallback and the reference the recall is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.evaluate import eval_users
+from trainer.recommend import Recommender
+
+
+def faiss_or_none():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def build_ann(vectors: np.ndarray, seed: int = 0):
+    """FAISS HNSW over inner products (user . item scores), or None without FAISS."""
+    faiss = faiss_or_none()
+    if faiss is None:
+        return None
+    faiss.omp_set_num_threads(1)  # deterministic graph construction
+    index = faiss.IndexHNSWFlat(vectors.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction, index.hnsw.efSearch = 80, 128
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def recall_at_k(rec: Recommender, ann, queries: np.ndarray, k: int) -> float:
+    """Mean |approximate top-k ∩ exact top-k| / k over user vectors `queries` [Q, d] (no item excluded)."""
+    exact = torch.topk(torch.as_tensor(queries) @ rec.item_vectors.cpu().T, k, dim=1).indices.numpy()
+    _, approx = ann.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)]))
+
+
+def write_index(rec: Recommender, out: Path, export: Path, shards: Path, k: int, n_queries: int) -> dict:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"vectors": rec.item_vectors.cpu().contiguous()}, str(out / "item_vectors.safetensors"))
+    meta = {"items": rec.item_ids, "export": str(export), "shards": str(shards),
+            "shards_inputs": rec.manifest["input_files"], "d": int(rec.item_vectors.shape[1]), "kind": "exact"}
+    ann = build_ann(rec.item_vectors.cpu().numpy())
+    if ann is not None:
+        import faiss
+
+        faiss.write_index(ann, str(out / "faiss.index"))
+        data = eval_users(rec.ranker.sequences, "test", rec.max_len)
+        users = data.histories[: n_queries]
+        queries = rec.user_vectors([[int(i) for i in h if i >= 0] for h in users]).cpu().numpy()
+        meta.update(kind="faiss-hnsw-ip", k=k, queries=len(queries),
+                    recall_at_k=recall_at_k(rec, ann, queries, min(k, len(rec.item_ids))))
+    (out / "index.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: str = "cpu") -> Recommender:
+    """A Recommender whose item vectors come from an index (no catalogue encoding); FAISS search when present."""
+    from safetensors.torch import load_file
+
+    from data_shards.shard_io import load_manifest
+    from trainer.model_eval import ranker_from_export
+
+    meta = json.loads((index_dir / "index.json").read_text())
+    ids = json.loads((shards / "id_maps.json").read_text())["items"]
+    manifest = load_manifest(shards)
+    if meta["items"] != ids or meta["shards_inputs"] != manifest["input_files"]:
+        raise ValueError(f"the index {index_dir} was made from other shards than {shards}: rebuild it with "
+                         "`python -m trainer.index`")
+    ranker = ranker_from_export(export, shards, device, show_progress=False, build_cache=False)
+    vectors = load_file(str(index_dir / "item_vectors.safetensors"))["vectors"].to(ranker.device)
+    pop = np.zeros(len(ids))
+    for s in ranker.sequences:
+        np.add.at(pop, np.asarray(s["items"][: s["num_train"]], dtype=np.int64), 1.0)
+    rec = Recommender(ranker, ids, vectors, pop, manifest)
+    faiss = faiss_or_none()
+    if faiss is not None and (index_dir / "faiss.index").exists():
+        rec.ann = faiss.read_index(str(index_dir / "faiss.index"))
+    return rec
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m trainer.index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=int, default=10, help="recall@K of the approximate index (default 10)")
+    p.add_argument("--queries", type=int, default=1000, help="user vectors used to measure recall (test users)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    try:
+        rec = Recommender.from_export(a.export, a.shards, a.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    meta = write_index(rec, Path(a.out), Path(a.export), Path(a.shards), a.k, a.queries)
+    extra = (f"; {meta['kind']} recall@{meta['k']} {meta['recall_at_k']:.4f} over {meta['queries']} test users"
+             if "recall_at_k" in meta else "; FAISS not installed: exact search only")
+    print(f"index of {len(meta['items'])} items written to {a.out}{extra}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Recommendations from an export, for any catalogue of shards, by content.
+
+Python API:
+
+    rec = Recommender.from_export("runs/RUN/export", catalogue="shards/my-catalogue")
+    rec.recommend(["raw item id", ...], k=10)          # {"items": [...], "scores": [...], "ignored": [], "note": ""}
+    rec.add_item("new-id", text="A red leather shoe")  # recommendable at once (cold start)
+
+Batch (one JSON line per user, each user's whole history, seen items excluded):
+
+    python -m trainer.recommend --export DIR --shards DIR [--users all|FILE] [--k 20] [--out FILE]
+        [--include-seen] [--device cpu|cuda]
+
+Under the deepspeed / torchrun launchers (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th user and writes
+FILE.rankN; rank 0 then joins the parts into FILE in user order. Memory stays flat in the number of users: users are
+scored a batch at a time and written as they go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.model_eval import ModelRanker, ranker_from_export
+
+
+class UnknownItems(ValueError):
+    """Every id of a history is unknown to the catalogue."""
+
+    def __init__(self, ids: list[str]):
+        self.ids = ids
+        shown = ", ".join(repr(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+        super().__init__(f"none of the history's {len(ids)} item ids is in the catalogue: {shown}")
+
+
+class Recommender:
+    def __init__(self, ranker: ModelRanker, item_ids: list[str], item_vectors: torch.Tensor, popularity: np.ndarray,
+                 manifest: dict):
+        self.ranker, self.model = ranker, ranker.model
+        self.item_ids = list(item_ids)
+        self.index = {raw: i for i, raw in enumerate(self.item_ids)}
+        self.item_vectors = item_vectors  # [V, d] fp32, grows with add_item
+        self.popularity = popularity.astype(np.float64)  # training interactions per item
+        self.manifest = manifest
+        self.max_len = self.model.cfg.max_len
+        self._lock = threading.Lock()  # add_item appends while other threads read
+        self._tokenizer = None
+        self.ann = None  # an approximate index over item_vectors (trainer/index.py); exact search without it
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, catalogue: str | Path, device: str = "cpu",
+                    show_progress: bool = True) -> Recommender:
+        """Rebuild the model from `export_dir` and encode every item of the `catalogue` shards by content."""
+        from data_shards.shard_io import load_manifest
+
+        ranker = ranker_from_export(Path(export_dir), Path(catalogue), device, show_progress=show_progress)
+        ids = json.loads((Path(catalogue) / "id_maps.json").read_text())["items"]
+        pop = np.zeros(ranker.store.num_items)
+        for s in ranker.sequences:
+            np.add.at(pop, np.asarray(s["items"][: s["num_train"]], dtype=np.int64), 1.0)
+        return cls(ranker, ids, ranker.item_vectors(), pop, load_manifest(Path(catalogue)))
+
+    # -- users ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def user_vectors(self, histories: list[list[int]]) -> torch.Tensor:
+        """[B, d]: the model's user vector of each history (item indices, oldest first, the last max_len used)."""
+        hist = torch.full((len(histories), self.max_len), -1, dtype=torch.long)
+        for r, h in enumerate(histories):
+            h = h[-self.max_len:]
+            if h:
+                hist[r, self.max_len - len(h):] = torch.as_tensor(h)
+        hist = hist.to(self.item_vectors.device)
+        mask = hist >= 0
+        vecs = self.item_vectors[hist.clamp(min=0)] * mask[..., None]
+        return self.model.user_vector(vecs, mask).float()
+
+    def top_k(self, histories: list[list[int]], k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [B, k], item indices [B, k]) by user . item content vector; seen items removed when asked."""
+        with self._lock:
+            iv, ann = self.item_vectors, self.ann
+        users = self.user_vectors(histories)
+        if ann is not None and ann.ntotal == len(iv):  # items added since the index was built: exact search
+            return self._ann_top_k(ann, users, histories, k, exclude_seen)
+        scores = users @ iv.T
+        if exclude_seen:
+            rows = [r for r, h in enumerate(histories) for _ in h]
+            cols = [i for h in histories for i in h]
+            scores[rows, cols] = float("-inf")
+        return torch.topk(scores, min(k, scores.shape[1]), dim=1)
+
+    def _ann_top_k(self, ann, users: torch.Tensor, histories: list[list[int]], k: int,
+                   exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate top-k: k + (seen items) neighbours searched, seen ones dropped, -inf padded."""
+        extra = max((len(set(h)) for h in histories), default=0) if exclude_seen else 0
+        dist, idx = ann.search(users.cpu().numpy().astype(np.float32), min(k + extra, ann.ntotal))
+        scores = torch.full((len(histories), k), float("-inf"))
+        items = torch.zeros((len(histories), k), dtype=torch.long)
+        for r, h in enumerate(histories):
+            seen = set(h) if exclude_seen else set()
+            keep = [(float(d), int(i)) for d, i in zip(dist[r], idx[r]) if i >= 0 and int(i) not in seen][:k]
+            for c, (d, i) in enumerate(keep):
+                scores[r, c], items[r, c] = d, i
+        return scores, items
+
+    def recommend(self, history: list[str], k: int = 10, exclude_seen: bool = True) -> dict:
+        """Top-k raw item ids for a history of raw ids (oldest first). Unknown ids are ignored and listed; a history
+        of only unknown ids is an error naming them; an empty history gets the most popular items (said in
+        "note")."""
+        n = len(self.item_ids)
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be between 1 and the catalogue size {n}, got {k}")
+        known = [self.index[h] for h in history if h in self.index]
+        unknown = [h for h in history if h not in self.index]
+        if history and not known:
+            raise UnknownItems(unknown)
+        if not known:
+            order = np.argsort(-self.popularity[:n], kind="stable")[:k]
+            return {"items": [self.item_ids[i] for i in order], "scores": [float(self.popularity[i]) for i in order],
+                    "ignored": [], "note": "empty history: the most popular items of the catalogue's training data "
+                                          "(scores are interaction counts)"}
+        available = n - (len(set(known)) if exclude_seen else 0)
+        scores, items = self.top_k([known], min(k, max(available, 1)), exclude_seen)
+        keep = torch.isfinite(scores[0])
+        return {"items": [self.item_ids[i] for i in items[0][keep].tolist()],
+                "scores": [float(s) for s in scores[0][keep]], "ignored": unknown, "note": ""}
+
+    # -- new items (cold start) -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_item(self, raw_id: str, text: str | None = None, image_jpeg: bytes | None = None) -> str:
+        """Encode a new item by its content and make it recommendable at once; returns the tower used."""
+        from data_shards.build import load_tokenizer, modality_choice
+        from data_shards.decode import ImageDecoder
+        from trainer.text_vocab import tokenizer_dir
+
+        if raw_id in self.index:
+            raise ValueError(f"item {raw_id!r} is already in the catalogue")
+        text = (text or "").strip()
+        if not text and image_jpeg is None:
+            raise ValueError(f"item {raw_id!r} has no content: give a text, an image, or both")
+        rule = self.manifest.get("modality", "mixed")
+        if image_jpeg is None:
+            tower = "text"
+        elif not text:
+            tower = "image"
+        else:
+            tower = {"text": "text", "image": "image"}.get(rule) or ("image" if modality_choice(raw_id, 0) else "text")
+        if tower not in self.model.towers:
+            raise ValueError(f"this model has no {tower} tower")
+        device = self.item_vectors.device
+        if tower == "text":
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(tokenizer_dir(self.model.cfg.text_encoder))[0]
+            # as the catalogue's items: tokenized at the shards' length, then cut to the model's (trainer loader)
+            ids = self._tokenizer(text, truncation=True, max_length=self.manifest["text"]["max_tokens"])["input_ids"]
+            ids = torch.as_tensor(ids[: self.model.cfg.max_tokens], device=device)[None]
+            mask = torch.ones_like(ids, dtype=torch.bool)
+            vec = self.model.towers["text"].upper(self._as_cached(tower, self.model.towers["text"].lower(ids, mask)),
+                                                  mask)
+        else:
+            pixels = ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1).decode(
+                [image_jpeg], [len(self.item_ids)])
+            image_tower = self.model.towers["image"]
+            vec = image_tower.upper(self._as_cached(tower, image_tower.lower(pixels.to(device))))
+        with self._lock:
+            self.item_vectors = torch.cat([self.item_vectors, vec.float()])
+            self.index[raw_id] = len(self.item_ids)
+            self.item_ids.append(raw_id)
+            self.popularity = np.append(self.popularity, 0.0)
+        return tower
+
+
+    def _as_cached(self, tower: str, lower_out: torch.Tensor) -> torch.Tensor:
+        """The frozen blocks' output rounded as the catalogue's feature cache stores it (half precision), so that a
+        new item scores exactly as a catalogue item with the same content."""
+        cache = self.model.cache
+        if cache is None or not cache.covers(tower):
+            return lower_out
+        return lower_out.to(cache.dtype).to(lower_out.dtype)
+
+
+# -- batch ------------------------------------------------------------------------------------------------------
+def batch_recommend(rec: Recommender, sequences: list[dict], user_ids: list[str], users: list[int], k: int,
+                    exclude_seen: bool, out, batch: int = 256) -> int:
+    """Write one JSON line per user (whole history); returns the number written."""
+    written = 0
+    for start in range(0, len(users), batch):
+        chunk = users[start:start + batch]
+        histories = [list(sequences[u]["items"]) for u in chunk]
+        scores, items = rec.top_k(histories, k, exclude_seen)
+        for row, u in enumerate(chunk):
+            keep = torch.isfinite(scores[row])
+            out.write(json.dumps({"user": user_ids[u], "items": [rec.item_ids[i] for i in items[row][keep].tolist()],
+                                  "scores": [round(float(s), 6) for s in scores[row][keep]]}) + "\n")
+            written += 1
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.recommend", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
+    p.add_argument("--shards", required=True, help="the catalogue and its users (shards from data_shards.build)")
+    p.add_argument("--users", default="all", help="'all', or a file of raw user ids, one per line")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--out", default=None, help="JSON lines file (default: standard output)")
+    p.add_argument("--include-seen", action="store_true", help="also recommend items the user already has")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not a.out:
+        p.error("--out is required with several ranks (each writes a part, rank 0 joins them)")
+    shards = Path(a.shards)
+    if not (shards / "manifest.json").exists():
+        raise SystemExit(f"error: no shards at {shards}: build them with `python -m data_shards.build`")
+    try:
+        rec = Recommender.from_export(a.export, shards, a.device, show_progress=rank == 0)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not 1 <= a.k <= len(rec.item_ids):
+        raise SystemExit(f"error: --k must be between 1 and the catalogue size {len(rec.item_ids)}")
+    user_ids = json.loads((shards / "id_maps.json").read_text())["users"]
+    by_raw = {raw: i for i, raw in enumerate(user_ids)}
+    if a.users == "all":
+        users = list(range(len(user_ids)))
+    else:
+        wanted = [line.strip() for line in Path(a.users).read_text().splitlines() if line.strip()]
+        missing = [u for u in wanted if u not in by_raw]
+        if missing:
+            raise SystemExit(f"error: {len(missing)} user ids of {a.users} are not in the shards: {missing[:10]}")
+        users = [by_raw[u] for u in wanted]
+    mine = users[rank::world]
+    target = Path(f"{a.out}.rank{rank}") if world > 1 else (Path(a.out) if a.out else None)
+    with (open(target, "w") if target else sys.stdout) as out:
+        n = batch_recommend(rec, rec.ranker.sequences, user_ids, mine, a.k, not a.include_seen, out)
+    if world > 1:
+        _join_parts(Path(a.out), world, rank)
+    if rank == 0:
+        print(f"recommended {a.k} items to {len(users)} users" + (f" in {a.out}" if a.out else ""), file=sys.stderr)
+    return n
+
+
+def _join_parts(out: Path, world: int, rank: int) -> None:
+    """Rank 0 interleaves the parts back into user order (part r holds users r, r + world, ...)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    if rank == 0:
+        parts = [open(f"{out}.rank{r}") for r in range(world)]
+        with open(out, "w") as f:
+            done = False
+            while not done:
+                done = True
+                for part in parts:
+                    line = part.readline()
+                    if line:
+                        f.write(line)
+                        done = False
+        for r, part in enumerate(parts):
+            part.close()
+            Path(f"{out}.rank{r}").unlink()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
