@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines = [f"# Recommendation service under load ({meta['machine']})", "",
              f"Command: `{meta['command']}`; catalogue {meta['catalogue_items']} items; POST /recommend, k = 10, "
              "histories of random users (last 25 items); one uvicorn worker on 127.0.0.1; client threads in the same "
-             "process.", "", "| concurrency | requests | failures | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+             "process.", "", "| concurrency | requests | failures | requests/s | p50 ms | p99 ms |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['concurrency']} | {r['requests']} | {r['failures']} | {r['requests_per_s']} | {r['p50_ms']} | "
               f"{r['p99_ms']} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
