@@ -66,6 +66,7 @@ class BuildOptions:
     users_per_shard: int = 1000
     workers: int = 4
     generic: GenericColumns | None = None
+    provenance: dict | None = None  # recorded in the manifest as is (e.g. data_shards.synth: declared synthetic)
 
     def __post_init__(self) -> None:
         if self.modality not in ("mixed", "text", "image"):
@@ -351,6 +352,8 @@ def build(opts: BuildOptions) -> dict:
         "input_files": {n: file_sha256(p) for n, p in domain.input_files.items()},
         "shards": {"items": item_shards, "sequences": seq_shards},
     }
+    if opts.provenance:
+        manifest["provenance"] = opts.provenance
     note = dedup_note(opts.dedup, domain.has_time_column)
     if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
         manifest["policies"]["dedup_note"] = note
