@@ -2,12 +2,13 @@
 
     python -m data_shards.synth --users N --items M [--mean-length L] [--zipf A] [--images K] [--seed S] --out DIR
 
-Items: a random title and description of words drawn from a fixed vocabulary, and one of K small random JPEGs
-(64 px), so the mixed-modality rule routes about half of them to each tower; item popularity follows a Zipf law of exponent A over a random permutation of the items. Users:
-sequence lengths 3 + a geometric draw (mean L overall); items drawn by popularity, timestamps increasing. The raw tables
-are written as a generic dataset next to the output and built by `data_shards.build --dataset generic`, so the shards
-go through the same validation and writer as real data. For measuring scale, never for accuracy claims: the
-manifest's "provenance" says "synthetic" with every parameter.
+Items: a random title and description of words drawn from a fixed vocabulary, and one of K small random JPEGs (64
+px), so the mixed-modality rule routes about half of them to each tower; item popularity follows a Zipf law of
+exponent A over a random permutation of the items. Users: sequence lengths 3 + a geometric draw (mean L overall);
+items drawn by popularity, timestamps increasing. The raw tables are written as a generic dataset next to the output
+and built by `data_shards.build --dataset generic`, so the shards go through the same validation and writer as real
+data. For measuring scale, never for accuracy claims: the manifest's "provenance" says "synthetic" with every
+parameter.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ["red", "blue", "green", "black", "white", "grey", "soft", "warm", "light", "long", "short", "classic", "cotton", "wool", "leather", "linen", "silk", "denim", "summer", "winter", "autumn", "spring", "jacket", "shirt", "dress", "skirt", "shoe", "boot", "hat", "scarf", "coat", "sweater", "trouser", "bag", "belt", "film", "drama", "comedy", "thriller", "story", "family", "war", "love", "space", "future", "city", "night", "river", "road", "music", "dance"]
+WORDS = [
+    "red", "blue", "green", "black", "white", "grey", "soft", "warm", "light", "long", "short", "classic",
+    "cotton", "wool", "leather", "linen", "silk", "denim", "summer", "winter", "autumn", "spring", "jacket",
+    "shirt", "dress", "skirt", "shoe", "boot", "hat", "scarf", "coat", "sweater", "trouser", "bag", "belt",
+    "film", "drama", "comedy", "thriller", "story", "family", "war", "love", "space", "future", "city", "night",
+    "river", "road", "music", "dance",
+]
 
 
 def random_jpegs(k: int, rng: np.random.Generator, size: int = 64) -> list[bytes]:
