@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_cpu"))
+    p.add_argument("--note", default="", help="a sentence on the conditions (e.g. other load on the machine)")
     a = p.parse_args(argv)
     server, url, rec = start_server(Path(a.export), Path(a.shards), Path(a.index) if a.index else None)
     histories = [[rec.item_ids[i] for i in s["items"][-25:]] for s in rec.ranker.sequences]
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     server.should_exit = True
     meta = {"command": "python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-            "catalogue_items": len(rec.item_ids), "users": len(histories), "torch": torch.__version__}
+            "catalogue_items": len(rec.item_ids), "users": len(histories), "torch": torch.__version__,
+            "note": a.note}
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Recommendation service under load ({meta['machine']})", "",
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['concurrency']} | {r['requests']} | {r['failures']} | {r['requests_per_s']} | {r['p50_ms']} | "
               f"{r['p99_ms']} |" for r in rows]
+    if a.note:
+        lines += ["", a.note]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
