@@ -192,6 +192,9 @@ def test_standalone_evaluator_reproduces_the_run_and_scores_another_catalogue(so
     config = json.loads((source_run / "export" / "config.json").read_text())
     selected = str(metrics["best"]["stage"])
     assert config["trainable"] == ({"text": 1, "image": 1} if selected == "2" else {"text": 0, "image": 0})
+    manifest = json.loads((ml_shards / "manifest.json").read_text())
+    assert config["text"]["tokenizer"] == manifest["text"]["tokenizer"]  # the export describes its preprocessing
+    assert config["image"]["size"] == 32 and config["modality_rule"] == manifest["modality_rule"]
     other = evaluate_main(["--export", str(source_run / "export"), "--shards", str(hm_shards), "--split", "valid"])
     assert other["content"]["users"] == json.loads((hm_shards / "manifest.json").read_text())["num_users_evaluated"]
     with pytest.raises(SystemExit, match="is not an export"):

@@ -123,6 +123,10 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
                          "exported; evaluate it inside its run (metrics.json) instead")
     manifest = load_manifest(shards)
     check_vocabulary(manifest, cfg.text_encoder)
+    trained_vocab = meta.get("text", {}).get("tokenizer", {}).get("vocab_hash")
+    if trained_vocab and trained_vocab != manifest["text"]["tokenizer"]["vocab_hash"]:
+        raise ValueError(f"{shards} was tokenized with another vocabulary than the one {export_dir} was trained with "
+                         f"({meta['text']['tokenizer'].get('path_name')}): rebuild the shards with that tokenizer")
     store, sequences = ItemStore(shards), read_sequences(shards)
     trainable = meta.get("trainable", {"text": 0, "image": 0})  # the selected stage's split of each tower
     model = TransRec(cfg, store.num_items, store.modality.copy(), trainable).to(device)

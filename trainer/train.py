@@ -493,7 +493,7 @@ class Trainer:
             self.cfg.model,
             self.run_dir / "export",
             {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"],
-             "trainable": self.stage_trainable(int(best_stage))},
+             "trainable": self.stage_trainable(int(best_stage)), **export_preprocessing(self.manifest, self.cfg)},
             write=self.rank == 0,
         )
         result = None
@@ -512,6 +512,18 @@ class Trainer:
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
         return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
                                  self.cfg.eval, log=LOG.warning)
+
+
+def export_preprocessing(manifest: dict, cfg: RunConfig) -> dict:
+    """What serving needs to turn a new item's content into the towers' input as training did: the tokenizer's
+    identity and vocabulary hash, token lengths, the image geometry and normalisation, the modality rule."""
+    from data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"text": {"tokenizer": manifest["text"]["tokenizer"], "shard_max_tokens": manifest["text"]["max_tokens"],
+                     "model_max_tokens": cfg.model.max_tokens},
+            "image": {"size": cfg.model.image_size, "geometry": "resize shorter side, centre crop (data_shards.decode)",
+                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "pixels / 255"},
+            "modality_rule": manifest["modality_rule"]}
 
 
 def _barrier() -> None:
