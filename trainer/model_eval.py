@@ -94,10 +94,11 @@ def content_to(content, device):
 
 # -- the standalone evaluator ---------------------------------------------------------------------------------
 def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | str = "cpu",
-                       show_progress: bool = True, build_cache: bool = True) -> ModelRanker:
+                       show_progress: bool = True, build_cache: bool = True,
+                       feature_store: str | Path | None = None) -> ModelRanker:
     """Rebuild the exported towers and user encoder (safetensors + JSON only) on `shards`' catalogue, its frozen
     blocks cached as the run that made the export cached them (`build_cache=False`: no cache, e.g. when the item
-    vectors come from an index)."""
+    vectors come from an index; `feature_store`: the folder of frozen-block outputs shared with training runs)."""
     from safetensors.torch import load_file
 
     from data_shards.decode import ImageDecoder
@@ -143,5 +144,5 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     decoder = ImageDecoder(backend="auto", size=cfg.image_size, device=device)
     if build_cache:
         model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.max_tokens, device,
-                                         show_progress=show_progress)
+                                         show_progress=show_progress, store_dir=feature_store)
     return ModelRanker(model, store, store.modality, sequences, [], cfg.max_tokens, lambda: decoder, device)
