@@ -386,7 +386,7 @@ def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path,
 def test_zero3_one_step_save_and_load(ds_config, ml_shards, tiny_bert_dir, tmp_path):
     """ZeRO-3 (and ZeRO-3 with CPU offload): one training step, a checkpoint, and a resume that loads it."""
     run = tmp_path / "z3"
-    _run_main(
+    first_out = _run_main(
         [
             *TINY,
             "--shards",
@@ -405,6 +405,9 @@ def test_zero3_one_step_save_and_load(ds_config, ml_shards, tiny_bert_dir, tmp_p
         ]
     )
     first = json.loads((run / "metrics.json").read_text())
+    log = first_out.stdout + first_out.stderr  # not a terminal: no progress-bar carriage returns, no known noise
+    assert "\r" not in log and "UNEXPECTED" not in log and "No CUDA runtime" not in log
+    assert "stage 1 epoch 0 validation" in log
     point = json.loads((run / "resume.json").read_text())
     assert any((run / "checkpoints" / point["tag"]).glob("zero_pp_rank_0_*model_states.pt"))
     (run / "metrics.json").unlink()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,8 @@ class FeatureCache:
                     continue
             outs, masks = [], []
             for start in tqdm(
-                range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk", disable=not show_progress
+                range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk",
+                disable=not show_progress or not sys.stderr.isatty(),  # carriage returns only on a terminal
             ):
                 part = items[start : start + chunk]
                 content = load_item_content(

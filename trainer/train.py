@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -290,7 +291,7 @@ class Trainer:
                 total=loader.steps_per_epoch,
                 initial=skip,
                 desc=f"stage {stage} epoch {epoch}",
-                disable=self.rank != 0,
+                disable=self.rank != 0 or not sys.stderr.isatty(),  # carriage returns only on a terminal
                 unit="step",
                 leave=False,
             )
@@ -331,6 +332,9 @@ class Trainer:
                         self.global_step + steps_done,
                     )
                     bar.set_postfix(loss=f"{mean_loss:.4f}", seq_s=f"{seqs * self.world / dt_:.0f}")
+                    if bar.disable:  # no progress bar (not a terminal): a log line per logging step instead
+                        LOG.info(f"stage {stage} epoch {epoch} step {b_idx + 1}/{loader.steps_per_epoch}: loss "
+                                 f"{mean_loss:.4f}, {seqs * self.world / dt_:.0f} sequences/s")
                     t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
                 if (b_idx + 1) % self.cfg.save_every_steps == 0:
                     self.save_resume_point(engine, stage, epoch, b_idx + 1, stale)
