@@ -64,3 +64,10 @@ def ml_shards(tmp_path_factory) -> Path:
 def hm_shards(tmp_path_factory) -> Path:
     """The bundled H&M fixture (200 customers), mixed modality."""
     return _build(tmp_path_factory.mktemp("shards") / "hm", "hm-fashion", REPO / "data" / "hm-fashion-fixture")
+
+
+def pytest_report_header(config) -> str:
+    """Where the Triton kernel tests run, in the session header (a test that only prints proves nothing)."""
+    from kernels.testing import describe_devices
+
+    return f"Triton kernel tests run on: {describe_devices()}"

@@ -14,7 +14,6 @@ from kernels.testing import (
     assert_close,
     compare,
     compare_against_exact,
-    describe_devices,
     sweep,
     sweep_id,
     triton_devices,
@@ -57,11 +56,6 @@ def make_inputs(
 
 def run(impl: str, mask: torch.Tensor):
     return lambda x, w1, b1, w2, b2: attention_pool(x, mask, w1, b1, w2, b2, impl=impl)
-
-
-def test_report_devices(capsys: pytest.CaptureFixture[str]) -> None:
-    with capsys.disabled():
-        print(f"\n[attention_pool] Triton tests run on: {describe_devices()}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

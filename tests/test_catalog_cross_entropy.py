@@ -17,7 +17,6 @@ from kernels.pytorch.pt_catalog_cross_entropy import (
 from kernels.testing import (
     assert_close,
     compare,
-    describe_devices,
     sweep,
     sweep_id,
     triton_devices,
@@ -66,11 +65,6 @@ def fn(impl: str, target: torch.Tensor, reduction: str = "mean", relu: bool = Fa
 def upstream(reduction: str, M: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(11)
     return (torch.randn(M, generator=g) if reduction == "none" else torch.tensor(1.3)).to(device, dtype)
-
-
-def test_report_devices(capsys: pytest.CaptureFixture[str]) -> None:
-    with capsys.disabled():
-        print(f"\n[catalog_cross_entropy] Triton tests run on: {describe_devices()}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

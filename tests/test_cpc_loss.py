@@ -13,7 +13,6 @@ from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
 from kernels.testing import (
     assert_close,
     compare,
-    describe_devices,
     sweep,
     sweep_id,
     triton_devices,
@@ -53,11 +52,6 @@ def make_inputs(
 
 def fn(impl: str, pm: torch.Tensor | None, nm: torch.Tensor | None, reduction: str = "mean"):
     return lambda u, p, n: cpc_loss(u, p, n, pos_mask=pm, neg_mask=nm, reduction=reduction, impl=impl)
-
-
-def test_report_devices(capsys: pytest.CaptureFixture[str]) -> None:
-    with capsys.disabled():
-        print(f"\n[cpc_loss] Triton tests run on: {describe_devices()}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
