@@ -253,6 +253,23 @@ def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir,
     assert differ, "scratch and transfer models should start from different weights"
 
 
+def test_init_from_parts(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """init_parts=towers: the towers come from the export, the user encoder starts as in a run from scratch (same
+    seed); user_encoder: the reverse."""
+    exported = load_file(str(source_run / "export" / "model.safetensors"))
+    export = f"init_from={source_run / 'export'}"
+    scratch = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "s", "seed=1").model.state_dict()
+    for parts, taken in (("towers", "towers."), ("user_encoder", "user_encoder.")):
+        state = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / parts, "seed=1", export,
+                              f"init_parts={parts}").model.state_dict()
+        assert all(torch.equal(state[k], exported[k]) for k in exported if k.startswith(taken))
+        fresh = [k for k in exported if k.startswith(("towers.", "user_encoder.")) and not k.startswith(taken)]
+        assert fresh and all(torch.equal(state[k], scratch[k]) for k in fresh)
+        assert any(not torch.equal(scratch[k], exported[k]) for k in fresh)  # the two starts do differ there
+    with pytest.raises(ValueError, match="init_parts must be"):
+        _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "bad", export, "init_parts=head")
+
+
 def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
     with pytest.raises(ValueError, match="architecture differs"):
         _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path, f"init_from={source_run / 'export'}", "model.d=48")

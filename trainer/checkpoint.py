@@ -49,10 +49,11 @@ def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None
     return out_dir
 
 
-def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print) -> dict[str, list[str]]:
+def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, parts: str = "all") -> dict[str, list[str]]:
     """Load an export into `model`; returns the loaded / newly created / mismatched parameter names.
 
-    Raises on architecture mismatches and on any unexpected missing or extra tensor."""
+    `parts`: "all", or only "towers" / "user_encoder" (the rest keeps this run's initialisation). Raises on
+    architecture mismatches and on any unexpected missing or extra tensor."""
     export_dir = Path(export_dir)
     weights = export_dir / "model.safetensors"
     if not weights.exists():
@@ -84,10 +85,14 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print) -> d
             f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
             f"{len(unexpected_new)} tensors missing from the export {unexpected_new[:5]}"
         )
+    if parts != "all":  # the other parts start as in a run from scratch (checked above all the same)
+        kept = [k for k in loaded if k.startswith(f"{parts}.")]
+        created += [k for k in loaded if k not in kept]
+        loaded = kept
     with gathered(model, modifier_rank=0):
         model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     log(
-        f"init-from {export_dir}: loaded {len(loaded)} tensors; newly created (catalogue-specific) {len(created)}: "
+        f"init-from {export_dir} ({parts}): loaded {len(loaded)} tensors; newly created {len(created)}: "
         f"{sorted({k.split('.')[0] for k in created})}; mismatched 0"
     )
     return {"loaded": loaded, "created": created, "mismatched": mismatched}

@@ -158,6 +158,7 @@ class RunConfig:
     seed: int = 0
     run_dir: str | None = None
     init_from: str | None = None
+    init_parts: str = "all"  # with init_from: "all", "towers" (user encoder starts new) or "user_encoder"
     resume: str | None = None
     save_every_steps: int = 200
     log_every: int = 20
@@ -166,6 +167,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.stages not in ("1", "2", "all", "none"):
             raise ValueError(f"--stage must be 1, 2, all or none, not {self.stages!r}")
+        if self.init_parts not in ("all", "towers", "user_encoder"):
+            raise ValueError(f"init_parts must be all, towers or user_encoder, not {self.init_parts!r}")
 
 
 def preset(name: str) -> RunConfig:

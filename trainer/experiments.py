@@ -178,6 +178,8 @@ class Suite:
                  (None, "init_from"), (None, "resume"))
         for section, key in paths:
             (cfg[section] if section else cfg).pop(key)
+        if cfg.get("init_parts") == "all":  # its default is the behaviour from before it existed
+            cfg.pop("init_parts")
         return drop_unused_objective_settings(cfg)
 
     def run_dir(self, spec: RunSpec) -> Path:

@@ -93,7 +93,8 @@ class Trainer:
         ).to(self.device)
         loaded = []
         if cfg.init_from:
-            loaded = load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info)["loaded"]
+            loaded = load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info,
+                                 parts=cfg.init_parts)["loaded"]
         for name, tower in self.model.towers.items():
             from_export = [k for k in loaded if k.startswith(f"towers.{name}.")]
             source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
