@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,6 +202,15 @@ def test_standalone_evaluator_reproduces_the_run_and_scores_another_catalogue(so
     assert config["image"]["size"] == 32 and config["modality_rule"] == manifest["modality_rule"]
     other = evaluate_main(["--export", str(source_run / "export"), "--shards", str(hm_shards), "--split", "valid"])
     assert other["content"]["users"] == json.loads((hm_shards / "manifest.json").read_text())["num_users_evaluated"]
+    # the export stands alone: its text backbone's shape and tokenizer travel with it
+    moved = tmp_path / "moved-export"
+    shutil.copytree(source_run / "export", moved)
+    meta = json.loads((moved / "config.json").read_text())
+    assert (moved / "text_encoder" / "config.json").exists() and (moved / "text_encoder" / "vocab.txt").exists()
+    meta["model"]["text_encoder"] = str(tmp_path / "no-such-folder")  # the training machine's path is gone
+    (moved / "config.json").write_text(json.dumps(meta))
+    alone = evaluate_main(["--export", str(moved), "--shards", str(ml_shards)])
+    assert alone["content"] == metrics["test"]
     with pytest.raises(SystemExit, match="is not an export"):
         evaluate_main(["--export", str(tmp_path), "--shards", str(ml_shards)])
     with pytest.raises(SystemExit, match="no shards at"):

@@ -40,13 +40,33 @@ def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp / "model.safetensors"))
     meta = {"model": dataclasses.asdict(model_cfg), "format": "transrec-export-1", **(extra or {})}
+    if "text" in getattr(model, "towers", {}):  # the text backbone's shape and tokenizer: the export stands alone
+        meta["text_encoder_files"] = _write_text_encoder_files(model, model_cfg, tmp / "text_encoder")
     (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
     if out_dir.exists():
-        for f in out_dir.iterdir():
-            f.unlink()
-        out_dir.rmdir()
+        import shutil
+
+        shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
+    """config.json of the text backbone (its weights are in model.safetensors) and its tokenizer's files."""
+    import shutil
+
+    from trainer.text_vocab import tokenizer_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.towers["text"].bert.config.to_json_file(str(out / "config.json"))
+    source = Path(tokenizer_dir(model_cfg.text_encoder))
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copyfile(source / name, out / name)
+    return "text_encoder"
 
 
 def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, parts: str = "all") -> dict[str, list[str]]:

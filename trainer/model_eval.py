@@ -116,6 +116,8 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
                                 "(a run writes them to RUN_DIR/export)")
     meta = json.loads(meta_file.read_text())
     cfg = ModelConfig(**meta["model"])
+    if meta.get("text_encoder_files"):  # the export's own backbone shape and tokenizer, not the training machine's
+        cfg.text_encoder = str(export_dir / meta["text_encoder_files"])
     if cfg.item_encoder != "content":
         raise ValueError(f"{export_dir}: an ID model's export has no item table (catalogue-specific); it cannot score "
                          "items by content")

@@ -66,6 +66,10 @@ def _load_bert(path: str) -> nn.Module:
         hf_logging.set_verbosity(level)
 
 
+def _has_weights(folder: Path) -> bool:
+    return any((folder / n).exists() for n in ("model.safetensors", "pytorch_model.bin"))
+
+
 class TextTower(nn.Module):
     """BERT-family encoder -> attention pooling -> MLP to d."""
 
@@ -81,6 +85,9 @@ class TextTower(nn.Module):
         elif encoder == "bert-base-random-init":
             self.bert = BertModel(BertConfig(), add_pooling_layer=False)
             self.weights_source = "bert-base shape, RANDOM init"
+        elif Path(encoder).is_dir() and not _has_weights(Path(encoder)):  # an export's text_encoder/: shape only
+            self.bert = BertModel(BertConfig.from_pretrained(encoder), add_pooling_layer=False)
+            self.weights_source = f"BERT shape from {encoder}; weights from the export"
         elif Path(encoder).is_dir():
             self.bert = _load_bert(encoder)
             self.weights_source = f"local pretrained BERT from {encoder}"
