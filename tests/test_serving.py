@@ -240,3 +240,23 @@ def test_index_without_faiss_is_exact(rec, export, catalogue, tmp_path, monkeypa
     assert served.ann is None
     history = _histories(catalogue)["u2"]
     assert served.recommend(history, k=3) == rec.recommend(history, k=3)
+
+
+def test_micro_batching_gives_each_request_its_own_answer(export, catalogue):
+    """Concurrent requests share model passes and still get exactly what one request alone gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainer.recommend import MicroBatcher
+
+    alone = Recommender.from_export(export, catalogue, show_progress=False)
+    shared = Recommender.from_export(export, catalogue, show_progress=False)
+    shared.batcher = MicroBatcher(shared, max_batch=64, max_wait_ms=50)
+    histories = list(_histories(catalogue).values())
+    asks = [(histories[i % 4][: 1 + i % 3], 1 + i % 5, i % 2 == 0) for i in range(48)]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda a: shared.recommend(*a), asks))
+    for (history, k, exclude), answer in zip(asks, got):
+        want = alone.recommend(history, k, exclude)
+        assert answer["items"] == want["items"]
+        np.testing.assert_allclose(answer["scores"], want["scores"], rtol=1e-5, atol=1e-6)
+    assert shared.batcher.largest > 1 and shared.batcher.batches < len(asks)

@@ -53,6 +53,7 @@ class Recommender:
         self._lock = threading.Lock()  # add_item appends while other threads read
         self._tokenizer = None
         self.ann = None  # an approximate index over item_vectors (trainer/index.py); exact search without it
+        self.batcher: MicroBatcher | None = None  # set by the service: concurrent requests share one pass
 
     @classmethod
     def from_export(cls, export_dir: str | Path, catalogue: str | Path, device: str = "cpu",
@@ -126,7 +127,9 @@ class Recommender:
                     "ignored": [], "note": "empty history: the most popular items of the catalogue's training data "
                                           "(scores are interaction counts)"}
         available = n - (len(set(known)) if exclude_seen else 0)
-        scores, items = self.top_k([known], min(k, max(available, 1)), exclude_seen)
+        kk = min(k, max(available, 1))
+        batcher = self.batcher
+        scores, items = batcher.top_k(known, kk, exclude_seen) if batcher else self.top_k([known], kk, exclude_seen)
         keep = torch.isfinite(scores[0])
         return {"items": [self.item_ids[i] for i in items[0][keep].tolist()],
                 "scores": [float(s) for s in scores[0][keep]], "ignored": unknown, "note": ""}
@@ -183,6 +186,51 @@ class Recommender:
         if cache is None or not cache.covers(tower):
             return lower_out
         return lower_out.to(cache.dtype).to(lower_out.dtype)
+
+
+class MicroBatcher:
+    """Concurrent requests arriving within `max_wait_ms` of the first share one user-encoder and scoring pass (up
+    to `max_batch`); each gets its own rows back. One worker thread runs the model."""
+
+    def __init__(self, rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0):
+        import queue
+
+        self.rec, self.max_batch, self.max_wait = rec, max_batch, max_wait_ms / 1000
+        self.requests: queue.Queue = queue.Queue()
+        self.batches, self.largest = 0, 0
+        threading.Thread(target=self._run, name="recommend-batcher", daemon=True).start()
+
+    def top_k(self, history: list[int], k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        self.requests.put((history, k, exclude_seen, done))
+        return done.result()
+
+    def _run(self) -> None:
+        import queue
+        import time
+
+        while True:
+            batch = [self.requests.get()]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    batch.append(self.requests.get(timeout=left))
+                except queue.Empty:
+                    break
+            self.batches, self.largest = self.batches + 1, max(self.largest, len(batch))
+            for exclude in (True, False):
+                group = [b for b in batch if b[2] == exclude]
+                if not group:
+                    continue
+                try:
+                    scores, items = self.rec.top_k([b[0] for b in group], max(b[1] for b in group), exclude)
+                    for r, (_, k, _, done) in enumerate(group):
+                        done.set_result((scores[r : r + 1, :k], items[r : r + 1, :k]))
+                except Exception as e:  # noqa: BLE001 - handed to every waiting request
+                    for b in group:
+                        b[3].set_exception(e)
 
 
 # -- batch ------------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@
 
 Bad requests get a 4xx whose "detail" names the problem (400 malformed JSON or fields, 404 no known item in the
 history, 409 an id already present, 422 a k out of range, content missing or an undecodable image); the service
-keeps running. The model runs in eval mode without gradients; requests run in the server's worker threads, and
-items added by POST /items are recommendable at once (cold start, no retraining).
+keeps running. The model runs in eval mode without gradients; concurrent /recommend requests arriving within 2 ms
+share one model pass (`--no-batching`: one pass each), and items added by POST /items are recommendable at once
+(cold start, no retraining).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from trainer.recommend import Recommender, UnknownItems
+from trainer.recommend import MicroBatcher, Recommender, UnknownItems
 
 MAX_K = 1000
 MAX_HISTORY = 10_000
@@ -43,7 +44,10 @@ class ItemRequest(BaseModel):
     image_base64: str | None = Field(None, max_length=20_000_000)
 
 
-def create_app(rec: Recommender, info: dict | None = None) -> FastAPI:
+def create_app(rec: Recommender, info: dict | None = None, batching: bool = True) -> FastAPI:
+    """The service; with `batching`, concurrent /recommend requests share model passes (trainer/recommend.py)."""
+    if batching and rec.batcher is None:
+        rec.batcher = MicroBatcher(rec)
     app = FastAPI(title="TransRec recommendations", version="1")
 
     @app.exception_handler(RequestValidationError)
@@ -101,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-batching", action="store_true", help="one model pass per request")
     a = p.parse_args(argv)
     try:
         if a.index:
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     info = {"export": str(a.export), "shards": str(a.shards), "index": a.index}
-    uvicorn.run(create_app(rec, info), host=a.host, port=a.port, log_level="info")
+    uvicorn.run(create_app(rec, info, batching=not a.no_batching), host=a.host, port=a.port, log_level="info")
 
 
 if __name__ == "__main__":
