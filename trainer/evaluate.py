@@ -211,20 +211,15 @@ def popularity_ranks(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import argparse
     import json
     from pathlib import Path
 
-    from trainer.model_eval import ranker_from_export
+    from trainer.model_eval import export_cli, ranker_from_export
 
-    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
-    p.add_argument("--shards", required=True, help="shard folder from data_shards.build (any catalogue)")
+    p = export_cli("python -m trainer.evaluate", __doc__)
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--out", default=None, help="write the metrics as JSON here (ranks beside, .ranks.tsv)")
     p.add_argument("--include-seen", action="store_true", help="keep the user's earlier items in the ranking")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if not (Path(a.shards) / "manifest.json").exists():
         raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m data_shards.build`")

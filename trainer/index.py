@@ -11,7 +11,6 @@ importable. `python -m trainer.serve --index OUT` serves from it without encodin
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from trainer.evaluate import eval_users
+from trainer.model_eval import export_cli
 from trainer.recommend import Recommender
 
 
@@ -96,14 +96,10 @@ def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m trainer.index", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", required=True)
-    p.add_argument("--shards", required=True)
+    p = export_cli("python -m trainer.index", __doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--k", type=int, default=10, help="recall@K of the approximate index (default 10)")
     p.add_argument("--queries", type=int, default=1000, help="user vectors used to measure recall (test users)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     try:
         rec = Recommender.from_export(a.export, a.shards, a.device)

@@ -92,6 +92,17 @@ def content_to(content, device):
     return ItemContent(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in content.__dict__.items()})
 
 
+def export_cli(prog: str, doc: str):
+    """The argument parser of the commands that load an export onto a catalogue (--export, --shards, --device)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
+    p.add_argument("--shards", required=True, help="the catalogue's shards (data_shards.build; any catalogue)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
 # -- the standalone evaluator ---------------------------------------------------------------------------------
 def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | str = "cpu",
                        show_progress: bool = True, build_cache: bool = True,

@@ -18,7 +18,6 @@ scored a batch at a time and written as they go.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.model_eval import ModelRanker, ranker_from_export
+from trainer.model_eval import ModelRanker, export_cli, ranker_from_export
 
 
 class UnknownItems(ValueError):
@@ -251,15 +250,11 @@ def batch_recommend(rec: Recommender, sequences: list[dict], user_ids: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.recommend", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
-    p.add_argument("--shards", required=True, help="the catalogue and its users (shards from data_shards.build)")
+    p = export_cli("python -m trainer.recommend", __doc__)
     p.add_argument("--users", default="all", help="'all', or a file of raw user ids, one per line")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--out", default=None, help="JSON lines file (default: standard output)")
     p.add_argument("--include-seen", action="store_true", help="also recommend items the user already has")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.out:

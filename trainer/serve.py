@@ -16,7 +16,6 @@ share one model pass (`--no-batching`: one pass each), and items added by POST /
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 from pathlib import Path
@@ -26,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from trainer.model_eval import export_cli
 from trainer.recommend import MicroBatcher, Recommender, UnknownItems
 
 MAX_K = 1000
@@ -94,17 +94,12 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m trainer.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
-    p.add_argument("--shards", required=True, help="the catalogue (shards from data_shards.build)")
+    p = export_cli("python -m trainer.serve", __doc__)
     p.add_argument("--index", default=None, help="an item index from `python -m trainer.index` (skips encoding)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-batching", action="store_true", help="one model pass per request")
     a = p.parse_args(argv)
     try:
