@@ -65,7 +65,7 @@ def export(tmp_path_factory, tiny_bert_dir, ml_shards) -> Path:
     torch.manual_seed(0)
     cfg = preset("tiny").model
     cfg.text_encoder = str(tiny_bert_dir)
-    model = TransRec(cfg, 10, np.zeros(10, dtype=np.int64), {"text": 0, "image": 0})
+    model = TransRec(cfg, 10, np.arange(10) % 2, {"text": 0, "image": 0})  # both towers
     for tower in model.towers.values():
         torch.nn.init.normal_(tower.proj[-1].weight, std=0.5)
     return save_export(model, cfg, tmp_path_factory.mktemp("export") / "export", {"trainable": {"text": 0, "image": 0}})

@@ -280,6 +280,27 @@ def test_init_from_parts(source_run, hm_shards, tiny_bert_dir, tmp_path):
         _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "bad", export, "init_parts=head")
 
 
+def test_only_the_towers_the_catalogue_uses(source_run, ml_shards, tiny_bert_dir, tmp_path, capsys):
+    """Text-only shards build no image tower (nor cache one); a mixed export loads into them with its image tower
+    skipped and said so, and their export loads into a mixed catalogue with the image tower from its backbone."""
+    from conftest import REPO as ROOT
+    from conftest import _build
+
+    text_only = _build(tmp_path / "hm-text", "hm-fashion", ROOT / "data" / "hm-fashion-fixture", modality="text")
+    trainer = _tiny_trainer(text_only, tiny_bert_dir, tmp_path / "t", f"init_from={source_run / 'export'}",
+                            "stages=1")
+    assert list(trainer.model.towers) == ["text"]
+    assert "towers this catalogue does not use, skipped: ['image']" in capsys.readouterr().out
+    metrics = trainer.run()
+    assert metrics["best"]["scoring"] == "content"
+    assert "cached frozen lower blocks of ['text']" in capsys.readouterr().out
+    exported = load_file(str(tmp_path / "t" / "export" / "model.safetensors"))
+    assert not any(k.startswith("towers.image.") for k in exported)
+    mixed = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "m", f"init_from={tmp_path / 't' / 'export'}")
+    assert set(mixed.model.towers) == {"text", "image"}
+    assert "towers the export lacks, from their backbones: ['image']" in capsys.readouterr().out
+
+
 def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
     with pytest.raises(ValueError, match="architecture differs"):
         _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path, f"init_from={source_run / 'export'}", "model.d=48")

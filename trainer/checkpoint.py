@@ -88,9 +88,13 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
         )
     state = load_file(str(weights))
     own = model.state_dict()
+    towers = set(getattr(model, "towers", {}))
+    exported_towers = {k.split(".")[1] for k in state if k.startswith("towers.")}
+    skipped = sorted(exported_towers - towers)  # e.g. an image tower, into a text-only catalogue
+    new_towers = tuple(f"towers.{t}." for t in sorted(towers - exported_towers))  # start from their backbones
     loaded, mismatched = [], []
     for k, v in state.items():
-        if k.startswith(DOMAIN_SPECIFIC):
+        if k.startswith(DOMAIN_SPECIFIC) or k.startswith(tuple(f"towers.{t}." for t in skipped)):
             continue
         if k not in own:
             mismatched.append(f"{k} (not in this model)")
@@ -99,7 +103,7 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
         else:
             loaded.append(k)
     created = [k for k in own if k not in loaded]
-    unexpected_new = [k for k in created if not k.startswith(DOMAIN_SPECIFIC)]
+    unexpected_new = [k for k in created if not k.startswith(DOMAIN_SPECIFIC + new_towers)]
     if mismatched or unexpected_new:
         raise ValueError(
             f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
@@ -114,6 +118,9 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
     log(
         f"init-from {export_dir} ({parts}): loaded {len(loaded)} tensors; newly created {len(created)}: "
         f"{sorted({k.split('.')[0] for k in created})}; mismatched 0"
+        + (f"; towers this catalogue does not use, skipped: {skipped}" if skipped else "")
+        + (f"; towers the export lacks, from their backbones: {[t.split('.')[1] for t in new_towers]}"
+           if new_towers else "")
     )
     return {"loaded": loaded, "created": created, "mismatched": mismatched}
 
@@ -140,6 +147,10 @@ def save_model_state(model, path: Path, write: bool = True) -> None:
 
 
 def load_model_state(model, path: Path) -> None:
+    """A full model state; the tensors of towers this model does not have (its catalogue does not use them) are
+    left out, every tensor the model has must be there."""
     state = load_file(str(path))
+    towers = set(getattr(model, "towers", {}))
+    state = {k: v for k, v in state.items() if not k.startswith("towers.") or k.split(".")[1] in towers}
     with gathered(model, modifier_rank=0):
         model.load_state_dict(state, strict=True)

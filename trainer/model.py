@@ -120,8 +120,9 @@ class TransRec(nn.Module):
         self.num_items = num_items
         d = cfg.d
         self.register_buffer("item_modality", torch.as_tensor(item_modality, dtype=torch.long), persistent=False)
-        if cfg.item_encoder == "content":
-            self.towers = build_towers(cfg, trainable)
+        if cfg.item_encoder == "content":  # only the towers this catalogue's items are routed to
+            used = tuple(MODALITY_NAMES[m] for m in np.unique(np.asarray(item_modality)))
+            self.towers = build_towers(cfg, trainable, used or MODALITY_NAMES)
             self.id_embedding = None
         else:
             self.towers = nn.ModuleDict()
@@ -166,6 +167,9 @@ class TransRec(nn.Module):
                 rows = (modality == m).nonzero(as_tuple=True)[0]
                 if rows.numel() == 0:
                     continue
+                if name not in self.towers:
+                    raise ValueError(f"{rows.numel()} items are routed to the {name} tower, which this model does not "
+                                     "have (it was built for a catalogue without such items)")
                 out = self._tower_vectors(name, items, rows, content)
                 if vecs is None:
                     vecs = out.new_zeros(len(items), out.shape[-1])

@@ -287,18 +287,12 @@ class ImageTower(nn.Module):
         return self.upper(self.lower(pixels))
 
 
-def build_towers(cfg, trainable: dict[str, int]) -> nn.ModuleDict:
-    """The registry: modality -> tower, from the model config."""
-    return nn.ModuleDict(
-        {
-            "text": TextTower(cfg.text_encoder, cfg.d, trainable["text"], cfg.dropout, cfg.activation_checkpointing),
-            "image": ImageTower(
-                cfg.image_backbone,
-                cfg.d,
-                trainable["image"],
-                cfg.image_weights,
-                cfg.dropout,
-                cfg.activation_checkpointing,
-            ),
-        }
-    )
+def build_towers(cfg, trainable: dict[str, int], modalities: tuple[str, ...] = ("text", "image")) -> nn.ModuleDict:
+    """The registry: modality -> tower, from the model config; only the `modalities` the catalogue's items use."""
+    make = {
+        "text": lambda: TextTower(cfg.text_encoder, cfg.d, trainable["text"], cfg.dropout,
+                                  cfg.activation_checkpointing),
+        "image": lambda: ImageTower(cfg.image_backbone, cfg.d, trainable["image"], cfg.image_weights, cfg.dropout,
+                                    cfg.activation_checkpointing),
+    }
+    return nn.ModuleDict({name: make[name]() for name in ("text", "image") if name in modalities})
