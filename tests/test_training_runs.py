@@ -346,7 +346,10 @@ def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
     assert m1["hr@10"] == pytest.approx(m2["hr@10"], abs=2 / 943)
 
 
-def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
+def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir, tmp_path, ds_config):
+    """Killed mid-epoch and resumed, the run trains on from its DeepSpeed checkpoint (ZeRO-2, and ZeRO-3 with its
+    partitioned parameters) and ends with the metrics of the run that was never interrupted."""
     common = [
         *TINY,
         "--shards",
@@ -354,7 +357,7 @@ def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir,
         "--text-encoder",
         str(tiny_bert_dir),
         "--ds_config",
-        str(REPO / "ds_configs" / "zero2.json"),
+        str(REPO / "ds_configs" / ds_config),
         "--set",
         "save_every_steps=2",
         "stage1.max_steps=8",
@@ -436,7 +439,9 @@ def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path,
 
 @pytest.mark.parametrize("ds_config", ["zero3.json", "zero3_offload.json"])
 def test_zero3_one_step_save_and_load(ds_config, ml_shards, tiny_bert_dir, tmp_path):
-    """ZeRO-3 (and ZeRO-3 with CPU offload): one training step, a checkpoint, and a resume that loads it."""
+    """ZeRO-3 (and ZeRO-3 with CPU offload): one training step writes a partitioned checkpoint that a resume loads
+    (the run has nothing left to train, so its metrics come from the saved best model; that a resumed ZeRO-3 run
+    trains on exactly is test_resume_after_sigkill_reaches_the_same_metrics[zero3.json])."""
     run = tmp_path / "z3"
     first_out = _run_main(
         [
