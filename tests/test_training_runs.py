@@ -346,6 +346,37 @@ def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
     assert m1["hr@10"] == pytest.approx(m2["hr@10"], abs=2 / 943)
 
 
+def test_two_nodes_match_one_node_with_two_ranks(ml_shards, tiny_bert_dir, tmp_path):
+    """Multi-node: two launchers on this machine (deepspeed --no_ssh, node ranks 0 and 1, one rank each, over the
+    loopback address) train and evaluate exactly as one node with two ranks."""
+    def args(run_dir: Path) -> list[str]:
+        return [*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--ds_config",
+                str(REPO / "ds_configs" / "zero2.json"), "--run-dir", str(run_dir), *COMPARE, "stage1.micro_batch=8",
+                "log_every=1"]
+
+    one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
+    _run_main(args(one_node), ranks=2)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = _free_port()
+    launchers = [
+        subprocess.Popen([str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
+                          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                          str(REPO / "trainer" / "main.py"), *args(two_nodes)],
+                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    for proc in launchers:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    a, b = _losses(one_node, 1), _losses(two_nodes, 1)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) <= 1e-5 * abs(la), (a, b)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one_node, two_nodes))
+    assert m1["test"] == m2["test"] and m1["valid"] == m2["valid"]
+
+
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
 def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir, tmp_path, ds_config):
     """Killed mid-epoch and resumed, the run trains on from its DeepSpeed checkpoint (ZeRO-2, and ZeRO-3 with its
