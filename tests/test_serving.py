@@ -128,6 +128,7 @@ def test_api_batch_and_service_agree(rec, server, export, catalogue, tmp_path):
 
 
 def test_batch_over_two_ranks_equals_one(export, catalogue, tmp_path):
+    """Under the deepspeed launcher (2 ranks on CPU) the parts are joined into the single-rank output."""
     from trainer.recommend import main as batch_main
 
     one = tmp_path / "one.jsonl"
@@ -137,9 +138,9 @@ def test_batch_over_two_ranks_equals_one(export, catalogue, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                        str(port), "-m", "trainer.recommend", "--export", str(export), "--shards", str(catalogue),
-                        "--k", "3", "--out", str(two), "--device", "cpu"],
+    r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                        str(port), "--module", "trainer.recommend", "--export", str(export), "--shards",
+                        str(catalogue), "--k", "3", "--out", str(two), "--device", "cpu"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = ([json.loads(line) for line in f.read_text().splitlines()] for f in (one, two))

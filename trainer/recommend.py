@@ -11,13 +11,14 @@ Batch (one JSON line per user, each user's whole history, seen items excluded):
     python -m trainer.recommend --export DIR --shards DIR [--users all|FILE] [--k 20] [--out FILE]
         [--include-seen] [--device cpu|cuda]
 
-Under the deepspeed / torchrun launchers (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th user and writes
+Under the deepspeed launcher or torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th user and writes
 FILE.rankN; rank 0 then joins the parts into FILE in user order. Memory stays flat in the number of users: users are
 scored a batch at a time and written as they go.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--out", default=None, help="JSON lines file (default: standard output)")
     p.add_argument("--include-seen", action="store_true", help="also recommend items the user already has")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed
     a = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.out:
