@@ -96,6 +96,14 @@ def _run_record(suite: Suite, key: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _relative(arg: str) -> str:
+    """A path argument relative to the repository (reports never record one machine's absolute paths)."""
+    repo = Path(__file__).resolve().parent.parent
+    if not arg.startswith("/"):
+        return arg
+    return os.path.relpath(arg, repo)
+
+
 def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
     """The trained configuration, read back from one content run's run_config.json (and the towers' origin)."""
     spec = next((s for r in plan.rows for s in r.specs if s.content), None)
@@ -121,7 +129,8 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
         f"{s2['n_history']} + continuation {s2['n_continuation']}, trainable top blocks text {s2['text_trainable']} / "
         f"image {s2['image_trainable']}{', max ' + str(s2['max_steps']) + ' steps' if s2['max_steps'] else ''}."),
         (f"- evaluation: leave-one-out test, full ranking of the catalogue, the user's seen items excluded: "
-        f"{cfg['eval']['exclude_seen']}; best model on validation NDCG@10 across both stages; early-stopping patience "
+        f"{cfg['eval']['exclude_seen']}; selected: the best content-scoring model on validation NDCG@10 (the best of "
+        "any kind for ID models); early-stopping patience "
         f"{cfg['eval']['patience']}."),
         (f"- towers of train-from-scratch start from their generic weights: text {text_origin}; image {image_origin}. "
         "ID baselines learn an ID table from random init."),
@@ -150,7 +159,7 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
         policies = suite.manifest(d).get("policies", {})
         collapsed = (f"; {policies['duplicates_removed']} same-day repeats of an article collapsed (see BUILD_OPTIONS "
                      "in trainer/experiments.py)" if policies.get("duplicates_removed") else "")
-        argv = " ".join(suite.build_argv(d, suite.shards(d)))
+        argv = " ".join(_relative(x) for x in suite.build_argv(d, suite.shards(d)))
         lines.append(f"- {d}: `python -m data_shards.build {argv}`{collapsed}")
     cold = {}
     for res in results.values():
