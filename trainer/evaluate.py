@@ -192,13 +192,20 @@ def rank_with_scores(
     return _gather(out, positions, n)
 
 
-def popularity_scores(sequences: list[dict], num_items: int, split: str, seed: int = 0) -> torch.Tensor:
-    """Interaction counts over the items available before the evaluated target (train, + valid for test),
-    plus a tiny seeded jitter below 1 that breaks count ties at random instead of against the target."""
+def interaction_counts(sequences: list[dict], num_items: int, split: str = "train") -> np.ndarray:
+    """Interactions per item over what is known before the split's targets: the training portions ("train",
+    "valid"), plus each evaluated user's validation item ("test")."""
     counts = np.zeros(num_items, dtype=np.float64)
     for s in sequences:
         cut = s["num_train"] + (1 if split == "test" and s["evaluated"] else 0)
         np.add.at(counts, np.asarray(s["items"][:cut], dtype=np.int64), 1.0)
+    return counts
+
+
+def popularity_scores(sequences: list[dict], num_items: int, split: str, seed: int = 0) -> torch.Tensor:
+    """Interaction counts over the items available before the evaluated target (train, + valid for test),
+    plus a tiny seeded jitter below 1 that breaks count ties at random instead of against the target."""
+    counts = interaction_counts(sequences, num_items, split)
     jitter = np.random.default_rng(seed).random(num_items) * 0.5
     return torch.as_tensor(counts + jitter, dtype=torch.float64)
 

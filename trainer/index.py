@@ -30,7 +30,7 @@ def faiss_or_none():
     return faiss
 
 
-def build_ann(vectors: np.ndarray, seed: int = 0):
+def build_ann(vectors: np.ndarray):
     """FAISS HNSW over inner products (user . item scores), or None without FAISS."""
     faiss = faiss_or_none()
     if faiss is None:
@@ -74,21 +74,15 @@ def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: 
     """A Recommender whose item vectors come from an index (no catalogue encoding); FAISS search when present."""
     from safetensors.torch import load_file
 
-    from data_shards.shard_io import load_manifest
     from trainer.model_eval import ranker_from_export
 
     meta = json.loads((index_dir / "index.json").read_text())
-    ids = json.loads((shards / "id_maps.json").read_text())["items"]
-    manifest = load_manifest(shards)
-    if meta["items"] != ids or meta["shards_inputs"] != manifest["input_files"]:
-        raise ValueError(f"the index {index_dir} was made from other shards than {shards}: rebuild it with "
-                         "`python -m trainer.index`")
     ranker = ranker_from_export(export, shards, device, show_progress=False, build_cache=False)
     vectors = load_file(str(index_dir / "item_vectors.safetensors"))["vectors"].to(ranker.device)
-    pop = np.zeros(len(ids))
-    for s in ranker.sequences:
-        np.add.at(pop, np.asarray(s["items"][: s["num_train"]], dtype=np.int64), 1.0)
-    rec = Recommender(ranker, ids, vectors, pop, manifest)
+    rec = Recommender(ranker, vectors)
+    if meta["items"] != rec.item_ids or meta["shards_inputs"] != rec.manifest["input_files"]:
+        raise ValueError(f"the index {index_dir} was made from other shards than {shards}: rebuild it with "
+                         "`python -m trainer.index`")
     faiss = faiss_or_none()
     if faiss is not None and (index_dir / "faiss.index").exists():
         rec.ann = faiss.read_index(str(index_dir / "faiss.index"))

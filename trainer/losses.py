@@ -26,11 +26,8 @@ import numpy as np
 import torch
 
 import kernels
+from trainer.evaluate import interaction_counts
 from trainer.model import _repeat_feats
-
-# How an evaluated model ranks items: "content" (user . tower item vector), "id" (user . ID-table vector, the ID
-# baselines' stage-2 model), "free_head" (stage 1's catalogue head). The run selects among "content" models.
-SCORINGS = ("content", "id", "free_head")
 
 
 @dataclass
@@ -70,9 +67,7 @@ class ContentSoftmax(Objective):
 
 def item_share(sequences: list[dict], num_items: int) -> np.ndarray:
     """Each item's share of the training interactions (the in-batch sampler's distribution), floor 0."""
-    counts = np.zeros(num_items, dtype=np.float64)
-    for s in sequences:
-        np.add.at(counts, np.asarray(s["items"][: s["num_train"]], dtype=np.int64), 1.0)
+    counts = interaction_counts(sequences, num_items)
     return counts / max(1.0, counts.sum())
 
 
@@ -100,7 +95,6 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     h = model.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L, d]
     if model.side:
         h = model._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
-    B, L, d = h.shape
     valid = (mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)).flatten()
     if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no correction
         weight = model.encode_items(torch.arange(model.num_items, device=h.device))
@@ -124,8 +118,8 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     )
 
 
-def build_objective(stage: int, sc, model_cfg, num_items: int, towers_cached: bool,
-                    share: np.ndarray | None, device: torch.device) -> Objective:
+def build_objective(stage: int, sc, num_items: int, towers_cached: bool, share: np.ndarray | None,
+                    device: torch.device) -> Objective:
     """The stage's objective from its config (`stage1.head`, `stage2.loss`, `candidates`, ...)."""
     kind = sc.head if stage == 1 else sc.loss
     if kind == "free":
@@ -147,6 +141,8 @@ def build_objective(stage: int, sc, model_cfg, num_items: int, towers_cached: bo
 
 
 def scoring_label(obj_scoring: str, item_encoder: str) -> str:
+    """How an evaluated model ranks items: "content" (user . tower item vector), "id" (user . ID-table vector, the
+    ID baselines' stage-2 model) or "free_head" (stage 1's catalogue head). A run selects among "content" models."""
     if obj_scoring == "free_head":
         return "free_head"
     return "content" if item_encoder == "content" else "id"

@@ -55,6 +55,16 @@ class ModelRanker:
         return out
 
     @torch.no_grad()
+    def user_vectors(self, item_vectors: torch.Tensor, hist: torch.Tensor, users: np.ndarray | None = None
+                     ) -> torch.Tensor:
+        """[B, d] fp32: the model's user vector of each left-padded history `hist` [B, L] (item rows of
+        `item_vectors`, -1 = padding), with the users' side features when `users` are given."""
+        mask = hist >= 0
+        vecs = (item_vectors[hist.clamp(min=0)] * mask[..., None]).to(next(self.model.user_encoder.parameters()).dtype)
+        feats = None if users is None else self.user_feature_batch(users)
+        return self.model.user_vector(vecs, mask, feats).float()
+
+    @torch.no_grad()
     def ranks(self, data: ev.EvalUsers, scoring: str, exclude_seen: bool) -> np.ndarray:
         """Ranks of `data`'s targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
         user . item vector (the towers' content vectors, or the ID table's)."""
@@ -62,26 +72,20 @@ class ModelRanker:
         was_training = model.training
         model.eval()
         iv = self.item_vectors()
-        dtype = next(model.user_encoder.parameters()).dtype
-
-        def seq(hist):
-            mask = hist >= 0
-            return (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype), mask
-
         if scoring == "free_head":
+            dtype = next(model.user_encoder.parameters()).dtype
+
             def score(hist, users):
-                vecs, mask = seq(hist)
+                mask = hist >= 0
+                vecs = (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype)
                 h = model.encode_sequence(vecs, mask)[:, -1]
                 h = model._with_user_features(h, self.user_feature_batch(users))
                 return model.stage1_scores(h).float()
 
             ranks = ev.rank_with_scores(score, self.store.num_items, data, exclude_seen, self.user_batch, self.device)
         else:
-            def user_vec(hist, users):
-                vecs, mask = seq(hist)
-                return model.user_vector(vecs, mask, self.user_feature_batch(users)).float()
-
-            ranks = ev.rank_with_vectors(user_vec, iv, data, exclude_seen, self.user_batch)
+            ranks = ev.rank_with_vectors(lambda hist, users: self.user_vectors(iv, hist, users), iv, data, exclude_seen,
+                                         self.user_batch)
         model.train(was_training)
         return ranks
 

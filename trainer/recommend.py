@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.evaluate import interaction_counts
 from trainer.model_eval import ModelRanker, export_cli, ranker_from_export
 
 
@@ -41,14 +42,16 @@ class UnknownItems(ValueError):
 
 
 class Recommender:
-    def __init__(self, ranker: ModelRanker, item_ids: list[str], item_vectors: torch.Tensor, popularity: np.ndarray,
-                 manifest: dict):
+    """`ranker`'s model over its catalogue (raw ids, training popularity and manifest read from its shards), with
+    the catalogue's item vectors [V, d] (encoded by the ranker, or read from an index)."""
+
+    def __init__(self, ranker: ModelRanker, item_vectors: torch.Tensor):
         self.ranker, self.model = ranker, ranker.model
-        self.item_ids = list(item_ids)
+        self.item_ids = json.loads((ranker.store.shard_dir / "id_maps.json").read_text())["items"]
         self.index = {raw: i for i, raw in enumerate(self.item_ids)}
         self.item_vectors = item_vectors  # [V, d] fp32, grows with add_item
-        self.popularity = popularity.astype(np.float64)  # training interactions per item
-        self.manifest = manifest
+        self.popularity = interaction_counts(ranker.sequences, len(self.item_ids))  # training interactions per item
+        self.manifest = ranker.store.manifest
         self.max_len = self.model.cfg.max_len
         self._lock = threading.Lock()  # add_item appends while other threads read
         self._tokenizer = None
@@ -59,34 +62,25 @@ class Recommender:
     def from_export(cls, export_dir: str | Path, catalogue: str | Path, device: str = "cpu",
                     show_progress: bool = True) -> Recommender:
         """Rebuild the model from `export_dir` and encode every item of the `catalogue` shards by content."""
-        from data_shards.shard_io import load_manifest
-
         ranker = ranker_from_export(Path(export_dir), Path(catalogue), device, show_progress=show_progress)
-        ids = json.loads((Path(catalogue) / "id_maps.json").read_text())["items"]
-        pop = np.zeros(ranker.store.num_items)
-        for s in ranker.sequences:
-            np.add.at(pop, np.asarray(s["items"][: s["num_train"]], dtype=np.int64), 1.0)
-        return cls(ranker, ids, ranker.item_vectors(), pop, load_manifest(Path(catalogue)))
+        return cls(ranker, ranker.item_vectors())
 
     # -- users ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def user_vectors(self, histories: list[list[int]]) -> torch.Tensor:
+    def user_vectors(self, histories: list[list[int]], item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d]: the model's user vector of each history (item indices, oldest first, the last max_len used)."""
         hist = torch.full((len(histories), self.max_len), -1, dtype=torch.long)
         for r, h in enumerate(histories):
             h = h[-self.max_len:]
             if h:
                 hist[r, self.max_len - len(h):] = torch.as_tensor(h)
-        hist = hist.to(self.item_vectors.device)
-        mask = hist >= 0
-        vecs = self.item_vectors[hist.clamp(min=0)] * mask[..., None]
-        return self.model.user_vector(vecs, mask).float()
+        iv = self.item_vectors if item_vectors is None else item_vectors
+        return self.ranker.user_vectors(iv, hist.to(iv.device))
 
     def top_k(self, histories: list[list[int]], k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [B, k], item indices [B, k]) by user . item content vector; seen items removed when asked."""
         with self._lock:
             iv, ann = self.item_vectors, self.ann
-        users = self.user_vectors(histories)
+        users = self.user_vectors(histories, iv)
         if ann is not None and ann.ntotal == len(iv):  # items added since the index was built: exact search
             return self._ann_top_k(ann, users, histories, k, exclude_seen)
         scores = users @ iv.T

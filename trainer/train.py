@@ -179,7 +179,7 @@ class Trainer:
         every tower's lower blocks cached)."""
         sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
         cached = not self.needs_content()
-        return build_objective(stage, sc, self.cfg.model, self.num_items, cached, self.item_share, self.device)
+        return build_objective(stage, sc, self.num_items, cached, self.item_share, self.device)
 
     def scoring(self, obj: Objective) -> str:
         return scoring_label(obj.scoring, self.cfg.model.item_encoder)
