@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,8 +45,6 @@ def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None
         meta["text_encoder_files"] = _write_text_encoder_files(model, model_cfg, tmp / "text_encoder")
     (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
@@ -56,8 +55,6 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 
 def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
     """config.json of the text backbone (its weights are in model.safetensors) and its tokenizer's files."""
-    import shutil
-
     from trainer.text_vocab import tokenizer_dir
 
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,12 @@ DS_OWNED_BY_TRAINER = (
 )
 
 
+def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """ValueError "NAME must be a, b or c, not 'value'" unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
+
+
 @dataclass
 class ModelConfig:
     d: int = 256
@@ -90,8 +96,7 @@ class StageConfig:
             raise ValueError("lr must be > 0 and tower_lr >= 0")
         if self.negatives < 1:
             raise ValueError("negatives must be >= 1")
-        if self.candidates not in ("auto", "full", "sampled"):
-            raise ValueError(f"candidates must be auto, full or sampled, not {self.candidates!r}")
+        one_of("candidates", self.candidates, ("auto", "full", "sampled"))
 
 
 @dataclass
@@ -103,8 +108,7 @@ class Stage1Config(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head not in ("content", "free"):
-            raise ValueError(f"stage1.head must be content or free, not {self.head!r}")
+        one_of("stage1.head", self.head, ("content", "free"))
 
 
 @dataclass
@@ -116,8 +120,7 @@ class Stage2Config(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss not in ("sampled_softmax", "cpc"):
-            raise ValueError(f"stage2.loss must be sampled_softmax or cpc, not {self.loss!r}")
+        one_of("stage2.loss", self.loss, ("sampled_softmax", "cpc"))
 
 
 @dataclass
@@ -167,8 +170,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.stages not in ("1", "2", "all", "none"):
             raise ValueError(f"--stage must be 1, 2, all or none, not {self.stages!r}")
-        if self.init_parts not in ("all", "towers", "user_encoder"):
-            raise ValueError(f"init_parts must be all, towers or user_encoder, not {self.init_parts!r}")
+        one_of("init_parts", self.init_parts, ("all", "towers", "user_encoder"))
 
 
 def preset(name: str) -> RunConfig:
@@ -272,14 +274,15 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 f"override {item!r}: {type(target).__name__} has no field {key!r}; fields: {sorted(fields)}"
             )
         current = getattr(target, key)
-        setattr(target, key, _parse(raw, current, item))
+        optional = "None" in str(fields[key].type)  # e.g. `str | None`: "none" clears it
+        setattr(target, key, _parse(raw, current, item, optional))
         if hasattr(target, "__post_init__"):
             target.__post_init__()
     cfg.__post_init__()
     return cfg
 
 
-def _parse(raw: str, current, item: str):
+def _parse(raw: str, current, item: str, optional: bool = False):
     try:
         if isinstance(current, bool):
             if raw.lower() not in ("true", "false", "1", "0"):
@@ -293,9 +296,7 @@ def _parse(raw: str, current, item: str):
             return tuple(int(x) for x in raw.split(","))
     except ValueError:
         raise ValueError(f"override {item!r}: cannot parse {raw!r} as {type(current).__name__}") from None
-    if isinstance(current, str) and not item.startswith(("data.modality_override", "model.image_weights")):
-        return raw  # a choice such as stages=none stays a string
-    return None if raw.lower() == "none" else raw
+    return None if optional and raw.lower() == "none" else raw  # a choice such as stages=none stays a string
 
 
 def to_dict(cfg: RunConfig) -> dict:
