@@ -19,9 +19,10 @@ TransRec- = `--stage 2` only; frozen = `model.frozen_towers=true`. TransRec trai
 (trainer/losses.py) by default; "-paper" models (e.g. `scratch-paper`) with the paper's objectives (free stage-1
 head, CPC), which the ID baselines keep. A run is cached in OUT/runs/<config hash>/ (the hash covers the resolved
 configuration, the data's input hashes, the text encoder and the source run; a new config field gives every run that
-reads it a new key; `drop_unused_objective_settings` leaves the content-softmax settings out of runs with the
-paper's objectives, which never read them) and skipped when asked again; an interrupted run resumes; a finished
-run keeps its records, export and overall best model (`prune`). One invocation per OUT at a time (a lock file).
+reads it a new key; `drop_settings_that_change_nothing` leaves out the settings a run never reads or that sit at
+the value reproducing the behaviour from before they existed) and skipped when asked again; an interrupted run
+resumes; a finished run keeps its records, export and overall best model (`prune`). One invocation per OUT at a
+time (a lock file).
 
 Table 2's text and image rows evaluate the mixed-trained run's best model on the all-text / all-image shards of the
 same users, items and splits (`evaluate_view`, evaluation only).
@@ -178,9 +179,7 @@ class Suite:
                  (None, "init_from"), (None, "resume"))
         for section, key in paths:
             (cfg[section] if section else cfg).pop(key)
-        if cfg.get("init_parts") == "all":  # its default is the behaviour from before it existed
-            cfg.pop("init_parts")
-        return drop_unused_objective_settings(cfg)
+        return drop_settings_that_change_nothing(cfg)
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / self.key(spec)
@@ -249,10 +248,13 @@ class Suite:
 CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history")
 
 
-def drop_unused_objective_settings(cfg: dict) -> dict:
-    """A run key covers the settings that change the run. A run trained with the paper's objectives (free stage-1
-    head, CPC) never reads the content-softmax settings: they, and the objective choices themselves, are left out
-    of its key, so such runs keep the keys they had before the content softmax existed (and their cached results)."""
+def drop_settings_that_change_nothing(cfg: dict) -> dict:
+    """A run key covers the settings that change the run, so runs keep the keys (and cached results) they had
+    before a setting existed when it changes nothing for them: `init_parts` at "all" (the behaviour before it);
+    for a run with the paper's objectives (free stage-1 head, CPC), the content-softmax settings, which it never
+    reads, and the objective choices themselves."""
+    if cfg.get("init_parts") == "all":
+        cfg.pop("init_parts")
     if cfg["stage1"].get("head") != "free" or cfg["stage2"].get("loss") != "cpc":
         return cfg
     for stage in ("stage1", "stage2"):
