@@ -216,3 +216,17 @@ def test_reference_value_by_hand() -> None:
     want = -(torch.log(torch.sigmoid(torch.tensor(2.0))) + torch.log(torch.sigmoid(torch.tensor(0.0)))
              + torch.log(torch.sigmoid(torch.tensor(1.0)))) / 3
     assert_close(pt_cpc_loss(u, p, n), want, torch.float32, "loss")
+
+
+def test_auto_is_dtype_aware() -> None:
+    """'auto' picks Triton only for CUDA tensors in a dtype where the op's kernel was measured faster (bf16 / fp16
+    for the three fused ops), the reference in fp32 and on CPU; an op without measurements runs Triton on CUDA."""
+    for op in ("catalog_cross_entropy", "attention_pool", "cpc_loss"):
+        assert dispatch.auto_choice(op, on_cuda=True, dtype=torch.bfloat16) == "triton"
+        assert dispatch.auto_choice(op, on_cuda=True, dtype=torch.float16) == "triton"
+        assert dispatch.auto_choice(op, on_cuda=True, dtype=torch.float32) == "torch"
+        assert dispatch.auto_choice(op, on_cuda=False, dtype=torch.bfloat16) == "torch"
+    assert dispatch.auto_choice("a_new_op", on_cuda=True, dtype=torch.float32) == "triton"
+    cpu = torch.zeros(2, dtype=torch.bfloat16)
+    assert dispatch.resolve_impl("auto", cpu, op="cpc_loss") == "torch"
+    assert dispatch.resolve_impl("torch", cpu, op="cpc_loss") == "torch"
