@@ -207,7 +207,8 @@ def expand_slots(batch: SequenceBatch) -> SequenceBatch:
                         pixels=None if c.pixels is None else c.pixels[i_pos],
                         jpegs=None if c.jpegs is None else [c.jpegs[int(i)] for i in i_pos])
     n = int(present.sum())
-    return dataclasses.replace(batch, slots=slots, unique_items=batch.unique_items[src], content=c,
+    # New unique rows: the loader's routing no longer applies (the model routes on the device); `keep` still does.
+    return dataclasses.replace(batch, slots=slots, unique_items=batch.unique_items[src], content=c, routing=None,
                                negative_slots=torch.arange(n, n + len(batch.negatives), device=slots.device))
 
 

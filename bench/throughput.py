@@ -1,7 +1,8 @@
 """Throughput of the TransRec trainer: training steps, MFU, full-catalogue evaluation, against a reference path.
 
     python bench/throughput.py --preset cpu-small [--json FILE] [--csv FILE] [--stages 2,1] [--steps 3]
-        [--ref-steps 1] [--toggles dedup,kernels,ckpt,bf16,zero0,zero1] [--no-cache] [--set k=v ...]
+        [--ref-steps 1] [--toggles dedup,host_plan,eager_attn,channels_last,optimizer,kernels,ckpt,bf16,zero0,zero1]
+        [--no-cache] [--set k=v ...]
 
 Training composes the Trainer's pieces (set_stage with its feature cache, make_loader, make_engine, _prepare):
 sequences/s, items encoded/s (unique, and every slot consumed), tokens/s, images/s, peak memory, a breakdown
@@ -42,8 +43,10 @@ import numpy as np
 import torch
 
 import kernels
+import trainer.losses as tlosses
 import trainer.model as tm
 from bench import flops as fl
+from bench.op_counts import step_counts
 from bench.reference_path import ReferenceTrainer, expand_slots, reference_ranks
 from bench.throughput_report import NOTES, Report
 from trainer import evaluate as ev
@@ -129,13 +132,14 @@ def instrumented(model: torch.nn.Module, spans: Spans):
 
     model._tower_vectors = timed(lambda modality, *_: f"{modality} tower", model._tower_vectors)
     model.encode_sequence = timed("user encoder", model.encode_sequence)
-    tm.kernels = SimpleNamespace(cpc_loss=timed("loss", kernels.cpc_loss),  # the `kernels` trainer/model.py sees
-                                 catalog_cross_entropy=timed("loss", kernels.catalog_cross_entropy))
+    timed_kernels = SimpleNamespace(cpc_loss=timed("loss", kernels.cpc_loss),
+                                    catalog_cross_entropy=timed("loss", kernels.catalog_cross_entropy))
+    tm.kernels = tlosses.kernels = timed_kernels  # the `kernels` trainer/model.py and trainer/losses.py see
     try:
         yield
     finally:
         del model._tower_vectors, model.encode_sequence
-        tm.kernels = kernels
+        tm.kernels = tlosses.kernels = kernels
 
 
 # -- switches -------------------------------------------------------------------------------------------
@@ -159,6 +163,10 @@ class Switches:
     ckpt: bool = False
     bf16: bool = False
     zero: int = 2
+    host_plan: bool = True  # the loader's host-side routing / kept positions (False: computed on the device)
+    attention: str = "sdpa"  # model.text_attention
+    channels_last: bool = False  # model.channels_last
+    optimizer: str = "auto"  # optimizer (AdamW implementation)
 
     def label(self, default: Switches) -> str:
         return ", ".join(["project"] + [f"{k}={v}" for k, v in dataclasses.asdict(self).items()
@@ -183,6 +191,7 @@ class TrainResult:
     loss: float = math.nan
     sections: dict = dataclasses.field(default_factory=dict)
     step_s: list = dataclasses.field(default_factory=list)  # wall time of each timed step (GPU synchronised)
+    op_counts: dict = dataclasses.field(default_factory=dict)  # bench/op_counts.step_counts of one more step
 
     def figures(self) -> dict:  # rates from the MEDIAN step: one step slowed by a shared machine does not count
         n = max(self.steps, 1)
@@ -211,8 +220,9 @@ def tally(res: TrainResult, t, batch, stage: int, encoded: torch.Tensor, width: 
 
 
 def timed_steps(t, stage: int, sc, res: TrainResult, steps: int, warmup: int, spans: Spans, step_fn, encoded_fn,
-                transform=None, warm_fn=None) -> TrainResult:
-    """`warmup` steps (warm_fn, or step_fn), then `steps` timed steps on the live loader (epoch 0)."""
+                transform=None, warm_fn=None, count_ops: bool = False) -> TrainResult:
+    """`warmup` steps (warm_fn, or step_fn), then `steps` timed steps on the live loader (epoch 0); with
+    `count_ops`, one more step under the profiler counts its operator calls and host read-backs."""
     it = iter(t.make_loader(stage, sc))  # a fresh loader: epoch 0, the same batches for every row
     cached = {n: bool(t.model.cache and t.model.cache.covers(n)) for n in t.model.towers}
     losses, mem = [], PeakMemory(t.device)
@@ -236,6 +246,11 @@ def timed_steps(t, stage: int, sc, res: TrainResult, steps: int, warmup: int, sp
             t_step = time.perf_counter()  # counting is outside the step times
         mem.__exit__()
         res.seconds = sum(res.step_s)
+        if count_ops:
+            spans.enabled = False
+            batch = t._prepare(next(it))
+            batch = transform(batch) if transform else batch
+            res.op_counts = step_counts(lambda: step_fn(batch))
     finally:
         spans.enabled = False
         it.close()
@@ -248,6 +263,11 @@ def run_project(t, stage: int, sc, sw: Switches, default: Switches, steps: int, 
                 label: str | None = None) -> TrainResult:
     kernels.set_default_impl(sw.kernels)
     set_checkpointing(t.model, sw.ckpt)
+    if "text" in t.model.towers:
+        t.model.towers["text"].set_attention(sw.attention)
+    if "image" in t.model.towers:
+        t.model.towers["image"].set_channels_last(sw.channels_last)
+    t.cfg.optimizer = sw.optimizer
     t.ds_base = ds_config_for(t.ds_base, sw.zero, sw.bf16)
     engine = t.make_engine(sc, steps_total=1000)
     objective = t.objective(stage)
@@ -265,10 +285,21 @@ def run_project(t, stage: int, sc, sw: Switches, default: Switches, steps: int, 
     try:
         with instrumented(t.model, spans):
             timed_steps(t, stage, sc, res, steps, warmup, spans, step, lambda b: b.unique_items,
-                        None if sw.dedup else expand_slots)
+                        batch_transform(sw), count_ops=True)
     finally:
         engine.destroy()
     return res
+
+
+def batch_transform(sw: Switches):
+    """The batch as the switches want it: every slot its own entry (dedup off), no host-side plan (host_plan off)."""
+    def transform(batch):
+        batch = batch if sw.dedup else expand_slots(batch)
+        if not sw.host_plan:
+            batch = dataclasses.replace(batch, routing=None, keep=None)
+        return batch
+
+    return None if sw.dedup and sw.host_plan else transform
 
 
 def run_reference(t, stage: int, sc, steps: int, spans: Spans, label: str = "reference") -> TrainResult:
@@ -328,7 +359,8 @@ def run_eval(t, sizes: list[int], user_counts: list[int], ref_budget_s: float, r
 
 # -- the run --------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOGGLES = ("dedup", "kernels", "ckpt", "bf16", "zero0", "zero1")
+TOGGLES = ("dedup", "host_plan", "eager_attn", "channels_last", "optimizer", "kernels", "ckpt", "bf16", "zero0",
+           "zero1")
 
 
 def toggle(name: str, default: Switches, cuda: bool) -> Switches | str:
@@ -337,7 +369,11 @@ def toggle(name: str, default: Switches, cuda: bool) -> Switches | str:
         return "on CPU 'auto' already runs the PyTorch reference (the Triton kernels need CUDA)"
     if name == "bf16" and not cuda:
         return "bf16 rows run on CUDA only"
-    flips = {"dedup": {"dedup": False}, "kernels": {"kernels": "torch" if default.kernels != "torch" else "auto"},
+    flips = {"dedup": {"dedup": False}, "host_plan": {"host_plan": False},
+             "eager_attn": {"attention": "eager" if default.attention == "sdpa" else "sdpa"},
+             "channels_last": {"channels_last": not default.channels_last},
+             "optimizer": {"optimizer": "plain" if default.optimizer != "plain" else "auto"},
+             "kernels": {"kernels": "torch" if default.kernels != "torch" else "auto"},
              "ckpt": {"ckpt": not default.ckpt}, "bf16": {"bf16": not default.bf16}, "zero0": {"zero": 0},
              "zero1": {"zero": 1}, "zero2": {"zero": 2}}
     if name not in flips:
@@ -384,7 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
     t = Trainer(cfg, ds_path)
     default = Switches(kernels=cfg.model.kernels, ckpt=cfg.model.activation_checkpointing,
                        bf16=bool(t.ds_base.get("bf16", {}).get("enabled")),
-                       zero=int(t.ds_base.get("zero_optimization", {}).get("stage", 0)))
+                       zero=int(t.ds_base.get("zero_optimization", {}).get("stage", 0)),
+                       attention=cfg.model.text_attention, channels_last=cfg.model.channels_last,
+                       optimizer=cfg.optimizer)
     peak = {k: fl.measure_peak_tflops(t.device, DTYPES[k]) for k in (["fp32", "bf16"] if cuda else ["fp32"])}
     meta = {"device": torch.cuda.get_device_name(t.device) if cuda else
             f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "git_hash": git_hash(),

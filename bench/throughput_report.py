@@ -49,7 +49,8 @@ class Report:
         sections = {k: 1e3 * v / max(res.steps, 1) for k, v in res.sections.items()}
         sections["forward other"] = sections.get("forward", 0) - sum(sections.get(k, 0) for k in SECTIONS[1:5])
         self.train.append({**self._base("train"), "stage": res.stage, "config": res.config, "dtype": res.dtype,
-                           "steps": res.steps, **f, "reference": reference, "sections_ms_per_step": sections})
+                           "steps": res.steps, **f, "reference": reference, "sections_ms_per_step": sections,
+                           **res.op_counts})
         print(f"  stage {res.stage} {res.config:<44} {f['sequences_per_s']:9.2f} seq/s {f['ms_per_step']:10.1f} ms/step"
               f"  {f['achieved_tflops']:.4g} TFLOP/s  loss {res.loss:.4f}", flush=True)
 
@@ -139,6 +140,15 @@ class Report:
         out += _table(["stage", "config", *SECTIONS, "step"],
                       [[r["stage"], r["config"], *[r["sections_ms_per_step"].get(k, 0.0) for k in SECTIONS],
                         r["ms_per_step"]] for r in self.train if "steps" in r])
+        counted = [r for r in self.train if r.get("ops_per_step") is not None]
+        if counted:
+            out += ["", "Operator calls of one training step (bench/op_counts.py; the same on any machine): every aten "
+                    "call, the calls issued from Python, and host read-backs (each stalls a GPU's launch queue):", ""]
+            out += _table(["stage", "config", "ops/step", "top-level ops/step", "host syncs/step", "which"],
+                          [[r["stage"], r["config"], r["ops_per_step"], r["top_level_ops_per_step"],
+                            r["host_syncs_per_step"], ", ".join(f"{k.removeprefix('aten::')} {v}"
+                                                                 for k, v in r["host_syncs"].items())]
+                           for r in counted])
         out += [""] + _table(["catalogue", "path", "users", "users/s", "extra memory MiB", "x reference", "note"],
                              [[r.get(k) for k in ("catalogue", "config", "users", "users_per_s", "extra_mem_mib",
                                                   "speedup_vs_reference", "note")] for r in self.eval])

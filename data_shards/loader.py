@@ -21,6 +21,10 @@ Batch-unique items. A batch holds, per (sequence, position), the index of its it
 items (plus `num_negatives` shared negatives sampled uniformly from the catalogue, seeded per batch). The
 content of each unique item is loaded once from the ItemStore by offset: token ids for text items, JPEG
 bytes (or decoded pixels, when `decode_in_loader`) for image items.
+
+Host-side step plan. What the step would otherwise read back from the device is computed here, on the CPU, while
+the previous step runs: the routing of the unique items to their modality's tower (`routing`), the flat indices of
+the (position, next item) pairs that enter a dense loss (`keep`) and the number of real sequences (`num_real`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_shards.shard_io import ItemStore, load_manifest, read_sequences
+from data_shards.shard_io import MODALITIES, ItemStore, load_manifest, read_sequences
 
 
 @dataclass
@@ -55,6 +59,7 @@ class LoaderConfig:
     decoder: str = "auto"
     max_tokens: int = 64
     prefetch: int = 2
+    pin_memory: bool = False  # page-locked batches (CUDA: asynchronous host-to-device copies)
     user_fraction: float = 1.0  # seeded fraction of users whose windows are used (scaling experiments)
 
     def __post_init__(self) -> None:
@@ -94,17 +99,52 @@ class SequenceBatch:
     batch_index: int = 0
     content: ItemContent | None = None
     user_features: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, k] (0 = unknown)
+    # The host-side step plan (module docstring); None when a batch was made without one.
+    routing: list[torch.Tensor] | None = None  # per modality index: rows of unique_items routed to its tower
+    keep: torch.Tensor | None = None  # [K] flat indices into [B, W - 1]: position t has a real next item, weight > 0
+    num_real: float = 0.0  # real (weight > 0) sequences in the batch
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> SequenceBatch:
         def mv(t):
             return t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t
 
-        out = SequenceBatch(**{k: mv(v) for k, v in self.__dict__.items() if k not in ("content", "user_features")})
+        skip = ("content", "user_features", "routing")
+        out = SequenceBatch(**{k: mv(v) for k, v in self.__dict__.items() if k not in skip})
         out.user_features = {k: mv(v) for k, v in self.user_features.items()}
+        out.routing = None if self.routing is None else [mv(r) for r in self.routing]
         if self.content is not None:
             c = self.content
             out.content = ItemContent(**{k: mv(v) for k, v in c.__dict__.items()})
         return out
+
+
+def pin(batch: SequenceBatch) -> SequenceBatch:
+    """The batch's tensors in page-locked memory, so that `.to(cuda, non_blocking=True)` copies asynchronously."""
+    def pinned(t):
+        return t.pin_memory() if isinstance(t, torch.Tensor) and t.numel() else t
+
+    for k, v in batch.__dict__.items():
+        if isinstance(v, torch.Tensor):
+            setattr(batch, k, pinned(v))
+    batch.routing = None if batch.routing is None else [pinned(r) for r in batch.routing]
+    batch.user_features = {k: pinned(v) for k, v in batch.user_features.items()}
+    if batch.content is not None:
+        for k, v in batch.content.__dict__.items():
+            setattr(batch.content, k, pinned(v) if isinstance(v, torch.Tensor) else v)
+    return batch
+
+
+def attach_step_plan(batch: SequenceBatch, item_modality: np.ndarray) -> SequenceBatch:
+    """The host-side step plan of a batch still on the CPU (module docstring): routing rows per modality, the dense
+    losses' kept positions, the number of real sequences. Call it again after changing the batch's tensors."""
+    slots, weights = batch.slots.numpy(), batch.weights.numpy()
+    unique_modality = item_modality[batch.unique_items.numpy()]
+    batch.routing = [torch.from_numpy(np.flatnonzero(unique_modality == m)) for m in range(len(MODALITIES))]
+    real = slots >= 0
+    valid = real[:, :-1] & real[:, 1:] & (weights[:, None] > 0)
+    batch.keep = torch.from_numpy(np.flatnonzero(valid.reshape(-1)))
+    batch.num_real = float(weights.sum())
+    return batch
 
 
 def window_ends(num_train: int, cfg: LoaderConfig) -> list[int]:
@@ -158,8 +198,10 @@ def load_item_content(
 class TrainStream(torch.utils.data.IterableDataset):
     """One rank's batches of one epoch (see the module docstring for the split rule)."""
 
-    def __init__(self, shard_dir: Path | str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, shard_dir: Path | str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 item_modality: np.ndarray | None = None):
         super().__init__()
+        self.item_modality = item_modality  # the model's routing (default: the shards' modality per item)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.shard_dir = Path(shard_dir)
@@ -275,9 +317,12 @@ class TrainStream(torch.utils.data.IterableDataset):
             batch_index=index,
             user_features=feats,
         )
+        modality = self.store.modality if self.item_modality is None else self.item_modality
+        attach_step_plan(batch, modality)
         if cfg.load_content:
-            batch.content = load_item_content(self.store, unique, cfg.max_tokens, self._decoder_for_worker())
-        return batch
+            batch.content = load_item_content(self.store, unique, cfg.max_tokens, self._decoder_for_worker(),
+                                              modality=modality)
+        return pin(batch) if cfg.pin_memory else batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -357,5 +402,6 @@ class TrainLoader:
         yield from loader
 
 
-def make_train_loader(shard_dir: Path | str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> TrainLoader:
-    return TrainLoader(TrainStream(shard_dir, cfg, rank, world_size))
+def make_train_loader(shard_dir: Path | str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                      item_modality: np.ndarray | None = None) -> TrainLoader:
+    return TrainLoader(TrainStream(shard_dir, cfg, rank, world_size, item_modality))

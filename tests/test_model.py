@@ -197,7 +197,7 @@ def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_
 def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
     """Stage 1 feeds only real (position, next item) pairs to the catalogue softmax: same loss and gradients as
     the naive cross-entropy over every position with padding and zero-weight samples ignored."""
-    from data_shards.loader import LoaderConfig, make_train_loader
+    from data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
 
     model, _, _ = small_model
     cfg = LoaderConfig(window=9, batch_size=4, min_len=2, decoder="pil", image_size=32, max_tokens=16)
@@ -205,6 +205,7 @@ def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
     batch.slots[0, :4] = -1  # left padding in the first window
     batch.items[0, :4] = -1
     batch.weights[2] = 0.0  # a zero-weight padding sample
+    attach_step_plan(batch, model.item_modality.numpy())  # the host-side plan of the changed batch
     torch.manual_seed(0)
     model.head.weight.data.normal_(0, 0.1)
 
@@ -216,15 +217,25 @@ def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
         logits = h @ model.head.weight.T + model.head.bias
         return torch.nn.functional.cross_entropy(logits, target.flatten(), ignore_index=-100)
 
+    def without_plan():  # positions compacted on the device (a batch made without a plan)
+        keep, routing = batch.keep, batch.routing
+        batch.keep = batch.routing = None
+        try:
+            return model.stage1_loss(batch)
+        finally:
+            batch.keep, batch.routing = keep, routing
+
     params = [model.head.weight, *model.user_encoder.parameters()]
     results = []
-    for fn in (lambda: model.stage1_loss(batch), naive):
+    for fn in (lambda: model.stage1_loss(batch), naive, without_plan):
         loss = fn()
         results.append((loss.detach(), torch.autograd.grad(loss, params)))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for other in results[1:]:
+        torch.testing.assert_close(results[0][0], other[0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(results[0][1], other[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     batch.weights[:] = 0.0  # every sample padding: a zero loss, zero gradients, no NaN
+    attach_step_plan(batch, model.item_modality.numpy())
     loss = model.stage1_loss(batch)
     assert loss.item() == 0.0 and torch.autograd.grad(loss, model.head.weight)[0].abs().sum() == 0
 
@@ -263,3 +274,17 @@ def test_activation_checkpointing_lowers_saved_memory_at_equal_loss(small_model)
     assert results[True]["bytes"] < 0.5 * results[False]["bytes"]
     torch.testing.assert_close(results[True]["loss"], results[False]["loss"])
     torch.testing.assert_close(results[True]["grad"], results[False]["grad"])
+
+
+def test_feature_store_auto_is_beside_the_shards_and_off_when_not_writable(tmp_path):
+    from trainer.feature_cache import resolve_store
+
+    shards = tmp_path / "data" / "my-shards"
+    shards.mkdir(parents=True)
+    assert resolve_store("auto", shards) == (tmp_path / "data" / ".feature_cache").resolve()
+    assert (tmp_path / "data" / ".feature_cache").is_dir()
+    assert resolve_store(None, shards) is None and resolve_store("none", shards) is None
+    assert resolve_store(str(tmp_path / "elsewhere"), shards) == tmp_path / "elsewhere"
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")  # the shard folder's parent is a file: no store can be made there (even as root)
+    assert resolve_store("auto", blocked / "shards") is None

@@ -47,6 +47,8 @@ class ModelConfig:
     kernels: str = "auto"  # "auto" | "triton" | "torch" for every fused op
     temperature: float = 1.0  # content softmax: logits = user . item / temperature
     learn_temperature: bool = False  # train log(1 / temperature) with the model
+    text_attention: str = "sdpa"  # the text encoder's attention: "sdpa" (fused / flash where available) | "eager"
+    channels_last: bool = False  # the CNN's weights and inputs in channels-last memory format (GPU convolutions)
 
     def __post_init__(self) -> None:
         if self.d % self.user_heads:
@@ -57,6 +59,7 @@ class ModelConfig:
             raise ValueError("user_encoder must be transformer, gru or nextitnet")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
+        one_of("model.text_attention", self.text_attention, ("sdpa", "eager"))
         if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:
             raise ValueError("image_size must be >= 32, max_tokens >= 4, max_len >= 3")
         if self.temperature <= 0:
@@ -81,7 +84,6 @@ class StageConfig:
     stride: int = 1  # window stride (1: every training position ends a window)
     min_window: int = 0  # shortest training window (0: 2 in stage 1, n_continuation + 1 in stage 2)
     max_steps: int = 0  # 0: no limit (tests and benches cap steps)
-    eval_every: int = 1  # epochs between validations
     # The content softmax (stage1.head=content, stage2.loss=sampled_softmax; trainer/losses.py):
     candidates: str = "auto"  # "full" catalogue | "sampled" (batch items + negatives) | "auto": full if it fits
     full_catalogue_max: int = 4096  # "auto": the full catalogue up to this many items (and every tower cached)
@@ -131,6 +133,12 @@ class EvalConfig:
     user_batch: int = 256
     patience: int = 3  # validations without improvement before early stopping (0: off)
     bootstrap: int = 1000
+    select: str = "ndcg@10"  # validation metric that picks the best epoch and model: "ndcg@K" or "hr@K", K in ks
+
+    def __post_init__(self) -> None:
+        name, _, k = self.select.partition("@")
+        if name not in ("ndcg", "hr") or not k.isdigit() or int(k) not in self.ks:
+            raise ValueError(f"eval.select={self.select!r}: use ndcg@K or hr@K with K one of eval.ks {tuple(self.ks)}")
 
 
 @dataclass
@@ -141,7 +149,9 @@ class DataConfig:
     shuffle_buffer: int = 4096
     user_fraction: float = 1.0
     modality_override: str | None = None  # evaluate an all-"text" or all-"image" view of the same users
-    feature_store: str | None = None  # folder of frozen lower-block outputs shared across runs (trainer/feature_cache)
+    # Folder of frozen lower-block outputs shared across runs (trainer/feature_cache): a path, "auto" (.feature_cache
+    # beside the shard folder, when writable) or none.
+    feature_store: str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.modality_override not in (None, "text", "image"):
@@ -162,6 +172,8 @@ class RunConfig:
     run_dir: str | None = None
     init_from: str | None = None
     init_parts: str = "all"  # with init_from: "all", "towers" (user encoder starts new) or "user_encoder"
+    optimizer: str = "auto"  # AdamW implementation: "auto" (fused on CUDA, torch's default elsewhere) | "fused" |
+    # "foreach" | "plain" (one parameter at a time)
     resume: str | None = None
     save_every_steps: int = 200
     log_every: int = 20
@@ -171,6 +183,7 @@ class RunConfig:
         if self.stages not in ("1", "2", "all", "none"):
             raise ValueError(f"--stage must be 1, 2, all or none, not {self.stages!r}")
         one_of("init_parts", self.init_parts, ("all", "towers", "user_encoder"))
+        one_of("optimizer", self.optimizer, ("auto", "fused", "foreach", "plain"))
 
 
 def preset(name: str) -> RunConfig:

@@ -246,15 +246,25 @@ class Suite:
 
 
 CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history")
+# Settings added after runs were cached, with the value that reproduces the behaviour from before they existed:
+# at that value they change nothing, so they stay out of the key. (section or None for top level, name, value)
+ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention", "sdpa"),
+                          ("model", "channels_last", False), (None, "optimizer", "auto"), ("eval", "select", "ndcg@10"))
+# Settings removed after runs were cached that never changed a run: their old value stays in the key.
+RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
 
 
 def drop_settings_that_change_nothing(cfg: dict) -> dict:
     """A run key covers the settings that change the run, so runs keep the keys (and cached results) they had
-    before a setting existed when it changes nothing for them: `init_parts` at "all" (the behaviour before it);
-    for a run with the paper's objectives (free stage-1 head, CPC), the content-softmax settings, which it never
-    reads, and the objective choices themselves."""
-    if cfg.get("init_parts") == "all":
-        cfg.pop("init_parts")
+    before a setting existed when it changes nothing for them: a setting of ADDED_AT_OLD_BEHAVIOUR at its old
+    behaviour; for a run with the paper's objectives (free stage-1 head, CPC), the content-softmax settings, which it
+    never reads, and the objective choices themselves."""
+    for section, name, old in ADDED_AT_OLD_BEHAVIOUR:
+        where = cfg if section is None else cfg[section]
+        if name in where and where[name] == old:
+            where.pop(name)
+    for section, name, old in RETIRED_IN_KEY:
+        cfg[section].setdefault(name, old)
     if cfg["stage1"].get("head") != "free" or cfg["stage2"].get("loss") != "cpc":
         return cfg
     for stage in ("stage1", "stage2"):

@@ -10,6 +10,11 @@ keyed by everything the values depend on: the exact weights of the frozen blocks
 the shards (manifest), the items routed to the tower, the token / pixel size, the image decoder and the storage
 dtype. Runs that share frozen blocks (every scratch seed; transfer, whose lower blocks were never trained in the
 source) skip the pass; any changed weight gives a new key. Files are written atomically (temporary name, rename).
+The default, `data.feature_store=auto`, is `.feature_cache/` beside the shard folder (none if it cannot be written):
+the pass costs time linear in the catalogue (about 7 ms an item on 2 CPU cores), so a second run, or the same
+stage of another seed, on a large catalogue starts at once. `none` turns the store off.
+
+Without a terminal the pass logs its progress and the time left every 30 seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +113,10 @@ class FeatureCache:
                         log(f"{name} features: reused {path}")
                     continue
             outs, masks = [], []
-            for start in tqdm(
-                range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk",
-                disable=not show_progress or not sys.stderr.isatty(),  # carriage returns only on a terminal
-            ):
+            bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
+            progress = _ProgressLog(f"caching {name} features", len(items), log if show_progress and bar else None)
+            for start in tqdm(range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk", disable=bar):
+                progress.update(start)
                 part = items[start : start + chunk]
                 content = load_item_content(
                     store, part, max_tokens, decoder if name == "image" else None, modality=np.full(store.num_items, m)
@@ -140,6 +146,40 @@ class FeatureCache:
         text = tuple(t.to(device) for t in text) if text is not None else None
         image = image.to(device) if image is not None else None
         return cls(text, image, rows.to(device), covered)
+
+
+def resolve_store(setting: str | None, shards: str | Path) -> Path | None:
+    """The folder of `data.feature_store`: a path, None (off), or "auto" = `.feature_cache/` beside the shard folder
+    when it can be written (None otherwise: the pass then runs every time)."""
+    if setting is None or setting == "none":
+        return None
+    if setting != "auto":
+        return Path(setting)
+    folder = Path(shards).resolve().parent / ".feature_cache"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return None
+    return folder
+
+
+class _ProgressLog:
+    """A log line every `every` seconds with items done and the time left (the tqdm bar's stand-in in log files)."""
+
+    def __init__(self, what: str, total: int, log, every: float = 30.0):
+        self.what, self.total, self.log, self.every = what, total, log, every
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.log is None or done == 0 or now - self.last < self.every:
+            return
+        self.last = now
+        left = (now - self.t0) / done * (self.total - done)
+        self.log(f"{self.what}: {done}/{self.total} items, {now - self.t0:.0f} s, about {left / 60:.1f} min left")
 
 
 def feature_key(tower, store: ItemStore, items: np.ndarray, size, decoder_backend, dtype: torch.dtype) -> str:

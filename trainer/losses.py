@@ -27,7 +27,7 @@ import torch
 
 import kernels
 from trainer.evaluate import interaction_counts
-from trainer.model import _repeat_feats
+from trainer.model import _repeat_feats, kept_positions
 
 
 @dataclass
@@ -90,14 +90,15 @@ def history_exclusions(ids: torch.Tensor) -> torch.Tensor:
 
 
 def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
-    item_vecs = model.encode_items(batch.unique_items, batch.content)  # [U, d]: batch items + shared negatives
+    routing = getattr(batch, "routing", None)  # the loader's host-side routing (no device read-back)
+    item_vecs = model.encode_items(batch.unique_items, batch.content, routing=routing)  # [U, d]: + negatives
     vecs, mask = model.slot_vectors(batch, item_vecs)
     h = model.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L, d]
     if model.side:
         h = model._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
     valid = (mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)).flatten()
     if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no correction
-        weight = model.encode_items(torch.arange(model.num_items, device=h.device))
+        weight = model.encode_catalogue()
         columns, bias = batch.items, None
     else:
         weight, columns = item_vecs, batch.slots
@@ -108,7 +109,7 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     target = columns[:, 1:].flatten()
     exclude = history_exclusions(columns[:, :-1]).flatten(0, 1) if obj.mask_history else None
     # Only real (position, next item) pairs enter the softmax (padded positions would cost a row each).
-    keep = valid.nonzero().squeeze(1)
+    keep = kept_positions(batch, valid)
     if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
         return h.sum() * 0.0 + weight.sum() * 0.0
     scale = model.logit_scale.exp().to(h.dtype)  # 1 / temperature

@@ -92,15 +92,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     return cfg, a
 
 
+RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (validation runs every epoch)
+
+
 def _config_from_dict(d: dict) -> RunConfig:
     from trainer.config import DataConfig, EvalConfig, ModelConfig, Stage1Config, Stage2Config
 
     ev = dict(d["eval"])
     ev["ks"] = tuple(ev["ks"])
+    stage = {s: {k: v for k, v in d[s].items() if k not in RETIRED_STAGE_FIELDS} for s in ("stage1", "stage2")}
     return RunConfig(
         model=ModelConfig(**d["model"]),
-        stage1=Stage1Config(**d["stage1"]),
-        stage2=Stage2Config(**d["stage2"]),
+        stage1=Stage1Config(**stage["stage1"]),
+        stage2=Stage2Config(**stage["stage2"]),
         eval=EvalConfig(**ev),
         data=DataConfig(**d["data"]),
         **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data")},

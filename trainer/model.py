@@ -120,6 +120,9 @@ class TransRec(nn.Module):
         self.num_items = num_items
         d = cfg.d
         self.register_buffer("item_modality", torch.as_tensor(item_modality, dtype=torch.long), persistent=False)
+        # The whole catalogue's routing, computed once on the host (a full-catalogue loss encodes it every step).
+        self._catalogue_routing = [torch.from_numpy(np.flatnonzero(np.asarray(item_modality) == m))
+                                   for m in range(len(MODALITY_NAMES))]
         if cfg.item_encoder == "content":  # only the towers this catalogue's items are routed to
             used = tuple(MODALITY_NAMES[m] for m in np.unique(np.asarray(item_modality)))
             self.towers = build_towers(cfg, trainable, used or MODALITY_NAMES)
@@ -153,24 +156,31 @@ class TransRec(nn.Module):
         self.cache = None  # trainer/feature_cache.FeatureCache, set by the trainer
 
     # -- items --------------------------------------------------------------------------------------------
-    def encode_items(self, items: torch.Tensor, content=None, modality: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_items(self, items: torch.Tensor, content=None, modality: torch.Tensor | None = None,
+                     routing: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Vectors [U, d] of unique items: each modality's items in ONE tower call, scattered back by row.
 
         A tower whose lower blocks are cached reads features by item id; otherwise `content` (the loader's
-        ItemContent for these items, rows aligned with `items`) supplies tokens / pixels."""
+        ItemContent for these items, rows aligned with `items`) supplies tokens / pixels. `routing` (per modality
+        index, the rows of `items` routed to its tower, computed on the host by the loader) spares the step a device
+        read-back; without it the rows come from `modality` (default: each item's own) on the device."""
         if self.id_embedding is not None:
             vecs = self.id_embedding(items)
         else:
-            modality = self.item_modality[items] if modality is None else modality
+            if routing is None:
+                modality = self.item_modality[items] if modality is None else modality
+                routing = [(modality == m).nonzero(as_tuple=True)[0] for m in range(len(MODALITY_NAMES))]
+                host_routed = False
+            else:
+                host_routed = True
             vecs = None
-            for m, name in enumerate(MODALITY_NAMES):
-                rows = (modality == m).nonzero(as_tuple=True)[0]
+            for name, rows in zip(MODALITY_NAMES, routing):
                 if rows.numel() == 0:
                     continue
                 if name not in self.towers:
                     raise ValueError(f"{rows.numel()} items are routed to the {name} tower, which this model does not "
                                      "have (it was built for a catalogue without such items)")
-                out = self._tower_vectors(name, items, rows, content)
+                out = self._tower_vectors(name, items, rows, content, host_routed)
                 if vecs is None:
                     vecs = out.new_zeros(len(items), out.shape[-1])
                 vecs = vecs.index_copy(0, rows, out)
@@ -179,7 +189,18 @@ class TransRec(nn.Module):
             vecs = self.item_side_proj(torch.cat([vecs, self.item_features(feats).to(vecs.dtype)], dim=-1))
         return vecs
 
-    def _tower_vectors(self, name: str, items: torch.Tensor, rows: torch.Tensor, content) -> torch.Tensor:
+    def encode_catalogue(self) -> torch.Tensor:
+        """Vectors [V, d] of every catalogue item (rows = item ids), routed by the routing computed at start."""
+        device = self.item_modality.device
+        items = torch.arange(self.num_items, device=device)
+        if self.id_embedding is not None:
+            return self.encode_items(items)
+        if self._catalogue_routing[0].device != device:
+            self._catalogue_routing = [r.to(device) for r in self._catalogue_routing]
+        return self.encode_items(items, routing=self._catalogue_routing)
+
+    def _tower_vectors(self, name: str, items: torch.Tensor, rows: torch.Tensor, content,
+                       host_routed: bool = False) -> torch.Tensor:
         tower = self.towers[name]
         dtype = tower.proj[0].weight.dtype
         if self.cache is not None and self.cache.covers(name):
@@ -192,10 +213,15 @@ class TransRec(nn.Module):
                 f"the {name} tower trains every block but the batch carries no content: "
                 "the loader must run with load_content=True"
             )
+        group_rows = content.text_rows if name == "text" else content.image_rows
+        if host_routed:  # the loader grouped the content by the same routing: its rows are `rows`, in order
+            if group_rows.numel() != rows.numel():
+                raise RuntimeError("item content does not match the routed modality: loader and model disagree")
+            pos = slice(None)
+        else:
+            pos = _positions(group_rows, rows)
         if name == "text":
-            pos = _positions(content.text_rows, rows)
             return tower(content.token_ids[pos], content.token_mask[pos])
-        pos = _positions(content.image_rows, rows)
         return tower(content.pixels[pos].to(dtype))
 
     # -- users --------------------------------------------------------------------------------------------
@@ -219,7 +245,7 @@ class TransRec(nn.Module):
 
     def stage1_loss(self, batch) -> torch.Tensor:
         """Causal next-item softmax cross-entropy over the whole catalogue (Eq. 7-8), every position a target."""
-        item_vecs = self.encode_items(batch.unique_items, batch.content)
+        item_vecs = self.encode_items(batch.unique_items, batch.content, routing=getattr(batch, "routing", None))
         vecs, mask = self.slot_vectors(batch, item_vecs)
         h = self.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L-1, d]
         if self.side:
@@ -227,7 +253,7 @@ class TransRec(nn.Module):
         valid = (mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)).flatten()
         # Only real (position, next item) pairs enter the catalogue softmax: padded slots would cost a full [V]
         # row of logits each (most H&M windows are short) and contribute nothing to the mean.
-        keep = valid.nonzero().squeeze(1)
+        keep = kept_positions(batch, valid)
         if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
             return h.sum() * 0.0 + self.head.weight.sum() * 0.0 + self.head.bias.sum() * 0.0
         return kernels.catalog_cross_entropy(
@@ -237,7 +263,7 @@ class TransRec(nn.Module):
 
     def stage2_loss(self, batch, n_continuation: int) -> torch.Tensor:
         """CPC (Eq. 9): user vector from the history, BCE on the continuation items and shared negatives."""
-        item_vecs = self.encode_items(batch.unique_items, batch.content)
+        item_vecs = self.encode_items(batch.unique_items, batch.content, routing=getattr(batch, "routing", None))
         vecs, mask = self.slot_vectors(batch, item_vecs)
         hist_vecs, hist_mask = vecs[:, :-n_continuation], mask[:, :-n_continuation]
         user = self.user_vector(hist_vecs, hist_mask, batch.user_features)
@@ -269,6 +295,13 @@ class TransRec(nn.Module):
         """Towers + user encoder (+ side projections), without catalogue-specific parts."""
         skip = ("head.", "id_embedding.", "item_features.", "item_side_proj.", "logit_scale")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+
+def kept_positions(batch, valid: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the (position, next item) pairs that enter a dense loss: the loader's host-side `keep`, or
+    (a batch made without a plan) compacted on the device from `valid`, which reads the device back."""
+    keep = getattr(batch, "keep", None)
+    return keep if keep is not None else valid.nonzero().squeeze(1)
 
 
 def _positions(group_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,15 @@ class TextTower(nn.Module):
         self.checkpointing = checkpointing
         self.set_trainable(trainable)
 
+    def set_attention(self, impl: str) -> None:
+        """The encoder layers' attention: "sdpa" (torch's fused scaled-dot-product attention) or "eager"."""
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"text attention must be 'sdpa' or 'eager', got {impl!r}")
+        if hasattr(self.bert, "set_attn_implementation"):
+            self.bert.set_attn_implementation(impl)
+        else:  # older transformers: the layers read the config's choice at call time
+            self.bert.config._attn_implementation = impl
+
     def set_trainable(self, k: int) -> None:
         if k < -1 or k > self.num_blocks:
             raise ValueError(f"text tower trainable blocks must be -1 (all) or 0..{self.num_blocks}, got {k}")
@@ -247,7 +256,19 @@ class ImageTower(nn.Module):
         self.num_blocks = len(blocks)
         self.proj = _mlp(width, d, dropout)
         self.checkpointing = checkpointing
+        self.channels_last = False
         self.set_trainable(trainable)
+
+    def set_channels_last(self, on: bool) -> None:
+        """Convolution weights and inputs in channels-last memory format (faster cuDNN kernels on GPUs); values are
+        unchanged."""
+        self.channels_last = bool(on)
+        fmt = torch.channels_last if on else torch.contiguous_format
+        for block in self.blocks:
+            block.to(memory_format=fmt)
+
+    def _formatted(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def set_trainable(self, k: int) -> None:
         if k < -1 or k > self.num_blocks:
@@ -269,12 +290,13 @@ class ImageTower(nn.Module):
         return {f"block{i}.{n}": t for i, b in enumerate(self.blocks[: self.split]) for n, t in b.state_dict().items()}
 
     def lower(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels
+        x = self._formatted(pixels)
         for block in self.blocks[: self.split]:
             x = block(x)
         return x
 
     def upper(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._formatted(x)
         for block in self.blocks[self.split :]:
             x = (
                 checkpoint(block, x, use_reentrant=False)
@@ -295,4 +317,9 @@ def build_towers(cfg, trainable: dict[str, int], modalities: tuple[str, ...] = (
         "image": lambda: ImageTower(cfg.image_backbone, cfg.d, trainable["image"], cfg.image_weights, cfg.dropout,
                                     cfg.activation_checkpointing),
     }
-    return nn.ModuleDict({name: make[name]() for name in ("text", "image") if name in modalities})
+    towers = nn.ModuleDict({name: make[name]() for name in ("text", "image") if name in modalities})
+    if "text" in towers:
+        towers["text"].set_attention(getattr(cfg, "text_attention", "sdpa"))
+    if "image" in towers:
+        towers["image"].set_channels_last(getattr(cfg, "channels_last", False))
+    return towers

@@ -22,7 +22,7 @@ from data_shards.shard_io import ItemStore, load_manifest, read_sequences
 from trainer import evaluate as ev
 from trainer.checkpoint import gathered, load_export, load_model_state, save_export, save_model_state
 from trainer.config import RunConfig, StageConfig
-from trainer.feature_cache import FeatureCache
+from trainer.feature_cache import FeatureCache, resolve_store
 from trainer.losses import Objective, build_objective, item_share, scoring_label
 from trainer.model import TransRec, count_parameters, optimizer_param_groups
 from trainer.model_eval import ModelRanker
@@ -161,7 +161,7 @@ class Trainer:
                     self.device,
                     chunk=self.cfg.eval.item_batch,
                     show_progress=self.rank == 0,
-                    store_dir=self.cfg.data.feature_store,
+                    store_dir=resolve_store(self.cfg.data.feature_store, self.shards),
                     log=LOG.info,
                 )
             if self.model.cache is not None:
@@ -203,14 +203,16 @@ class Trainer:
             decoder=self.cfg.data.decoder,
             max_tokens=m.max_tokens,
             user_fraction=self.cfg.data.user_fraction,
+            pin_memory=self.device.type == "cuda",
         )
-        return make_train_loader(self.shards, lc, self.rank, self.world)
+        return make_train_loader(self.shards, lc, self.rank, self.world, item_modality=self.modality)
 
     def make_engine(self, sc: StageConfig, steps_total: int):
         import deepspeed
 
         groups = optimizer_param_groups(self.model, sc.lr, sc.tower_lr)
-        opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay,
+                                **adamw_implementation(self.cfg.optimizer, self.device))
 
         def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
             if step < sc.warmup_steps:
@@ -298,13 +300,13 @@ class Trainer:
             )
             t_epoch = time.time()
             for b_idx, batch in enumerate(loader, start=skip):
+                seqs += batch.num_real  # host values, read before the batch goes to the device
+                items_enc += int(batch.unique_items.numel())
                 batch = self._prepare(batch)
                 loss = engine(batch, objective=obj)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.detach())
-                seqs += float(batch.weights.sum())
-                items_enc += int(batch.unique_items.numel())
                 bar.update(1)
                 steps_done = engine.global_steps
                 if epoch == start_epoch and b_idx == skip + ETA_AFTER_STEPS - 1:
@@ -374,11 +376,12 @@ class Trainer:
                 f.write(f"{step},{loss:.8f}\n")
 
     def _prepare(self, batch):
-        batch = batch.to(self.device)
+        """The loader's (host) batch on the device; JPEGs left to the main process are decoded here (GPU)."""
         c = batch.content
-        if c is not None and c.pixels is None and c.jpegs:
-            ids = batch.unique_items[c.image_rows].tolist()
-            c.pixels = self.image_decoder().decode(c.jpegs, ids)
+        ids = batch.unique_items[c.image_rows].tolist() if c is not None and c.pixels is None and c.jpegs else None
+        batch = batch.to(self.device)  # non-blocking from pinned memory on CUDA
+        if ids:
+            batch.content.pixels = self.image_decoder().decode(batch.content.jpegs, ids)
         return batch
 
     def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str):
@@ -396,7 +399,8 @@ class Trainer:
             with open(curve, "a") as f:
                 f.write("" if curve.exists() and curve.stat().st_size else "stage,epoch," + ",".join(keys) + "\n")
                 f.write(f"{stage},{epoch}," + ",".join(f"{metrics[k]:.6f}" for k in keys) + "\n")
-        if stage_best is None or metrics["ndcg@10"] > stage_best["valid"]["ndcg@10"]:
+        select = self.cfg.eval.select
+        if stage_best is None or metrics[select] > stage_best["valid"][select]:
             stage_best, stale = record, 0
             save_model_state(self.model, self.run_dir / f"best_stage{stage}.safetensors", write=self.rank == 0)
             self.state["stage_best"][str(stage)] = record
@@ -481,7 +485,7 @@ class Trainer:
         ranks cold items); a run without one (ID baselines, a free-head-only stage 1) selects its best model."""
         sb = self.state["stage_best"]
         content = [s for s in sb if record_scoring(sb[s]) == "content"]
-        best_stage = max(content or list(sb), key=lambda s: sb[s]["valid"]["ndcg@10"])
+        best_stage = max(content or list(sb), key=lambda s: sb[s]["valid"][self.cfg.eval.select])
         if not content:
             LOG.warning(f"no content-scoring model was trained: selecting stage {best_stage} "
                         f"({record_scoring(sb[best_stage])}), which cannot rank items never seen in training")
@@ -517,6 +521,14 @@ class Trainer:
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
         return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
                                  self.cfg.eval, log=LOG.warning)
+
+
+def adamw_implementation(choice: str, device: torch.device) -> dict:
+    """torch.optim.AdamW's implementation flags for `optimizer` (config): "auto" = one fused kernel on CUDA, torch's
+    own default elsewhere."""
+    if choice == "auto":
+        return {"fused": True} if device.type == "cuda" else {}
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[choice]
 
 
 def export_preprocessing(manifest: dict, cfg: RunConfig) -> dict:
