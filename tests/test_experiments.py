@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.baselines import GRUEncoder, NextItNetEncoder
-from trainer.experiment_report import claim_lines, cold_mask, compare, seed_metrics
+from trainer.experiments.report import claim_lines, cold_mask, compare, seed_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -281,8 +281,8 @@ def test_id_baselines_train_and_share_the_evaluator(quick, tmp_path):
 
 def test_views_reproduce_the_run_and_route_every_item(quick):
     from data_shards.build import BuildOptions, build
-    from trainer.experiment_report import read_ranks
     from trainer.experiments import check_same_split, evaluate_view
+    from trainer.experiments.report import read_ranks
 
     out, _ = quick
     run = _runs(out)[("hm-mixed", "scratch", False, 1.0)]

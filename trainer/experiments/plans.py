@@ -1,5 +1,5 @@
 """The paper's experiments as data: domains, run specifications, and the rows, headline comparisons and claims of
-each table (2, 4-7). `trainer/experiments.py` runs them and writes the reports."""
+each table (2, 4-7). `runner.py` runs them and `report.py` writes the reports."""
 
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import experiment_report as er
-from trainer.experiment_plans import (  # noqa: F401  (re-exported: the runner's public names)
+from trainer.experiments import report as er
+from trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner's public names)
     BUILD_OPTIONS,
     DOMAINS,
     MODEL_OVERRIDES,
@@ -64,7 +64,7 @@ from trainer.experiment_plans import (  # noqa: F401  (re-exported: the runner's
     TablePlan,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DS_CONFIG = REPO / "ds_configs" / "zero2.json"
 TABLES = ("table2", "table4", "table5", "table6", "table7")
 
@@ -249,7 +249,8 @@ CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction
 # Settings added after runs were cached, with the value that reproduces the behaviour from before they existed:
 # at that value they change nothing, so they stay out of the key. (section or None for top level, name, value)
 ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention", "sdpa"),
-                          ("model", "channels_last", False), (None, "optimizer", "auto"), ("eval", "select", "ndcg@10"))
+                          ("model", "channels_last", False), (None, "optimizer", "auto"), ("eval", "select", "ndcg@10"),
+                          ("data", "split", "auto"))
 # Settings removed after runs were cached that never changed a run: their old value stays in the key.
 RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
 

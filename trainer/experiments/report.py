@@ -33,7 +33,8 @@ from trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-expo
 )
 
 if TYPE_CHECKING:
-    from trainer.experiments import RowPlan, Suite, TablePlan
+    from trainer.experiments.plans import RowPlan, TablePlan
+    from trainer.experiments.runner import Suite
 
 
 @dataclass
@@ -98,7 +99,7 @@ def _run_record(suite: Suite, key: str) -> dict:
 
 def _relative(arg: str) -> str:
     """A path argument relative to the repository (reports never record one machine's absolute paths)."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     if not arg.startswith("/"):
         return arg
     return os.path.relpath(arg, repo)
@@ -139,7 +140,7 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
 
 
 def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
-    from trainer.experiments import DOMAINS, SOURCE_OF
+    from trainer.experiments.plans import DOMAINS, SOURCE_OF
 
     domains = []
     for r in plan.rows:
@@ -158,7 +159,7 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
     for d in domains:
         policies = suite.manifest(d).get("policies", {})
         collapsed = (f"; {policies['duplicates_removed']} same-day repeats of an article collapsed (see BUILD_OPTIONS "
-                     "in trainer/experiments.py)" if policies.get("duplicates_removed") else "")
+                     "in trainer/experiments/plans.py)" if policies.get("duplicates_removed") else "")
         argv = " ".join(_relative(x) for x in suite.build_argv(d, suite.shards(d)))
         lines.append(f"- {d}: `python -m data_shards.build {argv}`{collapsed}")
     cold = {}

@@ -1,0 +1,3 @@
+from trainer.experiments.runner import main
+
+main()
