@@ -291,6 +291,7 @@ def build(opts: BuildOptions) -> dict:
 
     seq_shards, evaluated, n_interactions = [], 0, 0
     user_records = []
+    train_lengths: dict[str, dict[str, int]] = {}  # per sequence shard: histogram of num_train (the loader's plan)
     for start in range(0, len(raw_users), opts.users_per_shard):
         name = f"sequences-{len(seq_shards):06d}.tar"
         writer = DeterministicTarWriter(tmp / name)
@@ -308,6 +309,8 @@ def build(opts: BuildOptions) -> dict:
                 "features": encode_features(domain.user_features.get(raw, {}), user_vocab),
             }
             writer.add(f"{u:08d}.json", json.dumps(sample, sort_keys=True).encode())
+            histogram = train_lengths.setdefault(name, {})
+            histogram[str(sample["num_train"])] = histogram.get(str(sample["num_train"]), 0) + 1
             evaluated += is_eval
             n_interactions += len(its)
             user_records.append(sample)
@@ -351,6 +354,7 @@ def build(opts: BuildOptions) -> dict:
         "validation": counts,
         "input_files": {n: file_sha256(p) for n, p in domain.input_files.items()},
         "shards": {"items": item_shards, "sequences": seq_shards},
+        "sequence_shard_train_lengths": train_lengths,
     }
     if opts.provenance:
         manifest["provenance"] = opts.provenance
@@ -358,6 +362,9 @@ def build(opts: BuildOptions) -> dict:
     if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
         manifest["policies"]["dedup_note"] = note
     manifest["statistics"] = report.statistics(user_records, item_mod)
+    # Every file a reader needs, hashed: shards served over a URL are verified against these (data_shards/remote.py).
+    manifest["file_sha256"] = {n: file_sha256(tmp / n) for n in [*item_shards, *seq_shards, "item_index.npy",
+                                                                "id_maps.json"]}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (tmp / "validation.json").write_text(json.dumps({"counts": counts, "found": problems.found}, indent=1, default=str))
     if opts.out.exists():

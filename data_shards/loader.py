@@ -9,13 +9,19 @@ items ending at a training position `end` (exclusive), for end = min_len, min_le
 the user's last training position, so long histories give many training targets. `windows="last"` keeps
 one window per user.
 
-Order and split. Every process streams the sequence shards with webdataset in the same seeded shard order,
-expands windows, and passes them through the same seeded shuffle buffer, so all processes see one global
-order. Sample k of that order belongs to rank k % world_size; a rank's samples are cut into batches of
-`batch_size`, and batch b is built by worker (b - first) % num_workers, which is the order in which the
-PyTorch DataLoader polls its workers. Every rank yields exactly `steps_per_epoch` batches: the rank whose
-share is short is padded with zero-weight copies (weight 0, excluded from the loss and from coverage), since
-unequal step counts hang ZeRO's collectives. Every training window is thus seen exactly once per epoch.
+Order and split (`split`). "samples": every process streams every sequence shard with webdataset in the same
+seeded shard order, expands windows, and passes them through the same seeded shuffle buffer, so all processes
+see one global order; sample k of that order belongs to rank k % world_size. "shards": each rank streams only its
+own shards, assigned once by window count (largest first, to the least-loaded rank), in a seeded order per epoch
+through the same kind of buffer, so a rank reads 1/world of the data. "auto" takes "shards" when there are at
+least 4 sequence shards per rank, "samples" otherwise (one rank: the two are the same order). A rank's samples are
+cut into batches of `batch_size`, and batch b is built by worker (b - first) % num_workers, which is the order in
+which the PyTorch DataLoader polls its workers. Every rank yields exactly `steps_per_epoch` batches (from the
+largest rank's share): a rank whose share is short is padded with zero-weight copies (weight 0, excluded from the
+loss and from coverage), since unequal step counts hang ZeRO's collectives. Every training window is thus seen
+exactly once per epoch. Nothing per user is held in memory: window counts come from the manifest's per-shard
+histogram of training lengths (a one-pass scan of the shards for older builds, or with `user_fraction` < 1), and
+user features travel with each streamed sequence.
 
 Batch-unique items. A batch holds, per (sequence, position), the index of its item in the batch's UNIQUE
 items (plus `num_negatives` shared negatives sampled uniformly from the catalogue, seeded per batch). The
@@ -29,7 +35,9 @@ the (position, next item) pairs that enter a dense loss (`keep`) and the number 
 
 from __future__ import annotations
 
+import json
 import random
+import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +47,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_shards.shard_io import MODALITIES, ItemStore, load_manifest, read_sequences
+from data_shards.shard_io import MODALITIES, ItemStore, load_manifest
 
 
 @dataclass
@@ -59,6 +67,7 @@ class LoaderConfig:
     decoder: str = "auto"
     max_tokens: int = 64
     prefetch: int = 2
+    split: str = "auto"  # "samples" | "shards" | "auto" (module docstring)
     pin_memory: bool = False  # page-locked batches (CUDA: asynchronous host-to-device copies)
     user_fraction: float = 1.0  # seeded fraction of users whose windows are used (scaling experiments)
 
@@ -71,6 +80,8 @@ class LoaderConfig:
             raise ValueError(f"min_len must be in [2, window={self.window}], got {self.min_len}")
         if not 0 < self.user_fraction <= 1:
             raise ValueError("user_fraction must be in (0, 1]")
+        if self.split not in ("auto", "samples", "shards"):
+            raise ValueError(f"split must be 'auto', 'samples' or 'shards', not {self.split!r}")
 
 
 @dataclass
@@ -162,9 +173,26 @@ def window_ends(num_train: int, cfg: LoaderConfig) -> list[int]:
 def select_users(sequences: list[dict], fraction: float, seed: int) -> list[dict]:
     if fraction >= 1:
         return sequences
+    return [sequences[i] for i in chosen_users(len(sequences), fraction, seed)]
+
+
+def chosen_users(num_users: int, fraction: float, seed: int) -> list[int]:
+    """The seeded `fraction` of users 0..num_users-1 whose windows are used (all of them at 1)."""
+    if fraction >= 1:
+        return list(range(num_users))
     rng = random.Random(f"users:{seed}")
-    chosen = sorted(rng.sample(range(len(sequences)), max(1, round(fraction * len(sequences)))))
-    return [sequences[i] for i in chosen]
+    return sorted(rng.sample(range(num_users), max(1, round(fraction * num_users))))
+
+
+def assign_shards(windows: dict[str, int], world_size: int) -> list[list[str]]:
+    """Sequence shards per rank: largest window count first, each to the least-loaded rank (ties: lower rank, then
+    shard name), so ranks' shares differ by at most one shard's windows."""
+    load, owned = [0] * world_size, [[] for _ in range(world_size)]
+    for name in sorted(windows, key=lambda n: (-windows[n], n)):
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        owned[r].append(name)
+        load[r] += windows[name]
+    return owned
 
 
 def load_item_content(
@@ -208,14 +236,23 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.manifest = load_manifest(self.shard_dir)
-        self.urls = [str(self.shard_dir / n) for n in self.manifest["shards"]["sequences"]]
-        sequences = select_users(read_sequences(self.shard_dir), cfg.user_fraction, cfg.seed)
-        self.users = {s["user"] for s in sequences}
-        self.user_features = {s["user"]: s["features"] for s in sequences}
-        self.num_samples = sum(len(window_ends(s["num_train"], cfg)) for s in sequences)
+        names = list(self.manifest["shards"]["sequences"])
+        self.urls = [str(self.shard_dir / n) for n in names]
+        fraction = cfg.user_fraction
+        self.users = None if fraction >= 1 else set(chosen_users(self.manifest["num_users"], fraction, cfg.seed))
+        windows = self._windows_per_shard(names)
+        self.num_samples = sum(windows.values())
         if self.num_samples == 0:
             raise ValueError(f"no training windows in {shard_dir} (min_len={cfg.min_len}): histories too short")
-        per_rank = -(-self.num_samples // world_size)
+        auto = "shards" if world_size > 1 and len(names) >= 4 * world_size else "samples"
+        self.split = auto if cfg.split == "auto" else cfg.split
+        if self.split == "shards":
+            owned = assign_shards(windows, world_size)
+            self.own_urls = [str(self.shard_dir / n) for n in names if n in set(owned[rank])]
+            per_rank = max(sum(windows[n] for n in mine) for mine in owned)
+        else:
+            self.own_urls = self.urls
+            per_rank = -(-self.num_samples // world_size)
         self.steps_per_epoch = -(-per_rank // cfg.batch_size)
         self.epoch = 0
         self.first_batch = 0
@@ -231,21 +268,36 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise ValueError(f"cannot skip {k} of {self.steps_per_epoch} batches")
         self.first_batch = k
 
-    # -- the global sample order --------------------------------------------------------------------------
+    def _windows_per_shard(self, names: list[str]) -> dict[str, int]:
+        """Training windows per sequence shard: from the manifest's histograms of training lengths, or (older
+        builds, a user fraction) one pass over the shards' records keeping counts only."""
+        lengths = self.manifest.get("sequence_shard_train_lengths")
+        if lengths is not None and self.users is None and set(lengths) == set(names):
+            return {n: sum(len(window_ends(int(k), self.cfg)) * c for k, c in lengths[n].items()) for n in names}
+        out = {}
+        for name in names:
+            with tarfile.open(self.shard_dir / name) as tar:
+                records = (json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json"))
+                out[name] = sum(len(window_ends(r["num_train"], self.cfg)) for r in records
+                                if self.users is None or r["user"] in self.users)
+        return out
+
+    # -- the sample order ---------------------------------------------------------------------------------
     def _samples(self):
-        """(user, end, items) windows in the global shuffled order of this epoch."""
+        """(user, end, items, features) windows of this rank's shards ("shards") or of all ("samples", the global
+        order), shuffled for this epoch."""
         cfg = self.cfg
-        urls = list(self.urls)
+        urls = list(self.own_urls)
         random.Random(f"shards:{cfg.seed}:{self.epoch}").shuffle(urls)
         pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode())
         rng = random.Random(f"buffer:{cfg.seed}:{self.epoch}")
-        buffer: list[tuple[int, int, list[int]]] = []
+        buffer: list[tuple[int, int, list[int], dict]] = []
         for sample in pipeline:
             seq = sample["json"]
-            if seq["user"] not in self.users:
+            if self.users is not None and seq["user"] not in self.users:
                 continue
             for end in window_ends(seq["num_train"], cfg):
-                buffer.append((seq["user"], end, seq["items"][max(0, end - cfg.window) : end]))
+                buffer.append((seq["user"], end, seq["items"][max(0, end - cfg.window) : end], seq["features"]))
                 if len(buffer) >= cfg.shuffle_buffer:
                     j = rng.randrange(len(buffer))
                     buffer[j], buffer[-1] = buffer[-1], buffer[j]
@@ -254,23 +306,24 @@ class TrainStream(torch.utils.data.IterableDataset):
         yield from buffer
 
     def rank_batches(self):
-        """This rank's batches as lists of (user, end, items, weight), padded to steps_per_epoch."""
+        """This rank's batches as lists of (user, end, items, weight, features), padded to steps_per_epoch."""
         bs = self.cfg.batch_size
         current: list = []
         produced = 0
         first_real = None
-        for k, (user, end, items) in enumerate(self._samples()):
-            if k % self.world_size != self.rank:
+        mine = (lambda k: True) if self.split == "shards" else (lambda k: k % self.world_size == self.rank)
+        for k, (user, end, items, features) in enumerate(self._samples()):
+            if not mine(k):
                 continue
-            current.append((user, end, items, 1.0))
+            current.append((user, end, items, 1.0, features))
             first_real = first_real or current[0]
             if len(current) == bs:
                 yield current
                 produced += 1
                 current = []
         while produced < self.steps_per_epoch:
-            filler = first_real or (0, 0, [0], 0.0)
-            current += [(filler[0], filler[1], filler[2], 0.0)] * (bs - len(current))
+            filler = first_real or (0, 0, [0], 0.0, {})
+            current += [(filler[0], filler[1], filler[2], 0.0, filler[4])] * (bs - len(current))
             yield current
             produced += 1
             current = []
@@ -289,7 +342,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             self.store = ItemStore(self.shard_dir)
         W = cfg.window
         items = np.full((len(samples), W), -1, dtype=np.int64)
-        for r, (_, _, its, _) in enumerate(samples):
+        for r, (_, _, its, _, _) in enumerate(samples):
             items[r, W - len(its) :] = its
         negatives = np.zeros(0, dtype=np.int64)
         if cfg.num_negatives:
@@ -302,7 +355,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         names = self.manifest["feature_vocabularies"]["user"]
         feats = {}
         for name in names:
-            rows = [self.user_features[u].get(name, [0]) for (u, _, _, _) in samples]
+            rows = [features.get(name, [0]) for (_, _, _, _, features) in samples]
             width = max(len(r) for r in rows)
             feats[name] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
         batch = SequenceBatch(

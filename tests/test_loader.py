@@ -108,3 +108,73 @@ def test_short_histories_and_bad_config_are_clear(ml_shards):
         make_train_loader(ml_shards, LoaderConfig(window=900, min_len=900, load_content=False))
     with pytest.raises(FileNotFoundError, match="data_shards.build"):
         make_train_loader(Path("/nonexistent/shards"), LoaderConfig())
+
+
+@pytest.fixture(scope="module")
+def ml_many_shards(tmp_path_factory):
+    """The bundled MovieLens in 10 sequence shards of 100 users (enough for the per-rank shard split)."""
+    from data_shards.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("many") / "ml"
+    build(BuildOptions(dataset="movielens-100k-mm", source=Path(__file__).resolve().parents[1] / "data" /
+                       "movielens-100k-mm", out=out, modality="mixed", max_tokens=16, users_per_shard=100))
+    return out
+
+
+def test_shard_split_reads_only_own_shards_and_sees_every_window_once(ml_many_shards, monkeypatch):
+    """split="shards" over 2 ranks x 2 workers: disjoint shard sets covering all, each rank streams only its own,
+    every window exactly once, equal steps, batches full (zero-weight padding), features from the stream."""
+    import data_shards.loader as loader_mod
+
+    opened: dict[int, set] = collections.defaultdict(set)
+    real_list = loader_mod.wds.SimpleShardList
+    cfg = LoaderConfig(window=9, batch_size=64, stride=7, num_workers=0, load_content=False, shuffle_buffer=500)
+    seen: collections.Counter = collections.Counter()
+    steps, owned = [], []
+    for rank in range(2):
+        monkeypatch.setattr(loader_mod.wds, "SimpleShardList",
+                            lambda urls, _r=rank: opened[_r].update(urls) or real_list(urls))
+        loader = make_train_loader(ml_many_shards, cfg, rank=rank, world_size=2)
+        assert loader.stream.split == "shards"  # auto: 10 shards >= 4 per rank
+        loader.set_epoch(2)
+        batches = list(loader)
+        steps.append(len(batches))
+        assert len(batches) == loader.steps_per_epoch and all(len(b.users) == 64 for b in batches)
+        seen.update(_ids(batches))
+        owned.append(set(loader.stream.own_urls))
+    sequences = read_sequences(ml_many_shards)
+    expected = {(s["user"], e) for s in sequences for e in window_ends(s["num_train"], cfg)}
+    assert steps[0] == steps[1]
+    assert set(seen) == expected and set(seen.values()) == {1}
+    assert not owned[0] & owned[1] and len(owned[0] | owned[1]) == 10
+    assert opened[0] == owned[0] and opened[1] == owned[1]  # a rank never opens the other's shards
+    # Shares are balanced by window count: they differ by at most one shard's windows.
+    per_shard = make_train_loader(ml_many_shards, cfg).stream._windows_per_shard(
+        [Path(u).name for u in sorted(owned[0] | owned[1])])
+    share = [sum(per_shard[Path(u).name] for u in o) for o in owned]
+    assert abs(share[0] - share[1]) <= max(per_shard.values())
+
+
+def test_window_counts_from_the_manifest_equal_a_scan_and_one_rank_keeps_its_order(ml_many_shards):
+    import json
+
+    cfg = LoaderConfig(window=9, batch_size=32, stride=5, load_content=False)
+    stream = make_train_loader(ml_many_shards, cfg).stream
+    names = list(stream.manifest["shards"]["sequences"])
+    from_manifest = stream._windows_per_shard(names)
+    stream.manifest = {k: v for k, v in stream.manifest.items() if k != "sequence_shard_train_lengths"}
+    assert stream._windows_per_shard(names) == from_manifest  # older builds: one scan, same counts
+    assert sum(from_manifest.values()) == sum(len(window_ends(s["num_train"], cfg))
+                                              for s in read_sequences(ml_many_shards))
+    manifest = json.loads((ml_many_shards / "manifest.json").read_text())
+    assert set(manifest["sequence_shard_train_lengths"]) == set(names)
+
+    def order(split):
+        loader = make_train_loader(ml_many_shards, LoaderConfig(window=9, batch_size=32, stride=5, split=split,
+                                                                 load_content=False))
+        loader.set_epoch(1)
+        return [(b.users.tolist(), b.ends.tolist()) for b in loader]
+
+    assert order("shards") == order("samples")  # one rank: the same order either way
+    with pytest.raises(ValueError, match="split"):
+        LoaderConfig(split="users")

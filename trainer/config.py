@@ -152,12 +152,14 @@ class DataConfig:
     # Folder of frozen lower-block outputs shared across runs (trainer/feature_cache): a path, "auto" (.feature_cache
     # beside the shard folder, when writable) or none.
     feature_store: str | None = "auto"
+    split: str = "auto"  # training windows over ranks: "samples" | "shards" (each rank reads its own) | "auto"
 
     def __post_init__(self) -> None:
         if self.modality_override not in (None, "text", "image"):
             raise ValueError("modality_override must be text, image or None")
         if not 0 < self.user_fraction <= 1:
             raise ValueError("user_fraction must be in (0, 1]")
+        one_of("data.split", self.split, ("auto", "samples", "shards"))
 
 
 @dataclass

@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="write the metrics as JSON here (ranks beside, .ranks.tsv)")
     p.add_argument("--include-seen", action="store_true", help="keep the user's earlier items in the ranking")
     a = p.parse_args(argv)
+    from trainer.main import local_shards
+
+    a.shards = local_shards(a.shards)
     if not (Path(a.shards) / "manifest.json").exists():
         raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m data_shards.build`")
     try:

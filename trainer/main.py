@@ -125,8 +125,21 @@ def check_run_dir(run_dir: str | None, overwrite: bool) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def local_shards(shards: str) -> str:
+    """A shard URL (https://..., s3://...) becomes its verified local cache (data_shards/remote.py); a path stays."""
+    from data_shards.remote import is_url, localize
+
+    if not is_url(shards):
+        return shards
+    try:
+        return str(localize(shards))
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     cfg, args = parse_args(argv)
+    cfg.data.shards = local_shards(cfg.data.shards)
     if not (Path(cfg.data.shards) / "manifest.json").exists():
         raise SystemExit(
             f"error: no shards at {cfg.data.shards}: build them with `python -m data_shards.build "

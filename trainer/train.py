@@ -204,6 +204,7 @@ class Trainer:
             max_tokens=m.max_tokens,
             user_fraction=self.cfg.data.user_fraction,
             pin_memory=self.device.type == "cuda",
+            split=self.cfg.data.split,
         )
         return make_train_loader(self.shards, lc, self.rank, self.world, item_modality=self.modality)
 
