@@ -71,9 +71,14 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
             finally:
                 lower_s[_name] = lower_s.get(_name, 0.0) + time.perf_counter() - s
         tower.lower = timed
+    from trainer.feature_cache import resolve_store
+
+    store = resolve_store(cfg.data.feature_store, shards)
+    before = set(store.glob("*.pt")) if store else set()
     t0 = time.perf_counter()
     sc = t.set_stage(1)
     cache_s = time.perf_counter() - t0
+    cache_how = "computed" if not store or set(store.glob("*.pt")) - before else "read from the store"
     for tower in t.model.towers.values():
         del tower.lower
     obj = t.objective(1)
@@ -95,7 +100,7 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
     eval_s = time.perf_counter() - t0
     tmp.cleanup()
     return {"items": t.num_items, "users": len(t.sequences), "head": head, "candidates": describe(obj),
-            "setup_s": setup_s, "cache_s": cache_s, "cache_mib": (t.model.cache.nbytes() / 2**20
+            "setup_s": setup_s, "cache_s": cache_s, "cache_how": cache_how, "cache_mib": (t.model.cache.nbytes() / 2**20
                                                                   if t.model.cache is not None else 0.0),
             "lower_s": lower_s, "steps_per_epoch": steps_per_epoch, "step_s": step_s,
             "step_s_all": res.step_s, "epoch_s": steps_per_epoch * step_s,
@@ -122,10 +127,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['load_start']:.1f} (other work shared the cores: figures are medians of the timed steps).",
         "",
         "Synthetic shards (`data_shards.synth`, the same users and sequence lengths at every size). Epoch = steps "
-        "per epoch x the median step; cache = the frozen lower blocks of every item, computed once per run "
-        "(reused across runs with `data.feature_store`).",
+        "per epoch x the median step; cache = the frozen lower blocks of every item: computed once, then read from "
+        "the feature store (`data.feature_store`, on by default) by later runs on the same catalogue and weights.",
         "",
-        "| items | head (candidates) | cache s (text / image) | cache MiB | step s | steps/epoch | epoch s | "
+        "| items | head (candidates) | cache s (text / image), how | cache MiB | step s | steps/epoch | epoch s | "
         "loss s/step | item vectors s | valid eval s | peak RSS GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -133,7 +138,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         low = r["lower_s"]
         lines.append(
             f"| {r['items']:,} | {r['head']} ({r['candidates']}) | {r['cache_s']:.1f} "
-            f"({low.get('text', 0):.1f} / {low.get('image', 0):.1f}) | {r['cache_mib']:.0f} | {r['step_s']:.2f} | "
+            f"({low.get('text', 0):.1f} / {low.get('image', 0):.1f}), {r['cache_how']} | {r['cache_mib']:.0f} | "
+            f"{r['step_s']:.2f} | "
             f"{r['steps_per_epoch']} | {r['epoch_s']:.0f} | {r['sections_per_step'].get('loss', 0):.3f} | "
             f"{r['item_vectors_s']:.1f} | {r['valid_eval_s']:.1f} | {r['peak_rss_gib']:.2f} |")
     lines += ["", "Time per step by span (seconds, mean of the timed steps):", "",
