@@ -230,6 +230,15 @@ def build(opts: BuildOptions) -> dict:
             seen.add(key)
             kept.append(x)
         per_user[user] = kept
+    inter_file = next(iter(domain.input_files))  # the interactions table (the first input file)
+    unparseable_interactions = sum(1 for x in problems.found["unparseable_row"] if x.get("file") == inter_file)
+    if not per_user:  # nothing to write: shards with no users would look like a build that worked
+        raise SystemExit(
+            f"error: no interaction is left to build from: {len(domain.interactions) + unparseable_interactions} rows "
+            f"in {inter_file}, of which unparseable {unparseable_interactions}, naming unknown items "
+            f"{len(problems.found['unknown_item'])}, naming items without usable content (no text and no readable "
+            f"image) {dropped_no_content}. Check the column flags and the item table; details: "
+            f"{report.problem_summary(problems)}")
     raw_users = sorted(per_user, key=_sort_key)
     for u in raw_users:
         if u not in domain.user_features and domain.user_features:
@@ -349,7 +358,7 @@ def build(opts: BuildOptions) -> dict:
         "dropped_interactions": {
             "unknown_item": counts["unknown_item"],
             "item_without_content": dropped_no_content,
-            "unparseable_row": counts["unparseable_row"],
+            "unparseable_row": unparseable_interactions,  # rows of the interactions table only
         },
         "validation": counts,
         "input_files": {n: file_sha256(p) for n, p in domain.input_files.items()},

@@ -41,7 +41,7 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Queue
+from queue import Full, Queue
 
 import numpy as np
 import torch
@@ -390,32 +390,53 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 class _ThreadPrefetcher:
-    """Builds the next batches in a background thread while the current step runs (num_workers=0)."""
+    """Builds the next batches in a background thread while the current step runs (num_workers=0). A consumer that
+    stops early (break, an exception, garbage collection) stops and joins the thread: no thread is left inside torch
+    when the interpreter shuts down."""
 
     def __init__(self, iterable, depth: int):
         self.iterable, self.depth = iterable, max(1, depth)
 
     def __iter__(self):
         queue: Queue = Queue(self.depth)
+        stop = threading.Event()
         done = object()
 
-        def run():
-            try:
-                for x in self.iterable:
-                    queue.put(x)
-                queue.put(done)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
-                queue.put(e)
+        def put(x) -> bool:  # False once the consumer has gone
+            while not stop.is_set():
+                try:
+                    queue.put(x, timeout=0.05)
+                    return True
+                except Full:
+                    continue
+            return False
 
-        thread = threading.Thread(target=run, daemon=True)
+        def run():
+            source = iter(self.iterable)
+            try:
+                for x in source:
+                    if not put(x):
+                        return
+                put(done)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+                put(e)
+            finally:
+                close = getattr(source, "close", None)
+                close() if close else None
+
+        thread = threading.Thread(target=run, daemon=True, name="transrec-prefetch")
         thread.start()
-        while True:
-            x = queue.get()
-            if x is done:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
+        try:
+            while True:
+                x = queue.get()
+                if x is done:
+                    return
+                if isinstance(x, BaseException):
+                    raise x
+                yield x
+        finally:
+            stop.set()
+            thread.join()
 
 
 class TrainLoader:
@@ -452,7 +473,12 @@ class TrainLoader:
             prefetch_factor=self.cfg.prefetch,
             persistent_workers=False,
         )
-        yield from loader
+        it = iter(loader)
+        try:
+            yield from it
+        finally:  # stopped early: the worker processes go now, not at interpreter shutdown
+            shutdown = getattr(it, "_shutdown_workers", None)
+            shutdown() if shutdown else None
 
 
 def make_train_loader(shard_dir: Path | str, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,

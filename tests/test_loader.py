@@ -178,3 +178,38 @@ def test_window_counts_from_the_manifest_equal_a_scan_and_one_rank_keeps_its_ord
     assert order("shards") == order("samples")  # one rank: the same order either way
     with pytest.raises(ValueError, match="split"):
         LoaderConfig(split="users")
+
+
+def test_a_loader_stopped_early_stops_its_thread_and_workers(ml_shards):
+    import threading
+
+    for workers in (0, 2):
+        before = {t.ident for t in threading.enumerate()}
+        loader = make_train_loader(ml_shards, LoaderConfig(window=9, batch_size=16, num_workers=workers,
+                                                           load_content=False))
+        it = iter(loader)
+        next(it), next(it)
+        it.close()  # what a `break` out of a for loop does once the iterator is dropped
+        left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        assert not left, f"threads left running after the loader stopped: {left}"
+        assert not torch.multiprocessing.active_children()
+
+
+def test_a_process_that_stops_a_loader_early_exits_cleanly(ml_shards, tmp_path):
+    """At interpreter shutdown no prefetch thread may still be inside torch (it aborted with exit 134)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "early.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from data_shards.loader import LoaderConfig, make_train_loader\n"
+        f"loader = make_train_loader({str(ml_shards)!r}, LoaderConfig(window=9, batch_size=16, load_content=True,"
+        " decoder='pil', image_size=32, max_tokens=16))\n"
+        "for k, batch in enumerate(loader):\n"
+        "    if k == 1:\n"
+        "        break\n")
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -151,3 +153,70 @@ def load_model_state(model, path: Path) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("towers.") or k.split(".")[1] in towers}
     with gathered(model, modifier_rank=0):
         model.load_state_dict(state, strict=True)
+
+
+# -- resume checkpoints: random generators and file integrity ------------------------------------------
+def rng_state() -> dict:
+    """Every generator a resumed run must continue: torch CPU, every CUDA device, numpy, Python's."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    # Tensors and numbers only, so that torch.load(weights_only=True) reads it (no arbitrary unpickling).
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
+def restore_rng(saved) -> None:
+    """`rng_state()`'s dict, or the torch CPU state alone (checkpoints written before the dict)."""
+    import random
+
+    if isinstance(saved, torch.Tensor):
+        torch.set_rng_state(saved)
+        return
+    torch.set_rng_state(saved["torch"])
+    n = saved["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = saved["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"]))
+    if saved["cuda"] and torch.cuda.is_available():
+        if len(saved["cuda"]) != torch.cuda.device_count():
+            raise RuntimeError(f"the checkpoint holds CUDA RNG states of {len(saved['cuda'])} devices, this process "
+                               f"sees {torch.cuda.device_count()}: resume with the same devices")
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+CHECKPOINT_HASHES = "files.sha256.json"
+
+
+def write_checkpoint_hashes(folder: Path) -> None:
+    from data_shards.tables import file_sha256
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != CHECKPOINT_HASHES)
+    hashes = {str(f.relative_to(folder)): file_sha256(f) for f in files}
+    tmp = folder / f".{CHECKPOINT_HASHES}.partial"
+    tmp.write_text(json.dumps(hashes, indent=1))
+    tmp.replace(folder / CHECKPOINT_HASHES)
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Every file of a checkpoint against the hashes written after it was saved: a truncated or altered file is
+    named before anything is loaded. Checkpoints written before the hashes existed are loaded as they are."""
+    from data_shards.tables import file_sha256
+
+    listed = folder / CHECKPOINT_HASHES
+    if not listed.exists():
+        logging.getLogger("transrec").warning(
+            f"{folder} has no {CHECKPOINT_HASHES} (written by an older version): loading it unverified")
+        return
+    for name, digest in json.loads(listed.read_text()).items():
+        f = folder / name
+        if not f.exists():
+            raise RuntimeError(f"checkpoint file {f} is missing: the checkpoint is incomplete; resume cannot continue "
+                               "from it (start the run again, or restore the file)")
+        if file_sha256(f) != digest:
+            raise RuntimeError(f"checkpoint file {f} differs from the hash recorded when it was saved (truncated or "
+                               "altered): resume cannot continue from it (start the run again, or restore the file)")

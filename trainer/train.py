@@ -20,7 +20,17 @@ import kernels
 from data_shards.loader import LoaderConfig, make_train_loader
 from data_shards.shard_io import ItemStore, load_manifest, read_sequences
 from trainer import evaluate as ev
-from trainer.checkpoint import gathered, load_export, load_model_state, save_export, save_model_state
+from trainer.checkpoint import (
+    gathered,
+    load_export,
+    load_model_state,
+    restore_rng,
+    rng_state,
+    save_export,
+    save_model_state,
+    verify_checkpoint,
+    write_checkpoint_hashes,
+)
 from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache, resolve_store
 from trainer.losses import Objective, build_objective, item_share, scoring_label
@@ -116,7 +126,7 @@ class Trainer:
         self.valid_users = ev.eval_users(self.sequences, "valid", cfg.model.max_len)
         self.test_users = ev.eval_users(self.sequences, "test", cfg.model.max_len)
         self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
-        self.global_step = 0
+        self.global_step = self.state.get("global_step", 0)  # optimizer steps of the finished stages (TensorBoard x)
 
     # -- helpers ------------------------------------------------------------------------------------------
     def image_decoder(self):
@@ -269,13 +279,14 @@ class Trainer:
         start_epoch, skip = 0, 0
         if resume is not None:
             tag = resume["tag"]
+            verify_checkpoint(self.run_dir / "checkpoints" / tag)
             load_path, _ = engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=tag)
             if load_path is None:
                 raise FileNotFoundError(f"checkpoint {tag} missing in {self.run_dir / 'checkpoints'}: cannot resume")
             start_epoch, skip = resume["epoch"], resume["batches_done"]
-            rng = torch.load(self.run_dir / "checkpoints" / tag / f"rng_rank{self.rank}.pt", weights_only=True)
-            torch.set_rng_state(rng)
-            LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip}")
+            restore_rng(torch.load(self.run_dir / "checkpoints" / tag / f"rng_rank{self.rank}.pt", weights_only=True))
+            LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip} (optimizer step "
+                     f"{self.global_step + engine.global_steps} of the run)")
         LOG.info(
             f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
             f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}; objective "
@@ -315,7 +326,8 @@ class Trainer:
                     LOG.info(f"stage {stage}: {per_step:.2f} s/step over the first {ETA_AFTER_STEPS} steps: about "
                              f"{per_step * loader.steps_per_epoch / 60:.1f} min per epoch, "
                              f"{per_step * steps_total / 60:.1f} min for the stage's {steps_total} steps")
-                if (b_idx + 1) % self.cfg.log_every == 0:
+                boundary = (b_idx + 1) % sc.grad_accum == 0  # an optimizer step ended with this micro-batch
+                if boundary and steps_done % self.cfg.log_every == 0:
                     mean_loss = self._mean_loss_across_ranks(losses)  # host sync on logging steps only
                     self._append_loss(stage, steps_done, mean_loss)
                     if not math.isfinite(mean_loss):
@@ -340,7 +352,7 @@ class Trainer:
                         LOG.info(f"stage {stage} epoch {epoch} step {b_idx + 1}/{loader.steps_per_epoch}: loss "
                                  f"{mean_loss:.4f}, {seqs * self.world / dt_:.0f} sequences/s")
                     t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
-                if (b_idx + 1) % self.cfg.save_every_steps == 0:
+                if boundary and steps_done % self.cfg.save_every_steps == 0:
                     self.save_resume_point(engine, stage, epoch, b_idx + 1, stale)
                 if sc.max_steps and steps_done >= sc.max_steps:
                     break
@@ -356,6 +368,7 @@ class Trainer:
             if stop or (sc.max_steps and steps_done >= sc.max_steps):
                 break
         self.global_step += steps_done
+        self.state["global_step"] = self.global_step
         engine.destroy()  # removes its ZeRO gradient hooks: the next stage's engine wraps the same parameters
         self.finish_stage(stage, scoring)
 
@@ -418,8 +431,10 @@ class Trainer:
         ckpt = self.run_dir / "checkpoints"
         tag = f"stage{stage}-epoch{epoch}-batch{batches_done}"
         engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
-        torch.save(torch.get_rng_state(), ckpt / tag / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(), ckpt / tag / f"rng_rank{self.rank}.pt")
         _barrier()
+        if self.rank == 0:
+            write_checkpoint_hashes(ckpt / tag)  # a resume verifies every file before loading any
         if self.rank == 0:
             point = {
                 "stage": stage,
