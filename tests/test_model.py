@@ -288,3 +288,21 @@ def test_feature_store_auto_is_beside_the_shards_and_off_when_not_writable(tmp_p
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")  # the shard folder's parent is a file: no store can be made there (even as root)
     assert resolve_store("auto", blocked / "shards") is None
+
+
+def test_backbone_parameters_get_the_tower_learning_rate(ml_shards, tiny_bert_dir):
+    """Each tower names its backbone; the optimizer's lower-rate group is exactly the trainable backbone weights."""
+    from trainer.model import optimizer_param_groups
+
+    store = ItemStore(ml_shards)
+    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
+                      user_heads=2, max_len=8)
+    model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1})
+    groups = optimizer_param_groups(model, lr=1e-3, tower_lr=1e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    low = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[1]["lr"] == 1e-5 and groups[0]["lr"] == 1e-3
+    assert low and all(n.startswith(("towers.text.bert.encoder.layer.1.", "towers.image.blocks.")) for n in low)
+    assert not any(".proj." in n or ".pool." in n for n in low)  # pooling and projections train at the full rate
+    every = {names[id(p)] for g in groups for p in g["params"]}
+    assert every == {n for n, p in model.named_parameters() if p.requires_grad}

@@ -323,13 +323,15 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 
 
 def optimizer_param_groups(model: nn.Module, lr: float, tower_lr: float) -> list[dict]:
-    """AdamW groups of the trainable parameters: everything at `lr`, the towers' backbone blocks (BERT layers, CNN
-    blocks) at `tower_lr`; the backbone group is left out when nothing in it trains."""
+    """AdamW groups of the trainable parameters: everything at `lr`, the towers' backbones (each tower says which
+    module is its backbone: `tower.backbone()`) at `tower_lr`; the backbone group is left out when nothing in it
+    trains."""
+    towers = getattr(model, "towers", None) or {}
+    backbone = {id(p) for tower in towers.values() for p in tower.backbone().parameters()}
     tower_params, other = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            is_backbone = name.startswith("towers.") and (".bert." in name or ".blocks." in name)
-            (tower_params if is_backbone else other).append(p)
+            (tower_params if id(p) in backbone else other).append(p)
     groups = [{"params": other, "lr": lr}]
     if tower_params:
         groups.append({"params": tower_params, "lr": tower_lr})

@@ -102,6 +102,10 @@ class TextTower(nn.Module):
         self.checkpointing = checkpointing
         self.set_trainable(trainable)
 
+    def backbone(self) -> nn.Module:
+        """The pretrained encoder (trained at the lower tower learning rate); pooling and projection are not in it."""
+        return self.bert
+
     def set_attention(self, impl: str) -> None:
         """The encoder layers' attention: "sdpa" (torch's fused scaled-dot-product attention) or "eager"."""
         if impl not in ("sdpa", "eager"):
@@ -258,6 +262,10 @@ class ImageTower(nn.Module):
         self.checkpointing = checkpointing
         self.channels_last = False
         self.set_trainable(trainable)
+
+    def backbone(self) -> nn.Module:
+        """The CNN blocks (trained at the lower tower learning rate); the projection is not in it."""
+        return self.blocks
 
     def set_channels_last(self, on: bool) -> None:
         """Convolution weights and inputs in channels-last memory format (faster cuDNN kernels on GPUs); values are
