@@ -182,6 +182,7 @@ def test_window_counts_from_the_manifest_equal_a_scan_and_one_rank_keeps_its_ord
 
 def test_a_loader_stopped_early_stops_its_thread_and_workers(ml_shards):
     import threading
+    import time
 
     for workers in (0, 2):
         before = {t.ident for t in threading.enumerate()}
@@ -190,7 +191,12 @@ def test_a_loader_stopped_early_stops_its_thread_and_workers(ml_shards):
         it = iter(loader)
         next(it), next(it)
         it.close()  # what a `break` out of a for loop does once the iterator is dropped
-        left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        deadline = time.time() + 10  # worker queues' feeder threads end once flushed, within moments
+        while True:
+            left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+            if not left or time.time() > deadline:
+                break
+            time.sleep(0.1)
         assert not left, f"threads left running after the loader stopped: {left}"
         assert not torch.multiprocessing.active_children()
 
