@@ -150,6 +150,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recorded_command(prog: str, args: list[str]) -> str:
+    """The command as reports record it: paths inside the repository relative to it, other absolute paths as
+    SCRATCH (a machine's own folder means nothing elsewhere)."""
+    def token(a: str) -> str:
+        if not a.startswith("/"):
+            return a
+        path = Path(a).resolve()
+        return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else "SCRATCH"
+
+    return " ".join([prog, *(token(a) for a in args)])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python bench/catalogue_scale.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from trainer.run_setup import git_hash
 
-    meta = {"command": " ".join(["python bench/catalogue_scale.py", *(sys.argv[1:] if argv is None else argv)]),
+    meta = {"command": recorded_command("python bench/catalogue_scale.py", sys.argv[1:] if argv is None else argv),
             "git_hash": git_hash(), "torch": torch.__version__, "load_start": os.getloadavg()[0],
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}
     rows = []
