@@ -106,7 +106,7 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
             "step_s_all": res.step_s, "epoch_s": steps_per_epoch * step_s,
             "sections_per_step": {k: v / max(res.steps, 1) for k, v in res.sections.items()},
             "item_vectors_s": vectors_s, "valid_eval_s": eval_s, "vector_rows": int(vectors.shape[0]),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gib": peak_rss_mib() / 1024,
             "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
 
 
@@ -148,6 +148,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         s = r["sections_per_step"]
         lines.append(f"| {r['items']:,} | {r['head']} | " + " | ".join(f"{s.get(k, 0):.3f}" for k in SECTIONS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: reset at exec, unlike getrusage's ru_maxrss, which keeps the
+    launching process's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def recorded_command(prog: str, args: list[str]) -> str:

@@ -62,7 +62,7 @@ def loader_rank(shards: str, rank: int, world: int, batches: int, queue) -> None
     seconds = time.perf_counter() - start
     queue.put({"rank": rank, "sequences_per_s": n / seconds, "steps_per_epoch": loader.steps_per_epoch,
                "split": loader.stream.split, "shards_read": len(loader.stream.own_urls),
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+               "peak_rss_mib": peak_rss_mib()})
 
 
 def run_loader(shards: Path, world: int, batches: int) -> list[dict]:
@@ -127,6 +127,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   f"{40e6 / per_rank / 3600 / 64:.2f} h over 64 ranks; the loader's memory per rank does not grow "
                   "with users in the shard split (window counts come from the manifest, sequences stream)."]
     return "\n".join(lines) + "\n"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: reset at exec, unlike getrusage's ru_maxrss, which keeps the
+    launching process's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def recorded_command(prog: str, args: list[str]) -> str:
