@@ -96,7 +96,6 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     h = model.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L, d]
     if model.side:
         h = model._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
-    valid = (mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)).flatten()
     if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no correction
         weight = model.encode_catalogue()
         columns, bias = batch.items, None
@@ -109,7 +108,7 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     target = columns[:, 1:].flatten()
     exclude = history_exclusions(columns[:, :-1]).flatten(0, 1) if obj.mask_history else None
     # Only real (position, next item) pairs enter the softmax (padded positions would cost a row each).
-    keep = kept_positions(batch, valid)
+    keep = kept_positions(batch, mask)
     if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
         return h.sum() * 0.0 + weight.sum() * 0.0
     scale = model.logit_scale.exp().to(h.dtype)  # 1 / temperature

@@ -250,10 +250,9 @@ class TransRec(nn.Module):
         h = self.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L-1, d]
         if self.side:
             h = self._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
-        valid = (mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)).flatten()
         # Only real (position, next item) pairs enter the catalogue softmax: padded slots would cost a full [V]
         # row of logits each (most H&M windows are short) and contribute nothing to the mean.
-        keep = kept_positions(batch, valid)
+        keep = kept_positions(batch, mask)
         if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
             return h.sum() * 0.0 + self.head.weight.sum() * 0.0 + self.head.bias.sum() * 0.0
         return kernels.catalog_cross_entropy(
@@ -297,11 +296,15 @@ class TransRec(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
 
 
-def kept_positions(batch, valid: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the (position, next item) pairs that enter a dense loss: the loader's host-side `keep`, or
-    (a batch made without a plan) compacted on the device from `valid`, which reads the device back."""
+def kept_positions(batch, mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [B, W - 1] of the (position, next item) pairs that enter a dense loss (both slots real, the
+    sample's weight > 0; `mask` = slots >= 0): the loader's host-side `keep`, or (a batch made without a plan) the
+    same rule compacted on the device, which reads the device back."""
     keep = getattr(batch, "keep", None)
-    return keep if keep is not None else valid.nonzero().squeeze(1)
+    if keep is not None:
+        return keep
+    valid = mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)
+    return valid.flatten().nonzero().squeeze(1)
 
 
 def _positions(group_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
