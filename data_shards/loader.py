@@ -35,9 +35,7 @@ the (position, next item) pairs that enter a dense loss (`keep`) and the number 
 
 from __future__ import annotations
 
-import json
 import random
-import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +45,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_shards.shard_io import MODALITIES, ItemStore, load_manifest
+from data_shards.shard_io import MODALITIES, ItemStore, load_manifest, sequence_records
 
 
 @dataclass
@@ -170,12 +168,6 @@ def window_ends(num_train: int, cfg: LoaderConfig) -> list[int]:
     return ends
 
 
-def select_users(sequences: list[dict], fraction: float, seed: int) -> list[dict]:
-    if fraction >= 1:
-        return sequences
-    return [sequences[i] for i in chosen_users(len(sequences), fraction, seed)]
-
-
 def chosen_users(num_users: int, fraction: float, seed: int) -> list[int]:
     """The seeded `fraction` of users 0..num_users-1 whose windows are used (all of them at 1)."""
     if fraction >= 1:
@@ -274,13 +266,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         lengths = self.manifest.get("sequence_shard_train_lengths")
         if lengths is not None and self.users is None and set(lengths) == set(names):
             return {n: sum(len(window_ends(int(k), self.cfg)) * c for k, c in lengths[n].items()) for n in names}
-        out = {}
-        for name in names:
-            with tarfile.open(self.shard_dir / name) as tar:
-                records = (json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json"))
-                out[name] = sum(len(window_ends(r["num_train"], self.cfg)) for r in records
-                                if self.users is None or r["user"] in self.users)
-        return out
+        return {n: sum(len(window_ends(r["num_train"], self.cfg)) for r in sequence_records(self.shard_dir / n)
+                       if self.users is None or r["user"] in self.users) for n in names}
 
     # -- the sample order ---------------------------------------------------------------------------------
     def _samples(self):

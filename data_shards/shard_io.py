@@ -18,6 +18,7 @@ import io
 import json
 import mmap
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,16 +80,19 @@ def load_manifest(shard_dir: Path | str) -> dict:
     return json.loads(path.read_text())
 
 
+def sequence_records(shard: Path) -> Iterator[dict]:
+    """The user samples (json) of one sequence tar, in file order, one at a time."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                yield json.loads(tar.extractfile(member).read())
+
+
 def read_sequences(shard_dir: Path | str) -> list[dict]:
     """All user samples (json) in user-index order; used for evaluation and for building the loader's index."""
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
-    out = []
-    for name in manifest["shards"]["sequences"]:
-        with tarfile.open(shard_dir / name) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    out.append(json.loads(tar.extractfile(member).read()))
+    out = [r for name in manifest["shards"]["sequences"] for r in sequence_records(shard_dir / name)]
     out.sort(key=lambda s: s["user"])
     if [s["user"] for s in out] != list(range(manifest["num_users"])):
         raise ValueError(
