@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ if str(ROOT) not in sys.path:  # run as a script: make trainer/, data_shards/, b
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+from bench.run_record import peak_rss_mib, recorded_command  # noqa: E402
 
 SECTIONS = ("input", "text tower", "image tower", "user encoder", "loss", "backward", "optimizer")
 
@@ -148,27 +149,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
         s = r["sections_per_step"]
         lines.append(f"| {r['items']:,} | {r['head']} | " + " | ".join(f"{s.get(k, 0):.3f}" for k in SECTIONS) + " |")
     return "\n".join(lines) + "\n"
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM: reset at exec, unlike getrusage's ru_maxrss, which keeps the
-    launching process's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def recorded_command(prog: str, args: list[str]) -> str:
-    """The command as reports record it: paths inside the repository relative to it, other absolute paths as
-    SCRATCH (a machine's own folder means nothing elsewhere)."""
-    def token(a: str) -> str:
-        if not a.startswith("/"):
-            return a
-        path = Path(a).resolve()
-        return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else "SCRATCH"
-
-    return " ".join([prog, *(token(a) for a in args)])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

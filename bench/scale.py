@@ -21,7 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.run_record import peak_rss_mib, recorded_command  # noqa: E402
 
 
 def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path, float, int]:
@@ -127,27 +128,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   f"{40e6 / per_rank / 3600 / 64:.2f} h over 64 ranks; the loader's memory per rank does not grow "
                   "with users in the shard split (window counts come from the manifest, sequences stream)."]
     return "\n".join(lines) + "\n"
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM: reset at exec, unlike getrusage's ru_maxrss, which keeps the
-    launching process's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def recorded_command(prog: str, args: list[str]) -> str:
-    """The command as reports record it: paths inside the repository relative to it, other absolute paths as
-    SCRATCH (a machine's own folder means nothing elsewhere)."""
-    def token(a: str) -> str:
-        if not a.startswith("/"):
-            return a
-        path = Path(a).resolve()
-        return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else "SCRATCH"
-
-    return " ".join([prog, *(token(a) for a in args)])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

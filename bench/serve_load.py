@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load(url, histories, 4, 40, 30, seed=1)  # warm-up
     rows = [load(url, histories, int(c), a.requests, a.seconds, seed=0) for c in a.concurrency.split(",")]
     server.should_exit = True
-    meta = {"command": "python bench/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    from bench.run_record import recorded_command
+
+    meta = {"command": recorded_command("python bench/serve_load.py", argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
             "catalogue_items": len(rec.item_ids), "users": len(histories), "torch": torch.__version__,
             "note": a.note}

@@ -48,6 +48,7 @@ import trainer.model as tm
 from bench import flops as fl
 from bench.op_counts import step_counts
 from bench.reference_path import ReferenceTrainer, expand_slots, reference_ranks
+from bench.run_record import recorded_command
 from bench.throughput_report import NOTES, Report
 from trainer import evaluate as ev
 from trainer.config import apply_overrides, preset
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"device": torch.cuda.get_device_name(t.device) if cuda else
             f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "git_hash": git_hash(),
             "torch": torch.__version__, "preset": args.preset, "peak_tflops": peak, "ds_config": Path(ds_path).name,
-            "command": " ".join(["python bench/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
+            "command": recorded_command("python bench/throughput.py", sys.argv[1:] if argv is None else argv),
             "default_switches": dataclasses.asdict(default), "load_start": LOAD(),
             "feature_cache": not args.no_cache}
     report = Report(meta, args.csv)

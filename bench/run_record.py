@@ -1,0 +1,31 @@
+"""What a bench records about its own run: the command (without one machine's absolute paths) and peak memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recorded_command(prog: str, args: list[str]) -> str:
+    """The command as reports record it: paths inside the repository relative to it, other absolute paths as
+    SCRATCH (a machine's own folder means nothing elsewhere)."""
+    def token(a: str) -> str:
+        if not a.startswith("/"):
+            return a
+        path = Path(a).resolve()
+        return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else "SCRATCH"
+
+    return " ".join([prog, *(token(a) for a in args)])
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: reset at exec, unlike getrusage's ru_maxrss, which keeps the
+    launching process's peak)."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
