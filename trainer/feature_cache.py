@@ -113,9 +113,10 @@ class FeatureCache:
                         log(f"{name} features: reused {path}")
                     continue
             outs, masks = [], []
-            bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
-            progress = _ProgressLog(f"caching {name} features", len(items), log if show_progress and bar else None)
-            for start in tqdm(range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk", disable=bar):
+            no_bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
+            progress = _ProgressLog(f"caching {name} features", len(items), log if show_progress and no_bar else None)
+            for start in tqdm(range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk",
+                              disable=no_bar):
                 progress.update(start)
                 part = items[start : start + chunk]
                 content = load_item_content(
