@@ -54,8 +54,10 @@ def executed_text_width(model: nn.Module, batch) -> int:
     cache = model.cache
     if cache is not None and cache.covers("text"):
         item = (model.item_modality == 0).nonzero()[:1, 0]
-        return int(cache.text(item)[0].shape[1])
-    return int(batch.content.token_ids.shape[1]) if batch.content is not None else 0
+        return int(cache.features("text", item)["hidden"].shape[1])
+    if batch.content is None or "text" not in batch.content.inputs:
+        return 0
+    return int(batch.content.inputs["text"]["token_ids"].shape[1])
 
 
 @dataclass

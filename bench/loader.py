@@ -51,10 +51,10 @@ def decoders_to_run(name: str) -> list[str]:
 def bench_decode(store: ItemStore, decoder: str, device: torch.device, size: int, batch_size: int,
                  max_batches: int | None, threads: int) -> dict:
     """Images/s of ImageDecoder.decode over all image items of the shards (cache off)."""
-    items = [i for i in range(store.num_items) if store.index["jpg_size"][i] > 0]
+    items = [i for i in range(store.num_items) if store.index["image_size"][i] > 0]
     if not items:
         raise SystemExit(f"{store.shard_dir} holds no images: build shards with --modality image or mixed")
-    jpegs = [store.jpeg(i) for i in items]
+    jpegs = [bytes(store.payload(i, "image")) for i in items]
     batches = [(jpegs[s : s + batch_size], items[s : s + batch_size]) for s in range(0, len(items), batch_size)]
     if max_batches:
         batches = batches[:max_batches]
@@ -86,14 +86,15 @@ def bench_loader(shards: Path, decoder: str, device: torch.device, size: int, wo
     start = None
     for k, batch in enumerate(loader):
         c = batch.content
-        if gpu_decoder is not None and c is not None and c.jpegs:
-            c.pixels = gpu_decoder.decode(c.jpegs, batch.unique_items[c.image_rows].tolist())
+        if gpu_decoder is not None and c is not None and "image" in c.payloads:
+            c.inputs["image"] = {"pixels": gpu_decoder.decode(c.payloads.pop("image"),
+                                                              batch.unique_items[c.rows["image"]].tolist())}
         if k == 0:  # warm-up batch: worker start, imports, pipeline builds
             sync(device)
             start = time.perf_counter()
             continue
         sequences += int(batch.items.shape[0])
-        images += 0 if c is None else len(c.image_rows)
+        images += 0 if c is None or "image" not in c.rows else len(c.rows["image"])
         if k == batches:
             break
     sync(device)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from data_shards.loader import ItemContent, SequenceBatch
 from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
-from trainer.model import MODALITY_NAMES, optimizer_param_groups
+from trainer.model import in_tower_dtype, optimizer_param_groups
 
 Span = Callable[[str], AbstractContextManager]
 
@@ -61,7 +61,7 @@ class ReferencePath:
     # -- items ----------------------------------------------------------------------------------------
     def encode_one(self, item: int, content=None, row_of: dict[int, int] | None = None) -> torch.Tensor:
         """The item's tower on that one item: cached lower features by id, else its content. -> [d]."""
-        name = MODALITY_NAMES[self.modality[item]]
+        name = self.model.modality_names[self.modality[item]]
         tower = self.model.towers[name]
         cache = self.model.cache
         dtype = tower.proj[0].weight.dtype
@@ -70,18 +70,11 @@ class ReferencePath:
         with self.span(f"{name} tower"):
             if cache is not None and cache.covers(name):
                 idx = torch.tensor([item], device=device)
-                if name == "text":
-                    hidden, mask = cache.text(idx)
-                    return tower.upper(hidden.to(dtype), mask)[0]
-                return tower.upper(cache.image(idx).to(dtype))[0]
+                return tower.upper(in_tower_dtype(cache.features(name, idx), dtype))[0]
             if content is None or row_of is None:
                 raise RuntimeError(f"the {name} tower is not cached: the reference needs the batch's content")
-            row = row_of[item]
-            if name == "text":
-                pos = self._group_pos(content.text_rows, row)
-                return tower(content.token_ids[pos : pos + 1], content.token_mask[pos : pos + 1])[0]
-            pos = self._group_pos(content.image_rows, row)
-            return tower(content.pixels[pos : pos + 1].to(dtype))[0]
+            pos = self._group_pos(content.rows[name], row_of[item])
+            return tower(in_tower_dtype({k: v[pos : pos + 1] for k, v in content.inputs[name].items()}, dtype))[0]
 
     @staticmethod
     def _group_pos(group_rows: torch.Tensor, row: int) -> int:
@@ -199,13 +192,18 @@ def expand_slots(batch: SequenceBatch) -> SequenceBatch:
     c = batch.content
     if c is not None:  # end to end: each entry's content row, copied from its old row
         mod, pos = c.modality[src], torch.empty_like(c.modality)  # pos: old row -> place in its modality group
-        pos[c.text_rows] = torch.arange(len(c.text_rows), device=pos.device)
-        pos[c.image_rows] = torch.arange(len(c.image_rows), device=pos.device)
-        t_pos, i_pos = pos[src[mod == 0]], pos[src[mod == 1]]
-        c = ItemContent(modality=mod, text_rows=(mod == 0).nonzero(as_tuple=True)[0], token_ids=c.token_ids[t_pos],
-                        token_mask=c.token_mask[t_pos], image_rows=(mod == 1).nonzero(as_tuple=True)[0],
-                        pixels=None if c.pixels is None else c.pixels[i_pos],
-                        jpegs=None if c.jpegs is None else [c.jpegs[int(i)] for i in i_pos])
+        for rows in c.rows.values():
+            pos[rows] = torch.arange(len(rows), device=pos.device)
+        expanded = ItemContent(modality=mod)
+        for name, rows in c.rows.items():
+            code = int(c.modality[rows[0]])
+            group = pos[src[mod == code]]  # each new entry's place in the old group
+            expanded.rows[name] = (mod == code).nonzero(as_tuple=True)[0]
+            if name in c.inputs:
+                expanded.inputs[name] = {k: v[group] for k, v in c.inputs[name].items()}
+            if name in c.payloads:
+                expanded.payloads[name] = [c.payloads[name][int(i)] for i in group]
+        c = expanded
     n = int(present.sum())
     # New unique rows: the loader's routing no longer applies (the model routes on the device); `keep` still does.
     return dataclasses.replace(batch, slots=slots, unique_items=batch.unique_items[src], content=c, routing=None,

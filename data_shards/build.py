@@ -9,7 +9,9 @@ Rules (recorded in manifest.json):
   least --min-interactions (>= 3) interactions; shorter histories are kept for training, never evaluated;
 - modality (mixed): an item is text when the first byte of sha256("transrec-modality:{seed}:{raw item id}")
   is even, image when odd; `text` / `image` give every item that modality. An item whose chosen modality
-  has no content (no usable image, empty text) falls back to the other one, and is counted.
+  has no content (no usable image, empty text) falls back to the other one, and is counted. A registered
+  modality with a builder hook (data_shards/modalities.py, `from_item`) takes, under `mixed`, every item the hook
+  returns content for; its payload is stored beside the item's tokens (and JPEG).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_shards import report
-from data_shards.shard_io import ITEM_INDEX_DTYPE, MODALITIES, DeterministicTarWriter, npy_bytes
+from data_shards.modalities import BUILT_IN, content_kind, extra_kinds
+from data_shards.shard_io import FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
 from data_shards.tables import (
     GenericColumns,
     Problems,
@@ -185,6 +188,14 @@ def build(opts: BuildOptions) -> dict:
                     disable=None,
                 )
             )
+    # Registered modalities with a builder hook claim the items they have content for (mixed builds only).
+    hooked: dict[str, tuple[str, object]] = {}  # raw item -> (modality, value to pack)
+    for kind in extra_kinds() if opts.modality == "mixed" else []:
+        for raw in raw_items:
+            value = None if raw in hooked else kind.from_item(raw, dict(domain.items[raw].fields))
+            if value is not None:
+                hooked[raw] = (kind.name, value)
+    names = [*BUILT_IN, *sorted({name for name, _ in hooked.values()})]
     texts, has_image, modality, fallbacks, usable = {}, {}, {}, [], []
     for raw, (category, reason) in zip(raw_items, checks):
         rec = domain.items[raw]
@@ -194,6 +205,10 @@ def build(opts: BuildOptions) -> dict:
             problems.add("empty_text", item=raw, field="description")
         text = render_text(domain.text_template, rec.fields)
         texts[raw], has_image[raw] = text, category is None and domain.has_image_column
+        if raw in hooked:
+            modality[raw] = names.index(hooked[raw][0])
+            usable.append(raw)
+            continue
         if not text and not has_image[raw]:
             problems.add("item_without_content", item=raw)
             continue
@@ -202,7 +217,7 @@ def build(opts: BuildOptions) -> dict:
         ok = bool(text) if want == 0 else has_image[raw]
         modality[raw] = want if ok else 1 - want
         if not ok:
-            fallbacks.append({"item": raw, "wanted": MODALITIES[want], "used": MODALITIES[1 - want]})
+            fallbacks.append({"item": raw, "wanted": BUILT_IN[want], "used": BUILT_IN[1 - want]})
         usable.append(raw)
     item_index = {raw: i for i, raw in enumerate(usable)}
 
@@ -269,7 +284,7 @@ def build(opts: BuildOptions) -> dict:
     tmp = opts.out.with_name(opts.out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    index = np.zeros(len(usable), dtype=ITEM_INDEX_DTYPE)
+    index = np.zeros(len(usable), dtype=item_index_dtype(names))
     item_shards = []
     for start in tqdm(
         range(0, len(usable), opts.items_per_shard), desc="writing item shards", unit="shard", disable=None
@@ -281,19 +296,22 @@ def build(opts: BuildOptions) -> dict:
             meta = {
                 "item": i,
                 "raw_id": raw,
-                "modality": MODALITIES[modality[raw]],
+                "modality": names[modality[raw]],
                 "text": texts[raw],
                 "has_image": has_image[raw],
                 "features": encode_features(domain.items[raw].features, item_vocab),
             }
             writer.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-            data, header = npy_bytes(token_ids[i])
-            tok_off = writer.add(f"{key}.tokens.npy", data) + header
-            jpg_off, jpg_size = 0, 0
+            payloads = {"text": token_ids[i]}  # every item carries its tokens (all-text views, fallback)
             if has_image[raw]:
-                jpg = domain.items[raw].image_path.read_bytes()
-                jpg_off, jpg_size = writer.add(f"{key}.jpg", jpg), len(jpg)
-            index[i] = (len(item_shards), modality[raw], tok_off, len(token_ids[i]), jpg_off, jpg_size)
+                payloads["image"] = domain.items[raw].image_path.read_bytes()
+            if raw in hooked:
+                payloads[hooked[raw][0]] = hooked[raw][1]
+            index[i]["shard"], index[i]["modality"] = len(item_shards), modality[raw]
+            for kind in map(content_kind, payloads):
+                data, start = kind.pack(payloads[kind.name])
+                index[i][f"{kind.name}_offset"] = writer.add(f"{key}.{kind.member}", data) + start
+                index[i][f"{kind.name}_size"] = len(data) - start
         writer.close()
         item_shards.append(name)
     np.save(tmp / "item_index.npy", index, allow_pickle=False)
@@ -329,7 +347,8 @@ def build(opts: BuildOptions) -> dict:
     (tmp / "id_maps.json").write_text(json.dumps({"items": usable, "users": raw_users}))
     item_mod = np.array([modality[r] for r in usable], dtype=np.int64)
     manifest = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
+        "modalities": names,
         "dataset": domain.name,
         "modality": opts.modality,
         "seed": opts.seed,
@@ -337,7 +356,7 @@ def build(opts: BuildOptions) -> dict:
         "num_users_evaluated": evaluated,
         "num_items": len(usable),
         "num_interactions": n_interactions,
-        "items_by_modality": {m: int((item_mod == k).sum()) for k, m in enumerate(MODALITIES)},
+        "items_by_modality": {m: int((item_mod == k).sum()) for k, m in enumerate(names)},
         "modality_fallbacks": {"count": len(fallbacks), "items": fallbacks},
         "id_maps": "id_maps.json",
         "item_index": "item_index.npy",
@@ -345,7 +364,8 @@ def build(opts: BuildOptions) -> dict:
         "ordering_rule": ORDER_RULE,
         "split_rule": SPLIT_RULE,
         "modality_rule": "no image column: every item is a text item" if not domain.has_image_column
-        else MODALITY_RULE if opts.modality == "mixed"
+        else MODALITY_RULE + "".join(f"; items with {n} content (builder hook) are {n} items" for n in names[2:])
+        if opts.modality == "mixed"
         else f"every item {opts.modality}, fallback when it has none",
         "text": {"template": domain.text_template, "max_tokens": opts.max_tokens, "tokenizer": tok_info},
         "policies": {
@@ -370,7 +390,7 @@ def build(opts: BuildOptions) -> dict:
     note = dedup_note(opts.dedup, domain.has_time_column)
     if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
         manifest["policies"]["dedup_note"] = note
-    manifest["statistics"] = report.statistics(user_records, item_mod)
+    manifest["statistics"] = report.statistics(user_records, item_mod, names)
     # Every file a reader needs, hashed: shards served over a URL are verified against these (data_shards/remote.py).
     manifest["file_sha256"] = {n: file_sha256(tmp / n) for n in [*item_shards, *seq_shards, "item_index.npy",
                                                                 "id_maps.json"]}

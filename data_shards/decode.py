@@ -230,7 +230,7 @@ class ImageDecoder:
     """Decodes a batch of item JPEGs into the image tower's input [N, 3, size, size] float32 on `device`.
 
         decoder = ImageDecoder(backend="auto", size=64, device="cuda", cache_bytes=512 << 20)
-        pixels = decoder.decode([store.jpeg(i) for i in items], items)
+        pixels = decoder.decode([bytes(store.payload(i, "image")) for i in items], items)
     """
 
     def __init__(self, backend: str = "auto", size: int = 64, device: str | torch.device = "cpu",

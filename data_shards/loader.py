@@ -25,8 +25,9 @@ user features travel with each streamed sequence.
 
 Batch-unique items. A batch holds, per (sequence, position), the index of its item in the batch's UNIQUE
 items (plus `num_negatives` shared negatives sampled uniformly from the catalogue, seeded per batch). The
-content of each unique item is loaded once from the ItemStore by offset: token ids for text items, JPEG
-bytes (or decoded pixels, when `decode_in_loader`) for image items.
+content of each unique item is loaded once from the ItemStore by offset and collated by its modality's content
+kind (data_shards/modalities.py): token ids for text items, decoded pixels for image items (or their JPEG bytes,
+left for the main process to decode, without `decode_in_loader`), and so on for any registered modality.
 
 Host-side step plan. What the step would otherwise read back from the device is computed here, on the CPU, while
 the previous step runs: the routing of the unique items to their modality's tower (`routing`), the flat indices of
@@ -45,7 +46,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_shards.shard_io import MODALITIES, ItemStore, load_manifest, sequence_records
+from data_shards.modalities import ContentOptions, content_kind
+from data_shards.shard_io import ItemStore, load_manifest, sequence_records
 
 
 @dataclass
@@ -84,15 +86,20 @@ class LoaderConfig:
 
 @dataclass
 class ItemContent:
-    """Content of a batch's unique items, grouped by modality (rows index into `SequenceBatch.unique_items`)."""
+    """Content of a batch's unique items, grouped by modality name (rows index into `SequenceBatch.unique_items`)."""
 
-    modality: torch.Tensor  # [U] 0 text, 1 image
-    text_rows: torch.Tensor  # [Ut]
-    token_ids: torch.Tensor  # [Ut, T]
-    token_mask: torch.Tensor  # [Ut, T] bool
-    image_rows: torch.Tensor  # [Ui]
-    pixels: torch.Tensor | None = None  # [Ui, 3, S, S] normalised, when decoded in the loader
-    jpegs: list[bytes] | None = None  # raw JPEG bytes, when the main process decodes (GPU)
+    modality: torch.Tensor  # [U] modality code (index into the shards' modality names)
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [Um] rows routed to that modality
+    inputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> the tower's input tensors
+    payloads: dict[str, list[bytes]] = field(default_factory=dict)  # name -> stored bytes left to decode later
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> ItemContent:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def map(self, fn) -> ItemContent:
+        """A copy with `fn` applied to every tensor (payload bytes are shared)."""
+        return ItemContent(fn(self.modality), {n: fn(r) for n, r in self.rows.items()},
+                           {n: {k: fn(v) for k, v in x.items()} for n, x in self.inputs.items()}, dict(self.payloads))
 
 
 @dataclass
@@ -122,8 +129,7 @@ class SequenceBatch:
         out.user_features = {k: mv(v) for k, v in self.user_features.items()}
         out.routing = None if self.routing is None else [mv(r) for r in self.routing]
         if self.content is not None:
-            c = self.content
-            out.content = ItemContent(**{k: mv(v) for k, v in c.__dict__.items()})
+            out.content = self.content.to(device, non_blocking)
         return out
 
 
@@ -138,17 +144,16 @@ def pin(batch: SequenceBatch) -> SequenceBatch:
     batch.routing = None if batch.routing is None else [pinned(r) for r in batch.routing]
     batch.user_features = {k: pinned(v) for k, v in batch.user_features.items()}
     if batch.content is not None:
-        for k, v in batch.content.__dict__.items():
-            setattr(batch.content, k, pinned(v) if isinstance(v, torch.Tensor) else v)
+        batch.content = batch.content.map(pinned)
     return batch
 
 
-def attach_step_plan(batch: SequenceBatch, item_modality: np.ndarray) -> SequenceBatch:
-    """The host-side step plan of a batch still on the CPU (module docstring): routing rows per modality, the dense
-    losses' kept positions, the number of real sequences. Call it again after changing the batch's tensors."""
+def attach_step_plan(batch: SequenceBatch, item_modality: np.ndarray, num_modalities: int) -> SequenceBatch:
+    """The host-side step plan of a batch still on the CPU (module docstring): routing rows per modality code, the
+    dense losses' kept positions, the number of real sequences. Call it again after changing the batch's tensors."""
     slots, weights = batch.slots.numpy(), batch.weights.numpy()
     unique_modality = item_modality[batch.unique_items.numpy()]
-    batch.routing = [torch.from_numpy(np.flatnonzero(unique_modality == m)) for m in range(len(MODALITIES))]
+    batch.routing = [torch.from_numpy(np.flatnonzero(unique_modality == m)) for m in range(num_modalities)]
     real = slots >= 0
     valid = real[:, :-1] & real[:, 1:] & (weights[:, None] > 0)
     batch.keep = torch.from_numpy(np.flatnonzero(valid.reshape(-1)))
@@ -190,28 +195,24 @@ def assign_shards(windows: dict[str, int], world_size: int) -> list[list[str]]:
 def load_item_content(
     store: ItemStore, unique: np.ndarray, max_tokens: int, decoder=None, modality: np.ndarray | None = None
 ) -> ItemContent:
-    """Tokens of the text items and JPEG bytes (or pixels, with `decoder`) of the image items.
+    """The content of items `unique`, grouped by modality and collated by each modality's content kind (tokens for
+    text items; pixels with `decoder`, JPEG bytes without, for image items; ...).
 
-    `modality` overrides the shards' per-item modality (e.g. to evaluate an all-text view)."""
+    `modality` overrides the shards' per-item modality codes (e.g. to evaluate an all-text view)."""
     mods = (store.modality if modality is None else modality)[unique]
-    text_rows = np.flatnonzero(mods == 0)
-    image_rows = np.flatnonzero(mods == 1)
-    ids, lengths = store.token_matrix(unique[text_rows], max_tokens)
-    width = max(int(lengths.max()) if len(lengths) else 1, 1)
-    ids = ids[:, :width]
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    jpegs = [store.jpeg(int(unique[r])) for r in image_rows]
-    content = ItemContent(
-        modality=torch.from_numpy(mods.astype(np.int64)),
-        text_rows=torch.from_numpy(text_rows),
-        token_ids=torch.from_numpy(ids),
-        token_mask=torch.from_numpy(mask),
-        image_rows=torch.from_numpy(image_rows),
-        jpegs=jpegs,
-    )
-    if decoder is not None and len(jpegs):
-        content.pixels = decoder.decode(jpegs, [int(unique[r]) for r in image_rows])
-        content.jpegs = None
+    content = ItemContent(modality=torch.from_numpy(mods.astype(np.int64)))
+    options = ContentOptions(max_tokens=max_tokens, decoder=decoder)
+    for code, name in enumerate(store.modality_names):
+        rows = np.flatnonzero(mods == code)
+        if len(rows) == 0:
+            continue
+        payloads = [store.payload(int(unique[r]), name) for r in rows]
+        content.rows[name] = torch.from_numpy(rows)
+        inputs = content_kind(name).collate(payloads, unique[rows], options)
+        if inputs is None:
+            content.payloads[name] = [bytes(p) for p in payloads]
+        else:
+            content.inputs[name] = inputs
     return content
 
 
@@ -358,7 +359,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             user_features=feats,
         )
         modality = self.store.modality if self.item_modality is None else self.item_modality
-        attach_step_plan(batch, modality)
+        attach_step_plan(batch, modality, len(self.store.modality_names))
         if cfg.load_content:
             batch.content = load_item_content(self.store, unique, cfg.max_tokens, self._decoder_for_worker(),
                                               modality=modality)

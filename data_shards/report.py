@@ -7,33 +7,31 @@ import numpy as np
 from data_shards.tables import Problems
 
 
-def statistics(user_records: list[dict], item_modality: np.ndarray) -> dict:
+def statistics(user_records: list[dict], item_modality: np.ndarray, names=("text", "image")) -> dict:
     """Users, items and interactions per modality form (users: by the modalities in their history)."""
-    forms = {"text-only": [0, 0], "image-only": [0, 0], "mixed": [0, 0]}  # users, interactions
-    inter_by_mod = [0, 0]
+    forms = {**{f"{n}-only": [0, 0] for n in names}, "mixed": [0, 0]}  # users, interactions
+    inter_by_mod = np.zeros(len(names), dtype=np.int64)
     for rec in user_records:
         mods = item_modality[np.asarray(rec["items"], dtype=np.int64)]
-        n_img = int(mods.sum())
-        inter_by_mod[1] += n_img
-        inter_by_mod[0] += len(mods) - n_img
-        form = "image-only" if n_img == len(mods) else "text-only" if n_img == 0 else "mixed"
+        inter_by_mod += np.bincount(mods, minlength=len(names))
+        present = np.unique(mods)
+        form = f"{names[present[0]]}-only" if len(present) == 1 else "mixed"
         forms[form][0] += 1
         forms[form][1] += len(mods)
     return {
         "users_by_history_form": {k: v[0] for k, v in forms.items()},
         "interactions_by_history_form": {k: v[1] for k, v in forms.items()},
-        "interactions_by_item_modality": {"text": inter_by_mod[0], "image": inter_by_mod[1]},
+        "interactions_by_item_modality": {n: int(c) for n, c in zip(names, inter_by_mod)},
     }
 
 
 def statistics_table(manifest: dict) -> str:
     s = manifest["statistics"]
-    rows = [
-        ("all", manifest["num_users"], manifest["num_items"], manifest["num_interactions"]),
-        ("text items", "", manifest["items_by_modality"]["text"], s["interactions_by_item_modality"]["text"]),
-        ("image items", "", manifest["items_by_modality"]["image"], s["interactions_by_item_modality"]["image"]),
-    ]
-    for form in ("text-only", "image-only", "mixed"):
+    names = manifest.get("modalities", ["text", "image"])
+    rows = [("all", manifest["num_users"], manifest["num_items"], manifest["num_interactions"])]
+    for n in names:
+        rows.append((f"{n} items", "", manifest["items_by_modality"][n], s["interactions_by_item_modality"][n]))
+    for form in s["users_by_history_form"]:
         rows.append((f"{form} users", s["users_by_history_form"][form], "", s["interactions_by_history_form"][form]))
     lines = [
         f"{manifest['dataset']} ({manifest['modality']} modality)",

@@ -6,10 +6,13 @@ Layout of a shard directory (see data_shards/README.md):
     id_maps.json           raw id <-> index for users and items
     items-NNNNNN.tar       one sample per item:  KEY.json (meta + raw text), KEY.tokens.npy, KEY.jpg
     sequences-NNNNNN.tar   one sample per user:  KEY.json (full chronological history, split, features)
-    item_index.npy         per item: shard number and byte offset/size of its tokens and JPEG inside the tar
+    item_index.npy         per item: shard number, modality code and, per modality of `manifest["modalities"]`, the
+                           byte offset and size of its payload inside the tar (size 0: the item has none)
 
 Tars are written with fixed metadata (mtime 0, uid 0, sorted keys), so the same inputs give the same bytes.
-`ItemStore` reads any item's tokens or JPEG bytes by offset from memory-mapped tars: no shard scanning.
+`ItemStore` reads any item's payload of any modality by offset from memory-mapped tars: no shard scanning. What a
+payload is and how it becomes a tower's input is the modality's content kind (data_shards/modalities.py). Format 1
+shards (text and image only, fixed `tok_*` / `jpg_*` columns) are read through the same interface.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-ITEM_INDEX_DTYPE = np.dtype(
+FORMAT_VERSION = 2  # 2: item index keyed by modality name (`manifest["modalities"]`); 1: fixed text / image columns
+BUILT_IN_MODALITIES = ("text", "image")
+FORMAT1_INDEX_DTYPE = np.dtype(
     [
         ("shard", "<i4"),
         ("modality", "<i1"),  # 0 text, 1 image (the item's assigned modality)
@@ -33,7 +38,22 @@ ITEM_INDEX_DTYPE = np.dtype(
         ("jpg_size", "<i8"),  # 0: the item has no usable image
     ]
 )
-MODALITIES = ("text", "image")
+
+
+def item_index_dtype(modalities: tuple[str, ...] | list[str]) -> np.dtype:
+    """The item index of a format-2 shard folder: shard, modality code, then offset and size per modality."""
+    cols = [("shard", "<i4"), ("modality", "<i1")]
+    for name in modalities:
+        cols += [(f"{name}_offset", "<i8"), (f"{name}_size", "<i8")]
+    return np.dtype(cols)
+
+
+def _from_format1(old: np.ndarray) -> np.ndarray:
+    index = np.zeros(len(old), dtype=item_index_dtype(BUILT_IN_MODALITIES))
+    index["shard"], index["modality"] = old["shard"], old["modality"]
+    index["text_offset"], index["text_size"] = old["tok_offset"], old["tok_len"].astype(np.int64) * 4
+    index["image_offset"], index["image_size"] = old["jpg_offset"], old["jpg_size"]
+    return index
 
 
 class DeterministicTarWriter:
@@ -107,9 +127,16 @@ class ItemStore:
     def __init__(self, shard_dir: Path | str):
         self.shard_dir = Path(shard_dir)
         self.manifest = load_manifest(self.shard_dir)
-        self.index = np.load(self.shard_dir / "item_index.npy")
-        if self.index.dtype != ITEM_INDEX_DTYPE or len(self.index) != self.manifest["num_items"]:
+        version = self.manifest.get("format_version", 1)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{self.shard_dir} has shard format {version}, newer than this code reads "
+                             f"({FORMAT_VERSION}): update the code or rebuild the shards with it")
+        self.modality_names = tuple(self.manifest.get("modalities", BUILT_IN_MODALITIES))
+        index = np.load(self.shard_dir / "item_index.npy")
+        expected = FORMAT1_INDEX_DTYPE if version == 1 else item_index_dtype(self.modality_names)
+        if index.dtype != expected or len(index) != self.manifest["num_items"]:
             raise ValueError(f"{self.shard_dir}/item_index.npy does not match the manifest: rebuild the shards")
+        self.index = _from_format1(index) if version == 1 else index
         self.modality = self.index["modality"].astype(np.int64)
         self.num_items = len(self.index)
         self._maps: list[mmap.mmap | None] = [None] * len(self.manifest["shards"]["items"])
@@ -126,27 +153,23 @@ class ItemStore:
         state["_maps"] = [None] * len(self._maps)
         return state
 
-    def tokens(self, item: int) -> np.ndarray:
-        rec = self.index[item]
-        start = int(rec["tok_offset"])
-        return np.frombuffer(self._shard(int(rec["shard"])), dtype="<i4", count=int(rec["tok_len"]), offset=start)
+    def modality_code(self, name: str) -> int:
+        if name not in self.modality_names:
+            raise KeyError(f"{self.shard_dir} has no modality {name!r} (it has {', '.join(self.modality_names)})")
+        return self.modality_names.index(name)
 
-    def jpeg(self, item: int) -> bytes:
+    def has(self, items: np.ndarray | int, name: str) -> np.ndarray:
+        """Whether each item carries a payload of modality `name`."""
+        self.modality_code(name)
+        return self.index[f"{name}_size"][items] > 0
+
+    def payload(self, item: int, name: str) -> memoryview:
+        """The item's stored content of modality `name` (a read-only view into the memory-mapped tar)."""
+        self.modality_code(name)
         rec = self.index[item]
-        size = int(rec["jpg_size"])
+        size = int(rec[f"{name}_size"])
         if size == 0:
-            raise KeyError(
-                f"item {item} has no image in {self.shard_dir} (its modality is {MODALITIES[rec['modality']]})"
-            )
-        start = int(rec["jpg_offset"])
-        return bytes(self._shard(int(rec["shard"]))[start : start + size])
-
-    def token_matrix(self, items: np.ndarray, max_len: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids [N, max_len] (right padded) and lengths [N] for the given items."""
-        ids = np.full((len(items), max_len), pad_id, dtype=np.int64)
-        lengths = np.zeros(len(items), dtype=np.int64)
-        for row, item in enumerate(items):
-            tok = self.tokens(int(item))[:max_len]
-            ids[row, : len(tok)] = tok
-            lengths[row] = len(tok)
-        return ids, lengths
+            raise KeyError(f"item {item} has no {name} content in {self.shard_dir} "
+                           f"(its modality is {self.modality_names[rec['modality']]})")
+        start = int(rec[f"{name}_offset"])
+        return memoryview(self._shard(int(rec["shard"])))[start : start + size]

@@ -21,12 +21,18 @@ import webdataset as wds
 
 from data_shards import shard_io
 from data_shards.build import BuildOptions, build
+from data_shards.modalities import ContentOptions, content_kind
 from data_shards.shard_io import ItemStore, read_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 ML = REPO / "data" / "movielens-100k-mm"
 HM = REPO / "data" / "hm-fashion-fixture"
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+
+
+def tokens_of(store, item: int) -> np.ndarray:
+    """An item's stored token ids (its text payload)."""
+    return np.frombuffer(store.payload(item, "text"), dtype="<i4")
 
 
 # ---------------------------------------------------------------- independent reference (pandas + hashlib)
@@ -247,7 +253,7 @@ def test_movielens_items_text_modality_and_store(ml):
     expected = tokenizer()(texts, truncation=True, max_length=64)["input_ids"]
     lengths = []
     for i, ids in enumerate(expected):
-        got = store.tokens(i)
+        got = tokens_of(store, i)
         assert got.dtype == np.dtype("<i4") and got.tolist() == ids
         lengths.append(len(got))
     assert max(lengths) == 64 and min(lengths) < 64  # long overviews are truncated, short ones are not padded
@@ -255,12 +261,14 @@ def test_movielens_items_text_modality_and_store(ml):
     # JPEG bytes: the poster file, byte for byte; no poster -> a clear KeyError
     for i, raw in enumerate(maps["items"]):
         if raw in posters:
-            assert store.jpeg(i) == (ML / "posters" / f"{raw}.jpg").read_bytes()
+            assert bytes(store.payload(i, "image")) == (ML / "posters" / f"{raw}.jpg").read_bytes()
         else:
             with pytest.raises(KeyError, match=f"item {i} has no image"):
-                store.jpeg(i)
-    ids, lens = store.token_matrix(np.array([0, 5]), max_len=8, pad_id=0)
-    assert ids.shape == (2, 8) and lens.tolist() == [8, 8] and ids[0].tolist() == expected[0][:8]
+                bytes(store.payload(i, "image"))
+    tokens = content_kind("text").collate([store.payload(0, "text"), store.payload(5, "text")], np.array([0, 5]),
+                                          ContentOptions(max_tokens=8))
+    assert tokens["token_ids"].shape == (2, 8) and tokens["token_mask"].sum(1).tolist() == [8, 8]
+    assert tokens["token_ids"][0].tolist() == expected[0][:8]
 
 
 def test_movielens_tars_are_webdataset_shards(ml):
@@ -271,7 +279,7 @@ def test_movielens_tars_are_webdataset_shards(ml):
     for sample in wds.WebDataset(str(ml / "items-000000.tar"), shardshuffle=False).decode():
         i = int(sample["__key__"])
         assert sample["__key__"] == f"{i:08d}" and sample["json"]["item"] == i
-        assert np.array_equal(sample["tokens.npy"], store.tokens(i))
+        assert np.array_equal(sample["tokens.npy"], tokens_of(store, i))
         raw = maps["items"][i]
         assert ("jpg" in sample) == (raw in posters)
         if raw in posters:
@@ -317,7 +325,7 @@ def test_hm_fixture_matches_pandas(hm):
         raw = maps["items"][i]
         assert meta["text"] == hm_text(by_id[raw])
         assert meta["modality"] == ("text" if wants_text(raw) else "image")
-        assert store.jpeg(i) == (HM / "images" / raw[:3] / f"{raw}.jpg").read_bytes()
+        assert bytes(store.payload(i, "image")) == (HM / "images" / raw[:3] / f"{raw}.jpg").read_bytes()
 
 
 # ---------------------------------------------------------------- determinism, seed, atomic output

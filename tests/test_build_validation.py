@@ -32,6 +32,11 @@ CATEGORIES = ("unparseable_row", "unknown_item", "unknown_user_features", "missi
               "empty_text", "item_without_content", "duplicate_item_row")
 
 
+def tokens_of(store, item: int) -> np.ndarray:
+    """An item's stored token ids (its text payload)."""
+    return np.frombuffer(store.payload(item, "text"), dtype="<i4")
+
+
 def wants_text(raw_id: str, seed: int = 0) -> bool:
     return hashlib.sha256(f"transrec-modality:{seed}:{raw_id}".encode()).digest()[0] % 2 == 0
 
@@ -175,9 +180,9 @@ def test_bad_input_printed_and_kept_out_of_shards(bad_hm):
     store, ids = ItemStore(out), json.loads((out / "id_maps.json").read_text())["items"]
     for a in [*d["truncated"], d["garbage"], d["deleted"]]:
         i = ids.index(a)
-        assert store.modality[i] == 0 and store.index[i]["jpg_size"] == 0
+        assert store.modality[i] == 0 and store.index[i]["image_size"] == 0
         with pytest.raises(KeyError, match="no image"):
-            store.jpeg(i)
+            bytes(store.payload(i, "image"))
     new = [s for s in read_sequences(out) if s["raw_id"] == NEW_CUSTOMER]
     assert len(new) == 1 and new[0]["evaluated"] is False and new[0]["num_train"] == 1
     assert all(v == [0] for v in new[0]["features"].values())  # unknown features -> the <unk> index
@@ -349,12 +354,12 @@ def test_generic_adapter(generic_src, tmp_path, capsys):
     store = ItemStore(out)
     assert store.modality[1] == 0 and store.modality[2] == 1  # i2 has only text, i3 only an image
     for i, pic in ((0, "p0"), (2, "p1"), (3, "p2")):  # i5 lives in the second item shard
-        assert store.jpeg(i) == (generic_src / "pics" / f"{pic}.jpg").read_bytes()
+        assert bytes(store.payload(i, "image")) == (generic_src / "pics" / f"{pic}.jpg").read_bytes()
     with pytest.raises(KeyError, match="item 1 has no image"):
-        store.jpeg(1)
+        bytes(store.payload(1, "image"))
     tok = tokenizer()
-    assert store.tokens(3).tolist() == tok("Green scarf. Warm.", truncation=True, max_length=64)["input_ids"]
-    assert store.tokens(2).tolist() == tok("", truncation=True, max_length=64)["input_ids"]  # [CLS] [SEP]
+    assert tokens_of(store, 3).tolist() == tok("Green scarf. Warm.", truncation=True, max_length=64)["input_ids"]
+    assert tokens_of(store, 2).tolist() == tok("", truncation=True, max_length=64)["input_ids"]  # [CLS] [SEP]
 
 
 @pytest.mark.parametrize("modality, fallback", [("text", "i3"), ("image", "i2")])
@@ -405,7 +410,7 @@ def test_generic_text_only_labels_lists_and_dedup_without_time(tmp_path, capsys)
     assert m["text"]["template"] == "{name}. | Tags: {tags}. | {blurb}."
     tok = tokenizer()
     store = ItemStore(tmp_path / "collapse")
-    assert store.tokens(0).tolist() == tok("Red shoe. Tags: shoes, red. warm.", truncation=True,
+    assert tokens_of(store, 0).tolist() == tok("Red shoe. Tags: shoes, red. warm.", truncation=True,
                                            max_length=64)["input_ids"]
     assert m["num_interactions"] == 4 and m["policies"]["duplicates_removed"] == 0
     assert "no time column" in m["policies"]["dedup_note"] and "NOTE: --dedup collapse" in printed

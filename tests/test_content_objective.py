@@ -41,7 +41,7 @@ def setup(ml_shards, tiny_bert_dir):
     batch.weights[4] = 0.0  # a zero-weight padding sample
     # A repeat: window 1 consumes its position-2 item again at position 5 (the target must still count).
     batch.slots[1, 5], batch.items[1, 5] = batch.slots[1, 2], batch.items[1, 2]
-    attach_step_plan(batch, store.modality)  # the host-side plan of the changed batch
+    attach_step_plan(batch, store.modality, len(store.modality_names))  # the host-side plan of the changed batch
     share = np.random.default_rng(0).dirichlet(np.ones(store.num_items))
     return model, batch, share
 

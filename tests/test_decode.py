@@ -54,8 +54,8 @@ def images(tmp_path_factory) -> dict[str, tuple[list[bytes], list[int]]]:
         shard_dir = tmp_path_factory.mktemp("decode") / dataset
         build(BuildOptions(dataset=dataset, source=DATA / source, out=shard_dir, modality="image", workers=2))
         store = ItemStore(shard_dir)
-        items = [i for i in range(store.num_items) if store.index["jpg_size"][i] > 0]
-        out[dataset] = ([store.jpeg(i) for i in items], items)
+        items = [i for i in range(store.num_items) if store.index["image_size"][i] > 0]
+        out[dataset] = ([bytes(store.payload(i, "image")) for i in items], items)
     return out
 
 

@@ -98,7 +98,7 @@ def test_plan_matches_the_device_side_rules(ml_shards, tiny_bert_dir):
         mods = torch.as_tensor(modality)[batch.unique_items]
         for m, rows in enumerate(batch.routing):
             assert torch.equal(rows, (mods == m).nonzero(as_tuple=True)[0])
-        assert torch.equal(batch.content.text_rows, batch.routing[0])  # content grouped by the same routing
+        assert torch.equal(batch.content.rows["text"], batch.routing[0])  # content grouped by the same routing
         real = batch.slots >= 0
         valid = real[:, :-1] & real[:, 1:] & (batch.weights[:, None] > 0)
         assert torch.equal(batch.keep, valid.flatten().nonzero().squeeze(1))

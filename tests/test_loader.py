@@ -75,12 +75,14 @@ def test_unique_item_batch_reconstructs_the_per_position_batch(ml_shards):
     assert torch.equal(batch.unique_items[batch.negative_slots], batch.negatives)
     assert len(set(batch.unique_items.tolist())) == len(batch.unique_items)
     c = batch.content
-    for k, r in enumerate(c.text_rows.tolist()):  # content rows equal a per-item load
+    text = c.inputs["text"]
+    for k, r in enumerate(c.rows["text"].tolist()):  # content rows equal a per-item load
         item = int(batch.unique_items[r])
-        tok = store.tokens(item)[:16]
-        assert c.token_ids[k, : len(tok)].tolist() == tok.tolist() and int(c.token_mask[k].sum()) == len(tok)
-    single = load_item_content(store, batch.unique_items[c.image_rows[:3]].numpy(), 16, ImageDecoder("pil", 32))
-    torch.testing.assert_close(c.pixels[:3], single.pixels)
+        tok = np.frombuffer(store.payload(item, "text"), dtype="<i4")[:16]
+        assert text["token_ids"][k, : len(tok)].tolist() == tok.tolist()
+        assert int(text["token_mask"][k].sum()) == len(tok)
+    single = load_item_content(store, batch.unique_items[c.rows["image"][:3]].numpy(), 16, ImageDecoder("pil", 32))
+    torch.testing.assert_close(c.inputs["image"]["pixels"][:3], single.inputs["image"]["pixels"])
     assert set(store.modality[batch.unique_items.numpy()]) == {0, 1}
 
 
@@ -88,13 +90,13 @@ def test_corrupt_jpeg_inside_a_shard_names_the_item(ml_shards, tmp_path):
     bad = tmp_path / "shards"
     shutil.copytree(ml_shards, bad)
     store = ItemStore(bad)
-    image_items = np.flatnonzero((store.modality == 1) & (store.index["jpg_size"] > 0))
+    image_items = np.flatnonzero((store.modality == 1) & (store.index["image_size"] > 0))
     victim = int(image_items[0])
     rec = store.index[victim]
     shard = bad / store.manifest["shards"]["items"][int(rec["shard"])]
     with open(shard, "r+b") as f:  # overwrite the JPEG's bytes in place: the tar stays valid
-        f.seek(int(rec["jpg_offset"]) + 200)
-        f.write(b"\x00" * (int(rec["jpg_size"]) - 200))
+        f.seek(int(rec["image_offset"]) + 200)
+        f.write(b"\x00" * (int(rec["image_size"]) - 200))
     with tarfile.open(shard) as tar:  # still a readable WebDataset shard
         assert any(m.name.endswith(".jpg") for m in tar)
     with pytest.raises(CorruptImageError, match=str(victim)):

@@ -97,10 +97,8 @@ def test_routing_equals_per_item_loop(small_model):
         routed = model.encode_items(torch.as_tensor(unique), content)
         for row, item in enumerate(unique):  # the naive way: one item at a time through its own tower
             single = load_item_content(store, np.array([item]), 16, decoder)
-            if store.modality[item] == 0:
-                vec = model.towers["text"](single.token_ids, single.token_mask)
-            else:
-                vec = model.towers["image"](single.pixels)
+            name = store.modality_names[store.modality[item]]
+            vec = model.towers[name](single.inputs[name])
             torch.testing.assert_close(routed[row], vec[0], rtol=1e-4, atol=1e-5)
     assert set(store.modality[unique]) == {0, 1}
 
@@ -140,10 +138,10 @@ def test_feature_store_reuses_equal_frozen_blocks_only(small_model, tmp_path):
         second = build()
         assert sum("reused" in m for m in messages) == 2
         items = torch.arange(0, 60)
-        torch.testing.assert_close(second.text(items[store.modality[:60] == 0]),
-                                   first.text(items[store.modality[:60] == 0]))
-        torch.testing.assert_close(second.image(items[store.modality[:60] == 1]),
-                                   first.image(items[store.modality[:60] == 1]))
+        torch.testing.assert_close(second.features("text", items[store.modality[:60] == 0]),
+                                   first.features("text", items[store.modality[:60] == 0]))
+        torch.testing.assert_close(second.features("image", items[store.modality[:60] == 1]),
+                                   first.features("image", items[store.modality[:60] == 1]))
         weight = model.towers["text"].bert.encoder.layer[0].intermediate.dense.weight
         saved = weight.detach().clone()
         with torch.no_grad():
@@ -153,7 +151,8 @@ def test_feature_store_reuses_equal_frozen_blocks_only(small_model, tmp_path):
             weight.copy_(saved)
         assert len(list(tmp_path.glob("text-*.pt"))) == 2 and len(list(tmp_path.glob("image-*.pt"))) == 1
         text_items = items[store.modality[:60] == 0]
-        assert not torch.equal(third.text(text_items)[0], first.text(text_items)[0])
+        assert not torch.equal(third.features("text", text_items)["hidden"],
+                               first.features("text", text_items)["hidden"])
         model.towers["text"].set_trainable(0)  # other blocks frozen: another key
         build()
         assert len(list(tmp_path.glob("text-*.pt"))) == 3
@@ -205,7 +204,7 @@ def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
     batch.slots[0, :4] = -1  # left padding in the first window
     batch.items[0, :4] = -1
     batch.weights[2] = 0.0  # a zero-weight padding sample
-    attach_step_plan(batch, model.item_modality.numpy())  # the host-side plan of the changed batch
+    attach_step_plan(batch, model.item_modality.numpy(), len(model.modality_names))  # the changed batch's plan
     torch.manual_seed(0)
     model.head.weight.data.normal_(0, 0.1)
 
@@ -235,7 +234,7 @@ def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
         for a, b in zip(results[0][1], other[1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     batch.weights[:] = 0.0  # every sample padding: a zero loss, zero gradients, no NaN
-    attach_step_plan(batch, model.item_modality.numpy())
+    attach_step_plan(batch, model.item_modality.numpy(), len(model.modality_names))
     loss = model.stage1_loss(batch)
     assert loss.item() == 0.0 and torch.autograd.grad(loss, model.head.weight)[0].abs().sum() == 0
 

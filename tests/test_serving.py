@@ -172,7 +172,7 @@ def test_new_items_by_content(export, catalogue, tiny_bert_dir):
     assert rec.add_item("copy-text", text=text) == "text"
     torch.testing.assert_close(rec.item_vectors[-1], rec.item_vectors[rec.index[text_item]], rtol=1e-5, atol=1e-5)
     image_item = next(i for i, m in zip(rec.item_ids, rec.ranker.store.modality) if m == 1)
-    jpeg = rec.ranker.store.jpeg(rec.index[image_item])
+    jpeg = bytes(rec.ranker.store.payload(rec.index[image_item], "image"))
     assert rec.add_item("copy-image", image_jpeg=jpeg) == "image"
     torch.testing.assert_close(rec.item_vectors[-1], rec.item_vectors[rec.index[image_item]], rtol=1e-3, atol=1e-3)
     items = rec.recommend(["a", "b"], k=len(rec.item_ids) - 2)["items"]

@@ -23,10 +23,10 @@ def test_eager_and_sdpa_attention_agree(tiny_bert_dir):
     mask[1, 6:] = False  # padding must be masked the same way on both paths
     tower.set_attention("sdpa")
     assert tower.bert.config._attn_implementation == "sdpa"
-    a = tower(ids, mask)
+    a = tower({"token_ids": ids, "token_mask": mask})
     tower.set_attention("eager")
     assert tower.bert.config._attn_implementation == "eager"
-    b = tower(ids, mask)
+    b = tower({"token_ids": ids, "token_mask": mask})
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sdpa"):
         tower.set_attention("flash")
@@ -36,12 +36,12 @@ def test_channels_last_changes_layout_not_values():
     torch.manual_seed(0)
     tower = ImageTower("resnet18", d=16, trainable=2, dropout=0.0).eval()
     pixels = torch.randn(3, 3, 32, 32)
-    want = tower(pixels)
+    want = tower({"pixels": pixels})
     tower.set_channels_last(True)
     conv = next(m for m in tower.blocks.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert tower._formatted(pixels).is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(tower(pixels), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tower({"pixels": pixels}), want, rtol=1e-4, atol=1e-5)
 
 
 def test_adamw_implementations_take_the_same_step():

@@ -27,8 +27,8 @@ def test_synthetic_shards(tmp_path, tiny_bert_dir):
     counts = np.bincount(np.concatenate([s["items"] for s in seqs]), minlength=200)
     assert counts.max() > 10 * np.median(counts)  # Zipf: a few items take a large share
     store = ItemStore(out)
-    assert set(np.unique(store.modality)) == {0, 1} and store.jpeg(int(np.flatnonzero(store.modality == 1)[0]))[:2] \
-        == b"\xff\xd8"
+    first_image = int(np.flatnonzero(store.modality == 1)[0])
+    assert set(np.unique(store.modality)) == {0, 1} and bytes(store.payload(first_image, "image")[:2]) == b"\xff\xd8"
     again = main(["--users", "300", "--items", "200", "--mean-length", "12", "--images", "5", "--seed", "3",
                   "--out", str(tmp_path / "again"), "--tokenizer", str(tiny_bert_dir)])
     assert again["statistics"] == manifest["statistics"]  # seeded: the same data

@@ -98,7 +98,7 @@ def test_reference_equals_project_end_to_end(setup, ml_shards):
     model, _, _ = setup
     model.cache = None
     batch = one_batch(ml_shards, 7, 8, load_content=True)
-    assert batch.content.pixels is not None and len(batch.content.text_rows) > 0
+    assert "pixels" in batch.content.inputs["image"] and len(batch.content.rows["text"]) > 0
     project = loss_and_grads(model, lambda: model.stage2_loss(batch, L_CONT))
     reference = loss_and_grads(model, lambda: ReferencePath(model).loss(batch, 2, L_CONT))
     assert_same(project, reference)

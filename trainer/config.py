@@ -76,8 +76,9 @@ class StageConfig:
     micro_batch: int = 64
     grad_accum: int = 1
     grad_clip: float = 1.0
-    text_trainable: int = 0  # top blocks of the text backbone that train (-1 all)
-    image_trainable: int = 0
+    # Top blocks of each modality's backbone that train, by modality name (-1: all; a modality left out: 0), e.g.
+    # `stage2.trainable.text=1` on the command line.
+    trainable: dict[str, int] = field(default_factory=dict)
     n_history: int = 20  # stage 2: history C^u length
     n_continuation: int = 5  # stage 2: continuation C^e length
     negatives: int = 256  # stage 2: shared negatives per batch
@@ -99,6 +100,9 @@ class StageConfig:
         if self.negatives < 1:
             raise ValueError("negatives must be >= 1")
         one_of("candidates", self.candidates, ("auto", "full", "sampled"))
+        for name, blocks in self.trainable.items():
+            if not name.isidentifier() or not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < -1:
+                raise ValueError(f"trainable[{name!r}] = {blocks!r}: use a modality name and a block count >= -1")
 
 
 @dataclass
@@ -148,15 +152,16 @@ class DataConfig:
     decoder: str = "auto"
     shuffle_buffer: int = 4096
     user_fraction: float = 1.0
-    modality_override: str | None = None  # evaluate an all-"text" or all-"image" view of the same users
+    modality_override: str | None = None  # every item read as this modality (an all-"text" or all-"image" view)
     # Folder of frozen lower-block outputs shared across runs (trainer/feature_cache): a path, "auto" (.feature_cache
     # beside the shard folder, when writable) or none.
     feature_store: str | None = "auto"
     split: str = "auto"  # training windows over ranks: "samples" | "shards" (each rank reads its own) | "auto"
 
     def __post_init__(self) -> None:
-        if self.modality_override not in (None, "text", "image"):
-            raise ValueError("modality_override must be text, image or None")
+        if self.modality_override is not None and not self.modality_override.isidentifier():
+            raise ValueError(f"modality_override must be a modality name (text, image, ...) or none, "
+                             f"not {self.modality_override!r}")
         if not 0 < self.user_fraction <= 1:
             raise ValueError("user_fraction must be in (0, 1]")
         one_of("data.split", self.split, ("auto", "samples", "shards"))
@@ -205,8 +210,7 @@ def preset(name: str) -> RunConfig:
                 lr=3e-4,
                 tower_lr=3e-5,
                 micro_batch=128,
-                text_trainable=1,
-                image_trainable=1,
+                trainable={"text": 1, "image": 1},
                 n_history=20,
                 n_continuation=5,
                 negatives=256,
@@ -235,8 +239,7 @@ def preset(name: str) -> RunConfig:
                 lr=1e-4,
                 tower_lr=1e-5,
                 micro_batch=512,
-                text_trainable=2,
-                image_trainable=2,
+                trainable={"text": 2, "image": 2},
                 n_history=20,
                 n_continuation=5,
                 negatives=4096,
@@ -254,8 +257,7 @@ def preset(name: str) -> RunConfig:
                 lr=1e-3,
                 tower_lr=1e-3,
                 micro_batch=8,
-                text_trainable=1,
-                image_trainable=1,
+                trainable={"text": 1, "image": 1},
                 n_history=5,
                 n_continuation=2,
                 negatives=16,
@@ -271,13 +273,28 @@ def preset(name: str) -> RunConfig:
     raise ValueError(f"unknown preset {name!r}: choose cpu-small, paper or tiny")
 
 
+# Former names of settings, still accepted on the command line: the per-modality trainable depth.
+RENAMED = {"text_trainable": "trainable.text", "image_trainable": "trainable.image"}
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """`section.key=value` overrides, e.g. `stage1.epochs=3 model.image_backbone=efficientnet-lite0`."""
+    """`section.key=value` overrides, e.g. `stage1.epochs=3 model.image_backbone=efficientnet-lite0`; a map setting
+    takes `section.map.key=value` (`stage2.trainable.text=1`) or `section.map=key:value,key:value`."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         path, raw = item.split("=", 1)
         *parents, key = path.split(".")
+        if key in RENAMED:
+            *more, key = RENAMED[key].split(".")
+            parents += more
+        if len(parents) >= 2 and isinstance(getattr(_section(cfg, parents[:-1], item), parents[-1], None), dict):
+            section = _section(cfg, parents[:-1], item)
+            mapping = dict(getattr(section, parents[-1]))
+            mapping[key] = _parse(raw, 0, item)
+            setattr(section, parents[-1], mapping)
+            section.__post_init__()
+            continue
         target = cfg
         for p in parents:
             target = getattr(target, p, None)
@@ -290,11 +307,29 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             )
         current = getattr(target, key)
         optional = "None" in str(fields[key].type)  # e.g. `str | None`: "none" clears it
-        setattr(target, key, _parse(raw, current, item, optional))
+        if isinstance(current, dict):
+            value = {}
+            for pair in filter(None, raw.split(",")):
+                name, sep, v = pair.partition(":")
+                if not sep:
+                    raise ValueError(f"override {item!r}: write a map as key:value,key:value")
+                value[name.strip()] = _parse(v, 0, item)
+        else:
+            value = _parse(raw, current, item, optional)
+        setattr(target, key, value)
         if hasattr(target, "__post_init__"):
             target.__post_init__()
     cfg.__post_init__()
     return cfg
+
+
+def _section(cfg: RunConfig, parents: list[str], item: str):
+    target = cfg
+    for p in parents:
+        target = getattr(target, p, None)
+        if target is None or not dataclasses.is_dataclass(target):
+            raise ValueError(f"override {item!r}: no config section {p!r}")
+    return target
 
 
 def _parse(raw: str, current, item: str, optional: bool = False):

@@ -31,39 +31,28 @@ import torch
 from tqdm import tqdm
 
 from data_shards.loader import load_item_content
+from data_shards.modalities import ContentOptions, content_kind
 from data_shards.shard_io import ItemStore
 
 
 class FeatureCache:
-    def __init__(
-        self,
-        text: tuple[torch.Tensor, torch.Tensor] | None,
-        image: torch.Tensor | None,
-        rows: torch.Tensor,
-        covered: set[str],
-    ):
-        self._text, self._image, self._rows, self._covered = text, image, rows, covered
-        stored = image if image is not None else None if text is None else text[0]
-        self.dtype = stored.dtype if stored is not None else torch.float16  # precision of the stored features
+    """Per cached tower (modality name), its lower blocks' features of every item routed to it: named tensors whose
+    rows are the items in id order (`rows` maps an item id to its row in its modality's tables)."""
+
+    def __init__(self, features: dict[str, dict[str, torch.Tensor]], rows: torch.Tensor, covered: set[str]):
+        self._features, self._rows, self._covered = features, rows, covered
+        stored = [t for f in features.values() for t in f.values() if t.is_floating_point()]
+        self.dtype = stored[0].dtype if stored else torch.float16  # precision of the stored features
 
     def covers(self, modality: str) -> bool:
         return modality in self._covered
 
-    def text(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, modality: str, items: torch.Tensor) -> dict[str, torch.Tensor]:
         r = self._rows[items.to(self._rows.device)]
-        hidden, mask = self._text
-        return hidden[r].to(items.device), mask[r].to(items.device)
-
-    def image(self, items: torch.Tensor) -> torch.Tensor:
-        return self._image[self._rows[items.to(self._rows.device)]].to(items.device)
+        return {k: t[r].to(items.device) for k, t in self._features[modality].items()}
 
     def nbytes(self) -> int:
-        total = 0
-        if self._text is not None:
-            total += sum(t.numel() * t.element_size() for t in self._text)
-        if self._image is not None:
-            total += self._image.numel() * self._image.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for f in self._features.values() for t in f.values())
 
     @classmethod
     @torch.no_grad()
@@ -87,10 +76,10 @@ class FeatureCache:
         if not covered:
             return None
         rows = torch.full((store.num_items,), -1, dtype=torch.long)
-        text = image = None
+        features: dict[str, dict[str, torch.Tensor]] = {}
         was_training = model.training
         model.eval()
-        for m, name in enumerate(("text", "image")):
+        for m, name in enumerate(model.modality_names):
             if name not in covered:
                 continue
             items = np.flatnonzero(modality == m)
@@ -100,53 +89,39 @@ class FeatureCache:
             tower = towers[name]
             path = None
             if store_dir is not None:
-                size = max_tokens if name == "text" else getattr(decoder, "size", None)
+                size = content_kind(name).input_size(ContentOptions(max_tokens=max_tokens, decoder=decoder))
                 key = feature_key(tower, store, items, size, getattr(decoder, "backend", None), dtype)
                 path = Path(store_dir) / f"{name}-{key}.pt"
                 if path.exists():
-                    saved = torch.load(path, weights_only=True)
-                    if name == "text":
-                        text = (saved["hidden"], saved["mask"])
-                    else:
-                        image = saved["features"]
+                    features[name] = torch.load(path, weights_only=True)
                     if log is not None:
                         log(f"{name} features: reused {path}")
                     continue
-            outs, masks = [], []
+            chunks = []
+            tower_dtype = next(tower.parameters()).dtype
             no_bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
             progress = _ProgressLog(f"caching {name} features", len(items), log if show_progress and no_bar else None)
             for start in tqdm(range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk",
                               disable=no_bar):
                 progress.update(start)
                 part = items[start : start + chunk]
-                content = load_item_content(
-                    store, part, max_tokens, decoder if name == "image" else None, modality=np.full(store.num_items, m)
-                )
-                if name == "text":
-                    ids = content.token_ids.to(device)
-                    mask = content.token_mask.to(device)
-                    pad = max_tokens - ids.shape[1]
-                    hidden = tower.lower(ids, mask)
-                    outs.append(torch.nn.functional.pad(hidden, (0, 0, 0, pad)).to(dtype).cpu())
-                    masks.append(torch.nn.functional.pad(mask, (0, pad)).cpu())
-                else:
-                    outs.append(tower.lower(content.pixels.to(device, next(tower.parameters()).dtype)).to(dtype).cpu())
-            if name == "text":
-                text = (torch.cat(outs), torch.cat(masks))
-            else:
-                image = torch.cat(outs)
+                content = load_item_content(store, part, max_tokens, decoder, modality=np.full(store.num_items, m))
+                inputs = {k: v.to(device, tower_dtype) if v.is_floating_point() else v.to(device)
+                          for k, v in content.inputs[name].items()}
+                chunks.append({k: (v.to(dtype) if v.is_floating_point() else v).cpu()
+                               for k, v in tower.lower(inputs).items()})
+            features[name] = tower.stack(chunks)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                torch.save({"hidden": text[0], "mask": text[1]} if name == "text" else {"features": image}, tmp)
+                torch.save(features[name], tmp)
                 os.replace(tmp, path)
                 if log is not None:
                     log(f"{name} features: stored {path}")
         model.train(was_training)
         # Kept on the training device (GPU gathers are cheap); on CPU this is a no-op.
-        text = tuple(t.to(device) for t in text) if text is not None else None
-        image = image.to(device) if image is not None else None
-        return cls(text, image, rows.to(device), covered)
+        features = {n: {k: t.to(device) for k, t in f.items()} for n, f in features.items()}
+        return cls(features, rows.to(device), covered)
 
 
 def resolve_store(setting: str | None, shards: str | Path) -> Path | None:

@@ -101,6 +101,10 @@ def _config_from_dict(d: dict) -> RunConfig:
     ev = dict(d["eval"])
     ev["ks"] = tuple(ev["ks"])
     stage = {s: {k: v for k, v in d[s].items() if k not in RETIRED_STAGE_FIELDS} for s in ("stage1", "stage2")}
+    for fields in stage.values():  # records from before the per-modality map name the two built-in depths
+        for old in ("text_trainable", "image_trainable"):
+            if old in fields:
+                fields.setdefault("trainable", {})[old.split("_")[0]] = fields.pop(old)
     return RunConfig(
         model=ModelConfig(**d["model"]),
         stage1=Stage1Config(**stage["stage1"]),

@@ -17,10 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from data_shards.shard_io import BUILT_IN_MODALITIES
 from trainer.config import ModelConfig
-from trainer.towers import build_towers
-
-MODALITY_NAMES = ("text", "image")
+from trainer.modalities import build_towers
 
 
 class UserBlock(nn.Module):
@@ -114,18 +113,25 @@ class TransRec(nn.Module):
         trainable: dict[str, int],
         user_vocab: dict[str, int] | None = None,
         item_features: dict[str, np.ndarray] | None = None,
+        modality_names: tuple[str, ...] = BUILT_IN_MODALITIES,
     ):
+        """`item_modality` [V]: each item's modality code, an index into `modality_names` (the shards' list);
+        `trainable`: top blocks that train per modality name (-1: all)."""
         super().__init__()
         self.cfg = cfg
         self.num_items = num_items
+        self.modality_names = tuple(modality_names)
         d = cfg.d
+        codes = np.asarray(item_modality)
+        if len(codes) and (codes.min() < 0 or codes.max() >= len(self.modality_names)):
+            raise ValueError(f"item modality codes must index the modality names {self.modality_names}")
         self.register_buffer("item_modality", torch.as_tensor(item_modality, dtype=torch.long), persistent=False)
         # The whole catalogue's routing, computed once on the host (a full-catalogue loss encodes it every step).
-        self._catalogue_routing = [torch.from_numpy(np.flatnonzero(np.asarray(item_modality) == m))
-                                   for m in range(len(MODALITY_NAMES))]
+        self._catalogue_routing = [torch.from_numpy(np.flatnonzero(codes == m))
+                                   for m in range(len(self.modality_names))]
         if cfg.item_encoder == "content":  # only the towers this catalogue's items are routed to
-            used = tuple(MODALITY_NAMES[m] for m in np.unique(np.asarray(item_modality)))
-            self.towers = build_towers(cfg, trainable, used or MODALITY_NAMES)
+            used = tuple(self.modality_names[m] for m in np.unique(codes))
+            self.towers = build_towers(cfg, trainable, used or self.modality_names)
             self.id_embedding = None
         else:
             self.towers = nn.ModuleDict()
@@ -169,12 +175,14 @@ class TransRec(nn.Module):
         else:
             if routing is None:
                 modality = self.item_modality[items] if modality is None else modality
-                routing = [(modality == m).nonzero(as_tuple=True)[0] for m in range(len(MODALITY_NAMES))]
+                routing = [(modality == m).nonzero(as_tuple=True)[0] for m in range(len(self.modality_names))]
                 host_routed = False
             else:
                 host_routed = True
             vecs = None
-            for name, rows in zip(MODALITY_NAMES, routing):
+            if len(routing) != len(self.modality_names):
+                raise ValueError(f"routing has {len(routing)} groups for the modalities {self.modality_names}")
+            for name, rows in zip(self.modality_names, routing):
                 if rows.numel() == 0:
                     continue
                 if name not in self.towers:
@@ -204,25 +212,24 @@ class TransRec(nn.Module):
         tower = self.towers[name]
         dtype = tower.proj[0].weight.dtype
         if self.cache is not None and self.cache.covers(name):
-            if name == "text":
-                hidden, mask = self.cache.text(items[rows])
-                return tower.upper(hidden.to(dtype), mask)
-            return tower.upper(self.cache.image(items[rows]).to(dtype))
+            return tower.upper(in_tower_dtype(self.cache.features(name, items[rows]), dtype))
         if content is None:
             raise RuntimeError(
                 f"the {name} tower trains every block but the batch carries no content: "
                 "the loader must run with load_content=True"
             )
-        group_rows = content.text_rows if name == "text" else content.image_rows
+        if name not in content.inputs:
+            raise RuntimeError(f"the batch's {name} content is not decoded: decode its payloads "
+                               "(the content kind's collate) before the step")
+        group_rows = content.rows[name]
         if host_routed:  # the loader grouped the content by the same routing: its rows are `rows`, in order
             if group_rows.numel() != rows.numel():
                 raise RuntimeError("item content does not match the routed modality: loader and model disagree")
-            pos = slice(None)
+            inputs = content.inputs[name]
         else:
             pos = _positions(group_rows, rows)
-        if name == "text":
-            return tower(content.token_ids[pos], content.token_mask[pos])
-        return tower(content.pixels[pos].to(dtype))
+            inputs = {k: v[pos] for k, v in content.inputs[name].items()}
+        return tower(in_tower_dtype(inputs, dtype))
 
     # -- users --------------------------------------------------------------------------------------------
     def encode_sequence(self, vecs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -305,6 +312,11 @@ def kept_positions(batch, mask: torch.Tensor) -> torch.Tensor:
         return keep
     valid = mask[:, :-1] & mask[:, 1:] & (batch.weights[:, None] > 0)
     return valid.flatten().nonzero().squeeze(1)
+
+
+def in_tower_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in the tower's dtype; ids and masks as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def _positions(group_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ class ModelRanker:
             if self.model.towers and self.needs_content():
                 content = load_item_content(self.store, items, self.max_tokens, self.image_decoder(),
                                             modality=self.modality)
-                content = content_to(content, self.device)
+                content = content.to(self.device, non_blocking=False)
             chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
         return torch.cat(chunks)
 
@@ -88,12 +88,6 @@ class ModelRanker:
                                          self.user_batch)
         model.train(was_training)
         return ranks
-
-
-def content_to(content, device):
-    from data_shards.loader import ItemContent
-
-    return ItemContent(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in content.__dict__.items()})
 
 
 def export_cli(prog: str, doc: str):
@@ -146,8 +140,9 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
         raise ValueError(f"{shards} was tokenized with another vocabulary than the one {export_dir} was trained with "
                          f"({meta['text']['tokenizer'].get('path_name')}): rebuild the shards with that tokenizer")
     store, sequences = ItemStore(shards), read_sequences(shards)
-    trainable = meta.get("trainable", {"text": 0, "image": 0})  # the selected stage's split of each tower
-    model = TransRec(cfg, store.num_items, store.modality.copy(), trainable).to(device)
+    trainable = meta.get("trainable", {})  # the selected stage's split of each tower (absent: 0)
+    model = TransRec(cfg, store.num_items, store.modality.copy(), trainable,
+                     modality_names=store.modality_names).to(device)
     state = {k: v for k, v in load_file(str(export_dir / "model.safetensors")).items()
              if not k.startswith(DOMAIN_SPECIFIC)}
     missing = [k for k in model.state_dict() if k not in state and not k.startswith(DOMAIN_SPECIFIC)]

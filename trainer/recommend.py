@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards.modalities import ContentOptions, content_kind
 from trainer.evaluate import interaction_counts
 from trainer.model_eval import ModelRanker, export_cli, ranker_from_export
 
@@ -156,15 +157,14 @@ class Recommender:
                 self._tokenizer = load_tokenizer(tokenizer_dir(self.model.cfg.text_encoder))[0]
             # as the catalogue's items: tokenized at the shards' length, then cut to the model's (trainer loader)
             ids = self._tokenizer(text, truncation=True, max_length=self.manifest["text"]["max_tokens"])["input_ids"]
-            ids = torch.as_tensor(ids[: self.model.cfg.max_tokens], device=device)[None]
-            mask = torch.ones_like(ids, dtype=torch.bool)
-            vec = self.model.towers["text"].upper(self._as_cached(tower, self.model.towers["text"].lower(ids, mask)),
-                                                  mask)
+            payload = np.asarray(ids, dtype="<i4").tobytes()
         else:
-            pixels = ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1).decode(
-                [image_jpeg], [len(self.item_ids)])
-            image_tower = self.model.towers["image"]
-            vec = image_tower.upper(self._as_cached(tower, image_tower.lower(pixels.to(device))))
+            payload = image_jpeg
+        options = ContentOptions(max_tokens=self.model.cfg.max_tokens,
+                                 decoder=ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1))
+        inputs = content_kind(tower).collate([payload], np.array([len(self.item_ids)]), options)
+        model_tower = self.model.towers[tower]
+        vec = model_tower.upper(self._as_cached(tower, model_tower.lower({k: v.to(device) for k, v in inputs.items()})))
         with self._lock:
             self.item_vectors = torch.cat([self.item_vectors, vec.float()])
             self.index[raw_id] = len(self.item_ids)
@@ -173,13 +173,13 @@ class Recommender:
         return tower
 
 
-    def _as_cached(self, tower: str, lower_out: torch.Tensor) -> torch.Tensor:
+    def _as_cached(self, tower: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The frozen blocks' output rounded as the catalogue's feature cache stores it (half precision), so that a
         new item scores exactly as a catalogue item with the same content."""
         cache = self.model.cache
         if cache is None or not cache.covers(tower):
-            return lower_out
-        return lower_out.to(cache.dtype).to(lower_out.dtype)
+            return features
+        return {k: v.to(cache.dtype).to(v.dtype) if v.is_floating_point() else v for k, v in features.items()}
 
 
 class MicroBatcher:

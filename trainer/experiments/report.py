@@ -105,6 +105,14 @@ def _relative(arg: str) -> str:
     return os.path.relpath(arg, repo)
 
 
+def trainable_text(stage: dict) -> str:
+    """"text 1 / image 1" from a recorded stage config (the per-modality map, or the former two fields)."""
+    t = stage.get("trainable")
+    if t is None:
+        t = {"text": stage.get("text_trainable", 0), "image": stage.get("image_trainable", 0)}
+    return " / ".join(f"{name} {blocks}" for name, blocks in t.items()) or "none"
+
+
 def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
     """The trained configuration, read back from one content run's run_config.json (and the towers' origin)."""
     spec = next((s for r in plan.rows for s in r.specs if s.content), None)
@@ -127,8 +135,8 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
         (f"- stage 1: {s1['epochs']} epochs, lr {s1['lr']}, micro batch {s1['micro_batch']}, stride {s1['stride']}"
         f"{', max ' + str(s1['max_steps']) + ' steps' if s1['max_steps'] else ''}; stage 2: {s2['epochs']} epochs, lr "
         f"{s2['lr']} (towers {s2['tower_lr']}), micro batch {s2['micro_batch']}, {s2['negatives']} negatives, history "
-        f"{s2['n_history']} + continuation {s2['n_continuation']}, trainable top blocks text {s2['text_trainable']} / "
-        f"image {s2['image_trainable']}{', max ' + str(s2['max_steps']) + ' steps' if s2['max_steps'] else ''}."),
+        f"{s2['n_history']} + continuation {s2['n_continuation']}, trainable top blocks {trainable_text(s2)}"
+        f"{', max ' + str(s2['max_steps']) + ' steps' if s2['max_steps'] else ''}."),
         (f"- evaluation: leave-one-out test, full ranking of the catalogue, the user's seen items excluded: "
         f"{cfg['eval']['exclude_seen']}; selected: the best content-scoring model on validation NDCG@10 (the best of "
         "any kind for ID models); early-stopping patience "

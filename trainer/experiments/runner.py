@@ -253,6 +253,8 @@ ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention
                           ("data", "split", "auto"))
 # Settings removed after runs were cached that never changed a run: their old value stays in the key.
 RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
+# Settings renamed after runs were cached: keyed under their former names while they hold what those could.
+# (stage.trainable, a map over text and image only, is keyed as text_trainable / image_trainable.)
 
 
 def drop_settings_that_change_nothing(cfg: dict) -> dict:
@@ -266,6 +268,11 @@ def drop_settings_that_change_nothing(cfg: dict) -> dict:
             where.pop(name)
     for section, name, old in RETIRED_IN_KEY:
         cfg[section].setdefault(name, old)
+    for stage in ("stage1", "stage2"):
+        trainable = cfg[stage].get("trainable", {})
+        if set(trainable) <= {"text", "image"}:
+            cfg[stage].pop("trainable", None)
+            cfg[stage].update(text_trainable=trainable.get("text", 0), image_trainable=trainable.get("image", 0))
     if cfg["stage1"].get("head") != "free" or cfg["stage2"].get("loss") != "cpc":
         return cfg
     for stage in ("stage1", "stage2"):

@@ -1,0 +1,176 @@
+"""A third modality added through the registry alone (trainer.modalities.register): a numeric signal per item with
+a small tower of its own, written by a builder hook. Nothing outside this file knows it: shards are built with it,
+mixed sequences of the three modalities route to their towers, the trainer caches its frozen block, trains it end to
+end in stage 2 and evaluates."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from data_shards.build import BuildOptions, build
+from data_shards.loader import load_item_content
+from data_shards.modalities import ContentKind
+from data_shards.shard_io import ItemStore
+from trainer import modalities
+from trainer.towers import Tower
+
+REPO = Path(__file__).resolve().parents[1]
+LENGTH = 12  # samples per signal
+
+
+def signal_of(raw_id: str) -> np.ndarray | None:
+    """Every third item (by a hash of its id) carries a signal: a sine whose frequency and phase come from the id."""
+    digest = hashlib.sha256(f"signal:{raw_id}".encode()).digest()
+    if digest[0] % 3:
+        return None
+    t = np.arange(LENGTH, dtype=np.float32)
+    return np.sin(t * (1 + digest[1] % 5) / 4 + digest[2] / 40).astype("<f4")
+
+
+def collate_signals(payloads, items, options) -> dict[str, torch.Tensor]:
+    return {"signal": torch.from_numpy(np.stack([np.frombuffer(p, dtype="<f4") for p in payloads]).copy())}
+
+
+class SignalTower(Tower):
+    """Two MLP blocks (the lower one cacheable) and a projection to d."""
+
+    def __init__(self, d: int, trainable: int):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(LENGTH, 16), nn.GELU()),
+                                     nn.Sequential(nn.Linear(16, 16), nn.GELU())])
+        self.num_blocks = 2
+        self.proj = nn.Sequential(nn.Linear(16, d), nn.GELU(), nn.Linear(d, d))
+        self.set_trainable(trainable)
+
+    def set_trainable(self, k: int) -> None:
+        self.trainable = self.num_blocks if k == -1 else k
+        self.split = self.num_blocks - self.trainable
+        for i, block in enumerate(self.blocks):
+            block.requires_grad_(i >= self.split)
+
+    def backbone(self) -> nn.Module:
+        return self.blocks
+
+    def lower_state(self) -> dict[str, torch.Tensor]:
+        return {f"block{i}.{n}": t for i, b in enumerate(self.blocks[: self.split]) for n, t in b.state_dict().items()}
+
+    def lower(self, inputs):
+        x = inputs["signal"]
+        for block in self.blocks[: self.split]:
+            x = block(x)
+        return {"features": x}
+
+    def upper(self, features):
+        x = features["features"]
+        for block in self.blocks[self.split :]:
+            x = block(x)
+        return self.proj(x)
+
+
+@pytest.fixture(scope="module")
+def signal_shards(tmp_path_factory):
+    """The modality registered (one call), MovieLens built with it; unregistered afterwards."""
+    kind = ContentKind("signal", member="signal.f32", collate=collate_signals,
+                       pack=lambda a: (np.asarray(a, dtype="<f4").tobytes(), 0),
+                       from_item=lambda raw_id, fields: signal_of(raw_id))
+    modalities.register(modalities.Modality(kind, lambda cfg, trainable: SignalTower(cfg.d, trainable)))
+    try:
+        out = tmp_path_factory.mktemp("signal") / "shards"
+        build(BuildOptions(dataset="movielens-100k-mm", source=REPO / "data" / "movielens-100k-mm", out=out,
+                           max_tokens=16))
+        yield out
+    finally:
+        modalities.unregister("signal")
+
+
+def test_shards_store_the_third_modality(signal_shards):
+    manifest = json.loads((signal_shards / "manifest.json").read_text())
+    raw_ids = json.loads((signal_shards / "id_maps.json").read_text())["items"]
+    store = ItemStore(signal_shards)
+    assert manifest["modalities"] == ["text", "image", "signal"] and store.modality_names == ("text", "image", "signal")
+    hooked = [i for i, raw in enumerate(raw_ids) if signal_of(raw) is not None]
+    assert len(hooked) > 400 and manifest["items_by_modality"]["signal"] == len(hooked)
+    assert sum(manifest["items_by_modality"].values()) == manifest["num_items"]
+    others = np.setdiff1d(np.arange(len(raw_ids)), hooked)
+    assert (store.modality[hooked] == 2).all() and (store.modality[others] < 2).all()
+    for i in hooked[:20]:
+        assert np.array_equal(np.frombuffer(store.payload(i, "signal"), dtype="<f4"), signal_of(raw_ids[i]))
+    assert not store.has(others, "signal").any()
+    assert "items with signal content (builder hook) are signal items" in manifest["modality_rule"]
+    stats = manifest["statistics"]
+    assert stats["interactions_by_item_modality"]["signal"] > 0 and stats["users_by_history_form"]["mixed"] > 900
+
+
+def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards, tiny_bert_dir):
+    from data_shards.decode import ImageDecoder
+    from trainer.config import apply_overrides, preset
+    from trainer.model import TransRec
+
+    store = ItemStore(signal_shards)
+    cfg = apply_overrides(preset("tiny"), [f"model.text_encoder={tiny_bert_dir}"]).model
+    torch.manual_seed(0)
+    model = TransRec(cfg, store.num_items, store.modality, {"text": -1, "image": -1, "signal": -1},
+                     modality_names=store.modality_names).eval()
+    assert list(model.towers) == ["text", "image", "signal"]
+    items = np.unique(np.random.default_rng(0).integers(0, store.num_items, size=60))
+    decoder = ImageDecoder("pil", cfg.image_size)
+    content = load_item_content(store, items, 16, decoder)
+    assert set(content.rows) == {"text", "image", "signal"}
+    with torch.no_grad():
+        routed = model.encode_items(torch.as_tensor(items), content)
+        for row, item in enumerate(items):  # one item at a time through the tower of its own modality
+            name = store.modality_names[store.modality[item]]
+            single = load_item_content(store, np.array([item]), 16, decoder)
+            torch.testing.assert_close(routed[row], model.towers[name](single.inputs[name])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny_bert_dir, tmp_path):
+    from trainer.config import apply_overrides, preset
+    from trainer.train import Trainer
+
+    cfg = apply_overrides(preset("tiny"), [f"data.shards={signal_shards}", f"model.text_encoder={tiny_bert_dir}",
+                                           f"run_dir={tmp_path / 'run'}", "stage1.max_steps=2", "stage2.max_steps=2",
+                                           "stage2.trainable=text:1,image:1,signal:1"])
+    trainer = Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+    initial = {k: v.clone() for k, v in trainer.model.towers["signal"].state_dict().items()}
+    metrics = trainer.run()
+    assert trainer.model.cache is not None and trainer.model.cache.covers("signal")
+    stage1, stage2 = (load_file(str(tmp_path / "run" / f"best_stage{s}.safetensors")) for s in (1, 2))
+    block = "towers.signal.blocks.{}.0.weight"
+    assert torch.equal(stage1[block.format(1)], initial["blocks.1.0.weight"])  # stage 1: the whole backbone frozen
+    assert not torch.equal(stage1["towers.signal.proj.2.weight"], initial["proj.2.weight"])  # its projection trains
+    assert not torch.equal(stage2[block.format(1)], stage1[block.format(1)])  # stage 2: the top block trains
+    assert torch.equal(stage2[block.format(0)], initial["blocks.0.0.weight"])  # the cached block stays frozen
+    assert metrics["test"]["users"] == 943 and np.isfinite(metrics["test"]["ndcg@10"])
+    assert (tmp_path / "run" / "export" / "model.safetensors").exists()
+
+
+def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_path):
+    """Shards that use a modality this process has not registered, or a config naming one, fail with what to do."""
+    from trainer.config import apply_overrides, preset
+    from trainer.model import TransRec
+    from trainer.train import Trainer
+
+    store = ItemStore(signal_shards)
+    signal_items = np.flatnonzero(store.modality == 2)[:3]
+    registered = modalities.modality("signal")
+    modalities.unregister("signal")
+    try:
+        with pytest.raises(KeyError, match="no modality 'signal' is registered.*register"):
+            load_item_content(store, signal_items, 16)
+        with pytest.raises(KeyError, match="no modality 'signal' is registered.*register"):
+            TransRec(preset("tiny").model, store.num_items, store.modality, {}, modality_names=store.modality_names)
+    finally:
+        modalities.register(registered)
+    cfg = apply_overrides(preset("tiny"), [f"data.shards={signal_shards}", f"model.text_encoder={tiny_bert_dir}",
+                                           f"run_dir={tmp_path / 'run'}", "stage2.trainable.sound=1"])
+    with pytest.raises(ValueError, match="sound.*no registered modality"):
+        Trainer(cfg, str(REPO / "ds_configs" / "zero2.json")).run()
