@@ -44,7 +44,6 @@ import torch
 
 import kernels
 import trainer.losses as tlosses
-import trainer.model as tm
 from bench import flops as fl
 from bench.op_counts import step_counts
 from bench.reference_path import ReferenceTrainer, expand_slots, reference_ranks
@@ -135,12 +134,12 @@ def instrumented(model: torch.nn.Module, spans: Spans):
     model.encode_sequence = timed("user encoder", model.encode_sequence)
     timed_kernels = SimpleNamespace(cpc_loss=timed("loss", kernels.cpc_loss),
                                     catalog_cross_entropy=timed("loss", kernels.catalog_cross_entropy))
-    tm.kernels = tlosses.kernels = timed_kernels  # the `kernels` trainer/model.py and trainer/losses.py see
+    tlosses.kernels = timed_kernels  # the `kernels` trainer/losses.py sees
     try:
         yield
     finally:
         del model._tower_vectors, model.encode_sequence
-        tm.kernels = tlosses.kernels = kernels
+        tlosses.kernels = kernels
 
 
 # -- switches -------------------------------------------------------------------------------------------

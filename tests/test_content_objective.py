@@ -145,20 +145,20 @@ def test_history_exclusions():
 
 def test_objectives_from_config():
     share = np.full(50, 1 / 50)
-    free = losses.build_objective(1, Stage1Config(head="free"), 50, True, share, torch.device("cpu"))
+    free = losses.build_objective(Stage1Config(head="free"), 50, True, share, torch.device("cpu"))
     assert isinstance(free, losses.FreeHeadSoftmax) and free.scoring == "free_head" and free.dense
-    cpc = losses.build_objective(2, Stage2Config(loss="cpc", negatives=9), 50, True, share,
+    cpc = losses.build_objective(Stage2Config(loss="cpc", negatives=9), 50, True, share,
                                  torch.device("cpu"))
     assert isinstance(cpc, losses.CPC) and not cpc.dense and cpc.negatives == 9
-    auto_full = losses.build_objective(1, Stage1Config(), 50, True, share, torch.device("cpu"))
+    auto_full = losses.build_objective(Stage1Config(), 50, True, share, torch.device("cpu"))
     assert auto_full.full_catalogue and auto_full.negatives == 0 and auto_full.log_item_share is None
-    too_big = losses.build_objective(1, Stage1Config(full_catalogue_max=10, negatives=5), 50, True, share,
+    too_big = losses.build_objective(Stage1Config(full_catalogue_max=10, negatives=5), 50, True, share,
                                      torch.device("cpu"))
     assert not too_big.full_catalogue and too_big.negatives == 5 and too_big.log_item_share is not None
-    not_cached = losses.build_objective(2, Stage2Config(), 50, False, share, torch.device("cpu"))
+    not_cached = losses.build_objective(Stage2Config(), 50, False, share, torch.device("cpu"))
     assert not not_cached.full_catalogue
     with pytest.raises(ValueError, match="candidates=sampled"):
-        losses.build_objective(2, Stage2Config(candidates="full"), 50, False, share, torch.device("cpu"))
+        losses.build_objective(Stage2Config(candidates="full"), 50, False, share, torch.device("cpu"))
     with pytest.raises(ValueError, match="stage2.loss must be"):
         Stage2Config(loss="bce")
     with pytest.raises(ValueError, match="stage1.head must be"):

@@ -63,7 +63,7 @@ def test_training_step_has_no_host_read_back(ml_shards, tiny_bert_dir, name, cac
     model, store = _model(ml_shards, tiny_bert_dir, cached)
     stage, sc = OBJECTIVES[name]
     share = item_share([{"items": list(range(store.num_items)), "num_train": store.num_items}], store.num_items)
-    objective = build_objective(stage, sc, store.num_items, cached, share, torch.device("cpu"))
+    objective = build_objective(sc, store.num_items, cached, share, torch.device("cpu"))
     batch = _batch(ml_shards, store, objective, objective.dense, cached)
     params = [p for p in model.parameters() if p.requires_grad]
 

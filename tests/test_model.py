@@ -9,6 +9,7 @@ import torch
 from data_shards.loader import load_item_content
 from data_shards.shard_io import ItemStore
 from trainer import evaluate as ev
+from trainer import losses
 from trainer.config import ModelConfig
 from trainer.feature_cache import FeatureCache
 from trainer.model import TransRec
@@ -189,7 +190,7 @@ def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_
     monkeypatch.setattr(model, "user_vector", lambda *a, **k: calls.append(1) or original(*a, **k))
     cfg = LoaderConfig(window=6, batch_size=4, min_len=3, num_negatives=8, decoder="pil", image_size=32, max_tokens=16)
     batch = next(iter(make_train_loader(ml_shards, cfg)))
-    loss = model.stage2_loss(batch, n_continuation=2)
+    loss = losses.cpc_loss(model, batch, n_continuation=2)
     assert torch.isfinite(loss) and calls == [1]
 
 
@@ -220,13 +221,13 @@ def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
         keep, routing = batch.keep, batch.routing
         batch.keep = batch.routing = None
         try:
-            return model.stage1_loss(batch)
+            return losses.free_head_loss(model, batch)
         finally:
             batch.keep, batch.routing = keep, routing
 
     params = [model.head.weight, *model.user_encoder.parameters()]
     results = []
-    for fn in (lambda: model.stage1_loss(batch), naive, without_plan):
+    for fn in (lambda: losses.free_head_loss(model, batch), naive, without_plan):
         loss = fn()
         results.append((loss.detach(), torch.autograd.grad(loss, params)))
     for other in results[1:]:
@@ -235,7 +236,7 @@ def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     batch.weights[:] = 0.0  # every sample padding: a zero loss, zero gradients, no NaN
     attach_step_plan(batch, model.item_modality.numpy(), len(model.modality_names))
-    loss = model.stage1_loss(batch)
+    loss = losses.free_head_loss(model, batch)
     assert loss.item() == 0.0 and torch.autograd.grad(loss, model.head.weight)[0].abs().sum() == 0
 
 

@@ -28,6 +28,7 @@ from data_shards.decode import ImageDecoder  # noqa: E402
 from data_shards.loader import LoaderConfig, make_train_loader  # noqa: E402
 from data_shards.shard_io import ItemStore, read_sequences  # noqa: E402
 from trainer import evaluate as ev  # noqa: E402
+from trainer import losses  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.feature_cache import FeatureCache  # noqa: E402
 from trainer.model import TransRec  # noqa: E402
@@ -59,7 +60,7 @@ def one_batch(shards: Path, window: int, negatives: int, load_content: bool, bat
 
 def loss_of(model, batch, stage: int) -> torch.Tensor:
     """The paper's objectives, which the reference path and the FLOP formulas model: free-head softmax, CPC."""
-    return model.stage1_loss(batch) if stage == 1 else model.stage2_loss(batch, L_CONT)
+    return losses.free_head_loss(model, batch) if stage == 1 else losses.cpc_loss(model, batch, L_CONT)
 
 
 def loss_and_grads(model, fn) -> tuple[float, dict[str, torch.Tensor]]:
@@ -99,12 +100,12 @@ def test_reference_equals_project_end_to_end(setup, ml_shards):
     model.cache = None
     batch = one_batch(ml_shards, 7, 8, load_content=True)
     assert "pixels" in batch.content.inputs["image"] and len(batch.content.rows["text"]) > 0
-    project = loss_and_grads(model, lambda: model.stage2_loss(batch, L_CONT))
+    project = loss_and_grads(model, lambda: losses.cpc_loss(model, batch, L_CONT))
     reference = loss_and_grads(model, lambda: ReferencePath(model).loss(batch, 2, L_CONT))
     assert_same(project, reference)
     expanded = expand_slots(batch)
     assert len(expanded.unique_items) == (batch.items >= 0).sum() + len(batch.negatives)
-    assert_same(project, loss_and_grads(model, lambda: model.stage2_loss(expanded, L_CONT)))
+    assert_same(project, loss_and_grads(model, lambda: losses.cpc_loss(model, expanded, L_CONT)))
 
 
 def test_reference_ranking_equals_project(setup, ml_shards):

@@ -111,10 +111,16 @@ class Stage1Config(StageConfig):
     the towers' item vectors (transferable, ranks cold items); `head=free` is a free W^U [V, d] + b (an ID table)."""
 
     head: str = "content"
+    section = "stage1"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of("stage1.head", self.head, ("content", "free"))
+
+    @property
+    def objective(self) -> str:
+        """The loss component (trainer/losses.py) this stage trains with."""
+        return {"content": "content_softmax", "free": "free_head_softmax"}[self.head]
 
 
 @dataclass
@@ -123,10 +129,16 @@ class Stage2Config(StageConfig):
     shared negative candidates; `loss=cpc`: the paper's Eq. 9 (one user vector per window, BCE)."""
 
     loss: str = "sampled_softmax"
+    section = "stage2"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of("stage2.loss", self.loss, ("sampled_softmax", "cpc"))
+
+    @property
+    def objective(self) -> str:
+        """The loss component (trainer/losses.py) this stage trains with."""
+        return {"sampled_softmax": "content_softmax", "cpc": "cpc"}[self.loss]
 
 
 @dataclass

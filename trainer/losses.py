@@ -6,6 +6,9 @@
 | `ContentSoftmax` | `stage1.head=content`, `stage2.loss=sampled_softmax` | user . item content vector | dense |
 | `CPC` | `stage2.loss=cpc` (the paper's Eq. 9) | user . item content vector | history + continuation |
 
+Each says what it needs of the data and the model: the loader's windows (`loader_window`), its shared negatives
+(`negatives`), whether the free head trains (`trains_free_head`); the model only encodes (items, sequences).
+
 Dense windows: every position predicts its next item (causal), as in stage 1. `ContentSoftmax` scores against the
 towers' own item vectors, so what it trains is what transfers and what ranks a never-seen item. Its candidates are
 either the whole catalogue (exact softmax; needs every tower's lower blocks cached, `candidates=full`) or the batch's
@@ -27,7 +30,7 @@ import torch
 
 import kernels
 from trainer.evaluate import interaction_counts
-from trainer.model import _repeat_feats, kept_positions
+from trainer.model import kept_positions
 
 
 @dataclass
@@ -36,23 +39,36 @@ class Objective:
     scoring: str  # "free_head" or "item_vectors" (resolved to "content" / "id" by the item encoder)
     dense: bool  # True: every position predicts its next item (windows of max_len + 1)
     negatives: int = 0  # shared negatives the loader samples per batch
+    trains_free_head: bool = False  # the model's catalogue head W^U trains (only the free-head softmax reads it)
 
     def __call__(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def loader_window(self, max_len: int, sc) -> tuple[int, int]:
+        """(items per window, shortest window) of the loader: dense objectives read max_len inputs and their next
+        items, from 2 items on (`min_window` overrides the shortest)."""
+        return max_len + 1, sc.min_window or 2
+
 
 @dataclass
 class FreeHeadSoftmax(Objective):
+    trains_free_head: bool = True
+
     def __call__(self, model, batch) -> torch.Tensor:
-        return model.stage1_loss(batch)
+        return free_head_loss(model, batch)
 
 
 @dataclass
 class CPC(Objective):
+    n_history: int = 20
     n_continuation: int = 5
 
     def __call__(self, model, batch) -> torch.Tensor:
-        return model.stage2_loss(batch, self.n_continuation)
+        return cpc_loss(model, batch, self.n_continuation)
+
+    def loader_window(self, max_len: int, sc) -> tuple[int, int]:
+        """History + continuation items, from 1 history item on."""
+        return self.n_history + self.n_continuation, sc.min_window or self.n_continuation + 1
 
 
 @dataclass
@@ -89,13 +105,46 @@ def history_exclusions(ids: torch.Tensor) -> torch.Tensor:
     return torch.where(causal[None], ids[:, None, :], torch.full_like(ids[:, None, :], -1))
 
 
-def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
-    routing = getattr(batch, "routing", None)  # the loader's host-side routing (no device read-back)
-    item_vecs = model.encode_items(batch.unique_items, batch.content, routing=routing)  # [U, d]: + negatives
+def free_head_loss(model, batch) -> torch.Tensor:
+    """Causal next-item softmax cross-entropy over the whole catalogue through the free head (Eq. 7-8), every
+    position a target."""
+    _, h, mask = model.position_states(batch)  # [B, L-1, d]
+    head = model.head
+    # Only real (position, next item) pairs enter the catalogue softmax: padded slots would cost a full [V]
+    # row of logits each (most H&M windows are short) and contribute nothing to the mean.
+    keep = kept_positions(batch, mask)
+    if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
+        return h.sum() * 0.0 + head.weight.sum() * 0.0 + head.bias.sum() * 0.0
+    return kernels.catalog_cross_entropy(
+        h.flatten(0, 1)[keep], head.weight, head.bias, batch.items[:, 1:].flatten()[keep], relu=model.cfg.stage1_relu,
+    )
+
+
+def cpc_loss(model, batch, n_continuation: int) -> torch.Tensor:
+    """CPC (Eq. 9): user vector from the history, BCE on the continuation items and shared negatives."""
+    item_vecs = model.encode_items(batch.unique_items, batch.content, routing=getattr(batch, "routing", None))
     vecs, mask = model.slot_vectors(batch, item_vecs)
-    h = model.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L, d]
-    if model.side:
-        h = model._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
+    hist_vecs, hist_mask = vecs[:, :-n_continuation], mask[:, :-n_continuation]
+    user = model.user_vector(hist_vecs, hist_mask, batch.user_features)
+    pos = vecs[:, -n_continuation:]
+    real = batch.weights > 0
+    pos_mask = mask[:, -n_continuation:] & real[:, None]
+    neg = item_vecs[batch.negative_slots]  # [N, d] shared
+    # Negatives equal to any of the user's items in the window are dropped (masks built from ids).
+    neg_mask = (batch.negatives[None, :, None] != batch.items[:, None, :]).all(-1) & real[:, None]
+    # Scores are u.v / sqrt(d): the same ranking as the plain dot product, but logits of order 1 when stage 2
+    # starts from stage 1's unnormalised item vectors (plain dot products saturate the sigmoid there).
+    u = user * model.cfg.d**-0.5
+    # Positives and negatives are averaged separately and added: with hundreds of shared negatives per
+    # positive, one mean over all terms is minimised by scoring every item low, which ranks nothing.
+    none_pos, none_neg = torch.zeros_like(pos_mask), torch.zeros_like(neg_mask)
+    return kernels.cpc_loss(u, pos, neg, pos_mask=pos_mask, neg_mask=none_neg) + kernels.cpc_loss(
+        u, pos, neg, pos_mask=none_pos, neg_mask=neg_mask
+    )
+
+
+def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
+    item_vecs, h, mask = model.position_states(batch)  # [U, d] (batch items + negatives), [B, L, d], [B, L + 1]
     if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no correction
         weight = model.encode_catalogue()
         columns, bias = batch.items, None
@@ -118,19 +167,19 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     )
 
 
-def build_objective(stage: int, sc, num_items: int, towers_cached: bool, share: np.ndarray | None,
+def build_objective(sc, num_items: int, towers_cached: bool, share: np.ndarray | None,
                     device: torch.device) -> Objective:
-    """The stage's objective from its config (`stage1.head`, `stage2.loss`, `candidates`, ...)."""
-    kind = sc.head if stage == 1 else sc.loss
-    if kind == "free":
+    """A stage's objective from its config (`sc.objective`: from `stage1.head` / `stage2.loss`; `candidates`, ...)."""
+    if sc.objective == "free_head_softmax":
         return FreeHeadSoftmax("free_head_softmax", "free_head", dense=True)
-    if kind == "cpc":
-        return CPC("cpc", "item_vectors", dense=False, negatives=sc.negatives, n_continuation=sc.n_continuation)
+    if sc.objective == "cpc":
+        return CPC("cpc", "item_vectors", dense=False, negatives=sc.negatives, n_history=sc.n_history,
+                   n_continuation=sc.n_continuation)
     full = sc.candidates == "full" or (sc.candidates == "auto" and num_items <= sc.full_catalogue_max)
     if full and not towers_cached:
         if sc.candidates == "full":
             raise ValueError(
-                f"stage{stage}.candidates=full needs every tower's lower blocks cached (towers that train all their "
+                f"{sc.section}.candidates=full needs every tower's lower blocks cached (towers that train all their "
                 "blocks read content from the batch only); use candidates=sampled or a smaller trainable depth")
         full = False
     log_share = None

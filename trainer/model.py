@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
 from data_shards.shard_io import BUILT_IN_MODALITIES
 from trainer.config import ModelConfig
 from trainer.modalities import build_towers
@@ -245,49 +244,21 @@ class TransRec(nn.Module):
             return u
         return self.user_side_proj(torch.cat([u, self.user_features(user_feats).to(u.dtype)], dim=-1))
 
-    # -- losses -------------------------------------------------------------------------------------------
+    # -- what the losses read (trainer/losses.py) -----------------------------------------------------------
     def slot_vectors(self, batch, item_vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch.slots >= 0
         return item_vecs[batch.slots.clamp(min=0)] * mask[..., None].to(item_vecs.dtype), mask
 
-    def stage1_loss(self, batch) -> torch.Tensor:
-        """Causal next-item softmax cross-entropy over the whole catalogue (Eq. 7-8), every position a target."""
+    def position_states(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the dense objectives: the batch's unique item vectors [U, d], the causal states [B, W - 1, d] of
+        every input position (each predicts the next item; user features joined when the model has them) and the
+        slot mask [B, W] (True = a real item)."""
         item_vecs = self.encode_items(batch.unique_items, batch.content, routing=getattr(batch, "routing", None))
         vecs, mask = self.slot_vectors(batch, item_vecs)
-        h = self.encode_sequence(vecs[:, :-1], mask[:, :-1])  # [B, L-1, d]
+        h = self.encode_sequence(vecs[:, :-1], mask[:, :-1])
         if self.side:
-            h = self._with_user_features(h.flatten(0, 1), _repeat_feats(batch.user_features, h.shape[1])).view_as(h)
-        # Only real (position, next item) pairs enter the catalogue softmax: padded slots would cost a full [V]
-        # row of logits each (most H&M windows are short) and contribute nothing to the mean.
-        keep = kept_positions(batch, mask)
-        if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
-            return h.sum() * 0.0 + self.head.weight.sum() * 0.0 + self.head.bias.sum() * 0.0
-        return kernels.catalog_cross_entropy(
-            h.flatten(0, 1)[keep], self.head.weight, self.head.bias, batch.items[:, 1:].flatten()[keep],
-            relu=self.cfg.stage1_relu,
-        )
-
-    def stage2_loss(self, batch, n_continuation: int) -> torch.Tensor:
-        """CPC (Eq. 9): user vector from the history, BCE on the continuation items and shared negatives."""
-        item_vecs = self.encode_items(batch.unique_items, batch.content, routing=getattr(batch, "routing", None))
-        vecs, mask = self.slot_vectors(batch, item_vecs)
-        hist_vecs, hist_mask = vecs[:, :-n_continuation], mask[:, :-n_continuation]
-        user = self.user_vector(hist_vecs, hist_mask, batch.user_features)
-        pos = vecs[:, -n_continuation:]
-        real = batch.weights > 0
-        pos_mask = mask[:, -n_continuation:] & real[:, None]
-        neg = item_vecs[batch.negative_slots]  # [N, d] shared
-        # Negatives equal to any of the user's items in the window are dropped (masks built from ids).
-        neg_mask = (batch.negatives[None, :, None] != batch.items[:, None, :]).all(-1) & real[:, None]
-        # Scores are u.v / sqrt(d): the same ranking as the plain dot product, but logits of order 1 when stage 2
-        # starts from stage 1's unnormalised item vectors (plain dot products saturate the sigmoid there).
-        u = user * self.cfg.d**-0.5
-        # Positives and negatives are averaged separately and added: with hundreds of shared negatives per
-        # positive, one mean over all terms is minimised by scoring every item low, which ranks nothing.
-        none_pos, none_neg = torch.zeros_like(pos_mask), torch.zeros_like(neg_mask)
-        return kernels.cpc_loss(u, pos, neg, pos_mask=pos_mask, neg_mask=none_neg) + kernels.cpc_loss(
-            u, pos, neg, pos_mask=none_pos, neg_mask=neg_mask
-        )
+            h = self._with_user_features(h.flatten(0, 1), repeat_features(batch.user_features, h.shape[1])).view_as(h)
+        return item_vecs, h, mask
 
     def forward(self, batch, objective) -> torch.Tensor:
         """The training loss of `objective`, a component from trainer/losses.py (chosen by config)."""
@@ -327,7 +298,7 @@ def _positions(group_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def _repeat_feats(feats: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
+def repeat_features(feats: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
     return {k: v.repeat_interleave(times, dim=0) for k, v in feats.items()}
 
 

@@ -166,7 +166,6 @@ class Trainer:
             tower.set_trainable(trainable.get(name, 0))
             if self.cfg.model.frozen_towers:
                 tower.requires_grad_(False)
-        self.model.head.requires_grad_(stage == 1 and self.cfg.stage1.head == "free")
         self.model.cache = None
         if self.model.towers:
             t0 = time.time()
@@ -198,7 +197,9 @@ class Trainer:
         every tower's lower blocks cached)."""
         sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
         cached = not self.needs_content()
-        return build_objective(stage, sc, self.num_items, cached, self.item_share, self.device)
+        obj = build_objective(sc, self.num_items, cached, self.item_share, self.device)
+        self.model.head.requires_grad_(obj.trains_free_head)
+        return obj
 
     def scoring(self, obj: Objective) -> str:
         return scoring_label(obj.scoring, self.cfg.model.item_encoder)
@@ -206,12 +207,12 @@ class Trainer:
     def make_loader(self, stage: int, sc: StageConfig, obj: Objective | None = None):
         m = self.cfg.model
         obj = obj or self.objective(stage)
-        window = m.max_len + 1 if obj.dense else sc.n_history + sc.n_continuation
+        window, min_len = obj.loader_window(m.max_len, sc)
         lc = LoaderConfig(
             window=window,
             batch_size=sc.micro_batch,
             stride=sc.stride,
-            min_len=sc.min_window or (2 if obj.dense else sc.n_continuation + 1),
+            min_len=min_len,
             shuffle_buffer=self.cfg.data.shuffle_buffer,
             seed=self.cfg.seed,
             num_workers=self.cfg.data.num_workers,
