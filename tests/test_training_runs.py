@@ -460,7 +460,7 @@ def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_s
 
 
 def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path, monkeypatch):
-    from trainer.train import TrainingDiverged
+    from trainer.metric_log import TrainingDiverged
 
     trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "log_every=1")
     original = trainer.model.forward

@@ -1,4 +1,5 @@
-"""Exports (safetensors + JSON, independent of the number of ranks), --init-from, and the best-model file.
+"""Exports (safetensors + JSON, independent of the number of ranks), --init-from, the best-model file, and resume
+points (DeepSpeed checkpoint + RNG states + file hashes + resume.json).
 
 An export holds the towers and the user encoder (no catalogue-specific heads or ID tables), so it loads
 into a run on another catalogue. Loading uses safetensors and JSON only: nothing is unpickled.
@@ -220,3 +221,41 @@ def verify_checkpoint(folder: Path) -> None:
         if file_sha256(f) != digest:
             raise RuntimeError(f"checkpoint file {f} differs from the hash recorded when it was saved (truncated or "
                                "altered): resume cannot continue from it (start the run again, or restore the file)")
+
+
+# -- resume points ---------------------------------------------------------------------------------------
+def barrier() -> None:
+    """All ranks wait here (no-op without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_resume_point(engine, run_dir: Path, rank: int, point: dict) -> None:
+    """A DeepSpeed checkpoint under a new tag (`point`'s stage, epoch, batches_done), every rank's RNG state and the
+    files' hashes, then resume.json naming it (with `point`), then the older tags go: a kill at any moment leaves
+    resume.json pointing at a complete checkpoint."""
+    ckpt = run_dir / "checkpoints"
+    tag = f"stage{point['stage']}-epoch{point['epoch']}-batch{point['batches_done']}"
+    engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
+    torch.save(rng_state(), ckpt / tag / f"rng_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        write_checkpoint_hashes(ckpt / tag)  # a resume verifies every file before loading any
+        tmp = run_dir / "resume.json.partial"
+        tmp.write_text(json.dumps({**point, "tag": tag}, indent=1))
+        tmp.replace(run_dir / "resume.json")
+        for old in ckpt.iterdir():
+            if old.is_dir() and old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_resume_point(engine, run_dir: Path, tag: str, rank: int) -> None:
+    """The DeepSpeed state and this rank's RNG state of checkpoint `tag`, after verifying every file."""
+    verify_checkpoint(run_dir / "checkpoints" / tag)
+    load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"checkpoint {tag} missing in {run_dir / 'checkpoints'}: cannot resume")
+    restore_rng(torch.load(run_dir / "checkpoints" / tag / f"rng_rank{rank}.pt", weights_only=True))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -22,19 +21,19 @@ from data_shards.modalities import ContentOptions, content_kind
 from data_shards.shard_io import ItemStore, load_manifest, read_sequences
 from trainer import evaluate as ev
 from trainer.checkpoint import (
+    barrier,
     gathered,
     load_export,
     load_model_state,
-    restore_rng,
-    rng_state,
+    load_resume_point,
     save_export,
     save_model_state,
-    verify_checkpoint,
-    write_checkpoint_hashes,
+    save_resume_point,
 )
 from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache, resolve_store
 from trainer.losses import Objective, build_objective, item_share, scoring_label
+from trainer.metric_log import RunLog
 from trainer.modalities import MODALITIES
 from trainer.model import TransRec, count_parameters, optimizer_param_groups
 from trainer.model_eval import ModelRanker
@@ -44,18 +43,11 @@ from trainer.run_setup import (
     fill_ds_config,
     load_ds_config,
     make_run_dir,
-    peak_memory_gib,
     setup_distributed,
     setup_logging,
     write_run_record,
 )
 from trainer.text_vocab import check_vocabulary
-
-ETA_AFTER_STEPS = 5  # steps timed before the estimated time per epoch is logged
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 def _item_feature_tables(shard_dir: Path, num_items: int) -> dict[str, np.ndarray]:
@@ -120,11 +112,7 @@ class Trainer:
             f"world size {self.world} on {self.device}"
         )
         self.decoder = None
-        self.writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
         write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
         self.item_share = item_share(self.sequences, self.num_items)  # the in-batch sampler's log-q
         self.valid_users = ev.eval_users(self.sequences, "valid", cfg.model.max_len)
@@ -141,11 +129,6 @@ class Trainer:
                 backend=self.cfg.data.decoder, size=self.cfg.model.image_size, device=self.device
             )
         return self.decoder
-
-    def log_scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
 
     def stage_trainable(self, stage: int) -> dict[str, int]:
         """Top blocks of each tower that train in `stage`, by modality (stage 2's `trainable`; none in stage 1, in
@@ -286,15 +269,10 @@ class Trainer:
         if sc.max_steps:
             steps_total = min(steps_total, sc.max_steps)
         engine = self.make_engine(sc, steps_total)
-        start_epoch, skip = 0, 0
+        start_epoch, skip, stale = 0, 0, 0
         if resume is not None:
-            tag = resume["tag"]
-            verify_checkpoint(self.run_dir / "checkpoints" / tag)
-            load_path, _ = engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=tag)
-            if load_path is None:
-                raise FileNotFoundError(f"checkpoint {tag} missing in {self.run_dir / 'checkpoints'}: cannot resume")
-            start_epoch, skip = resume["epoch"], resume["batches_done"]
-            restore_rng(torch.load(self.run_dir / "checkpoints" / tag / f"rng_rank{self.rank}.pt", weights_only=True))
+            load_resume_point(engine, self.run_dir, resume["tag"], self.rank)
+            start_epoch, skip, stale = resume["epoch"], resume["batches_done"], resume.get("stale", 0)
             LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip} (optimizer step "
                      f"{self.global_step + engine.global_steps} of the run)")
         LOG.info(
@@ -303,75 +281,27 @@ class Trainer:
             f"{obj.name}{' over the full catalogue' if getattr(obj, 'full_catalogue', False) else ''}, "
             f"{obj.negatives} shared negatives, scored by {scoring}"
         )
-        stale = resume.get("stale", 0) if resume else 0
         stage_best = self.state["stage_best"].get(str(stage))
         steps_done = engine.global_steps
         for epoch in range(start_epoch, sc.epochs):
             loader.set_epoch(epoch)
             loader.skip_batches(skip)
-            t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=loader.steps_per_epoch,
-                initial=skip,
-                desc=f"stage {stage} epoch {epoch}",
-                disable=self.rank != 0 or not sys.stderr.isatty(),  # carriage returns only on a terminal
-                unit="step",
-                leave=False,
-            )
-            t_epoch = time.time()
+            meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch)
             for b_idx, batch in enumerate(loader, start=skip):
-                seqs += batch.num_real  # host values, read before the batch goes to the device
-                items_enc += int(batch.unique_items.numel())
+                meter.batch_in(batch)
                 batch = self._prepare(batch)
                 loss = engine(batch, objective=obj)
                 engine.backward(loss)
                 engine.step()
-                losses.append(loss.detach())
-                bar.update(1)
                 steps_done = engine.global_steps
-                if epoch == start_epoch and b_idx == skip + ETA_AFTER_STEPS - 1:
-                    per_step = (time.time() - t_epoch) / ETA_AFTER_STEPS
-                    LOG.info(f"stage {stage}: {per_step:.2f} s/step over the first {ETA_AFTER_STEPS} steps: about "
-                             f"{per_step * loader.steps_per_epoch / 60:.1f} min per epoch, "
-                             f"{per_step * steps_total / 60:.1f} min for the stage's {steps_total} steps")
                 boundary = (b_idx + 1) % sc.grad_accum == 0  # an optimizer step ended with this micro-batch
-                if boundary and steps_done % self.cfg.log_every == 0:
-                    mean_loss = self._mean_loss_across_ranks(losses)  # host sync on logging steps only
-                    self._append_loss(stage, steps_done, mean_loss)
-                    if not math.isfinite(mean_loss):
-                        raise TrainingDiverged(
-                            f"stage {stage} epoch {epoch} step {b_idx}: loss is {mean_loss}; the last good checkpoint "
-                            f"in {self.run_dir / 'checkpoints'} is intact. Lower the learning rate (stage{stage}.lr) "
-                            "or check the input data."
-                        )
-                    dt_ = time.time() - t_last
-                    self.log_scalars(
-                        {
-                            f"train/stage{stage}_loss": mean_loss,
-                            "train/lr": engine.get_lr()[0],
-                            "perf/sequences_per_s": seqs * self.world / dt_,
-                            "perf/items_encoded_per_s": items_enc * self.world / dt_,
-                            "mem/peak_gib": peak_memory_gib(self.device),
-                        },
-                        self.global_step + steps_done,
-                    )
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", seq_s=f"{seqs * self.world / dt_:.0f}")
-                    if bar.disable:  # no progress bar (not a terminal): a log line per logging step instead
-                        LOG.info(f"stage {stage} epoch {epoch} step {b_idx + 1}/{loader.steps_per_epoch}: loss "
-                                 f"{mean_loss:.4f}, {seqs * self.world / dt_:.0f} sequences/s")
-                    t_last, seqs, items_enc, losses = time.time(), 0.0, 0, []
+                meter.step_done(loss, b_idx, steps_done, self.global_step + steps_done, boundary,
+                                lambda: engine.get_lr()[0])
                 if boundary and steps_done % self.cfg.save_every_steps == 0:
                     self.save_resume_point(engine, stage, epoch, b_idx + 1, stale)
                 if sc.max_steps and steps_done >= sc.max_steps:
                     break
-            bar.close()
-            if losses and not math.isfinite(float(torch.stack(losses).float().mean())):
-                raise TrainingDiverged(
-                    f"stage {stage} epoch {epoch}: loss is not finite; the last good checkpoint "
-                    f"in {self.run_dir / 'checkpoints'} is intact. Lower stage{stage}.lr."
-                )
+            meter.close()
             skip = 0
             stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best, scoring)
             self.save_resume_point(engine, stage, epoch + 1, 0, stale)
@@ -381,23 +311,6 @@ class Trainer:
         self.state["global_step"] = self.global_step
         engine.destroy()  # removes its ZeRO gradient hooks: the next stage's engine wraps the same parameters
         self.finish_stage(stage, scoring)
-
-    def _mean_loss_across_ranks(self, losses: list[torch.Tensor]) -> float:
-        import torch.distributed as dist
-
-        total = torch.stack(losses).float().mean().reshape(1)
-        if self.world > 1:
-            dist.all_reduce(total)
-            total /= self.world
-        return float(total)
-
-    def _append_loss(self, stage: int, step: int, loss: float) -> None:
-        if self.rank == 0:
-            path = self.run_dir / f"loss_stage{stage}.csv"
-            new = not path.exists()
-            with open(path, "a") as f:
-                f.write("step,loss\n" if new else "")
-                f.write(f"{step},{loss:.8f}\n")
 
     def _prepare(self, batch):
         """The loader's (host) batch on the device; payloads left to the main process (JPEGs) are decoded here, on
@@ -413,20 +326,10 @@ class Trainer:
         return batch
 
     def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str):
-        ranks = self.evaluate("valid", scoring)
-        metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
-        self.log_scalars({f"eval/{k}": v for k, v in metrics.items() if "@" in k}, self.global_step + epoch)
-        LOG.info(
-            f"stage {stage} epoch {epoch} validation: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "@" in k)
-        )
+        """Rank the validation split; keep the stage's best model by `eval.select`; early stopping's count."""
+        metrics = ev.metrics_from_ranks(self.evaluate("valid", scoring), self.cfg.eval.ks)
+        self.log.validation(stage, epoch, metrics, self.global_step + epoch)
         record = {"stage": stage, "epoch": epoch, "valid": metrics, "scoring": scoring}
-        if self.rank == 0:
-            curve = self.run_dir / "valid_curve.csv"
-            keys = [k for k in metrics if "@" in k]
-            with open(curve, "a") as f:
-                f.write("" if curve.exists() and curve.stat().st_size else "stage,epoch," + ",".join(keys) + "\n")
-                f.write(f"{stage},{epoch}," + ",".join(f"{metrics[k]:.6f}" for k in keys) + "\n")
         select = self.cfg.eval.select
         if stage_best is None or metrics[select] > stage_best["valid"][select]:
             stage_best, stale = record, 0
@@ -438,37 +341,13 @@ class Trainer:
         return stale, stage_best, bool(patience and stale >= patience)
 
     def save_resume_point(self, engine, stage: int, epoch: int, batches_done: int, stale: int) -> None:
-        """A DeepSpeed checkpoint under a new tag, then resume.json naming it, then the older tags go: a kill at
-        any moment leaves resume.json pointing at a complete checkpoint."""
-        import shutil
-
-        ckpt = self.run_dir / "checkpoints"
-        tag = f"stage{stage}-epoch{epoch}-batch{batches_done}"
-        engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
-        torch.save(rng_state(), ckpt / tag / f"rng_rank{self.rank}.pt")
-        _barrier()
-        if self.rank == 0:
-            write_checkpoint_hashes(ckpt / tag)  # a resume verifies every file before loading any
-        if self.rank == 0:
-            point = {
-                "stage": stage,
-                "epoch": epoch,
-                "batches_done": batches_done,
-                "stale": stale,
-                "tag": tag,
-                "state": self.state,
-            }
-            tmp = self.run_dir / "resume.json.partial"
-            tmp.write_text(json.dumps(point, indent=1))
-            tmp.replace(self.run_dir / "resume.json")
-            for old in ckpt.iterdir():
-                if old.is_dir() and old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        save_resume_point(engine, self.run_dir, self.rank, {"stage": stage, "epoch": epoch,
+                                                            "batches_done": batches_done, "stale": stale,
+                                                            "state": self.state})
 
     def finish_stage(self, stage: int, scoring: str) -> None:
         """Test with this stage's best model (the table's 'after stage N' row)."""
-        _barrier()
+        barrier()
         best_file = self.run_dir / f"best_stage{stage}.safetensors"
         load_model_state(self.model, best_file)
         ranks = self.evaluate("test", scoring)
@@ -541,8 +420,8 @@ class Trainer:
             self.write_ranks("test_ranks_popularity", self.test_users, pop_test)
             result = self.report(best_stage, test_ranks, pop_valid, pop_test)
             LOG.info(f"export written to {self.run_dir / 'export'}; run directory: {self.run_dir}")
-            self.writer.close()
-        _barrier()
+            self.log.close()
+        barrier()
         return result
 
     def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
@@ -571,10 +450,3 @@ def export_preprocessing(manifest: dict, cfg: RunConfig) -> dict:
             "image": {"size": cfg.model.image_size, "geometry": "resize shorter side, centre crop (data_shards.decode)",
                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "pixels / 255"},
             "modality_rule": manifest["modality_rule"]}
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()

@@ -347,8 +347,7 @@ def evaluate_view(run_dir: Path, shards: Path, out: Path) -> dict:
     metrics = {"test": ev.metrics_from_ranks(ranks, cfg.eval.ks), "best": {"stage": best},
                "run": str(run_dir), "shards": str(shards)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if trainer.writer is not None:
-        trainer.writer.close()
+    trainer.log.close()
     del trainer
     gc.collect()
     return metrics

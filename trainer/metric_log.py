@@ -1,0 +1,146 @@
+"""Metric logging of a run: TensorBoard, the loss and validation CSVs, progress and the log lines of training.
+
+    log = RunLog(run_dir, rank, world, device)
+    meter = log.epoch(stage, epoch, steps_per_epoch, first_batch, steps_total, estimate=True)
+    for b, batch in enumerate(loader, start=first_batch):
+        meter.batch_in(batch)                 # host counts, read before the batch goes to the device
+        ... step ...
+        meter.step_done(loss, b, optimizer_steps, run_step, boundary, lr)
+    meter.close()                             # the epoch's losses were finite, or TrainingDiverged
+    log.validation(stage, epoch, metrics, run_step)
+
+Losses stay on the device between logging steps: one host read (and one all-reduce over ranks) per `log_every`
+optimizer steps. Only rank 0 writes files; without a terminal a log line stands in for the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.run_setup import LOG, peak_memory_gib
+
+ETA_AFTER_STEPS = 5  # steps timed before the estimated time per epoch is logged
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, rank: int, world: int, device: torch.device, log_every: int):
+        self.run_dir, self.rank, self.world, self.device, self.log_every = run_dir, rank, world, device, log_every
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def epoch(self, stage: int, epoch: int, steps_per_epoch: int, first_batch: int, steps_total: int,
+              estimate: bool) -> EpochMeter:
+        return EpochMeter(self, stage, epoch, steps_per_epoch, first_batch, steps_total, estimate)
+
+    def validation(self, stage: int, epoch: int, metrics: dict, step: int) -> None:
+        """TensorBoard, the log line and a row of valid_curve.csv for one validation."""
+        shown = {k: v for k, v in metrics.items() if "@" in k}
+        self.scalars({f"eval/{k}": v for k, v in shown.items()}, step)
+        LOG.info(f"stage {stage} epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        if self.rank == 0:
+            curve = self.run_dir / "valid_curve.csv"
+            with open(curve, "a") as f:
+                f.write("" if curve.exists() and curve.stat().st_size else "stage,epoch," + ",".join(shown) + "\n")
+                f.write(f"{stage},{epoch}," + ",".join(f"{v:.6f}" for v in shown.values()) + "\n")
+
+    def append_loss(self, stage: int, step: int, loss: float) -> None:
+        if self.rank == 0:
+            path = self.run_dir / f"loss_stage{stage}.csv"
+            new = not path.exists()
+            with open(path, "a") as f:
+                f.write("step,loss\n" if new else "")
+                f.write(f"{step},{loss:.8f}\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class EpochMeter:
+    """One epoch's progress: the bar (or its log lines), throughput, the loss on logging steps, the first estimate
+    of the time per epoch, and the divergence checks."""
+
+    def __init__(self, log: RunLog, stage: int, epoch: int, steps_per_epoch: int, first_batch: int,
+                 steps_total: int, estimate: bool):
+        from tqdm import tqdm
+
+        self.log, self.stage, self.epoch = log, stage, epoch
+        self.steps_per_epoch, self.first_batch, self.steps_total = steps_per_epoch, first_batch, steps_total
+        self.estimate = estimate
+        self.bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"stage {stage} epoch {epoch}",
+                        disable=log.rank != 0 or not sys.stderr.isatty(),  # carriage returns only on a terminal
+                        unit="step", leave=False)
+        self.t_start = self.t_last = time.time()
+        self.sequences, self.items, self.losses = 0.0, 0, []
+
+    def batch_in(self, batch) -> None:
+        self.sequences += batch.num_real  # host values, read before the batch goes to the device
+        self.items += int(batch.unique_items.numel())
+
+    def step_done(self, loss: torch.Tensor, batch_index: int, optimizer_steps: int, run_step: int, boundary: bool,
+                  lr) -> None:
+        """After a micro-batch: `boundary` when it ended an optimizer step (`optimizer_steps` of this stage,
+        `run_step` of the run: TensorBoard's x); `lr` gives the current learning rate."""
+        self.losses.append(loss.detach())
+        self.bar.update(1)
+        if self.estimate and batch_index == self.first_batch + ETA_AFTER_STEPS - 1:
+            per_step = (time.time() - self.t_start) / ETA_AFTER_STEPS
+            LOG.info(f"stage {self.stage}: {per_step:.2f} s/step over the first {ETA_AFTER_STEPS} steps: about "
+                     f"{per_step * self.steps_per_epoch / 60:.1f} min per epoch, "
+                     f"{per_step * self.steps_total / 60:.1f} min for the stage's {self.steps_total} steps")
+        if not (boundary and optimizer_steps % self.log.log_every == 0):
+            return
+        log, stage = self.log, self.stage
+        mean_loss = self._mean_across_ranks()  # host sync on logging steps only
+        log.append_loss(stage, optimizer_steps, mean_loss)
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f"stage {stage} epoch {self.epoch} step {batch_index}: loss is {mean_loss}; the last good checkpoint "
+                f"in {log.run_dir / 'checkpoints'} is intact. Lower the learning rate (stage{stage}.lr) "
+                "or check the input data."
+            )
+        dt = time.time() - self.t_last
+        rate = self.sequences * log.world / dt
+        log.scalars({f"train/stage{stage}_loss": mean_loss, "train/lr": lr(), "perf/sequences_per_s": rate,
+                     "perf/items_encoded_per_s": self.items * log.world / dt,
+                     "mem/peak_gib": peak_memory_gib(log.device)}, run_step)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", seq_s=f"{rate:.0f}")
+        if self.bar.disable:  # no progress bar (not a terminal): a log line per logging step instead
+            LOG.info(f"stage {stage} epoch {self.epoch} step {batch_index + 1}/{self.steps_per_epoch}: loss "
+                     f"{mean_loss:.4f}, {rate:.0f} sequences/s")
+        self.t_last, self.sequences, self.items, self.losses = time.time(), 0.0, 0, []
+
+    def close(self) -> None:
+        """End of the epoch: the losses since the last logging step must be finite."""
+        self.bar.close()
+        if self.losses and not math.isfinite(float(torch.stack(self.losses).float().mean())):
+            raise TrainingDiverged(
+                f"stage {self.stage} epoch {self.epoch}: loss is not finite; the last good checkpoint "
+                f"in {self.log.run_dir / 'checkpoints'} is intact. Lower stage{self.stage}.lr."
+            )
+
+    def _mean_across_ranks(self) -> float:
+        import torch.distributed as dist
+
+        total = torch.stack(self.losses).float().mean().reshape(1)
+        if self.log.world > 1:
+            dist.all_reduce(total)
+            total /= self.log.world
+        return float(total)
