@@ -1,5 +1,5 @@
-"""Config: the selection metric is a validated field, and run records written before a field was retired still load
-(resume, evaluation of old runs)."""
+"""Config: choices are validated literals, the trainable depth is a map over modalities, and run records written
+before a field was retired or renamed still load (resume, evaluation of old runs) and keep their run keys."""
 
 from __future__ import annotations
 
@@ -35,3 +35,37 @@ def test_run_keys_keep_the_retired_field_and_drop_the_new_one_at_its_default():
     assert "select" not in keyed["eval"]
     changed = drop_settings_that_change_nothing(to_dict(apply_overrides(preset("cpu-small"), ["eval.select=hr@10"])))
     assert changed["eval"]["select"] == "hr@10"
+
+
+def test_choices_are_validated_literals():
+    for override, name in (("model.image_backbone=vgg", "model.image_backbone"),
+                           ("data.decoder=nvjpeg", "data.decoder"), ("stage2.loss=bpr", "stage2.loss"),
+                           ("stage1.head=id", "stage1.head"), ("model.user_encoder=lstm", "user_encoder")):
+        with pytest.raises(ValueError, match=name):
+            apply_overrides(preset("tiny"), [override])
+
+
+def test_trainable_depth_is_a_map_over_modalities():
+    cfg = apply_overrides(preset("cpu-small"), ["stage2.trainable.text=2", "stage1.trainable=image:-1"])
+    assert cfg.stage2.trainable == {"text": 2, "image": 1} and cfg.stage1.trainable == {"image": -1}
+    renamed = apply_overrides(preset("cpu-small"), ["stage2.image_trainable=0"])  # the former name still works
+    assert renamed.stage2.trainable == {"text": 1, "image": 0}
+    with pytest.raises(ValueError, match="block count >= -1"):
+        apply_overrides(preset("tiny"), ["stage2.trainable.text=-2"])
+    with pytest.raises(ValueError, match="key:value"):
+        apply_overrides(preset("tiny"), ["stage2.trainable=text"])
+
+
+def test_run_records_with_the_former_trainable_fields_load_and_keep_their_keys():
+    record = to_dict(preset("cpu-small"))
+    for stage in ("stage1", "stage2"):  # what runs recorded before the per-modality map
+        depth = record[stage].pop("trainable")
+        record[stage].update(text_trainable=depth.get("text", 0), image_trainable=depth.get("image", 0))
+    cfg = _config_from_dict(json.loads(json.dumps(record)))
+    assert cfg.stage2.trainable == {"text": 1, "image": 1} and cfg.stage1.trainable == {"text": 0, "image": 0}
+    keyed = drop_settings_that_change_nothing(to_dict(preset("cpu-small")))
+    assert keyed["stage2"]["text_trainable"] == 1 and keyed["stage2"]["image_trainable"] == 1
+    assert "trainable" not in keyed["stage2"]
+    third = apply_overrides(preset("cpu-small"), ["stage2.trainable.signal=1"])
+    third = drop_settings_that_change_nothing(to_dict(third))
+    assert third["stage2"]["trainable"] == {"text": 1, "image": 1, "signal": 1}

@@ -60,6 +60,9 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
         one_of("model.text_attention", self.text_attention, ("sdpa", "eager"))
+        from trainer.towers import IMAGE_BACKBONES
+
+        one_of("model.image_backbone", self.image_backbone, tuple(IMAGE_BACKBONES))
         if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:
             raise ValueError("image_size must be >= 32, max_tokens >= 4, max_len >= 3")
         if self.temperature <= 0:
@@ -177,6 +180,9 @@ class DataConfig:
         if not 0 < self.user_fraction <= 1:
             raise ValueError("user_fraction must be in (0, 1]")
         one_of("data.split", self.split, ("auto", "samples", "shards"))
+        from data_shards.decode import BACKENDS
+
+        one_of("data.decoder", self.decoder, BACKENDS)
 
 
 @dataclass
