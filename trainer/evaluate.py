@@ -23,6 +23,28 @@ import torch
 import torch.distributed as dist
 
 
+class Ragged:
+    """Rows of item ids of different lengths as one flat int32 array and offsets (a few bytes an id, not a numpy
+    object per row). `r[i]` is row i (int64); `r[a:b]` or `r[index_array]` is a Ragged of those rows."""
+
+    def __init__(self, offsets: np.ndarray, values: np.ndarray):
+        self.offsets, self.values = offsets, values
+
+    @classmethod
+    def from_rows(cls, rows: list) -> Ragged:
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)])
+        values = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, np.int32)
+        return cls(offsets, values)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return self.values[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
+        return Ragged.from_rows([self[int(k)] for k in np.arange(len(self))[i]])
+
+
 @dataclass
 class EvalUsers:
     """The users evaluated in one split: histories (ids, left padded) and targets."""
@@ -30,24 +52,31 @@ class EvalUsers:
     users: np.ndarray  # [U]
     histories: np.ndarray  # [U, L] item ids, -1 padded on the left
     targets: np.ndarray  # [U]
-    seen: list[np.ndarray]  # per user: items before the target
+    seen: Ragged | list[np.ndarray]  # per user: the distinct items before the target
 
 
-def eval_users(sequences: list[dict], split: str, max_len: int) -> EvalUsers:
-    """Validation: history = training items, target = the next; test: history includes the validation item."""
+def eval_users(sequences, split: str, max_len: int) -> EvalUsers:
+    """Validation: history = training items, target = the next; test: history includes the validation item.
+    `sequences`: user samples in index order (a SequenceTable, or read_sequences' list), read in one pass."""
     if split not in ("valid", "test"):
         raise ValueError("split must be 'valid' or 'test'")
-    rows = [s for s in sequences if s["evaluated"]]
-    users, hist, targets, seen = [], np.full((len(rows), max_len), -1, dtype=np.int64), [], []
-    for r, s in enumerate(rows):
+    hist = np.full((len(sequences), max_len), -1, dtype=np.int64)  # every user at most; cut to the evaluated
+    users, targets, seen_rows, seen_values = [], [], [0], []
+    for s in sequences:
+        if not s["evaluated"]:
+            continue
         cut = s["num_train"] + (0 if split == "valid" else 1)
-        before = s["items"][:cut]
+        before = np.asarray(s["items"][:cut], dtype=np.int64)
         h = before[-max_len:]
-        hist[r, max_len - len(h) :] = h
+        hist[len(users), max_len - len(h) :] = h
         users.append(s["user"])
         targets.append(s["items"][cut])
-        seen.append(np.unique(np.asarray(before, dtype=np.int64)))
-    return EvalUsers(np.asarray(users), hist, np.asarray(targets), seen)
+        distinct = np.unique(before).astype(np.int32)
+        seen_values.append(distinct)
+        seen_rows.append(seen_rows[-1] + len(distinct))
+    histories = hist[: len(users)].copy()
+    values = np.concatenate(seen_values) if seen_values else np.zeros(0, dtype=np.int32)
+    return EvalUsers(np.asarray(users), histories, np.asarray(targets), Ragged(np.asarray(seen_rows), values))
 
 
 def excluded_pairs(

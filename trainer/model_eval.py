@@ -111,7 +111,8 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     from safetensors.torch import load_file
 
     from data_shards.decode import ImageDecoder
-    from data_shards.shard_io import ItemStore, load_manifest, read_sequences
+    from data_shards.sequence_table import SequenceTable
+    from data_shards.shard_io import ItemStore, load_manifest
     from trainer.checkpoint import DOMAIN_SPECIFIC
     from trainer.config import ModelConfig
     from trainer.feature_cache import FeatureCache
@@ -139,7 +140,7 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     if trained_vocab and trained_vocab != manifest["text"]["tokenizer"]["vocab_hash"]:
         raise ValueError(f"{shards} was tokenized with another vocabulary than the one {export_dir} was trained with "
                          f"({meta['text']['tokenizer'].get('path_name')}): rebuild the shards with that tokenizer")
-    store, sequences = ItemStore(shards), read_sequences(shards)
+    store, sequences = ItemStore(shards), SequenceTable(shards)
     trainable = meta.get("trainable", {})  # the selected stage's split of each tower (absent: 0)
     model = TransRec(cfg, store.num_items, store.modality.copy(), trainable,
                      modality_names=store.modality_names).to(device)

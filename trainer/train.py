@@ -18,7 +18,8 @@ import torch
 import kernels
 from data_shards.loader import LoaderConfig, make_train_loader
 from data_shards.modalities import ContentOptions, content_kind
-from data_shards.shard_io import ItemStore, load_manifest, read_sequences
+from data_shards.sequence_table import SequenceTable
+from data_shards.shard_io import ItemStore, load_manifest
 from trainer import evaluate as ev
 from trainer.checkpoint import (
     barrier,
@@ -81,7 +82,7 @@ class Trainer:
         if cfg.model.item_encoder == "content":
             check_vocabulary(self.manifest, cfg.model.text_encoder)
         self.store = ItemStore(self.shards)
-        self.sequences = read_sequences(self.shards)
+        self.sequences = SequenceTable(self.shards)  # compact: flat arrays, not a dict per user
         self.num_items = self.store.num_items
         self.modality = self.store.modality.copy()
         if cfg.data.modality_override:
