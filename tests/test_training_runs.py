@@ -503,3 +503,23 @@ def test_zero3_one_step_save_and_load(ds_config, ml_shards, tiny_bert_dir, tmp_p
     out = _run_main(["--resume", str(run)])
     assert "resumed stage 1" in out.stdout
     assert json.loads((run / "metrics.json").read_text())["test"] == first["test"]
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3_offload.json"])
+def test_resume_reads_deepspeed_checkpoints_weights_only(ds_config, ml_shards, tiny_bert_dir, tmp_path, monkeypatch):
+    """A resume loads every checkpoint file with torch.load(weights_only=True): DeepSpeed's own engine would unpickle
+    arbitrary objects."""
+    import torch
+
+    from trainer.main import main
+
+    run = tmp_path / "run"
+    main([*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir", str(run),
+          "--ds_config", str(REPO / "ds_configs" / ds_config), "--stage", "1", "--set", "stage1.max_steps=2",
+          "save_every_steps=1"])
+    (run / "metrics.json").unlink()
+    flags, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: flags.append(k.get("weights_only")) or real_load(*a, **k))
+    main(["--resume", str(run)])
+    assert len(flags) >= 3 and all(flag is True for flag in flags)  # model states, optimizer states, RNG
+    assert (run / "metrics.json").exists()

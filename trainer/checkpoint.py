@@ -252,9 +252,29 @@ def save_resume_point(engine, run_dir: Path, rank: int, point: dict) -> None:
     barrier()
 
 
+# Classes DeepSpeed's checkpoints pickle besides tensors, numbers and containers (ZeRO 0-3, CPU offload): allowed by
+# name to the weights-only load below; any other object in a checkpoint file is refused instead of unpickled.
+DEEPSPEED_CHECKPOINT_CLASSES = (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                                ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                                ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                                ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
+def weights_only_load(path, map_location=None):
+    """torch.load with weights_only=True and DeepSpeed's few checkpoint classes allowed (DeepSpeed's own checkpoint
+    engine loads with weights_only=False, which runs whatever a file's pickle says)."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(m), n) for m, n in DEEPSPEED_CHECKPOINT_CLASSES]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_resume_point(engine, run_dir: Path, tag: str, rank: int) -> None:
-    """The DeepSpeed state and this rank's RNG state of checkpoint `tag`, after verifying every file."""
+    """The DeepSpeed state and this rank's RNG state of checkpoint `tag`, after verifying every file; nothing is
+    unpickled beyond tensors, containers and DeepSpeed's named checkpoint classes."""
     verify_checkpoint(run_dir / "checkpoints" / tag)
+    engine.checkpoint_engine.load = weights_only_load  # this engine's loads only (an instance attribute)
     load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag)
     if load_path is None:
         raise FileNotFoundError(f"checkpoint {tag} missing in {run_dir / 'checkpoints'}: cannot resume")
