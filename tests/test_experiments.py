@@ -184,7 +184,7 @@ def test_quick_table4_writes_report_csv_and_png(quick):
     with open(out / "table4_runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["row"] for r in rows] == ["popularity", "IDRec", "IDGru", "IDNext", "train-from-scratch",
-                                        "TransRec (transfer)", "TransRec (zero-shot)",
+                                        "TransRec (transfer)", "TransRec (zero-shot)", "transfer, towers only",
                                         "scratch, paper objectives: free head", "scratch, paper objectives: CPC model",
                                         "transfer, paper objectives: free head",
                                         "transfer, paper objectives: CPC model"]
