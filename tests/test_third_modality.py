@@ -151,6 +151,14 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     assert torch.equal(stage2[block.format(0)], initial["blocks.0.0.weight"])  # the cached block stays frozen
     assert metrics["test"]["users"] == 943 and np.isfinite(metrics["test"]["ndcg@10"])
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
+    # served from the export: a new item given by its signal alone scores as the catalogue item with that signal
+    from trainer.recommend import Recommender
+
+    rec = Recommender.from_export(tmp_path / "run" / "export", signal_shards, show_progress=False)
+    item = int(np.flatnonzero(rec.ranker.store.modality == 2)[0])
+    assert rec.add_item("copy-signal", content={"signal": signal_of(rec.item_ids[item])}) == "signal"
+    torch.testing.assert_close(rec.item_vectors[-1], rec.item_vectors[item], rtol=1e-5, atol=1e-5)
+    assert "copy-signal" in rec.recommend([rec.item_ids[0]], k=len(rec.item_ids) - 1)["items"]
 
 
 def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_path):

@@ -131,8 +131,11 @@ class Recommender:
 
     # -- new items (cold start) -----------------------------------------------------------------------------
     @torch.no_grad()
-    def add_item(self, raw_id: str, text: str | None = None, image_jpeg: bytes | None = None) -> str:
-        """Encode a new item by its content and make it recommendable at once; returns the tower used."""
+    def add_item(self, raw_id: str, text: str | None = None, image_jpeg: bytes | None = None,
+                 content: dict[str, object] | None = None) -> str:
+        """Encode a new item by its content and make it recommendable at once; returns the tower used. `content`:
+        {modality: value} for a registered modality other than text and image (the value its builder hook gives,
+        packed by its content kind), instead of a text or an image."""
         from data_shards.build import load_tokenizer, modality_choice
         from data_shards.decode import ImageDecoder
         from trainer.text_vocab import tokenizer_dir
@@ -140,14 +143,20 @@ class Recommender:
         if raw_id in self.index:
             raise ValueError(f"item {raw_id!r} is already in the catalogue")
         text = (text or "").strip()
-        if not text and image_jpeg is None:
+        if content:
+            if text or image_jpeg is not None or len(content) != 1:
+                raise ValueError(f"item {raw_id!r}: give one modality's content, or a text and / or an image")
+            ((tower, value),) = content.items()
+            data, start = content_kind(tower).pack(value)
+            payload = data[start:]
+        elif not text and image_jpeg is None:
             raise ValueError(f"item {raw_id!r} has no content: give a text, an image, or both")
-        rule = self.manifest.get("modality", "mixed")
-        if image_jpeg is None:
+        elif image_jpeg is None:
             tower = "text"
         elif not text:
             tower = "image"
         else:
+            rule = self.manifest.get("modality", "mixed")
             tower = {"text": "text", "image": "image"}.get(rule) or ("image" if modality_choice(raw_id, 0) else "text")
         if tower not in self.model.towers:
             raise ValueError(f"this model has no {tower} tower")
@@ -158,7 +167,7 @@ class Recommender:
             # as the catalogue's items: tokenized at the shards' length, then cut to the model's (trainer loader)
             ids = self._tokenizer(text, truncation=True, max_length=self.manifest["text"]["max_tokens"])["input_ids"]
             payload = np.asarray(ids, dtype="<i4").tobytes()
-        else:
+        elif tower == "image":
             payload = image_jpeg
         options = ContentOptions(max_tokens=self.model.cfg.max_tokens,
                                  decoder=ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1))
