@@ -1,7 +1,7 @@
 """A third modality added through the registry alone (trainer.modalities.register): a numeric signal per item with
 a small tower of its own, written by a builder hook. Nothing outside this file knows it: shards are built with it,
 mixed sequences of the three modalities route to their towers, the trainer caches its frozen block, trains it end to
-end in stage 2 and evaluates."""
+end in stage 2 and evaluates, and serving adds a new item of the modality by its content."""
 
 from __future__ import annotations
 
