@@ -159,6 +159,22 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     assert rec.add_item("copy-signal", content={"signal": signal_of(rec.item_ids[item])}) == "signal"
     torch.testing.assert_close(rec.item_vectors[-1], rec.item_vectors[item], rtol=1e-5, atol=1e-5)
     assert "copy-signal" in rec.recommend([rec.item_ids[0]], k=len(rec.item_ids) - 1)["items"]
+    # over HTTP: the content as JSON; content that does not fit the tower, or no such tower, is a 422, and the
+    # service goes on
+    from fastapi.testclient import TestClient
+
+    from trainer.serve import create_app
+
+    client = TestClient(create_app(rec, batching=False))
+    values = signal_of(rec.item_ids[item]).tolist()
+    ok = client.post("/items", json={"id": "http-signal", "content": {"signal": values}})
+    assert ok.status_code == 200 and ok.json()["tower"] == "signal"
+    torch.testing.assert_close(rec.item_vectors[-1], rec.item_vectors[item], rtol=1e-5, atol=1e-5)
+    short = client.post("/items", json={"id": "short", "content": {"signal": [0.5, 0.25]}})
+    assert short.status_code == 422 and "does not fit the signal tower" in short.json()["detail"]
+    unknown = client.post("/items", json={"id": "sound", "content": {"sound": [1.0]}})
+    assert unknown.status_code == 422 and "no 'sound' tower" in unknown.json()["detail"]
+    assert client.post("/recommend", json={"history": [rec.item_ids[0]], "k": 5}).status_code == 200
 
 
 def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_path):

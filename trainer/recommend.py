@@ -147,7 +147,13 @@ class Recommender:
             if text or image_jpeg is not None or len(content) != 1:
                 raise ValueError(f"item {raw_id!r}: give one modality's content, or a text and / or an image")
             ((tower, value),) = content.items()
-            data, start = content_kind(tower).pack(value)
+            if tower not in self.model.towers:
+                raise ValueError(f"item {raw_id!r}: this model has no {tower!r} tower (it has "
+                                 f"{', '.join(self.model.towers)})")
+            try:
+                data, start = content_kind(tower).pack(value)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"item {raw_id!r}: its {tower} content cannot be packed: {e}") from None
             payload = data[start:]
         elif not text and image_jpeg is None:
             raise ValueError(f"item {raw_id!r} has no content: give a text, an image, or both")
@@ -171,9 +177,15 @@ class Recommender:
             payload = image_jpeg
         options = ContentOptions(max_tokens=self.model.cfg.max_tokens,
                                  decoder=ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1))
-        inputs = content_kind(tower).collate([payload], np.array([len(self.item_ids)]), options)
         model_tower = self.model.towers[tower]
-        vec = model_tower.upper(self._as_cached(tower, model_tower.lower({k: v.to(device) for k, v in inputs.items()})))
+        try:
+            inputs = content_kind(tower).collate([payload], np.array([len(self.item_ids)]), options)
+            lower = model_tower.lower({k: v.to(device) for k, v in inputs.items()})
+            vec = model_tower.upper(self._as_cached(tower, lower))
+        except (ValueError, TypeError, RuntimeError) as e:  # content of the wrong shape or kind for its tower
+            if isinstance(e, ValueError) and tower == "image":
+                raise  # an undecodable image names itself (CorruptImageError)
+            raise ValueError(f"item {raw_id!r}: its {tower} content does not fit the {tower} tower: {e}") from None
         with self._lock:
             self.item_vectors = torch.cat([self.item_vectors, vec.float()])
             self.index[raw_id] = len(self.item_ids)

@@ -5,10 +5,12 @@
     POST /recommend {"history": ["raw id", ...], "k": 10, "exclude_seen": true} -> {"items": [...], "scores": [...],
                                                                                     "ignored": [...], "note": ""}
     POST /items     {"id": "new id", "text": "...", "image_base64": "<JPEG>"} -> {"id": ..., "tower": ..., "items": N}
+                    {"id": "new id", "content": {"<modality>": value}}  (a registered modality's content)
     GET  /health    -> {"status": "ok", "items": N, ...}
 
 Bad requests get a 4xx whose "detail" names the problem (400 malformed JSON or fields, 404 no known item in the
-history, 409 an id already present, 422 a k out of range, content missing or an undecodable image); the service
+history, 409 an id already present, 422 a k out of range, content missing, an undecodable image, or content that
+does not fit its tower); the service
 keeps running. The model runs in eval mode without gradients; concurrent /recommend requests arriving within 2 ms
 share one model pass (`--no-batching`: one pass each), and items added by POST /items are recommendable at once
 (cold start, no retraining).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +45,7 @@ class ItemRequest(BaseModel):
     id: str = Field(min_length=1, max_length=512)
     text: str | None = Field(None, max_length=100_000)
     image_base64: str | None = Field(None, max_length=20_000_000)
+    content: dict[str, Any] | None = None  # {modality: value}: a registered modality other than text and image
 
 
 def create_app(rec: Recommender, info: dict | None = None, batching: bool = True) -> FastAPI:
@@ -84,7 +88,7 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
         if req.id in rec.index:
             raise HTTPException(409, f"item {req.id!r} is already in the catalogue")
         try:
-            tower = rec.add_item(req.id, req.text, image)
+            tower = rec.add_item(req.id, req.text, image, req.content)
         except ValueError as e:  # no content, an undecodable image (CorruptImageError), an id added meanwhile
             status = 409 if "already in the catalogue" in str(e) else 422
             raise HTTPException(status, str(e)) from None
