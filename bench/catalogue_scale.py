@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
-from bench.run_record import peak_rss_mib, recorded_command  # noqa: E402
+from bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 
 SECTIONS = ("input", "text tower", "image tower", "user encoder", "loss", "backward", "optimizer")
 
@@ -193,11 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(f"[catalogue-scale]   step {row['step_s']:.2f} s, epoch {row['epoch_s']:.0f} s, cache "
                   f"{row['cache_s']:.0f} s, eval {row['valid_eval_s']:.1f} s", flush=True)
-            text = markdown(rows, meta)
-            for path, body in ((a.md, text), (a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))):
-                if path:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(body)
+            write_reports(a.md, markdown(rows, meta), a.json, {"meta": meta, "rows": rows})
     print(markdown(rows, meta))
     return rows
 

@@ -1,7 +1,9 @@
-"""What a bench records about its own run: the command (without one machine's absolute paths) and peak memory."""
+"""What a bench records about its own run: the command (without one machine's absolute paths), peak memory, and its
+Markdown / JSON reports."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 from pathlib import Path
@@ -19,6 +21,15 @@ def recorded_command(prog: str, args: list[str]) -> str:
         return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else "SCRATCH"
 
     return " ".join([prog, *(token(a) for a in args)])
+
+
+def write_reports(md: Path | None, markdown: str, json_path: Path | None = None, record: dict | None = None) -> None:
+    """The Markdown table to `md` and `record` as JSON to `json_path` (each when given), folders made as needed; a
+    bench calls it after every row, so an interrupted run still leaves its figures."""
+    for path, body in ((md, markdown), (json_path, None if record is None else json.dumps(record, indent=1))):
+        if path and body is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(body)
 
 
 def peak_rss_mib() -> float:

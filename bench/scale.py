@@ -17,7 +17,6 @@ as such.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.run_record import peak_rss_mib, recorded_command  # noqa: E402
+from bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 
 
 def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path, float, int]:
@@ -160,11 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"[scale]   {row['loader_1'][0]['sequences_per_s']:.0f} seq/s on 1 rank, eval "
               f"{row['eval_users_per_s']:.0f} users/s", flush=True)
-        text = markdown(rows, meta)
-        for path, body in ((a.md, text), (a.json, json.dumps({"meta": meta, "rows": rows}, indent=1))):
-            if path:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(body)
+        write_reports(a.md, markdown(rows, meta), a.json, {"meta": meta, "rows": rows})
     print(markdown(rows, meta))
     return rows
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run_record import peak_rss_mib, recorded_command  # noqa: E402
+from bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 
 READERS = ("dicts", "table")
 
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, sys.argv[1:] if argv is None else argv)
     print(table)
-    if a.md:
-        a.md.parent.mkdir(parents=True, exist_ok=True)
-        a.md.write_text(table)
+    write_reports(a.md, table)
     return rows
 
 
