@@ -30,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_shards import report
-from data_shards.modalities import BUILT_IN, content_kind, extra_kinds
-from data_shards.shard_io import FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
+from data_shards.modalities import content_kind, extra_kinds
+from data_shards.shard_io import BUILT_IN_MODALITIES, FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
 from data_shards.tables import (
     GenericColumns,
     Problems,
@@ -195,7 +195,7 @@ def build(opts: BuildOptions) -> dict:
             value = None if raw in hooked else kind.from_item(raw, dict(domain.items[raw].fields))
             if value is not None:
                 hooked[raw] = (kind.name, value)
-    names = [*BUILT_IN, *sorted({name for name, _ in hooked.values()})]
+    names = [*BUILT_IN_MODALITIES, *sorted({name for name, _ in hooked.values()})]
     texts, has_image, modality, fallbacks, usable = {}, {}, {}, [], []
     for raw, (category, reason) in zip(raw_items, checks):
         rec = domain.items[raw]
@@ -217,7 +217,7 @@ def build(opts: BuildOptions) -> dict:
         ok = bool(text) if want == 0 else has_image[raw]
         modality[raw] = want if ok else 1 - want
         if not ok:
-            fallbacks.append({"item": raw, "wanted": BUILT_IN[want], "used": BUILT_IN[1 - want]})
+            fallbacks.append({"item": raw, "wanted": BUILT_IN_MODALITIES[want], "used": BUILT_IN_MODALITIES[1 - want]})
         usable.append(raw)
     item_index = {raw: i for i, raw in enumerate(usable)}
 

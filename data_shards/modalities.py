@@ -23,17 +23,14 @@ import torch
 
 from data_shards.shard_io import BUILT_IN_MODALITIES, npy_bytes
 
-BUILT_IN = BUILT_IN_MODALITIES  # the two modalities every shard folder lists first, in this order
-
 
 @dataclass(frozen=True)
 class ContentOptions:
     """What collating may depend on: the token budget and the image decoder (None: JPEGs stay bytes, decoded later in
-    the main process, e.g. on the GPU); `full_width` pads token rows to `max_tokens` instead of the batch's longest."""
+    the main process, e.g. on the GPU)."""
 
     max_tokens: int = 64
     decoder: object | None = None
-    full_width: bool = False
 
 
 def _identity_pack(value: bytes) -> tuple[bytes, int]:
@@ -56,10 +53,10 @@ class ContentKind:
 
 
 def _collate_tokens(payloads: list, items: np.ndarray, options: ContentOptions) -> dict[str, torch.Tensor]:
-    """Token ids [N, T] (right padded with 0) and mask [N, T]; T = the longest row (>= 1), or max_tokens."""
+    """Token ids [N, T] (right padded with 0) and mask [N, T]; T = the longest row, at least 1."""
     rows = [np.frombuffer(p, dtype="<i4")[: options.max_tokens] for p in payloads]
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
-    width = options.max_tokens if options.full_width else max(int(lengths.max()) if len(rows) else 1, 1)
+    width = max(int(lengths.max()) if len(rows) else 1, 1)
     ids = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
@@ -68,8 +65,7 @@ def _collate_tokens(payloads: list, items: np.ndarray, options: ContentOptions) 
 
 
 def _pack_tokens(tokens: np.ndarray) -> tuple[bytes, int]:
-    data, header = npy_bytes(np.asarray(tokens, dtype="<i4"))
-    return data, header
+    return npy_bytes(np.asarray(tokens, dtype="<i4"))
 
 
 def _collate_jpegs(payloads: list, items: np.ndarray, options: ContentOptions) -> dict[str, torch.Tensor] | None:
@@ -85,7 +81,7 @@ def register_content(kind: ContentKind) -> None:
     """Add (or replace) a modality's content kind; its name is how shards, loader and model refer to it."""
     if not kind.name.isidentifier():
         raise ValueError(f"modality name {kind.name!r} must be an identifier (letters, digits, underscores)")
-    if kind.name in BUILT_IN and kind.name in CONTENT and CONTENT[kind.name] is not kind:
+    if kind.name in BUILT_IN_MODALITIES and kind.name in CONTENT and CONTENT[kind.name] is not kind:
         raise ValueError(f"{kind.name!r} is a built-in modality and cannot be replaced")
     CONTENT[kind.name] = kind
 
@@ -99,7 +95,7 @@ def content_kind(name: str) -> ContentKind:
 
 def extra_kinds() -> list[ContentKind]:
     """Registered kinds beyond the built-in ones that the builder can write (they have a `from_item` hook)."""
-    return [k for n, k in CONTENT.items() if n not in BUILT_IN and k.from_item is not None]
+    return [k for n, k in CONTENT.items() if n not in BUILT_IN_MODALITIES and k.from_item is not None]
 
 
 register_content(ContentKind("text", member="tokens.npy", collate=_collate_tokens, pack=_pack_tokens,

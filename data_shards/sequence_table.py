@@ -65,7 +65,7 @@ class SequenceTable:
             for f, (counts, _) in feats.items():
                 for u, c in counts.items():
                     feature_counts[f][u] = c
-        self.features = {}  # name -> (offsets [n + 1], values)
+        self.features = {}  # name -> (offsets [n + 1], values, whether each user's record names the feature)
         for f in names:
             counts = feature_counts[f]
             offsets = np.concatenate([[0], np.cumsum(np.maximum(counts, 0))])

@@ -96,15 +96,16 @@ RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (vali
 
 
 def _config_from_dict(d: dict) -> RunConfig:
-    from trainer.config import DataConfig, EvalConfig, ModelConfig, Stage1Config, Stage2Config
+    from trainer.config import RENAMED, DataConfig, EvalConfig, ModelConfig, Stage1Config, Stage2Config
 
     ev = dict(d["eval"])
     ev["ks"] = tuple(ev["ks"])
     stage = {s: {k: v for k, v in d[s].items() if k not in RETIRED_STAGE_FIELDS} for s in ("stage1", "stage2")}
-    for fields in stage.values():  # records from before the per-modality map name the two built-in depths
-        for old in ("text_trainable", "image_trainable"):
+    for fields in stage.values():  # records written before a setting was renamed (config.RENAMED)
+        for old, new in RENAMED.items():
             if old in fields:
-                fields.setdefault("trainable", {})[old.split("_")[0]] = fields.pop(old)
+                section, key = new.split(".")
+                fields.setdefault(section, {})[key] = fields.pop(old)
     return RunConfig(
         model=ModelConfig(**d["model"]),
         stage1=Stage1Config(**stage["stage1"]),

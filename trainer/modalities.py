@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from data_shards.modalities import CONTENT, ContentKind, content_kind, register_content
+from data_shards.shard_io import BUILT_IN_MODALITIES
 from trainer.towers import ImageTower, TextTower, Tower
 
 
@@ -47,7 +48,7 @@ def register(modality: Modality) -> None:
 
 def unregister(name: str) -> None:
     """Forget a registered modality (the built-in ones stay)."""
-    if name in ("text", "image"):
+    if name in BUILT_IN_MODALITIES:
         raise ValueError(f"{name!r} is a built-in modality")
     MODALITIES.pop(name, None)
     CONTENT.pop(name, None)
