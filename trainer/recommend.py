@@ -147,14 +147,6 @@ class Recommender:
             if text or image_jpeg is not None or len(content) != 1:
                 raise ValueError(f"item {raw_id!r}: give one modality's content, or a text and / or an image")
             ((tower, value),) = content.items()
-            if tower not in self.model.towers:
-                raise ValueError(f"item {raw_id!r}: this model has no {tower!r} tower (it has "
-                                 f"{', '.join(self.model.towers)})")
-            try:
-                data, start = content_kind(tower).pack(value)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"item {raw_id!r}: its {tower} content cannot be packed: {e}") from None
-            payload = data[start:]
         elif not text and image_jpeg is None:
             raise ValueError(f"item {raw_id!r} has no content: give a text, an image, or both")
         elif image_jpeg is None:
@@ -165,18 +157,27 @@ class Recommender:
             rule = self.manifest.get("modality", "mixed")
             tower = {"text": "text", "image": "image"}.get(rule) or ("image" if modality_choice(raw_id, 0) else "text")
         if tower not in self.model.towers:
-            raise ValueError(f"this model has no {tower} tower")
+            raise ValueError(f"item {raw_id!r}: this model has no {tower!r} tower (it has "
+                             f"{', '.join(self.model.towers)})")
         device = self.item_vectors.device
-        if tower == "text":
+        if content:
+            try:
+                data, start = content_kind(tower).pack(value)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"item {raw_id!r}: its {tower} content cannot be packed: {e}") from None
+            payload = data[start:]
+        elif tower == "text":
             if self._tokenizer is None:
                 self._tokenizer = load_tokenizer(tokenizer_dir(self.model.cfg.text_encoder))[0]
             # as the catalogue's items: tokenized at the shards' length, then cut to the model's (trainer loader)
             ids = self._tokenizer(text, truncation=True, max_length=self.manifest["text"]["max_tokens"])["input_ids"]
             payload = np.asarray(ids, dtype="<i4").tobytes()
-        elif tower == "image":
+        else:
             payload = image_jpeg
-        options = ContentOptions(max_tokens=self.model.cfg.max_tokens,
-                                 decoder=ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1))
+        decoder = None  # only an image is decoded
+        if tower == "image":
+            decoder = ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1)
+        options = ContentOptions(max_tokens=self.model.cfg.max_tokens, decoder=decoder)
         model_tower = self.model.towers[tower]
         try:
             inputs = content_kind(tower).collate([payload], np.array([len(self.item_ids)]), options)
