@@ -123,8 +123,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += ["", "Extrapolation (arithmetic, not a measurement): 10M users x 100 interactions = 1B interactions "
                   f"give about 1B / 25 = 40M stage-1 windows per epoch at stride 25; at this machine's "
                   f"{per_rank:.0f} sequences/s per loader rank (cached towers, no content decoding), one epoch "
-                  f"needs about {40e6 / per_rank / 3600:.1f} rank-hours of loading, e.g. "
-                  f"{40e6 / per_rank / 3600 / 64:.2f} h over 64 ranks; the loader's memory per rank does not grow "
+                  f"needs about {40e6 / per_rank / 3600:.2f} rank-hours of loading, e.g. "
+                  f"{40e6 / per_rank / 60 / 64:.1f} min over 64 ranks; the loader's memory per rank does not grow "
                   "with users in the shard split (window counts come from the manifest, sequences stream)."]
     return "\n".join(lines) + "\n"
 
