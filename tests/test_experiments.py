@@ -336,3 +336,32 @@ def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
     assert Suite(parse_args(argv)).key(spec) != before
     monkeypatch.setattr(config, "preset", original)
     assert Suite(parse_args(argv)).key(spec) == before
+
+
+def test_target_overrides_and_model_rows(tmp_path):
+    """--set-target changes the target runs' keys but not their source's; --models keeps only those rows and the
+    comparisons between them."""
+    from trainer.experiments import RunSpec, Suite, parse_args
+    from trainer.experiments.runner import table_plan
+
+    data = REPO / "data"
+    argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
+            "--hm", str(data / "hm-fashion-fixture"), "--targets", "hm-mixed"]
+    plain = Suite(parse_args(argv))
+    targeted = Suite(parse_args([*argv, "--set-target", "eval.patience=0",
+                                 "--models", "scratch,transfer,transfer-towers"]))
+    target, source = RunSpec("hm-mixed", "transfer"), plain.source_spec(RunSpec("hm-mixed", "transfer"))
+    assert targeted.key(source) == plain.key(source)
+    assert targeted.key(target) != plain.key(target)
+    assert "eval.patience=0" in targeted.overrides(target) and "eval.patience=0" not in targeted.overrides(source)
+
+    plan = table_plan(targeted, "table4")
+    assert {s.model for r in plan.rows for s in r.specs} == {"scratch", "transfer", "transfer-towers"}
+    labels = {r.label for r in plan.rows}
+    assert all(h[1] in labels and h[2] in labels for h in plan.headlines)
+    assert any(h[1:] == ("TransRec (transfer)", "train-from-scratch") for h in plan.headlines)
+    assert all(p[1] in labels and p[2] in labels for c in plan.claims for p in c["pairs"])
+    with pytest.raises(SystemExit, match="unknown"):
+        table_plan(Suite(parse_args([*argv, "--models", "scratch,nonsense"])), "table4")
+    with pytest.raises(SystemExit, match="both targets"):
+        Suite(parse_args([*argv[:-1], "hm-mixed,ml-mixed", "--set-target", "eval.patience=0"]))

@@ -129,7 +129,10 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
                     else f"ResNet-18, {resnet}")
     lines = [
         (f"- preset `{suite.preset}`{' (--quick)' if suite.quick else ''}; extra overrides: "
-        f"`{' '.join(suite.extra) or 'none'}`; the paper-scale settings are `--preset paper`."),
+        f"`{' '.join(suite.extra) or 'none'}`"
+        + (f"; on the target domains' runs only: `{' '.join(suite.target_extra)}`" if suite.target_extra else "")
+        + (f"; rows of models {', '.join(suite.models)} only" if suite.models else "")
+        + "; the paper-scale settings are `--preset paper`."),
         (f"- model: d={m['d']}, user encoder {m['user_encoder']} ({m['user_layers']} layers, {m['user_heads']} heads), "
         f"window {m['max_len']}, images {m['image_size']} px, {m['max_tokens']} text tokens, dropout {m['dropout']}."),
         (f"- stage 1: {s1['epochs']} epochs, lr {s1['lr']}, micro batch {s1['micro_batch']}, stride {s1['stride']}"

@@ -3,7 +3,8 @@
     python -m trainer.experiments {table2,table4,table5,table6,table7,all} [--quick] [--seeds N] [--out DIR]
         [--data-root DIR | --movielens DIR --hm DIR] [--preset cpu-small|paper|tiny] [--text-encoder PATH]
         [--image-backbone resnet18|efficientnet-lite0] [--targets hm-mixed,hm-image,hm-text-side,ml-mixed]
-        [--scaling-target hm-mixed] [--set section.key=value ...] [--report-suffix S] [--plan]
+        [--scaling-target hm-mixed] [--set section.key=value ...] [--set-target section.key=value ...]
+        [--models m1,m2] [--report-suffix S] [--plan]
 
 Domains. Source: MovieLens-100k, mixed modality. Targets (no shared users or items): H&M mixed, H&M image only,
 H&M text only with user/item side features, and the reverse, very different, transfer: pre-trained on H&M mixed,
@@ -42,6 +43,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +86,17 @@ class Suite:
         self.text_encoder = a.text_encoder or ("tiny-random" if a.quick else None)
         self.image_backbone = a.image_backbone
         self.extra = list(a.set or [])
+        self.target_extra = list(a.set_target or [])  # target runs only: a transfer's source run keeps its settings
+        self.models = [m.strip() for m in a.models.split(",")] if a.models else None
         self.seeds_arg = a.seeds
         self.targets = [t.strip() for t in a.targets.split(",")] if a.targets else list(TARGETS)
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
             raise SystemExit(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
+        both = [t for t in self.targets if SOURCE_OF.get(t) in self.targets]
+        if self.target_extra and both:
+            raise SystemExit(f"--set-target: {both} and their sources {[SOURCE_OF[t] for t in both]} are both targets, "
+                             "so a source run would also be a target run; pass --targets without one of each pair")
         self.scaling_target = a.scaling_target
         self.report_suffix = a.report_suffix
         self.n_boot = 200 if a.quick else 1000
@@ -154,7 +162,7 @@ class Suite:
             o.append(f"model.frozen_towers={str(spec.frozen).lower()}")
             if self.image_backbone:
                 o.append(f"model.image_backbone={self.image_backbone}")
-        return o + self.extra
+        return o + self.extra + (self.target_extra if spec.domain in self.targets else [])
 
     def key(self, spec: RunSpec) -> str:
         if spec not in self._keys:
@@ -398,8 +406,30 @@ def headline_results(plan: TablePlan, results: dict, n_boot: int) -> dict:
     return out
 
 
-def run_table(suite: Suite, name: str, command: str) -> Path:
+def table_plan(suite: Suite, name: str) -> TablePlan:
+    """The table's plan, cut to the rows of `--models` when given (with the comparisons between rows kept)."""
     plan = PLANS[name](suite)
+    if suite.models is None:
+        return plan
+    known = sorted(set(MODEL_OVERRIDES))
+    unknown = [m for m in suite.models if m not in known]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {known}")
+    rows = [r for r in plan.rows if all(s.model in suite.models for s in r.specs)]
+    if not rows:
+        raise SystemExit(f"--models {','.join(suite.models)}: no row of {name} is left")
+    kept = {(r.group, r.label) for r in rows}
+    heads = [h for h in plan.headlines if (h[0], h[1]) in kept and (h[0], h[2]) in kept]
+    claims = []
+    for c in plan.claims:
+        pairs = [p for p in c["pairs"] if (p[0], p[1]) in kept and (p[0], p[2]) in kept]
+        if pairs:
+            claims.append({**c, "pairs": pairs})
+    return replace(plan, rows=rows, headlines=heads, claims=claims)
+
+
+def run_table(suite: Suite, name: str, command: str) -> Path:
+    plan = table_plan(suite, name)
     plan.name += suite.report_suffix  # e.g. table4_3seeds.md beside a one-seed table4.md
     t0 = time.time()
     results = execute(suite, plan)
@@ -408,7 +438,7 @@ def run_table(suite: Suite, name: str, command: str) -> Path:
 
 
 def print_plan(suite: Suite, name: str) -> None:
-    plan = PLANS[name](suite)
+    plan = table_plan(suite, name)
     specs = {}
     for row in plan.rows:
         for s in row.specs:
@@ -441,6 +471,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=None, help=f"comma-separated subset of {','.join(TARGETS)} (tables 4 and 7)")
     p.add_argument("--scaling-target", default="hm-mixed", choices=list(TARGETS), help="target of tables 5 and 6")
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="overrides for every run")
+    p.add_argument("--set-target", nargs="*", default=[], metavar="section.key=value",
+                   help="overrides for the target domains' runs only (a transfer's source run is left as it is)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated models: only the table's rows of these (e.g. scratch,transfer,transfer-towers)")
     p.add_argument("--report-suffix", default="",
                    help="appended to the report's file names (tableN<suffix>.md, _runs.csv, PNGs); runs are shared")
     p.add_argument("--plan", action="store_true",
