@@ -474,7 +474,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set-target", nargs="*", default=[], metavar="section.key=value",
                    help="overrides for the target domains' runs only (a transfer's source run is left as it is)")
     p.add_argument("--models", default=None,
-                   help="comma-separated models: only the table's rows of these (e.g. scratch,transfer,transfer-towers)")
+                   help="only the table's rows of these (e.g. scratch,transfer,transfer-towers)")
     p.add_argument("--report-suffix", default="",
                    help="appended to the report's file names (tableN<suffix>.md, _runs.csv, PNGs); runs are shared")
     p.add_argument("--plan", action="store_true",
