@@ -100,7 +100,7 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
     t.evaluate("valid", t.scoring(obj))
     eval_s = time.perf_counter() - t0
     tmp.cleanup()
-    return {"items": t.num_items, "users": len(t.sequences), "head": head, "candidates": describe(obj),
+    return {"items": t.num_items, "users": t.manifest["num_users"], "head": head, "candidates": describe(obj),
             "setup_s": setup_s, "cache_s": cache_s, "cache_how": cache_how, "cache_mib": (t.model.cache.nbytes() / 2**20
                                                                   if t.model.cache is not None else 0.0),
             "lower_s": lower_s, "steps_per_epoch": steps_per_epoch, "step_s": step_s,

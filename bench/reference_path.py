@@ -212,7 +212,7 @@ def expand_slots(batch: SequenceBatch) -> SequenceBatch:
 
 # -- evaluation ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def reference_ranks(user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor], item_vectors: torch.Tensor,
+def reference_ranks(user_vec_fn: Callable[[torch.Tensor, object], torch.Tensor], item_vectors: torch.Tensor,
                     data, positions: np.ndarray, exclude_seen: bool, budget_s: float = math.inf) -> np.ndarray:
     """Per user (a Python loop): user vector, scores against all V items, full argsort, target position.
 
@@ -223,7 +223,7 @@ def reference_ranks(user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Tens
     for p in positions:
         if len(out) >= 3 and time.perf_counter() - t0 > budget_s:
             break
-        u = user_vec_fn(torch.as_tensor(data.histories[p : p + 1], device=device), data.users[p : p + 1])[0]
+        u = user_vec_fn(torch.as_tensor(data.histories[p : p + 1], device=device), data.take(np.array([p])))[0]
         scores = item_vectors.to(u.dtype) @ u  # [V]
         target = int(data.targets[p])
         if exclude_seen:

@@ -8,10 +8,11 @@ their own from 8 shards on; build time and bytes), then the training loader runs
 (two processes, each its own `make_train_loader(..., rank, 2)`): stage-1 windows of 26 items with the cpu-small
 stride of 25, batch 128, towers cached (no content loaded: what a cached stage reads), sequences/s per rank over
 `--batches` batches after one warm-up batch, each process's peak RSS, and whether the ranks read only their own
-shards (the split the loader chose). Evaluation: users ranked per second over the whole catalogue by
-`trainer.evaluate.rank_with_vectors` with random item vectors (d=256) and the mean of the history as user vector, on
-one process. Figures on a shared 2-core machine are noisy; the extrapolation below the table is arithmetic, stated
-as such.
+shards (the split the loader chose). Evaluation, in its own process, as the trainer holds it: one streaming pass
+over every user (`trainer.evaluate.SplitSummary`), then every evaluated user of the test split ranked over the whole
+catalogue by `trainer.evaluate.rank_with_vectors`, users streamed from the shards in batches (`EvalStream`), with
+random item vectors (d=256) and the mean of the history as user vector; users/s and the process's peak RSS.
+Figures on a shared 2-core machine are noisy; the extrapolation below the table is arithmetic, stated as such.
 """
 
 from __future__ import annotations
@@ -79,45 +80,63 @@ def run_loader(shards: Path, world: int, batches: int) -> list[dict]:
     return sorted(out, key=lambda r: r["rank"])
 
 
-def eval_speed(shards: Path, max_users: int = 4096) -> dict:
-    import numpy as np
+def eval_pass(shards: str, queue) -> None:
+    """What a training process holds for evaluation, in its own process: the one streaming pass over every user
+    (trainer.evaluate.SplitSummary: counts per item, evaluated users and targets), then the test split ranked over
+    the whole catalogue with users streamed from the shards in batches (EvalStream), as the trainer does."""
     import torch
 
-    from data_shards.shard_io import load_manifest, read_sequences
+    from data_shards.shard_io import load_manifest
     from trainer import evaluate as ev
 
-    num_items = load_manifest(shards)["num_items"]
-    data = ev.eval_users(read_sequences(shards), "test", 25)
-    keep = np.arange(min(max_users, len(data.users)))
-    data = ev.EvalUsers(data.users[keep], data.histories[keep], data.targets[keep], [data.seen[i] for i in keep])
+    t0 = time.perf_counter()
+    summary = ev.SplitSummary.read(shards)
+    summary_s = time.perf_counter() - t0
     torch.manual_seed(0)
-    items = torch.randn(num_items, 256)
+    items = torch.randn(load_manifest(shards)["num_items"], 256)
 
-    def user_vectors(hist, _users):
+    def user_vectors(hist, _chunk):
         mask = (hist >= 0).float()[..., None]
         return (items[hist.clamp(min=0)] * mask).sum(1) / mask.sum(1).clamp(min=1)
 
+    stream = ev.EvalStream(shards, "test", 25, summary.users["test"], summary.targets["test"])
     t0 = time.perf_counter()
-    ev.rank_with_vectors(user_vectors, items, data, exclude_seen=True, user_batch=256)
-    return {"eval_users": len(data.users), "eval_users_per_s": len(data.users) / (time.perf_counter() - t0)}
+    ev.rank_with_vectors(user_vectors, items, stream, exclude_seen=True, user_batch=256)
+    queue.put({"eval_users": len(stream), "eval_users_per_s": len(stream) / (time.perf_counter() - t0),
+               "summary_s": summary_s, "eval_peak_rss_mib": peak_rss_mib()})
+
+
+def run_eval(shards: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=eval_pass, args=(str(shards), queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    if proc.exitcode != 0:
+        raise SystemExit(f"the evaluation pass failed (exit {proc.exitcode}) on {shards}")
+    return out
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Data path at scale (CPU, synthetic shards)", "", f"Command: `{meta['command']}`  ",
              f"git {meta['git_hash']}, {meta['device']}; load average at the start {meta['load_start']:.1f}.", "",
              "| users | items | interactions | build s | shard MiB | 1 rank: seq/s, RSS MiB | 2 ranks: seq/s per rank, "
-             "RSS MiB per rank, split (shards read) | eval users/s (items ranked) |",
+             "RSS MiB per rank, split (shards read) | evaluation: summary pass s, users ranked/s (items), peak RSS "
+             "MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        one, two = r["loader_1"][0], r["loader_2"]
-        lines.append(
-            f"| {r['users']:,} | {r['items']:,} | {r['interactions']:,} | {r['build_s']:.0f} | "
-            f"{r['shard_bytes'] / 2**20:.0f} | {one['sequences_per_s']:.0f}, {one['peak_rss_mib']:.0f} | "
+        one, two = (r["loader_1"] or [None])[0], r["loader_2"]
+        loader = "- | - | " if one is None else (
+            f"{one['sequences_per_s']:.0f}, {one['peak_rss_mib']:.0f} | "
             + " / ".join(f"{x['sequences_per_s']:.0f}" for x in two) + ", "
             + " / ".join(f"{x['peak_rss_mib']:.0f}" for x in two)
-            + f", {two[0]['split']} ({' / '.join(str(x['shards_read']) for x in two)}) | "
-            f"{r['eval_users_per_s']:.0f} ({r['items']:,}) |")
-    if rows:
+            + f", {two[0]['split']} ({' / '.join(str(x['shards_read']) for x in two)}) | ")
+        lines.append(
+            f"| {r['users']:,} | {r['items']:,} | {r['interactions']:,} | {r['build_s']:.0f} | "
+            f"{r['shard_bytes'] / 2**20:.0f} | " + loader +
+            f"{r['summary_s']:.0f}, {r['eval_users_per_s']:.0f} ({r['items']:,}), {r['eval_peak_rss_mib']:.0f} |")
+    if rows and rows[-1]["loader_2"]:
         big = rows[-1]
         per_rank = min(x["sequences_per_s"] for x in big["loader_2"])
         lines += ["", "Extrapolation (arithmetic, not a measurement): 10M users x 100 interactions = 1B interactions "
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale")
     p.add_argument("--md", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--no-loader", action="store_true", help="leave the loader columns out (evaluation only)")
     a = p.parse_args(argv)
     import torch
 
@@ -154,11 +174,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shards, build_s, nbytes = build(a.work, users, items, a.mean_length)
         row = {"users": users, "items": items, "interactions": load_manifest(shards)["num_interactions"],
                "build_s": build_s, "shard_bytes": nbytes,
-               "loader_1": run_loader(shards, 1, a.batches), "loader_2": run_loader(shards, 2, a.batches),
-               **eval_speed(shards)}
+               "loader_1": None if a.no_loader else run_loader(shards, 1, a.batches),
+               "loader_2": None if a.no_loader else run_loader(shards, 2, a.batches),
+               **run_eval(shards)}
         rows.append(row)
-        print(f"[scale]   {row['loader_1'][0]['sequences_per_s']:.0f} seq/s on 1 rank, eval "
-              f"{row['eval_users_per_s']:.0f} users/s", flush=True)
+        print(f"[scale]   eval {row['eval_users_per_s']:.0f} users/s, peak RSS {row['eval_peak_rss_mib']:.0f} MiB",
+              flush=True)
         write_reports(a.md, markdown(rows, meta), a.json, {"meta": meta, "rows": rows})
     print(markdown(rows, meta))
     return rows

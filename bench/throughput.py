@@ -321,26 +321,26 @@ def restore(t, snapshot: dict) -> None:
 
 # -- evaluation -----------------------------------------------------------------------------------------
 def tile_users(data: ev.EvalUsers, n: int) -> ev.EvalUsers:
-    idx = np.arange(n) % len(data.users)
-    return ev.EvalUsers(data.users[idx], data.histories[idx], data.targets[idx], [data.seen[i] for i in idx])
+    return data.take(np.arange(n) % len(data.users))
 
 
 def run_eval(t, sizes: list[int], user_counts: list[int], ref_budget_s: float, report: Report, budget_left) -> None:
     """Ranking cost against catalogue size. The user vector is a simple one (the mean of the history's item
     vectors), the same for both paths, so the rows measure ranking, not the user encoder."""
     device, d = t.device, t.model.cfg.d
+    test_users = t.test_users.in_memory()
     for i, V in enumerate(sizes):
         if i and not budget_left():
             break
         iv = (torch.randn(V, d, generator=torch.Generator().manual_seed(V)) * d**-0.5).to(device)
 
-        def user_vec(hist, users, iv=iv):
+        def user_vec(hist, _chunk, iv=iv):
             mask = (hist >= 0)[..., None]
             return (iv[hist.clamp(min=0)] * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-        ev.rank_with_vectors(user_vec, iv, tile_users(t.test_users, 8), True, t.cfg.eval.user_batch)  # warm-up
+        ev.rank_with_vectors(user_vec, iv, tile_users(test_users, 8), True, t.cfg.eval.user_batch)  # warm-up
         for n in sorted(user_counts):
-            data = tile_users(t.test_users, n)
+            data = tile_users(test_users, n)
             with PeakMemory(device) as mem:
                 t0 = time.perf_counter()
                 ranks = ev.rank_with_vectors(user_vec, iv, data, True, t.cfg.eval.user_batch)

@@ -62,7 +62,7 @@ CASES = [(n, c) for n in OBJECTIVES for c in (True, False) if c or n != "content
 def test_training_step_has_no_host_read_back(ml_shards, tiny_bert_dir, name, cached):
     model, store = _model(ml_shards, tiny_bert_dir, cached)
     stage, sc = OBJECTIVES[name]
-    share = item_share([{"items": list(range(store.num_items)), "num_train": store.num_items}], store.num_items)
+    share = item_share(np.ones(store.num_items))
     objective = build_objective(sc, store.num_items, cached, share, torch.device("cpu"))
     batch = _batch(ml_shards, store, objective, objective.dense, cached)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -36,7 +36,7 @@ def test_ranks_and_metrics_match_brute_force(exclude_seen):
     data = ev.EvalUsers(np.arange(n_users), np.zeros((n_users, 3), dtype=np.int64), targets, seen)
     table = torch.as_tensor(scores)
     ranks = ev.rank_with_scores(
-        lambda hist, users: table[torch.as_tensor(users)], n_items, data, exclude_seen, user_batch=7
+        lambda hist, chunk: table[torch.as_tensor(chunk.users)], n_items, data, exclude_seen, user_batch=7
     )
     expected = np.array([brute_force_rank(scores[u], targets[u], seen[u], exclude_seen) for u in range(n_users)])
     np.testing.assert_array_equal(ranks, expected)
@@ -52,9 +52,9 @@ def test_vector_ranking_matches_score_ranking():
     targets = np.random.default_rng(1).integers(0, 300, size=20)
     seen = [np.array([1, 2, int(targets[i])]) for i in range(20)]
     data = ev.EvalUsers(np.arange(20), np.zeros((20, 2), dtype=np.int64), targets, seen)
-    by_vec = ev.rank_with_vectors(lambda hist, u: users[torch.as_tensor(u)], items, data, True, user_batch=6)
+    by_vec = ev.rank_with_vectors(lambda hist, c: users[torch.as_tensor(c.users)], items, data, True, user_batch=6)
     full = users @ items.T
-    by_score = ev.rank_with_scores(lambda hist, u: full[torch.as_tensor(u)], 300, data, True)
+    by_score = ev.rank_with_scores(lambda hist, c: full[torch.as_tensor(c.users)], 300, data, True)
     np.testing.assert_array_equal(by_vec, by_score)
 
 

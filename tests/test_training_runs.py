@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -189,7 +190,7 @@ def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, t
         assert f"tensors from --init-from {source_run / 'export'}" in printed.split(f"{name} tower weights: ")[1]
     metrics = trainer.run()
     assert set(metrics["stages"]) == {"0"} and metrics["best"]["scoring"] == "content"
-    data = trainer.test_users
+    data = trainer.test_users.in_memory()
     cold = np.flatnonzero(trainer.item_share[data.targets] == 0)
     assert len(cold) >= 1  # MovieLens has test targets never seen in training
     ranks = np.load(tmp_path / "zs" / "test_ranks_stage0.npy")
@@ -441,7 +442,10 @@ def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir,
     proc.wait()
     assert json.loads(point.read_text())["batches_done"] > 0  # killed mid-epoch
     assert not (killed / "metrics.json").exists()
-    _run_main(["--resume", str(killed)])
+    resumed = _run_main(["--resume", str(killed)])
+    # it went on from the checkpoint (a restart from step 0 would also reach the same metrics; a resume that did not
+    # load the checkpoint's weights and optimizer state would not)
+    assert re.search(r"resumed stage \d at epoch \d+, batch [1-9]", resumed.stdout), resumed.stdout[-2000:]
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["best"] == b["best"]

@@ -15,8 +15,8 @@ every model alike. Users are split across ranks; the per-user ranks are gathered
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,36 +47,141 @@ class Ragged:
 
 @dataclass
 class EvalUsers:
-    """The users evaluated in one split: histories (ids, left padded) and targets."""
+    """The users evaluated in one split: histories (ids, left padded), targets, and the users' side features."""
 
     users: np.ndarray  # [U]
     histories: np.ndarray  # [U, L] item ids, -1 padded on the left
     targets: np.ndarray  # [U]
     seen: Ragged | list[np.ndarray]  # per user: the distinct items before the target
+    features: dict[str, Ragged] = field(default_factory=dict)  # user side features by name, rows aligned with users
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def take(self, idx: np.ndarray) -> EvalUsers:
+        """The users at positions `idx`, as an EvalUsers of their own."""
+        seen = self.seen[idx] if isinstance(self.seen, Ragged) else [self.seen[int(i)] for i in idx]
+        return EvalUsers(self.users[idx], self.histories[idx], self.targets[idx], seen,
+                         {n: r[idx] for n, r in self.features.items()})
 
 
-def eval_users(sequences, split: str, max_len: int) -> EvalUsers:
-    """Validation: history = training items, target = the next; test: history includes the validation item.
-    `sequences`: user samples in index order (a SequenceTable, or read_sequences' list), read in one pass."""
-    if split not in ("valid", "test"):
-        raise ValueError("split must be 'valid' or 'test'")
-    hist = np.full((len(sequences), max_len), -1, dtype=np.int64)  # every user at most; cut to the evaluated
-    users, targets, seen_rows, seen_values = [], [], [0], []
-    for s in sequences:
+class _EvalBuilder:
+    """Accumulates evaluated users' records into an EvalUsers (one record at a time: any iterable, any length)."""
+
+    def __init__(self, split: str, max_len: int, feature_names=()):
+        if split not in ("valid", "test"):
+            raise ValueError("split must be 'valid' or 'test'")
+        self.split, self.max_len, self.feature_names = split, max_len, tuple(feature_names)
+        self.users, self.targets, self.hist, self.seen = [], [], [], []
+        self.features = {n: [] for n in self.feature_names}
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def add(self, s: dict) -> None:
         if not s["evaluated"]:
-            continue
-        cut = s["num_train"] + (0 if split == "valid" else 1)
+            return
+        cut = s["num_train"] + (0 if self.split == "valid" else 1)
         before = np.asarray(s["items"][:cut], dtype=np.int64)
-        h = before[-max_len:]
-        hist[len(users), max_len - len(h) :] = h
-        users.append(s["user"])
-        targets.append(s["items"][cut])
-        distinct = np.unique(before).astype(np.int32)
-        seen_values.append(distinct)
-        seen_rows.append(seen_rows[-1] + len(distinct))
-    histories = hist[: len(users)].copy()
-    values = np.concatenate(seen_values) if seen_values else np.zeros(0, dtype=np.int32)
-    return EvalUsers(np.asarray(users), histories, np.asarray(targets), Ragged(np.asarray(seen_rows), values))
+        h = np.full(self.max_len, -1, dtype=np.int64)
+        tail = before[-self.max_len :]
+        h[self.max_len - len(tail) :] = tail
+        self.hist.append(h)
+        self.users.append(s["user"])
+        self.targets.append(s["items"][cut])
+        self.seen.append(np.unique(before).astype(np.int32))
+        for n in self.feature_names:
+            self.features[n].append(s["features"].get(n, [0]))  # a user without the feature: padding id 0
+
+    def done(self) -> EvalUsers:
+        hist = np.stack(self.hist) if self.hist else np.zeros((0, self.max_len), dtype=np.int64)
+        return EvalUsers(np.asarray(self.users, dtype=np.int64), hist, np.asarray(self.targets, dtype=np.int64),
+                         Ragged.from_rows(self.seen), {n: Ragged.from_rows(r) for n, r in self.features.items()})
+
+
+def eval_users(sequences, split: str, max_len: int, feature_names=()) -> EvalUsers:
+    """Validation: history = training items, target = the next; test: history includes the validation item.
+    `sequences`: user samples in index order (a SequenceTable, or read_sequences' list), read in one pass;
+    `feature_names`: the user side features to keep (a user lacking one gets padding id 0)."""
+    build = _EvalBuilder(split, max_len, feature_names)
+    for s in sequences:
+        build.add(s)
+    return build.done()
+
+
+class EvalStream:
+    """One split's evaluated users streamed from the sequence shards in batches, this rank's users only
+    (user % world == rank): the trainer's memory for evaluation is O(batch), not O(users). `users` / `targets`:
+    every evaluated user (all ranks) in index order, for the per-user rank files and the cold-target counts."""
+
+    def __init__(self, shard_dir, split: str, max_len: int, users: np.ndarray, targets: np.ndarray,
+                 feature_names=(), rank: int = 0, world: int = 1):
+        _EvalBuilder(split, max_len)  # checks the split
+        self.shard_dir, self.split, self.max_len, self.feature_names = shard_dir, split, max_len, feature_names
+        self.users, self.targets, self.rank, self.world = users, targets, rank, world
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def chunks(self, batch: int) -> Iterator[EvalUsers]:
+        from pathlib import Path
+
+        from data_shards.shard_io import load_manifest, sequence_records
+
+        shard_dir = Path(self.shard_dir)
+        build = _EvalBuilder(self.split, self.max_len, self.feature_names)
+        for name in load_manifest(shard_dir)["shards"]["sequences"]:
+            for s in sequence_records(shard_dir / name):
+                if s["user"] % self.world == self.rank:
+                    build.add(s)
+                    if len(build) == batch:
+                        yield build.done()
+                        build = _EvalBuilder(self.split, self.max_len, self.feature_names)
+        if len(build):
+            yield build.done()
+
+    def in_memory(self) -> EvalUsers:
+        """This rank's evaluated users held at once (benches, tests: O(users) memory)."""
+        return next(self.chunks(max(1, len(self))), _EvalBuilder(self.split, self.max_len, self.feature_names).done())
+
+
+@dataclass
+class SplitSummary:
+    """What evaluation needs of every user, read in one streaming pass: interactions per item known before each
+    split's targets ("train", "valid", "test"; see interaction_counts) and each split's evaluated users and targets.
+    O(items + evaluated users) numbers, no sequence kept."""
+
+    counts: dict[str, np.ndarray]
+    users: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+
+    @classmethod
+    def read(cls, shard_dir) -> SplitSummary:
+        from pathlib import Path
+
+        from data_shards.shard_io import load_manifest, sequence_records
+
+        shard_dir = Path(shard_dir)
+        manifest = load_manifest(shard_dir)
+        counts = {k: np.zeros(manifest["num_items"], dtype=np.float64) for k in ("train", "valid", "test")}
+        users, targets = {"valid": [], "test": []}, {"valid": [], "test": []}
+        for name in manifest["shards"]["sequences"]:
+            for s in sequence_records(shard_dir / name):
+                items, n = np.asarray(s["items"], dtype=np.int64), s["num_train"]
+                np.add.at(counts["train"], items[:n], 1.0)
+                if s["evaluated"]:
+                    counts["test"][items[n]] += 1.0  # each evaluated user's validation item, known at test time
+                    for split, cut in (("valid", n), ("test", n + 1)):
+                        users[split].append(s["user"])
+                        targets[split].append(items[cut])
+        counts["test"] += counts["train"]
+        counts["valid"] = counts["train"].copy()
+        out = {}
+        for split in ("valid", "test"):
+            u, t = np.asarray(users[split], dtype=np.int64), np.asarray(targets[split], dtype=np.int64)
+            order = np.argsort(u, kind="stable")
+            out[split] = (u[order], t[order])
+        return cls(counts, {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()})
 
 
 def excluded_pairs(
@@ -149,76 +254,93 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 1000, seed: int = 0,
     return {"diff": float(diff.mean()), "low": float(lo), "high": float(hi), "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
-def _shard_for_rank(n: int) -> tuple[slice, int, int]:
+def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    return slice(rank, n, world), rank, world
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def _gather(local: np.ndarray, positions: np.ndarray, n: int) -> np.ndarray:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (positions, local))
-    out = np.zeros(n, dtype=local.dtype)
-    for pos, vals in parts:
-        out[pos] = vals
+def _local_chunks(data: EvalUsers | EvalStream, batch: int) -> Iterator[tuple[np.ndarray, EvalUsers]]:
+    """This rank's users of `data` in batches, each with its users' positions in `data`: an EvalStream reads only its
+    own users from the shards; users held in memory are split rank::world."""
+    if isinstance(data, EvalStream):
+        for chunk in data.chunks(batch):
+            pos = np.searchsorted(data.users, chunk.users)
+            if (pos >= len(data.users)).any() or not np.array_equal(data.users[np.minimum(pos, len(data) - 1)],
+                                                                    chunk.users):
+                raise ValueError(f"{data.shard_dir}: the sequence shards changed since this run read them")
+            yield pos, chunk
+        return
+    rank, world = _rank_world()
+    positions = np.arange(len(data))[rank::world]
+    for start in range(0, len(positions), batch):
+        pos = positions[start : start + batch]
+        yield pos, data.take(pos)
+
+
+def _gather(positions: list[np.ndarray], ranks: list[np.ndarray], n: int) -> np.ndarray:
+    """Every rank's ranks, placed at their users' positions: [n] on every rank."""
+    pos = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+    local = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+    parts = [(pos, local)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (pos, local))
+    out = np.zeros(n, dtype=np.int64)
+    filled = np.zeros(n, dtype=bool)
+    for p, r in parts:
+        out[p], filled[p] = r, True
+    if not filled.all():
+        raise RuntimeError(f"{int((~filled).sum())} of {n} evaluated users were ranked by no rank")
     return out
 
 
 @torch.no_grad()
 def rank_with_vectors(
-    user_vec_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+    user_vec_fn: Callable[[torch.Tensor, EvalUsers], torch.Tensor],
     item_vectors: torch.Tensor,
-    data: EvalUsers,
+    data: EvalUsers | EvalStream,
     exclude_seen: bool,
     user_batch: int = 256,
     device=None,
 ) -> np.ndarray:
-    """Exact ranks of every user's target by dot product with all item vectors [V, d]."""
-    n = len(data.users)
-    part, _, _ = _shard_for_rank(n)
-    positions = np.arange(n)[part]
+    """Exact ranks of every user's target by dot product with all item vectors [V, d];
+    user_vec_fn(histories, chunk) gives the chunk's user vectors [B, d]."""
     device = device or item_vectors.device
-    out = np.zeros(len(positions), dtype=np.int64)
-    for start in range(0, len(positions), user_batch):
-        pos = positions[start : start + user_batch]
-        hist = torch.as_tensor(data.histories[pos], device=device)
-        u = user_vec_fn(hist, data.users[pos])  # [B, d]
-        tg = torch.as_tensor(data.targets[pos], device=device)
+    positions, out = [], []
+    for pos, chunk in _local_chunks(data, user_batch):
+        hist = torch.as_tensor(chunk.histories, device=device)
+        u = user_vec_fn(hist, chunk)  # [B, d]
+        tg = torch.as_tensor(chunk.targets, device=device)
         ts = (u * item_vectors[tg].to(u.dtype)).sum(-1)
-        pairs = excluded_pairs(tg, [data.seen[p] for p in pos], exclude_seen)
+        pairs = excluded_pairs(tg, [chunk.seen[i] for i in range(len(chunk))], exclude_seen)
         r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), ts, pairs)
-        out[start : start + len(pos)] = r.cpu().numpy()
-    return _gather(out, positions, n)
+        positions.append(pos)
+        out.append(r.cpu().numpy())
+    return _gather(positions, out, len(data))
 
 
 @torch.no_grad()
 def rank_with_scores(
-    score_fn: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+    score_fn: Callable[[torch.Tensor, EvalUsers], torch.Tensor],
     num_items: int,
-    data: EvalUsers,
+    data: EvalUsers | EvalStream,
     exclude_seen: bool,
     user_batch: int = 256,
     device="cpu",
 ) -> np.ndarray:
-    """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(hist, users)."""
-    n = len(data.users)
-    part, _, _ = _shard_for_rank(n)
-    positions = np.arange(n)[part]
-    out = np.zeros(len(positions), dtype=np.int64)
-    for start in range(0, len(positions), user_batch):
-        pos = positions[start : start + user_batch]
-        hist = torch.as_tensor(data.histories[pos], device=device)
-        full = score_fn(hist, data.users[pos])  # [B, V]
-        tg = torch.as_tensor(data.targets[pos], device=device)
+    """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(histories, chunk)."""
+    positions, out = [], []
+    for pos, chunk in _local_chunks(data, user_batch):
+        hist = torch.as_tensor(chunk.histories, device=device)
+        full = score_fn(hist, chunk)  # [B, V]
+        tg = torch.as_tensor(chunk.targets, device=device)
         ts = full.gather(1, tg[:, None])[:, 0]
-        pairs = excluded_pairs(tg, [data.seen[p] for p in pos], exclude_seen)
+        pairs = excluded_pairs(tg, [chunk.seen[i] for i in range(len(chunk))], exclude_seen)
         r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs)
-        out[start : start + len(pos)] = r.cpu().numpy()
-    return _gather(out, positions, n)
+        positions.append(pos)
+        out.append(r.cpu().numpy())
+    return _gather(positions, out, len(data))
 
 
 def interaction_counts(sequences: list[dict], num_items: int, split: str = "train") -> np.ndarray:
@@ -231,19 +353,17 @@ def interaction_counts(sequences: list[dict], num_items: int, split: str = "trai
     return counts
 
 
-def popularity_scores(sequences: list[dict], num_items: int, split: str, seed: int = 0) -> torch.Tensor:
-    """Interaction counts over the items available before the evaluated target (train, + valid for test),
-    plus a tiny seeded jitter below 1 that breaks count ties at random instead of against the target."""
-    counts = interaction_counts(sequences, num_items, split)
-    jitter = np.random.default_rng(seed).random(num_items) * 0.5
+def popularity_scores(counts: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """Interaction counts over the items available before the evaluated target (interaction_counts: train, + valid
+    for test), plus a tiny seeded jitter below 1 that breaks count ties at random instead of against the target."""
+    jitter = np.random.default_rng(seed).random(len(counts)) * 0.5
     return torch.as_tensor(counts + jitter, dtype=torch.float64)
 
 
-def popularity_ranks(
-    sequences: list[dict], num_items: int, data: EvalUsers, split: str, exclude_seen: bool
-) -> np.ndarray:
-    pop = popularity_scores(sequences, num_items, split)
-    return rank_with_scores(lambda hist, users: pop[None].expand(len(hist), -1), num_items, data, exclude_seen)
+def popularity_ranks(counts: np.ndarray, data: EvalUsers | EvalStream, exclude_seen: bool) -> np.ndarray:
+    """Ranks by popularity; `counts`: interaction_counts(sequences, num_items, split) of the evaluated split."""
+    pop = popularity_scores(counts)
+    return rank_with_scores(lambda hist, chunk: pop[None].expand(len(hist), -1), len(counts), data, exclude_seen)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -267,9 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     max_len = ranker.model.cfg.max_len
-    data = eval_users(ranker.sequences, a.split, max_len)
+    data = eval_users(ranker.sequences, a.split, max_len, ranker.user_feature_names)
     ranks = ranker.ranks(data, "content", exclude_seen=not a.include_seen)
-    pop = popularity_ranks(ranker.sequences, ranker.store.num_items, data, a.split, not a.include_seen)
+    counts = interaction_counts(ranker.sequences, ranker.store.num_items, a.split)
+    pop = popularity_ranks(counts, data, not a.include_seen)
     result = {"split": a.split, "export": str(a.export), "shards": str(a.shards), "exclude_seen": not a.include_seen,
               "content": metrics_from_ranks(ranks), "popularity": metrics_from_ranks(pop),
               "vs_popularity": {m: paired_bootstrap(per_user_gain(ranks, m), per_user_gain(pop, m))

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 import kernels
-from trainer.evaluate import interaction_counts
 from trainer.model import kept_positions
 
 
@@ -81,9 +80,9 @@ class ContentSoftmax(Objective):
         return content_softmax_loss(model, batch, self)
 
 
-def item_share(sequences: list[dict], num_items: int) -> np.ndarray:
-    """Each item's share of the training interactions (the in-batch sampler's distribution), floor 0."""
-    counts = interaction_counts(sequences, num_items)
+def item_share(counts: np.ndarray) -> np.ndarray:
+    """Each item's share of the training interactions (the in-batch sampler's distribution), floor 0; `counts`:
+    training interactions per item (evaluate.interaction_counts, or SplitSummary.counts["train"])."""
     return counts / max(1.0, counts.sum())
 
 

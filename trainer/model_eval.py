@@ -16,9 +16,11 @@ from trainer import evaluate as ev
 
 
 class ModelRanker:
-    """`model` (a TransRec in eval mode for the duration of a call) ranked on `store`'s catalogue."""
+    """`model` (a TransRec in eval mode for the duration of a call) ranked on `store`'s catalogue. `sequences`: the
+    catalogue's users (a SequenceTable) for the tools that look users up (serving, batch recommend, the standalone
+    evaluator); None in the trainer, which streams its evaluated users (evaluate.EvalStream)."""
 
-    def __init__(self, model, store, modality: np.ndarray, sequences: list[dict], user_feature_names: list[str],
+    def __init__(self, model, store, modality: np.ndarray, sequences, user_feature_names: list[str],
                  max_tokens: int, image_decoder: Callable[[], object], device: torch.device, item_batch: int = 256,
                  user_batch: int = 256):
         self.model, self.store, self.modality, self.sequences = model, store, modality, sequences
@@ -46,26 +48,32 @@ class ModelRanker:
             chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
         return torch.cat(chunks)
 
-    def user_feature_batch(self, users: np.ndarray) -> dict[str, torch.Tensor]:
+    def user_feature_batch(self, chunk: ev.EvalUsers) -> dict[str, torch.Tensor] | None:
+        """The chunk's user side features as padded id tensors; None when the model reads none."""
+        if not self.model.side:
+            return None
         out = {}
         for n in self.user_feature_names:
-            rows = [self.sequences[u]["features"].get(n, [0]) for u in users]
+            if n not in chunk.features:
+                raise ValueError(f"the evaluated users carry no user feature '{n}', which this model reads: build "
+                                 "them with eval_users(..., feature_names=ranker.user_feature_names)")
+            rows = [chunk.features[n][i].tolist() for i in range(len(chunk))]
             width = max(len(r) for r in rows)
             out[n] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=self.device)
         return out
 
     @torch.no_grad()
-    def user_vectors(self, item_vectors: torch.Tensor, hist: torch.Tensor, users: np.ndarray | None = None
+    def user_vectors(self, item_vectors: torch.Tensor, hist: torch.Tensor, chunk: ev.EvalUsers | None = None
                      ) -> torch.Tensor:
         """[B, d] fp32: the model's user vector of each left-padded history `hist` [B, L] (item rows of
-        `item_vectors`, -1 = padding), with the users' side features when `users` are given."""
+        `item_vectors`, -1 = padding), with the side features of `chunk`'s users when given."""
         mask = hist >= 0
         vecs = (item_vectors[hist.clamp(min=0)] * mask[..., None]).to(next(self.model.user_encoder.parameters()).dtype)
-        feats = None if users is None else self.user_feature_batch(users)
+        feats = None if chunk is None else self.user_feature_batch(chunk)
         return self.model.user_vector(vecs, mask, feats).float()
 
     @torch.no_grad()
-    def ranks(self, data: ev.EvalUsers, scoring: str, exclude_seen: bool) -> np.ndarray:
+    def ranks(self, data: ev.EvalUsers | ev.EvalStream, scoring: str, exclude_seen: bool) -> np.ndarray:
         """Ranks of `data`'s targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
         user . item vector (the towers' content vectors, or the ID table's)."""
         model = self.model
@@ -75,16 +83,16 @@ class ModelRanker:
         if scoring == "free_head":
             dtype = next(model.user_encoder.parameters()).dtype
 
-            def score(hist, users):
+            def score(hist, chunk):
                 mask = hist >= 0
                 vecs = (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype)
                 h = model.encode_sequence(vecs, mask)[:, -1]
-                h = model._with_user_features(h, self.user_feature_batch(users))
+                h = model._with_user_features(h, self.user_feature_batch(chunk))
                 return model.stage1_scores(h).float()
 
             ranks = ev.rank_with_scores(score, self.store.num_items, data, exclude_seen, self.user_batch, self.device)
         else:
-            ranks = ev.rank_with_vectors(lambda hist, users: self.user_vectors(iv, hist, users), iv, data, exclude_seen,
+            ranks = ev.rank_with_vectors(lambda hist, chunk: self.user_vectors(iv, hist, chunk), iv, data, exclude_seen,
                                          self.user_batch)
         model.train(was_training)
         return ranks

@@ -18,7 +18,6 @@ import torch
 import kernels
 from data_shards.loader import LoaderConfig, make_train_loader
 from data_shards.modalities import ContentOptions, content_kind
-from data_shards.sequence_table import SequenceTable
 from data_shards.shard_io import ItemStore, load_manifest
 from trainer import evaluate as ev
 from trainer.checkpoint import (
@@ -82,7 +81,9 @@ class Trainer:
         if cfg.model.item_encoder == "content":
             check_vocabulary(self.manifest, cfg.model.text_encoder)
         self.store = ItemStore(self.shards)
-        self.sequences = SequenceTable(self.shards)  # compact: flat arrays, not a dict per user
+        # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass:
+        # no user's sequence is kept; each rank streams its own evaluated users from the shards when it evaluates
+        self.summary = ev.SplitSummary.read(self.shards)
         self.num_items = self.store.num_items
         self.modality = self.store.modality.copy()
         if cfg.data.modality_override:
@@ -109,15 +110,17 @@ class Trainer:
             LOG.info(f"{name} tower weights: {source}")
         total, _ = count_parameters(self.model)
         LOG.info(
-            f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {len(self.sequences)} users; "
+            f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {self.manifest['num_users']} users; "
             f"world size {self.world} on {self.device}"
         )
         self.decoder = None
         self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
         write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
-        self.item_share = item_share(self.sequences, self.num_items)  # the in-batch sampler's log-q
-        self.valid_users = ev.eval_users(self.sequences, "valid", cfg.model.max_len)
-        self.test_users = ev.eval_users(self.sequences, "test", cfg.model.max_len)
+        self.item_share = item_share(self.summary.counts["train"])  # the in-batch sampler's log-q
+        self.valid_users, self.test_users = (
+            ev.EvalStream(self.shards, split, cfg.model.max_len, self.summary.users[split], self.summary.targets[split],
+                          list(self.manifest["feature_vocabularies"]["user"]), self.rank, self.world)
+            for split in ("valid", "test"))
         self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
         self.global_step = self.state.get("global_step", 0)  # optimizer steps of the finished stages (TensorBoard x)
 
@@ -237,7 +240,7 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def ranker(self) -> ModelRanker:
-        return ModelRanker(self.model, self.store, self.modality, self.sequences,
+        return ModelRanker(self.model, self.store, self.modality, None,
                            list(self.manifest["feature_vocabularies"]["user"]), self.cfg.model.max_tokens,
                            self.image_decoder, self.device, self.cfg.eval.item_batch, self.cfg.eval.user_batch)
 
@@ -252,7 +255,7 @@ class Trainer:
         with gathered(self.model):  # ZeRO-3: evaluation reads weights outside module forwards
             return self.ranker().ranks(data, scoring, self.cfg.eval.exclude_seen)
 
-    def write_ranks(self, name: str, data: ev.EvalUsers, ranks: np.ndarray) -> None:
+    def write_ranks(self, name: str, data: ev.EvalStream, ranks: np.ndarray) -> None:
         if self.rank != 0:
             return
         with open(self.run_dir / f"{name}.tsv", "w") as f:
@@ -400,12 +403,8 @@ class Trainer:
             LOG.warning(f"no content-scoring model was trained: selecting stage {best_stage} "
                         f"({record_scoring(sb[best_stage])}), which cannot rank items never seen in training")
         load_model_state(self.model, self.run_dir / f"best_stage{best_stage}.safetensors")
-        pop_valid = ev.popularity_ranks(
-            self.sequences, self.num_items, self.valid_users, "valid", self.cfg.eval.exclude_seen
-        )
-        pop_test = ev.popularity_ranks(
-            self.sequences, self.num_items, self.test_users, "test", self.cfg.eval.exclude_seen
-        )
+        pop_valid = ev.popularity_ranks(self.summary.counts["valid"], self.valid_users, self.cfg.eval.exclude_seen)
+        pop_test = ev.popularity_ranks(self.summary.counts["test"], self.test_users, self.cfg.eval.exclude_seen)
         test_ranks = np.load(self.run_dir / f"test_ranks_stage{best_stage}.npy") if self.rank == 0 else None
         save_export(
             self.model,

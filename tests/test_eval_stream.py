@@ -1,0 +1,63 @@
+"""Streamed evaluation (what the trainer does): each rank reads its own evaluated users from the shards in batches,
+and the ranks it gathers equal those of the users held in memory; one streaming pass gives the counts popularity
+and the samplers need."""
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards.shard_io import load_manifest, read_sequences
+from trainer import evaluate as ev
+
+
+def _stream(shards, split, summary, rank=0, world=1, features=()):
+    return ev.EvalStream(shards, split, 6, summary.users[split], summary.targets[split], features, rank, world)
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_summary_equals_the_counts_and_users_of_the_whole_table(hm_shards, split):
+    sequences = read_sequences(hm_shards)
+    summary = ev.SplitSummary.read(hm_shards)
+    num_items = load_manifest(hm_shards)["num_items"]
+    for name in ("train", split):
+        assert np.array_equal(summary.counts[name], ev.interaction_counts(sequences, num_items, name))
+    held = ev.eval_users(sequences, split, 6)
+    assert np.array_equal(summary.users[split], held.users) and np.array_equal(summary.targets[split], held.targets)
+    assert summary.counts["test"].sum() == summary.counts["train"].sum() + len(held.users)
+
+
+def test_ranks_split_over_ranks_equal_the_users_held_in_memory(hm_shards):
+    summary = ev.SplitSummary.read(hm_shards)
+    features = list(load_manifest(hm_shards)["feature_vocabularies"]["user"])
+    assert features, "the H&M fixture carries user side features"
+    held = ev.eval_users(read_sequences(hm_shards), "test", 6, features)
+    items = torch.randn(load_manifest(hm_shards)["num_items"], 8, generator=torch.Generator().manual_seed(0))
+
+    def user_vec(hist, chunk):  # depends on the history and on the users' side features
+        mask = (hist >= 0)[..., None]
+        side = torch.tensor([float(chunk.features[features[0]][i].sum()) for i in range(len(chunk))])
+        return (items[hist.clamp(min=0)] * mask).sum(1) + side[:, None]
+
+    expected = ev.rank_with_vectors(user_vec, items, held, True, user_batch=7)
+    assert np.array_equal(ev.rank_with_vectors(user_vec, items, _stream(hm_shards, "test", summary,
+                                                                        features=features), True, 7), expected)
+    # two ranks: each reads only its users (user % 2), together every evaluated user exactly once
+    seen = np.zeros(len(held.users), dtype=int)
+    for rank in (0, 1):
+        for pos, chunk in ev._local_chunks(_stream(hm_shards, "test", summary, rank, 2, features), 5):
+            assert len(chunk) <= 5 and (chunk.users % 2 == rank).all()
+            assert np.array_equal(held.users[pos], chunk.users) and np.array_equal(held.histories[pos], chunk.histories)
+            for i, p in enumerate(pos):
+                assert chunk.seen[i].tolist() == held.seen[int(p)].tolist()
+                assert chunk.features[features[0]][i].tolist() == held.features[features[0]][int(p)].tolist()
+            seen[pos] += 1
+    assert (seen == 1).all()
+    pop = ev.popularity_ranks(summary.counts["test"], _stream(hm_shards, "test", summary), True)
+    assert np.array_equal(pop, ev.popularity_ranks(summary.counts["test"], held, True))
+
+
+def test_a_stream_whose_shards_changed_is_refused(hm_shards):
+    summary = ev.SplitSummary.read(hm_shards)
+    stale = ev.EvalStream(hm_shards, "test", 6, summary.users["test"][1:], summary.targets["test"][1:])
+    with pytest.raises(ValueError, match="changed since this run read them"):
+        ev.rank_with_scores(lambda hist, chunk: torch.zeros(len(hist), 3), 3, stale, True)
