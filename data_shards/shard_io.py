@@ -103,9 +103,10 @@ def load_manifest(shard_dir: Path | str) -> dict:
 def sequence_records(shard: Path) -> Iterator[dict]:
     """The user samples (json) of one sequence tar, in file order, one at a time."""
     with tarfile.open(shard) as tar:
-        for member in tar:
+        while (member := tar.next()) is not None:
             if member.name.endswith(".json"):
                 yield json.loads(tar.extractfile(member).read())
+            tar.members = []  # TarFile keeps every member header it read: one per user here, O(users) otherwise
 
 
 def read_sequences(shard_dir: Path | str) -> list[dict]:

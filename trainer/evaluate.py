@@ -278,20 +278,18 @@ def _local_chunks(data: EvalUsers | EvalStream, batch: int) -> Iterator[tuple[np
         yield pos, data.take(pos)
 
 
-def _gather(positions: list[np.ndarray], ranks: list[np.ndarray], n: int) -> np.ndarray:
-    """Every rank's ranks, placed at their users' positions: [n] on every rank."""
-    pos = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
-    local = np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
-    parts = [(pos, local)]
+def _gather(ranks: np.ndarray, mine: np.ndarray) -> np.ndarray:
+    """Every rank's ranks (`ranks` [n], filled where `mine`), on every rank."""
+    parts = [(np.flatnonzero(mine), ranks[mine])]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (pos, local))
-    out = np.zeros(n, dtype=np.int64)
-    filled = np.zeros(n, dtype=bool)
+        dist.all_gather_object(parts, (np.flatnonzero(mine), ranks[mine]))
+    out = np.zeros(len(ranks), dtype=np.int64)
+    filled = np.zeros(len(ranks), dtype=bool)
     for p, r in parts:
         out[p], filled[p] = r, True
     if not filled.all():
-        raise RuntimeError(f"{int((~filled).sum())} of {n} evaluated users were ranked by no rank")
+        raise RuntimeError(f"{int((~filled).sum())} of {len(ranks)} evaluated users were ranked by no rank")
     return out
 
 
@@ -307,17 +305,16 @@ def rank_with_vectors(
     """Exact ranks of every user's target by dot product with all item vectors [V, d];
     user_vec_fn(histories, chunk) gives the chunk's user vectors [B, d]."""
     device = device or item_vectors.device
-    positions, out = [], []
-    for pos, chunk in _local_chunks(data, user_batch):
+    ranks, mine = np.zeros(len(data), dtype=np.int64), np.zeros(len(data), dtype=bool)  # allocated once: no
+    for pos, chunk in _local_chunks(data, user_batch):  # small array per batch left between the large ones
         hist = torch.as_tensor(chunk.histories, device=device)
         u = user_vec_fn(hist, chunk)  # [B, d]
         tg = torch.as_tensor(chunk.targets, device=device)
         ts = (u * item_vectors[tg].to(u.dtype)).sum(-1)
         pairs = excluded_pairs(tg, [chunk.seen[i] for i in range(len(chunk))], exclude_seen)
         r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), ts, pairs)
-        positions.append(pos)
-        out.append(r.cpu().numpy())
-    return _gather(positions, out, len(data))
+        ranks[pos], mine[pos] = r.cpu().numpy(), True
+    return _gather(ranks, mine)
 
 
 @torch.no_grad()
@@ -330,7 +327,7 @@ def rank_with_scores(
     device="cpu",
 ) -> np.ndarray:
     """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(histories, chunk)."""
-    positions, out = [], []
+    ranks, mine = np.zeros(len(data), dtype=np.int64), np.zeros(len(data), dtype=bool)
     for pos, chunk in _local_chunks(data, user_batch):
         hist = torch.as_tensor(chunk.histories, device=device)
         full = score_fn(hist, chunk)  # [B, V]
@@ -338,9 +335,8 @@ def rank_with_scores(
         ts = full.gather(1, tg[:, None])[:, 0]
         pairs = excluded_pairs(tg, [chunk.seen[i] for i in range(len(chunk))], exclude_seen)
         r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs)
-        positions.append(pos)
-        out.append(r.cpu().numpy())
-    return _gather(positions, out, len(data))
+        ranks[pos], mine[pos] = r.cpu().numpy(), True
+    return _gather(ranks, mine)
 
 
 def interaction_counts(sequences: list[dict], num_items: int, split: str = "train") -> np.ndarray:
