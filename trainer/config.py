@@ -49,6 +49,9 @@ class ModelConfig:
     learn_temperature: bool = False  # train log(1 / temperature) with the model
     text_attention: str = "sdpa"  # the text encoder's attention: "sdpa" (fused / flash where available) | "eager"
     channels_last: bool = False  # the CNN's weights and inputs in channels-last memory format (GPU convolutions)
+    compile: str = "none"  # torch.compile of the per-step modules: none | user_encoder | towers | all (compiled.py)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not code-generated; debugging)
 
     def __post_init__(self) -> None:
         if self.d % self.user_heads:
@@ -60,6 +63,10 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
         one_of("model.text_attention", self.text_attention, ("sdpa", "eager"))
+        from trainer.compiled import MODES, PARTS
+
+        one_of("model.compile", self.compile, PARTS)
+        one_of("model.compile_mode", self.compile_mode, MODES)
         from trainer.towers import IMAGE_BACKBONES
 
         one_of("model.image_backbone", self.image_backbone, tuple(IMAGE_BACKBONES))

@@ -30,6 +30,7 @@ from trainer.checkpoint import (
     save_model_state,
     save_resume_point,
 )
+from trainer.compiled import set_compiled
 from trainer.config import RunConfig, StageConfig
 from trainer.feature_cache import FeatureCache, resolve_store
 from trainer.losses import Objective, build_objective, item_share, scoring_label
@@ -108,6 +109,11 @@ class Trainer:
             source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
                       f"{tower.weights_source})") if from_export else tower.weights_source
             LOG.info(f"{name} tower weights: {source}")
+        if cfg.model.compile != "none":
+            zero = self.ds_base.get("zero_optimization", {}).get("stage", 0)
+            parts = set_compiled(self.model, cfg.model.compile, cfg.model.compile_mode, cfg.model.compile_backend, zero)
+            LOG.info(f"compiled ({cfg.model.compile_backend}, mode {cfg.model.compile_mode}, dynamic shapes): "
+                     f"{', '.join(parts)}")
         total, _ = count_parameters(self.model)
         LOG.info(
             f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {self.manifest['num_users']} users; "
