@@ -61,3 +61,20 @@ def test_a_stream_whose_shards_changed_is_refused(hm_shards):
     stale = ev.EvalStream(hm_shards, "test", 6, summary.users["test"][1:], summary.targets["test"][1:])
     with pytest.raises(ValueError, match="changed since this run read them"):
         ev.rank_with_scores(lambda hist, chunk: torch.zeros(len(hist), 3), 3, stale, True)
+
+
+def test_ragged_rows_gathered_without_a_loop_equal_row_by_row():
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 50, size=rng.integers(0, 6)) for _ in range(30)]  # empty rows included
+    r = ev.Ragged.from_rows(rows)
+    idx = np.array([5, 0, 29, 5, 17, 3])
+    for part, picked in ((r[idx], idx), (r[4:20:3], np.arange(4, 20, 3))):
+        assert len(part) == len(picked)
+        assert [part[k].tolist() for k in range(len(part))] == [rows[j].tolist() for j in picked]
+    rows_of, values = r[idx].flat()
+    assert rows_of.tolist() == [k for k, j in enumerate(idx) for _ in rows[j]]
+    assert values.tolist() == [v for j in idx for v in rows[j].tolist()]
+    t = torch.as_tensor([int(rows[j][0]) if len(rows[j]) else 0 for j in idx])
+    as_list = ev.excluded_pairs(t, [rows[j] for j in idx], True)
+    as_ragged = ev.excluded_pairs(t, r[idx], True)
+    assert all(torch.equal(a, b) for a, b in zip(as_list, as_ragged))

@@ -42,7 +42,17 @@ class Ragged:
     def __getitem__(self, i):
         if isinstance(i, (int, np.integer)):
             return self.values[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
-        return Ragged.from_rows([self[int(k)] for k in np.arange(len(self))[i]])
+        rows = np.arange(len(self))[i]  # a slice or an index array: gathered without a Python loop over rows
+        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        at = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Ragged(offsets, self.values[at])
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each value, value as int64): every row's values in one pair of arrays."""
+        lengths = np.diff(self.offsets)
+        return (np.repeat(np.arange(len(self)), lengths),
+                self.values[self.offsets[0] : self.offsets[-1]].astype(np.int64))
 
 
 @dataclass
@@ -185,16 +195,19 @@ class SplitSummary:
 
 
 def excluded_pairs(
-    targets: torch.Tensor, seen: list[np.ndarray], exclude_seen: bool
+    targets: torch.Tensor, seen: Ragged | list[np.ndarray], exclude_seen: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, item) pairs left out of each user's count: the target itself, and seen items when excluded.
 
-    Built on the host with numpy and copied to the device once per user batch (no per-user device work)."""
+    Built on the host with numpy and copied to the device once per user batch (no per-user work)."""
     t = targets.cpu().numpy()
     rows, items = np.arange(len(t)), t
-    if exclude_seen and seen:
-        r = np.repeat(np.arange(len(seen)), [len(x) for x in seen])
-        v = np.concatenate([np.asarray(x, dtype=np.int64) for x in seen])
+    if exclude_seen and len(seen):
+        if isinstance(seen, Ragged):
+            r, v = seen.flat()
+        else:
+            r = np.repeat(np.arange(len(seen)), [len(x) for x in seen])
+            v = np.concatenate([np.asarray(x, dtype=np.int64) for x in seen])
         keep = v != t[r]
         rows, items = np.concatenate([rows, r[keep]]), np.concatenate([items, v[keep]])
     device = targets.device
@@ -311,7 +324,7 @@ def rank_with_vectors(
         u = user_vec_fn(hist, chunk)  # [B, d]
         tg = torch.as_tensor(chunk.targets, device=device)
         ts = (u * item_vectors[tg].to(u.dtype)).sum(-1)
-        pairs = excluded_pairs(tg, [chunk.seen[i] for i in range(len(chunk))], exclude_seen)
+        pairs = excluded_pairs(tg, chunk.seen, exclude_seen)
         r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), ts, pairs)
         ranks[pos], mine[pos] = r.cpu().numpy(), True
     return _gather(ranks, mine)
@@ -333,7 +346,7 @@ def rank_with_scores(
         full = score_fn(hist, chunk)  # [B, V]
         tg = torch.as_tensor(chunk.targets, device=device)
         ts = full.gather(1, tg[:, None])[:, 0]
-        pairs = excluded_pairs(tg, [chunk.seen[i] for i in range(len(chunk))], exclude_seen)
+        pairs = excluded_pairs(tg, chunk.seen, exclude_seen)
         r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs)
         ranks[pos], mine[pos] = r.cpu().numpy(), True
     return _gather(ranks, mine)
