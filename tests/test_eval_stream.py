@@ -10,6 +10,19 @@ from data_shards.shard_io import load_manifest, read_sequences
 from trainer import evaluate as ev
 
 
+@pytest.fixture(scope="module")
+def hm_many_shards(tmp_path_factory):
+    """The bundled H&M fixture (200 customers, user side features) in 5 sequence shards of 45 users."""
+    from pathlib import Path
+
+    from data_shards.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("many") / "hm"
+    build(BuildOptions(dataset="hm-fashion", source=Path(__file__).resolve().parents[1] / "data" /
+                       "hm-fashion-fixture", out=out, modality="mixed", max_tokens=16, users_per_shard=45))
+    return out
+
+
 def _stream(shards, split, summary, rank=0, world=1, features=()):
     return ev.EvalStream(shards, split, 6, summary.users[split], summary.targets[split], features, rank, world)
 
@@ -26,7 +39,8 @@ def test_summary_equals_the_counts_and_users_of_the_whole_table(hm_shards, split
     assert summary.counts["test"].sum() == summary.counts["train"].sum() + len(held.users)
 
 
-def test_ranks_split_over_ranks_equal_the_users_held_in_memory(hm_shards):
+def test_ranks_split_over_ranks_equal_the_users_held_in_memory(hm_many_shards):
+    hm_shards = hm_many_shards
     summary = ev.SplitSummary.read(hm_shards)
     features = list(load_manifest(hm_shards)["feature_vocabularies"]["user"])
     assert features, "the H&M fixture carries user side features"
@@ -41,19 +55,38 @@ def test_ranks_split_over_ranks_equal_the_users_held_in_memory(hm_shards):
     expected = ev.rank_with_vectors(user_vec, items, held, True, user_batch=7)
     assert np.array_equal(ev.rank_with_vectors(user_vec, items, _stream(hm_shards, "test", summary,
                                                                         features=features), True, 7), expected)
-    # two ranks: each reads only its users (user % 2), together every evaluated user exactly once
+    # ranks: together every evaluated user exactly once; with as many shards as ranks, each opens only its own
+    n_shards = len(load_manifest(hm_shards)["shards"]["sequences"])
+    assert n_shards == 5
+    for world in (2, n_shards, n_shards + 1):
+        _check_split(hm_shards, summary, features, held, world, by_shard=n_shards >= world)
+    pop = ev.popularity_ranks(summary.counts["test"], _stream(hm_shards, "test", summary), True)
+    assert np.array_equal(pop, ev.popularity_ranks(summary.counts["test"], held, True))
+
+
+def _check_split(shards, summary, features, held, world, by_shard):
+    from data_shards import shard_io
+
+    names = load_manifest(shards)["shards"]["sequences"]
     seen = np.zeros(len(held.users), dtype=int)
-    for rank in (0, 1):
-        for pos, chunk in ev._local_chunks(_stream(hm_shards, "test", summary, rank, 2, features), 5):
-            assert len(chunk) <= 5 and (chunk.users % 2 == rank).all()
+    original = shard_io.sequence_records
+    for rank in range(world):
+        opened = []
+        shard_io.sequence_records = lambda path: (opened.append(path.name), original(path))[1]
+        try:
+            chunks = list(ev._local_chunks(_stream(shards, "test", summary, rank, world, features), 5))
+        finally:
+            shard_io.sequence_records = original
+        want = [n for i, n in enumerate(names) if i % world == rank] if by_shard else names
+        assert opened == want, (world, rank, opened)
+        for pos, chunk in chunks:
+            assert len(chunk) <= 5 and (by_shard or (chunk.users % world == rank).all())
             assert np.array_equal(held.users[pos], chunk.users) and np.array_equal(held.histories[pos], chunk.histories)
             for i, p in enumerate(pos):
                 assert chunk.seen[i].tolist() == held.seen[int(p)].tolist()
                 assert chunk.features[features[0]][i].tolist() == held.features[features[0]][int(p)].tolist()
             seen[pos] += 1
-    assert (seen == 1).all()
-    pop = ev.popularity_ranks(summary.counts["test"], _stream(hm_shards, "test", summary), True)
-    assert np.array_equal(pop, ev.popularity_ranks(summary.counts["test"], held, True))
+    assert (seen == 1).all(), world
 
 
 def test_a_stream_whose_shards_changed_is_refused(hm_shards):

@@ -120,9 +120,11 @@ def eval_users(sequences, split: str, max_len: int, feature_names=()) -> EvalUse
 
 
 class EvalStream:
-    """One split's evaluated users streamed from the sequence shards in batches, this rank's users only
-    (user % world == rank): the trainer's memory for evaluation is O(batch), not O(users). `users` / `targets`:
-    every evaluated user (all ranks) in index order, for the per-user rank files and the cold-target counts."""
+    """One split's evaluated users streamed from the sequence shards in batches, this rank's users only: the
+    trainer's memory for evaluation is O(batch), not O(users). With at least as many sequence shards as ranks, a
+    rank reads only its own shards (shard i to rank i % world), so a node reads each shard once per evaluation;
+    otherwise every rank reads them all and keeps user % world == rank. `users` / `targets`: every evaluated user
+    (all ranks) in index order, for the per-user rank files and the cold-target counts."""
 
     def __init__(self, shard_dir, split: str, max_len: int, users: np.ndarray, targets: np.ndarray,
                  feature_names=(), rank: int = 0, world: int = 1):
@@ -140,9 +142,13 @@ class EvalStream:
 
         shard_dir = Path(self.shard_dir)
         build = _EvalBuilder(self.split, self.max_len, self.feature_names)
-        for name in load_manifest(shard_dir)["shards"]["sequences"]:
+        names = load_manifest(shard_dir)["shards"]["sequences"]
+        by_shard = len(names) >= self.world
+        for i, name in enumerate(names):
+            if by_shard and i % self.world != self.rank:
+                continue
             for s in sequence_records(shard_dir / name):
-                if s["user"] % self.world == self.rank:
+                if by_shard or s["user"] % self.world == self.rank:
                     build.add(s)
                     if len(build) == batch:
                         yield build.done()
