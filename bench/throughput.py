@@ -351,6 +351,14 @@ def run_eval(t, sizes: list[int], user_counts: list[int], ref_budget_s: float, r
                 ranks = ev.rank_with_vectors(user_vec, iv, data, True, t.cfg.eval.user_batch)
             ups = n / (time.perf_counter() - t0)
             report.eval_row(V, "project", n, ups, mem.extra_mib)
+            if device.type == "cuda":  # eval.precision=tf32: the score matmuls on the TF32 tensor cores
+                with PeakMemory(device) as mem:
+                    t0 = time.perf_counter()
+                    tf32 = ev.rank_with_vectors(user_vec, iv, data, True, t.cfg.eval.user_batch, precision="tf32")
+                ups = n / (time.perf_counter() - t0)
+                diff = np.abs(tf32 - ranks)
+                report.eval_row(V, "tf32", n, ups, mem.extra_mib, f"ranks equal to fp32's for {(diff == 0).sum()} "
+                                f"of {n} users, max difference {diff.max()}", int(diff.max()))
         with PeakMemory(device) as mem:  # one user at a time until the time budget is spent
             t0 = time.perf_counter()
             ref_ranks = reference_ranks(user_vec, iv, data, np.arange(n), True, ref_budget_s)

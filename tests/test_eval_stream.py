@@ -111,3 +111,45 @@ def test_ragged_rows_gathered_without_a_loop_equal_row_by_row():
     as_list = ev.excluded_pairs(t, [rows[j] for j in idx], True)
     as_ragged = ev.excluded_pairs(t, r[idx], True)
     assert all(torch.equal(a, b) for a, b in zip(as_list, as_ragged))
+
+
+def test_precision_is_checked_and_fp32_elsewhere_than_cuda(hm_shards):
+    """eval.precision: "tf32" changes nothing off CUDA (the ranks are fp32's, exactly); anything else is refused."""
+    from trainer.config import apply_overrides, preset
+
+    summary = ev.SplitSummary.read(hm_shards)
+    held = ev.eval_users(read_sequences(hm_shards), "test", 6)
+    items = torch.randn(load_manifest(hm_shards)["num_items"], 8, generator=torch.Generator().manual_seed(0))
+
+    def user_vec(hist, _chunk):
+        return items[hist.clamp(min=0)].sum(1)
+
+    fp32 = ev.rank_with_vectors(user_vec, items, held, True, 16)
+    assert np.array_equal(ev.rank_with_vectors(user_vec, items, held, True, 16, precision="tf32"), fp32)
+    assert len(fp32) == len(summary.users["test"])
+    with pytest.raises(ValueError, match="fp32 or tf32"):
+        ev.rank_with_vectors(user_vec, items, held, True, 16, precision="bf16")
+    with pytest.raises(ValueError, match="eval.precision"):
+        apply_overrides(preset("tiny"), ["eval.precision=fp16"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a CUDA tensor-core format; no CUDA device here")
+def test_tf32_scores_on_cuda_stay_near_fp32():
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    with ev.matmul_precision("tf32", torch.device("cuda")):
+        assert getattr(matmul, name) in ("tf32", True)
+    assert getattr(matmul, name) == before
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(20000, 64, generator=g).cuda()
+    n = 512
+    data = ev.EvalUsers(np.arange(n), np.random.default_rng(0).integers(0, 20000, (n, 5)),
+                        np.random.default_rng(1).integers(0, 20000, n), ev.Ragged.from_rows([[]] * n))
+
+    def user_vec(hist, _chunk):
+        return items[hist].mean(1)
+
+    fp32 = ev.rank_with_vectors(user_vec, items, data, False, 128)
+    tf32 = ev.rank_with_vectors(user_vec, items, data, False, 128, precision="tf32")
+    assert np.abs(tf32 - fp32).max() <= 0.01 * 20000 and (tf32 == fp32).mean() > 0.2

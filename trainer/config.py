@@ -160,8 +160,12 @@ class EvalConfig:
     patience: int = 3  # validations without improvement before early stopping (0: off)
     bootstrap: int = 1000
     select: str = "ndcg@10"  # validation metric that picks the best epoch and model: "ndcg@K" or "hr@K", K in ks
+    # the user . item score matmuls: "fp32" (exact), "tf32" (on CUDA, TF32 tensor cores: about 8x the fp32 rate,
+    # inputs rounded to 10 mantissa bits, so near-tied items may swap; the same as fp32 on CPU)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        one_of("eval.precision", self.precision, ("fp32", "tf32"))
         name, _, k = self.select.partition("@")
         if name not in ("ndcg", "hr") or not k.isdigit() or int(k) not in self.ks:
             raise ValueError(f"eval.select={self.select!r}: use ndcg@K or hr@K with K one of eval.ks {tuple(self.ks)}")

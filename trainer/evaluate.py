@@ -16,6 +16,7 @@ every model alike. Users are split across ranks; the per-user ranks are gathered
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -312,6 +313,25 @@ def _gather(ranks: np.ndarray, mine: np.ndarray) -> np.ndarray:
     return out
 
 
+@contextmanager
+def matmul_precision(precision: str, device: torch.device):
+    """fp32 matmuls as `precision` says ("fp32" | "tf32", eval.precision) inside the block, on CUDA; nothing on
+    other devices (TF32 is a CUDA tensor-core format)."""
+    if precision not in ("fp32", "tf32"):
+        raise ValueError(f"precision must be fp32 or tf32, not {precision!r}")
+    if precision == "fp32" or device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    name, value = (("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True))
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
+
+
 @torch.no_grad()
 def rank_with_vectors(
     user_vec_fn: Callable[[torch.Tensor, EvalUsers], torch.Tensor],
@@ -320,9 +340,16 @@ def rank_with_vectors(
     exclude_seen: bool,
     user_batch: int = 256,
     device=None,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Exact ranks of every user's target by dot product with all item vectors [V, d];
-    user_vec_fn(histories, chunk) gives the chunk's user vectors [B, d]."""
+    """Ranks of every user's target by dot product with all item vectors [V, d] (exact in fp32; `precision`
+    "tf32": the score matmuls on CUDA's TF32 tensor cores); user_vec_fn(histories, chunk) gives the chunk's user
+    vectors [B, d]."""
+    with matmul_precision(precision, item_vectors.device):
+        return _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device)
+
+
+def _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device) -> np.ndarray:
     device = device or item_vectors.device
     ranks, mine = np.zeros(len(data), dtype=np.int64), np.zeros(len(data), dtype=bool)  # allocated once: no
     for pos, chunk in _local_chunks(data, user_batch):  # small array per batch left between the large ones

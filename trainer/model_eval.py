@@ -22,11 +22,11 @@ class ModelRanker:
 
     def __init__(self, model, store, modality: np.ndarray, sequences, user_feature_names: list[str],
                  max_tokens: int, image_decoder: Callable[[], object], device: torch.device, item_batch: int = 256,
-                 user_batch: int = 256):
+                 user_batch: int = 256, precision: str = "fp32"):
         self.model, self.store, self.modality, self.sequences = model, store, modality, sequences
         self.user_feature_names = user_feature_names
         self.max_tokens, self.image_decoder, self.device = max_tokens, image_decoder, device
-        self.item_batch, self.user_batch = item_batch, user_batch
+        self.item_batch, self.user_batch, self.precision = item_batch, user_batch, precision
 
     def needs_content(self) -> bool:
         cache = self.model.cache
@@ -93,7 +93,7 @@ class ModelRanker:
             ranks = ev.rank_with_scores(score, self.store.num_items, data, exclude_seen, self.user_batch, self.device)
         else:
             ranks = ev.rank_with_vectors(lambda hist, chunk: self.user_vectors(iv, hist, chunk), iv, data, exclude_seen,
-                                         self.user_batch)
+                                         self.user_batch, precision=self.precision)
         model.train(was_training)
         return ranks
 

@@ -248,7 +248,8 @@ class Trainer:
     def ranker(self) -> ModelRanker:
         return ModelRanker(self.model, self.store, self.modality, None,
                            list(self.manifest["feature_vocabularies"]["user"]), self.cfg.model.max_tokens,
-                           self.image_decoder, self.device, self.cfg.eval.item_batch, self.cfg.eval.user_batch)
+                           self.image_decoder, self.device, self.cfg.eval.item_batch, self.cfg.eval.user_batch,
+                           self.cfg.eval.precision)
 
     def item_vectors(self) -> torch.Tensor:
         return self.ranker().item_vectors()
