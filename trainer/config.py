@@ -274,6 +274,7 @@ def preset(name: str) -> RunConfig:
                 negatives=4096,
                 stride=5,
             ),
+            eval=EvalConfig(user_batch=4096),  # a GPU's evaluation: thousands of users per score matmul
             preset=name,
         )
     if name == "tiny":
