@@ -46,12 +46,25 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _build(out: Path, dataset: str, source: Path, modality: str = "mixed", max_tokens: int = 16) -> Path:
+def _build(out: Path, dataset: str, source: Path, modality: str = "mixed", max_tokens: int = 16,
+           users_per_shard: int = 1000) -> Path:
     from data_shards.build import BuildOptions, build
 
     if not (out / "manifest.json").exists():
-        build(BuildOptions(dataset=dataset, source=source, out=out, modality=modality, max_tokens=max_tokens))
+        build(BuildOptions(dataset=dataset, source=source, out=out, modality=modality, max_tokens=max_tokens,
+                           users_per_shard=users_per_shard))
     return out
+
+
+@pytest.fixture(scope="session")
+def build_in_shards(tmp_path_factory):
+    """build_in_shards(dataset, users_per_shard): a bundled dataset ("movielens-100k-mm" or "hm-fashion") built
+    with that many users a sequence shard (several shards: what the per-rank shard splits need)."""
+    def build(dataset: str, users_per_shard: int) -> Path:
+        source = REPO / "data" / {"movielens-100k-mm": "movielens-100k-mm", "hm-fashion": "hm-fashion-fixture"}[dataset]
+        return _build(tmp_path_factory.mktemp("many") / dataset, dataset, source, users_per_shard=users_per_shard)
+
+    return build
 
 
 @pytest.fixture(scope="session")

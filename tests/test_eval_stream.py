@@ -11,16 +11,9 @@ from trainer import evaluate as ev
 
 
 @pytest.fixture(scope="module")
-def hm_many_shards(tmp_path_factory):
+def hm_many_shards(build_in_shards):
     """The bundled H&M fixture (200 customers, user side features) in 5 sequence shards of 45 users."""
-    from pathlib import Path
-
-    from data_shards.build import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("many") / "hm"
-    build(BuildOptions(dataset="hm-fashion", source=Path(__file__).resolve().parents[1] / "data" /
-                       "hm-fashion-fixture", out=out, modality="mixed", max_tokens=16, users_per_shard=45))
-    return out
+    return build_in_shards("hm-fashion", 45)
 
 
 def _stream(shards, split, summary, rank=0, world=1, features=()):

@@ -113,14 +113,9 @@ def test_short_histories_and_bad_config_are_clear(ml_shards):
 
 
 @pytest.fixture(scope="module")
-def ml_many_shards(tmp_path_factory):
+def ml_many_shards(build_in_shards):
     """The bundled MovieLens in 10 sequence shards of 100 users (enough for the per-rank shard split)."""
-    from data_shards.build import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("many") / "ml"
-    build(BuildOptions(dataset="movielens-100k-mm", source=Path(__file__).resolve().parents[1] / "data" /
-                       "movielens-100k-mm", out=out, modality="mixed", max_tokens=16, users_per_shard=100))
-    return out
+    return build_in_shards("movielens-100k-mm", 100)
 
 
 def test_shard_split_reads_only_own_shards_and_sees_every_window_once(ml_many_shards, monkeypatch):
