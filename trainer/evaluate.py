@@ -17,188 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class Ragged:
-    """Rows of item ids of different lengths as one flat int32 array and offsets (a few bytes an id, not a numpy
-    object per row). `r[i]` is row i (int64); `r[a:b]` or `r[index_array]` is a Ragged of those rows."""
-
-    def __init__(self, offsets: np.ndarray, values: np.ndarray):
-        self.offsets, self.values = offsets, values
-
-    @classmethod
-    def from_rows(cls, rows: list) -> Ragged:
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)])
-        values = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, np.int32)
-        return cls(offsets, values)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, (int, np.integer)):
-            return self.values[self.offsets[i] : self.offsets[i + 1]].astype(np.int64)
-        rows = np.arange(len(self))[i]  # a slice or an index array: gathered without a Python loop over rows
-        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        at = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return Ragged(offsets, self.values[at])
-
-    def flat(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row of each value, value as int64): every row's values in one pair of arrays."""
-        lengths = np.diff(self.offsets)
-        return (np.repeat(np.arange(len(self)), lengths),
-                self.values[self.offsets[0] : self.offsets[-1]].astype(np.int64))
-
-
-@dataclass
-class EvalUsers:
-    """The users evaluated in one split: histories (ids, left padded), targets, and the users' side features."""
-
-    users: np.ndarray  # [U]
-    histories: np.ndarray  # [U, L] item ids, -1 padded on the left
-    targets: np.ndarray  # [U]
-    seen: Ragged | list[np.ndarray]  # per user: the distinct items before the target
-    features: dict[str, Ragged] = field(default_factory=dict)  # user side features by name, rows aligned with users
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def take(self, idx: np.ndarray) -> EvalUsers:
-        """The users at positions `idx`, as an EvalUsers of their own."""
-        seen = self.seen[idx] if isinstance(self.seen, Ragged) else [self.seen[int(i)] for i in idx]
-        return EvalUsers(self.users[idx], self.histories[idx], self.targets[idx], seen,
-                         {n: r[idx] for n, r in self.features.items()})
-
-
-class _EvalBuilder:
-    """Accumulates evaluated users' records into an EvalUsers (one record at a time: any iterable, any length)."""
-
-    def __init__(self, split: str, max_len: int, feature_names=()):
-        if split not in ("valid", "test"):
-            raise ValueError("split must be 'valid' or 'test'")
-        self.split, self.max_len, self.feature_names = split, max_len, tuple(feature_names)
-        self.users, self.targets, self.hist, self.seen = [], [], [], []
-        self.features = {n: [] for n in self.feature_names}
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def add(self, s: dict) -> None:
-        if not s["evaluated"]:
-            return
-        cut = s["num_train"] + (0 if self.split == "valid" else 1)
-        before = np.asarray(s["items"][:cut], dtype=np.int64)
-        h = np.full(self.max_len, -1, dtype=np.int64)
-        tail = before[-self.max_len :]
-        h[self.max_len - len(tail) :] = tail
-        self.hist.append(h)
-        self.users.append(s["user"])
-        self.targets.append(s["items"][cut])
-        self.seen.append(np.unique(before).astype(np.int32))
-        for n in self.feature_names:
-            self.features[n].append(s["features"].get(n, [0]))  # a user without the feature: padding id 0
-
-    def done(self) -> EvalUsers:
-        hist = np.stack(self.hist) if self.hist else np.zeros((0, self.max_len), dtype=np.int64)
-        return EvalUsers(np.asarray(self.users, dtype=np.int64), hist, np.asarray(self.targets, dtype=np.int64),
-                         Ragged.from_rows(self.seen), {n: Ragged.from_rows(r) for n, r in self.features.items()})
-
-
-def eval_users(sequences, split: str, max_len: int, feature_names=()) -> EvalUsers:
-    """Validation: history = training items, target = the next; test: history includes the validation item.
-    `sequences`: user samples in index order (a SequenceTable, or read_sequences' list), read in one pass;
-    `feature_names`: the user side features to keep (a user lacking one gets padding id 0)."""
-    build = _EvalBuilder(split, max_len, feature_names)
-    for s in sequences:
-        build.add(s)
-    return build.done()
-
-
-class EvalStream:
-    """One split's evaluated users streamed from the sequence shards in batches, this rank's users only: the
-    trainer's memory for evaluation is O(batch), not O(users). With at least as many sequence shards as ranks, a
-    rank reads only its own shards (shard i to rank i % world), so a node reads each shard once per evaluation;
-    otherwise every rank reads them all and keeps user % world == rank. `users` / `targets`: every evaluated user
-    (all ranks) in index order, for the per-user rank files and the cold-target counts."""
-
-    def __init__(self, shard_dir, split: str, max_len: int, users: np.ndarray, targets: np.ndarray,
-                 feature_names=(), rank: int = 0, world: int = 1):
-        _EvalBuilder(split, max_len)  # checks the split
-        self.shard_dir, self.split, self.max_len, self.feature_names = shard_dir, split, max_len, feature_names
-        self.users, self.targets, self.rank, self.world = users, targets, rank, world
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def chunks(self, batch: int) -> Iterator[EvalUsers]:
-        from pathlib import Path
-
-        from data_shards.shard_io import load_manifest, sequence_records
-
-        shard_dir = Path(self.shard_dir)
-        build = _EvalBuilder(self.split, self.max_len, self.feature_names)
-        names = load_manifest(shard_dir)["shards"]["sequences"]
-        by_shard = len(names) >= self.world
-        for i, name in enumerate(names):
-            if by_shard and i % self.world != self.rank:
-                continue
-            for s in sequence_records(shard_dir / name):
-                if by_shard or s["user"] % self.world == self.rank:
-                    build.add(s)
-                    if len(build) == batch:
-                        yield build.done()
-                        build = _EvalBuilder(self.split, self.max_len, self.feature_names)
-        if len(build):
-            yield build.done()
-
-    def in_memory(self) -> EvalUsers:
-        """This rank's evaluated users held at once (benches, tests: O(users) memory)."""
-        return next(self.chunks(max(1, len(self))), _EvalBuilder(self.split, self.max_len, self.feature_names).done())
-
-
-@dataclass
-class SplitSummary:
-    """What evaluation needs of every user, read in one streaming pass: interactions per item known before each
-    split's targets ("train", "valid", "test"; see interaction_counts) and each split's evaluated users and targets.
-    O(items + evaluated users) numbers, no sequence kept."""
-
-    counts: dict[str, np.ndarray]
-    users: dict[str, np.ndarray]
-    targets: dict[str, np.ndarray]
-
-    @classmethod
-    def read(cls, shard_dir) -> SplitSummary:
-        from pathlib import Path
-
-        from data_shards.shard_io import load_manifest, sequence_records
-
-        shard_dir = Path(shard_dir)
-        manifest = load_manifest(shard_dir)
-        counts = {k: np.zeros(manifest["num_items"], dtype=np.float64) for k in ("train", "valid", "test")}
-        users, targets = {"valid": [], "test": []}, {"valid": [], "test": []}
-        for name in manifest["shards"]["sequences"]:
-            for s in sequence_records(shard_dir / name):
-                items, n = np.asarray(s["items"], dtype=np.int64), s["num_train"]
-                np.add.at(counts["train"], items[:n], 1.0)
-                if s["evaluated"]:
-                    counts["test"][items[n]] += 1.0  # each evaluated user's validation item, known at test time
-                    for split, cut in (("valid", n), ("test", n + 1)):
-                        users[split].append(s["user"])
-                        targets[split].append(items[cut])
-        counts["test"] += counts["train"]
-        counts["valid"] = counts["train"].copy()
-        out = {}
-        for split in ("valid", "test"):
-            u, t = np.asarray(users[split], dtype=np.int64), np.asarray(targets[split], dtype=np.int64)
-            order = np.argsort(u, kind="stable")
-            out[split] = (u[order], t[order])
-        return cls(counts, {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()})
+from trainer.eval_data import (  # noqa: F401  (re-exported: evaluation's data types live in eval_data)
+    EvalStream,
+    EvalUsers,
+    Ragged,
+    SplitSummary,
+    eval_users,
+    interaction_counts,
+)
 
 
 def excluded_pairs(
@@ -383,16 +214,6 @@ def rank_with_scores(
         r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs)
         ranks[pos], mine[pos] = r.cpu().numpy(), True
     return _gather(ranks, mine)
-
-
-def interaction_counts(sequences: list[dict], num_items: int, split: str = "train") -> np.ndarray:
-    """Interactions per item over what is known before the split's targets: the training portions ("train",
-    "valid"), plus each evaluated user's validation item ("test")."""
-    counts = np.zeros(num_items, dtype=np.float64)
-    for s in sequences:
-        cut = s["num_train"] + (1 if split == "test" and s["evaluated"] else 0)
-        np.add.at(counts, np.asarray(s["items"][:cut], dtype=np.int64), 1.0)
-    return counts
 
 
 def popularity_scores(counts: np.ndarray, seed: int = 0) -> torch.Tensor:
