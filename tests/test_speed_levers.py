@@ -39,9 +39,13 @@ def test_channels_last_changes_layout_not_values():
     want = tower({"pixels": pixels})
     tower.set_channels_last(True)
     conv = next(m for m in tower.blocks.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.is_contiguous()  # parameters stay contiguous (DeepSpeed views them as flat bytes)
     assert tower._formatted(pixels).is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = conv.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
     torch.testing.assert_close(tower({"pixels": pixels}), want, rtol=1e-4, atol=1e-5)
+    hook.remove()
+    assert seen == [True]  # the convolution ran in channels-last
 
 
 def test_adamw_implementations_take_the_same_step():

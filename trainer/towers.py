@@ -309,12 +309,10 @@ class ImageTower(Tower):
         return self.blocks
 
     def set_channels_last(self, on: bool) -> None:
-        """Convolution weights and inputs in channels-last memory format (faster cuDNN kernels on GPUs); values are
-        unchanged."""
+        """Inputs and activations in channels-last memory format (faster cuDNN kernels on GPUs: a convolution follows
+        its input's format); values are unchanged. The weights stay contiguous: DeepSpeed broadcasts, flattens and
+        partitions parameters as flat byte views, which a channels-last weight cannot give."""
         self.channels_last = bool(on)
-        fmt = torch.channels_last if on else torch.contiguous_format
-        for block in self.blocks:
-            block.to(memory_format=fmt)
 
     def _formatted(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
