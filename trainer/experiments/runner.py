@@ -443,7 +443,7 @@ def print_plan(suite: Suite, name: str) -> None:
     specs = {}
     for row in plan.rows:
         for s in row.specs:
-            if s.model == "transfer":
+            if s.model in TRANSFERS:
                 specs[suite.source_spec(s)] = True
             specs[s] = True
     todo = [s for s in specs if not suite.is_done(s)]
