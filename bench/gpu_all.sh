@@ -27,7 +27,8 @@ pids=()
 (timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_pool.py tests/test_cpc_loss.py \
   tests/test_catalog_cross_entropy.py >"$WORK/kernel_tests.log" 2>&1; echo "rc=$?" >>"$WORK/kernel_tests.log") &
 pids+=($!)
-(timeout 200 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_decode.py >"$WORK/decode_tests.log" 2>&1; \
+(timeout 200 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_decode.py tests/test_eval_stream.py \
+  >"$WORK/decode_tests.log" 2>&1; \
   echo "rc=$?" >>"$WORK/decode_tests.log") &
 pids+=($!)
 (timeout 200 "$PY" trainer/main.py --preset tiny --text-encoder bert-base-random-init --shards "$WORK/ml" \
