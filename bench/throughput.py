@@ -2,7 +2,8 @@
 
     python bench/throughput.py --preset cpu-small [--json FILE] [--csv FILE] [--stages 2,1] [--steps 3]
         [--ref-steps 1]
-        [--toggles dedup,host_plan,eager_attn,channels_last,optimizer,compile,kernels,ckpt,bf16,zero0,zero1]
+        [--toggles dedup,host_plan,eager_attn,channels_last,cudnn_benchmark,optimizer,compile,kernels,ckpt,bf16,
+        zero0,zero1]
         [--no-cache] [--set k=v ...]
 
 Training composes the Trainer's pieces (set_stage with its feature cache, make_loader, make_engine, _prepare):
@@ -170,6 +171,7 @@ class Switches:
     channels_last: bool = False  # model.channels_last
     optimizer: str = "auto"  # optimizer (AdamW implementation)
     compile: str = "none"  # model.compile (trainer/compiled.py; inductor, dynamic shapes)
+    cudnn_benchmark: bool = False  # model.cudnn_benchmark
 
     def label(self, default: Switches) -> str:
         return ", ".join(["project"] + [f"{k}={v}" for k, v in dataclasses.asdict(self).items()
@@ -272,6 +274,7 @@ def run_project(t, stage: int, sc, sw: Switches, default: Switches, steps: int, 
         t.model.towers["image"].set_channels_last(sw.channels_last)
     t.cfg.optimizer = sw.optimizer
     set_compiled(t.model, sw.compile, zero_stage=sw.zero)
+    torch.backends.cudnn.benchmark = sw.cudnn_benchmark
     t.ds_base = ds_config_for(t.ds_base, sw.zero, sw.bf16)
     engine = t.make_engine(sc, steps_total=1000)
     objective = t.objective(stage)
@@ -372,8 +375,8 @@ def run_eval(t, sizes: list[int], user_counts: list[int], ref_budget_s: float, r
 
 # -- the run --------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOGGLES = ("dedup", "host_plan", "eager_attn", "channels_last", "optimizer", "compile", "kernels", "ckpt", "bf16",
-           "zero0", "zero1")
+TOGGLES = ("dedup", "host_plan", "eager_attn", "channels_last", "cudnn_benchmark", "optimizer", "compile", "kernels",
+           "ckpt", "bf16", "zero0", "zero1")
 
 
 def toggle(name: str, default: Switches, cuda: bool) -> Switches | str:
@@ -382,11 +385,14 @@ def toggle(name: str, default: Switches, cuda: bool) -> Switches | str:
         return "on CPU 'auto' already runs the PyTorch reference (the Triton kernels need CUDA)"
     if name == "bf16" and not cuda:
         return "bf16 rows run on CUDA only"
+    if name == "cudnn_benchmark" and not cuda:
+        return "cuDNN runs on CUDA only"
     flips = {"dedup": {"dedup": False}, "host_plan": {"host_plan": False},
              "eager_attn": {"attention": "eager" if default.attention == "sdpa" else "sdpa"},
              "channels_last": {"channels_last": not default.channels_last},
              "optimizer": {"optimizer": "plain" if default.optimizer != "plain" else "auto"},
              "compile": {"compile": "all" if default.compile == "none" else "none"},
+             "cudnn_benchmark": {"cudnn_benchmark": not default.cudnn_benchmark},
              "kernels": {"kernels": "torch" if default.kernels != "torch" else "auto"},
              "ckpt": {"ckpt": not default.ckpt}, "bf16": {"bf16": not default.bf16}, "zero0": {"zero": 0},
              "zero1": {"zero": 1}, "zero2": {"zero": 2}}
@@ -436,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
                        bf16=bool(t.ds_base.get("bf16", {}).get("enabled")),
                        zero=int(t.ds_base.get("zero_optimization", {}).get("stage", 0)),
                        attention=cfg.model.text_attention, channels_last=cfg.model.channels_last,
-                       optimizer=cfg.optimizer, compile=cfg.model.compile)
+                       optimizer=cfg.optimizer, compile=cfg.model.compile, cudnn_benchmark=cfg.model.cudnn_benchmark)
     peak = {k: fl.measure_peak_tflops(t.device, DTYPES[k]) for k in (["fp32", "bf16"] if cuda else ["fp32"])}
     meta = {"device": torch.cuda.get_device_name(t.device) if cuda else
             f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "git_hash": git_hash(),

@@ -73,7 +73,7 @@ def test_levers_at_their_defaults_leave_run_keys_unchanged():
     cfg = to_dict(preset("cpu-small"))
     keyed = drop_settings_that_change_nothing(copy.deepcopy(cfg))
     assert "text_attention" not in keyed["model"] and "channels_last" not in keyed["model"]
-    assert not {"compile", "compile_mode", "compile_backend"} & set(keyed["model"])
+    assert not {"compile", "compile_mode", "compile_backend", "cudnn_benchmark"} & set(keyed["model"])
     assert "optimizer" not in keyed and "init_parts" not in keyed
     flipped = to_dict(apply_overrides(preset("cpu-small"), ["model.text_attention=eager", "model.channels_last=true",
                                                             "optimizer=foreach", "model.compile=all"]))

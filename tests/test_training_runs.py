@@ -488,14 +488,17 @@ def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_s
     assert out.returncode == 2 and "kernels must be auto, triton or torch" in out.stderr
 
 
-@pytest.mark.parametrize("lever", ["model.channels_last=true", "model.compile=user_encoder"])
+@pytest.mark.parametrize("lever", ["model.channels_last=true", "model.compile=user_encoder",
+                                   "model.cudnn_benchmark=true"])
 def test_speed_levers_train_under_deepspeed(ml_shards, tiny_bert_dir, tmp_path, lever):
     """Each lever through a real DeepSpeed engine (parameter broadcast, flattening, a step, evaluation): a
     channels-last weight once broke the engine's broadcast of parameters as byte views."""
     trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "stage1.max_steps=2", lever,
                             "model.compile_backend=aot_eager")
+    assert torch.backends.cudnn.benchmark is lever.endswith("cudnn_benchmark=true")
     metrics = trainer.run()
     assert metrics["best"]["scoring"] == "content" and metrics["test"]["users"] == 943
+    torch.backends.cudnn.benchmark = False
 
 
 def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path, monkeypatch):

@@ -49,6 +49,9 @@ class ModelConfig:
     learn_temperature: bool = False  # train log(1 / temperature) with the model
     text_attention: str = "sdpa"  # the text encoder's attention: "sdpa" (fused / flash where available) | "eager"
     channels_last: bool = False  # the CNN's weights and inputs in channels-last memory format (GPU convolutions)
+    # cuDNN's per-shape algorithm search for the CNN (CUDA): pays where image batches repeat their shape; every new
+    # number of unique images in a step is a new shape, searched once
+    cudnn_benchmark: bool = False
     compile: str = "none"  # torch.compile of the per-step modules: none | user_encoder | towers | all (compiled.py)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not code-generated; debugging)

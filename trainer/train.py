@@ -109,6 +109,7 @@ class Trainer:
             source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
                       f"{tower.weights_source})") if from_export else tower.weights_source
             LOG.info(f"{name} tower weights: {source}")
+        torch.backends.cudnn.benchmark = cfg.model.cudnn_benchmark  # CUDA only; nothing else reads it
         if cfg.model.compile != "none":
             zero = self.ds_base.get("zero_optimization", {}).get("stage", 0)
             parts = set_compiled(self.model, cfg.model.compile, cfg.model.compile_mode, cfg.model.compile_backend, zero)

@@ -259,7 +259,8 @@ CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction
 ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention", "sdpa"),
                           ("model", "channels_last", False), (None, "optimizer", "auto"), ("eval", "select", "ndcg@10"),
                           ("data", "split", "auto"), ("model", "compile", "none"), ("model", "compile_mode", "default"),
-                          ("model", "compile_backend", "inductor"), ("eval", "precision", "fp32"))
+                          ("model", "compile_backend", "inductor"), ("eval", "precision", "fp32"),
+                          ("model", "cudnn_benchmark", False))
 # Settings removed after runs were cached that never changed a run: their old value stays in the key.
 RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
 # Settings renamed after runs were cached: keyed under their former names while they hold what those could.
