@@ -7,10 +7,27 @@ trainer/evaluate.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from data_shards import shard_io
+
+SPLITS = ("valid", "test")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError("split must be 'valid' or 'test'")
+
+
+def known_before(s: dict, split: str) -> int:
+    """How many of user record `s`'s items come before the split's targets: the training portion ("train", "valid"),
+    plus the validation item for an evaluated user ("test"). For an evaluated user, items[known_before] is the
+    split's target."""
+    return s["num_train"] + (1 if split == "test" and s["evaluated"] else 0)
 
 
 class Ragged:
@@ -69,8 +86,7 @@ class _EvalBuilder:
     """Accumulates evaluated users' records into an EvalUsers (one record at a time: any iterable, any length)."""
 
     def __init__(self, split: str, max_len: int, feature_names=()):
-        if split not in ("valid", "test"):
-            raise ValueError("split must be 'valid' or 'test'")
+        _check_split(split)
         self.split, self.max_len, self.feature_names = split, max_len, tuple(feature_names)
         self.users, self.targets, self.hist, self.seen = [], [], [], []
         self.features = {n: [] for n in self.feature_names}
@@ -81,7 +97,7 @@ class _EvalBuilder:
     def add(self, s: dict) -> None:
         if not s["evaluated"]:
             return
-        cut = s["num_train"] + (0 if self.split == "valid" else 1)
+        cut = known_before(s, self.split)
         before = np.asarray(s["items"][:cut], dtype=np.int64)
         h = np.full(self.max_len, -1, dtype=np.int64)
         tail = before[-self.max_len :]
@@ -118,7 +134,7 @@ class EvalStream:
 
     def __init__(self, shard_dir, split: str, max_len: int, users: np.ndarray, targets: np.ndarray,
                  feature_names=(), rank: int = 0, world: int = 1):
-        _EvalBuilder(split, max_len)  # checks the split
+        _check_split(split)
         self.shard_dir, self.split, self.max_len, self.feature_names = shard_dir, split, max_len, feature_names
         self.users, self.targets, self.rank, self.world = users, targets, rank, world
 
@@ -126,18 +142,14 @@ class EvalStream:
         return len(self.users)
 
     def chunks(self, batch: int) -> Iterator[EvalUsers]:
-        from pathlib import Path
-
-        from data_shards.shard_io import load_manifest, sequence_records
-
         shard_dir = Path(self.shard_dir)
         build = _EvalBuilder(self.split, self.max_len, self.feature_names)
-        names = load_manifest(shard_dir)["shards"]["sequences"]
+        names = shard_io.load_manifest(shard_dir)["shards"]["sequences"]
         by_shard = len(names) >= self.world
         for i, name in enumerate(names):
             if by_shard and i % self.world != self.rank:
                 continue
-            for s in sequence_records(shard_dir / name):
+            for s in shard_io.sequence_records(shard_dir / name):
                 if by_shard or s["user"] % self.world == self.rank:
                     build.add(s)
                     if len(build) == batch:
@@ -163,38 +175,35 @@ class SplitSummary:
 
     @classmethod
     def read(cls, shard_dir) -> SplitSummary:
-        from pathlib import Path
-
-        from data_shards.shard_io import load_manifest, sequence_records
-
+        """The summary of a shard folder's users, streamed from its sequence shards."""
         shard_dir = Path(shard_dir)
-        manifest = load_manifest(shard_dir)
-        counts = {k: np.zeros(manifest["num_items"], dtype=np.float64) for k in ("train", "valid", "test")}
-        users, targets = {"valid": [], "test": []}, {"valid": [], "test": []}
-        for name in manifest["shards"]["sequences"]:
-            for s in sequence_records(shard_dir / name):
-                items, n = np.asarray(s["items"], dtype=np.int64), s["num_train"]
-                np.add.at(counts["train"], items[:n], 1.0)
-                if s["evaluated"]:
-                    counts["test"][items[n]] += 1.0  # each evaluated user's validation item, known at test time
-                    for split, cut in (("valid", n), ("test", n + 1)):
-                        users[split].append(s["user"])
-                        targets[split].append(items[cut])
+        manifest = shard_io.load_manifest(shard_dir)
+        records = (s for name in manifest["shards"]["sequences"]
+                   for s in shard_io.sequence_records(shard_dir / name))
+        return cls.from_records(records, manifest["num_items"])
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict], num_items: int) -> SplitSummary:
+        """The summary of user records read one at a time (known_before says what each split counts)."""
+        counts = {k: np.zeros(num_items, dtype=np.float64) for k in ("train", *SPLITS)}
+        users, targets = {k: [] for k in SPLITS}, {k: [] for k in SPLITS}
+        for s in records:
+            items = np.asarray(s["items"], dtype=np.int64)
+            np.add.at(counts["train"], items[: known_before(s, "train")], 1.0)
+            if s["evaluated"]:
+                # "valid" counts what "train" does; "test" adds each evaluated user's validation item
+                counts["test"][items[known_before(s, "valid")]] += 1.0
+                for split in SPLITS:
+                    users[split].append(s["user"])
+                    targets[split].append(items[known_before(s, split)])
         counts["test"] += counts["train"]
         counts["valid"] = counts["train"].copy()
-        out = {}
-        for split in ("valid", "test"):
-            u, t = np.asarray(users[split], dtype=np.int64), np.asarray(targets[split], dtype=np.int64)
-            order = np.argsort(u, kind="stable")
-            out[split] = (u[order], t[order])
-        return cls(counts, {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()})
+        order = {k: np.argsort(np.asarray(users[k], dtype=np.int64), kind="stable") for k in SPLITS}
+        return cls(counts, {k: np.asarray(users[k], dtype=np.int64)[order[k]] for k in SPLITS},
+                   {k: np.asarray(targets[k], dtype=np.int64)[order[k]] for k in SPLITS})
 
 
-def interaction_counts(sequences: list[dict], num_items: int, split: str = "train") -> np.ndarray:
-    """Interactions per item over what is known before the split's targets: the training portions ("train",
-    "valid"), plus each evaluated user's validation item ("test")."""
-    counts = np.zeros(num_items, dtype=np.float64)
-    for s in sequences:
-        cut = s["num_train"] + (1 if split == "test" and s["evaluated"] else 0)
-        np.add.at(counts, np.asarray(s["items"][:cut], dtype=np.int64), 1.0)
-    return counts
+def interaction_counts(sequences: Iterable[dict], num_items: int, split: str = "train") -> np.ndarray:
+    """Interactions per item over what is known before the split's targets (known_before): the training portions
+    ("train", "valid"), plus each evaluated user's validation item ("test")."""
+    return SplitSummary.from_records(sequences, num_items).counts[split]

@@ -117,8 +117,7 @@ def _local_chunks(data: EvalUsers | EvalStream, batch: int) -> Iterator[tuple[np
     if isinstance(data, EvalStream):
         for chunk in data.chunks(batch):
             pos = np.searchsorted(data.users, chunk.users)
-            if (pos >= len(data.users)).any() or not np.array_equal(data.users[np.minimum(pos, len(data) - 1)],
-                                                                    chunk.users):
+            if not ((pos < len(data)).all() and np.array_equal(data.users[pos], chunk.users)):
                 raise ValueError(f"{data.shard_dir}: the sequence shards changed since this run read them")
             yield pos, chunk
         return
