@@ -48,7 +48,7 @@ class ModelConfig:
     temperature: float = 1.0  # content softmax: logits = user . item / temperature
     learn_temperature: bool = False  # train log(1 / temperature) with the model
     text_attention: str = "sdpa"  # the text encoder's attention: "sdpa" (fused / flash where available) | "eager"
-    channels_last: bool = False  # the CNN's weights and inputs in channels-last memory format (GPU convolutions)
+    channels_last: bool = False  # the CNN's inputs and activations in channels-last format (GPU convolutions)
     # cuDNN's per-shape algorithm search for the CNN (CUDA): pays where image batches repeat their shape; every new
     # number of unique images in a step is a new shape, searched once
     cudnn_benchmark: bool = False

@@ -96,6 +96,7 @@ class Trainer:
         self.run_dir = make_run_dir(cfg, self.rank)
         LOG.info(f"run directory: {self.run_dir}")
         user_vocab = {n: len(v) for n, v in self.manifest["feature_vocabularies"]["user"].items()}
+        self.user_feature_names = list(user_vocab)
         item_feats = _item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
         self.model = TransRec(
             cfg.model, self.num_items, self.modality, {}, user_vocab, item_feats, self.store.modality_names
@@ -126,7 +127,7 @@ class Trainer:
         self.item_share = item_share(self.summary.counts["train"])  # the in-batch sampler's log-q
         self.valid_users, self.test_users = (
             ev.EvalStream(self.shards, split, cfg.model.max_len, self.summary.users[split], self.summary.targets[split],
-                          list(self.manifest["feature_vocabularies"]["user"]), self.rank, self.world)
+                          self.user_feature_names, self.rank, self.world)
             for split in ("valid", "test"))
         self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
         self.global_step = self.state.get("global_step", 0)  # optimizer steps of the finished stages (TensorBoard x)
@@ -247,10 +248,9 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def ranker(self) -> ModelRanker:
-        return ModelRanker(self.model, self.store, self.modality, None,
-                           list(self.manifest["feature_vocabularies"]["user"]), self.cfg.model.max_tokens,
-                           self.image_decoder, self.device, self.cfg.eval.item_batch, self.cfg.eval.user_batch,
-                           self.cfg.eval.precision)
+        return ModelRanker(self.model, self.store, self.modality, None, self.user_feature_names,
+                           self.cfg.model.max_tokens, self.image_decoder, self.device, self.cfg.eval.item_batch,
+                           self.cfg.eval.user_batch, self.cfg.eval.precision)
 
     def item_vectors(self) -> torch.Tensor:
         return self.ranker().item_vectors()
