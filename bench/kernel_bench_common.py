@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: make `kernels` importable
     sys.path.insert(0, str(ROOT))
 
+from kernels.triton import tuning  # noqa: E402
+
 DEFAULT_CSV = ROOT / "bench" / "results" / "kernels.csv"
 FIELDS = [
     "device", "torch", "triton", "git", "op", "shape", "dtype", "impl", "mode",
@@ -158,7 +160,8 @@ class Bench:
                   "peak memory is measured on CUDA only.")
 
     def impl_names(self, case_index: int) -> list[str]:
-        names = ["triton"] if self.dev.type == "cuda" else []
+        # triton_untuned: the heuristic tiling, untimed (TRANSREC_KERNEL_AUTOTUNE=0), to show what tuning gains
+        names = ["triton", "triton_untuned"] if self.dev.type == "cuda" else []
         names += ["torch", *self.extra_impls]
         if not self.args.no_compile and (self.args.compile_all or case_index == 0):
             names.append("torch_compile")
@@ -176,13 +179,16 @@ class Bench:
                         self._run_impl(case, impl)
 
     def _run_impl(self, case: Case, impl: str) -> None:
-        base_name = case.compile_base if impl == "torch_compile" else impl
+        base_name = {"torch_compile": case.compile_base, "triton_untuned": "triton"}.get(impl, impl)
         if base_name in case.skip:
             self._row(case, impl, "all", math.nan, math.nan, math.nan, math.nan, case.skip[base_name])
             return
         inputs, kwargs = case.make()
         base = case.impls[base_name]
         fn = torch.compile(base) if impl == "torch_compile" else base
+        autotune_before = os.environ.get(tuning.ENV_VAR)
+        if impl == "triton_untuned":
+            os.environ[tuning.ENV_VAR] = "0"
         try:
             out = fn(*inputs, **kwargs)
             grad = torch.randn_like(out)
@@ -202,6 +208,10 @@ class Bench:
             msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             self._row(case, impl, "all", math.nan, math.nan, math.nan, math.nan, f"failed: {msg}")
         finally:
+            if autotune_before is None:
+                os.environ.pop(tuning.ENV_VAR, None)
+            else:
+                os.environ[tuning.ENV_VAR] = autotune_before
             if self.dev.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -223,12 +233,26 @@ class Bench:
               f"{row['gbps']:>8} GB/s  {row['peak_mib']:>9} MiB {note}", flush=True)
 
     def finish(self) -> None:
-        table = markdown_table(self.rows)
+        table = markdown_table(self.rows) + tuned_tilings_table()
         print()
         print(table)
         if self.args.md is not None:
             self.args.md.parent.mkdir(parents=True, exist_ok=True)
             self.args.md.write_text(table + "\n")
+
+
+def tuned_tilings_table() -> str:
+    """What the CUDA autotuner measured per kernel and key (empty when nothing was tuned, e.g. on CPU)."""
+    found = tuning.timings()
+    if not found:
+        return ""
+    lines = ["", "", "Tilings timed by the autotuner (kernels/triton/tuning.py; ms per launch, the fastest chosen):",
+             "", "| kernel | key | candidate | ms |", "|---|---|---|---|"]
+    for (kernel, *key), results in found.items():
+        key_text = ", ".join(str(k).replace("torch.", "") for k in key)
+        for cfg, ms in results:
+            lines.append(f"| {kernel} | {key_text} | {cfg} | {ms if isinstance(ms, str) else f'{ms:.4f}'} |")
+    return "\n".join(lines)
 
 
 def append_csv(path: Path, row: dict) -> None:

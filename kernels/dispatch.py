@@ -26,7 +26,8 @@ _default_impl: str | None = None  # set by set_default_impl; None = fall back to
 
 # The input dtypes in which each op's Triton kernel beat the PyTorch reference on a GPU (bench/results/
 # kernels_gpu.md, one H100: catalogue cross-entropy 2.9x in bf16 but 0.03x in fp32; attention pooling 1.23x in bf16,
-# slower in fp32; CPC 1.25x in bf16). "auto" runs the reference in the other dtypes until a kernel is re-measured.
+# slower in fp32; CPC 1.25x in bf16). "auto" runs the reference in the other dtypes until a kernel is re-measured
+# (the catalogue cross-entropy's fp32 tiling and the autotuned tilings have not run on a GPU yet).
 TRITON_WINS: dict[str, frozenset[torch.dtype]] = {
     "catalog_cross_entropy": frozenset({torch.bfloat16, torch.float16}),
     "attention_pool": frozenset({torch.bfloat16, torch.float16}),

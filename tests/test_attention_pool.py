@@ -18,7 +18,8 @@ from kernels.testing import (
     sweep_id,
     triton_devices,
 )
-from kernels.triton import common
+from kernels.triton import common, tuning
+from kernels.triton import triton_attention_pool as tap
 
 DEVICES = triton_devices()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -145,6 +146,27 @@ def test_gpu_tile_sizes_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     inputs, mask = make_inputs(3, 37, 40, 40, torch.float32, "cpu", seed=9)
     grad_out = torch.randn(3, 40, generator=torch.Generator().manual_seed(9))
     compare(run("triton", mask), run("torch", mask), inputs, grad_out, torch.float32, NAMES)
+
+
+@pytest.mark.skipif(not dispatch.interpreter_enabled(), reason="CPU run only: the interpreter runs the GPU tiles")
+def test_every_gpu_tiling_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate tiling the CUDA autotuner may pick (T-blocks, A-chunks, warps), forward and backward, gives
+    the reference's values and gradients (fp32 through the interpreter; T and A cross tile edges)."""
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)
+    B, T, H, A = 3, 37, 40, 70
+    tiles = {k: tap.candidates(k, T, H, A, 4, interpret=False) for k in ("fwd", "bwd")}
+    assert min(len(t) for t in tiles.values()) >= 3
+    inputs, mask = make_inputs(B, T, H, A, torch.float32, "cpu", seed=12)
+    grad_out = torch.randn(B, H, generator=torch.Generator().manual_seed(12))
+    for i in range(max(len(t) for t in tiles.values())):
+        chosen = {f"attention_pool_{k}": t[i % len(t)] for k, t in tiles.items()}
+
+        def tri(*args: torch.Tensor) -> torch.Tensor:
+            with tuning.forced(chosen):
+                return run("triton", mask)(*args)
+
+        compare(tri, run("torch", mask), inputs, grad_out, torch.float32, NAMES)
 
 
 # ---- dispatcher -------------------------------------------------------------------------------------

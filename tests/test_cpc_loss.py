@@ -17,7 +17,8 @@ from kernels.testing import (
     sweep_id,
     triton_devices,
 )
-from kernels.triton import common
+from kernels.triton import common, tuning
+from kernels.triton import triton_cpc_loss as tcpc
 from kernels.triton.triton_cpc_loss import triton_cpc_loss
 
 DEVICES = triton_devices()
@@ -159,6 +160,29 @@ def test_gpu_tile_sizes_in_interpreter(monkeypatch: pytest.MonkeyPatch, shared: 
     monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)
     inputs, pm, nm = make_inputs(40, 3, 100, 37, shared, torch.float32, "cpu", seed=9)
     compare(fn("triton", pm, nm), fn("torch", pm, nm), inputs, torch.tensor(1.1), torch.float32, NAMES)
+
+
+@pytest.mark.skipif(not dispatch.interpreter_enabled(), reason="CPU run only: the interpreter runs the GPU tiles")
+@pytest.mark.parametrize("d", [37, 300])
+def test_every_gpu_tiling_in_interpreter(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
+    """Each candidate tiling the CUDA autotuner may pick for the shared-negative kernels gives the reference's
+    values and gradients (fp32 through the interpreter; two N-splits of the user gradient)."""
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)
+    block_d = common.next_pow2(max(d, 16))
+    tiles = {k: tcpc.shared_candidates(k, block_d, 4, interpret=False) for k in ("fwd", "bwd_user", "bwd_neg")}
+    assert min(len(t) for t in tiles.values()) >= 2
+    for kernel, ts in tiles.items():
+        assert all(tcpc.shared_tile_bytes(kernel, c, block_d, 4) <= tuning.TILE_BYTES for c in ts[1:])
+    inputs, pm, nm = make_inputs(40, 3, 100, d, True, torch.float32, "cpu", seed=10)
+    for i in range(max(len(t) for t in tiles.values())):
+        chosen = {f"cpc_shared_{k}": t[i % len(t)] for k, t in tiles.items()}
+
+        def tri(u: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+            with tuning.forced(chosen):
+                return triton_cpc_loss(u, p, n, pm, nm, "mean", n_split=2)
+
+        compare(tri, fn("torch", pm, nm), inputs, torch.tensor(0.9), torch.float32, NAMES)
 
 
 # ---- dispatcher -------------------------------------------------------------------------------------

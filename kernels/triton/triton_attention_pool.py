@@ -11,6 +11,7 @@ import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
 from kernels.triton.common import dot_config, mm, next_pow2, tanh
+from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, choose, neighbourhood
 
 
 @triton.jit
@@ -147,6 +148,28 @@ def _blocks(T: int, H: int, A: int, interpret: bool) -> tuple[int, int, int, int
     return 16, block_h, max(16, min(block_a, next_pow2(A))), 4 if block_h <= 256 else 8
 
 
+def tile_bytes(kernel: str, cfg: TileConfig, block_h: int, elem_bytes: int) -> int:
+    """Bytes of the live tiles of one program: the x tile, a W1 chunk, the score chunk, the output row (and the
+    x-gradient tile in the backward)."""
+    bt, ba = cfg["BLOCK_T"], cfg["BLOCK_A"]
+    grad = bt * block_h * 4 if kernel == "bwd" else 0
+    return (bt * block_h + block_h * ba) * elem_bytes + bt * ba * 4 + block_h * 4 + grad
+
+
+def candidates(kernel: str, T: int, H: int, A: int, elem_bytes: int, interpret: bool) -> list[TileConfig]:
+    """The heuristic tiling first, then its neighbours that fit TILE_BYTES and do not exceed T and A (CUDA)."""
+    bt, bh, ba, warps = _blocks(T, H, A, interpret)
+    base = TileConfig.of(warps, BLOCK_T=bt, BLOCK_A=ba)
+    if interpret:
+        return [base]
+    t_cap, a_cap = max(16, next_pow2(T)), max(16, next_pow2(A))
+
+    def fits(c: TileConfig) -> bool:
+        return c["BLOCK_T"] <= t_cap and c["BLOCK_A"] <= a_cap and tile_bytes(kernel, c, bh, elem_bytes) <= TILE_BYTES
+
+    return neighbourhood(base, fits, halve=("BLOCK_A",), double=("BLOCK_T", "BLOCK_A"))
+
+
 class AttentionPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -163,43 +186,60 @@ class AttentionPoolFunction(torch.autograd.Function):
         out = torch.empty(B, H, device=x.device, dtype=torch.float32)
         scores = torch.empty(B, T, device=x.device, dtype=torch.float32)
         lse = torch.empty(B, device=x.device, dtype=torch.float32)
-        block_t, block_h, block_a, num_warps = _blocks(T, H, A, INTERPRET)
+        block_h = max(16, next_pow2(H))
         cast, precision = dot_config(x.dtype)
-        if B > 0:
+
+        def launch(cfg: TileConfig) -> None:
             _attention_pool_fwd_kernel[(B,)](
                 x, mask_u8, w1, b1, w2, b2, out, scores, lse, T, H, A,
-                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_A=block_a,
-                CAST_FP32=cast, PRECISION=precision, num_warps=num_warps,
+                BLOCK_H=block_h, CAST_FP32=cast, PRECISION=precision, **cfg.launch_args(),
             )
+
+        if B > 0:
+            tiles = candidates("fwd", T, H, A, x.element_size(), INTERPRET)
+            launch(choose("attention_pool_fwd", _key(x, A), tiles, launch, x.device))
         ctx.save_for_backward(x, mask_u8, w1, b1, w2, b2, scores, lse, out)
-        ctx.blocks = (block_t, block_h, block_a, num_warps)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        from kernels.triton.common import INTERPRET
+
         x, mask_u8, w1, b1, w2, b2, scores, lse, out = ctx.saved_tensors
         B, T, H = x.shape
         A = w1.shape[1]
-        block_t, block_h, block_a, num_warps = ctx.blocks
-        ntb = triton.cdiv(T, block_t)
+        block_h = max(16, next_pow2(H))
         dx = torch.empty_like(x)
         dpre = torch.empty(B, T, A, device=x.device, dtype=torch.float32)
         ds = torch.empty(B, T, device=x.device, dtype=torch.float32)
-        dw2p = torch.empty(B, ntb, A, device=x.device, dtype=torch.float32)
         cast, precision = dot_config(x.dtype)
-        if B > 0:
+        dout = dout.contiguous()
+
+        def launch(cfg: TileConfig) -> torch.Tensor:
+            ntb = triton.cdiv(T, cfg["BLOCK_T"])
+            dw2p = torch.empty(B, ntb, A, device=x.device, dtype=torch.float32)
             _attention_pool_bwd_kernel[(B,)](
-                x, mask_u8, w1, b1, w2, scores, lse, out, dout.contiguous(),
+                x, mask_u8, w1, b1, w2, scores, lse, out, dout,
                 dx, dpre, ds, dw2p, T, H, A, ntb,
-                BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_A=block_a,
-                CAST_FP32=cast, PRECISION=precision, num_warps=num_warps,
+                BLOCK_H=block_h, CAST_FP32=cast, PRECISION=precision, **cfg.launch_args(),
             )
+            return dw2p
+
+        dw2p = torch.zeros(B, 1, A, device=x.device, dtype=torch.float32)
+        if B > 0:
+            tiles = candidates("bwd", T, H, A, x.element_size(), INTERPRET)
+            dw2p = launch(choose("attention_pool_bwd", _key(x, A), tiles, launch, x.device))
         dpre2d = dpre.view(B * T, A)
         dw1 = x.view(B * T, H).t().to(torch.float32) @ dpre2d  # [H, A]
         return (
             dx, None, dw1.to(w1.dtype), dpre2d.sum(0).to(b1.dtype),
             dw2p.sum((0, 1)).to(w2.dtype), ds.sum().to(b2.dtype),
         )
+
+
+def _key(x: torch.Tensor, A: int) -> tuple:
+    B, T, H = x.shape
+    return (x.dtype, max(16, next_pow2(H)), bucket(B), bucket(T), bucket(A))
 
 
 def triton_attention_pool(

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
 from kernels.triton.common import dot_config, mm, next_pow2, sm_count
+from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, choose, neighbourhood
 
 
 @triton.jit
@@ -125,21 +126,25 @@ def _ce_bwd_h_kernel(
 
 @triton.jit
 def _ce_bwd_w_kernel(
-    H, W, BIAS, TGT, EXCL, E, LSE, GSCALE, GW, GB, M, V, D,
+    H, W, BIAS, TGT, EXCL, E, LSE, GSCALE, GW, GB, M, V, D, M_PER_SPLIT,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_EXCL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     CAST_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """GW[v] = sum_m dz_mv h_m (tl.dot of dz^T and h tiles), GB[v] = sum_m dz_mv; loops over all of M."""
+    """GW[split, v] = sum_{m in split} dz_mv h_m (tl.dot of dz^T and h tiles), GB[split, v] = sum_{m in split}
+    dz_mv: one program per V-tile and M-split (the host sums the splits when there are several)."""
     pid_v = tl.program_id(0)
+    split = tl.program_id(1)
     offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     v_ok = offs_v < V
     acc_w = tl.zeros([BLOCK_V, BLOCK_D], tl.float32)
     acc_b = tl.zeros([BLOCK_V], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    m_lo = split * M_PER_SPLIT
+    m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_ok = offs_m < M
+        m_ok = offs_m < m_hi
         h = tl.load(H + offs_m[:, None] * D + offs_d[None, :], mask=m_ok[:, None] & (offs_d < D)[None, :],
                     other=0.0)
         tgt = tl.load(TGT + offs_m, mask=m_ok, other=-1)
@@ -154,22 +159,47 @@ def _ce_bwd_w_kernel(
         acc_w = mm(tl.trans(dz), h, acc_w, CAST_FP32, PRECISION)
         acc_b += tl.sum(dz, axis=0)
     w_ok = v_ok[:, None] & (offs_d < D)[None, :]
-    tl.store(GW + offs_v[:, None] * D + offs_d[None, :], acc_w.to(GW.dtype.element_ty), mask=w_ok)
+    tl.store(GW + (split * V + offs_v)[:, None] * D + offs_d[None, :], acc_w.to(GW.dtype.element_ty), mask=w_ok)
     if HAS_BIAS:
-        tl.store(GB + offs_v, acc_b, mask=v_ok)
+        tl.store(GB + split * V + offs_v, acc_b, mask=v_ok)
 
 
-def _blocks(block_d: int, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_V, num_warps): full-d tiles of h and w stay register/shared-memory sized."""
+# The weight gradient's M-splits keep at most this many bytes of fp32 partial sums.
+SPLIT_PARTIAL_BYTES = 256 << 20
+
+
+def heuristic_tiles(block_d: int, elem_bytes: int, interpret: bool) -> TileConfig:
+    """The untimed tiling: full-d tiles of h and w; fp32 inputs get half the rows and columns of bf16's."""
     if interpret:
-        return 32, 128, 1
+        return TileConfig.of(1, BLOCK_M=32, BLOCK_V=128)
     if block_d <= 128:
-        return 64, 128, 4
-    if block_d <= 256:
-        return 64, 64, 8
-    if block_d <= 512:
-        return 32, 32, 8
-    return 16, 16, 8
+        bm, bv, warps = 64, 128, 4
+    elif block_d <= 256:
+        bm, bv, warps = 64, 64, 8
+    elif block_d <= 512:
+        bm, bv, warps = 32, 32, 8
+    else:
+        bm, bv, warps = 16, 16, 8
+    if elem_bytes >= 4:
+        bm, bv = max(16, bm // 2), max(16, bv // 2)
+    return TileConfig.of(warps, BLOCK_M=bm, BLOCK_V=bv)
+
+
+def tile_bytes(kernel: str, cfg: TileConfig, block_d: int, elem_bytes: int) -> int:
+    """Bytes of the live tiles of one program of ``kernel`` (fwd, bwd_h or bwd_w) with tiling ``cfg``."""
+    bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
+    common = (bm + bv) * block_d * elem_bytes + bm * bv * 4
+    acc = {"fwd": 0, "bwd_h": bm * block_d * 4, "bwd_w": bv * block_d * 4}[kernel]
+    return common + acc
+
+
+def candidates(kernel: str, block_d: int, elem_bytes: int, interpret: bool) -> list[TileConfig]:
+    """The heuristic tiling first, then its neighbours whose live tiles fit TILE_BYTES; one in the interpreter."""
+    base = heuristic_tiles(block_d, elem_bytes, interpret)
+    if interpret:
+        return [base]
+    return neighbourhood(base, lambda c: tile_bytes(kernel, c, block_d, elem_bytes) <= TILE_BYTES,
+                         halve=("BLOCK_M", "BLOCK_V"), double=("BLOCK_V",))
 
 
 def _v_split(m_blocks: int, V: int, block_v: int, device: torch.device, n_split: int | None) -> tuple[int, int]:
@@ -182,12 +212,29 @@ def _v_split(m_blocks: int, V: int, block_v: int, device: torch.device, n_split:
     return triton.cdiv(V, per_split), per_split
 
 
+def _m_split(v_blocks: int, M: int, V: int, D: int, block_m: int, device: torch.device,
+             w_split: int | None) -> tuple[int, int]:
+    """(number of M-splits of the weight gradient, rows per split, a multiple of BLOCK_M): few V-tiles (a sampled
+    softmax's candidates) would leave most of the device idle with one program per V-tile looping over all of M."""
+    m_blocks = triton.cdiv(max(M, 1), block_m)
+    if w_split is None:
+        w_split = triton.cdiv(2 * sm_count(device), v_blocks) if device.type == "cuda" else 1
+        w_split = min(w_split, max(1, SPLIT_PARTIAL_BYTES // (4 * V * D)))
+    w_split = max(1, min(w_split, m_blocks))
+    per_split = triton.cdiv(m_blocks, w_split) * block_m
+    return triton.cdiv(max(M, 1), per_split), per_split
+
+
+def _key(h: torch.Tensor, V: int, meta: dict) -> tuple:
+    return (h.dtype, meta["BLOCK_D"], bucket(h.shape[0]), bucket(V), meta["HAS_BIAS"], meta["RELU"], meta["HAS_EXCL"])
+
+
 class CatalogCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         target: torch.Tensor, ignore_index: int, reduction: str, relu: bool, n_split: int | None,
-        exclude: torch.Tensor | None,
+        exclude: torch.Tensor | None, w_split: int | None,
     ) -> torch.Tensor:
         from kernels.triton.common import INTERPRET
 
@@ -198,21 +245,26 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
         excl = target if exclude is None else exclude.contiguous()
         n_excl = 0 if exclude is None else exclude.shape[1]
         block_d = max(16, next_pow2(D))
-        block_m, block_v, num_warps = _blocks(block_d, INTERPRET)
         cast, precision = dot_config(h.dtype)
         meta = {
             "HAS_BIAS": bias is not None, "RELU": relu, "HAS_EXCL": exclude is not None,
-            "BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_D": block_d, "CAST_FP32": cast, "PRECISION": precision,
-            "num_warps": num_warps,
+            "BLOCK_D": block_d, "CAST_FP32": cast, "PRECISION": precision,
         }
-        m_blocks = triton.cdiv(M, block_m)
-        splits, per_split = _v_split(m_blocks, V, block_v, h.device, n_split)
-        lse_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
-        zt_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
-        if M > 0:
-            _ce_fwd_kernel[(m_blocks, splits)](h, weight, bias_arg, target, excl, n_excl, lse_p, zt_p, M, V, D,
-                                                per_split, **meta)
-        lse = lse_p[0] if splits == 1 else torch.logsumexp(lse_p, dim=0)
+
+        def launch(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
+            m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+            splits, per_split = _v_split(max(m_blocks, 1), V, cfg["BLOCK_V"], h.device, n_split)
+            lse_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
+            zt_p = torch.empty(splits, M, device=h.device, dtype=torch.float32)
+            if M > 0:
+                _ce_fwd_kernel[(m_blocks, splits)](h, weight, bias_arg, target, excl, n_excl, lse_p, zt_p, M, V, D,
+                                                    per_split, **meta, **cfg.launch_args())
+            return lse_p, zt_p
+
+        tiles = candidates("fwd", block_d, h.element_size(), INTERPRET)
+        cfg = choose("catalog_ce_fwd", _key(h, V, meta), tiles, launch, h.device) if M > 0 else tiles[0]
+        lse_p, zt_p = launch(cfg)
+        lse = lse_p[0] if lse_p.shape[0] == 1 else torch.logsumexp(lse_p, dim=0)
         valid = target != ignore_index
         losses = torch.where(valid, lse - zt_p.sum(0), 0.0)  # [M] fp32
         n_valid = valid.sum()
@@ -223,11 +275,13 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
         else:
             loss = losses
         ctx.save_for_backward(h, weight, bias, target, lse, valid, n_valid, exclude)
-        ctx.meta, ctx.reduction, ctx.n_split = meta, reduction, n_split
+        ctx.meta, ctx.reduction, ctx.n_split, ctx.w_split = meta, reduction, n_split, w_split
         return loss.to(h.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        from kernels.triton.common import INTERPRET
+
         h, weight, bias, target, lse, valid, n_valid, exclude = ctx.saved_tensors
         meta = ctx.meta
         excl = target if exclude is None else exclude
@@ -239,34 +293,52 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
             g = g / n_valid.clamp(min=1)
         gscale = torch.where(valid, g.expand(M), 0.0).contiguous()  # dL/dloss_m, 0 on ignored rows
         bias_arg = weight if bias is None else bias
-        block_m, block_v = meta["BLOCK_M"], meta["BLOCK_V"]
-        m_blocks = triton.cdiv(M, block_m)
-        splits, per_split = _v_split(m_blocks, V, block_v, h.device, ctx.n_split)
+        args = (h, weight, bias_arg, target, excl, n_excl, lse, gscale)
+        key, elem = _key(h, V, meta), h.element_size()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = gw = gb = None
-        if need_h:
-            gh_p = torch.zeros(splits, M, D, device=h.device, dtype=torch.float32)
-            if M > 0:
-                _ce_bwd_h_kernel[(m_blocks, splits)](h, weight, bias_arg, target, excl, n_excl, lse, gscale, gh_p,
-                                                     M, V, D, per_split, **meta)
-            gh = (gh_p[0] if splits == 1 else gh_p.sum(0)).to(h.dtype)
-        if need_w or need_b:
+        if need_h and M > 0:
+            def launch_h(cfg: TileConfig) -> torch.Tensor:
+                m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+                splits, per_split = _v_split(m_blocks, V, cfg["BLOCK_V"], h.device, ctx.n_split)
+                gh_p = torch.empty(splits, M, D, device=h.device, dtype=torch.float32)
+                _ce_bwd_h_kernel[(m_blocks, splits)](*args, gh_p, M, V, D, per_split, **meta, **cfg.launch_args())
+                return gh_p
+
+            tiles = candidates("bwd_h", meta["BLOCK_D"], elem, INTERPRET)
+            gh_p = launch_h(choose("catalog_ce_bwd_h", key, tiles, launch_h, h.device))
+            gh = (gh_p[0] if gh_p.shape[0] == 1 else gh_p.sum(0)).to(h.dtype)
+        elif need_h:
+            gh = torch.zeros_like(h)
+        if (need_w or need_b) and M > 0:
+            def launch_w(cfg: TileConfig) -> tuple[torch.Tensor, torch.Tensor]:
+                v_blocks = triton.cdiv(V, cfg["BLOCK_V"])
+                splits, per_split = _m_split(v_blocks, M, V, D, cfg["BLOCK_M"], h.device, ctx.w_split)
+                # one split writes the gradient in the weight's dtype; several write fp32 partials, summed below
+                gw_p = torch.empty(splits, V, D, device=h.device, dtype=weight.dtype if splits == 1 else torch.float32)
+                gb_p = torch.empty(splits, V, device=h.device, dtype=torch.float32)
+                _ce_bwd_w_kernel[(v_blocks, splits)](*args, gw_p, gb_p, M, V, D, per_split, **meta,
+                                                     **cfg.launch_args())
+                return gw_p, gb_p
+
+            tiles = candidates("bwd_w", meta["BLOCK_D"], elem, INTERPRET)
+            gw_p, gb_p = launch_w(choose("catalog_ce_bwd_w", key, tiles, launch_w, h.device))
+            gw = gw_p[0] if gw_p.shape[0] == 1 else gw_p.sum(0).to(weight.dtype)
+            gb = gb_p[0] if gb_p.shape[0] == 1 else gb_p.sum(0)
+        elif need_w or need_b:
             gw = torch.zeros_like(weight)
             gb = torch.zeros(V, device=h.device, dtype=torch.float32)
-            if M > 0:
-                _ce_bwd_w_kernel[(triton.cdiv(V, block_v),)](h, weight, bias_arg, target, excl, n_excl, lse, gscale,
-                                                            gw, gb, M, V, D, **meta)
-            gw = gw if need_w else None
-            gb = gb.to(bias.dtype) if need_b else None
-        return gh, gw, gb, None, None, None, None, None, None
-
+        gw = gw if need_w else None
+        gb = gb.to(bias.dtype) if need_b else None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 def triton_catalog_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     ignore_index: int = -100, reduction: str = "mean", relu: bool = False, n_split: int | None = None,
-    exclude: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None, w_split: int | None = None,
 ) -> torch.Tensor:
-    """Triton catalogue cross-entropy; ``n_split`` (default: fill the device) splits V across programs;
+    """Triton catalogue cross-entropy; ``n_split`` (default: fill the device) splits V across programs in the
+    forward and the hidden-state gradient, ``w_split`` splits M across programs in the weight gradient;
     ``exclude`` [M, E] int64 column indices (-1 padded) left out of each row's softmax unless the target."""
     return CatalogCrossEntropyFunction.apply(h, weight, bias, target, ignore_index, reduction, relu, n_split,
-                                             exclude)
+                                             exclude, w_split)

@@ -13,6 +13,7 @@ import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
 from kernels.triton.common import dot_config, log_sigmoid, mm, next_pow2, sm_count
+from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, choose, neighbourhood
 
 
 @triton.jit
@@ -185,6 +186,27 @@ def _shared_blocks(block_d: int, interpret: bool) -> tuple[int, int]:
     return (32, 64) if block_d <= 256 else (16, 32)
 
 
+def shared_tile_bytes(kernel: str, cfg: TileConfig, block_d: int, elem_bytes: int) -> int:
+    """Bytes of the live tiles of one program of a shared-negative kernel (fwd, bwd_user or bwd_neg)."""
+    bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
+    acc = {"fwd": 0, "bwd_user": bb * block_d * 4, "bwd_neg": bn * block_d * 4}[kernel]
+    return (bb + bn) * block_d * elem_bytes + bb * bn * 4 + acc
+
+
+def shared_candidates(kernel: str, block_d: int, elem_bytes: int, interpret: bool) -> list[TileConfig]:
+    """The heuristic tiling of a shared-negative kernel first, then its neighbours that fit TILE_BYTES (CUDA)."""
+    bb, bn = _shared_blocks(block_d, interpret)
+    base = TileConfig.of(4, BLOCK_B=bb, BLOCK_N=bn)
+    if interpret:
+        return [base]
+    return neighbourhood(base, lambda c: shared_tile_bytes(kernel, c, block_d, elem_bytes) <= TILE_BYTES,
+                         halve=("BLOCK_B", "BLOCK_N"), double=("BLOCK_B", "BLOCK_N"))
+
+
+def _shared_key(user: torch.Tensor, N: int, shared_args: dict) -> tuple:
+    return (user.dtype, shared_args["BLOCK_D"], bucket(user.shape[0]), bucket(N), shared_args["HAS_MASK"])
+
+
 def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
     return fallback if mask is None else mask.contiguous().view(torch.uint8)
 
@@ -215,17 +237,19 @@ class CPCLossFunction(torch.autograd.Function):
             _cpc_rows_fwd_kernel[(B,)](user, pos, pm, neg, nm, loss_rows, L, J, D, **row_args)
         total = loss_rows.sum()
         cast, precision = dot_config(user.dtype)
-        block_b, block_n = _shared_blocks(block_d, INTERPRET)
-        shared_args = {
-            "HAS_MASK": neg_mask is not None, "BLOCK_B": block_b, "BLOCK_N": block_n, "BLOCK_D": block_d,
-            "CAST_FP32": cast, "PRECISION": precision,
-        }
+        shared_args = {"HAS_MASK": neg_mask is not None, "BLOCK_D": block_d, "CAST_FP32": cast, "PRECISION": precision}
         if shared and B > 0 and neg.shape[0] > 0:
             N = neg.shape[0]
-            grid = (triton.cdiv(B, block_b), triton.cdiv(N, block_n))
-            loss_parts = torch.empty(grid[0] * grid[1], device=user.device, dtype=torch.float32)
-            _cpc_shared_fwd_kernel[grid](user, neg, nm, loss_parts, B, N, D, **shared_args)
-            total = total + loss_parts.sum()
+
+            def launch(cfg: TileConfig) -> torch.Tensor:
+                grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(N, cfg["BLOCK_N"]))
+                loss_parts = torch.empty(grid[0] * grid[1], device=user.device, dtype=torch.float32)
+                _cpc_shared_fwd_kernel[grid](user, neg, nm, loss_parts, B, N, D, **shared_args, **cfg.launch_args())
+                return loss_parts
+
+            tiles = shared_candidates("fwd", block_d, user.element_size(), INTERPRET)
+            cfg = choose("cpc_shared_fwd", _shared_key(user, N, shared_args), tiles, launch, user.device)
+            total = total + launch(cfg).sum()
 
         if reduction == "mean":
             n_pos = B * L if pos_mask is None else pos_mask.sum()
@@ -239,6 +263,8 @@ class CPCLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        from kernels.triton.common import INTERPRET
+
         user, pos, neg, pm, nm, denom = ctx.saved_tensors
         shared, row_args, shared_args, J, n_split = ctx.args
         B, D = user.shape
@@ -251,19 +277,31 @@ class CPCLossFunction(torch.autograd.Function):
             _cpc_rows_bwd_kernel[(B,)](user, pos, pm, neg, nm, scale, gu, gp, gn, L, J, D, **row_args)
         if shared and B > 0 and neg.shape[0] > 0:
             N = neg.shape[0]
-            bb, bn = shared_args["BLOCK_B"], shared_args["BLOCK_N"]
-            n_blocks, b_blocks = triton.cdiv(N, bn), triton.cdiv(B, bb)
-            if n_split is None:  # enough programs to fill the device, each with >= 4 tiles of N
-                n_split = max(1, min(n_blocks // 4, (2 * sm_count(user.device)) // b_blocks))
-            n_split = max(1, min(n_split, n_blocks))
-            n_per_split = triton.cdiv(n_blocks, n_split) * bn
-            n_split = triton.cdiv(N, n_per_split)
-            gup = torch.empty(n_split, B, D, device=user.device, dtype=torch.float32)
-            _cpc_shared_bwd_user_kernel[(b_blocks, n_split)](
-                user, neg, nm, scale, gup, B, N, D, n_per_split, **shared_args
-            )
-            gu += gup.sum(0)
-            _cpc_shared_bwd_neg_kernel[(n_blocks,)](user, neg, nm, scale, gn, B, N, D, **shared_args)
+            key, elem = _shared_key(user, N, shared_args), user.element_size()
+
+            def launch_user(cfg: TileConfig) -> torch.Tensor:
+                bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
+                n_blocks, b_blocks = triton.cdiv(N, bn), triton.cdiv(B, bb)
+                splits = n_split
+                if splits is None:  # enough programs to fill the device, each with >= 4 tiles of N
+                    splits = max(1, min(n_blocks // 4, (2 * sm_count(user.device)) // b_blocks))
+                splits = max(1, min(splits, n_blocks))
+                n_per_split = triton.cdiv(n_blocks, splits) * bn
+                splits = triton.cdiv(N, n_per_split)
+                gup = torch.empty(splits, B, D, device=user.device, dtype=torch.float32)
+                _cpc_shared_bwd_user_kernel[(b_blocks, splits)](
+                    user, neg, nm, scale, gup, B, N, D, n_per_split, **shared_args, **cfg.launch_args()
+                )
+                return gup
+
+            def launch_neg(cfg: TileConfig) -> None:
+                grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+                _cpc_shared_bwd_neg_kernel[grid](user, neg, nm, scale, gn, B, N, D, **shared_args, **cfg.launch_args())
+
+            tiles = shared_candidates("bwd_user", shared_args["BLOCK_D"], elem, INTERPRET)
+            gu += launch_user(choose("cpc_shared_bwd_user", key, tiles, launch_user, user.device)).sum(0)
+            tiles = shared_candidates("bwd_neg", shared_args["BLOCK_D"], elem, INTERPRET)
+            launch_neg(choose("cpc_shared_bwd_neg", key, tiles, launch_neg, user.device))
         return gu.to(user.dtype), gp, gn, None, None, None, None
 
 
