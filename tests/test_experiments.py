@@ -365,3 +365,25 @@ def test_target_overrides_and_model_rows(tmp_path):
         table_plan(Suite(parse_args([*argv, "--models", "scratch,nonsense"])), "table4")
     with pytest.raises(SystemExit, match="both targets"):
         Suite(parse_args([*argv[:-1], "hm-mixed,ml-mixed", "--set-target", "eval.patience=0"]))
+
+
+def test_table6_has_a_towers_only_row_per_target_fraction(tmp_path):
+    """Table 6 on an H&M target carries the towers-only transfer at every target fraction, with its own claims
+    against scratch; --models scratch,transfer-towers keeps those two rows and the claims between them."""
+    from trainer.experiments import Suite, parse_args
+    from trainer.experiments.plans import TARGET_FRACTIONS
+    from trainer.experiments.runner import table_plan
+
+    data = REPO / "data"
+    argv = ["table6", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
+            "--hm", str(data / "hm-fashion-fixture")]
+    plan = table_plan(Suite(parse_args(argv)), "table6")
+    towers = [r for r in plan.rows if r.label == "transfer, towers only"]
+    assert [r.specs[0].fraction for r in towers] == list(TARGET_FRACTIONS)
+    assert all(s.model == "transfer-towers" for r in towers for s in r.specs)
+    towers_claims = [c for c in plan.claims if "towers-only" in c["claim"] or "towers only" in c["claim"]]
+    assert len(towers_claims) == 2
+    assert all(p[1:] == ("transfer, towers only", "train-from-scratch") for c in towers_claims for p in c["pairs"])
+    cut = table_plan(Suite(parse_args([*argv, "--models", "scratch,transfer-towers"])), "table6")
+    assert {r.label for r in cut.rows} == {"train-from-scratch", "transfer, towers only"}
+    assert len(cut.claims) == 2 and all(len(c["pairs"]) == len(TARGET_FRACTIONS) for c in cut.claims)

@@ -229,16 +229,26 @@ def plan_table5(suite) -> TablePlan:
 
 def plan_table6(suite) -> TablePlan:
     seeds, t = suite.seeds_for("table6"), suite.scaling_target
-    rows, heads = [], []
+    rows, heads, towers_heads = [], [], []
     for f in TARGET_FRACTIONS:
         g = f"target {int(f * 100)}%"
         rows += [RowPlan(g, "train-from-scratch", _seeded(RunSpec(t, "scratch", fraction=f), seeds)),
                  RowPlan(g, "TransRec (transfer)", _seeded(RunSpec(t, "transfer", fraction=f), seeds))]
         heads.append((g, "TransRec (transfer)", "train-from-scratch"))
+        if t in TOWERS_ONLY_TARGETS:
+            rows.append(RowPlan(g, "transfer, towers only", _seeded(RunSpec(t, "transfer-towers", fraction=f), seeds),
+                                note="diagnosis: the source's towers, a new user encoder (init_parts=towers)"))
+            towers_heads.append((g, "transfer, towers only", "train-from-scratch"))
     claims = [{"claim": "Transfer beats training from scratch at every target data size.", "pairs": heads,
                "kind": "win"},
               {"claim": "The relative improvement of transfer over scratch is largest when target data is scarce.",
                "pairs": heads, "kind": "relative_decreasing"}]
+    if towers_heads:
+        claims += [{"claim": "Transferring the towers only beats training from scratch at every target data size.",
+                    "pairs": towers_heads, "kind": "win"},
+                   {"claim": "The relative improvement of towers-only transfer over scratch is largest when target "
+                             "data is scarce.", "pairs": towers_heads, "kind": "relative_decreasing"}]
+        heads = heads + towers_heads
     note = ("Target fractions sample the target's training users (seeded by the run seed); every run is evaluated on "
             "all evaluated target users, with the warm/cold split of the full data.")
     return TablePlan("table6", f"Table 6: target data scale ({DOMAINS[t].label}), transfer vs scratch", rows, heads,
