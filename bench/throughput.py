@@ -3,7 +3,7 @@
     python bench/throughput.py --preset cpu-small [--json FILE] [--csv FILE] [--stages 2,1] [--steps 3]
         [--ref-steps 1]
         [--toggles dedup,host_plan,eager_attn,channels_last,cudnn_benchmark,optimizer,compile,kernels,ckpt,bf16,
-        zero0,zero1]
+        zero0,zero1,device_prefetch]
         [--no-cache] [--set k=v ...]
 
 Training composes the Trainer's pieces (set_stage with its feature cache, make_loader, make_engine, _prepare):
@@ -54,6 +54,7 @@ from bench.throughput_report import NOTES, Report
 from trainer import evaluate as ev
 from trainer.compiled import set_compiled
 from trainer.config import apply_overrides, preset
+from trainer.device_prefetch import prefetched, resolve_ahead
 
 LOAD = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # the load average: is the machine shared?
 
@@ -172,6 +173,7 @@ class Switches:
     optimizer: str = "auto"  # optimizer (AdamW implementation)
     compile: str = "none"  # model.compile (trainer/compiled.py; inductor, dynamic shapes)
     cudnn_benchmark: bool = False  # model.cudnn_benchmark
+    device_prefetch: int = -1  # data.device_prefetch (auto: the next batch prepared on a side stream on CUDA)
 
     def label(self, default: Switches) -> str:
         return ", ".join(["project"] + [f"{k}={v}" for k, v in dataclasses.asdict(self).items()
@@ -225,10 +227,13 @@ def tally(res: TrainResult, t, batch, stage: int, encoded: torch.Tensor, width: 
 
 
 def timed_steps(t, stage: int, sc, res: TrainResult, steps: int, warmup: int, spans: Spans, step_fn, encoded_fn,
-                transform=None, warm_fn=None, count_ops: bool = False) -> TrainResult:
+                transform=None, warm_fn=None, count_ops: bool = False, ahead: int = 0) -> TrainResult:
     """`warmup` steps (warm_fn, or step_fn), then `steps` timed steps on the live loader (epoch 0); with
-    `count_ops`, one more step under the profiler counts its operator calls and host read-backs."""
-    it = iter(t.make_loader(stage, sc))  # a fresh loader: epoch 0, the same batches for every row
+    `count_ops`, one more step under the profiler counts its operator calls and host read-backs. `ahead` batches are
+    prepared on the device ahead of their step (trainer/device_prefetch.py): the "input" span then times only what
+    is left to wait for."""
+    # a fresh loader: epoch 0, the same batches for every row
+    it = prefetched(t.make_loader(stage, sc), t._prepare, t.device, ahead)
     cached = {n: bool(t.model.cache and t.model.cache.covers(n)) for n in t.model.towers}
     losses, mem = [], PeakMemory(t.device)
     try:
@@ -239,7 +244,7 @@ def timed_steps(t, stage: int, sc, res: TrainResult, steps: int, warmup: int, sp
                 mem.__enter__()
                 t_step = time.perf_counter()
             with spans("input"):
-                batch = t._prepare(next(it))
+                _, batch = next(it)
                 batch = transform(batch) if transform else batch
             if i < warmup:
                 (warm_fn or step_fn)(batch)
@@ -253,7 +258,7 @@ def timed_steps(t, stage: int, sc, res: TrainResult, steps: int, warmup: int, sp
         res.seconds = sum(res.step_s)
         if count_ops:
             spans.enabled = False
-            batch = t._prepare(next(it))
+            _, batch = next(it)
             batch = transform(batch) if transform else batch
             res.op_counts = step_counts(lambda: step_fn(batch))
     finally:
@@ -292,7 +297,7 @@ def run_project(t, stage: int, sc, sw: Switches, default: Switches, steps: int, 
     try:
         with instrumented(t.model, spans):
             timed_steps(t, stage, sc, res, steps, warmup, spans, step, lambda b: b.unique_items,
-                        batch_transform(sw), count_ops=True)
+                        batch_transform(sw), count_ops=True, ahead=resolve_ahead(sw.device_prefetch, t.device))
     finally:
         engine.destroy()
         set_compiled(t.model, "none")
@@ -376,7 +381,7 @@ def run_eval(t, sizes: list[int], user_counts: list[int], ref_budget_s: float, r
 # -- the run --------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOGGLES = ("dedup", "host_plan", "eager_attn", "channels_last", "cudnn_benchmark", "optimizer", "compile", "kernels",
-           "ckpt", "bf16", "zero0", "zero1")
+           "ckpt", "bf16", "zero0", "zero1", "device_prefetch")
 
 
 def toggle(name: str, default: Switches, cuda: bool) -> Switches | str:
@@ -387,12 +392,15 @@ def toggle(name: str, default: Switches, cuda: bool) -> Switches | str:
         return "bf16 rows run on CUDA only"
     if name == "cudnn_benchmark" and not cuda:
         return "cuDNN runs on CUDA only"
+    if name == "device_prefetch" and not cuda:
+        return "nothing to overlap on CPU: batches are prepared inline either way"
     flips = {"dedup": {"dedup": False}, "host_plan": {"host_plan": False},
              "eager_attn": {"attention": "eager" if default.attention == "sdpa" else "sdpa"},
              "channels_last": {"channels_last": not default.channels_last},
              "optimizer": {"optimizer": "plain" if default.optimizer != "plain" else "auto"},
              "compile": {"compile": "all" if default.compile == "none" else "none"},
              "cudnn_benchmark": {"cudnn_benchmark": not default.cudnn_benchmark},
+             "device_prefetch": {"device_prefetch": 0 if default.device_prefetch != 0 else 1},
              "kernels": {"kernels": "torch" if default.kernels != "torch" else "auto"},
              "ckpt": {"ckpt": not default.ckpt}, "bf16": {"bf16": not default.bf16}, "zero0": {"zero": 0},
              "zero1": {"zero": 1}, "zero2": {"zero": 2}}
@@ -442,7 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
                        bf16=bool(t.ds_base.get("bf16", {}).get("enabled")),
                        zero=int(t.ds_base.get("zero_optimization", {}).get("stage", 0)),
                        attention=cfg.model.text_attention, channels_last=cfg.model.channels_last,
-                       optimizer=cfg.optimizer, compile=cfg.model.compile, cudnn_benchmark=cfg.model.cudnn_benchmark)
+                       optimizer=cfg.optimizer, compile=cfg.model.compile, cudnn_benchmark=cfg.model.cudnn_benchmark,
+                       device_prefetch=cfg.data.device_prefetch)
     peak = {k: fl.measure_peak_tflops(t.device, DTYPES[k]) for k in (["fp32", "bf16"] if cuda else ["fp32"])}
     meta = {"device": torch.cuda.get_device_name(t.device) if cuda else
             f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "git_hash": git_hash(),

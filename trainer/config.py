@@ -186,6 +186,9 @@ class DataConfig:
     # beside the shard folder, when writable) or none.
     feature_store: str | None = "auto"
     split: str = "auto"  # training windows over ranks: "samples" | "shards" (each rank reads its own) | "auto"
+    # Batches made ready on the device (copied, decoded) ahead of their step, on a side CUDA stream while the current
+    # step runs (trainer/device_prefetch.py): -1 = auto (1 on CUDA, 0 elsewhere), 0 = each batch when its turn comes.
+    device_prefetch: int = -1
 
     def __post_init__(self) -> None:
         if self.modality_override is not None and not self.modality_override.isidentifier():
@@ -194,6 +197,9 @@ class DataConfig:
         if not 0 < self.user_fraction <= 1:
             raise ValueError("user_fraction must be in (0, 1]")
         one_of("data.split", self.split, ("auto", "samples", "shards"))
+        if self.device_prefetch < -1:
+            raise ValueError(f"data.device_prefetch must be -1 (auto), 0 (inline) or a number of batches, "
+                             f"got {self.device_prefetch}")
         from data_shards.decode import BACKENDS
 
         one_of("data.decoder", self.decoder, BACKENDS)

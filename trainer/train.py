@@ -32,6 +32,7 @@ from trainer.checkpoint import (
 )
 from trainer.compiled import set_compiled
 from trainer.config import RunConfig, StageConfig
+from trainer.device_prefetch import prefetched, resolve_ahead
 from trainer.feature_cache import FeatureCache, resolve_store
 from trainer.losses import Objective, build_objective, item_share, scoring_label
 from trainer.metric_log import RunLog
@@ -299,9 +300,9 @@ class Trainer:
             loader.set_epoch(epoch)
             loader.skip_batches(skip)
             meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch)
-            for b_idx, batch in enumerate(loader, start=skip):
-                meter.batch_in(batch)
-                batch = self._prepare(batch)
+            ahead = resolve_ahead(self.cfg.data.device_prefetch, self.device)
+            for b_idx, (host, batch) in enumerate(prefetched(loader, self._prepare, self.device, ahead), start=skip):
+                meter.batch_in(host)
                 loss = engine(batch, objective=obj)
                 engine.backward(loss)
                 engine.step()
