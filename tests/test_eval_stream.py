@@ -37,6 +37,26 @@ def test_summary_equals_the_counts_and_users_of_the_whole_table(hm_shards, split
     assert summary.counts["test"].sum() == summary.counts["train"].sum() + len(held.users)
 
 
+@pytest.mark.parametrize("world", [2, 5, 6])
+def test_ranks_summaries_merge_into_the_whole(hm_many_shards, world):
+    """Each rank summarises only the users it owns (its own shards with 5 shards for 2 or 5 ranks; user % world
+    with 6): merged, they equal one rank's summary of everything, and no user is in two ranks' parts."""
+    whole = ev.SplitSummary.read(hm_many_shards)
+    parts = [ev.SplitSummary.read(hm_many_shards, rank, world) for rank in range(world)]
+    sizes = [len(p.users["test"]) for p in parts]
+    assert sum(sizes) == len(whole.users["test"]) and min(sizes) > 0
+    merged = ev.SplitSummary.merge(parts)
+    for split in ("valid", "test"):
+        assert np.array_equal(merged.users[split], whole.users[split])
+        assert np.array_equal(merged.targets[split], whole.targets[split])
+    for name, counts in whole.counts.items():
+        assert np.array_equal(merged.counts[name], counts)
+        assert not np.array_equal(parts[0].counts[name], counts)  # a part alone is not the whole
+    # counts added up elsewhere (the trainer's all-reduce) are taken as given
+    given = ev.SplitSummary.merge([ev.SplitSummary({}, p.users, p.targets) for p in parts], counts=whole.counts)
+    assert given.counts is whole.counts and np.array_equal(given.users["test"], whole.users["test"])
+
+
 def test_ranks_split_over_ranks_equal_the_users_held_in_memory(hm_many_shards):
     hm_shards = hm_many_shards
     summary = ev.SplitSummary.read(hm_shards)

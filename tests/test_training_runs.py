@@ -371,6 +371,9 @@ def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
     m2 = json.loads((two / "metrics.json").read_text())["test"]
     assert m1["users"] == m2["users"] == 943  # evaluation split across 2 ranks and gathered exactly
     assert m1["hr@10"] == pytest.approx(m2["hr@10"], abs=2 / 943)
+    # popularity comes from the per-item counts, which each rank counts over its own users and all-reduces
+    p1, p2 = (json.loads((d / "metrics.json").read_text())["popularity_test"] for d in (one, two))
+    assert p1 == p2 and p1["users"] == 943
 
 
 def test_two_nodes_match_one_node_with_two_ranks(ml_shards, tiny_bert_dir, tmp_path):

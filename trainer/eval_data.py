@@ -7,7 +7,7 @@ trainer/evaluate.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +125,21 @@ def eval_users(sequences, split: str, max_len: int, feature_names=()) -> EvalUse
     return build.done()
 
 
+def rank_records(shard_dir, rank: int = 0, world: int = 1) -> Iterator[dict]:
+    """The user records one rank owns, streamed: with at least as many sequence shards as ranks, the rank's own
+    shards (shard i to rank i % world), so that the ranks of a node read each shard once; otherwise the users with
+    user % world == rank, from every shard. Every user belongs to exactly one rank."""
+    shard_dir = Path(shard_dir)
+    names = shard_io.load_manifest(shard_dir)["shards"]["sequences"]
+    by_shard = len(names) >= world
+    for i, name in enumerate(names):
+        if by_shard and i % world != rank:
+            continue
+        for s in shard_io.sequence_records(shard_dir / name):
+            if by_shard or s["user"] % world == rank:
+                yield s
+
+
 class EvalStream:
     """One split's evaluated users streamed from the sequence shards in batches, this rank's users only: the
     trainer's memory for evaluation is O(batch), not O(users). With at least as many sequence shards as ranks, a
@@ -142,19 +157,12 @@ class EvalStream:
         return len(self.users)
 
     def chunks(self, batch: int) -> Iterator[EvalUsers]:
-        shard_dir = Path(self.shard_dir)
         build = _EvalBuilder(self.split, self.max_len, self.feature_names)
-        names = shard_io.load_manifest(shard_dir)["shards"]["sequences"]
-        by_shard = len(names) >= self.world
-        for i, name in enumerate(names):
-            if by_shard and i % self.world != self.rank:
-                continue
-            for s in shard_io.sequence_records(shard_dir / name):
-                if by_shard or s["user"] % self.world == self.rank:
-                    build.add(s)
-                    if len(build) == batch:
-                        yield build.done()
-                        build = _EvalBuilder(self.split, self.max_len, self.feature_names)
+        for s in rank_records(self.shard_dir, self.rank, self.world):
+            build.add(s)
+            if len(build) == batch:
+                yield build.done()
+                build = _EvalBuilder(self.split, self.max_len, self.feature_names)
         if len(build):
             yield build.done()
 
@@ -174,13 +182,22 @@ class SplitSummary:
     targets: dict[str, np.ndarray]
 
     @classmethod
-    def read(cls, shard_dir) -> SplitSummary:
-        """The summary of a shard folder's users, streamed from its sequence shards."""
-        shard_dir = Path(shard_dir)
-        manifest = shard_io.load_manifest(shard_dir)
-        records = (s for name in manifest["shards"]["sequences"]
-                   for s in shard_io.sequence_records(shard_dir / name))
-        return cls.from_records(records, manifest["num_items"])
+    def read(cls, shard_dir, rank: int = 0, world: int = 1) -> SplitSummary:
+        """The summary of the users a rank owns (rank_records; all of them with one rank), streamed from the
+        sequence shards. Ranks' summaries add up to the whole folder's (`merge`)."""
+        num_items = shard_io.load_manifest(Path(shard_dir))["num_items"]
+        return cls.from_records(rank_records(shard_dir, rank, world), num_items)
+
+    @classmethod
+    def merge(cls, parts: Sequence[SplitSummary], counts: dict[str, np.ndarray] | None = None) -> SplitSummary:
+        """One summary of disjoint users' summaries (every rank's): counts added (or `counts`, added up elsewhere,
+        e.g. by an all-reduce), users and targets in user order."""
+        if counts is None:
+            counts = {k: np.sum([p.counts[k] for p in parts], axis=0) for k in parts[0].counts}
+        users = {k: np.concatenate([p.users[k] for p in parts]) for k in SPLITS}
+        targets = {k: np.concatenate([p.targets[k] for p in parts]) for k in SPLITS}
+        order = {k: np.argsort(users[k], kind="stable") for k in SPLITS}
+        return cls(counts, {k: users[k][order[k]] for k in SPLITS}, {k: targets[k][order[k]] for k in SPLITS})
 
     @classmethod
     def from_records(cls, records: Iterable[dict], num_items: int) -> SplitSummary:

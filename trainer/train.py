@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import kernels
 from data_shards.loader import LoaderConfig, make_train_loader
@@ -69,6 +70,22 @@ def _item_feature_tables(shard_dir: Path, num_items: int) -> dict[str, np.ndarra
     return tables
 
 
+def summary_of_all_ranks(shards: Path, rank: int, world: int, device: torch.device) -> ev.SplitSummary:
+    """The shards' SplitSummary, each rank reading only the users it owns (eval_data.rank_records): the counts per
+    item added up by one all-reduce, the evaluated users and targets (a few numbers per user) gathered."""
+    part = ev.SplitSummary.read(shards, rank, world)
+    if world == 1:
+        return part
+    counts = {}
+    for name, c in part.counts.items():
+        total = torch.from_numpy(c).to(device)
+        dist.all_reduce(total)
+        counts[name] = total.cpu().numpy()
+    parts: list = [None] * world
+    dist.all_gather_object(parts, ev.SplitSummary({}, part.users, part.targets))
+    return ev.SplitSummary.merge(parts, counts=counts)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str, resume_state: dict | None = None):
         self.cfg = cfg
@@ -83,9 +100,10 @@ class Trainer:
         if cfg.model.item_encoder == "content":
             check_vocabulary(self.manifest, cfg.model.text_encoder)
         self.store = ItemStore(self.shards)
-        # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass:
-        # no user's sequence is kept; each rank streams its own evaluated users from the shards when it evaluates
-        self.summary = ev.SplitSummary.read(self.shards)
+        # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass
+        # split over the ranks: no user's sequence is kept; each rank streams its own evaluated users from the shards
+        # when it evaluates
+        self.summary = summary_of_all_ranks(self.shards, self.rank, self.world, self.device)
         self.num_items = self.store.num_items
         self.modality = self.store.modality.copy()
         if cfg.data.modality_override:
