@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: make `kernels` importable
     sys.path.insert(0, str(ROOT))
 
+from bench.flops import measure_peak_tflops  # noqa: E402
 from kernels.triton import tuning  # noqa: E402
 
 DEFAULT_CSV = ROOT / "bench" / "results" / "kernels.csv"
 FIELDS = [
     "device", "torch", "triton", "git", "op", "shape", "dtype", "impl", "mode",
-    "ms_median", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "tflops", "peak_mib", "note",
+    "ms_median", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "tflops", "peak_mib", "note", "pct_matmul_peak",
 ]
 MODES = ("forward", "backward", "full")
 
@@ -153,6 +154,7 @@ class Bench:
         self.extra_impls: list[str] = []  # further baselines of an op, run after "torch"
         self.t0 = time.perf_counter()
         self.copy_bw = copy_bandwidth_gbps(self.dev)
+        self.matmul_peak: dict[torch.dtype, float] = {}  # measured on first use per dtype (TFLOP/s)
         print(f"# {op} on {self.meta['device']} | torch {self.meta['torch']} | triton {self.meta['triton']} | "
               f"git {self.meta['git']} | copy bandwidth {self.copy_bw:.1f} GB/s")
         if self.dev.type != "cuda":
@@ -220,11 +222,15 @@ class Bench:
         nbytes = {"forward": case.bytes_fwd, "backward": case.bytes_bwd}.get(mode, case.bytes_fwd + case.bytes_bwd)
         flops = {"forward": case.flops_fwd, "backward": case.flops_bwd}.get(mode, case.flops_fwd + case.flops_bwd)
         gbps = nbytes / (med * 1e-3) / 1e9 if not math.isnan(med) else math.nan
+        tflops = flops / (med * 1e-3) / 1e12 if flops and not math.isnan(med) else math.nan
+        if not math.isnan(tflops) and case.dtype not in self.matmul_peak:
+            self.matmul_peak[case.dtype] = measure_peak_tflops(self.dev, case.dtype)
         row = dict(
             self.meta, op=case.op, shape=case.shape, dtype=str(case.dtype).replace("torch.", ""), impl=impl,
             mode=mode, ms_median=f"{med:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}", gbps=f"{gbps:.4g}",
             pct_copy_bw=f"{100 * gbps / self.copy_bw:.3g}",
-            tflops=f"{flops / (med * 1e-3) / 1e12:.4g}" if flops and not math.isnan(med) else "",
+            tflops="" if math.isnan(tflops) else f"{tflops:.4g}",
+            pct_matmul_peak="" if math.isnan(tflops) else f"{100 * tflops / self.matmul_peak[case.dtype]:.3g}",
             peak_mib=f"{mem:.1f}", note=note,
         )
         self.rows.append(row)
@@ -258,6 +264,12 @@ def tuned_tilings_table() -> str:
 def append_csv(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            raise SystemExit(f"{path} has other columns ({len(header)}) than this bench writes ({len(FIELDS)}): it was "
+                             "written by an earlier version; pass another --csv, or delete it")
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
@@ -267,7 +279,7 @@ def append_csv(path: Path, row: dict) -> None:
 
 def markdown_table(rows: Sequence[dict]) -> str:
     cols = ["op", "shape", "dtype", "impl", "mode", "ms_median", "ms_p20", "ms_p80", "gbps", "pct_copy_bw",
-            "tflops", "peak_mib", "note"]
+            "tflops", "pct_matmul_peak", "peak_mib", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     if rows:
