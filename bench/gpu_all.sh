@@ -25,9 +25,10 @@ timeout 120 "$PY" -m data_shards.build --dataset movielens-100k-mm --source data
 # -- correctness, side by side ---------------------------------------------------------------------------------
 pids=()
 (timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_pool.py tests/test_cpc_loss.py \
-  tests/test_catalog_cross_entropy.py >"$WORK/kernel_tests.log" 2>&1; echo "rc=$?" >>"$WORK/kernel_tests.log") &
+  tests/test_catalog_cross_entropy.py tests/test_kernel_tuning.py >"$WORK/kernel_tests.log" 2>&1; echo "rc=$?" >>"$WORK/kernel_tests.log") &
 pids+=($!)
 (timeout 200 "$PY" -m pytest -q -s -p no:cacheprovider tests/test_decode.py tests/test_eval_stream.py \
+  tests/test_device_prefetch.py \
   >"$WORK/decode_tests.log" 2>&1; \
   echo "rc=$?" >>"$WORK/decode_tests.log") &
 pids+=($!)

@@ -63,3 +63,24 @@ def test_auto_and_bad_settings() -> None:
         resolve_ahead(-2, CPU)
     with pytest.raises(ValueError, match="device_prefetch"):
         DataConfig(device_prefetch=-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the side-stream ordering (bench/gpu_all.sh)")
+def test_side_stream_batches_arrive_whole_while_the_step_stream_is_busy() -> None:
+    """Pinned host batches copied and transformed on the side stream while the step stream runs long kernels:
+    every batch the step reads equals its host batch, and its memory is not reused under it."""
+    dev = torch.device("cuda")
+    hosts = [torch.full((1 << 22,), float(i)).pin_memory() for i in range(6)]
+
+    def prepare(h: torch.Tensor) -> torch.Tensor:
+        return h.to(dev, non_blocking=True) * 2.0 + 1.0
+
+    busy = torch.randn(4096, 4096, device=dev)
+    whole, seen = [], []
+    for host, ready in prefetched(hosts, prepare, dev, 2):
+        for _ in range(4):  # the step stream is busy while the next batches are copied
+            busy = torch.tanh(busy @ busy * 1e-4)
+        whole.append((ready == 2.0 * float(host[0]) + 1.0).all())  # read on the step stream, checked at the end
+        seen.append(float(host[0]))
+    assert seen == [float(i) for i in range(6)]
+    assert torch.stack(whole).all().item()
