@@ -18,6 +18,20 @@ def triton_devices() -> list[str]:
     return ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
+def gpu_tilings_on(monkeypatch) -> str:
+    """The device a test of the CUDA tile configurations runs on: CUDA (compiled) when present; else the CPU,
+    through the interpreter with the CUDA tilings switched on (``monkeypatch``: pytest's, undone after the test).
+    fp32 only on the CPU: the interpreter cannot run bf16 tiles through tl.dot."""
+    if torch.cuda.is_available():
+        return "cuda"
+    from kernels import dispatch
+    from kernels.triton import common
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)
+    return "cpu"
+
+
 def describe_devices() -> str:
     if torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)}, compiled Triton)"

@@ -14,6 +14,7 @@ from kernels.testing import (
     assert_close,
     compare,
     compare_against_exact,
+    gpu_tilings_on,
     sweep,
     sweep_id,
     triton_devices,
@@ -148,17 +149,16 @@ def test_gpu_tile_sizes_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     compare(run("triton", mask), run("torch", mask), inputs, grad_out, torch.float32, NAMES)
 
 
-@pytest.mark.skipif(not dispatch.interpreter_enabled(), reason="CPU run only: the interpreter runs the GPU tiles")
-def test_every_gpu_tiling_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_gpu_tiling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each candidate tiling the CUDA autotuner may pick (T-blocks, A-chunks, warps), forward and backward, gives
-    the reference's values and gradients (fp32 through the interpreter; T and A cross tile edges)."""
-    monkeypatch.setattr(common, "INTERPRET", False)
-    monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)
+    the reference's values and gradients (fp32: compiled on CUDA, through the interpreter elsewhere; T and A cross
+    tile edges)."""
+    dev = gpu_tilings_on(monkeypatch)
     B, T, H, A = 3, 37, 40, 70
     tiles = {k: tap.candidates(k, T, H, A, 4, interpret=False) for k in ("fwd", "bwd")}
     assert min(len(t) for t in tiles.values()) >= 3
-    inputs, mask = make_inputs(B, T, H, A, torch.float32, "cpu", seed=12)
-    grad_out = torch.randn(B, H, generator=torch.Generator().manual_seed(12))
+    inputs, mask = make_inputs(B, T, H, A, torch.float32, dev, seed=12)
+    grad_out = torch.randn(B, H, generator=torch.Generator().manual_seed(12)).to(dev)
     for i in range(max(len(t) for t in tiles.values())):
         chosen = {f"attention_pool_{k}": t[i % len(t)] for k, t in tiles.items()}
 

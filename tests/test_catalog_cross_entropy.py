@@ -17,6 +17,7 @@ from kernels.pytorch.pt_catalog_cross_entropy import (
 from kernels.testing import (
     assert_close,
     compare,
+    gpu_tilings_on,
     sweep,
     sweep_id,
     triton_devices,
@@ -273,17 +274,16 @@ def test_gpu_tile_sizes_in_interpreter(monkeypatch: pytest.MonkeyPatch, d: int) 
             upstream("mean", 70, torch.float32, "cpu"), torch.float32, ["h", "weight", "bias"])
 
 
-@pytest.mark.skipif(not dispatch.interpreter_enabled(), reason="CPU run only: the interpreter runs the GPU tiles")
 @pytest.mark.parametrize("d", [45, 200])
-def test_every_gpu_tiling_in_interpreter(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
+def test_every_gpu_tiling(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
     """Each candidate tiling the CUDA autotuner may pick, for every kernel, gives the reference's values and
-    gradients (fp32 through the interpreter, with exclusions and two V- and M-splits to cross tile edges)."""
-    monkeypatch.setattr(common, "INTERPRET", False)
-    monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)
+    gradients (fp32: compiled on CUDA, through the interpreter elsewhere; with exclusions and two V- and M-splits
+    to cross tile edges)."""
+    dev = gpu_tilings_on(monkeypatch)
     block_d = common.next_pow2(max(d, 16))
     tiles = {k: tce.candidates(k, block_d, 4, interpret=False) for k in ("fwd", "bwd_h", "bwd_w")}
     assert min(len(t) for t in tiles.values()) >= 3
-    (h, w), b, target = make_inputs(70, 300, d, torch.float32, "cpu", seed=9)
+    (h, w), b, target = make_inputs(70, 300, d, torch.float32, dev, seed=9)
     exclude = make_exclude(target, 300, 4, seed=6)
     for i in range(max(len(t) for t in tiles.values())):
         chosen = {f"catalog_ce_{k}": t[i % len(t)] for k, t in tiles.items()}
@@ -292,7 +292,7 @@ def test_every_gpu_tiling_in_interpreter(monkeypatch: pytest.MonkeyPatch, d: int
             with tuning.forced(chosen):
                 return triton_catalog_cross_entropy(h, w, b, target, exclude=exclude, n_split=2, w_split=2)
 
-        compare(tri, fn_excl("torch", target, exclude), [h, w, b], upstream("mean", 70, torch.float32, "cpu"),
+        compare(tri, fn_excl("torch", target, exclude), [h, w, b], upstream("mean", 70, torch.float32, dev),
                 torch.float32, ["h", "weight", "bias"])
 
 

@@ -13,6 +13,7 @@ from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
 from kernels.testing import (
     assert_close,
     compare,
+    gpu_tilings_on,
     sweep,
     sweep_id,
     triton_devices,
@@ -162,19 +163,18 @@ def test_gpu_tile_sizes_in_interpreter(monkeypatch: pytest.MonkeyPatch, shared: 
     compare(fn("triton", pm, nm), fn("torch", pm, nm), inputs, torch.tensor(1.1), torch.float32, NAMES)
 
 
-@pytest.mark.skipif(not dispatch.interpreter_enabled(), reason="CPU run only: the interpreter runs the GPU tiles")
 @pytest.mark.parametrize("d", [37, 300])
-def test_every_gpu_tiling_in_interpreter(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
+def test_every_gpu_tiling(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
     """Each candidate tiling the CUDA autotuner may pick for the shared-negative kernels gives the reference's
-    values and gradients (fp32 through the interpreter; two N-splits of the user gradient)."""
-    monkeypatch.setattr(common, "INTERPRET", False)
-    monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)
+    values and gradients (fp32: compiled on CUDA, through the interpreter elsewhere; two N-splits of the user
+    gradient)."""
+    dev = gpu_tilings_on(monkeypatch)
     block_d = common.next_pow2(max(d, 16))
     tiles = {k: tcpc.shared_candidates(k, block_d, 4, interpret=False) for k in ("fwd", "bwd_user", "bwd_neg")}
     assert min(len(t) for t in tiles.values()) >= 2
     for kernel, ts in tiles.items():
         assert all(tcpc.shared_tile_bytes(kernel, c, block_d, 4) <= tuning.TILE_BYTES for c in ts[1:])
-    inputs, pm, nm = make_inputs(40, 3, 100, d, True, torch.float32, "cpu", seed=10)
+    inputs, pm, nm = make_inputs(40, 3, 100, d, True, torch.float32, dev, seed=10)
     for i in range(max(len(t) for t in tiles.values())):
         chosen = {f"cpc_shared_{k}": t[i % len(t)] for k, t in tiles.items()}
 
@@ -182,7 +182,7 @@ def test_every_gpu_tiling_in_interpreter(monkeypatch: pytest.MonkeyPatch, d: int
             with tuning.forced(chosen):
                 return triton_cpc_loss(u, p, n, pm, nm, "mean", n_split=2)
 
-        compare(tri, fn("torch", pm, nm), inputs, torch.tensor(0.9), torch.float32, NAMES)
+        compare(tri, fn("torch", pm, nm), inputs, torch.tensor(0.9, device=dev), torch.float32, NAMES)
 
 
 # ---- dispatcher -------------------------------------------------------------------------------------

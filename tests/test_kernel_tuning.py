@@ -95,3 +95,29 @@ def test_buckets_and_neighbourhood() -> None:
     assert tuning.neighbourhood(tiny, lambda c: True, halve=("BLOCK_M",), warps=(4,)) == [tiny]  # never below 16
     assert base.launch_args() == {"BLOCK_M": 32, "BLOCK_V": 64, "num_warps": 8}
     assert str(base) == "BLOCK_M=32 BLOCK_V=64 warps=8"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the tuner times launches with CUDA events")
+def test_cuda_tuning_times_every_candidate_and_matches_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalogue cross-entropy tuned on CUDA (bf16, paper-like d): each kernel's candidates timed (or skipped
+    with the reason), the chosen tiling's values and gradients equal the reference's."""
+    from kernels import catalog_cross_entropy
+    from kernels.testing import compare
+    from kernels.triton import triton_catalog_cross_entropy as tce
+
+    monkeypatch.setenv(tuning.ENV_VAR, "1")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 256, generator=g).cuda().bfloat16().requires_grad_()
+    w = (torch.randn(4096, 256, generator=g) / 16).cuda().bfloat16().requires_grad_()
+    target = torch.randint(0, 4096, (512,), generator=g).cuda()
+
+    def run(impl: str):
+        return lambda h, w: catalog_cross_entropy(h, w, None, target, impl=impl)
+
+    compare(run("triton"), run("torch"), [h, w], torch.tensor(1.0, device="cuda", dtype=torch.bfloat16),
+            torch.bfloat16, ["h", "weight"])
+    timed = {key[0]: results for key, results in tuning.timings().items()}
+    for kernel in ("fwd", "bwd_h", "bwd_w"):
+        results = timed[f"catalog_ce_{kernel}"]
+        assert [c for c, _ in results] == [str(c) for c in tce.candidates(kernel, 256, 2, interpret=False)]
+        assert any(isinstance(ms, float) for _, ms in results)
