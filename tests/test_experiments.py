@@ -387,3 +387,22 @@ def test_table6_has_a_towers_only_row_per_target_fraction(tmp_path):
     cut = table_plan(Suite(parse_args([*argv, "--models", "scratch,transfer-towers"])), "table6")
     assert {r.label for r in cut.rows} == {"train-from-scratch", "transfer, towers only"}
     assert len(cut.claims) == 2 and all(len(c["pairs"]) == len(TARGET_FRACTIONS) for c in cut.claims)
+
+
+def test_tables_keep_the_settings_they_were_run_with(tmp_path):
+    """The cpu-small preset now learns the temperature; the tables' runs keep the fixed temperature they were run
+    with (TABLE_SETTINGS), and --set gives them the new default, with its own key."""
+    from trainer.config import preset
+    from trainer.experiments import RunSpec, Suite, parse_args
+    from trainer.experiments.plans import TABLE_SETTINGS
+
+    assert preset("cpu-small").model.learn_temperature is True
+    assert "model.learn_temperature=false" in TABLE_SETTINGS
+    data = REPO / "data"
+    argv = ["table2", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
+            "--hm", str(data / "hm-fashion-fixture")]
+    spec = RunSpec("ml-mixed", "scratch")
+    table, learned = Suite(parse_args(argv)), Suite(parse_args([*argv, "--set", "model.learn_temperature=true"]))
+    assert table.resolved_config(spec)["model"]["learn_temperature"] is False
+    assert learned.resolved_config(spec)["model"]["learn_temperature"] is True
+    assert table.key(spec) != learned.key(spec)

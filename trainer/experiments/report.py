@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from trainer.experiments.plans import TABLE_SETTINGS
 from trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-exported for the runner)
     METRICS,
     MIN_JUDGED_USERS,
@@ -132,6 +133,7 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
         f"`{' '.join(suite.extra) or 'none'}`"
         + (f"; on the target domains' runs only: `{' '.join(suite.target_extra)}`" if suite.target_extra else "")
         + (f"; rows of models {', '.join(suite.models)} only" if suite.models else "")
+        + f"; kept at the tables' setting where the preset's default has since changed: `{' '.join(TABLE_SETTINGS)}`"
         + "; the paper-scale settings are `--preset paper`."),
         (f"- model: d={m['d']}, user encoder {m['user_encoder']} ({m['user_layers']} layers, {m['user_heads']} heads), "
         f"window {m['max_len']}, images {m['image_size']} px, {m['max_tokens']} text tokens, dropout {m['dropout']}."),

@@ -57,6 +57,7 @@ from trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner'
     SOURCE_FRACTIONS,
     SOURCE_OF,
     SOURCE_SEED,
+    TABLE_SETTINGS,
     TARGET_FRACTIONS,
     TARGETS,
     TRANSFERS,
@@ -162,7 +163,7 @@ class Suite:
             o.append(f"model.frozen_towers={str(spec.frozen).lower()}")
             if self.image_backbone:
                 o.append(f"model.image_backbone={self.image_backbone}")
-        return o + self.extra + (self.target_extra if spec.domain in self.targets else [])
+        return [*TABLE_SETTINGS, *o, *self.extra, *(self.target_extra if spec.domain in self.targets else [])]
 
     def key(self, spec: RunSpec) -> str:
         if spec not in self._keys:
