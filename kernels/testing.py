@@ -32,6 +32,14 @@ def gpu_tilings_on(monkeypatch) -> str:
     return "cpu"
 
 
+def every_tiling(tiles: dict[str, list], prefix: str) -> list[dict]:
+    """Tilings to force (kernels.triton.tuning.forced), one set per round, so that every candidate of every kernel
+    (``tiles``: kernel suffix -> its candidates, named ``prefix + suffix``) runs at least once in as few rounds as
+    the longest list."""
+    rounds = max(len(t) for t in tiles.values())
+    return [{prefix + k: t[i % len(t)] for k, t in tiles.items()} for i in range(rounds)]
+
+
 def describe_devices() -> str:
     if torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)}, compiled Triton)"

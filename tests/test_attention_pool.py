@@ -14,6 +14,7 @@ from kernels.testing import (
     assert_close,
     compare,
     compare_against_exact,
+    every_tiling,
     gpu_tilings_on,
     sweep,
     sweep_id,
@@ -159,8 +160,7 @@ def test_every_gpu_tiling(monkeypatch: pytest.MonkeyPatch) -> None:
     assert min(len(t) for t in tiles.values()) >= 3
     inputs, mask = make_inputs(B, T, H, A, torch.float32, dev, seed=12)
     grad_out = torch.randn(B, H, generator=torch.Generator().manual_seed(12)).to(dev)
-    for i in range(max(len(t) for t in tiles.values())):
-        chosen = {f"attention_pool_{k}": t[i % len(t)] for k, t in tiles.items()}
+    for chosen in every_tiling(tiles, "attention_pool_"):
 
         def tri(*args: torch.Tensor) -> torch.Tensor:
             with tuning.forced(chosen):

@@ -17,6 +17,7 @@ from kernels.pytorch.pt_catalog_cross_entropy import (
 from kernels.testing import (
     assert_close,
     compare,
+    every_tiling,
     gpu_tilings_on,
     sweep,
     sweep_id,
@@ -285,8 +286,7 @@ def test_every_gpu_tiling(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
     assert min(len(t) for t in tiles.values()) >= 3
     (h, w), b, target = make_inputs(70, 300, d, torch.float32, dev, seed=9)
     exclude = make_exclude(target, 300, 4, seed=6)
-    for i in range(max(len(t) for t in tiles.values())):
-        chosen = {f"catalog_ce_{k}": t[i % len(t)] for k, t in tiles.items()}
+    for chosen in every_tiling(tiles, "catalog_ce_"):
 
         def tri(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             with tuning.forced(chosen):

@@ -13,6 +13,7 @@ from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
 from kernels.testing import (
     assert_close,
     compare,
+    every_tiling,
     gpu_tilings_on,
     sweep,
     sweep_id,
@@ -175,8 +176,7 @@ def test_every_gpu_tiling(monkeypatch: pytest.MonkeyPatch, d: int) -> None:
     for kernel, ts in tiles.items():
         assert all(tcpc.shared_tile_bytes(kernel, c, block_d, 4) <= tuning.TILE_BYTES for c in ts[1:])
     inputs, pm, nm = make_inputs(40, 3, 100, d, True, torch.float32, dev, seed=10)
-    for i in range(max(len(t) for t in tiles.values())):
-        chosen = {f"cpc_shared_{k}": t[i % len(t)] for k, t in tiles.items()}
+    for chosen in every_tiling(tiles, "cpc_shared_"):
 
         def tri(u: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
             with tuning.forced(chosen):

@@ -84,6 +84,13 @@ def test_forced_tiling_wins_inside_the_block_only() -> None:
     assert tuning.choose("k", (1,), [A, B], lambda c: None, CPU) == A
 
 
+def test_every_tiling_runs_each_candidate_in_the_fewest_rounds() -> None:
+    from kernels.testing import every_tiling
+
+    rounds = every_tiling({"fwd": [A, B, C], "bwd": [C]}, "op_")
+    assert rounds == [{"op_fwd": A, "op_bwd": C}, {"op_fwd": B, "op_bwd": C}, {"op_fwd": C, "op_bwd": C}]
+
+
 def test_buckets_and_neighbourhood() -> None:
     assert [tuning.bucket(n) for n in (0, 1, 16, 17, 100, 128, 129, 5000)] == [16, 16, 16, 32, 128, 128, 256, 8192]
     base = TileConfig.of(8, BLOCK_M=32, BLOCK_V=64)

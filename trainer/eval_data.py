@@ -215,9 +215,9 @@ class SplitSummary:
                     targets[split].append(items[known_before(s, split)])
         counts["test"] += counts["train"]
         counts["valid"] = counts["train"].copy()
-        order = {k: np.argsort(np.asarray(users[k], dtype=np.int64), kind="stable") for k in SPLITS}
-        return cls(counts, {k: np.asarray(users[k], dtype=np.int64)[order[k]] for k in SPLITS},
-                   {k: np.asarray(targets[k], dtype=np.int64)[order[k]] for k in SPLITS})
+        read = cls(counts, {k: np.asarray(users[k], dtype=np.int64) for k in SPLITS},
+                   {k: np.asarray(targets[k], dtype=np.int64) for k in SPLITS})
+        return cls.merge([read], counts=counts)  # users (and their targets) in user order
 
 
 def interaction_counts(sequences: Iterable[dict], num_items: int, split: str = "train") -> np.ndarray:

@@ -314,11 +314,11 @@ class Trainer:
         )
         stage_best = self.state["stage_best"].get(str(stage))
         steps_done = engine.global_steps
+        ahead = resolve_ahead(self.cfg.data.device_prefetch, self.device)  # batches made ready before their step
         for epoch in range(start_epoch, sc.epochs):
             loader.set_epoch(epoch)
             loader.skip_batches(skip)
             meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch)
-            ahead = resolve_ahead(self.cfg.data.device_prefetch, self.device)
             for b_idx, (host, batch) in enumerate(prefetched(loader, self._prepare, self.device, ahead), start=skip):
                 meter.batch_in(host)
                 loss = engine(batch, objective=obj)

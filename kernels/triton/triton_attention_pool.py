@@ -11,7 +11,7 @@ import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
 from kernels.triton.common import dot_config, mm, next_pow2, tanh
-from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, choose, neighbourhood
+from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, launch_tuned, neighbourhood
 
 
 @triton.jit
@@ -197,7 +197,7 @@ class AttentionPoolFunction(torch.autograd.Function):
 
         if B > 0:
             tiles = candidates("fwd", T, H, A, x.element_size(), INTERPRET)
-            launch(choose("attention_pool_fwd", _key(x, A), tiles, launch, x.device))
+            launch_tuned("attention_pool_fwd", _key(x, A), tiles, launch, x.device)
         ctx.save_for_backward(x, mask_u8, w1, b1, w2, b2, scores, lse, out)
         return out.to(x.dtype)
 
@@ -228,7 +228,7 @@ class AttentionPoolFunction(torch.autograd.Function):
         dw2p = torch.zeros(B, 1, A, device=x.device, dtype=torch.float32)
         if B > 0:
             tiles = candidates("bwd", T, H, A, x.element_size(), INTERPRET)
-            dw2p = launch(choose("attention_pool_bwd", _key(x, A), tiles, launch, x.device))
+            dw2p = launch_tuned("attention_pool_bwd", _key(x, A), tiles, launch, x.device)
         dpre2d = dpre.view(B * T, A)
         dw1 = x.view(B * T, H).t().to(torch.float32) @ dpre2d  # [H, A]
         return (

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
 from kernels.triton.common import dot_config, mm, next_pow2, sm_count
-from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, choose, neighbourhood
+from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, dot_tile_bytes, launch_tuned, neighbourhood
 
 
 @triton.jit
@@ -188,9 +188,7 @@ def heuristic_tiles(block_d: int, elem_bytes: int, interpret: bool) -> TileConfi
 def tile_bytes(kernel: str, cfg: TileConfig, block_d: int, elem_bytes: int) -> int:
     """Bytes of the live tiles of one program of ``kernel`` (fwd, bwd_h or bwd_w) with tiling ``cfg``."""
     bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
-    common = (bm + bv) * block_d * elem_bytes + bm * bv * 4
-    acc = {"fwd": 0, "bwd_h": bm * block_d * 4, "bwd_w": bv * block_d * 4}[kernel]
-    return common + acc
+    return dot_tile_bytes(bm, bv, block_d, elem_bytes, {"fwd": 0, "bwd_h": bm, "bwd_w": bv}[kernel])
 
 
 def candidates(kernel: str, block_d: int, elem_bytes: int, interpret: bool) -> list[TileConfig]:
@@ -223,6 +221,11 @@ def _m_split(v_blocks: int, M: int, V: int, D: int, block_m: int, device: torch.
     w_split = max(1, min(w_split, m_blocks))
     per_split = triton.cdiv(m_blocks, w_split) * block_m
     return triton.cdiv(max(M, 1), per_split), per_split
+
+
+def _sum_splits(parts: torch.Tensor) -> torch.Tensor:
+    """The splits' partial results [splits, ...] added up (the one split itself when there is one)."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
 def _key(h: torch.Tensor, V: int, meta: dict) -> tuple:
@@ -262,8 +265,8 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
             return lse_p, zt_p
 
         tiles = candidates("fwd", block_d, h.element_size(), INTERPRET)
-        cfg = choose("catalog_ce_fwd", _key(h, V, meta), tiles, launch, h.device) if M > 0 else tiles[0]
-        lse_p, zt_p = launch(cfg)
+        lse_p, zt_p = launch_tuned("catalog_ce_fwd", _key(h, V, meta), tiles, launch, h.device) if M > 0 \
+            else launch(tiles[0])
         lse = lse_p[0] if lse_p.shape[0] == 1 else torch.logsumexp(lse_p, dim=0)
         valid = target != ignore_index
         losses = torch.where(valid, lse - zt_p.sum(0), 0.0)  # [M] fp32
@@ -306,8 +309,7 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
                 return gh_p
 
             tiles = candidates("bwd_h", meta["BLOCK_D"], elem, INTERPRET)
-            gh_p = launch_h(choose("catalog_ce_bwd_h", key, tiles, launch_h, h.device))
-            gh = (gh_p[0] if gh_p.shape[0] == 1 else gh_p.sum(0)).to(h.dtype)
+            gh = _sum_splits(launch_tuned("catalog_ce_bwd_h", key, tiles, launch_h, h.device)).to(h.dtype)
         elif need_h:
             gh = torch.zeros_like(h)
         if (need_w or need_b) and M > 0:
@@ -322,15 +324,15 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
                 return gw_p, gb_p
 
             tiles = candidates("bwd_w", meta["BLOCK_D"], elem, INTERPRET)
-            gw_p, gb_p = launch_w(choose("catalog_ce_bwd_w", key, tiles, launch_w, h.device))
-            gw = gw_p[0] if gw_p.shape[0] == 1 else gw_p.sum(0).to(weight.dtype)
-            gb = gb_p[0] if gb_p.shape[0] == 1 else gb_p.sum(0)
+            gw_p, gb_p = launch_tuned("catalog_ce_bwd_w", key, tiles, launch_w, h.device)
+            gw, gb = _sum_splits(gw_p).to(weight.dtype), _sum_splits(gb_p)
         elif need_w or need_b:
             gw = torch.zeros_like(weight)
             gb = torch.zeros(V, device=h.device, dtype=torch.float32)
         gw = gw if need_w else None
         gb = gb.to(bias.dtype) if need_b else None
         return gh, gw, gb, None, None, None, None, None, None, None
+
 
 def triton_catalog_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
 from kernels.triton.common import dot_config, log_sigmoid, mm, next_pow2, sm_count
-from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, choose, neighbourhood
+from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, dot_tile_bytes, launch_tuned, neighbourhood
 
 
 @triton.jit
@@ -189,8 +189,7 @@ def _shared_blocks(block_d: int, interpret: bool) -> tuple[int, int]:
 def shared_tile_bytes(kernel: str, cfg: TileConfig, block_d: int, elem_bytes: int) -> int:
     """Bytes of the live tiles of one program of a shared-negative kernel (fwd, bwd_user or bwd_neg)."""
     bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
-    acc = {"fwd": 0, "bwd_user": bb * block_d * 4, "bwd_neg": bn * block_d * 4}[kernel]
-    return (bb + bn) * block_d * elem_bytes + bb * bn * 4 + acc
+    return dot_tile_bytes(bb, bn, block_d, elem_bytes, {"fwd": 0, "bwd_user": bb, "bwd_neg": bn}[kernel])
 
 
 def shared_candidates(kernel: str, block_d: int, elem_bytes: int, interpret: bool) -> list[TileConfig]:
@@ -248,8 +247,8 @@ class CPCLossFunction(torch.autograd.Function):
                 return loss_parts
 
             tiles = shared_candidates("fwd", block_d, user.element_size(), INTERPRET)
-            cfg = choose("cpc_shared_fwd", _shared_key(user, N, shared_args), tiles, launch, user.device)
-            total = total + launch(cfg).sum()
+            total = total + launch_tuned("cpc_shared_fwd", _shared_key(user, N, shared_args), tiles, launch,
+                                         user.device).sum()
 
         if reduction == "mean":
             n_pos = B * L if pos_mask is None else pos_mask.sum()
@@ -299,9 +298,9 @@ class CPCLossFunction(torch.autograd.Function):
                 _cpc_shared_bwd_neg_kernel[grid](user, neg, nm, scale, gn, B, N, D, **shared_args, **cfg.launch_args())
 
             tiles = shared_candidates("bwd_user", shared_args["BLOCK_D"], elem, INTERPRET)
-            gu += launch_user(choose("cpc_shared_bwd_user", key, tiles, launch_user, user.device)).sum(0)
+            gu += launch_tuned("cpc_shared_bwd_user", key, tiles, launch_user, user.device).sum(0)
             tiles = shared_candidates("bwd_neg", shared_args["BLOCK_D"], elem, INTERPRET)
-            launch_neg(choose("cpc_shared_bwd_neg", key, tiles, launch_neg, user.device))
+            launch_tuned("cpc_shared_bwd_neg", key, tiles, launch_neg, user.device)
         return gu.to(user.dtype), gp, gn, None, None, None, None
 
 

@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ TIMED_LAUNCHES = 3
 # this many bytes; above it they spill out of registers (the catalogue cross-entropy's fp32 backward at bf16's
 # tiling ran at 0.03x the reference on one H100).
 TILE_BYTES = 160 << 10
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,18 @@ def choose(
                            f"set {ENV_VAR}=0 to launch the heuristic tiling and see its error directly")
     _chosen[full_key] = best[1]
     return best[1]
+
+
+def launch_tuned(kernel: str, key: tuple, candidates: Sequence[TileConfig], launch: Callable[[TileConfig], T],
+                 device: torch.device) -> T:
+    """launch(the tiling `choose` picks for this key): what a kernel's host code calls."""
+    return launch(choose(kernel, key, candidates, launch, device))
+
+
+def dot_tile_bytes(rows_a: int, rows_b: int, block_d: int, elem_bytes: int, acc_rows: int) -> int:
+    """Live bytes of a program that multiplies a [rows_a, d] tile by a [rows_b, d] tile (inputs in their dtype, the
+    [rows_a, rows_b] scores in fp32) into an fp32 accumulator of [acc_rows, d] (0: none)."""
+    return (rows_a + rows_b) * block_d * elem_bytes + rows_a * rows_b * 4 + acc_rows * block_d * 4
 
 
 def timings() -> dict[tuple, list[tuple[str, float | str]]]:
