@@ -87,3 +87,37 @@ def pytest_report_header(config) -> str:
     from kernels.testing import describe_devices
 
     return f"Triton kernel tests run on: {describe_devices()}"
+
+
+def tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
+    """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
+    from trainer.config import apply_overrides, preset
+    from trainer.train import Trainer
+
+    base = [f"data.shards={shards}", f"model.text_encoder={text_encoder}", f"run_dir={run_dir}"]
+    cfg = apply_overrides(preset("tiny"), [*base, *overrides])
+    return Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory, ml_shards, tiny_bert_dir) -> Path:
+    """One two-stage run in-process on MovieLens (tiny preset), shared by several tests."""
+    from trainer.main import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "source"
+    metrics = main(
+        [
+            "--preset",
+            "tiny",
+            "--shards",
+            str(ml_shards),
+            "--text-encoder",
+            str(tiny_bert_dir),
+            "--run-dir",
+            str(run_dir),
+            "--ds_config",
+            str(REPO / "ds_configs" / "zero2.json"),
+        ]
+    )
+    assert metrics is not None
+    return run_dir

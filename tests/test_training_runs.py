@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_trainer
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,39 +66,6 @@ def _run_main(args: list[str], ranks: int = 1, timeout: int = 300) -> subprocess
 def _losses(run_dir: Path, stage: int) -> list[tuple[int, float]]:
     rows = (run_dir / f"loss_stage{stage}.csv").read_text().split()[1:]
     return [(int(r.split(",")[0]), float(r.split(",")[1])) for r in rows]
-
-
-def _tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
-    """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
-    from trainer.config import apply_overrides, preset
-    from trainer.train import Trainer
-
-    base = [f"data.shards={shards}", f"model.text_encoder={text_encoder}", f"run_dir={run_dir}"]
-    cfg = apply_overrides(preset("tiny"), [*base, *overrides])
-    return Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
-
-
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory, ml_shards, tiny_bert_dir) -> Path:
-    """One two-stage run in-process on MovieLens (tiny preset), shared by several tests."""
-    from trainer.main import main
-
-    run_dir = tmp_path_factory.mktemp("runs") / "source"
-    metrics = main(
-        [
-            *TINY,
-            "--shards",
-            str(ml_shards),
-            "--text-encoder",
-            str(tiny_bert_dir),
-            "--run-dir",
-            str(run_dir),
-            "--ds_config",
-            str(REPO / "ds_configs" / "zero2.json"),
-        ]
-    )
-    assert metrics is not None
-    return run_dir
 
 
 def naive_popularity_test_ranks(run_dir: Path) -> np.ndarray:
@@ -168,7 +136,7 @@ def test_content_models_are_labelled_and_selected(source_run):
 def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir, tmp_path, capsys):
     """stage1.head=free, stage2.loss=cpc (the paper's objectives): stage 1 is labelled free_head and is never the
     selected model, whatever its validation score; the CPC stage-2 model is."""
-    trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "run", "stage1.head=free", "stage2.loss=cpc")
+    trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "run", "stage1.head=free", "stage2.loss=cpc")
     metrics = trainer.run()
     assert metrics["stages"]["1"]["scoring"] == "free_head" and metrics["stages"]["2"]["scoring"] == "content"
     assert metrics["best"] == {**metrics["best"], "stage": 2, "scoring": "content"}
@@ -182,7 +150,7 @@ def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, t
     get finite ranks, equal to a recount from user . item content vectors."""
     from trainer import evaluate as ev
 
-    trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "zs", "stages=none",
+    trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "zs", "stages=none",
                             f"init_from={source_run / 'export'}")
     printed = capsys.readouterr().out
     for name in ("text", "image"):  # the start-up lines say where each tower's weights finally came from
@@ -270,66 +238,6 @@ def test_stage2_changes_trainable_tower_parameters(source_run):
     assert any(not torch.equal(s1[k], s2[k]) for k in top_image)
     assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("towers.text.pool."))
     assert all(torch.equal(s1[k], s2[k]) for k in low_text)  # frozen lower blocks stay as they were
-
-
-def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir, tmp_path):
-    exported = load_file(str(source_run / "export" / "model.safetensors"))
-    transfer = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "t", "seed=1", f"init_from={source_run / 'export'}")
-    scratch = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "s", "seed=1")
-    t_state, s_state = transfer.model.state_dict(), scratch.model.state_dict()
-    assert t_state["head.weight"].shape[0] == transfer.num_items != 1682  # a new catalogue with its own head
-    for k, v in exported.items():
-        torch.testing.assert_close(t_state[k], v, rtol=0, atol=0)
-    differ = [
-        k
-        for k in exported
-        if k.startswith(("user_encoder.", "towers.text.pool.", "towers.image.blocks."))
-        and not torch.equal(s_state[k], exported[k])
-    ]
-    assert differ, "scratch and transfer models should start from different weights"
-
-
-def test_init_from_parts(source_run, hm_shards, tiny_bert_dir, tmp_path):
-    """init_parts=towers: the towers come from the export, the user encoder starts as in a run from scratch (same
-    seed); user_encoder: the reverse."""
-    exported = load_file(str(source_run / "export" / "model.safetensors"))
-    export = f"init_from={source_run / 'export'}"
-    scratch = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "s", "seed=1").model.state_dict()
-    for parts, taken in (("towers", "towers."), ("user_encoder", "user_encoder.")):
-        state = _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / parts, "seed=1", export,
-                              f"init_parts={parts}").model.state_dict()
-        assert all(torch.equal(state[k], exported[k]) for k in exported if k.startswith(taken))
-        fresh = [k for k in exported if k.startswith(("towers.", "user_encoder.")) and not k.startswith(taken)]
-        assert fresh and all(torch.equal(state[k], scratch[k]) for k in fresh)
-        assert any(not torch.equal(scratch[k], exported[k]) for k in fresh)  # the two starts do differ there
-    with pytest.raises(ValueError, match="init_parts must be"):
-        _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "bad", export, "init_parts=head")
-
-
-def test_only_the_towers_the_catalogue_uses(source_run, ml_shards, tiny_bert_dir, tmp_path, capsys):
-    """Text-only shards build no image tower (nor cache one); a mixed export loads into them with its image tower
-    skipped and said so, and their export loads into a mixed catalogue with the image tower from its backbone."""
-    from conftest import REPO as ROOT
-    from conftest import _build
-
-    text_only = _build(tmp_path / "hm-text", "hm-fashion", ROOT / "data" / "hm-fashion-fixture", modality="text")
-    trainer = _tiny_trainer(text_only, tiny_bert_dir, tmp_path / "t", f"init_from={source_run / 'export'}",
-                            "stages=1")
-    assert list(trainer.model.towers) == ["text"]
-    assert "towers this catalogue does not use, skipped: ['image']" in capsys.readouterr().out
-    metrics = trainer.run()
-    assert metrics["best"]["scoring"] == "content"
-    assert "cached frozen lower blocks of ['text']" in capsys.readouterr().out
-    exported = load_file(str(tmp_path / "t" / "export" / "model.safetensors"))
-    assert not any(k.startswith("towers.image.") for k in exported)
-    mixed = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "m", f"init_from={tmp_path / 't' / 'export'}")
-    assert set(mixed.model.towers) == {"text", "image"}
-    assert "towers the export lacks, from their backbones: ['image']" in capsys.readouterr().out
-
-
-def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
-    with pytest.raises(ValueError, match="architecture differs"):
-        _tiny_trainer(hm_shards, tiny_bert_dir, tmp_path, f"init_from={source_run / 'export'}", "model.d=48")
 
 
 COMPARE = [
@@ -496,7 +404,7 @@ def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_s
 def test_speed_levers_train_under_deepspeed(ml_shards, tiny_bert_dir, tmp_path, lever):
     """Each lever through a real DeepSpeed engine (parameter broadcast, flattening, a step, evaluation): a
     channels-last weight once broke the engine's broadcast of parameters as byte views."""
-    trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "stage1.max_steps=2", lever,
+    trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "stage1.max_steps=2", lever,
                             "model.compile_backend=aot_eager")
     assert torch.backends.cudnn.benchmark is lever.endswith("cudnn_benchmark=true")
     metrics = trainer.run()
@@ -507,7 +415,7 @@ def test_speed_levers_train_under_deepspeed(ml_shards, tiny_bert_dir, tmp_path, 
 def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path, monkeypatch):
     from trainer.metric_log import TrainingDiverged
 
-    trainer = _tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "log_every=1")
+    trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "log_every=1")
     original = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda batch, objective: original(batch, objective) * float("nan"))
     with pytest.raises(TrainingDiverged, match="loss is nan.*last good checkpoint"):
@@ -576,7 +484,7 @@ def test_device_prefetch_trains_the_same(ml_shards, tiny_bert_dir, tmp_path):
     losses, metrics = {}, {}
     for ahead in (0, 2):
         run_dir = tmp_path / f"ahead{ahead}"
-        trainer = _tiny_trainer(ml_shards, tiny_bert_dir, run_dir, "stages=1", "stage1.max_steps=4", "log_every=1",
+        trainer = tiny_trainer(ml_shards, tiny_bert_dir, run_dir, "stages=1", "stage1.max_steps=4", "log_every=1",
                                 f"data.device_prefetch={ahead}")
         metrics[ahead] = trainer.run()
         losses[ahead] = (run_dir / "loss_stage1.csv").read_text()

@@ -69,11 +69,19 @@ def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
     return "text_encoder"
 
 
-def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, parts: str = "all") -> dict[str, list[str]]:
+def reset_prefixes(init_reset: str) -> tuple[str, ...]:
+    """The `init_reset` setting ("a.b, c") as prefixes ("a.b", "c")."""
+    return tuple(p.strip() for p in init_reset.split(",") if p.strip())
+
+
+def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, parts: str = "all",
+                reset: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Load an export into `model`; returns the loaded / newly created / mismatched parameter names.
 
-    `parts`: "all", or only "towers" / "user_encoder" (the rest keeps this run's initialisation). Raises on
-    architecture mismatches and on any unexpected missing or extra tensor."""
+    `parts`: "all", or only "towers" / "user_encoder" (the rest keeps this run's initialisation). `reset`: parameter
+    prefixes (whole name components: "user_encoder.blocks.1" is not "user_encoder.blocks.10") that keep this run's
+    initialisation too; each must name some tensor that would be loaded. Raises on architecture mismatches and on
+    any unexpected missing or extra tensor."""
     export_dir = Path(export_dir)
     weights = export_dir / "model.safetensors"
     if not weights.exists():
@@ -113,10 +121,20 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
         kept = [k for k in loaded if k.startswith(f"{parts}.")]
         created += [k for k in loaded if k not in kept]
         loaded = kept
+    for prefix in reset:
+        prefix = prefix.strip().rstrip(".")
+        hit = [k for k in loaded if k == prefix or k.startswith(prefix + ".")]
+        if not hit:
+            groups = sorted({".".join(k.split(".")[:3]) for k in loaded})
+            raise ValueError(f"init_reset: {prefix!r} names none of the tensors loaded from {export_dir} "
+                             f"({parts}); prefixes that do: {groups}")
+        created += hit
+        loaded = [k for k in loaded if k not in set(hit)]
     with gathered(model, modifier_rank=0):
         model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     log(
-        f"init-from {export_dir} ({parts}): loaded {len(loaded)} tensors; newly created {len(created)}: "
+        f"init-from {export_dir} ({parts}" + (f", reset {list(reset)}" if reset else "")
+        + f"): loaded {len(loaded)} tensors; newly created {len(created)}: "
         f"{sorted({k.split('.')[0] for k in created})}; mismatched 0"
         + (f"; towers this catalogue does not use, skipped: {skipped}" if skipped else "")
         + (f"; towers the export lacks, from their backbones: {[t.split('.')[1] for t in new_towers]}"

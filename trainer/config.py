@@ -217,6 +217,9 @@ class RunConfig:
     run_dir: str | None = None
     init_from: str | None = None
     init_parts: str = "all"  # with init_from: "all", "towers" (user encoder starts new) or "user_encoder"
+    # with init_from: comma-separated parameter prefixes that keep this run's own initialisation although the export
+    # has them, e.g. "user_encoder.blocks.1" (re-initialise the user encoder's top block)
+    init_reset: str = ""
     optimizer: str = "auto"  # AdamW implementation: "auto" (fused on CUDA, torch's default elsewhere) | "fused" |
     # "foreach" | "plain" (one parameter at a time)
     resume: str | None = None

@@ -27,6 +27,7 @@ from trainer.checkpoint import (
     load_export,
     load_model_state,
     load_resume_point,
+    reset_prefixes,
     save_export,
     save_model_state,
     save_resume_point,
@@ -121,9 +122,12 @@ class Trainer:
             cfg.model, self.num_items, self.modality, {}, user_vocab, item_feats, self.store.modality_names
         ).to(self.device)
         loaded = []
+        if cfg.init_reset and not cfg.init_from:
+            raise ValueError(f"init_reset={cfg.init_reset!r} resets parts of an export: give the export with "
+                             "--init-from (or init_from=), or drop init_reset")
         if cfg.init_from:
             loaded = load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info,
-                                 parts=cfg.init_parts)["loaded"]
+                                 parts=cfg.init_parts, reset=reset_prefixes(cfg.init_reset))["loaded"]
         for name, tower in self.model.towers.items():
             from_export = [k for k in loaded if k.startswith(f"towers.{name}.")]
             source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "

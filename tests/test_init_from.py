@@ -1,0 +1,96 @@
+"""--init-from: an export loaded into a new catalogue, whole or in parts (init_parts, init_reset), towers the
+catalogue does not use skipped, a different architecture refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_trainer
+from safetensors.torch import load_file
+
+
+def test_export_loads_into_a_new_catalogue(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    exported = load_file(str(source_run / "export" / "model.safetensors"))
+    transfer = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "t", "seed=1", f"init_from={source_run / 'export'}")
+    scratch = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "s", "seed=1")
+    t_state, s_state = transfer.model.state_dict(), scratch.model.state_dict()
+    assert t_state["head.weight"].shape[0] == transfer.num_items != 1682  # a new catalogue with its own head
+    for k, v in exported.items():
+        torch.testing.assert_close(t_state[k], v, rtol=0, atol=0)
+    differ = [
+        k
+        for k in exported
+        if k.startswith(("user_encoder.", "towers.text.pool.", "towers.image.blocks."))
+        and not torch.equal(s_state[k], exported[k])
+    ]
+    assert differ, "scratch and transfer models should start from different weights"
+
+
+def test_init_from_parts(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """init_parts=towers: the towers come from the export, the user encoder starts as in a run from scratch (same
+    seed); user_encoder: the reverse."""
+    exported = load_file(str(source_run / "export" / "model.safetensors"))
+    export = f"init_from={source_run / 'export'}"
+    scratch = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "s", "seed=1").model.state_dict()
+    for parts, taken in (("towers", "towers."), ("user_encoder", "user_encoder.")):
+        state = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / parts, "seed=1", export,
+                              f"init_parts={parts}").model.state_dict()
+        assert all(torch.equal(state[k], exported[k]) for k in exported if k.startswith(taken))
+        fresh = [k for k in exported if k.startswith(("towers.", "user_encoder.")) and not k.startswith(taken)]
+        assert fresh and all(torch.equal(state[k], scratch[k]) for k in fresh)
+        assert any(not torch.equal(scratch[k], exported[k]) for k in fresh)  # the two starts do differ there
+    with pytest.raises(ValueError, match="init_parts must be"):
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "bad", export, "init_parts=head")
+
+
+def test_init_reset_keeps_named_parts_new(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """init_reset: the named parts start as in a run from scratch (same seed) although the export has them; the rest
+    comes from the export. A prefix matches whole name components only, must name loaded tensors, and needs
+    init_from."""
+    exported = load_file(str(source_run / "export" / "model.safetensors"))
+    export = f"init_from={source_run / 'export'}"
+    scratch = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "s", "seed=1").model.state_dict()
+    reset = ("user_encoder.blocks.0", "user_encoder.pos")
+    state = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "r", "seed=1", export,
+                          f"init_reset={reset[0]}, {reset[1]}.").model.state_dict()
+    fresh = [k for k in exported if k.startswith(reset)]
+    assert len(fresh) == 13  # the block's 12 tensors and the position table
+    assert all(torch.equal(state[k], scratch[k]) for k in fresh)
+    assert any(not torch.equal(scratch[k], exported[k]) for k in fresh)  # the two starts do differ there
+    from trainer.checkpoint import DOMAIN_SPECIFIC
+
+    kept = [k for k in exported if not k.startswith(reset) and not k.startswith(DOMAIN_SPECIFIC)]
+    assert kept and all(torch.equal(state[k], exported[k]) for k in kept)
+    with pytest.raises(ValueError, match="'user_encoder.block' names none of the tensors"):
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "partial", "seed=1", export, "init_reset=user_encoder.block")
+    with pytest.raises(ValueError, match="names none of the tensors .* \\(towers\\)"):  # not loaded with these parts
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "parts", export, "init_parts=towers",
+                      "init_reset=user_encoder.blocks.0")
+    with pytest.raises(ValueError, match="give the export with --init-from"):
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "alone", "init_reset=user_encoder.blocks.0")
+
+
+def test_only_the_towers_the_catalogue_uses(source_run, ml_shards, tiny_bert_dir, tmp_path, capsys):
+    """Text-only shards build no image tower (nor cache one); a mixed export loads into them with its image tower
+    skipped and said so, and their export loads into a mixed catalogue with the image tower from its backbone."""
+    from conftest import REPO as ROOT
+    from conftest import _build
+
+    text_only = _build(tmp_path / "hm-text", "hm-fashion", ROOT / "data" / "hm-fashion-fixture", modality="text")
+    trainer = tiny_trainer(text_only, tiny_bert_dir, tmp_path / "t", f"init_from={source_run / 'export'}",
+                            "stages=1")
+    assert list(trainer.model.towers) == ["text"]
+    assert "towers this catalogue does not use, skipped: ['image']" in capsys.readouterr().out
+    metrics = trainer.run()
+    assert metrics["best"]["scoring"] == "content"
+    assert "cached frozen lower blocks of ['text']" in capsys.readouterr().out
+    exported = load_file(str(tmp_path / "t" / "export" / "model.safetensors"))
+    assert not any(k.startswith("towers.image.") for k in exported)
+    mixed = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "m", f"init_from={tmp_path / 't' / 'export'}")
+    assert set(mixed.model.towers) == {"text", "image"}
+    assert "towers the export lacks, from their backbones: ['image']" in capsys.readouterr().out
+
+
+def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    with pytest.raises(ValueError, match="architecture differs"):
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path, f"init_from={source_run / 'export'}", "model.d=48")
