@@ -94,3 +94,23 @@ def test_only_the_towers_the_catalogue_uses(source_run, ml_shards, tiny_bert_dir
 def test_init_from_rejects_a_different_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
     with pytest.raises(ValueError, match="architecture differs"):
         tiny_trainer(hm_shards, tiny_bert_dir, tmp_path, f"init_from={source_run / 'export'}", "model.d=48")
+
+
+def test_sequence_input_scale_is_part_of_the_architecture(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """An export loads only into the scale it was trained with; an export written before the setting existed
+    counts as scale 1."""
+    import json
+    import shutil
+
+    with pytest.raises(ValueError, match="sequence_input_scale"):
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "a", f"init_from={source_run / 'export'}",
+                     "model.sequence_input_scale=4")
+    older = tmp_path / "older_export"
+    shutil.copytree(source_run / "export", older)
+    meta = json.loads((older / "config.json").read_text())
+    assert meta["model"].pop("sequence_input_scale") == 1.0
+    (older / "config.json").write_text(json.dumps(meta))
+    trainer = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "b", f"init_from={older}")
+    assert trainer.model.user_encoder.input_scale == 1.0
+    with pytest.raises(ValueError, match="sequence_input_scale"):
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "c", f"init_from={older}", "model.sequence_input_scale=2")

@@ -306,3 +306,20 @@ def test_backbone_parameters_get_the_tower_learning_rate(ml_shards, tiny_bert_di
     assert not any(".proj." in n or ".pool." in n for n in low)  # pooling and projections train at the full rate
     every = {names[id(p)] for g in groups for p in g["params"]}
     assert every == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_sequence_input_scale_multiplies_the_item_vectors_before_positions():
+    from trainer.model import UserEncoder
+
+    torch.manual_seed(0)
+    plain = UserEncoder(16, 1, 2, 6, 0.0)
+    scaled = UserEncoder(16, 1, 2, 6, 0.0, input_scale=4.0)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 5, 16)
+    mask = torch.tensor([[False, True, True, True, True]] * 3)
+    torch.testing.assert_close(scaled(x, mask), plain(4.0 * x, mask))
+    assert not torch.allclose(scaled(x, mask), plain(x, mask))
+    with pytest.raises(ValueError, match="sequence_input_scale must be > 0"):
+        ModelConfig(sequence_input_scale=0.0)
+    with pytest.raises(ValueError, match="transformer user encoder only"):
+        ModelConfig(user_encoder="gru", sequence_input_scale=2.0)

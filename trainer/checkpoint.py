@@ -26,7 +26,10 @@ CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_pro
 # without side features transfers into a target with them (and back); the target creates its own.
 DOMAIN_SPECIFIC = CATALOGUE_SPECIFIC + ("user_features.", "user_side_proj.")
 # Model settings that must match for the weights to mean the same thing.
-ARCHITECTURE_KEYS = ("d", "item_encoder", "user_encoder", "image_backbone", "user_layers", "user_heads", "max_len")
+ARCHITECTURE_KEYS = ("d", "item_encoder", "user_encoder", "image_backbone", "user_layers", "user_heads", "max_len",
+                     "sequence_input_scale")
+# architecture settings added after exports were written: an export without one was made at this value
+ARCHITECTURE_ADDED = {"sequence_input_scale": 1.0}
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,7 +91,8 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
         raise FileNotFoundError(f"{weights} not found: --init-from expects a run's export/ folder")
     meta = json.loads((export_dir / "config.json").read_text())
     src = meta["model"]
-    diffs = {k: (src.get(k), getattr(model_cfg, k)) for k in ARCHITECTURE_KEYS if src.get(k) != getattr(model_cfg, k)}
+    exported = {k: src.get(k, ARCHITECTURE_ADDED.get(k)) for k in ARCHITECTURE_KEYS}
+    diffs = {k: (exported[k], getattr(model_cfg, k)) for k in ARCHITECTURE_KEYS if exported[k] != getattr(model_cfg, k)}
     if diffs:
         raise ValueError(
             f"--init-from {export_dir}: architecture differs from this run: {diffs}; "
@@ -129,7 +133,8 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
             raise ValueError(f"init_reset: {prefix!r} names none of the tensors loaded from {export_dir} "
                              f"({parts}); prefixes that do: {groups}")
         created += hit
-        loaded = [k for k in loaded if k not in set(hit)]
+        reset_here = set(hit)
+        loaded = [k for k in loaded if k not in reset_here]
     with gathered(model, modifier_rank=0):
         model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     log(

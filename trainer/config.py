@@ -39,6 +39,9 @@ class ModelConfig:
     user_layers: int = 4
     user_heads: int = 4
     max_len: int = 25  # positions of the user encoder (window length)
+    # multiplies the item vectors entering the transformer user encoder, before the position embedding is added
+    # (SASRec scales its item embeddings by sqrt(d)): how much content, against position, makes up its input
+    sequence_input_scale: float = 1.0
     dropout: float = 0.1
     stage1_relu: bool = False  # the paper's ReLU before the catalogue softmax (Eq. 7)
     frozen_towers: bool = False  # frozen mode: towers (incl. pooling and MLPs) never train; features cached once
@@ -77,6 +80,11 @@ class ModelConfig:
             raise ValueError("image_size must be >= 32, max_tokens >= 4, max_len >= 3")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.sequence_input_scale <= 0:
+            raise ValueError(f"model.sequence_input_scale must be > 0, got {self.sequence_input_scale}")
+        if self.sequence_input_scale != 1.0 and self.user_encoder != "transformer":
+            raise ValueError("model.sequence_input_scale applies to the transformer user encoder only (it scales "
+                             f"content against position embeddings); drop it for user_encoder={self.user_encoder}")
 
 
 @dataclass

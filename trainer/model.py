@@ -44,9 +44,11 @@ class UserBlock(nn.Module):
 
 
 class UserEncoder(nn.Module):
-    def __init__(self, d: int, layers: int, heads: int, max_len: int, dropout: float, checkpointing: bool = False):
+    def __init__(self, d: int, layers: int, heads: int, max_len: int, dropout: float, checkpointing: bool = False,
+                 input_scale: float = 1.0):
         super().__init__()
         self.max_len = max_len
+        self.input_scale = input_scale  # item vectors x input_scale + position embedding
         self.pos = nn.Embedding(max_len, d)
         nn.init.normal_(self.pos.weight, std=0.02)  # BERT init: positions must not drown the item vectors
         self.ln = nn.LayerNorm(d)
@@ -60,6 +62,8 @@ class UserEncoder(nn.Module):
         if self.max_len < L:
             raise ValueError(f"sequence of {L} items exceeds the user encoder's max_len {self.max_len}")
         pos = torch.arange(self.max_len - L, self.max_len, device=x.device)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
         h = self.drop(self.ln(x + self.pos(pos)[None]))
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         allowed = causal[None] & mask[:, None, :]  # [B, L(query), L(key)]
@@ -77,7 +81,8 @@ def build_user_encoder(cfg: ModelConfig) -> nn.Module:
     """Registry of sequence encoders; each maps (item vectors [B, L, d], mask [B, L]) -> causal states [B, L, d]."""
     if cfg.user_encoder == "transformer":
         return UserEncoder(
-            cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing
+            cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing,
+            cfg.sequence_input_scale,
         )
     from trainer import baselines
 
