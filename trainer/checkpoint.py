@@ -73,8 +73,8 @@ def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
 
 
 def reset_prefixes(init_reset: str) -> tuple[str, ...]:
-    """The `init_reset` setting ("a.b, c") as prefixes ("a.b", "c")."""
-    return tuple(p.strip() for p in init_reset.split(",") if p.strip())
+    """The `init_reset` setting ("a.b, c.") as prefixes ("a.b", "c")."""
+    return tuple(p.strip().rstrip(".") for p in init_reset.split(",") if p.strip())
 
 
 def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, parts: str = "all",
@@ -82,9 +82,9 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
     """Load an export into `model`; returns the loaded / newly created / mismatched parameter names.
 
     `parts`: "all", or only "towers" / "user_encoder" (the rest keeps this run's initialisation). `reset`: parameter
-    prefixes (whole name components: "user_encoder.blocks.1" is not "user_encoder.blocks.10") that keep this run's
-    initialisation too; each must name some tensor that would be loaded. Raises on architecture mismatches and on
-    any unexpected missing or extra tensor."""
+    prefixes as reset_prefixes gives them (whole name components: "user_encoder.blocks.1" is not
+    "user_encoder.blocks.10") that keep this run's initialisation too; each must name some tensor that would be
+    loaded. Raises on architecture mismatches and on any unexpected missing or extra tensor."""
     export_dir = Path(export_dir)
     weights = export_dir / "model.safetensors"
     if not weights.exists():
@@ -126,7 +126,6 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
         created += [k for k in loaded if k not in kept]
         loaded = kept
     for prefix in reset:
-        prefix = prefix.strip().rstrip(".")
         hit = [k for k in loaded if k == prefix or k.startswith(prefix + ".")]
         if not hit:
             groups = sorted({".".join(k.split(".")[:3]) for k in loaded})

@@ -38,10 +38,11 @@ def mean_share(x: torch.Tensor) -> float:
     return float(x.mean(0).pow(2).sum() / x.pow(2).sum(-1).mean())
 
 
-def last_position_states(model, vecs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def last_position_states(ranker, items: torch.Tensor, hist: torch.Tensor) -> dict[str, torch.Tensor]:
     """The last position's state after the user encoder's input normalisation and after each block (a transformer
-    encoder), and the user vector; only the user vector for other encoders."""
-    encoder = model.user_encoder
+    encoder), and the user vector (`ranker.user_vectors` of the left-padded histories `hist` over `items`); only the
+    user vector for other encoders."""
+    encoder = ranker.model.user_encoder
     states: dict[str, torch.Tensor] = {}
     hooks = []
     if hasattr(encoder, "ln") and hasattr(encoder, "blocks"):
@@ -51,8 +52,7 @@ def last_position_states(model, vecs: torch.Tensor, mask: torch.Tensor) -> dict[
         hooks.append(encoder.ln.register_forward_hook(keep("input")))
         hooks += [block.register_forward_hook(keep(f"block {i}")) for i, block in enumerate(encoder.blocks)]
     try:
-        with torch.no_grad():
-            states["user vector"] = model.user_vector(vecs, mask).float()
+        states["user vector"] = ranker.user_vectors(items, hist)
     finally:
         for hook in hooks:
             hook.remove()
@@ -71,11 +71,7 @@ def spread_report(ranker, split: str = "valid", users: int = 500, seed: int = 0)
     take = np.sort(np.random.default_rng(seed).choice(len(data), min(users, len(data)), replace=False))
     sample = data.take(take)
     items = ranker.item_vectors()
-    hist = torch.as_tensor(sample.histories, device=items.device)
-    mask = hist >= 0
-    dtype = next(model.user_encoder.parameters()).dtype
-    vecs = (items[hist.clamp(min=0)] * mask[..., None]).to(dtype)
-    states = last_position_states(model, vecs, mask)
+    states = last_position_states(ranker, items, torch.as_tensor(sample.histories, device=items.device))
     model.train(was_training)
     scores = states["user vector"] @ items.T
     return {
