@@ -74,3 +74,19 @@ def test_bad_inputs_say_what_to_do(runs, tmp_path):
     other = _fake_run(tmp_path / "other", shards, {"test_ranks": good[:-1]}, data.users[:-1], data.targets[:-1])
     with pytest.raises(SystemExit, match="different test users"):
         compare.main([str(a), str(other)])
+
+
+def test_reciprocal_rank_and_median_rank(runs):
+    """`--metric mrr` judges 1/rank; each run's row carries its median target rank beside the random median."""
+    a, b, good, bad, data, shards = runs
+    text = compare.main([str(a), str(b), "--metric", "mrr", "--bootstrap", "200"])
+    want = (1.0 / good).mean() - (1.0 / bad).mean()
+    assert f"| all | {len(good)} | {want:+.4f} |" in text
+    num_items = json.loads((shards / "manifest.json").read_text())["num_items"]
+    assert f"a random ranking puts the median target near rank {num_items // 2}" in text
+    row_a = next(line for line in text.splitlines() if line.startswith(f"| {a} |"))
+    cells = [c.strip() for c in row_a.strip("|").split("|")]
+    assert cells[2:5] == [f"{per_user_gain(good, 'hr@10').mean():.4f}", f"{(1.0 / good).mean():.4f}",
+                          f"{np.median(good):.0f}"]
+    cold = cold_mask(data.targets, training_items(shards))
+    assert cells[-1] == f"{np.median(good[cold]):.0f}"

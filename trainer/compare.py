@@ -6,7 +6,9 @@ A run is a run directory (its selected model: `test_ranks.tsv`), or RUN_DIR:stag
 (`test_ranks_stageN.tsv`), or RUN_DIR:popularity. Both must rank the same users and targets (the same shards and
 splits). The difference is reported over all test users, warm targets and cold targets (items in no user's
 training portion), each with a 95% paired bootstrap interval over users; a subset of fewer than 30 users is not
-judged. Prints Markdown; `--out` writes it too.
+judged. `--metric mrr` judges the reciprocal rank, which counts every position. Each run's median target rank is
+shown beside half the catalogue, the median of a scorer that ranks at random. Prints Markdown; `--out` writes it
+too.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.evaluate import per_user_gain
 from trainer.report import record_scoring
-from trainer.run_stats import METRICS, SUBSETS, cold_mask, compare, read_ranks, seed_metrics, training_items
+from trainer.run_stats import METRICS, SUBSETS, cold_mask, compare, read_ranks, subset_mask, training_items
 
 
 @dataclass
@@ -67,14 +70,19 @@ def comparison(a: RankedRun, b: RankedRun, metric: str, n_boot: int) -> str:
     if not a.shards.exists():
         raise SystemExit(f"error: the shards of {a.label} ({a.shards}) are gone: cold targets cannot be found")
     cold = cold_mask(a.targets, training_items(a.shards))
-    ma, mb = seed_metrics(a.ranks, cold), seed_metrics(b.ranks, cold)
     shown = ["hr@10"] + ([metric] if metric != "hr@10" else [])
+    num_items = json.loads((a.shards / "manifest.json").read_text())["num_items"]
     lines = [f"Test users: {len(a.users)} ({int((~cold).sum())} warm, {int(cold.sum())} cold targets: items in no "
-             f"user's training portion); shards {a.shards}", "",
-             "| run | model | " + " | ".join(f"{m} {s}" for s in SUBSETS for m in shown) + " |",
-             "|---|---|" + "---|" * (len(SUBSETS) * len(shown))]
-    for run, m in ((a, ma), (b, mb)):
-        cells = [f"{m[s][k]:.4f}" if s in m and k in m[s] and m[s]["users"] else "-" for s in SUBSETS for k in shown]
+             f"user's training portion); shards {a.shards}; {num_items} items, so a random ranking puts the median "
+             f"target near rank {num_items // 2}", "",
+             "| run | model | " + " | ".join(f"{m} {s}" for s in SUBSETS for m in [*shown, "median rank"]) + " |",
+             "|---|---|" + "---|" * (len(SUBSETS) * (len(shown) + 1))]
+    for run in (a, b):
+        cells = []
+        for subset in SUBSETS:
+            m = subset_mask(cold, subset)
+            gains = [f"{per_user_gain(run.ranks[m], k).mean():.4f}" if m.any() else "-" for k in shown]
+            cells += [*gains, f"{np.median(run.ranks[m]):.0f}" if m.any() else "-"]
         lines.append(f"| {run.label} | {run.model} | " + " | ".join(cells) + " |")
     lines += ["", f"A - B on {metric} (A = {a.label}, B = {b.label}), 95% paired bootstrap over users "
               f"({n_boot} resamples):", "", "| subset | users | A - B | 95% interval | verdict |",
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> str:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", help="RUN_DIR, RUN_DIR:stageN or RUN_DIR:popularity")
     p.add_argument("run_b", help="RUN_DIR, RUN_DIR:stageN or RUN_DIR:popularity")
-    p.add_argument("--metric", default="ndcg@10", choices=list(METRICS))
+    p.add_argument("--metric", default="ndcg@10", choices=[*METRICS, "mrr"])
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", default=None, help="also write the Markdown here")
     a = p.parse_args(argv)

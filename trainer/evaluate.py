@@ -86,6 +86,8 @@ def metrics_from_ranks(ranks: np.ndarray, ks=(5, 10, 20)) -> dict[str, float]:
 
 
 def per_user_gain(ranks: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "mrr":  # reciprocal rank: every position counts, not only the top k
+        return 1.0 / ranks.astype(np.float64)
     name, k = metric.split("@")
     k = int(k)
     if name == "hr":
