@@ -90,3 +90,18 @@ def test_reciprocal_rank_and_median_rank(runs):
                           f"{np.median(good):.0f}"]
     cold = cold_mask(data.targets, training_items(shards))
     assert cells[-1] == f"{np.median(good[cold]):.0f}"
+
+
+def test_runs_made_in_another_checkout_take_shards(runs, tmp_path):
+    """A run records its shards' absolute path; moved from another checkout, --shards names the same build here."""
+    a, b, good, bad, data, shards = runs
+    moved = tmp_path / "elsewhere" / shards.name
+    c = _fake_run(tmp_path / "c", moved, {"test_ranks": good}, data.users, data.targets)
+    with pytest.raises(SystemExit, match="pass --shards DIR"):
+        compare.main([str(c), str(b), "--bootstrap", "50"])
+    assert compare.main([str(c), str(b), "--bootstrap", "50", "--shards", str(shards)]) == \
+        compare.main([str(a), str(b), "--bootstrap", "50"]).replace(str(a), str(c))
+    wrong = tmp_path / "other-build"
+    wrong.mkdir()
+    with pytest.raises(SystemExit, match="is not the build"):
+        compare.main([str(c), str(b), "--shards", str(wrong)])

@@ -1,6 +1,6 @@
 """Compare two finished runs on the same test users: metrics, and A - B with a paired bootstrap interval.
 
-    python -m trainer.compare RUN_A RUN_B [--metric ndcg@10] [--bootstrap 1000] [--out FILE.md]
+    python -m trainer.compare RUN_A RUN_B [--metric ndcg@10|mrr] [--bootstrap 1000] [--out FILE.md] [--shards DIR]
 
 A run is a run directory (its selected model: `test_ranks.tsv`), or RUN_DIR:stageN for one stage's best model
 (`test_ranks_stageN.tsv`), or RUN_DIR:popularity. Both must rank the same users and targets (the same shards and
@@ -63,12 +63,26 @@ def load_run(spec: str) -> RankedRun:
     return RankedRun(spec, d, users, targets, ranks, model, Path(config["data"]["shards"]))
 
 
-def comparison(a: RankedRun, b: RankedRun, metric: str, n_boot: int) -> str:
+def relocated_shards(run: RankedRun, shards: str | None) -> Path:
+    """The run's recorded shards, or `shards` where the run was made in another checkout; the folder's name (which
+    carries the build's hash) must match the recorded one."""
+    if shards is None:
+        if not run.shards.exists():
+            raise SystemExit(f"error: the shards of {run.label} ({run.shards}) are gone, so cold targets cannot be "
+                             "found: pass --shards DIR, the same shards in this checkout")
+        return run.shards
+    given = Path(shards)
+    if given.name != run.shards.name or not (given / "manifest.json").exists():
+        raise SystemExit(f"error: --shards {given} is not the build {run.label} was evaluated on ({run.shards.name}): "
+                         "pass the folder of that name")
+    return given
+
+
+def comparison(a: RankedRun, b: RankedRun, metric: str, n_boot: int, shards: str | None = None) -> str:
     if not (np.array_equal(a.users, b.users) and np.array_equal(a.targets, b.targets)):
         raise SystemExit(f"error: {a.label} and {b.label} rank different test users or targets: compare runs on the "
                          "same shards (same users, items and splits)")
-    if not a.shards.exists():
-        raise SystemExit(f"error: the shards of {a.label} ({a.shards}) are gone: cold targets cannot be found")
+    a.shards = relocated_shards(a, shards)
     cold = cold_mask(a.targets, training_items(a.shards))
     shown = ["hr@10"] + ([metric] if metric != "hr@10" else [])
     num_items = json.loads((a.shards / "manifest.json").read_text())["num_items"]
@@ -106,8 +120,10 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--metric", default="ndcg@10", choices=[*METRICS, "mrr"])
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", default=None, help="also write the Markdown here")
+    p.add_argument("--shards", default=None, help="the shards the runs were evaluated on, where the path a run "
+                   "recorded is gone (a run made in another checkout); the folder name must match")
     a = p.parse_args(argv)
-    text = comparison(load_run(a.run_a), load_run(a.run_b), a.metric, a.bootstrap)
+    text = comparison(load_run(a.run_a), load_run(a.run_b), a.metric, a.bootstrap, a.shards)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")
