@@ -57,6 +57,9 @@ from trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner'
     SOURCE_FRACTIONS,
     SOURCE_OF,
     SOURCE_SEED,
+    SPLIT_SEED,
+    SPLIT_TARGETS,
+    SPLITS,
     TABLE_SETTINGS,
     TARGET_FRACTIONS,
     TARGETS,
@@ -91,9 +94,9 @@ class Suite:
         self.models = [m.strip() for m in a.models.split(",")] if a.models else None
         self.seeds_arg = a.seeds
         self.targets = [t.strip() for t in a.targets.split(",")] if a.targets else list(TARGETS)
-        bad = [t for t in self.targets if t not in TARGETS]
+        bad = [t for t in self.targets if t not in (*TARGETS, *SPLIT_TARGETS)]
         if bad:
-            raise SystemExit(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
+            raise SystemExit(f"--targets: unknown {bad}; choose from {[*TARGETS, *SPLIT_TARGETS]}")
         both = [t for t in self.targets if SOURCE_OF.get(t) in self.targets]
         if self.target_extra and both:
             raise SystemExit(f"--set-target: {both} and their sources {[SOURCE_OF[t] for t in both]} are both targets, "
@@ -106,23 +109,44 @@ class Suite:
         self._manifests: dict[str, dict] = {}
 
     # -- data -----------------------------------------------------------------------------------------------
-    def shards(self, domain: str) -> Path:
+    def raw_folder(self, domain: str, make: bool = False) -> Path:
+        """The domain's raw tables. A half of a disjoint split lives under OUT/raw/; `make` cuts it from its parent
+        folder when it is not there yet (only a shard build needs it)."""
         d = DOMAINS[domain]
-        src = self.raw[d.dataset]
-        tag = hashlib.sha256(json.dumps([str(src), BUILD_OPTIONS.get(d.dataset, [])]).encode()).hexdigest()[:8]
-        out = self.out / "shards" / f"{d.dataset}-{d.modality}-{tag}"
-        if not (out / "manifest.json").exists():
-            if not src.is_dir():
+        if not d.raw:
+            src = self.raw[d.dataset]
+            if make and not src.is_dir():
                 flag = {"movielens-100k-mm": "--movielens", "hm-fashion": "--hm"}[d.dataset]
                 raise SystemExit(f"error: raw data for {d.dataset} not found at {src}: pass --data-root or {flag}")
+            return src
+        parent_key, half = SPLITS[d.raw]
+        parent = self.raw[parent_key]
+        tag = hashlib.sha256(json.dumps([str(parent), SPLIT_SEED]).encode()).hexdigest()[:8]
+        split = (self.out / "raw").resolve() / f"{parent_key}-split{SPLIT_SEED}-{tag}"  # resolved: worktrees share raw/
+        if make and not (split / "split_report.json").exists():
+            if not parent.is_dir():
+                raise SystemExit(f"error: raw data for {parent_key} (split into {d.raw}) not found at {parent}: pass "
+                                 "--data-root or --hm")
+            from data_shards.split_disjoint import split_disjoint
+
+            split_disjoint(parent, split, seed=SPLIT_SEED)
+        return split / half
+
+    def shards(self, domain: str) -> Path:
+        d = DOMAINS[domain]
+        src = self.raw_folder(domain)
+        tag = hashlib.sha256(json.dumps([str(src), BUILD_OPTIONS.get(d.dataset, [])]).encode()).hexdigest()[:8]
+        out = self.out / "shards" / f"{d.raw or d.dataset}-{d.modality}-{tag}"
+        if not (out / "manifest.json").exists():
             from data_shards.build import main as build_main
 
+            self.raw_folder(domain, make=True)
             build_main(self.build_argv(domain, out))
         return out
 
     def build_argv(self, domain: str, out: Path) -> list[str]:
         d = DOMAINS[domain]
-        return ["--dataset", d.dataset, "--source", str(self.raw[d.dataset]), "--modality", d.modality,
+        return ["--dataset", d.dataset, "--source", str(self.raw_folder(domain)), "--modality", d.modality,
                 "--out", str(out), *BUILD_OPTIONS.get(d.dataset, [])]
 
     def manifest(self, domain: str) -> dict:
@@ -472,7 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-encoder", default=None,
                    help="minilm | bert-base-random-init | local BERT folder | tiny-random (default: the preset's)")
     p.add_argument("--image-backbone", default=None, choices=["resnet18", "efficientnet-lite0"])
-    p.add_argument("--targets", default=None, help=f"comma-separated subset of {','.join(TARGETS)} (tables 4 and 7)")
+    p.add_argument("--targets", default=None, help=f"comma-separated subset of {','.join(TARGETS)} (tables 4 and 7; "
+                   f"default: all of them), or of {','.join(SPLIT_TARGETS)}: H&M half B, transferred from half A, "
+                   "which shares no customer or article with it (data_shards/split_disjoint.py)")
     p.add_argument("--scaling-target", default="hm-mixed", choices=list(TARGETS), help="target of tables 5 and 6")
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="overrides for every run")
     p.add_argument("--set-target", nargs="*", default=[], metavar="section.key=value",
