@@ -8,8 +8,10 @@
 
 Domains. Source: MovieLens-100k, mixed modality. Targets (no shared users or items): H&M mixed, H&M image only,
 H&M text only with user/item side features, and the reverse, very different, transfer: pre-trained on H&M mixed,
-fine-tuned on MovieLens mixed. The shards each domain needs are built once under OUT/shards/ with
-`python -m data_shards.build` (in-process).
+fine-tuned on MovieLens mixed. Named with --targets only: H&M half B (mixed, image only, text + side features),
+transferred from H&M half A mixed, a source from the same platform that shares no customer or article with it
+(`data_shards.split_disjoint`, cut once under OUT/raw/). The shards each domain needs are built once under
+OUT/shards/ with `python -m data_shards.build` (in-process).
 
 Runs. Every run is `trainer.main.main(argv)` in this process: the same TransRec class, shards, splits, stages,
 losses and evaluator for every model. IDRec / IDGru / IDNext = `model.item_encoder=id` with the transformer /
