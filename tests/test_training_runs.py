@@ -19,6 +19,8 @@ import torch
 from conftest import tiny_trainer
 from safetensors.torch import load_file
 
+from trainer.run_setup import SHM_DIR, SHM_PREFIX
+
 REPO = Path(__file__).resolve().parent.parent
 
 TINY = ["--preset", "tiny"]
@@ -266,10 +268,13 @@ def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # log_every counts optimizer steps: one rank accumulating 2 micro-batches logs once per step, as 2 ranks do.
     _run_main([*common, "--run-dir", str(one), *COMPARE, "stage1.micro_batch=8", "stage1.grad_accum=2", "log_every=1"])
+    segments_before = set(SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
     _run_main(
         [*common, "--run-dir", str(two), *COMPARE, "stage1.micro_batch=8", "stage1.grad_accum=1", "log_every=1"],
         ranks=2,
     )
+    # DeepSpeed's CPU all-reduce made one shared-memory segment per rank; the trainer unlinked both at exit
+    assert set(SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*")) - segments_before == set()
     a, b = _losses(one, 1), _losses(two, 1)
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (_, la), (_, lb) in zip(a, b):

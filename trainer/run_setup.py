@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +18,50 @@ import torch.distributed as dist
 from trainer.config import DS_OWNED_BY_TRAINER, RunConfig, StageConfig, to_dict
 
 LOG = logging.getLogger("transrec")
+# DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) gives each rank of a one-machine multi-rank run a ~66 MB
+# POSIX shared-memory segment named <prefix>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> and never unlinks it: every
+# such run would leave its segments in /dev/shm (RAM) until reboot.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer(rank: int, shm_dir: Path = SHM_DIR) -> Path:
+    """This rank's all-reduce segment, named as DeepSpeed names it."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return shm_dir / f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def stale_shm_buffers(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), min_age_s: float = 60.0) -> list[Path]:
+    """This user's all-reduce segments that no live process maps: left by runs that were killed, or that ran before
+    the trainer released them. A segment younger than `min_age_s` is left alone (its rank may be starting)."""
+    mine = sorted(shm_dir.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
+    if not mine:
+        return []
+    mapped = set()
+    for maps in proc.glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is another user's
+            continue
+        mapped.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if SHM_PREFIX in line)
+    now = time.time()
+    return [p for p in mine if str(p) not in mapped and now - p.stat().st_mtime > min_age_s]
+
+
+def release_shm_buffers(rank: int) -> None:
+    """Remove stale segments (local rank 0), and unlink this rank's own at exit: every rank maps its peers' segments
+    during initialisation, so the names are no longer needed once training starts."""
+    if not SHM_DIR.is_dir():
+        return
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        stale = stale_shm_buffers()
+        size = sum(p.stat().st_size for p in stale)
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            LOG.info("removed %d stale DeepSpeed all-reduce segments (%.0f MiB) from %s, left by earlier multi-rank "
+                     "runs", len(stale), size / 2**20, SHM_DIR)
+    atexit.register(shm_buffer(rank).unlink, missing_ok=True)
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:

@@ -47,6 +47,7 @@ from trainer.run_setup import (
     fill_ds_config,
     load_ds_config,
     make_run_dir,
+    release_shm_buffers,
     setup_distributed,
     setup_logging,
     write_run_record,
@@ -92,6 +93,8 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed()
         setup_logging(self.rank)
+        if self.world > 1 and self.device.type == "cpu":
+            release_shm_buffers(self.rank)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         kernels.set_default_impl(cfg.model.kernels)
