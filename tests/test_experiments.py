@@ -390,14 +390,15 @@ def test_table6_has_a_towers_only_row_per_target_fraction(tmp_path):
 
 
 def test_tables_keep_the_settings_they_were_run_with(tmp_path):
-    """The cpu-small preset now learns the temperature; the tables' runs keep the fixed temperature they were run
-    with (TABLE_SETTINGS), and --set gives them the new default, with its own key."""
+    """The cpu-small preset now learns the temperature and takes 128-px images; the tables' runs keep the fixed
+    temperature and the 64 px they were run with (TABLE_SETTINGS), and --set gives them the new default, with its own
+    key."""
     from trainer.config import preset
     from trainer.experiments import RunSpec, Suite, parse_args
     from trainer.experiments.plans import TABLE_SETTINGS
 
-    assert preset("cpu-small").model.learn_temperature is True
-    assert "model.learn_temperature=false" in TABLE_SETTINGS
+    assert preset("cpu-small").model.learn_temperature is True and preset("cpu-small").model.image_size == 128
+    assert "model.learn_temperature=false" in TABLE_SETTINGS and "model.image_size=64" in TABLE_SETTINGS
     data = REPO / "data"
     argv = ["table2", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
             "--hm", str(data / "hm-fashion-fixture")]
@@ -406,3 +407,6 @@ def test_tables_keep_the_settings_they_were_run_with(tmp_path):
     assert table.resolved_config(spec)["model"]["learn_temperature"] is False
     assert learned.resolved_config(spec)["model"]["learn_temperature"] is True
     assert table.key(spec) != learned.key(spec)
+    larger = Suite(parse_args([*argv, "--set", "model.image_size=128"]))
+    assert table.resolved_config(spec)["model"]["image_size"] == 64
+    assert larger.resolved_config(spec)["model"]["image_size"] == 128 and larger.key(spec) != table.key(spec)

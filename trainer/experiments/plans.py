@@ -42,7 +42,7 @@ ID_DOMAIN_OF = {"hm-image": "hm-mixed", "hm-b-image": "hm-b-mixed"}
 # Settings whose preset default changed after the tables were run: the tables keep the value they were run with,
 # so that their cached runs stay theirs and re-running a report's command reproduces it. Every run gets these before
 # --set / --set-target, which can give the new default (e.g. `--set model.learn_temperature=true`).
-TABLE_SETTINGS = ("model.learn_temperature=false",)
+TABLE_SETTINGS = ("model.learn_temperature=false", "model.image_size=64")
 SOURCE_OF = {"hm-mixed": "ml-mixed", "hm-image": "ml-mixed", "hm-text-side": "ml-mixed", "ml-mixed": "hm-mixed",
              **{t: "hm-a-mixed" for t in SPLIT_TARGETS}}
 SOURCE_SEED = 0
