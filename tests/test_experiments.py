@@ -410,3 +410,25 @@ def test_tables_keep_the_settings_they_were_run_with(tmp_path):
     larger = Suite(parse_args([*argv, "--set", "model.image_size=128"]))
     assert table.resolved_config(spec)["model"]["image_size"] == 64
     assert larger.resolved_config(spec)["model"]["image_size"] == 128 and larger.key(spec) != table.key(spec)
+
+
+def test_opt_in_rows_only_when_named(tmp_path):
+    """transfer-initial (the start kept as a candidate) is a table-4 row only when --models names it, so a table
+    without it keeps its runs; its runs set eval.initial_candidate and start from the source."""
+    from trainer.experiments import RunSpec, Suite, parse_args
+    from trainer.experiments.plans import OPT_IN_MODELS
+    from trainer.experiments.runner import table_plan
+
+    data = REPO / "data"
+    argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
+            "--hm", str(data / "hm-fashion-fixture"), "--targets", "hm-mixed", "--seeds", "1"]
+    assert "transfer-initial" in OPT_IN_MODELS
+    plain = table_plan(Suite(parse_args(argv)), "table4")
+    assert all(s.model != "transfer-initial" for r in plain.rows for s in r.specs)
+    named = Suite(parse_args([*argv, "--models", "scratch,transfer,zeroshot,transfer-initial"]))
+    plan = table_plan(named, "table4")
+    [row] = [r for r in plan.rows if r.label == "transfer, start kept as a candidate"]
+    spec = row.specs[0]
+    assert "eval.initial_candidate=true" in named.overrides(spec)
+    assert named.source_spec(spec) == named.source_spec(RunSpec("hm-mixed", "transfer"))
+    assert ("H&M mixed (from MovieLens mixed)", row.label, "TransRec (zero-shot)") in plan.headlines

@@ -114,3 +114,22 @@ def test_sequence_input_scale_is_part_of_the_architecture(source_run, hm_shards,
     assert trainer.model.user_encoder.input_scale == 1.0
     with pytest.raises(ValueError, match="sequence_input_scale"):
         tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "c", f"init_from={older}", "model.sequence_input_scale=2")
+
+
+def test_the_starting_model_is_a_candidate(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """eval.initial_candidate: the export's model, scored before any training, is stage 0 of the fine-tuning run; its
+    validation and test figures equal a zero-shot run's, and the selection takes the best of stages 0, 1 and 2."""
+    import json
+
+    export = f"init_from={source_run / 'export'}"
+    zero_shot = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "zs", "seed=1", export, "stages=none").run()
+    tuned = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "ft", "seed=1", export, "eval.initial_candidate=true",
+                         "stage1.epochs=1", "stage2.epochs=1").run()
+    assert set(tuned["stages"]) == {"0", "1", "2"}
+    assert tuned["stages"]["0"]["valid"] == zero_shot["stages"]["0"]["valid"]
+    assert tuned["stages"]["0"]["test"] == zero_shot["stages"]["0"]["test"]
+    best = max(tuned["stages"], key=lambda s: tuned["stages"][s]["valid"]["ndcg@10"])
+    assert str(tuned["best"]["stage"]) == best
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["best"]["stage"] == tuned["best"]["stage"]
+    with pytest.raises(ValueError, match="give the export to start from with --init-from"):
+        tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "alone", "eval.initial_candidate=true")

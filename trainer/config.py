@@ -174,6 +174,9 @@ class EvalConfig:
     # the user . item score matmuls: "fp32" (exact), "tf32" (on CUDA, TF32 tensor cores: about 8x the fp32 rate,
     # inputs rounded to 10 mantissa bits, so near-tied items may swap; the same as fp32 on CPU)
     precision: str = "fp32"
+    # with --init-from: the starting model, scored by content before any training, is a candidate for selection
+    # (stage 0), so fine-tuning never ships a model that validates worse than the one it started from
+    initial_candidate: bool = False
 
     def __post_init__(self) -> None:
         one_of("eval.precision", self.precision, ("fp32", "tf32"))

@@ -128,6 +128,9 @@ class Trainer:
         if cfg.init_reset and not cfg.init_from:
             raise ValueError(f"init_reset={cfg.init_reset!r} resets parts of an export: give the export with "
                              "--init-from (or init_from=), or drop init_reset")
+        if cfg.eval.initial_candidate and not cfg.init_from:
+            raise ValueError("eval.initial_candidate makes the starting model a candidate for selection: give the "
+                             "export to start from with --init-from (or init_from=), or drop it")
         if cfg.init_from:
             loaded = load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info,
                                  parts=cfg.init_parts, reset=reset_prefixes(cfg.init_reset))["loaded"]
@@ -401,6 +404,8 @@ class Trainer:
             self.evaluate_untrained()
             return self.finish()
         stages = {"1": [1], "2": [2], "all": [1, 2]}[self.cfg.stages]
+        if self.cfg.eval.initial_candidate and 0 not in self.state["done_stages"]:
+            self.evaluate_untrained()  # the starting model competes with the fine-tuned ones (stage 0)
         for stage in stages:
             if stage in self.state["done_stages"]:
                 continue
@@ -413,8 +418,8 @@ class Trainer:
         return self.finish()
 
     def evaluate_untrained(self) -> None:
-        """`--stage none`: the initial model (e.g. a source export given by --init-from: zero-shot transfer) scored
-        by content on this catalogue, recorded as stage 0."""
+        """`--stage none`, or `eval.initial_candidate`: the initial model (e.g. a source export given by --init-from:
+        zero-shot transfer) scored by content on this catalogue, recorded as stage 0."""
         if self.cfg.model.item_encoder != "content":
             raise ValueError("--stage none evaluates a content model without training; an ID model would be random")
         if not self.cfg.init_from:

@@ -288,7 +288,8 @@ ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention
                           ("data", "split", "auto"), ("model", "compile", "none"), ("model", "compile_mode", "default"),
                           ("model", "compile_backend", "inductor"), ("eval", "precision", "fp32"),
                           ("model", "cudnn_benchmark", False), ("data", "device_prefetch", -1),
-                          (None, "init_reset", ""), ("model", "sequence_input_scale", 1.0))
+                          (None, "init_reset", ""), ("model", "sequence_input_scale", 1.0),
+                          ("eval", "initial_candidate", False))
 # Settings removed after runs were cached that never changed a run: their old value stays in the key.
 RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
 # Settings renamed after runs were cached: keyed under their former names while they hold what those could.
