@@ -50,10 +50,12 @@ def split_disjoint(source: Path, out: Path, *, seed: int = 0, fraction_a: float 
         raise SystemExit(f"error: {source} lacks {', '.join(missing)}: pass an H&M-format folder as --source")
     tx_header, tx, cust_col = _read(source / "transactions.csv", "customer_id")
     art_col = tx_header.index("article_id")
-    halves = {"a": [r for r in tx if half_of(r[cust_col], seed, fraction_a) == "a"]}
-    bought_by_a = {r[art_col] for r in halves["a"]}
-    b_all = [r for r in tx if half_of(r[cust_col], seed, fraction_a) == "b"]
-    halves["b"] = [r for r in b_all if r[art_col] not in bought_by_a]
+    by_half: dict[str, list[list[str]]] = {"a": [], "b": []}
+    for r in tx:
+        by_half[half_of(r[cust_col], seed, fraction_a)].append(r)
+    b_all = by_half["b"]
+    bought_by_a = {r[art_col] for r in by_half["a"]}
+    halves = {"a": by_half["a"], "b": [r for r in b_all if r[art_col] not in bought_by_a]}
 
     art_header, articles, art_key = _read(source / "articles.csv", "article_id")
     product_of = {r[art_key]: r[art_header.index("product_code")] for r in articles} \

@@ -21,9 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.evaluate import per_user_gain
 from trainer.report import record_scoring
-from trainer.run_stats import METRICS, SUBSETS, cold_mask, compare, read_ranks, subset_mask, training_items
+from trainer.run_stats import (
+    METRICS,
+    SUBSETS,
+    cold_mask,
+    compare,
+    read_ranks,
+    seed_metrics,
+    subset_mask,
+    training_items,
+)
 
 
 @dataclass
@@ -92,11 +100,12 @@ def comparison(a: RankedRun, b: RankedRun, metric: str, n_boot: int, shards: str
              "| run | model | " + " | ".join(f"{m} {s}" for s in SUBSETS for m in [*shown, "median rank"]) + " |",
              "|---|---|" + "---|" * (len(SUBSETS) * (len(shown) + 1))]
     for run in (a, b):
+        m = seed_metrics(run.ranks, cold, shown)
         cells = []
         for subset in SUBSETS:
-            m = subset_mask(cold, subset)
-            gains = [f"{per_user_gain(run.ranks[m], k).mean():.4f}" if m.any() else "-" for k in shown]
-            cells += [*gains, f"{np.median(run.ranks[m]):.0f}" if m.any() else "-"]
+            users = m[subset]["users"]
+            cells += [f"{m[subset][k]:.4f}" if users else "-" for k in shown]
+            cells.append(f"{np.median(run.ranks[subset_mask(cold, subset)]):.0f}" if users else "-")
         lines.append(f"| {run.label} | {run.model} | " + " | ".join(cells) + " |")
     lines += ["", f"A - B on {metric} (A = {a.label}, B = {b.label}), 95% paired bootstrap over users "
               f"({n_boot} resamples):", "", "| subset | users | A - B | 95% interval | verdict |",

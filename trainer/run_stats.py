@@ -39,14 +39,14 @@ def subset_mask(cold: np.ndarray, subset: str) -> np.ndarray:
     return {"all": np.ones_like(cold), "warm": ~cold, "cold": cold}[subset]
 
 
-def seed_metrics(ranks: np.ndarray, cold: np.ndarray) -> dict[str, dict[str, float]]:
+def seed_metrics(ranks: np.ndarray, cold: np.ndarray, metrics=METRICS) -> dict[str, dict[str, float]]:
     """{subset: {metric: value, "users": n}} for one run's per-user ranks."""
     from trainer.evaluate import per_user_gain
 
     out = {}
     for sub in SUBSETS:
         m = subset_mask(cold, sub)
-        out[sub] = {k: (float(per_user_gain(ranks[m], k).mean()) if m.any() else float("nan")) for k in METRICS}
+        out[sub] = {k: (float(per_user_gain(ranks[m], k).mean()) if m.any() else float("nan")) for k in metrics}
         out[sub]["users"] = int(m.sum())
     return out
 

@@ -421,7 +421,8 @@ class Trainer:
         """`--stage none`, or `eval.initial_candidate`: the initial model (e.g. a source export given by --init-from:
         zero-shot transfer) scored by content on this catalogue, recorded as stage 0."""
         if self.cfg.model.item_encoder != "content":
-            raise ValueError("--stage none evaluates a content model without training; an ID model would be random")
+            raise ValueError("--stage none and eval.initial_candidate evaluate a content model without training; an "
+                             "ID model would be random: drop them for an ID model")
         if not self.cfg.init_from:
             LOG.warning("--stage none without --init-from: evaluating randomly initialised upper blocks")
         self.set_stage(1)  # every tower's frozen blocks cached; nothing trains

@@ -60,7 +60,7 @@ MODEL_OVERRIDES = {"idrec": ["model.item_encoder=id", "model.user_encoder=transf
 # models that start from a source run's export ("transfer-towers": only its towers; the user encoder starts new;
 # "transfer-initial": the source's model, before fine-tuning, is a candidate for selection)
 TRANSFERS = ("transfer", "transfer-paper", "zeroshot", "transfer-towers", "transfer-initial")
-# table-4 rows run only when named with --models (a table without them keeps its cached runs)
+# rows of these models are planned only when --models names them (a table without them keeps its cached runs)
 OPT_IN_MODELS = ("transfer-initial",)
 # Targets where the transferred user encoder is tested by leaving it behind (a diagnosis of transfer losing there).
 TOWERS_ONLY_TARGETS = ("hm-mixed", "hm-image", "hm-text-side")
@@ -181,13 +181,11 @@ def plan_table4(suite) -> TablePlan:
             rows.append(RowPlan(g, "transfer, towers only", _seeded(RunSpec(t, "transfer-towers"), seeds),
                                 note="diagnosis: the source's towers, a new user encoder (init_parts=towers)"))
             heads += [(g, "transfer, towers only", b) for b in ("train-from-scratch", "TransRec (transfer)")]
-        if "transfer-initial" in (suite.models or ()):
-            kept = _seeded(RunSpec(t, "transfer-initial"), seeds)
-            rows.append(RowPlan(g, "transfer, start kept as a candidate", kept,
-                                note="eval.initial_candidate: the source's model before fine-tuning competes on "
-                                     "validation with the fine-tuned ones"))
-            heads += [(g, "transfer, start kept as a candidate", b)
-                      for b in ("train-from-scratch", "TransRec (transfer)", "TransRec (zero-shot)")]
+        rows.append(RowPlan(g, "transfer, start kept as a candidate", _seeded(RunSpec(t, "transfer-initial"), seeds),
+                            note="eval.initial_candidate: the source's model before fine-tuning competes on "
+                                 "validation with the fine-tuned ones"))
+        heads += [(g, "transfer, start kept as a candidate", b)
+                  for b in ("train-from-scratch", "TransRec (transfer)", "TransRec (zero-shot)")]
         rows += [RowPlan(g, label, _seeded(RunSpec(t, m), seeds), kind=kind,
                          note="the same runs' stage-1 (free head) or stage-2 (CPC, content scoring) best model")
                  for label, m, kind in paper_rows]

@@ -55,6 +55,7 @@ from trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner'
     BUILD_OPTIONS,
     DOMAINS,
     MODEL_OVERRIDES,
+    OPT_IN_MODELS,
     PLANS,
     SOURCE_FRACTIONS,
     SOURCE_OF,
@@ -438,15 +439,19 @@ def headline_results(plan: TablePlan, results: dict, n_boot: int) -> dict:
 
 
 def table_plan(suite: Suite, name: str) -> TablePlan:
-    """The table's plan, cut to the rows of `--models` when given (with the comparisons between rows kept)."""
+    """The table's plan, cut to the rows of `--models` when given, else to the rows of every model but the opt-in
+    ones (OPT_IN_MODELS), with the comparisons between the rows kept."""
     plan = PLANS[name](suite)
     if suite.models is None:
+        rows = [r for r in plan.rows if not any(s.model in OPT_IN_MODELS for s in r.specs)]
+    else:
+        known = sorted(set(MODEL_OVERRIDES))
+        unknown = [m for m in suite.models if m not in known]
+        if unknown:
+            raise SystemExit(f"--models: unknown {unknown}; choose from {known}")
+        rows = [r for r in plan.rows if all(s.model in suite.models for s in r.specs)]
+    if len(rows) == len(plan.rows):
         return plan
-    known = sorted(set(MODEL_OVERRIDES))
-    unknown = [m for m in suite.models if m not in known]
-    if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; choose from {known}")
-    rows = [r for r in plan.rows if all(s.model in suite.models for s in r.specs)]
     if not rows:
         raise SystemExit(f"--models {','.join(suite.models)}: no row of {name} is left")
     kept = {(r.group, r.label) for r in rows}
