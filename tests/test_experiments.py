@@ -413,8 +413,9 @@ def test_tables_keep_the_settings_they_were_run_with(tmp_path):
 
 
 def test_opt_in_rows_only_when_named(tmp_path):
-    """transfer-initial (the start kept as a candidate) is a table-4 row only when --models names it, so a table
-    without it keeps its runs; its runs set eval.initial_candidate and start from the source."""
+    """transfer-initial (the start kept as a candidate) and transfer-lowlr (gentle fine-tuning) are table-4 rows only
+    when --models names them, so a table without them keeps its runs; their runs start from the source with their
+    settings (eval.initial_candidate; the lower learning rates)."""
     from trainer.experiments import RunSpec, Suite, parse_args
     from trainer.experiments.plans import OPT_IN_MODELS
     from trainer.experiments.runner import table_plan
@@ -422,9 +423,9 @@ def test_opt_in_rows_only_when_named(tmp_path):
     data = REPO / "data"
     argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
             "--hm", str(data / "hm-fashion-fixture"), "--targets", "hm-mixed", "--seeds", "1"]
-    assert "transfer-initial" in OPT_IN_MODELS
+    assert {"transfer-initial", "transfer-lowlr"} <= set(OPT_IN_MODELS)
     plain = table_plan(Suite(parse_args(argv)), "table4")
-    assert all(s.model != "transfer-initial" for r in plain.rows for s in r.specs)
+    assert all(s.model not in OPT_IN_MODELS for r in plain.rows for s in r.specs)
     named = Suite(parse_args([*argv, "--models", "scratch,transfer,zeroshot,transfer-initial"]))
     plan = table_plan(named, "table4")
     [row] = [r for r in plan.rows if r.label == "transfer, start kept as a candidate"]
@@ -432,3 +433,13 @@ def test_opt_in_rows_only_when_named(tmp_path):
     assert "eval.initial_candidate=true" in named.overrides(spec)
     assert named.source_spec(spec) == named.source_spec(RunSpec("hm-mixed", "transfer"))
     assert ("H&M mixed (from MovieLens mixed)", row.label, "TransRec (zero-shot)") in plan.headlines
+    assert all(r.label != "transfer, low learning rate" for r in plan.rows)  # named rows only
+
+    gentle = Suite(parse_args([*argv, "--models", "transfer,transfer-lowlr"]))
+    [row] = [r for r in table_plan(gentle, "table4").rows if r.label == "transfer, low learning rate"]
+    spec, plain_spec = row.specs[0], RunSpec("hm-mixed", "transfer")
+    cfg, plain_cfg = gentle.resolved_config(spec), gentle.resolved_config(plain_spec)
+    assert (cfg["stage1"]["lr"], cfg["stage2"]["lr"]) == (1e-4, 1e-4)
+    assert plain_cfg["stage1"]["lr"] != 1e-4 and gentle.key(spec) != gentle.key(plain_spec)
+    assert gentle.source_spec(spec) == gentle.source_spec(plain_spec)
+    assert "init_from=" + str(gentle.run_dir(gentle.source_spec(spec)) / "export") in gentle.argv(spec)
