@@ -96,3 +96,9 @@ def test_runner_transfers_half_b_from_half_a(tmp_path):
     assert suite.key(RunSpec("hm-b-mixed", "scratch")) != suite.key(RunSpec("hm-mixed", "scratch"))
     with pytest.raises(SystemExit, match="unknown"):
         Suite(parse_args([*argv[:-3], "hm-c-mixed"]))
+
+    # table 6 on a split target: half B's training users sampled, every row transferring from the half-A source
+    scaling = Suite(parse_args(["table6", *argv[1:-4], "--scaling-target", "hm-b-mixed", "--seeds", "1"]))
+    specs = {s for r in table_plan(scaling, "table6").rows for s in r.specs}
+    assert {(s.domain, s.fraction) for s in specs} == {("hm-b-mixed", f) for f in (0.2, 0.6, 1.0)}
+    assert {scaling.source_spec(s) for s in specs if s.model == "transfer"} == {RunSpec("hm-a-mixed", "scratch")}

@@ -507,7 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=None, help=f"comma-separated subset of {','.join(TARGETS)} (tables 4 and 7; "
                    f"default: all of them), or of {','.join(SPLIT_TARGETS)}: H&M half B, transferred from half A, "
                    "which shares no customer or article with it (data_shards/split_disjoint.py)")
-    p.add_argument("--scaling-target", default="hm-mixed", choices=list(TARGETS), help="target of tables 5 and 6")
+    p.add_argument("--scaling-target", default="hm-mixed", choices=[*TARGETS, *SPLIT_TARGETS],
+                   help="target of tables 5 and 6")
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value", help="overrides for every run")
     p.add_argument("--set-target", nargs="*", default=[], metavar="section.key=value",
                    help="overrides for the target domains' runs only (a transfer's source run is left as it is)")
