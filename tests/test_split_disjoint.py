@@ -94,6 +94,13 @@ def test_runner_transfers_half_b_from_half_a(tmp_path):
         assert m["num_items"] == report["halves"][half]["articles"]
     assert suite.shards("hm-b-mixed") != suite.shards("hm-mixed")
     assert suite.key(RunSpec("hm-b-mixed", "scratch")) != suite.key(RunSpec("hm-mixed", "scratch"))
+    # half B image only from an image-only half A: hm-b-image's shards and scratch runs, its own source and transfers
+    other, image = "hm-b-image-from-a-image", "hm-b-image"
+    assert suite.source_spec(RunSpec(other, "transfer")) == RunSpec("hm-a-image", "scratch")
+    assert suite.shards(other) == suite.shards(image)
+    assert suite.key(RunSpec(other, "scratch")) == suite.key(RunSpec(image, "scratch"))
+    assert suite.key(RunSpec(other, "transfer")) != suite.key(RunSpec(image, "transfer"))
+    assert suite.manifest("hm-a-image")["num_users"] == report["halves"]["a"]["customers"]
     with pytest.raises(SystemExit, match="unknown"):
         Suite(parse_args([*argv[:-3], "hm-c-mixed"]))
 
