@@ -64,7 +64,7 @@ MODEL_OVERRIDES = {"idrec": ["model.item_encoder=id", "model.user_encoder=transf
                    "transfer-lowlr": ["stage1.lr=0.0001", "stage2.lr=0.0001"]}
 # models that start from a source run's export ("transfer-towers": only its towers; the user encoder starts new;
 # "transfer-initial": the source's model, before fine-tuning, is a candidate for selection; "transfer-lowlr":
-# fine-tuned gently, at a tenth of stage 1's learning rate and a third of stage 2's)
+# fine-tuned gently at fixed rates, stage1.lr=1e-4 and stage2.lr=1e-4: a tenth and a third of cpu-small's)
 TRANSFERS = ("transfer", "transfer-paper", "zeroshot", "transfer-towers", "transfer-initial", "transfer-lowlr")
 # rows of these models are planned only when --models names them (a table without them keeps its cached runs)
 OPT_IN_MODELS = ("transfer-initial", "transfer-lowlr")
@@ -172,7 +172,7 @@ OPT_IN_TRANSFER_ROWS = (
     ("transfer, start kept as a candidate", "transfer-initial",
      "eval.initial_candidate: the source's model before fine-tuning competes on validation with the fine-tuned ones"),
     ("transfer, low learning rate", "transfer-lowlr",
-     "fine-tuned gently: stage1.lr=1e-4 (a tenth of the preset's) and stage2.lr=1e-4 (a third)"))
+     "fine-tuned gently: stage1.lr=1e-4 and stage2.lr=1e-4 (a tenth and a third of cpu-small's rates)"))
 
 
 def plan_table4(suite) -> TablePlan:
