@@ -29,14 +29,17 @@ DOMAINS = {d.key: d for d in (
     Domain("hm-b-mixed", "hm-fashion", "mixed", False, "H&M half B mixed", raw="hm-fashion-b"),
     Domain("hm-b-image", "hm-fashion", "image", False, "H&M half B image only", raw="hm-fashion-b"),
     Domain("hm-b-text-side", "hm-fashion", "text", True, "H&M half B text only + side features", raw="hm-fashion-b"),
-    # the image-only half B again (the same shards, so its scratch and ID runs are hm-b-image's), transferred from an
-    # image-only source: whether fine-tuning on images loses because the source learned from mixed feedback
+    # half B's single-modality targets again (the same shards, so their scratch and ID runs are hm-b-image's and
+    # hm-b-text-side's), transferred from a half-A source of the same modality instead of the mixed one
     Domain("hm-a-image", "hm-fashion", "image", False, "H&M half A image only", raw="hm-fashion-a"),
     Domain("hm-b-image-from-a-image", "hm-fashion", "image", False, "H&M half B image only", raw="hm-fashion-b"),
+    Domain("hm-a-text", "hm-fashion", "text", False, "H&M half A text only", raw="hm-fashion-a"),
+    Domain("hm-b-text-side-from-a-text", "hm-fashion", "text", True, "H&M half B text only + side features",
+           raw="hm-fashion-b"),
 )}
 TARGETS = ("hm-mixed", "hm-image", "hm-text-side", "ml-mixed")
 # targets run only when named (--targets): transfer from the other half of the same platform
-SPLIT_TARGETS = ("hm-b-mixed", "hm-b-image", "hm-b-text-side", "hm-b-image-from-a-image")
+SPLIT_TARGETS = ("hm-b-mixed", "hm-b-image", "hm-b-text-side", "hm-b-image-from-a-image", "hm-b-text-side-from-a-text")
 # raw key -> (the raw folder it is cut from, the half); the split's seed is SPLIT_SEED
 SPLITS = {"hm-fashion-a": ("hm-fashion", "a"), "hm-fashion-b": ("hm-fashion", "b")}
 SPLIT_SEED = 0
@@ -48,7 +51,8 @@ ID_DOMAIN_OF = {"hm-image": "hm-mixed", "hm-b-image": "hm-b-mixed", "hm-b-image-
 # --set / --set-target, which can give the new default (e.g. `--set model.learn_temperature=true`).
 TABLE_SETTINGS = ("model.learn_temperature=false", "model.image_size=64")
 SOURCE_OF = {"hm-mixed": "ml-mixed", "hm-image": "ml-mixed", "hm-text-side": "ml-mixed", "ml-mixed": "hm-mixed",
-             **{t: "hm-a-mixed" for t in SPLIT_TARGETS}, "hm-b-image-from-a-image": "hm-a-image"}
+             **{t: "hm-a-mixed" for t in SPLIT_TARGETS}, "hm-b-image-from-a-image": "hm-a-image",
+             "hm-b-text-side-from-a-text": "hm-a-text"}
 SOURCE_SEED = 0
 # The paper's objectives: stage 1 through a free catalogue head, stage 2 CPC (Eq. 9). The ID baselines keep them (an
 # ID model's free head is one more ID table); "-paper" rows train TransRec with them, beside the content-softmax
