@@ -101,6 +101,11 @@ def test_runner_transfers_half_b_from_half_a(tmp_path):
     assert suite.key(RunSpec(other, "scratch")) == suite.key(RunSpec(image, "scratch"))
     assert suite.key(RunSpec(other, "transfer")) != suite.key(RunSpec(image, "transfer"))
     assert suite.manifest("hm-a-image")["num_users"] == report["halves"]["a"]["customers"]
+    # and half B text + side features from a text-only half A
+    text_other, text = "hm-b-text-side-from-a-text", "hm-b-text-side"
+    assert suite.source_spec(RunSpec(text_other, "transfer")) == RunSpec("hm-a-text", "scratch")
+    assert suite.key(RunSpec(text_other, "scratch")) == suite.key(RunSpec(text, "scratch"))
+    assert suite.key(RunSpec(text_other, "transfer")) != suite.key(RunSpec(text, "transfer"))
     with pytest.raises(SystemExit, match="unknown"):
         Suite(parse_args([*argv[:-3], "hm-c-mixed"]))
 
