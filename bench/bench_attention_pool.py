@@ -7,11 +7,16 @@ paper: B=512 users x T=32 tokens x H=768 hidden (A=256 attention units), fp32 an
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
-import torch
-from kernel_bench_common import Bench, Case, element_size, parse_args
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 
-from kernels import attention_pool
+import torch  # noqa: E402
+
+from transrec.bench.kernel_bench_common import Bench, Case, element_size, parse_args
+from transrec.kernels.ops import attention_pool
 
 ATTN_DIM = 256
 

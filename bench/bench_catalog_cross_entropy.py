@@ -11,12 +11,17 @@ history mask: E = the window length) over a sampled-candidate catalogue (V = a b
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
-import torch
-from kernel_bench_common import Bench, Case, element_size, parse_args
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 
-from kernels import catalog_cross_entropy
-from kernels.pytorch.pt_catalog_cross_entropy import pt_catalog_cross_entropy
+import torch  # noqa: E402
+
+from transrec.bench.kernel_bench_common import Bench, Case, element_size, parse_args
+from transrec.kernels.ops import catalog_cross_entropy
+from transrec.kernels.pytorch.pt_catalog_cross_entropy import pt_catalog_cross_entropy
 
 
 def make(M: int, V: int, d: int, dtype: torch.dtype, dev: torch.device, E: int = 0) -> tuple[list[torch.Tensor], dict]:

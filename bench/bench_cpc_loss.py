@@ -7,11 +7,16 @@ paper: d=256, B=512 users, l=5 positives; shared negatives N in {1024, 4096}; pe
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
-import torch
-from kernel_bench_common import Bench, Case, element_size, parse_args
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 
-from kernels import cpc_loss
+import torch  # noqa: E402
+
+from transrec.bench.kernel_bench_common import Bench, Case, element_size, parse_args
+from transrec.kernels.ops import cpc_loss
 
 
 def make(B: int, L: int, J: int, d: int, shared: bool, dtype: torch.dtype,

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make trainer/, data_shards/, bench/ importable
-    sys.path.insert(0, str(ROOT))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
-from bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
+from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 
 SECTIONS = ("input", "text tower", "image tower", "user encoder", "loss", "backward", "optimizer")
 
@@ -39,7 +39,7 @@ def synth_shards(work: Path, users: int, items: int, mean_length: float) -> tupl
     out = work / f"synth-u{users}-i{items}-l{mean_length:g}"
     if (out / "manifest.json").exists():
         return out, float("nan")
-    from data_shards.synth import main as synth_main
+    from transrec.data_shards.synth import main as synth_main
 
     t0 = time.perf_counter()
     synth_main(["--users", str(users), "--items", str(items), "--mean-length", str(mean_length), "--out", str(out)])
@@ -52,9 +52,9 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
 
     import torch
 
-    import bench.throughput as tp
-    from trainer.config import apply_overrides, preset
-    from trainer.train import Trainer
+    import transrec.bench.throughput as tp
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.train import Trainer
 
     cfg = apply_overrides(preset("cpu-small"), [f"data.shards={shards}", f"stage1.head={head}", *extra])
     tmp = tempfile.TemporaryDirectory(prefix="catalogue-scale-")
@@ -72,7 +72,7 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
             finally:
                 lower_s[_name] = lower_s.get(_name, 0.0) + time.perf_counter() - s
         tower.lower = timed
-    from trainer.feature_cache import resolve_store
+    from transrec.trainer.feature_cache import resolve_store
 
     store = resolve_store(cfg.data.feature_store, shards)
     before = set(store.glob("*.pt")) if store else set()
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import torch
 
-    from trainer.run_setup import git_hash
+    from transrec.trainer.run_setup import git_hash
 
     meta = {"command": recorded_command("python bench/catalogue_scale.py", sys.argv[1:] if argv is None else argv),
             "git_hash": git_hash(), "torch": torch.__version__, "load_start": os.getloadavg()[0],

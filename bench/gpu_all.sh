@@ -13,13 +13,13 @@ WORK=/tmp/gpu_work LOG_NAME=gpu_summary.log
 source bench/gpu_env.sh
 
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
-export PYTHONPATH="/tmp/site:$PWD"
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || log "editable install failed (PYTHONPATH has the repo)"
+export PYTHONPATH="/tmp/site"
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || log "editable install failed (the transrec wheel in .whl/ is in /tmp/site)"
 "$PY" -c "import torch, triton, deepspeed, webdataset; print('torch', torch.__version__, 'triton', triton.__version__, \
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
 
 log "building MovieLens shards"
-timeout 120 "$PY" -m data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed \
+timeout 120 "$PY" -m transrec.data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed \
   --out "$WORK/ml" --max-tokens 32 >"$WORK/build.log" 2>&1 || log "shard build FAILED: $(tail -3 "$WORK/build.log")"
 
 # -- correctness, side by side ---------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ if ! "$PY" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
     log "installing .whl/ into /tmp/site"
     timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
   fi
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 \
-    || log "editable install failed (PYTHONPATH has the repository): $(tail -2 "$WORK/install.log")"
+    || log "editable install failed (the transrec wheel in .whl/ is in /tmp/site): $(tail -2 "$WORK/install.log")"
 fi
 "$PY" -c "import torch, triton, deepspeed; print('torch', torch.__version__, '| triton', triton.__version__, \
 '| deepspeed', deepspeed.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')" \
@@ -36,7 +36,7 @@ fi
 SHARDS="${SHARDS:-$WORK/ml}"
 if [ ! -f "$SHARDS/manifest.json" ]; then
   log "building MovieLens shards in $SHARDS"
-  timeout 120 "$PY" -m data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm \
+  timeout 120 "$PY" -m transrec.data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm \
     --modality mixed --out "$SHARDS" --max-tokens 32 >"$WORK/build.log" 2>&1 \
     || { log "shard build FAILED: $(tail -3 "$WORK/build.log")"; exit 1; }
 fi

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `kernels` importable
-    sys.path.insert(0, str(ROOT))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 
-from bench.flops import measure_peak_tflops  # noqa: E402
-from kernels.triton import tuning  # noqa: E402
+from transrec.bench.flops import measure_peak_tflops  # noqa: E402
+from transrec.kernels.triton import tuning  # noqa: E402
 
 DEFAULT_CSV = ROOT / "bench" / "results" / "kernels.csv"
 FIELDS = [

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: make `data_shards` importable
-    sys.path.insert(0, str(ROOT))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 
-from data_shards.decode import ImageDecoder, resolve_backend
-from data_shards.decode_dali import dali_import_error
-from data_shards.shard_io import ItemStore
+from transrec.data_shards.decode import ImageDecoder, resolve_backend
+from transrec.data_shards.decode_dali import dali_import_error
+from transrec.data_shards.shard_io import ItemStore
 
 COLUMNS = ("decoder", "backend", "device", "workers", "images_decoded", "images_per_s", "sequences_per_s")
 
@@ -76,7 +76,7 @@ def bench_decode(store: ItemStore, decoder: str, device: torch.device, size: int
 def bench_loader(shards: Path, decoder: str, device: torch.device, size: int, workers: int, batches: int,
                  seq_batch: int) -> dict:
     """Sequences/s through data_shards.loader.make_train_loader, images decoded on the way."""
-    loader_mod = importlib.import_module("data_shards.loader")
+    loader_mod = importlib.import_module("transrec.data_shards.loader")
     on_gpu = device.type == "cuda"
     cfg = loader_mod.LoaderConfig(batch_size=seq_batch, num_workers=workers, decoder=decoder, image_size=size,
                                   decode_in_loader=not on_gpu)
@@ -119,7 +119,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", type=Path, required=True, help="shard folder (python -m data_shards.build)")
+    p.add_argument("--shards", type=Path, required=True, help="shard folder (python -m transrec.data_shards.build)")
     p.add_argument("--decoder", default="auto", choices=["auto", "dali", "torchvision", "pil", "all"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", default="0", help="comma-separated loader worker counts, e.g. 0,2,4")
@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         rows.append(bench_decode(store, name, device, a.size, a.batch_size, a.decode_batches or None, a.threads))
         print(f"decode {name}: {rows[-1]['images_per_s']:,.0f} images/s", file=sys.stderr)
-    spec = importlib.util.find_spec("data_shards.loader")
-    has_loader = spec is not None and hasattr(importlib.import_module("data_shards.loader"), "make_train_loader")
+    spec = importlib.util.find_spec("transrec.data_shards.loader")
+    loader_module = importlib.import_module("transrec.data_shards.loader") if spec is not None else None
+    has_loader = hasattr(loader_module, "make_train_loader")
     if a.no_loader:
         pass
     elif not has_loader:

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_shards.loader import ItemContent, SequenceBatch
-from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
-from trainer.model import in_tower_dtype, optimizer_param_groups
+from transrec.data_shards.loader import ItemContent, SequenceBatch
+from transrec.kernels.pytorch.pt_cpc_loss import pt_cpc_loss
+from transrec.trainer.model import in_tower_dtype, optimizer_param_groups
 
 Span = Callable[[str], AbstractContextManager]
 

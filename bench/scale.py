@@ -26,18 +26,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
+from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 
 
 def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path, float, int]:
     out = work / f"synth-u{users}-i{items}-l{mean_length:g}"
     t0, built = time.perf_counter(), False
     if not (out / "manifest.json").exists():
-        from data_shards.synth import main as synth_main
+        from transrec.data_shards.synth import main as synth_main
 
         synth_main(["--users", str(users), "--items", str(items), "--mean-length", str(mean_length),
                     "--out", str(out)])
@@ -48,7 +48,7 @@ def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path,
 
 def loader_rank(shards: str, rank: int, world: int, batches: int, queue) -> None:
     """One rank's loader in its own process: sequences/s, peak RSS, the split it chose."""
-    from data_shards.loader import LoaderConfig, make_train_loader
+    from transrec.data_shards.loader import LoaderConfig, make_train_loader
 
     cfg = LoaderConfig(window=26, batch_size=128, stride=25, load_content=False, shuffle_buffer=4096)
     loader = make_train_loader(shards, cfg, rank=rank, world_size=world)
@@ -86,8 +86,8 @@ def eval_pass(shards: str, queue) -> None:
     the whole catalogue with users streamed from the shards in batches (EvalStream), as the trainer does."""
     import torch
 
-    from data_shards.shard_io import load_manifest
-    from trainer import evaluate as ev
+    from transrec.data_shards.shard_io import load_manifest
+    from transrec.trainer import evaluate as ev
 
     t0 = time.perf_counter()
     summary = ev.SplitSummary.read(shards)
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     import torch
 
-    from data_shards.shard_io import load_manifest
-    from trainer.run_setup import git_hash
+    from transrec.data_shards.shard_io import load_manifest
+    from transrec.trainer.run_setup import git_hash
 
     meta = {"command": recorded_command("python bench/scale.py", sys.argv[1:] if argv is None else argv),
             "git_hash": git_hash(), "load_start": os.getloadavg()[0],

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 
-from bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
+from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 
 READERS = ("dicts", "table")
 
@@ -30,9 +30,9 @@ def measure(shards: str, reader: str) -> dict:
     """In this process: read the sequences with `reader`, then the evaluation users; peak RSS and times."""
     import time
 
-    from data_shards.sequence_table import SequenceTable
-    from data_shards.shard_io import load_manifest, read_sequences
-    from trainer.evaluate import eval_users
+    from transrec.data_shards.sequence_table import SequenceTable
+    from transrec.data_shards.shard_io import load_manifest, read_sequences
+    from transrec.trainer.evaluate import eval_users
 
     rss_mib = peak_rss_mib
     base = rss_mib()

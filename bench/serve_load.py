@@ -24,17 +24,18 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 
 
 def start_server(export: Path, shards: Path, index: Path | None):
     import uvicorn
 
-    from trainer.recommend import Recommender
-    from trainer.serve import create_app
+    from transrec.trainer.recommend import Recommender
+    from transrec.trainer.serve import create_app
 
     if index:
-        from trainer.index import recommender_from_index
+        from transrec.trainer.index import recommender_from_index
 
         rec = recommender_from_index(index, export, shards)
     else:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load(url, histories, 4, 40, 30, seed=1)  # warm-up
     rows = [load(url, histories, int(c), a.requests, a.seconds, seed=0) for c in a.concurrency.split(",")]
     server.should_exit = True
-    from bench.run_record import recorded_command
+    from transrec.bench.run_record import recorded_command
 
     meta = {"command": recorded_command("python bench/serve_load.py", argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",

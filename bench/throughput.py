@@ -35,8 +35,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make trainer/, kernels/, bench/ importable
-    sys.path.insert(0, str(ROOT))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
+# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
@@ -44,17 +44,17 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 import numpy as np
 import torch
 
-import kernels
-import trainer.losses as tlosses
-from bench import flops as fl
-from bench.op_counts import step_counts
-from bench.reference_path import ReferenceTrainer, expand_slots, reference_ranks
-from bench.run_record import recorded_command
-from bench.throughput_report import NOTES, Report
-from trainer import evaluate as ev
-from trainer.compiled import set_compiled
-from trainer.config import apply_overrides, preset
-from trainer.device_prefetch import prefetched, resolve_ahead
+import transrec.trainer.losses as tlosses
+from transrec.bench import flops as fl
+from transrec.bench.op_counts import step_counts
+from transrec.bench.reference_path import ReferenceTrainer, expand_slots, reference_ranks
+from transrec.bench.run_record import recorded_command
+from transrec.bench.throughput_report import NOTES, Report
+from transrec.kernels import ops as kernels
+from transrec.trainer import evaluate as ev
+from transrec.trainer.compiled import set_compiled
+from transrec.trainer.config import apply_overrides, preset
+from transrec.trainer.device_prefetch import prefetched, resolve_ahead
 
 LOAD = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # the load average: is the machine shared?
 
@@ -435,8 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from trainer.run_setup import git_hash
-    from trainer.train import Trainer
+    from transrec.trainer.run_setup import git_hash
+    from transrec.trainer.train import Trainer
 
     t_start, cuda = time.perf_counter(), torch.cuda.is_available()
     torch.set_num_threads(args.threads) if args.threads else None  # on a shared CPU, 1 avoids OpenMP stalls

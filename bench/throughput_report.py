@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.throughput import TrainResult
+    from transrec.bench.throughput import TrainResult
 
 TRAIN_COLS = ["sequences_per_s", "unique_items_per_s", "slot_items_per_s", "text_tokens_per_s", "images_per_s",
               "ms_per_step", "peak_mem_gib", "model_tflop_per_step", "achieved_tflops", "mfu", "speedup_vs_reference"]

@@ -1,6 +1,6 @@
 """Raw interaction logs -> validated WebDataset shards (items, sequences), manifest and validation report.
 
-    python -m data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm \\
+    python -m transrec.data_shards.build --dataset movielens-100k-mm --source data/movielens-100k-mm \\
         --modality mixed --out shards/movielens-100k-mm-mixed
 
 Rules (recorded in manifest.json):
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_shards import report
-from data_shards.modalities import content_kind, extra_kinds
-from data_shards.shard_io import BUILT_IN_MODALITIES, FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
-from data_shards.tables import (
+from transrec.data_shards import report
+from transrec.data_shards.modalities import content_kind, extra_kinds
+from transrec.data_shards.shard_io import BUILT_IN_MODALITIES, FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
+from transrec.data_shards.tables import (
     GenericColumns,
     Problems,
     RawDomain,
@@ -415,7 +415,8 @@ def dedup_note(dedup: str, has_time: bool) -> str:
 
 def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p = argparse.ArgumentParser(
-        prog="python -m data_shards.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m transrec.data_shards.build", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", required=True, choices=["movielens-100k-mm", "hm-fashion", "generic"])
     p.add_argument("--source", type=Path, required=True, help="folder of the raw tables")

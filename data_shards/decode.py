@@ -55,10 +55,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD, dali_import_error
+from transrec.data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD, dali_import_error
 
 BACKENDS = ("auto", "dali", "torchvision", "pil")
-REBUILD_HINT = ("rebuild the shards with `python -m data_shards.build ...`, which validates every image and "
+REBUILD_HINT = ("rebuild the shards with `python -m transrec.data_shards.build ...`, which validates every image and "
                 "drops (and reports) the ones that do not decode")
 _EOI_TAIL = 32  # EOI must lie within the last bytes; further trailing data costs one Pillow check
 
@@ -374,7 +374,7 @@ class ImageDecoder:
                 return images
             out = _resize_crop(images, self.size)
             return normalize(out) if normalized else out
-        from data_shards.decode_dali import drop_pipeline, get_pipeline
+        from transrec.data_shards.decode_dali import drop_pipeline, get_pipeline
 
         pipeline = get_pipeline(size, self.device, self.max_batch_size, self.num_threads, normalized and not native)
         try:

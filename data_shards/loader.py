@@ -46,8 +46,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_shards.modalities import ContentOptions, content_kind
-from data_shards.shard_io import ItemStore, load_manifest, sequence_records
+from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.shard_io import ItemStore, load_manifest, sequence_records
 
 
 @dataclass
@@ -319,7 +319,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     # -- building a batch ---------------------------------------------------------------------------------
     def _decoder_for_worker(self):
         if self._decoder is None and self.cfg.decode_in_loader:
-            from data_shards.decode import ImageDecoder
+            from transrec.data_shards.decode import ImageDecoder
 
             self._decoder = ImageDecoder(backend=self.cfg.decoder, size=self.cfg.image_size, device="cpu")
         return self._decoder

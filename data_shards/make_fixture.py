@@ -1,6 +1,6 @@
 """Cut the small, seeded H&M fixture that the tests use from the full H&M sample.
 
-    python -m data_shards.make_fixture --source ../shared/datasets/hm-fashion --out data/hm-fashion-fixture
+    python -m transrec.data_shards.make_fixture --source ../shared/datasets/hm-fashion --out data/hm-fashion-fixture
 
 Customers are drawn with a seeded generator from those with 3..7 purchases (so that the fixture has
 evaluable users yet stays under ~5 MB with one photo per article); every purchase of a drawn customer is
@@ -22,7 +22,7 @@ hungle45/PSE-Recommendor-System, commit 3b7354e7; article table from Tisha1503/H
 H&M Personalized Fashion Recommendations competition data, non-commercial research terms: for this project's
 tests and examples only; do not redistribute.
 
-Made by `python -m data_shards.make_fixture --seed {seed} --customers {customers}`: {n_customers} customers
+Made by `python -m transrec.data_shards.make_fixture --seed {seed} --customers {customers}`: {n_customers} customers
 drawn from those with {lo}..{hi} purchases, all their {n_tx} purchases, their {n_articles} articles and
 article photos (160x240 JPEG, unchanged), and their customer rows.
 """

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_shards.shard_io import BUILT_IN_MODALITIES, npy_bytes
+from transrec.data_shards.shard_io import BUILT_IN_MODALITIES, npy_bytes
 
 
 @dataclass(frozen=True)

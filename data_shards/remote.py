@@ -21,7 +21,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-from data_shards.tables import file_sha256
+from transrec.data_shards.tables import file_sha256
 
 FIXED_FILES = ("item_index.npy", "id_maps.json")  # beside the manifest's shard lists; hashed by the builder
 

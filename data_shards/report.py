@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_shards.tables import Problems
+from transrec.data_shards.tables import Problems
 
 
 def statistics(user_records: list[dict], item_modality: np.ndarray, names=("text", "image")) -> dict:

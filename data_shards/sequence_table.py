@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.shard_io import load_manifest, sequence_records
+from transrec.data_shards.shard_io import load_manifest, sequence_records
 
 
 class SequenceTable:

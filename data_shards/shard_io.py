@@ -94,7 +94,7 @@ def load_manifest(shard_dir: Path | str) -> dict:
     path = Path(shard_dir) / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(
-            f"no manifest.json in {shard_dir}: build shards first, e.g. `python -m data_shards.build "
+            f"no manifest.json in {shard_dir}: build shards first, e.g. `python -m transrec.data_shards.build "
             f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed --out {shard_dir}`"
         )
     return json.loads(path.read_text())

@@ -1,6 +1,6 @@
 """Split an H&M-format folder into two domains that share no customers and no articles.
 
-    python -m data_shards.split_disjoint --source ../shared/datasets/hm-fashion --out reports/raw/hm-split-0 \
+    python -m transrec.data_shards.split_disjoint --source ../shared/datasets/hm-fashion --out reports/raw/hm-split-0 \
         [--seed 0] [--fraction-a 0.5]
 
 A source and a target from the same platform, for asking whether transfer fails for the method or for the source:
@@ -8,7 +8,8 @@ customers go to half A when the first byte of sha256("transrec-split:{seed}:{cus
 256 * fraction_a, else to half B. A keeps every purchase of its customers. B keeps a purchase only when no A customer
 bought the same article, so that the halves share no item; every purchase B loses that way is counted. Each half is a
 folder in the H&M layout (transactions.csv, articles.csv with the articles its purchases name, customers.csv,
-images/ linked to the source's), which `python -m data_shards.build --dataset hm-fashion` reads. Rows are copied
+images/ linked to the source's), which `python -m transrec.data_shards.build --dataset hm-fashion` reads.
+Rows are copied
 verbatim. `split_report.json` records the rule and the counts, including how many of B's kept purchases name an
 article whose product (`product_code`: the same garment in another colour) A bought.
 """
@@ -94,7 +95,7 @@ def split_disjoint(source: Path, out: Path, *, seed: int = 0, fraction_a: float 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m data_shards.split_disjoint", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m transrec.data_shards.split_disjoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="H&M-format folder (transactions.csv, articles.csv, ...)")
     p.add_argument("--out", required=True, help="folder to create, with a/, b/ and split_report.json")

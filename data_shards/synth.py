@@ -1,6 +1,7 @@
 """Synthetic data at any scale, in the normal shard format, declared synthetic in its manifest.
 
-    python -m data_shards.synth --users N --items M [--mean-length L] [--zipf A] [--images K] [--seed S] --out DIR
+    python -m transrec.data_shards.synth --users N --items M [--mean-length L] [--zipf A] [--images K] [--seed S]
+        --out DIR
 
 Items: a random title and description of words drawn from a fixed vocabulary, and one of K small random JPEGs (64
 px), so the mixed-modality rule routes about half of them to each tower; item popularity follows a Zipf law of
@@ -83,9 +84,9 @@ def write_raw(root: Path, users: int, items: int, mean_length: float, zipf: floa
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data_shards.build import BuildOptions, build
+    from transrec.data_shards.build import BuildOptions, build
 
-    p = argparse.ArgumentParser(prog="python -m data_shards.synth", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m transrec.data_shards.synth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, required=True)
     p.add_argument("--items", type=int, required=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import resolve_impl
-from kernels.pytorch.pt_attention_pool import pt_attention_pool
+from transrec.kernels.dispatch import resolve_impl
+from transrec.kernels.pytorch.pt_attention_pool import pt_attention_pool
 
 
 def _check_shapes(
@@ -48,6 +48,6 @@ def attention_pool(
     _check_shapes(x, mask, w1, b1, w2, b2)
     if resolve_impl(impl, x, w1, op="attention_pool") == "torch":
         return pt_attention_pool(x, mask, w1, b1, w2, b2)
-    from kernels.triton.triton_attention_pool import triton_attention_pool
+    from transrec.kernels.triton.triton_attention_pool import triton_attention_pool
 
     return triton_attention_pool(x, mask, w1, b1, w2, b2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import resolve_impl
-from kernels.pytorch.pt_catalog_cross_entropy import (
+from transrec.kernels.dispatch import resolve_impl
+from transrec.kernels.pytorch.pt_catalog_cross_entropy import (
     pt_catalog_cross_entropy,
     pt_catalog_cross_entropy_chunked,
 )
@@ -61,6 +61,6 @@ def catalog_cross_entropy(
         if h.shape[0] * weight.shape[0] > CHUNKED_MIN_LOGITS:
             fn = pt_catalog_cross_entropy_chunked
         return fn(h, weight, bias, target, ignore_index, reduction, relu, exclude)
-    from kernels.triton.triton_catalog_cross_entropy import triton_catalog_cross_entropy
+    from transrec.kernels.triton.triton_catalog_cross_entropy import triton_catalog_cross_entropy
 
     return triton_catalog_cross_entropy(h, weight, bias, target, ignore_index, reduction, relu, exclude=exclude)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import resolve_impl
-from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
+from transrec.kernels.dispatch import resolve_impl
+from transrec.kernels.pytorch.pt_cpc_loss import pt_cpc_loss
 
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
@@ -55,6 +55,6 @@ def cpc_loss(
     _check(user, pos, neg, pos_mask, neg_mask, reduction)
     if resolve_impl(impl, user, pos, neg, op="cpc_loss") == "torch":
         return pt_cpc_loss(user, pos, neg, pos_mask, neg_mask, reduction)
-    from kernels.triton.triton_cpc_loss import triton_cpc_loss
+    from transrec.kernels.triton.triton_cpc_loss import triton_cpc_loss
 
     return triton_cpc_loss(user, pos, neg, pos_mask, neg_mask, reduction)

@@ -62,7 +62,7 @@ def interpreter_enabled() -> bool:
     imported; once imported, their recorded mode wins over the current environment.
     """
     try:  # importing kernels.triton.common records the mode the kernel modules get
-        from kernels.triton.common import INTERPRET
+        from transrec.kernels.triton.common import INTERPRET
     except ImportError:  # Triton is missing
         return False
     return INTERPRET

@@ -24,8 +24,8 @@ def gpu_tilings_on(monkeypatch) -> str:
     fp32 only on the CPU: the interpreter cannot run bf16 tiles through tl.dot."""
     if torch.cuda.is_available():
         return "cuda"
-    from kernels import dispatch
-    from kernels.triton import common
+    from transrec.kernels import dispatch
+    from transrec.kernels.triton import common
 
     monkeypatch.setattr(common, "INTERPRET", False)
     monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: True)

@@ -32,7 +32,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     from transformers import BertConfig, BertModel
 
-    from trainer.towers import minilm_path
+    from transrec.trainer.towers import minilm_path
 
     out = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 def _build(out: Path, dataset: str, source: Path, modality: str = "mixed", max_tokens: int = 16,
            users_per_shard: int = 1000) -> Path:
-    from data_shards.build import BuildOptions, build
+    from transrec.data_shards.build import BuildOptions, build
 
     if not (out / "manifest.json").exists():
         build(BuildOptions(dataset=dataset, source=source, out=out, modality=modality, max_tokens=max_tokens,
@@ -84,15 +84,15 @@ def hm_shards(tmp_path_factory) -> Path:
 
 def pytest_report_header(config) -> str:
     """Where the Triton kernel tests run, in the session header (a test that only prints proves nothing)."""
-    from kernels.testing import describe_devices
+    from transrec.kernels.testing import describe_devices
 
     return f"Triton kernel tests run on: {describe_devices()}"
 
 
 def tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
     """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
-    from trainer.config import apply_overrides, preset
-    from trainer.train import Trainer
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.train import Trainer
 
     base = [f"data.shards={shards}", f"model.text_encoder={text_encoder}", f"run_dir={run_dir}"]
     cfg = apply_overrides(preset("tiny"), [*base, *overrides])
@@ -102,7 +102,7 @@ def tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: st
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory, ml_shards, tiny_bert_dir) -> Path:
     """One two-stage run in-process on MovieLens (tiny preset), shared by several tests."""
-    from trainer.main import main
+    from transrec.trainer.main import main
 
     run_dir = tmp_path_factory.mktemp("runs") / "source"
     metrics = main(

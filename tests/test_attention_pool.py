@@ -7,10 +7,11 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import attention_pool, dispatch
-from kernels.pytorch.pt_attention_pool import pt_attention_pool
-from kernels.testing import (
+from transrec.kernels import dispatch
+from transrec.kernels import ops as kernels
+from transrec.kernels.ops import attention_pool
+from transrec.kernels.pytorch.pt_attention_pool import pt_attention_pool
+from transrec.kernels.testing import (
     assert_close,
     compare,
     compare_against_exact,
@@ -20,8 +21,8 @@ from kernels.testing import (
     sweep_id,
     triton_devices,
 )
-from kernels.triton import common, tuning
-from kernels.triton import triton_attention_pool as tap
+from transrec.kernels.triton import common, tuning
+from transrec.kernels.triton import triton_attention_pool as tap
 
 DEVICES = triton_devices()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -181,8 +182,8 @@ def clean_default(monkeypatch: pytest.MonkeyPatch):
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
-    mod = importlib.import_module("kernels.attention_pool")  # the module, not the re-exported function
-    tmod = importlib.import_module("kernels.triton.triton_attention_pool")
+    mod = importlib.import_module("transrec.kernels.attention_pool")  # the module, not the re-exported function
+    tmod = importlib.import_module("transrec.kernels.triton.triton_attention_pool")
 
     def ref(*a: torch.Tensor) -> torch.Tensor:
         calls.append("torch")

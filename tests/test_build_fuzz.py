@@ -12,8 +12,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_shards.build import BuildOptions, build
-from data_shards.tables import GenericColumns
+from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.tables import GenericColumns
 
 ODD_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 FIELD = st.one_of(ODD_TEXT, st.just(""), st.builds(lambda n: "long " * n, st.integers(1000, 5000)))

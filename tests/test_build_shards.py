@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from data_shards import shard_io
-from data_shards.build import BuildOptions, build
-from data_shards.modalities import ContentOptions, content_kind
-from data_shards.shard_io import ItemStore, read_sequences
+from transrec.data_shards import shard_io
+from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.shard_io import ItemStore, read_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 ML = REPO / "data" / "movielens-100k-mm"

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_shards.build import BuildOptions, build, main
-from data_shards.shard_io import ItemStore, read_sequences
+from transrec.data_shards.build import BuildOptions, build, main
+from transrec.data_shards.shard_io import ItemStore, read_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 ML = REPO / "data" / "movielens-100k-mm"
@@ -42,7 +42,7 @@ def wants_text(raw_id: str, seed: int = 0) -> bool:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_shards.build", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "transrec.data_shards.build", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, check=False)
 
 
@@ -372,7 +372,7 @@ def test_generic_single_modality_fallback(generic_src, tmp_path, modality, fallb
 
 
 def _generic_columns():
-    from data_shards.tables import GenericColumns
+    from transrec.data_shards.tables import GenericColumns
 
     return GenericColumns(interactions="log.csv", items="catalog.csv", users="people.csv", user_col="uid",
                           item_col="iid", time_col="when", item_id_col="id", text_fields=("name", "blurb"),

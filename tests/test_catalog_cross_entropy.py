@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import catalog_cross_entropy, dispatch
-from kernels.pytorch.pt_catalog_cross_entropy import (
+from transrec.kernels import dispatch
+from transrec.kernels import ops as kernels
+from transrec.kernels.ops import catalog_cross_entropy
+from transrec.kernels.pytorch.pt_catalog_cross_entropy import (
     pt_catalog_cross_entropy,
     pt_catalog_cross_entropy_chunked,
 )
-from kernels.testing import (
+from transrec.kernels.testing import (
     assert_close,
     compare,
     every_tiling,
@@ -23,9 +24,9 @@ from kernels.testing import (
     sweep_id,
     triton_devices,
 )
-from kernels.triton import common, tuning
-from kernels.triton import triton_catalog_cross_entropy as tce
-from kernels.triton.triton_catalog_cross_entropy import triton_catalog_cross_entropy
+from transrec.kernels.triton import common, tuning
+from transrec.kernels.triton import triton_catalog_cross_entropy as tce
+from transrec.kernels.triton.triton_catalog_cross_entropy import triton_catalog_cross_entropy
 
 DEVICES = triton_devices()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -326,8 +327,8 @@ def clean_default(monkeypatch: pytest.MonkeyPatch):
 
 def test_dispatch_and_chunked_switch(clean_default: None, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    mod = importlib.import_module("kernels.catalog_cross_entropy")
-    tmod = importlib.import_module("kernels.triton.triton_catalog_cross_entropy")
+    mod = importlib.import_module("transrec.kernels.catalog_cross_entropy")
+    tmod = importlib.import_module("transrec.kernels.triton.triton_catalog_cross_entropy")
     monkeypatch.setattr(mod, "pt_catalog_cross_entropy",
                         lambda *a: calls.append("spec") or pt_catalog_cross_entropy(*a))
     monkeypatch.setattr(mod, "pt_catalog_cross_entropy_chunked",

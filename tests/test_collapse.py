@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.collapse import main, mean_pairwise_cosine, mean_share, spread_report
+from transrec.trainer.collapse import main, mean_pairwise_cosine, mean_share, spread_report
 
 
 def test_mean_pairwise_cosine_and_mean_share_by_hand():
@@ -31,8 +31,8 @@ def test_mean_pairwise_cosine_and_mean_share_by_hand():
 def test_spread_report_matches_the_model_user_vectors(source_run, ml_shards, tmp_path, capsys):
     """The report's last block equals the user vector (no side features), and every figure equals a recount from
     the ranker's own user and item vectors for the same seeded users."""
-    from trainer.eval_data import eval_users
-    from trainer.model_eval import ranker_from_export
+    from transrec.trainer.eval_data import eval_users
+    from transrec.trainer.model_eval import ranker_from_export
 
     ranker = ranker_from_export(source_run / "export", ml_shards, "cpu", show_progress=False)
     report = spread_report(ranker, "valid", users=40, seed=3)

@@ -1,4 +1,4 @@
-"""`python -m trainer.compare`: two runs' metrics and their paired difference, overall, warm and cold."""
+"""`python -m transrec.trainer.compare`: two runs' metrics and their paired difference, overall, warm and cold."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards.shard_io import read_sequences
-from trainer import compare
-from trainer.evaluate import eval_users, per_user_gain
-from trainer.run_stats import cold_mask, training_items
+from transrec.data_shards.shard_io import read_sequences
+from transrec.trainer import compare
+from transrec.trainer.evaluate import eval_users, per_user_gain
+from transrec.trainer.run_stats import cold_mask, training_items
 
 
 def _fake_run(d: Path, shards: Path, ranks: dict[str, np.ndarray], users: np.ndarray, targets: np.ndarray) -> Path:

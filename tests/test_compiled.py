@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from data_shards.decode import ImageDecoder
-from data_shards.loader import LoaderConfig, make_train_loader
-from data_shards.shard_io import ItemStore
-from trainer.compiled import is_compiled, set_compiled
-from trainer.config import ModelConfig, Stage1Config, apply_overrides, preset
-from trainer.feature_cache import FeatureCache
-from trainer.losses import build_objective, item_share
-from trainer.model import TransRec
+from transrec.data_shards.decode import ImageDecoder
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.shard_io import ItemStore
+from transrec.trainer.compiled import is_compiled, set_compiled
+from transrec.trainer.config import ModelConfig, Stage1Config, apply_overrides, preset
+from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.losses import build_objective, item_share
+from transrec.trainer.model import TransRec
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from data_shards.decode import ImageDecoder
-from data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
-from data_shards.shard_io import ItemStore
-from trainer import losses
-from trainer.config import ModelConfig, Stage1Config, Stage2Config
-from trainer.feature_cache import FeatureCache
-from trainer.model import TransRec
+from transrec.data_shards.decode import ImageDecoder
+from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
+from transrec.data_shards.shard_io import ItemStore
+from transrec.kernels import ops as kernels
+from transrec.trainer import losses
+from transrec.trainer.config import ModelConfig, Stage1Config, Stage2Config
+from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.model import TransRec
 
 NEGATIVES = 12
 

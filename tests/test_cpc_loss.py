@@ -7,10 +7,11 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import cpc_loss, dispatch
-from kernels.pytorch.pt_cpc_loss import pt_cpc_loss
-from kernels.testing import (
+from transrec.kernels import dispatch
+from transrec.kernels import ops as kernels
+from transrec.kernels.ops import cpc_loss
+from transrec.kernels.pytorch.pt_cpc_loss import pt_cpc_loss
+from transrec.kernels.testing import (
     assert_close,
     compare,
     every_tiling,
@@ -19,9 +20,9 @@ from kernels.testing import (
     sweep_id,
     triton_devices,
 )
-from kernels.triton import common, tuning
-from kernels.triton import triton_cpc_loss as tcpc
-from kernels.triton.triton_cpc_loss import triton_cpc_loss
+from transrec.kernels.triton import common, tuning
+from transrec.kernels.triton import triton_cpc_loss as tcpc
+from transrec.kernels.triton.triton_cpc_loss import triton_cpc_loss
 
 DEVICES = triton_devices()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -198,8 +199,8 @@ def clean_default(monkeypatch: pytest.MonkeyPatch):
 
 def test_dispatch(clean_default: None, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    mod = importlib.import_module("kernels.cpc_loss")
-    tmod = importlib.import_module("kernels.triton.triton_cpc_loss")
+    mod = importlib.import_module("transrec.kernels.cpc_loss")
+    tmod = importlib.import_module("transrec.kernels.triton.triton_cpc_loss")
     monkeypatch.setattr(mod, "pt_cpc_loss", lambda *a: calls.append("torch") or pt_cpc_loss(*a))
     monkeypatch.setattr(tmod, "triton_cpc_loss", lambda *a: calls.append("triton") or pt_cpc_loss(*a))
     on_cpu, _, _ = make_inputs(2, 2, 3, 16, False, torch.float32, "cpu")

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_shards import decode_dali
-from data_shards.build import BuildOptions, build
-from data_shards.decode import (
+from transrec.data_shards import decode_dali
+from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.decode import (
     BACKENDS,
     CorruptImageError,
     ImageDecoder,
@@ -31,7 +31,7 @@ from data_shards.decode import (
     resized_hw,
     resolve_backend,
 )
-from data_shards.shard_io import ItemStore
+from transrec.data_shards.shard_io import ItemStore
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 LEVEL = 1 / (255 * min(decode_dali.IMAGENET_STD)) + 1e-5  # one uint8 level in normalised units, with float slack
@@ -264,7 +264,7 @@ def test_corrupt_jpeg_names_the_item(images, backend, kind, device):
     with pytest.raises(CorruptImageError) as err:
         dec.decode(batch, ids)
     assert err.value.item_id == 4242 and "item 4242" in str(err.value)
-    assert "python -m data_shards.build" in str(err.value)
+    assert "python -m transrec.data_shards.build" in str(err.value)
     # The decoder stays usable after the failure.
     assert dec.decode(jpegs, items).shape == (5, 3, 32, 32)
 
@@ -297,9 +297,9 @@ def test_resolve_backend_choices(monkeypatch):
 
     # "auto" on CUDA: DALI when it imports, else torchvision (CUDA faked: only the choice is tested).
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("data_shards.decode.dali_import_error", lambda: None)
+    monkeypatch.setattr("transrec.data_shards.decode.dali_import_error", lambda: None)
     assert resolve_backend("auto", "cuda") == "dali" and resolve_backend("auto", "cpu") == "torchvision"
-    monkeypatch.setattr("data_shards.decode.dali_import_error", lambda: "ImportError: no module nvidia.dali")
+    monkeypatch.setattr("transrec.data_shards.decode.dali_import_error", lambda: "ImportError: no module nvidia.dali")
     assert resolve_backend("auto", "cuda") == "torchvision"
     with pytest.raises(RuntimeError, match="needs NVIDIA DALI.*no module nvidia.dali"):
         resolve_backend("dali", "cuda")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_shards.loader import ItemContent, SequenceBatch
-from trainer.config import DataConfig
-from trainer.device_prefetch import prefetched, resolve_ahead, tensors_of
+from transrec.data_shards.loader import ItemContent, SequenceBatch
+from transrec.trainer.config import DataConfig
+from transrec.trainer.device_prefetch import prefetched, resolve_ahead, tensors_of
 
 CPU = torch.device("cpu")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.shard_io import load_manifest, read_sequences
-from trainer import evaluate as ev
+from transrec.data_shards.shard_io import load_manifest, read_sequences
+from transrec.trainer import evaluate as ev
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_ranks_split_over_ranks_equal_the_users_held_in_memory(hm_many_shards):
 
 
 def _check_split(shards, summary, features, held, world, by_shard):
-    from data_shards import shard_io
+    from transrec.data_shards import shard_io
 
     names = load_manifest(shards)["shards"]["sequences"]
     seen = np.zeros(len(held.users), dtype=int)
@@ -133,7 +133,7 @@ def test_ragged_rows_gathered_without_a_loop_equal_row_by_row():
 
 def test_precision_is_checked_and_fp32_elsewhere_than_cuda(hm_shards):
     """eval.precision: "tf32" changes nothing off CUDA (the ranks are fp32's, exactly); anything else is refused."""
-    from trainer.config import apply_overrides, preset
+    from transrec.trainer.config import apply_overrides, preset
 
     summary = ev.SplitSummary.read(hm_shards)
     held = ev.eval_users(read_sequences(hm_shards), "test", 6)

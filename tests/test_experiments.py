@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.baselines import GRUEncoder, NextItNetEncoder
-from trainer.experiments.report import claim_lines, cold_mask, compare, seed_metrics
+from transrec.trainer.baselines import GRUEncoder, NextItNetEncoder
+from transrec.trainer.experiments.report import claim_lines, cold_mask, compare, seed_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -136,7 +136,7 @@ def test_claims_leave_out_groups_with_too_few_users():
 # -- the runner, end to end ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[Path, list[str]]:
-    from trainer.experiments import main
+    from transrec.trainer.experiments import main
 
     out = tmp_path_factory.mktemp("experiments")
     data = REPO / "data"
@@ -164,8 +164,8 @@ def _runs(out: Path) -> dict[tuple, Path]:
 
 def _fresh_model_state(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """The initial weights of a run: a Trainer built from its run_config.json (same seed), before training."""
-    from trainer.main import _config_from_dict
-    from trainer.train import Trainer
+    from transrec.trainer.main import _config_from_dict
+    from transrec.trainer.train import Trainer
 
     cfg = _config_from_dict(json.loads((run_dir / "run_config.json").read_text())["config"])
     cfg.run_dir = str(tmp_path / f"init-{run_dir.name}")
@@ -251,7 +251,7 @@ def test_frozen_towers_never_update(quick, tmp_path):
 
 
 def test_id_baselines_train_and_share_the_evaluator(quick, tmp_path):
-    from trainer.evaluate import metrics_from_ranks
+    from transrec.trainer.evaluate import metrics_from_ranks
 
     out, _ = quick
     runs = _runs(out)
@@ -280,9 +280,9 @@ def test_id_baselines_train_and_share_the_evaluator(quick, tmp_path):
 
 
 def test_views_reproduce_the_run_and_route_every_item(quick):
-    from data_shards.build import BuildOptions, build
-    from trainer.experiments import check_same_split, evaluate_view
-    from trainer.experiments.report import read_ranks
+    from transrec.data_shards.build import BuildOptions, build
+    from transrec.trainer.experiments import check_same_split, evaluate_view
+    from transrec.trainer.experiments.report import read_ranks
 
     out, _ = quick
     run = _runs(out)[("hm-mixed", "scratch", False, 1.0)]
@@ -303,7 +303,7 @@ def test_views_reproduce_the_run_and_route_every_item(quick):
 
 
 def test_cached_runs_are_skipped(quick):
-    from trainer.experiments import main
+    from transrec.trainer.experiments import main
 
     out, common = quick
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")}
@@ -317,8 +317,8 @@ def test_cached_runs_are_skipped(quick):
 
 def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
     """A changed preset default (not only an override) must give a new run key: no stale cache hit."""
-    import trainer.config as config
-    from trainer.experiments import RunSpec, Suite, parse_args
+    import transrec.trainer.config as config
+    from transrec.trainer.experiments import RunSpec, Suite, parse_args
 
     data = REPO / "data"
     argv = ["table2", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
@@ -341,8 +341,8 @@ def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
 def test_target_overrides_and_model_rows(tmp_path):
     """--set-target changes the target runs' keys but not their source's; --models keeps only those rows and the
     comparisons between them."""
-    from trainer.experiments import RunSpec, Suite, parse_args
-    from trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments import RunSpec, Suite, parse_args
+    from transrec.trainer.experiments.runner import table_plan
 
     data = REPO / "data"
     argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
@@ -370,9 +370,9 @@ def test_target_overrides_and_model_rows(tmp_path):
 def test_table6_has_a_towers_only_row_per_target_fraction(tmp_path):
     """Table 6 on an H&M target carries the towers-only transfer at every target fraction, with its own claims
     against scratch; --models scratch,transfer-towers keeps those two rows and the claims between them."""
-    from trainer.experiments import Suite, parse_args
-    from trainer.experiments.plans import TARGET_FRACTIONS
-    from trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments import Suite, parse_args
+    from transrec.trainer.experiments.plans import TARGET_FRACTIONS
+    from transrec.trainer.experiments.runner import table_plan
 
     data = REPO / "data"
     argv = ["table6", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
@@ -393,9 +393,9 @@ def test_tables_keep_the_settings_they_were_run_with(tmp_path):
     """The cpu-small preset now learns the temperature and takes 128-px images; the tables' runs keep the fixed
     temperature and the 64 px they were run with (TABLE_SETTINGS), and --set gives them the new default, with its own
     key."""
-    from trainer.config import preset
-    from trainer.experiments import RunSpec, Suite, parse_args
-    from trainer.experiments.plans import TABLE_SETTINGS
+    from transrec.trainer.config import preset
+    from transrec.trainer.experiments import RunSpec, Suite, parse_args
+    from transrec.trainer.experiments.plans import TABLE_SETTINGS
 
     assert preset("cpu-small").model.learn_temperature is True and preset("cpu-small").model.image_size == 128
     assert "model.learn_temperature=false" in TABLE_SETTINGS and "model.image_size=64" in TABLE_SETTINGS
@@ -416,9 +416,9 @@ def test_opt_in_rows_only_when_named(tmp_path):
     """transfer-initial (the start kept as a candidate) and transfer-lowlr (gentle fine-tuning) are table-4 rows only
     when --models names them, so a table without them keeps its runs; their runs start from the source with their
     settings (eval.initial_candidate; the lower learning rates)."""
-    from trainer.experiments import RunSpec, Suite, parse_args
-    from trainer.experiments.plans import OPT_IN_MODELS
-    from trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments import RunSpec, Suite, parse_args
+    from transrec.trainer.experiments.plans import OPT_IN_MODELS
+    from transrec.trainer.experiments.runner import table_plan
 
     data = REPO / "data"
     argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),

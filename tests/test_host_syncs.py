@@ -5,25 +5,20 @@ read-back (the same step without the plan), and the plan changes no value (same 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.op_counts import count_ops, host_syncs, step_counts  # noqa: E402
-from data_shards.decode import ImageDecoder  # noqa: E402
-from data_shards.loader import LoaderConfig, make_train_loader  # noqa: E402
-from data_shards.shard_io import ItemStore  # noqa: E402
-from trainer.config import ModelConfig, Stage1Config, Stage2Config  # noqa: E402
-from trainer.feature_cache import FeatureCache  # noqa: E402
-from trainer.losses import build_objective, item_share  # noqa: E402
-from trainer.model import TransRec  # noqa: E402
+from transrec.bench.op_counts import count_ops, host_syncs, step_counts
+from transrec.data_shards.decode import ImageDecoder
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.shard_io import ItemStore
+from transrec.trainer.config import ModelConfig, Stage1Config, Stage2Config
+from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.losses import build_objective, item_share
+from transrec.trainer.model import TransRec
 
 OBJECTIVES = {  # name -> (stage, stage config)
     "free_head": (1, Stage1Config(head="free")),
@@ -31,6 +26,8 @@ OBJECTIVES = {  # name -> (stage, stage config)
     "content_sampled": (1, Stage1Config(head="content", candidates="sampled", negatives=8)),
     "cpc": (2, Stage2Config(loss="cpc", negatives=8, n_history=5, n_continuation=2)),
 }
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _model(ml_shards, tiny_bert_dir, cached: bool):

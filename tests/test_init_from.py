@@ -57,7 +57,7 @@ def test_init_reset_keeps_named_parts_new(source_run, hm_shards, tiny_bert_dir, 
     assert len(fresh) == 13  # the block's 12 tensors and the position table
     assert all(torch.equal(state[k], scratch[k]) for k in fresh)
     assert any(not torch.equal(scratch[k], exported[k]) for k in fresh)  # the two starts do differ there
-    from trainer.checkpoint import DOMAIN_SPECIFIC
+    from transrec.trainer.checkpoint import DOMAIN_SPECIFIC
 
     kept = [k for k in exported if not k.startswith(reset) and not k.startswith(DOMAIN_SPECIFIC)]
     assert kept and all(torch.equal(state[k], exported[k]) for k in kept)

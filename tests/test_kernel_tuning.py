@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.triton import tuning
-from kernels.triton.tuning import TileConfig
+from transrec.kernels.triton import tuning
+from transrec.kernels.triton.tuning import TileConfig
 
 CPU = torch.device("cpu")
 A = TileConfig.of(4, BLOCK_M=64, BLOCK_V=64)
@@ -85,7 +85,7 @@ def test_forced_tiling_wins_inside_the_block_only() -> None:
 
 
 def test_every_tiling_runs_each_candidate_in_the_fewest_rounds() -> None:
-    from kernels.testing import every_tiling
+    from transrec.kernels.testing import every_tiling
 
     rounds = every_tiling({"fwd": [A, B, C], "bwd": [C]}, "op_")
     assert rounds == [{"op_fwd": A, "op_bwd": C}, {"op_fwd": B, "op_bwd": C}, {"op_fwd": C, "op_bwd": C}]
@@ -108,9 +108,9 @@ def test_buckets_and_neighbourhood() -> None:
 def test_cuda_tuning_times_every_candidate_and_matches_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """The catalogue cross-entropy tuned on CUDA (bf16, paper-like d): each kernel's candidates timed (or skipped
     with the reason), the chosen tiling's values and gradients equal the reference's."""
-    from kernels import catalog_cross_entropy
-    from kernels.testing import compare
-    from kernels.triton import triton_catalog_cross_entropy as tce
+    from transrec.kernels.ops import catalog_cross_entropy
+    from transrec.kernels.testing import compare
+    from transrec.kernels.triton import triton_catalog_cross_entropy as tce
 
     monkeypatch.setenv(tuning.ENV_VAR, "1")
     g = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.decode import CorruptImageError, ImageDecoder
-from data_shards.loader import LoaderConfig, load_item_content, make_train_loader, window_ends
-from data_shards.shard_io import ItemStore, read_sequences
+from transrec.data_shards.decode import CorruptImageError, ImageDecoder
+from transrec.data_shards.loader import LoaderConfig, load_item_content, make_train_loader, window_ends
+from transrec.data_shards.shard_io import ItemStore, read_sequences
 
 
 def _ids(batches) -> list[tuple[int, int]]:
@@ -121,7 +121,7 @@ def ml_many_shards(build_in_shards):
 def test_shard_split_reads_only_own_shards_and_sees_every_window_once(ml_many_shards, monkeypatch):
     """split="shards" over 2 ranks x 2 workers: disjoint shard sets covering all, each rank streams only its own,
     every window exactly once, equal steps, batches full (zero-weight padding), features from the stream."""
-    import data_shards.loader as loader_mod
+    import transrec.data_shards.loader as loader_mod
 
     opened: dict[int, set] = collections.defaultdict(set)
     real_list = loader_mod.wds.SimpleShardList
@@ -205,9 +205,7 @@ def test_a_process_that_stops_a_loader_early_exits_cleanly(ml_shards, tmp_path):
 
     script = tmp_path / "early.py"
     script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-        "from data_shards.loader import LoaderConfig, make_train_loader\n"
+        "from transrec.data_shards.loader import LoaderConfig, make_train_loader\n"
         f"loader = make_train_loader({str(ml_shards)!r}, LoaderConfig(window=9, batch_size=16, load_content=True,"
         " decoder='pil', image_size=32, max_tokens=16))\n"
         "for k, batch in enumerate(loader):\n"

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.loader import load_item_content
-from data_shards.shard_io import ItemStore
-from trainer import evaluate as ev
-from trainer import losses
-from trainer.config import ModelConfig
-from trainer.feature_cache import FeatureCache
-from trainer.model import TransRec
+from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.shard_io import ItemStore
+from transrec.trainer import evaluate as ev
+from transrec.trainer import losses
+from transrec.trainer.config import ModelConfig
+from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.model import TransRec
 
 
 def brute_force_rank(scores: np.ndarray, target: int, seen: np.ndarray, exclude_seen: bool) -> int:
@@ -84,7 +84,7 @@ def small_model(ml_shards, tiny_bert_dir):
         dropout=0.0,
     )
     model = TransRec(cfg, store.num_items, store.modality, {"text": -1, "image": -1}).eval()
-    from data_shards.decode import ImageDecoder
+    from transrec.data_shards.decode import ImageDecoder
 
     return model, store, ImageDecoder(backend="pil", size=32)
 
@@ -182,7 +182,7 @@ def test_user_encoder_is_causal_and_user_vector_is_the_last_state(small_model):
 
 
 def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_shards):
-    from data_shards.loader import LoaderConfig, make_train_loader
+    from transrec.data_shards.loader import LoaderConfig, make_train_loader
 
     model, store, decoder = small_model
     calls = []
@@ -197,7 +197,7 @@ def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_
 def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
     """Stage 1 feeds only real (position, next item) pairs to the catalogue softmax: same loss and gradients as
     the naive cross-entropy over every position with padding and zero-weight samples ignored."""
-    from data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
+    from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
 
     model, _, _ = small_model
     cfg = LoaderConfig(window=9, batch_size=4, min_len=2, decoder="pil", image_size=32, max_tokens=16)
@@ -277,7 +277,7 @@ def test_activation_checkpointing_lowers_saved_memory_at_equal_loss(small_model)
 
 
 def test_feature_store_auto_is_beside_the_shards_and_off_when_not_writable(tmp_path):
-    from trainer.feature_cache import resolve_store
+    from transrec.trainer.feature_cache import resolve_store
 
     shards = tmp_path / "data" / "my-shards"
     shards.mkdir(parents=True)
@@ -292,7 +292,7 @@ def test_feature_store_auto_is_beside_the_shards_and_off_when_not_writable(tmp_p
 
 def test_backbone_parameters_get_the_tower_learning_rate(ml_shards, tiny_bert_dir):
     """Each tower names its backbone; the optimizer's lower-rate group is exactly the trainable backbone weights."""
-    from trainer.model import optimizer_param_groups
+    from transrec.trainer.model import optimizer_param_groups
 
     store = ItemStore(ml_shards)
     cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
@@ -309,7 +309,7 @@ def test_backbone_parameters_get_the_tower_learning_rate(ml_shards, tiny_bert_di
 
 
 def test_sequence_input_scale_multiplies_the_item_vectors_before_positions():
-    from trainer.model import UserEncoder
+    from transrec.trainer.model import UserEncoder
 
     torch.manual_seed(0)
     plain = UserEncoder(16, 1, 2, 6, 0.0)

@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from data_shards.loader import LoaderConfig, make_train_loader
-from data_shards.remote import localize, shard_files
-from data_shards.shard_io import load_manifest
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.remote import localize, shard_files
+from transrec.data_shards.shard_io import load_manifest
 
 
 @pytest.fixture()

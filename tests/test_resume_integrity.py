@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import CHECKPOINT_HASHES, restore_rng, rng_state, verify_checkpoint, write_checkpoint_hashes
+from transrec.trainer.checkpoint import (
+    CHECKPOINT_HASHES,
+    restore_rng,
+    rng_state,
+    verify_checkpoint,
+    write_checkpoint_hashes,
+)
 
 
 def _draws():

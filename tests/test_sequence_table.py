@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards.build import BuildOptions, build
-from data_shards.sequence_table import SequenceTable
-from data_shards.shard_io import read_sequences
+from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.sequence_table import SequenceTable
+from transrec.data_shards.shard_io import read_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_a_missing_user_is_refused(ml_shards, tmp_path):
 
 
 def test_evaluation_users_from_the_table_equal_those_from_the_dicts(ml_shards):
-    from trainer.evaluate import Ragged, eval_users
+    from transrec.trainer.evaluate import Ragged, eval_users
 
     for split in ("valid", "test"):
         a, b = eval_users(SequenceTable(ml_shards), split, 8), eval_users(read_sequences(ml_shards), split, 8)

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_shards.build import BuildOptions, build
-from data_shards.tables import GenericColumns, render_text
-from trainer.checkpoint import save_export
-from trainer.config import preset
-from trainer.evaluate import eval_users
-from trainer.model import TransRec
-from trainer.recommend import Recommender, UnknownItems
+from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.tables import GenericColumns, render_text
+from transrec.trainer.checkpoint import save_export
+from transrec.trainer.config import preset
+from transrec.trainer.evaluate import eval_users
+from transrec.trainer.model import TransRec
+from transrec.trainer.recommend import Recommender, UnknownItems
 
 REPO = Path(__file__).resolve().parent.parent
 PICS = sorted((REPO / "data" / "hm-fashion-fixture" / "images").rglob("*.jpg"))
@@ -81,7 +81,7 @@ def server(export, catalogue):
     """The service on a free loopback port, in a thread, with its own Recommender (POST /items changes it)."""
     import uvicorn
 
-    from trainer.serve import create_app
+    from transrec.trainer.serve import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,14 +103,14 @@ def server(export, catalogue):
 
 
 def _histories(catalogue: Path) -> dict[str, list[str]]:
-    from data_shards.shard_io import read_sequences
+    from transrec.data_shards.shard_io import read_sequences
 
     maps = json.loads((catalogue / "id_maps.json").read_text())
     return {s["raw_id"]: [maps["items"][i] for i in s["items"]] for s in read_sequences(catalogue)}
 
 
 def test_api_batch_and_service_agree(rec, server, export, catalogue, tmp_path):
-    from trainer.recommend import main as batch_main
+    from transrec.trainer.recommend import main as batch_main
 
     out = tmp_path / "recs.jsonl"
     assert batch_main(["--export", str(export), "--shards", str(catalogue), "--k", "2", "--out", str(out)]) == 4
@@ -129,7 +129,7 @@ def test_api_batch_and_service_agree(rec, server, export, catalogue, tmp_path):
 
 def test_batch_over_two_ranks_equals_one(export, catalogue, tmp_path):
     """Under the deepspeed launcher (2 ranks on CPU) the parts are joined into the single-rank output."""
-    from trainer.recommend import main as batch_main
+    from transrec.trainer.recommend import main as batch_main
 
     one = tmp_path / "one.jsonl"
     batch_main(["--export", str(export), "--shards", str(catalogue), "--k", "3", "--out", str(one)])
@@ -139,7 +139,7 @@ def test_batch_over_two_ranks_equals_one(export, catalogue, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                        str(port), "--module", "trainer.recommend", "--export", str(export), "--shards",
+                        str(port), "--module", "transrec.trainer.recommend", "--export", str(export), "--shards",
                         str(catalogue), "--k", "3", "--out", str(two), "--device", "cpu"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -208,9 +208,9 @@ def test_service_bad_requests_get_4xx_and_it_keeps_running(server):
 
 
 def test_index_recall_and_exact_search_equals_the_evaluator(rec, export, catalogue, tmp_path):
-    from trainer.index import main as index_main
-    from trainer.index import recommender_from_index
-    from trainer.model_eval import ranker_from_export
+    from transrec.trainer.index import main as index_main
+    from transrec.trainer.index import recommender_from_index
+    from transrec.trainer.model_eval import ranker_from_export
 
     meta = index_main(["--export", str(export), "--shards", str(catalogue), "--out", str(tmp_path / "idx"), "--k", "3"])
     assert meta["kind"] == "faiss-hnsw-ip" and meta["recall_at_k"] == 1.0  # 6 items: the graph search is exhaustive
@@ -232,7 +232,7 @@ def test_index_recall_and_exact_search_equals_the_evaluator(rec, export, catalog
 
 
 def test_index_without_faiss_is_exact(rec, export, catalogue, tmp_path, monkeypatch):
-    from trainer import index
+    from transrec.trainer import index
 
     monkeypatch.setattr(index, "faiss_or_none", lambda: None)
     meta = index.write_index(rec, tmp_path / "idx", export, catalogue, k=3, n_queries=10)
@@ -247,7 +247,7 @@ def test_micro_batching_gives_each_request_its_own_answer(export, catalogue):
     """Concurrent requests share model passes and still get exactly what one request alone gets."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from trainer.recommend import MicroBatcher
+    from transrec.trainer.recommend import MicroBatcher
 
     alone = Recommender.from_export(export, catalogue, show_progress=False)
     shared = Recommender.from_export(export, catalogue, show_progress=False)

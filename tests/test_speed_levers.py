@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from trainer.config import ModelConfig, RunConfig, apply_overrides, preset, to_dict
-from trainer.experiments import drop_settings_that_change_nothing
-from trainer.towers import ImageTower, TextTower
-from trainer.train import adamw_implementation
+from transrec.trainer.config import ModelConfig, RunConfig, apply_overrides, preset, to_dict
+from transrec.trainer.experiments import drop_settings_that_change_nothing
+from transrec.trainer.towers import ImageTower, TextTower
+from transrec.trainer.train import adamw_implementation
 
 
 def test_eager_and_sdpa_attention_agree(tiny_bert_dir):

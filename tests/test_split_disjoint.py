@@ -1,4 +1,4 @@
-"""`python -m data_shards.split_disjoint` (two H&M domains with no shared customer or article) and the runner's
+"""`python -m transrec.data_shards.split_disjoint` (two H&M domains with no shared customer or article) and the runner's
 half-B targets, transferred from half A."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_shards.split_disjoint import half_of, main, split_disjoint
+from transrec.data_shards.split_disjoint import half_of, main, split_disjoint
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "data" / "hm-fashion-fixture"
@@ -73,8 +73,8 @@ def test_split_is_seeded_and_rejects_bad_input(split, tmp_path):
 def test_runner_transfers_half_b_from_half_a(tmp_path):
     """--targets hm-b-*: the split is cut once under OUT/raw/, each half built into its own shards, and every transfer
     row of half B starts from the half-A source run; image-only ID rows reuse half B mixed."""
-    from trainer.experiments import RunSpec, Suite, parse_args
-    from trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments import RunSpec, Suite, parse_args
+    from transrec.trainer.experiments.runner import table_plan
 
     data = REPO / "data"
     argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),

@@ -1,4 +1,5 @@
-"""`python -m data_shards.synth`: synthetic shards in the normal format, declared synthetic, with skewed popularity."""
+"""`python -m transrec.data_shards.synth`: synthetic shards in the normal format, declared synthetic, with skewed
+popularity."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 
 import numpy as np
 
-from data_shards.shard_io import ItemStore, read_sequences
-from data_shards.synth import main
+from transrec.data_shards.shard_io import ItemStore, read_sequences
+from transrec.data_shards.synth import main
 
 
 def test_synthetic_shards(tmp_path, tiny_bert_dir):

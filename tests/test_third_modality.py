@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from data_shards.build import BuildOptions, build
-from data_shards.loader import load_item_content
-from data_shards.modalities import ContentKind
-from data_shards.shard_io import ItemStore
-from trainer import modalities
-from trainer.towers import Tower
+from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.modalities import ContentKind
+from transrec.data_shards.shard_io import ItemStore
+from transrec.trainer import modalities
+from transrec.trainer.towers import Tower
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTH = 12  # samples per signal
@@ -110,9 +110,9 @@ def test_shards_store_the_third_modality(signal_shards):
 
 
 def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards, tiny_bert_dir):
-    from data_shards.decode import ImageDecoder
-    from trainer.config import apply_overrides, preset
-    from trainer.model import TransRec
+    from transrec.data_shards.decode import ImageDecoder
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.model import TransRec
 
     store = ItemStore(signal_shards)
     cfg = apply_overrides(preset("tiny"), [f"model.text_encoder={tiny_bert_dir}"]).model
@@ -133,8 +133,8 @@ def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards
 
 
 def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny_bert_dir, tmp_path):
-    from trainer.config import apply_overrides, preset
-    from trainer.train import Trainer
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.train import Trainer
 
     cfg = apply_overrides(preset("tiny"), [f"data.shards={signal_shards}", f"model.text_encoder={tiny_bert_dir}",
                                            f"run_dir={tmp_path / 'run'}", "stage1.max_steps=2", "stage2.max_steps=2",
@@ -152,7 +152,7 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     assert metrics["test"]["users"] == 943 and np.isfinite(metrics["test"]["ndcg@10"])
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
     # served from the export: a new item given by its signal alone scores as the catalogue item with that signal
-    from trainer.recommend import Recommender
+    from transrec.trainer.recommend import Recommender
 
     rec = Recommender.from_export(tmp_path / "run" / "export", signal_shards, show_progress=False)
     item = int(np.flatnonzero(rec.ranker.store.modality == 2)[0])
@@ -163,7 +163,7 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     # service goes on
     from fastapi.testclient import TestClient
 
-    from trainer.serve import create_app
+    from transrec.trainer.serve import create_app
 
     client = TestClient(create_app(rec, batching=False))
     values = signal_of(rec.item_ids[item]).tolist()
@@ -179,9 +179,9 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
 
 def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_path):
     """Shards that use a modality this process has not registered, or a config naming one, fail with what to do."""
-    from trainer.config import apply_overrides, preset
-    from trainer.model import TransRec
-    from trainer.train import Trainer
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.model import TransRec
+    from transrec.trainer.train import Trainer
 
     store = ItemStore(signal_shards)
     signal_items = np.flatnonzero(store.modality == 2)[:3]

@@ -10,30 +10,27 @@ on a real step.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import kernels  # noqa: E402
-from bench import flops as fl  # noqa: E402
-from bench.reference_path import ReferencePath, expand_slots, reference_ranks  # noqa: E402
-from data_shards.decode import ImageDecoder  # noqa: E402
-from data_shards.loader import LoaderConfig, make_train_loader  # noqa: E402
-from data_shards.shard_io import ItemStore, read_sequences  # noqa: E402
-from trainer import evaluate as ev  # noqa: E402
-from trainer import losses  # noqa: E402
-from trainer.config import ModelConfig  # noqa: E402
-from trainer.feature_cache import FeatureCache  # noqa: E402
-from trainer.model import TransRec  # noqa: E402
+from transrec.bench import flops as fl
+from transrec.bench.reference_path import ReferencePath, expand_slots, reference_ranks
+from transrec.data_shards.decode import ImageDecoder
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.shard_io import ItemStore, read_sequences
+from transrec.kernels import ops as kernels
+from transrec.trainer import evaluate as ev
+from transrec.trainer import losses
+from transrec.trainer.config import ModelConfig
+from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.model import TransRec
 
 L_CONT = 2  # continuation positions in stage 2
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_trainer
 from safetensors.torch import load_file
 
-from trainer.run_setup import SHM_DIR, SHM_PREFIX
+from transrec.trainer.run_setup import SHM_DIR, SHM_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def naive_popularity_test_ranks(run_dir: Path) -> np.ndarray:
     """Popularity's test ranks computed the plain way, user by user: counts of every item over the training portions
     and the evaluated users' validation items, the seeded tie-breaking jitter below 1, the user's earlier items left
     out, the target's rank = 1 + the items scoring at least as high."""
-    from data_shards.shard_io import read_sequences
+    from transrec.data_shards.shard_io import read_sequences
 
     shards = json.loads((run_dir / "run_config.json").read_text())["config"]["data"]["shards"]
     sequences = read_sequences(shards)
@@ -100,8 +100,8 @@ def test_two_stage_run_writes_metrics_events_ranks_and_export(source_run):
     for key in ("valid", "test", "popularity_test", "best", "stages", "vs_popularity"):
         assert key in metrics
     assert set(metrics["stages"]) == {"1", "2"}
-    from trainer.evaluate import metrics_from_ranks
-    from trainer.run_stats import read_ranks
+    from transrec.trainer.evaluate import metrics_from_ranks
+    from transrec.trainer.run_stats import read_ranks
 
     assert metrics["test"] == metrics_from_ranks(read_ranks(source_run / "test_ranks.tsv")[2])
     assert metrics["test"]["users"] == 943
@@ -150,7 +150,7 @@ def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir,
 def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, tiny_bert_dir, tmp_path, capsys):
     """`--stage none` with --init-from: no training, content scoring. Items that were never a training interaction
     get finite ranks, equal to a recount from user . item content vectors."""
-    from trainer import evaluate as ev
+    from transrec.trainer import evaluate as ev
 
     trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "zs", "stages=none",
                             f"init_from={source_run / 'export'}")
@@ -181,9 +181,10 @@ def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, t
 
 def test_standalone_evaluator_reproduces_the_run_and_scores_another_catalogue(source_run, ml_shards, hm_shards,
                                                                           tmp_path):
-    """`python -m trainer.evaluate` rebuilds the model from the export alone: the run's own test ranks, exactly;
+    """`python -m transrec.trainer.evaluate` rebuilds the model from the export alone: the run's own test ranks,
+    exactly;
     and a catalogue it never saw (zero-shot), with clear errors for what is not an export."""
-    from trainer.evaluate import main as evaluate_main
+    from transrec.trainer.evaluate import main as evaluate_main
 
     metrics = json.loads((source_run / "metrics.json").read_text())
     out = tmp_path / "eval.json"
@@ -214,7 +215,7 @@ def test_standalone_evaluator_reproduces_the_run_and_scores_another_catalogue(so
 
 
 def test_existing_run_dir_is_refused_unless_overwrite(ml_shards, tiny_bert_dir, tmp_path):
-    from trainer.main import main
+    from transrec.trainer.main import main
 
     run = tmp_path / "old"
     run.mkdir()
@@ -369,8 +370,8 @@ def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir,
 
 
 def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_shards):
-    from trainer.config import apply_overrides, preset
-    from trainer.run_setup import load_ds_config
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.run_setup import load_ds_config
 
     with pytest.raises(ValueError, match="stage1 has no field|has no field"):
         apply_overrides(preset("tiny"), ["stage1.epoch=3"])
@@ -418,7 +419,7 @@ def test_speed_levers_train_under_deepspeed(ml_shards, tiny_bert_dir, tmp_path, 
 
 
 def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path, monkeypatch):
-    from trainer.metric_log import TrainingDiverged
+    from transrec.trainer.metric_log import TrainingDiverged
 
     trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "log_every=1")
     original = trainer.model.forward
@@ -469,7 +470,7 @@ def test_resume_reads_deepspeed_checkpoints_weights_only(ds_config, ml_shards, t
     arbitrary objects."""
     import torch
 
-    from trainer.main import main
+    from transrec.trainer.main import main
 
     run = tmp_path / "run"
     main([*TINY, "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir", str(run),

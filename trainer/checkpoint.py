@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.config import ModelConfig
+from transrec.trainer.config import ModelConfig
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
 CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.", "logit_scale")
@@ -61,7 +61,7 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 
 def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
     """config.json of the text backbone (its weights are in model.safetensors) and its tokenizer's files."""
-    from trainer.text_vocab import tokenizer_dir
+    from transrec.trainer.text_vocab import tokenizer_dir
 
     out.mkdir(parents=True, exist_ok=True)
     model.towers["text"].bert.config.to_json_file(str(out / "config.json"))
@@ -216,7 +216,7 @@ CHECKPOINT_HASHES = "files.sha256.json"
 
 
 def write_checkpoint_hashes(folder: Path) -> None:
-    from data_shards.tables import file_sha256
+    from transrec.data_shards.tables import file_sha256
 
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != CHECKPOINT_HASHES)
     hashes = {str(f.relative_to(folder)): file_sha256(f) for f in files}
@@ -228,7 +228,7 @@ def write_checkpoint_hashes(folder: Path) -> None:
 def verify_checkpoint(folder: Path) -> None:
     """Every file of a checkpoint against the hashes written after it was saved: a truncated or altered file is
     named before anything is loaded. Checkpoints written before the hashes existed are loaded as they are."""
-    from data_shards.tables import file_sha256
+    from transrec.data_shards.tables import file_sha256
 
     listed = folder / CHECKPOINT_HASHES
     if not listed.exists():

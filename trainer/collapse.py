@@ -1,6 +1,7 @@
 """How alike an export's user vectors are on a catalogue, layer by layer: the diagnosis of a collapsed user encoder.
 
-    python -m trainer.collapse --export RUN_DIR/export --shards DIR [--split valid|test] [--users 500] [--seed 0]
+    python -m transrec.trainer.collapse --export RUN_DIR/export --shards DIR [--split valid|test] [--users 500]
+        [--seed 0]
         [--feature-store DIR] [--out FILE.json] [--device cpu|cuda]
 
 For a seeded sample of the split's evaluated users it reads the state of the last history position (the one the
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.eval_data import eval_users
+from transrec.trainer.eval_data import eval_users
 
 
 def mean_pairwise_cosine(x: torch.Tensor) -> float:
@@ -98,10 +99,10 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from trainer.main import local_shards
-    from trainer.model_eval import export_cli, ranker_from_export
+    from transrec.trainer.main import local_shards
+    from transrec.trainer.model_eval import export_cli, ranker_from_export
 
-    p = export_cli("python -m trainer.collapse", __doc__)
+    p = export_cli("python -m transrec.trainer.collapse", __doc__)
     p.add_argument("--split", default="valid", choices=["valid", "test"])
     p.add_argument("--users", type=int, default=500, help="how many evaluated users to sample (seeded)")
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--users must be at least 2")
     shards = Path(local_shards(a.shards))
     if not (shards / "manifest.json").exists():
-        raise SystemExit(f"error: no shards at {shards}: build them with `python -m data_shards.build`")
+        raise SystemExit(f"error: no shards at {shards}: build them with `python -m transrec.data_shards.build`")
     try:
         ranker = ranker_from_export(Path(a.export), shards, a.device, feature_store=a.feature_store)
         report = spread_report(ranker, a.split, a.users, a.seed)

@@ -1,6 +1,7 @@
 """Compare two finished runs on the same test users: metrics, and A - B with a paired bootstrap interval.
 
-    python -m trainer.compare RUN_A RUN_B [--metric ndcg@10|mrr] [--bootstrap 1000] [--out FILE.md] [--shards DIR]
+    python -m transrec.trainer.compare RUN_A RUN_B [--metric ndcg@10|mrr] [--bootstrap 1000] [--out FILE.md]
+        [--shards DIR]
 
 A run is a run directory (its selected model: `test_ranks.tsv`), or RUN_DIR:stageN for one stage's best model
 (`test_ranks_stageN.tsv`), or RUN_DIR:popularity. Both must rank the same users and targets (the same shards and
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.report import record_scoring
-from trainer.run_stats import (
+from transrec.trainer.report import record_scoring
+from transrec.trainer.run_stats import (
     METRICS,
     SUBSETS,
     cold_mask,
@@ -122,7 +123,7 @@ def comparison(a: RankedRun, b: RankedRun, metric: str, n_boot: int, shards: str
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m transrec.trainer.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", help="RUN_DIR, RUN_DIR:stageN or RUN_DIR:popularity")
     p.add_argument("run_b", help="RUN_DIR, RUN_DIR:stageN or RUN_DIR:popularity")

@@ -69,11 +69,11 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
         one_of("model.text_attention", self.text_attention, ("sdpa", "eager"))
-        from trainer.compiled import MODES, PARTS
+        from transrec.trainer.compiled import MODES, PARTS
 
         one_of("model.compile", self.compile, PARTS)
         one_of("model.compile_mode", self.compile_mode, MODES)
-        from trainer.towers import IMAGE_BACKBONES
+        from transrec.trainer.towers import IMAGE_BACKBONES
 
         one_of("model.image_backbone", self.image_backbone, tuple(IMAGE_BACKBONES))
         if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:
@@ -211,7 +211,7 @@ class DataConfig:
         if self.device_prefetch < -1:
             raise ValueError(f"data.device_prefetch must be -1 (auto), 0 (inline) or a number of batches, "
                              f"got {self.device_prefetch}")
-        from data_shards.decode import BACKENDS
+        from transrec.data_shards.decode import BACKENDS
 
         one_of("data.decoder", self.decoder, BACKENDS)
 

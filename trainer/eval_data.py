@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards import shard_io
+from transrec.data_shards import shard_io
 
 SPLITS = ("valid", "test")
 

@@ -1,6 +1,6 @@
 """Leave-one-out evaluation over the WHOLE catalogue: exact ranks, HR@K, NDCG@K, paired bootstrap.
 
-    python -m trainer.evaluate --export RUN_DIR/export --shards DIR [--split valid|test] [--out FILE]
+    python -m transrec.trainer.evaluate --export RUN_DIR/export --shards DIR [--split valid|test] [--out FILE]
         [--include-seen] [--device cpu|cuda]
 
 evaluates an export by content on any shards (its own run's: the run's test figures; another catalogue's: zero-shot
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.eval_data import (  # noqa: F401  (re-exported: evaluation's data types live in eval_data)
+from transrec.trainer.eval_data import (  # noqa: F401  (re-exported: evaluation's data types live in eval_data)
     EvalStream,
     EvalUsers,
     Ragged,
@@ -234,18 +234,18 @@ def main(argv: list[str] | None = None) -> dict:
     import json
     from pathlib import Path
 
-    from trainer.model_eval import export_cli, ranker_from_export
+    from transrec.trainer.model_eval import export_cli, ranker_from_export
 
-    p = export_cli("python -m trainer.evaluate", __doc__)
+    p = export_cli("python -m transrec.trainer.evaluate", __doc__)
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--out", default=None, help="write the metrics as JSON here (ranks beside, .ranks.tsv)")
     p.add_argument("--include-seen", action="store_true", help="keep the user's earlier items in the ranking")
     a = p.parse_args(argv)
-    from trainer.main import local_shards
+    from transrec.trainer.main import local_shards
 
     a.shards = local_shards(a.shards)
     if not (Path(a.shards) / "manifest.json").exists():
-        raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m data_shards.build`")
+        raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m transrec.data_shards.build`")
     try:
         ranker = ranker_from_export(Path(a.export), Path(a.shards), a.device)
     except (FileNotFoundError, ValueError) as e:

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_shards.loader import load_item_content
-from data_shards.modalities import ContentOptions, content_kind
-from data_shards.shard_io import ItemStore
+from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.shard_io import ItemStore
 
 
 class FeatureCache:

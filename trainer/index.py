@@ -1,11 +1,12 @@
 """An item index of a catalogue: content vectors (safetensors) + raw ids, and an approximate index when FAISS is
 installed, with its recall@K against exact search measured and recorded.
 
-    python -m trainer.index --export DIR --shards DIR --out DIR [--k 10] [--queries 1000]
+    python -m transrec.trainer.index --export DIR --shards DIR --out DIR [--k 10] [--queries 1000]
 
 OUT/item_vectors.safetensors ("vectors" [V, d] fp32), OUT/index.json (raw ids, the export and shards it was made
 from, the approximate index's kind and recall@K), OUT/faiss.index (FAISS HNSW over inner products) when FAISS is
-importable. `python -m trainer.serve --index OUT` serves from it without encoding the catalogue again; exact search
+importable. `python -m transrec.trainer.serve --index OUT` serves from it without encoding the catalogue again; exact
+search
 (one matrix product) is the fallback and the reference the recall is measured against.
 """
 
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.evaluate import eval_users
-from trainer.model_eval import export_cli
-from trainer.recommend import Recommender
+from transrec.trainer.evaluate import eval_users
+from transrec.trainer.model_eval import export_cli
+from transrec.trainer.recommend import Recommender
 
 
 def faiss_or_none():
@@ -74,7 +75,7 @@ def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: 
     """A Recommender whose item vectors come from an index (no catalogue encoding); FAISS search when present."""
     from safetensors.torch import load_file
 
-    from trainer.model_eval import ranker_from_export
+    from transrec.trainer.model_eval import ranker_from_export
 
     meta = json.loads((index_dir / "index.json").read_text())
     ranker = ranker_from_export(export, shards, device, show_progress=False, build_cache=False)
@@ -82,7 +83,7 @@ def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: 
     rec = Recommender(ranker, vectors)
     if meta["items"] != rec.item_ids or meta["shards_inputs"] != rec.manifest["input_files"]:
         raise ValueError(f"the index {index_dir} was made from other shards than {shards}: rebuild it with "
-                         "`python -m trainer.index`")
+                         "`python -m transrec.trainer.index`")
     faiss = faiss_or_none()
     if faiss is not None and (index_dir / "faiss.index").exists():
         rec.ann = faiss.read_index(str(index_dir / "faiss.index"))
@@ -90,7 +91,7 @@ def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = export_cli("python -m trainer.index", __doc__)
+    p = export_cli("python -m transrec.trainer.index", __doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--k", type=int, default=10, help="recall@K of the approximate index (default 10)")
     p.add_argument("--queries", type=int, default=1000, help="user vectors used to measure recall (test users)")

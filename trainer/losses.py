@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kernels
-from trainer.model import kept_positions
+from transrec.kernels import ops as kernels
+from transrec.trainer.model import kept_positions
 
 
 @dataclass

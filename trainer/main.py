@@ -16,13 +16,19 @@ import os
 import sys
 from pathlib import Path
 
-# `deepspeed trainer/main.py` puts trainer/ first on sys.path: replace it by the repository root.
+# `deepspeed trainer/main.py` puts trainer/ first on sys.path, where its module names (config, model, index, ...)
+# would shadow any dependency's of that name: take it off. The project imports as `transrec.*` (setup.py).
 _here = Path(__file__).resolve().parent
-sys.path[:] = [str(_here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+try:
+    import transrec.trainer  # noqa: F401
+except ModuleNotFoundError:
+    raise SystemExit("error: the transrec package is not installed in this Python: run `make install` (creates .venv) "
+                     "or `pip install -e .` from the repository root, then use that environment's deepspeed") from None
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from trainer.config import RunConfig, apply_overrides, preset  # noqa: E402
+from transrec.trainer.config import RunConfig, apply_overrides, preset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
@@ -96,7 +102,7 @@ RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (vali
 
 
 def _config_from_dict(d: dict) -> RunConfig:
-    from trainer.config import RENAMED, DataConfig, EvalConfig, ModelConfig, Stage1Config, Stage2Config
+    from transrec.trainer.config import RENAMED, DataConfig, EvalConfig, ModelConfig, Stage1Config, Stage2Config
 
     ev = dict(d["eval"])
     ev["ks"] = tuple(ev["ks"])
@@ -132,7 +138,7 @@ def check_run_dir(run_dir: str | None, overwrite: bool) -> None:
 
 def local_shards(shards: str) -> str:
     """A shard URL (https://..., s3://...) becomes its verified local cache (data_shards/remote.py); a path stays."""
-    from data_shards.remote import is_url, localize
+    from transrec.data_shards.remote import is_url, localize
 
     if not is_url(shards):
         return shards
@@ -147,13 +153,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg.data.shards = local_shards(cfg.data.shards)
     if not (Path(cfg.data.shards) / "manifest.json").exists():
         raise SystemExit(
-            f"error: no shards at {cfg.data.shards}: build them with `python -m data_shards.build "
+            f"error: no shards at {cfg.data.shards}: build them with `python -m transrec.data_shards.build "
             f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed "
             f"--out {cfg.data.shards}` (or `make shards`)"
         )
     if not cfg.resume:
         check_run_dir(cfg.run_dir, args.overwrite)
-    from trainer.train import Trainer
+    from transrec.trainer.train import Trainer
 
     resume_point = None
     if cfg.resume:

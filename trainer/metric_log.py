@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.run_setup import LOG, peak_memory_gib
+from transrec.trainer.run_setup import LOG, peak_memory_gib
 
 ETA_AFTER_STEPS = 5  # steps timed before the estimated time per epoch is logged
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from data_shards.modalities import CONTENT, ContentKind, content_kind, register_content
-from data_shards.shard_io import BUILT_IN_MODALITIES
-from trainer.towers import ImageTower, TextTower, Tower
+from transrec.data_shards.modalities import CONTENT, ContentKind, content_kind, register_content
+from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
+from transrec.trainer.towers import ImageTower, TextTower, Tower
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data_shards.shard_io import BUILT_IN_MODALITIES
-from trainer.config import ModelConfig
-from trainer.modalities import build_towers
+from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
+from transrec.trainer.config import ModelConfig
+from transrec.trainer.modalities import build_towers
 
 
 class UserBlock(nn.Module):
@@ -84,7 +84,7 @@ def build_user_encoder(cfg: ModelConfig) -> nn.Module:
             cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing,
             cfg.sequence_input_scale,
         )
-    from trainer import baselines
+    from transrec.trainer import baselines
 
     if cfg.user_encoder == "gru":
         return baselines.GRUEncoder(cfg.d, cfg.user_layers, cfg.dropout)

@@ -1,6 +1,6 @@
 """Ranking a split with a model: item vectors once per evaluation, user vectors per user batch, exact ranks over the
 whole catalogue (trainer/evaluate.py). Used by the trainer after each epoch and by the standalone evaluator
-(`python -m trainer.evaluate --export DIR --shards DIR`), which rebuilds the model from an export alone.
+(`python -m transrec.trainer.evaluate --export DIR --shards DIR`), which rebuilds the model from an export alone.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import evaluate as ev
+from transrec.trainer import evaluate as ev
 
 
 class ModelRanker:
@@ -35,7 +35,7 @@ class ModelRanker:
     @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
         """[V, d] fp32: every catalogue item through its tower (cached lower blocks where the cache covers)."""
-        from data_shards.loader import load_item_content
+        from transrec.data_shards.loader import load_item_content
 
         chunks = []
         for start in range(0, self.store.num_items, self.item_batch):
@@ -118,14 +118,14 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     vectors come from an index; `feature_store`: the folder of frozen-block outputs shared with training runs)."""
     from safetensors.torch import load_file
 
-    from data_shards.decode import ImageDecoder
-    from data_shards.sequence_table import SequenceTable
-    from data_shards.shard_io import ItemStore, load_manifest
-    from trainer.checkpoint import DOMAIN_SPECIFIC
-    from trainer.config import ModelConfig
-    from trainer.feature_cache import FeatureCache
-    from trainer.model import TransRec
-    from trainer.text_vocab import check_vocabulary
+    from transrec.data_shards.decode import ImageDecoder
+    from transrec.data_shards.sequence_table import SequenceTable
+    from transrec.data_shards.shard_io import ItemStore, load_manifest
+    from transrec.trainer.checkpoint import DOMAIN_SPECIFIC
+    from transrec.trainer.config import ModelConfig
+    from transrec.trainer.feature_cache import FeatureCache
+    from transrec.trainer.model import TransRec
+    from transrec.trainer.text_vocab import check_vocabulary
 
     export_dir, shards, device = Path(export_dir), Path(shards), torch.device(device)
     meta_file = export_dir / "config.json"

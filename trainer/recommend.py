@@ -8,7 +8,7 @@ Python API:
 
 Batch (one JSON line per user, each user's whole history, seen items excluded):
 
-    python -m trainer.recommend --export DIR --shards DIR [--users all|FILE] [--k 20] [--out FILE]
+    python -m transrec.trainer.recommend --export DIR --shards DIR [--users all|FILE] [--k 20] [--out FILE]
         [--include-seen] [--device cpu|cuda]
 
 Under the deepspeed launcher or torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th user and writes
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_shards.modalities import ContentOptions, content_kind
-from trainer.evaluate import interaction_counts
-from trainer.model_eval import ModelRanker, export_cli, ranker_from_export
+from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.trainer.evaluate import interaction_counts
+from transrec.trainer.model_eval import ModelRanker, export_cli, ranker_from_export
 
 
 class UnknownItems(ValueError):
@@ -136,9 +136,9 @@ class Recommender:
         """Encode a new item by its content and make it recommendable at once; returns the tower used. `content`:
         {modality: value} for a registered modality other than text and image (the value its builder hook gives,
         packed by its content kind), instead of a text or an image."""
-        from data_shards.build import load_tokenizer, modality_choice
-        from data_shards.decode import ImageDecoder
-        from trainer.text_vocab import tokenizer_dir
+        from transrec.data_shards.build import load_tokenizer, modality_choice
+        from transrec.data_shards.decode import ImageDecoder
+        from transrec.trainer.text_vocab import tokenizer_dir
 
         if raw_id in self.index:
             raise ValueError(f"item {raw_id!r} is already in the catalogue")
@@ -267,7 +267,7 @@ def batch_recommend(rec: Recommender, sequences: list[dict], user_ids: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = export_cli("python -m trainer.recommend", __doc__)
+    p = export_cli("python -m transrec.trainer.recommend", __doc__)
     p.add_argument("--users", default="all", help="'all', or a file of raw user ids, one per line")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--out", default=None, help="JSON lines file (default: standard output)")
@@ -277,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.out:
         p.error("--out is required with several ranks (each writes a part, rank 0 joins them)")
-    from trainer.main import local_shards
+    from transrec.trainer.main import local_shards
 
     shards = Path(local_shards(a.shards))
     if not (shards / "manifest.json").exists():
-        raise SystemExit(f"error: no shards at {shards}: build them with `python -m data_shards.build`")
+        raise SystemExit(f"error: no shards at {shards}: build them with `python -m transrec.data_shards.build`")
     try:
         rec = Recommender.from_export(a.export, shards, a.device, show_progress=rank == 0)
     except (FileNotFoundError, ValueError) as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.evaluate import metrics_from_ranks, paired_bootstrap, per_user_gain
+from transrec.trainer.evaluate import metrics_from_ranks, paired_bootstrap, per_user_gain
 
 
 def write_run_results(run_dir: Path, state: dict, best_stage: str, test_ranks: np.ndarray, pop_valid: np.ndarray,

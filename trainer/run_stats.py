@@ -1,6 +1,7 @@
 """Statistics over runs' per-user test ranks: the warm / cold split and paired bootstrap comparisons.
 
-Shared by `python -m trainer.compare` (two runs) and the experiments' reports (rows of seeds). Cold test targets
+Shared by `python -m transrec.trainer.compare` (two runs) and the experiments' reports (rows of seeds). Cold test
+targets
 are items that occur in no user's training portion: only a model that scores items by content can rank them.
 """
 
@@ -24,7 +25,7 @@ def read_ranks(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def training_items(shards: Path) -> np.ndarray:
     """Every item that occurs in some user's training portion (items[:num_train])."""
-    from data_shards.shard_io import read_sequences
+    from transrec.data_shards.shard_io import read_sequences
 
     items = [np.asarray(s["items"][: s["num_train"]], dtype=np.int64) for s in read_sequences(shards)]
     return np.unique(np.concatenate(items)) if items else np.zeros(0, dtype=np.int64)
@@ -41,7 +42,7 @@ def subset_mask(cold: np.ndarray, subset: str) -> np.ndarray:
 
 def seed_metrics(ranks: np.ndarray, cold: np.ndarray, metrics=METRICS) -> dict[str, dict[str, float]]:
     """{subset: {metric: value, "users": n}} for one run's per-user ranks."""
-    from trainer.evaluate import per_user_gain
+    from transrec.trainer.evaluate import per_user_gain
 
     out = {}
     for sub in SUBSETS:
@@ -56,7 +57,7 @@ def compare(ranks_a: np.ndarray, ranks_b: np.ndarray, cold: np.ndarray, metric: 
     """a - b on one metric over one subset of test users: per-user gains averaged over seeds ([S, U] ranks; a and
     b may have different numbers of seeds), then a 95% paired bootstrap over users. Verdict: win / loss only
     when the interval excludes zero; over fewer than `min_users` users the difference is not judged."""
-    from trainer.evaluate import paired_bootstrap, per_user_gain
+    from transrec.trainer.evaluate import paired_bootstrap, per_user_gain
 
     m, min_users = subset_mask(cold, subset), max(min_users, 1)
     if m.sum() < min_users:  # e.g. MovieLens has 3 cold test targets: an interval over them says nothing

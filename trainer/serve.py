@@ -1,6 +1,6 @@
 """HTTP recommendation service over an export and a catalogue (FastAPI + uvicorn, loopback by default).
 
-    python -m trainer.serve --export DIR --shards DIR [--index DIR] [--host 127.0.0.1] [--port 8000]
+    python -m transrec.trainer.serve --export DIR --shards DIR [--index DIR] [--host 127.0.0.1] [--port 8000]
 
     POST /recommend {"history": ["raw id", ...], "k": 10, "exclude_seen": true} -> {"items": [...], "scores": [...],
                                                                                     "ignored": [...], "note": ""}
@@ -28,8 +28,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from trainer.model_eval import export_cli
-from trainer.recommend import MicroBatcher, Recommender, UnknownItems
+from transrec.trainer.model_eval import export_cli
+from transrec.trainer.recommend import MicroBatcher, Recommender, UnknownItems
 
 MAX_K = 1000
 MAX_HISTORY = 10_000
@@ -100,15 +100,16 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    p = export_cli("python -m trainer.serve", __doc__)
-    p.add_argument("--index", default=None, help="an item index from `python -m trainer.index` (skips encoding)")
+    p = export_cli("python -m transrec.trainer.serve", __doc__)
+    p.add_argument("--index", default=None,
+                   help="an item index from `python -m transrec.trainer.index` (skips encoding)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-batching", action="store_true", help="one model pass per request")
     a = p.parse_args(argv)
     try:
         if a.index:
-            from trainer.index import recommender_from_index
+            from transrec.trainer.index import recommender_from_index
 
             rec = recommender_from_index(Path(a.index), Path(a.export), Path(a.shards), a.device)
         else:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+from transrec.kernels import ops as kernels
 
 
 def _mlp(d_in: int, d: int, dropout: float) -> nn.Sequential:

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import kernels
-from data_shards.loader import LoaderConfig, make_train_loader
-from data_shards.modalities import ContentOptions, content_kind
-from data_shards.shard_io import ItemStore, load_manifest
-from trainer import evaluate as ev
-from trainer.checkpoint import (
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.shard_io import ItemStore, load_manifest
+from transrec.kernels import ops as kernels
+from transrec.trainer import evaluate as ev
+from transrec.trainer.checkpoint import (
     barrier,
     gathered,
     load_export,
@@ -32,17 +32,17 @@ from trainer.checkpoint import (
     save_model_state,
     save_resume_point,
 )
-from trainer.compiled import set_compiled
-from trainer.config import RunConfig, StageConfig
-from trainer.device_prefetch import prefetched, resolve_ahead
-from trainer.feature_cache import FeatureCache, resolve_store
-from trainer.losses import Objective, build_objective, item_share, scoring_label
-from trainer.metric_log import RunLog
-from trainer.modalities import MODALITIES
-from trainer.model import TransRec, count_parameters, optimizer_param_groups
-from trainer.model_eval import ModelRanker
-from trainer.report import record_scoring
-from trainer.run_setup import (
+from transrec.trainer.compiled import set_compiled
+from transrec.trainer.config import RunConfig, StageConfig
+from transrec.trainer.device_prefetch import prefetched, resolve_ahead
+from transrec.trainer.feature_cache import FeatureCache, resolve_store
+from transrec.trainer.losses import Objective, build_objective, item_share, scoring_label
+from transrec.trainer.metric_log import RunLog
+from transrec.trainer.modalities import MODALITIES
+from transrec.trainer.model import TransRec, count_parameters, optimizer_param_groups
+from transrec.trainer.model_eval import ModelRanker
+from transrec.trainer.report import record_scoring
+from transrec.trainer.run_setup import (
     LOG,
     fill_ds_config,
     load_ds_config,
@@ -52,7 +52,7 @@ from trainer.run_setup import (
     setup_logging,
     write_run_record,
 )
-from trainer.text_vocab import check_vocabulary
+from transrec.trainer.text_vocab import check_vocabulary
 
 
 def _item_feature_tables(shard_dir: Path, num_items: int) -> dict[str, np.ndarray]:
@@ -164,7 +164,7 @@ class Trainer:
     # -- helpers ------------------------------------------------------------------------------------------
     def image_decoder(self):
         if self.decoder is None:
-            from data_shards.decode import ImageDecoder
+            from transrec.data_shards.decode import ImageDecoder
 
             self.decoder = ImageDecoder(
                 backend=self.cfg.data.decoder, size=self.cfg.model.image_size, device=self.device
@@ -465,7 +465,7 @@ class Trainer:
         return result
 
     def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
-        from trainer.report import write_run_results
+        from transrec.trainer.report import write_run_results
 
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
         return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
@@ -483,7 +483,7 @@ def adamw_implementation(choice: str, device: torch.device) -> dict:
 def export_preprocessing(manifest: dict, cfg: RunConfig) -> dict:
     """What serving needs to turn a new item's content into the towers' input as training did: the tokenizer's
     identity and vocabulary hash, token lengths, the image geometry and normalisation, the modality rule."""
-    from data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD
+    from transrec.data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD
 
     return {"text": {"tokenizer": manifest["text"]["tokenizer"], "shard_max_tokens": manifest["text"]["max_tokens"],
                      "model_max_tokens": cfg.model.max_tokens},

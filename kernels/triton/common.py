@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 import triton
 import triton.language as tl
 

@@ -6,12 +6,12 @@ Shapes: x [B, T, H], mask [B, T] (True = real token), w1 [H, A], b1 [A], w2 [A],
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
-from kernels.triton.common import dot_config, mm, next_pow2, tanh
-from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, launch_tuned, neighbourhood
+import triton
+import triton.language as tl
+from transrec.kernels.triton.common import dot_config, mm, next_pow2, tanh
+from transrec.kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, launch_tuned, neighbourhood
 
 
 @triton.jit
@@ -176,7 +176,7 @@ class AttentionPoolFunction(torch.autograd.Function):
         ctx: FunctionCtx, x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
         w2: torch.Tensor, b2: torch.Tensor,
     ) -> torch.Tensor:
-        from kernels.triton.common import INTERPRET
+        from transrec.kernels.triton.common import INTERPRET
 
         B, T, H = x.shape
         A = w1.shape[1]
@@ -203,7 +203,7 @@ class AttentionPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        from kernels.triton.common import INTERPRET
+        from transrec.kernels.triton.common import INTERPRET
 
         x, mask_u8, w1, b1, w2, b2, scores, lse, out = ctx.saved_tensors
         B, T, H = x.shape

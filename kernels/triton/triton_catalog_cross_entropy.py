@@ -10,12 +10,12 @@ The forward streams V in tiles with an online log-sum-exp; the backward recomput
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
-from kernels.triton.common import dot_config, mm, next_pow2, sm_count
-from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, dot_tile_bytes, launch_tuned, neighbourhood
+import triton
+import triton.language as tl
+from transrec.kernels.triton.common import dot_config, mm, next_pow2, sm_count
+from transrec.kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, dot_tile_bytes, launch_tuned, neighbourhood
 
 
 @triton.jit
@@ -239,7 +239,7 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
         target: torch.Tensor, ignore_index: int, reduction: str, relu: bool, n_split: int | None,
         exclude: torch.Tensor | None, w_split: int | None,
     ) -> torch.Tensor:
-        from kernels.triton.common import INTERPRET
+        from transrec.kernels.triton.common import INTERPRET
 
         M, D = h.shape
         V = weight.shape[0]
@@ -283,7 +283,7 @@ class CatalogCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        from kernels.triton.common import INTERPRET
+        from transrec.kernels.triton.common import INTERPRET
 
         h, weight, bias, target, lse, valid, n_valid, exclude = ctx.saved_tensors
         meta = ctx.meta

@@ -8,12 +8,12 @@ Only scores are ever formed, tile by tile; nothing of size [B, N] is written to 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import FunctionCtx
 
-from kernels.triton.common import dot_config, log_sigmoid, mm, next_pow2, sm_count
-from kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, dot_tile_bytes, launch_tuned, neighbourhood
+import triton
+import triton.language as tl
+from transrec.kernels.triton.common import dot_config, log_sigmoid, mm, next_pow2, sm_count
+from transrec.kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, dot_tile_bytes, launch_tuned, neighbourhood
 
 
 @triton.jit
@@ -216,7 +216,7 @@ class CPCLossFunction(torch.autograd.Function):
         ctx: FunctionCtx, user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
         pos_mask: torch.Tensor | None, neg_mask: torch.Tensor | None, reduction: str, n_split: int | None,
     ) -> torch.Tensor:
-        from kernels.triton.common import INTERPRET
+        from transrec.kernels.triton.common import INTERPRET
 
         B, D = user.shape
         L = pos.shape[1]
@@ -262,7 +262,7 @@ class CPCLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        from kernels.triton.common import INTERPRET
+        from transrec.kernels.triton.common import INTERPRET
 
         user, pos, neg, pm, nm, denom = ctx.saved_tensors
         shared, row_args, shared_args, J, n_split = ctx.args

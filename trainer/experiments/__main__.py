@@ -1,3 +1,3 @@
-from trainer.experiments.runner import main
+from transrec.trainer.experiments.runner import main
 
 main()

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainer.experiments.plans import TABLE_SETTINGS
-from trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-exported for the runner)
+from transrec.trainer.experiments.plans import TABLE_SETTINGS
+from transrec.trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-exported for the runner)
     METRICS,
     MIN_JUDGED_USERS,
     NOT_JUDGED,
@@ -34,8 +34,8 @@ from trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-expo
 )
 
 if TYPE_CHECKING:
-    from trainer.experiments.plans import RowPlan, TablePlan
-    from trainer.experiments.runner import Suite
+    from transrec.trainer.experiments.plans import RowPlan, TablePlan
+    from transrec.trainer.experiments.runner import Suite
 
 
 @dataclass
@@ -153,7 +153,7 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
 
 
 def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
-    from trainer.experiments.plans import DOMAINS, SOURCE_OF
+    from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF
 
     domains = []
     for r in plan.rows:
@@ -174,7 +174,7 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
         collapsed = (f"; {policies['duplicates_removed']} same-day repeats of an article collapsed (see BUILD_OPTIONS "
                      "in trainer/experiments/plans.py)" if policies.get("duplicates_removed") else "")
         argv = " ".join(_relative(x) for x in suite.build_argv(d, suite.shards(d)))
-        lines.append(f"- {d}: `python -m data_shards.build {argv}`{collapsed}")
+        lines.append(f"- {d}: `python -m transrec.data_shards.build {argv}`{collapsed}")
     cold = {}
     for res in results.values():
         dom = res.plan.specs[0].domain
@@ -189,7 +189,7 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
 
 def cold_repeats(shards: Path) -> int:
     """Evaluated users whose cold test target equals their validation item."""
-    from data_shards.shard_io import read_sequences
+    from transrec.data_shards.shard_io import read_sequences
 
     seqs = read_sequences(shards)
     train = training_items(shards)

@@ -1,6 +1,6 @@
 """The paper's experiments (tables 2, 4-7) as cached training runs, with Markdown / CSV / PNG reports.
 
-    python -m trainer.experiments {table2,table4,table5,table6,table7,all} [--quick] [--seeds N] [--out DIR]
+    python -m transrec.trainer.experiments {table2,table4,table5,table6,table7,all} [--quick] [--seeds N] [--out DIR]
         [--data-root DIR | --movielens DIR --hm DIR] [--preset cpu-small|paper|tiny] [--text-encoder PATH]
         [--image-backbone resnet18|efficientnet-lite0] [--targets hm-mixed,hm-image,hm-text-side,ml-mixed]
         [--scaling-target hm-mixed] [--set section.key=value ...] [--set-target section.key=value ...]
@@ -11,7 +11,7 @@ H&M text only with user/item side features, and the reverse, very different, tra
 fine-tuned on MovieLens mixed. Named with --targets only: H&M half B (mixed, image only, text + side features),
 transferred from H&M half A mixed, a source from the same platform that shares no customer or article with it
 (`data_shards.split_disjoint`, cut once under OUT/raw/). The shards each domain needs are built once under
-OUT/shards/ with `python -m data_shards.build` (in-process).
+OUT/shards/ with `python -m transrec.data_shards.build` (in-process).
 
 Runs. Every run is `trainer.main.main(argv)` in this process: the same TransRec class, shards, splits, stages,
 losses and evaluator for every model. IDRec / IDGru / IDNext = `model.item_encoder=id` with the transformer /
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.experiments import report as er
-from trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner's public names)
+from transrec.trainer.experiments import report as er
+from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner's public names)
     BUILD_OPTIONS,
     DOMAINS,
     MODEL_OVERRIDES,
@@ -130,7 +130,7 @@ class Suite:
             if not parent.is_dir():
                 raise SystemExit(f"error: raw data for {parent_key} (split into {d.raw}) not found at {parent}: pass "
                                  "--data-root or --hm")
-            from data_shards.split_disjoint import split_disjoint
+            from transrec.data_shards.split_disjoint import split_disjoint
 
             split_disjoint(parent, split, seed=SPLIT_SEED)
         return split / half
@@ -141,7 +141,7 @@ class Suite:
         tag = hashlib.sha256(json.dumps([str(src), BUILD_OPTIONS.get(d.dataset, [])]).encode()).hexdigest()[:8]
         out = self.out / "shards" / f"{d.raw or d.dataset}-{d.modality}-{tag}"
         if not (out / "manifest.json").exists():
-            from data_shards.build import main as build_main
+            from transrec.data_shards.build import main as build_main
 
             self.raw_folder(domain, make=True)
             build_main(self.build_argv(domain, out))
@@ -208,7 +208,7 @@ class Suite:
     def resolved_config(self, spec: RunSpec) -> dict:
         """The run's full configuration (preset + overrides), paths left out: a preset whose defaults change gives new
         run keys, so a cached run is reused only when it was trained with exactly these settings."""
-        from trainer.config import apply_overrides, preset, to_dict
+        from transrec.trainer.config import apply_overrides, preset, to_dict
 
         cfg = to_dict(apply_overrides(preset(self.preset), self.overrides(spec)))
         paths = (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), (None, "run_dir"),
@@ -244,7 +244,7 @@ class Suite:
             return d
         if spec.model in TRANSFERS:
             self.ensure(self.source_spec(spec))
-        from trainer.main import main
+        from transrec.trainer.main import main
 
         argv = self.argv(spec)
         resumed = (d / "resume.json").exists() and not (d / "metrics.json").exists()
@@ -339,7 +339,7 @@ def make_tiny_bert(path: Path) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from trainer.towers import minilm_path
+    from transrec.trainer.towers import minilm_path
 
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -352,7 +352,7 @@ def make_tiny_bert(path: Path) -> None:
 
 def check_same_split(a: Path, b: Path) -> None:
     """Two shard folders hold the same users, items (same indices) and splits; only item modality may differ."""
-    from data_shards.shard_io import read_sequences
+    from transrec.data_shards.shard_io import read_sequences
 
     ia, ib = (json.loads((p / "id_maps.json").read_text()) for p in (a, b))
     sa, sb = read_sequences(a), read_sequences(b)
@@ -366,15 +366,15 @@ def check_same_split(a: Path, b: Path) -> None:
 def evaluate_view(run_dir: Path, shards: Path, out: Path) -> dict:
     """Evaluate a finished run's best model (best_stage{N}.safetensors) on the test split of other shards of the
     same users, items and splits (e.g. every item routed to text). Writes out/metrics.json and test_ranks.tsv."""
-    from trainer import evaluate as ev
-    from trainer.checkpoint import load_model_state
-    from trainer.main import _config_from_dict
-    from trainer.train import Trainer
+    from transrec.trainer import evaluate as ev
+    from transrec.trainer.checkpoint import load_model_state
+    from transrec.trainer.main import _config_from_dict
+    from transrec.trainer.train import Trainer
 
     record = json.loads((run_dir / "run_config.json").read_text())
     cfg = _config_from_dict(record["config"])
     check_same_split(Path(cfg.data.shards), shards)
-    from trainer.report import record_scoring
+    from transrec.trainer.report import record_scoring
 
     chosen = json.loads((run_dir / "metrics.json").read_text())["best"]
     best = int(chosen["stage"])
@@ -488,7 +488,7 @@ def print_plan(suite: Suite, name: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m trainer.experiments", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m transrec.trainer.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=[*TABLES, "all"])
     p.add_argument("--quick", action="store_true", help="tiny preset, tiny random BERT, bundled data: minutes")
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     suite = Suite(a)
     suite.out.mkdir(parents=True, exist_ok=True)
     names = list(TABLES) if a.table == "all" else [a.table]
-    command = "python -m trainer.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m transrec.trainer.experiments " + " ".join(sys.argv[1:] if argv is None else argv)
     with open(suite.out / ".experiments.lock", "w") as lock:  # one invocation per OUT at a time
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

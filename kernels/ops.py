@@ -6,10 +6,10 @@ picks Triton for CUDA tensors and the reference otherwise; ``set_default_impl`` 
 variable ``TRANSREC_KERNELS`` flips every op at once.
 """
 
-from kernels.attention_pool import attention_pool
-from kernels.catalog_cross_entropy import catalog_cross_entropy
-from kernels.cpc_loss import cpc_loss
-from kernels.dispatch import get_default_impl, set_default_impl
+from transrec.kernels.attention_pool import attention_pool
+from transrec.kernels.catalog_cross_entropy import catalog_cross_entropy
+from transrec.kernels.cpc_loss import cpc_loss
+from transrec.kernels.dispatch import get_default_impl, set_default_impl
 
 __all__ = [
     "attention_pool",

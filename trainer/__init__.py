@@ -1,1 +1,0 @@
-"""TransRec trainer: model, two-stage DeepSpeed training, evaluation, transfer experiments."""
