@@ -216,6 +216,41 @@ class DataConfig:
         one_of("data.decoder", self.decoder, BACKENDS)
 
 
+TRANSFER_CANDIDATES = ("start", "finetune", "lowlr", "towers")
+
+
+@dataclass
+class TransferConfig:
+    """How a run with --init-from uses the export (trainer/transfer.py). "plain" fine-tunes it once. "auto" trains
+    the candidates (the start itself, no training; plain fine-tuning; fine-tuning at a lower rate; the export's
+    towers with a new user encoder; with include_scratch, a model trained from scratch) and keeps the one with the
+    best validation: reports/transfer_findings.md measured each of them winning on some target."""
+
+    mode: str = "plain"  # "plain" | "auto"
+    candidates: str = ",".join(TRANSFER_CANDIDATES)  # auto: which of them, comma-separated
+    include_scratch: bool = False  # auto: also train from scratch, so the run says whether the export helped at all
+    low_lr: float | None = None  # the lowlr candidate's rate, both stages (None: a tenth of each stage's lr)
+
+    def __post_init__(self) -> None:
+        one_of("transfer.mode", self.mode, ("plain", "auto"))
+        if isinstance(self.low_lr, str):  # from an override (`transfer.low_lr=0.0001`)
+            try:
+                self.low_lr = float(self.low_lr)
+            except ValueError:
+                raise ValueError(f"transfer.low_lr={self.low_lr!r}: give a rate such as 0.0001, or none") from None
+        names = [c.strip() for c in self.candidates.split(",") if c.strip()]
+        unknown = [c for c in names if c not in TRANSFER_CANDIDATES]
+        if unknown or not names:
+            raise ValueError(f"transfer.candidates={self.candidates!r}: name one or more of {TRANSFER_CANDIDATES} "
+                             "(scratch: transfer.include_scratch=true)")
+        if self.low_lr is not None and self.low_lr <= 0:
+            raise ValueError(f"transfer.low_lr must be > 0 (or none: a tenth of each stage's rate), not {self.low_lr}")
+
+    def candidate_names(self) -> list[str]:
+        names = [c.strip() for c in self.candidates.split(",") if c.strip()]
+        return names + (["scratch"] if self.include_scratch else [])
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +258,7 @@ class RunConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     stages: str = "all"  # "1", "2", "all", or "none" (no training: evaluate the initial model, e.g. zero-shot)
     seed: int = 0
     run_dir: str | None = None
@@ -243,6 +279,10 @@ class RunConfig:
             raise ValueError(f"--stage must be 1, 2, all or none, not {self.stages!r}")
         one_of("init_parts", self.init_parts, ("all", "towers", "user_encoder"))
         one_of("optimizer", self.optimizer, ("auto", "fused", "foreach", "plain"))
+        if self.transfer.mode == "auto" and not self.init_from:
+            raise ValueError("transfer=auto chooses how to fine-tune an export: give it with --init-from EXPORT_DIR")
+        if self.transfer.mode == "auto" and self.stages == "none":
+            raise ValueError("transfer=auto trains candidates; --stage none evaluates the export alone: drop one")
 
 
 def preset(name: str) -> RunConfig:
@@ -332,6 +372,7 @@ def preset(name: str) -> RunConfig:
 
 
 # Former names of settings, still accepted on the command line: the per-modality trainable depth.
+SHORTHANDS = {"transfer": "transfer.mode"}
 RENAMED = {"text_trainable": "trainable.text", "image_trainable": "trainable.image"}
 
 
@@ -343,6 +384,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ValueError(f"override {item!r} must look like section.key=value")
         path, raw = item.split("=", 1)
         *parents, key = path.split(".")
+        if not parents and key in SHORTHANDS:  # transfer=auto is transfer.mode=auto
+            *parents, key = SHORTHANDS[key].split(".")
         if key in RENAMED:
             *more, key = RENAMED[key].split(".")
             parents += more

@@ -102,7 +102,15 @@ RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (vali
 
 
 def _config_from_dict(d: dict) -> RunConfig:
-    from transrec.trainer.config import RENAMED, DataConfig, EvalConfig, ModelConfig, Stage1Config, Stage2Config
+    from transrec.trainer.config import (
+        RENAMED,
+        DataConfig,
+        EvalConfig,
+        ModelConfig,
+        Stage1Config,
+        Stage2Config,
+        TransferConfig,
+    )
 
     ev = dict(d["eval"])
     ev["ks"] = tuple(ev["ks"])
@@ -118,7 +126,8 @@ def _config_from_dict(d: dict) -> RunConfig:
         stage2=Stage2Config(**stage["stage2"]),
         eval=EvalConfig(**ev),
         data=DataConfig(**d["data"]),
-        **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data")},
+        transfer=TransferConfig(**d.get("transfer", {})),  # records from before transfer=auto have none
+        **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data", "transfer")},
     )
 
 
@@ -159,6 +168,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
     if not cfg.resume:
         check_run_dir(cfg.run_dir, args.overwrite)
+    if cfg.transfer.mode == "auto":  # candidates under RUN_DIR/candidates/, chosen on validation
+        from transrec.trainer.transfer import run_auto
+
+        default = str(Path(cfg.resume) / "ds_config.json") if cfg.resume else "ds_configs/zero2.json"
+        return run_auto(cfg, args.ds_config or default)
     from transrec.trainer.train import Trainer
 
     resume_point = None

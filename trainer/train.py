@@ -353,6 +353,30 @@ class Trainer:
         engine.destroy()  # removes its ZeRO gradient hooks: the next stage's engine wraps the same parameters
         self.finish_stage(stage, scoring)
 
+    def time_steps(self, stage: int, steps: int = 3) -> tuple[float, int]:
+        """(seconds per micro-batch of `stage`, the median of `steps` timed after one warm-up batch; micro-batches per
+        epoch): what a cost estimate needs before a run trains (trainer/transfer.py). It trains those batches, so it
+        changes the model: call it on a Trainer whose results are already written."""
+        sc = self.set_stage(stage)
+        obj = self.objective(stage)
+        loader = self.make_loader(stage, sc, obj)
+        engine = self.make_engine(sc, steps + 1)
+        loader.set_epoch(0)
+        times = []
+        for k, (_, batch) in enumerate(prefetched(loader, self._prepare, self.device, 0)):
+            t0 = time.perf_counter()
+            loss = engine(batch, objective=obj)
+            engine.backward(loss)
+            engine.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if k >= steps:
+                break
+        engine.destroy()
+        timed = times[1:] or times  # a one-batch epoch: its only (warm-up) time
+        return (float(np.median(timed)) if timed else 0.0), loader.steps_per_epoch
+
     def _prepare(self, batch):
         """The loader's (host) batch on the device; payloads left to the main process (JPEGs) are decoded here, on
         the training device, by their modality's content kind."""
@@ -368,18 +392,26 @@ class Trainer:
 
     def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str):
         """Rank the validation split; keep the stage's best model by `eval.select`; early stopping's count."""
-        metrics = ev.metrics_from_ranks(self.evaluate("valid", scoring), self.cfg.eval.ks)
+        ranks = self.evaluate("valid", scoring)
+        metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
         self.log.validation(stage, epoch, metrics, self.global_step + epoch)
         record = {"stage": stage, "epoch": epoch, "valid": metrics, "scoring": scoring}
         select = self.cfg.eval.select
         if stage_best is None or metrics[select] > stage_best["valid"][select]:
             stage_best, stale = record, 0
             save_model_state(self.model, self.run_dir / f"best_stage{stage}.safetensors", write=self.rank == 0)
+            self.save_valid_ranks(stage, ranks)
             self.state["stage_best"][str(stage)] = record
         else:
             stale += 1
         patience = self.cfg.eval.patience
         return stale, stage_best, bool(patience and stale >= patience)
+
+    def save_valid_ranks(self, stage: int, ranks: np.ndarray) -> None:
+        """The stage's best model's per-user validation ranks (valid_ranks_stageN.npy, in `valid_users` order): a
+        choice between runs on validation (transfer=auto) is judged with a paired interval over these users."""
+        if self.rank == 0:
+            np.save(self.run_dir / f"valid_ranks_stage{stage}.npy", ranks)
 
     def save_resume_point(self, engine, stage: int, epoch: int, batches_done: int, stale: int) -> None:
         save_resume_point(engine, self.run_dir, self.rank, {"stage": stage, "epoch": epoch,
@@ -430,6 +462,7 @@ class Trainer:
         record = {"stage": 0, "epoch": 0, "valid": ev.metrics_from_ranks(ranks, self.cfg.eval.ks), "scoring": "content"}
         self.state["stage_best"]["0"] = record
         save_model_state(self.model, self.run_dir / "best_stage0.safetensors", write=self.rank == 0)
+        self.save_valid_ranks(0, ranks)
         LOG.info(f"untrained model (stage 0) validation NDCG@10 {record['valid']['ndcg@10']:.4f}")
         self.finish_stage(0, "content")
 

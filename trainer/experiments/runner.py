@@ -297,6 +297,14 @@ RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
 # (stage.trainable, a map over text and image only, is keyed as text_trainable / image_trainable.)
 
 
+def default_transfer_settings() -> dict:
+    from dataclasses import asdict
+
+    from transrec.trainer.config import TransferConfig
+
+    return asdict(TransferConfig())
+
+
 def drop_settings_that_change_nothing(cfg: dict) -> dict:
     """A run key covers the settings that change the run, so runs keep the keys (and cached results) they had
     before a setting existed when it changes nothing for them: a setting of ADDED_AT_OLD_BEHAVIOUR at its old
@@ -306,6 +314,8 @@ def drop_settings_that_change_nothing(cfg: dict) -> dict:
         where = cfg if section is None else cfg[section]
         if name in where and where[name] == old:
             where.pop(name)
+    if cfg.get("transfer") == default_transfer_settings():  # plain fine-tuning: what every run did before transfer=auto
+        cfg.pop("transfer")
     for section, name, old in RETIRED_IN_KEY:
         cfg[section].setdefault(name, old)
     for stage in ("stage1", "stage2"):

@@ -1,0 +1,196 @@
+"""transfer=auto (trainer/transfer.py): the candidates trained from one export, the choice on validation, the
+reports, the cost estimate, a failing candidate, and --resume in the middle of the candidates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+DS = str(REPO / "ds_configs" / "zero2.json")
+
+
+def auto_argv(source_run: Path, shards: Path, text: Path, run_dir: Path, *sets: str) -> list[str]:
+    return ["--preset", "tiny", "--shards", str(shards), "--text-encoder", str(text), "--run-dir", str(run_dir),
+            "--ds_config", DS, "--init-from", str(source_run / "export"), "--set", "transfer=auto", *sets]
+
+
+@pytest.fixture(scope="module")
+def auto_run(source_run, hm_shards, tiny_bert_dir, tmp_path_factory):
+    """Every candidate, scratch included, on the H&M fixture from the MovieLens source run."""
+    import contextlib
+    import io
+
+    from transrec.trainer.main import main
+
+    run_dir = tmp_path_factory.mktemp("auto") / "run"
+    out = io.StringIO()  # the trainer's log handler writes to the stdout of the moment it is set up
+    with contextlib.redirect_stdout(out):
+        metrics = main(auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.include_scratch=true"))
+    records = out.getvalue().splitlines()
+    return run_dir, metrics, records
+
+
+def test_the_config_reads_transfer_auto_and_checks_it():
+    from transrec.trainer.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("tiny"), ["init_from=x", "transfer=auto", "transfer.include_scratch=true"])
+    assert cfg.transfer.mode == "auto"
+    assert cfg.transfer.candidate_names() == ["start", "finetune", "lowlr", "towers", "scratch"]
+    assert apply_overrides(preset("tiny"), ["transfer.low_lr=0.0001"]).transfer.low_lr == 1e-4
+    with pytest.raises(ValueError, match="give it with --init-from"):
+        apply_overrides(preset("tiny"), ["transfer=auto"])
+    with pytest.raises(ValueError, match="transfer.candidates="):
+        apply_overrides(preset("tiny"), ["init_from=x", "transfer.candidates=start,bogus"])
+    with pytest.raises(ValueError, match="transfer.mode must be"):
+        apply_overrides(preset("tiny"), ["init_from=x", "transfer=sometimes"])
+
+
+def test_candidate_configs():
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.transfer import candidate_config, candidate_plan
+
+    cfg = apply_overrides(preset("cpu-small"), ["init_from=EXPORT", "transfer=auto", "transfer.include_scratch=true",
+                                                 "eval.initial_candidate=true"])
+    made = {c.name: candidate_config(cfg, c, Path("RUN")) for c in candidate_plan(cfg)}
+    assert list(made) == ["start", "finetune", "lowlr", "towers", "scratch"]
+    assert made["start"].stages == "none" and made["finetune"].stages == "all"
+    assert made["lowlr"].stage1.lr == pytest.approx(cfg.stage1.lr / 10)
+    assert made["lowlr"].stage2.lr == pytest.approx(cfg.stage2.lr / 10)
+    assert made["towers"].init_parts == "towers" and made["towers"].init_from == "EXPORT"
+    assert made["scratch"].init_from is None
+    for name, c in made.items():
+        assert c.transfer.mode == "plain" and not c.eval.initial_candidate
+        assert c.run_dir == str(Path("RUN") / "candidates" / name)
+
+
+def test_auto_trains_every_candidate_and_keeps_the_best_on_validation(auto_run):
+    run_dir, metrics, _ = auto_run
+    cands = metrics["candidates"]
+    assert list(cands) == ["start", "finetune", "lowlr", "towers", "scratch"]
+    assert all(c["status"] == "done" for c in cands.values())
+    # the choice, recomputed from each candidate's own recorded validation
+    valid = {n: json.loads((run_dir / "candidates" / n / "metrics.json").read_text())["valid"]["ndcg@10"]
+             for n in cands}
+    best = max(valid.values())
+    chosen = metrics["transfer"]["selected"]
+    assert valid[chosen] == best and chosen == next(n for n in cands if valid[n] == best)
+    # the run directory reads as the chosen candidate's run
+    src = run_dir / "candidates" / chosen
+    assert (run_dir / "test_ranks.tsv").read_text() == (src / "test_ranks.tsv").read_text()
+    exported = "export/model.safetensors"
+    assert (run_dir / exported).read_bytes() == (src / exported).read_bytes()
+    assert metrics["test"] == json.loads((src / "metrics.json").read_text())["test"]
+    for n in cands:  # every candidate's test figures are reported beside the choice
+        assert cands[n]["test"] == json.loads((run_dir / "candidates" / n / "metrics.json").read_text())["test"]
+
+
+def test_auto_reports_the_verdict_and_intervals(auto_run):
+    run_dir, metrics, _ = auto_run
+    t = metrics["transfer"]
+    assert t["verdict"]["verdict"] in ("helped", "level", "hurt")
+    v = t["verdict"]
+    assert (v["verdict"] == "helped") == (v["low"] > 0) and (v["verdict"] == "hurt") == (v["high"] < 0)
+    assert set(t["test_vs"]) >= {"popularity"}
+    assert ("scratch" in t["test_vs"]) == (t["selected"] != "scratch")
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk["transfer"]["selected"] == t["selected"]
+    page = (run_dir / "results.md").read_text()
+    assert f"**{t['selected']} (selected)**" in page and v["line"] in page
+    for n in metrics["candidates"]:
+        assert f"| {n} |" in page or f"**{n} (selected)**" in page
+
+
+def test_auto_prints_a_cost_estimate_and_progress(auto_run):
+    _, _, records = auto_run
+    estimate = [m for m in records if "cost estimate" in m]
+    assert len(estimate) == 1 and "timed on start's model" in estimate[0]
+    assert "still to run: finetune, lowlr, towers, scratch" in estimate[0]
+    assert sum("[transfer] candidate" in m and "estimated at most" in m for m in records) == 4
+
+
+def test_compare_and_evaluate_read_the_auto_run(auto_run, hm_shards):
+    from transrec.trainer import compare
+    from transrec.trainer import evaluate as ev
+
+    run_dir, metrics, _ = auto_run
+    out = compare.main([str(run_dir), f"{run_dir}:popularity"])
+    assert "popularity" in out
+    again = ev.main(["--export", str(run_dir / "export"), "--shards", str(hm_shards), "--split", "test"])
+    assert again["content"]["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-9)
+
+
+def test_a_failing_candidate_is_reported_and_the_others_finish(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """init_reset names a user-encoder block: the towers candidate loads no user encoder, so it fails; start and
+    finetune still run and one of them is chosen."""
+    from transrec.trainer.main import main
+
+    run_dir = tmp_path / "run"
+    metrics = main(auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.candidates=start,towers,finetune",
+                             "init_reset=user_encoder.blocks.0"))
+    cands = metrics["candidates"]
+    assert cands["towers"]["status"] == "failed" and "names none of the tensors" in cands["towers"]["error"]
+    assert cands["start"]["status"] == cands["finetune"]["status"] == "done"
+    assert metrics["transfer"]["selected"] in ("start", "finetune")
+    assert "FAILED" in (run_dir / "results.md").read_text()
+
+
+def test_resume_in_the_middle_of_the_candidates_continues(source_run, hm_shards, tiny_bert_dir, tmp_path,
+                                                          monkeypatch):
+    """Stopped while the second candidate trains: --resume keeps the first (not trained again) and finishes the rest."""
+    from transrec.trainer import transfer
+    from transrec.trainer.main import main
+
+    run_dir = tmp_path / "run"
+    started = []
+    real = transfer.run_candidate
+
+    def stop_at_finetune(cfg, ds_config, rank):
+        started.append(Path(cfg.run_dir).name)
+        if Path(cfg.run_dir).name == "finetune" and started.count("finetune") == 1:
+            raise KeyboardInterrupt  # as a kill would: not a candidate failure, the run stops
+        return real(cfg, ds_config, rank)
+
+    monkeypatch.setattr(transfer, "run_candidate", stop_at_finetune)
+    with pytest.raises(KeyboardInterrupt):
+        main(auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.candidates=start,finetune"))
+    first = (run_dir / "candidates" / "start" / "metrics.json").stat().st_mtime_ns
+    assert not (run_dir / "metrics.json").exists()
+    trained = []
+    monkeypatch.setattr(transfer, "run_candidate",
+                        lambda cfg, ds, rank: (trained.append(Path(cfg.run_dir).name), real(cfg, ds, rank))[1])
+    metrics = main(["--resume", str(run_dir)])
+    assert (run_dir / "candidates" / "start" / "metrics.json").stat().st_mtime_ns == first  # kept, not re-run
+    assert all(c["status"] == "done" for c in metrics["candidates"].values())
+    assert metrics["candidates"]["start"]["test"] == json.loads(
+        (run_dir / "candidates" / "start" / "metrics.json").read_text())["test"]
+    assert trained == ["start", "finetune"]  # start is looked at and skipped (its run returns None)
+
+
+def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """A candidate killed after a checkpoint (resume.json, no metrics.json) continues from it on --resume."""
+    from transrec.trainer import transfer
+    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.main import main
+    from transrec.trainer.train import Trainer
+
+    run_dir = tmp_path / "run"
+    argv = auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.candidates=finetune")
+    cfg = apply_overrides(preset("tiny"), [f"data.shards={hm_shards}", f"model.text_encoder={tiny_bert_dir}",
+                                           f"run_dir={run_dir}", f"init_from={source_run / 'export'}",
+                                           "transfer=auto", "transfer.candidates=finetune"])
+    cand = transfer.candidate_config(cfg, transfer.candidate_plan(cfg)[0], run_dir)
+    trainer = Trainer(cand, DS)
+    trainer.run_stage(1)  # stage 1 done and checkpointed; stage 2 never started: as if killed there
+    del trainer
+    point = json.loads((run_dir / "candidates" / "finetune" / "resume.json").read_text())
+    assert point["stage"] == 1 and not (run_dir / "candidates" / "finetune" / "metrics.json").exists()
+    from transrec.trainer.run_setup import write_run_record
+
+    write_run_record(run_dir, cfg, json.loads(Path(DS).read_text()), {})
+    assert argv  # the same command would start it; --resume continues it
+    metrics = main(["--resume", str(run_dir)])
+    assert metrics["candidates"]["finetune"]["status"] == "done"
+    assert "1" in json.loads((run_dir / "candidates" / "finetune" / "metrics.json").read_text())["stages"]

@@ -1,0 +1,204 @@
+"""Transfer that never ships a worse model: `--init-from EXPORT --set transfer=auto`.
+
+How to fine-tune from an export decides whether transfer helps, and no single way wins everywhere
+(reports/transfer_findings.md): plain fine-tuning won with a close source and scarce target data, keeping the start or
+a low learning rate won on image-only feedback, a new user encoder on the source's towers was the safe choice from a
+distant source. So the run trains each way as a candidate, in its own folder under RUN_DIR/candidates/, and keeps the
+one whose best model validates best:
+
+- start     the export as it is, scored by content on this catalogue (zero-shot; no training);
+- finetune  plain fine-tuning (both stages, the preset's rates);
+- lowlr     fine-tuning at a lower rate (transfer.low_lr, default a tenth of each stage's rate);
+- towers    the export's towers with a new user encoder (init_parts=towers);
+- scratch   (transfer.include_scratch=true) no export at all: answers "did the export help?".
+
+Each candidate is a whole run (both stages, early stopping, its own export); they share the frozen lower blocks'
+feature cache (same frozen weights) and the evaluation streams of the same shards. Selection is on validation only;
+RUN_DIR gets the chosen candidate's export, ranks and best model, so `trainer.compare` and `trainer.evaluate` read it
+as any run, and `metrics.json` ("candidates", "transfer") and `results.md` add every candidate's validation and test
+figures, the paired intervals of the chosen model against scratch and popularity on test, and a verdict on validation.
+A candidate that fails is reported and the others still run; `--resume RUN_DIR` skips the finished candidates and
+resumes an interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from transrec.trainer.config import RunConfig, TransferConfig, apply_overrides
+from transrec.trainer.evaluate import paired_bootstrap, per_user_gain
+from transrec.trainer.run_setup import (
+    LOG,
+    load_ds_config,
+    make_run_dir,
+    setup_distributed,
+    setup_logging,
+    write_run_record,
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    label: str
+    overrides: tuple[str, ...]  # applied to a copy of the run's configuration
+    trains: bool
+
+
+def candidate_plan(cfg: RunConfig) -> list[Candidate]:
+    low1 = cfg.transfer.low_lr or cfg.stage1.lr / 10
+    low2 = cfg.transfer.low_lr or cfg.stage2.lr / 10
+    known = {
+        "start": Candidate("start", "the export as it is (zero-shot)", ("stages=none",), False),
+        "finetune": Candidate("finetune", "fine-tuned", (), True),
+        "lowlr": Candidate("lowlr", f"fine-tuned at a low rate (stage 1 {low1:g}, stage 2 {low2:g})",
+                           (f"stage1.lr={low1}", f"stage2.lr={low2}"), True),
+        "towers": Candidate("towers", "the export's towers, a new user encoder", ("init_parts=towers",), True),
+        "scratch": Candidate("scratch", "trained from scratch (no export)",
+                             ("init_from=none", "init_parts=all", "init_reset="), True),
+    }
+    return [known[name] for name in cfg.transfer.candidate_names()]
+
+
+def candidate_config(cfg: RunConfig, cand: Candidate, run_dir: Path) -> RunConfig:
+    c = copy.deepcopy(cfg)
+    c.transfer, c.resume, c.run_dir = TransferConfig(), None, str(run_dir / "candidates" / cand.name)
+    c.eval.initial_candidate = False  # the start is a candidate of its own
+    return apply_overrides(c, list(cand.overrides))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
+    """Train (or resume, or skip when finished) one candidate's run; returns its Trainer, or None when skipped."""
+    from transrec.trainer.main import _config_from_dict
+    from transrec.trainer.train import Trainer
+
+    d = Path(cfg.run_dir)
+    if (d / "metrics.json").exists():
+        return None
+    point = d / "resume.json"
+    if point.exists():  # interrupted: continue from its last checkpoint, with its own recorded configuration
+        resume = json.loads(point.read_text())
+        own = _config_from_dict(json.loads((d / "run_config.json").read_text())["config"])
+        own.run_dir = own.resume = str(d)
+        LOG.info(f"[transfer] resuming candidate {d.name} at stage {resume['stage']}, epoch {resume['epoch']}")
+        trainer = Trainer(own, str(d / "ds_config.json"), resume_state=resume["state"])
+        trainer.run(resume)
+        return trainer
+    if rank == 0 and d.exists():  # a failed or unstarted earlier attempt: start it again
+        shutil.rmtree(d)
+    _barrier()
+    trainer = Trainer(cfg, ds_config)
+    trainer.run()
+    return trainer
+
+
+def estimate_minutes(trainer, cfg: RunConfig, setup_s: float) -> dict[str, float]:
+    """Minutes for a candidate that trains, at most (every epoch; early stopping ends sooner): `setup_s` (the first
+    candidate's set-up, evaluations included), each stage's micro-batches per epoch at the timed rate, a validation
+    per epoch and a test evaluation per stage; and for the start, `setup_s`. Times one validation and a few batches
+    of each stage on `trainer`, whose run is done."""
+    t0 = time.perf_counter()
+    trainer.evaluate("valid", "content")
+    eval_s = time.perf_counter() - t0
+    stages = {"1": [1], "2": [2], "all": [1, 2]}[cfg.stages]
+    train_s = setup_s
+    for stage in stages:
+        per_batch, batches = trainer.time_steps(stage)
+        epochs = (cfg.stage1 if stage == 1 else cfg.stage2).epochs
+        train_s += epochs * (batches * per_batch + eval_s) + eval_s
+    return {"train": train_s / 60, "start": setup_s / 60}
+
+
+def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
+    """Every candidate in turn (skipping finished ones on --resume), then the selection and the reports."""
+    rank, _, _ = setup_distributed()
+    setup_logging(rank)
+    run_dir = make_run_dir(cfg, rank)
+    plan = candidate_plan(cfg)
+    if rank == 0 and not (run_dir / "run_config.json").exists():
+        write_run_record(run_dir, cfg, load_ds_config(ds_config), {"transfer_candidates": [c.name for c in plan]})
+    LOG.info(f"[transfer] transfer=auto from {cfg.init_from}: {len(plan)} candidates, chosen on validation "
+             f"{cfg.eval.select}: " + "; ".join(f"{c.name} = {c.label}" for c in plan))
+    estimate: dict[str, float] | None = None
+    status = {}
+    ordered = sorted(plan, key=lambda c: c.trains)  # the start first: cheap, and it times the rest
+    for i, cand in enumerate(ordered, 1):
+        c_cfg = candidate_config(cfg, cand, run_dir)
+        d = Path(c_cfg.run_dir)
+        if estimate:
+            left = sum(estimate["train" if c.trains else "start"] for c in ordered[i - 1:]
+                       if not (run_dir / "candidates" / c.name / "metrics.json").exists())
+            LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}; estimated at most "
+                     f"{estimate['train' if cand.trains else 'start']:.1f} min, {left:.1f} min of candidates left")
+        else:
+            LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}")
+        t0 = time.perf_counter()
+        trainer = None
+        try:
+            trainer = run_candidate(c_cfg, ds_config, rank)
+            minutes = (time.perf_counter() - t0) / 60
+            if trainer is None:
+                LOG.info(f"[transfer] {cand.name}: finished in an earlier attempt, kept")
+            else:
+                _record(d, {"status": "done", "minutes": round(minutes, 2)}, rank)
+                LOG.info(f"[transfer] {cand.name} done in {minutes:.1f} min: validation {cfg.eval.select} "
+                         f"{_valid(d, cfg):.4f}")
+            status[cand.name] = "done"
+            if estimate is None and trainer is not None:
+                estimate = estimate_minutes(trainer, cfg, setup_s=time.perf_counter() - t0)
+                _print_estimate(estimate, ordered, run_dir, timed_on=cand.name)
+        except Exception as e:  # noqa: BLE001  a candidate's failure is reported; the others still run
+            status[cand.name] = "failed"
+            _record(d, {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc()}, rank)
+            LOG.error(f"[transfer] candidate {cand.name} FAILED ({type(e).__name__}: {e}); the others continue; "
+                      f"details in {d / 'candidate.json'}")
+        finally:
+            del trainer
+            gc.collect()
+    _barrier()
+    if rank != 0:
+        return None
+    from transrec.trainer.transfer_report import write_selection
+
+    return write_selection(run_dir, cfg, plan)
+
+
+def _print_estimate(estimate: dict[str, float], ordered: list[Candidate], run_dir: Path, timed_on: str) -> None:
+    todo = [c for c in ordered if not (run_dir / "candidates" / c.name / "metrics.json").exists()]
+    total = sum(estimate["train" if c.trains else "start"] for c in todo)
+    LOG.info(f"[transfer] cost estimate (timed on {timed_on}'s model): at most {estimate['train']:.1f} min per "
+             f"candidate that trains; still to run: {', '.join(c.name for c in todo) or 'none'}, at most "
+             f"{total:.1f} min in all (early stopping ends sooner)")
+
+
+def _record(d: Path, record: dict, rank: int) -> None:
+    if rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "candidate.json").write_text(json.dumps(record, indent=1))
+
+
+def _valid(d: Path, cfg: RunConfig) -> float:
+    return json.loads((d / "metrics.json").read_text())["valid"][cfg.eval.select]
+
+
+def judge(a: np.ndarray, b: np.ndarray, metric: str, n_boot: int) -> dict:
+    """a - b over the same users, a 95% paired bootstrap interval; helped / hurt when it excludes zero."""
+    res = paired_bootstrap(per_user_gain(a, metric), per_user_gain(b, metric), n=n_boot)
+    res["verdict"] = "helped" if res["low"] > 0 else "hurt" if res["high"] < 0 else "level"
+    return res
