@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,8 +130,13 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
 def test_the_environment_is_the_committed_lock():
     """What CI tests is what the lock says: every installed distribution at its locked version, none missing, none
     extra. `make lock` rewrites the lock from a fresh resolution after the tests pass in it."""
+    import setuptools  # noqa: F401  (as the rest of the suite does: its vendored packages join sys.path)
+
     pins = read_lock()
-    installed = {_canonical(d.metadata["Name"]): d.version for d in md.distributions()}
+    # the environment's own site-packages: setuptools puts its vendored copies (wheel, packaging, ...) on sys.path
+    # once imported, and they are part of setuptools, not installed distributions
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {_canonical(d.metadata["Name"]): d.version for d in md.distributions(path=site)}
     installed.pop("transrec")
     assert {"transformers", "kernels", "torch", "deepspeed", "webdataset"} <= pins.keys()
     wrong = {n: (v, pins[n]) for n, v in installed.items() if n in pins and pins[n] != v}
