@@ -238,7 +238,7 @@ class TransferConfig:
                 self.low_lr = float(self.low_lr)
             except ValueError:
                 raise ValueError(f"transfer.low_lr={self.low_lr!r}: give a rate such as 0.0001, or none") from None
-        names = [c.strip() for c in self.candidates.split(",") if c.strip()]
+        names = self.named_candidates()
         unknown = [c for c in names if c not in TRANSFER_CANDIDATES]
         if unknown or not names:
             raise ValueError(f"transfer.candidates={self.candidates!r}: name one or more of {TRANSFER_CANDIDATES} "
@@ -246,9 +246,11 @@ class TransferConfig:
         if self.low_lr is not None and self.low_lr <= 0:
             raise ValueError(f"transfer.low_lr must be > 0 (or none: a tenth of each stage's rate), not {self.low_lr}")
 
+    def named_candidates(self) -> list[str]:
+        return [c.strip() for c in self.candidates.split(",") if c.strip()]
+
     def candidate_names(self) -> list[str]:
-        names = [c.strip() for c in self.candidates.split(",") if c.strip()]
-        return names + (["scratch"] if self.include_scratch else [])
+        return self.named_candidates() + (["scratch"] if self.include_scratch else [])
 
 
 @dataclass
@@ -371,8 +373,9 @@ def preset(name: str) -> RunConfig:
     raise ValueError(f"unknown preset {name!r}: choose cpu-small, paper or tiny")
 
 
-# Former names of settings, still accepted on the command line: the per-modality trainable depth.
+# A section's main setting named by the section alone on the command line.
 SHORTHANDS = {"transfer": "transfer.mode"}
+# Former names of settings, still accepted on the command line: the per-modality trainable depth.
 RENAMED = {"text_trainable": "trainable.text", "image_trainable": "trainable.image"}
 
 

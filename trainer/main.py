@@ -74,10 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
         record = Path(a.resume) / "run_config.json"
         if not record.exists():
             p.error(f"--resume {a.resume}: no run_config.json there; is it a run directory?")
-        cfg = _config_from_dict(json.loads(record.read_text())["config"])
-        cfg.run_dir = a.resume
-        cfg.resume = a.resume
-        return cfg, a
+        return recorded_config(a.resume), a
     try:
         cfg = preset(a.preset)
         direct = {
@@ -96,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     except ValueError as e:
         p.error(str(e))
     return cfg, a
+
+
+def recorded_config(run_dir: str) -> RunConfig:
+    """The configuration a run recorded in RUN_DIR/run_config.json, set to continue that run (--resume)."""
+    cfg = _config_from_dict(json.loads((Path(run_dir) / "run_config.json").read_text())["config"])
+    cfg.run_dir = cfg.resume = str(run_dir)
+    return cfg
 
 
 RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (validation runs every epoch)
@@ -168,11 +172,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
     if not cfg.resume:
         check_run_dir(cfg.run_dir, args.overwrite)
+    ds_config = args.ds_config or (str(Path(cfg.resume) / "ds_config.json") if cfg.resume else "ds_configs/zero2.json")
     if cfg.transfer.mode == "auto":  # candidates under RUN_DIR/candidates/, chosen on validation
         from transrec.trainer.transfer import run_auto
 
-        default = str(Path(cfg.resume) / "ds_config.json") if cfg.resume else "ds_configs/zero2.json"
-        return run_auto(cfg, args.ds_config or default)
+        return run_auto(cfg, ds_config)
     from transrec.trainer.train import Trainer
 
     resume_point = None
@@ -181,7 +185,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not point_file.exists():
             raise SystemExit(f"error: {point_file} not found: the run saved no checkpoint yet; start it again")
         resume_point = json.loads(point_file.read_text())
-    ds_config = args.ds_config or (str(Path(cfg.resume) / "ds_config.json") if cfg.resume else "ds_configs/zero2.json")
     trainer = Trainer(cfg, ds_config, resume_state=resume_point["state"] if resume_point else None)
     return trainer.run(resume_point)
 

@@ -84,7 +84,7 @@ def _barrier() -> None:
 
 def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
     """Train (or resume, or skip when finished) one candidate's run; returns its Trainer, or None when skipped."""
-    from transrec.trainer.main import _config_from_dict
+    from transrec.trainer.main import recorded_config
     from transrec.trainer.train import Trainer
 
     d = Path(cfg.run_dir)
@@ -93,8 +93,7 @@ def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
     point = d / "resume.json"
     if point.exists():  # interrupted: continue from its last checkpoint, with its own recorded configuration
         resume = json.loads(point.read_text())
-        own = _config_from_dict(json.loads((d / "run_config.json").read_text())["config"])
-        own.run_dir = own.resume = str(d)
+        own = recorded_config(str(d))
         LOG.info(f"[transfer] resuming candidate {d.name} at stage {resume['stage']}, epoch {resume['epoch']}")
         trainer = Trainer(own, str(d / "ds_config.json"), resume_state=resume["state"])
         trainer.run(resume)
@@ -135,14 +134,12 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
     LOG.info(f"[transfer] transfer=auto from {cfg.init_from}: {len(plan)} candidates, chosen on validation "
              f"{cfg.eval.select}: " + "; ".join(f"{c.name} = {c.label}" for c in plan))
     estimate: dict[str, float] | None = None
-    status = {}
     ordered = sorted(plan, key=lambda c: c.trains)  # the start first: cheap, and it times the rest
     for i, cand in enumerate(ordered, 1):
         c_cfg = candidate_config(cfg, cand, run_dir)
         d = Path(c_cfg.run_dir)
         if estimate:
-            left = sum(estimate["train" if c.trains else "start"] for c in ordered[i - 1:]
-                       if not (run_dir / "candidates" / c.name / "metrics.json").exists())
+            left = sum(estimate["train" if c.trains else "start"] for c in still_to_run(ordered, run_dir))
             LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}; estimated at most "
                      f"{estimate['train' if cand.trains else 'start']:.1f} min, {left:.1f} min of candidates left")
         else:
@@ -158,12 +155,10 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
                 _record(d, {"status": "done", "minutes": round(minutes, 2)}, rank)
                 LOG.info(f"[transfer] {cand.name} done in {minutes:.1f} min: validation {cfg.eval.select} "
                          f"{_valid(d, cfg):.4f}")
-            status[cand.name] = "done"
             if estimate is None and trainer is not None:
                 estimate = estimate_minutes(trainer, cfg, setup_s=time.perf_counter() - t0)
                 _print_estimate(estimate, ordered, run_dir, timed_on=cand.name)
         except Exception as e:  # noqa: BLE001  a candidate's failure is reported; the others still run
-            status[cand.name] = "failed"
             _record(d, {"status": "failed", "error": f"{type(e).__name__}: {e}",
                         "traceback": traceback.format_exc()}, rank)
             LOG.error(f"[transfer] candidate {cand.name} FAILED ({type(e).__name__}: {e}); the others continue; "
@@ -179,8 +174,12 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
     return write_selection(run_dir, cfg, plan)
 
 
+def still_to_run(ordered: list[Candidate], run_dir: Path) -> list[Candidate]:
+    return [c for c in ordered if not (run_dir / "candidates" / c.name / "metrics.json").exists()]
+
+
 def _print_estimate(estimate: dict[str, float], ordered: list[Candidate], run_dir: Path, timed_on: str) -> None:
-    todo = [c for c in ordered if not (run_dir / "candidates" / c.name / "metrics.json").exists()]
+    todo = still_to_run(ordered, run_dir)
     total = sum(estimate["train" if c.trains else "start"] for c in todo)
     LOG.info(f"[transfer] cost estimate (timed on {timed_on}'s model): at most {estimate['train']:.1f} min per "
              f"candidate that trains; still to run: {', '.join(c.name for c in todo) or 'none'}, at most "

@@ -85,7 +85,7 @@ def write_selection(run_dir: Path, cfg: RunConfig, plan: list[Candidate]) -> dic
     shutil.rmtree(run_dir / "export", ignore_errors=True)
     shutil.copytree(src / "export", run_dir / "export")
     users, ranks = _test_ranks(run_dir, chosen)
-    pop_users, pop = _test_ranks(run_dir, chosen, "test_ranks_popularity.tsv")
+    _, pop = _test_ranks(run_dir, chosen, "test_ranks_popularity.tsv")  # the same run's users, in its order
     intervals = {"popularity": {m: judge(ranks, pop, m, n_boot) for m in ("hr@10", "ndcg@10")}}
     if records.get("scratch", {}).get("status") == "done" and chosen != "scratch":
         s_users, s_ranks = _test_ranks(run_dir, "scratch")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transrec.trainer.evaluate import per_user_gain
 from transrec.trainer.experiments.plans import MODEL_OVERRIDES
 from transrec.trainer.run_stats import compare, read_ranks
 
@@ -64,6 +65,11 @@ def _ranks(run: Path) -> np.ndarray:
     return read_ranks(run / "test_ranks.tsv")[2]
 
 
+def ndcg(ranks: np.ndarray) -> np.ndarray:
+    """NDCG@10 per seed of [seeds, users] ranks."""
+    return np.array([per_user_gain(r, "ndcg@10").mean() for r in ranks])
+
+
 def auto_rows(groups: dict) -> list[dict]:
     rows = []
     for (target, settings), models in sorted(groups.items()):
@@ -89,12 +95,6 @@ def auto_rows(groups: dict) -> list[dict]:
                      if m == "zeroshot" or all(s in models[m] for s in SEEDS)}
         scratch_r = np.stack([_ranks(scratch[s]) for s in SEEDS])
         cold = np.zeros(auto.shape[1], dtype=bool)
-
-        def ndcg(r: np.ndarray) -> np.ndarray:
-            from transrec.trainer.evaluate import per_user_gain
-
-            return np.array([per_user_gain(x, "ndcg@10").mean() for x in r])
-
         best_row = max(row_ranks, key=lambda m: ndcg(row_ranks[m]).mean())
         rows.append({
             "target": target, "settings": shown_settings(settings),
