@@ -201,10 +201,13 @@ def test_the_table4_auto_row_chooses_on_validation(tmp_path):
     """trainer/experiments/auto_row.py: per seed, the cached candidate run with the best validation NDCG@10 (not the
     best test), compared with scratch over the same users."""
     from transrec.trainer.experiments.auto_row import auto_rows, grouped_runs
+    from transrec.trainer.experiments.auto_row import main as auto_main
 
-    def run(key: str, model: str, seed: int, valid: float, ranks: list[int]) -> None:
+    def run(key: str, model: str, seed: int, valid: float, ranks: list[int], head: str = "content") -> None:
         d = tmp_path / key
         d.mkdir()
+        stages = {"stage1": {"head": head}, "stage2": {"loss": "sampled_softmax"}} if head == "content" else {}
+        (d / "run_config.json").write_text(json.dumps({"config": stages}))
         argv = ["--preset", "cpu-small", "--set", "model.side_features=false", f"seed={seed}", "eval.patience=0"]
         from transrec.trainer.experiments.plans import MODEL_OVERRIDES
 
@@ -221,8 +224,17 @@ def test_the_table4_auto_row_chooses_on_validation(tmp_path):
         run(f"t{seed}", "transfer", seed, 0.30 if seed != 1 else 0.10, [50] * users)
         run(f"s{seed}", "scratch", seed, 0.20, [5] * users)
     run("z0", "zeroshot", 0, 0.20, [1] * users)
+    # a run made while the paper's objectives were the default: recorded as 'transfer', no content head; ignored
+    run("old", "transfer", 1, 0.99, [1] * users, head="")
     (row,) = auto_rows(grouped_runs(tmp_path))
     assert row["chosen"] == ["transfer", "zeroshot", "transfer"]
     assert row["best_row"] == "zeroshot"  # best on test, which auto does not see
     assert row["auto"][0] == row["auto"][2] == 0.0 and row["auto"][1] == 1.0  # rank 1: NDCG@10 = 1
     assert row["vs_scratch"]["diff"] == pytest.approx(np.mean(row["auto"]) - row["scratch"].mean())
+    assert row["finetuned_vs_scratch"]["diff"] == pytest.approx(0.0 - row["scratch"].mean())
+    text = auto_main(["--runs", str(tmp_path), "--out", str(tmp_path / "auto.md"),
+                      "--figure", str(tmp_path / "auto.png")])
+    assert (tmp_path / "auto.png").read_bytes()[:4] == b"\x89PNG" and "![transfer minus scratch]" in text
+    run("t0-again", "transfer", 0, 0.30, [50] * users)  # two runs of one row, seed and settings: which one is meant?
+    with pytest.raises(SystemExit, match="t0 and t0-again are both transfer on hm-b-mixed, seed 0"):
+        grouped_runs(tmp_path)

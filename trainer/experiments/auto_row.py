@@ -3,6 +3,10 @@ between (the start = zero-shot, plain fine-tuning, the low rate, towers only: wh
 the same settings), made on validation NDCG@10 exactly as `trainer/transfer.py` chooses among its candidates.
 
     python -m transrec.trainer.experiments.auto_row [--runs reports/runs] [--out reports/table4_auto.md]
+        [--figure reports/transfer_vs_scratch.png]
+
+The figure shows, per target group, plain fine-tuning from the export (the paper's transfer) and the auto choice
+against scratch: NDCG@10 difference with its 95% paired interval.
 
 No training: the candidates are the cached runs of the table-4 reports (reports/runs/*/runner.json), grouped by target
 and settings; a group needs plain transfer and scratch on every seed. The low-rate rows were run at stage1.lr=1e-4 and
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transrec.trainer.evaluate import per_user_gain
-from transrec.trainer.experiments.plans import MODEL_OVERRIDES
+from transrec.trainer.experiments.plans import DOMAINS, MODEL_OVERRIDES, SOURCE_OF
 from transrec.trainer.run_stats import compare, read_ranks
 
 CANDIDATE_ROWS = {"zeroshot": "start (zero-shot)", "transfer": "fine-tuned", "transfer-lowlr": "low rate",
@@ -40,12 +44,27 @@ def grouped_runs(runs: Path) -> dict[tuple[str, tuple[str, ...]], dict[str, dict
             continue
         if spec["model"] not in (*CANDIDATE_ROWS, "scratch"):
             continue
+        if not content_objective(rec_file.parent):
+            continue
         sets = rec["argv"][rec["argv"].index("--set") + 1:]
         own = set(MODEL_OVERRIDES[spec["model"]])
         settings = tuple(sorted(s for s in sets if s not in own and not s.startswith(PATH_SETTINGS)
                                 and not s.startswith("model.side_features=")))
-        groups[(spec["domain"], settings)][spec["model"]][spec["seed"]] = rec_file.parent
+        seeds = groups[(spec["domain"], settings)][spec["model"]]
+        if spec["seed"] in seeds:
+            raise SystemExit(f"error: runs {seeds[spec['seed']].name} and {rec_file.parent.name} are both "
+                             f"{spec['model']} on {spec['domain']}, seed {spec['seed']}, with the same settings "
+                             f"{list(settings)}; keep one (the table reports list the runs they use)")
+        seeds[spec["seed"]] = rec_file.parent
     return groups
+
+
+def content_objective(run: Path) -> bool:
+    """Whether the run trained the content softmax (transfer=auto's objective). Runs made while the paper's
+    objectives were the default record a 'scratch' or 'transfer' model with no objective setting; their resolved
+    configuration has no content head."""
+    cfg = json.loads((run / "run_config.json").read_text())["config"]
+    return cfg.get("stage1", {}).get("head") == "content" and cfg.get("stage2", {}).get("loss", "cpc") != "cpc"
 
 
 def shown_settings(settings: tuple[str, ...]) -> list[str]:
@@ -101,6 +120,7 @@ def auto_rows(groups: dict) -> list[dict]:
             "candidates": cands, "chosen": chosen, "auto": ndcg(auto), "scratch": ndcg(scratch_r),
             "rows": {m: ndcg(r) for m, r in row_ranks.items()}, "best_row": best_row,
             "vs_scratch": compare(auto, scratch_r, cold, "ndcg@10", "all"),
+            "finetuned_vs_scratch": compare(row_ranks["transfer"], scratch_r, cold, "ndcg@10", "all"),
             "vs_best": compare(auto, row_ranks[best_row], cold, "ndcg@10", "all"),
         })
     return rows
@@ -111,18 +131,20 @@ def report(rows: list[dict], command: str) -> str:
              f"Made by `{command}` from the cached runs (no training). Test NDCG@10, mean of 3 seeds (seed spread: "
              "min-max); differences with a 95% paired bootstrap interval over test users (gains averaged over seeds).",
              ""]
-    lines += ["| target (settings) | candidates | chosen per seed | auto | scratch | auto - scratch | best single row "
-              "| auto - best row | within the seed spread of the best row? |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| target (settings) | candidates | chosen per seed | auto | scratch | auto - scratch "
+              "| fine-tuned - scratch | best single row | auto - best row | within the seed spread of the best row? |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = r["rows"][r["best_row"]]
         within = r["auto"].mean() >= r["rows"][r["best_row"]].mean() - (spread.max() - spread.min())
-        vs, vb = r["vs_scratch"], r["vs_best"]
+        vs, vb, vf = r["vs_scratch"], r["vs_best"], r["finetuned_vs_scratch"]
         lines.append(
             f"| {r['target']} ({', '.join(r['settings']) or 'table settings'}) | "
             f"{', '.join(CANDIDATE_ROWS[c] for c in r['candidates'])} | "
             f"{', '.join(CANDIDATE_ROWS[c] for c in r['chosen'])} | {r['auto'].mean():.4f} "
             f"({r['auto'].min():.4f}-{r['auto'].max():.4f}) | {r['scratch'].mean():.4f} | {vs['diff']:+.4f} "
-            f"[{vs['low']:+.4f}, {vs['high']:+.4f}] {vs['verdict']} | {CANDIDATE_ROWS[r['best_row']]} "
+            f"[{vs['low']:+.4f}, {vs['high']:+.4f}] {vs['verdict']} | {vf['diff']:+.4f} [{vf['low']:+.4f}, "
+            f"{vf['high']:+.4f}] {vf['verdict']} | {CANDIDATE_ROWS[r['best_row']]} "
             f"{spread.mean():.4f} ({spread.min():.4f}-{spread.max():.4f}) | {vb['diff']:+.4f} [{vb['low']:+.4f}, "
             f"{vb['high']:+.4f}] | {'yes' if within else 'NO'} |")
     losses = [r["target"] for r in rows if r["vs_scratch"]["verdict"] == "loss"]
@@ -130,6 +152,7 @@ def report(rows: list[dict], command: str) -> str:
               - (r["rows"][r["best_row"]].max() - r["rows"][r["best_row"]].min())]
     lines += ["", f"Below scratch with an interval that excludes zero: {', '.join(losses) or 'none'}. "
               f"Below the best single row by more than its seed spread: {', '.join(misses) or 'none'}.",
+              "", "![transfer minus scratch](transfer_vs_scratch.png)",
               "", "The best single row is picked on test after the fact (an oracle no run has); auto chooses on "
               "validation per seed. A target lacks a candidate where its report never ran that row (towers only was "
               "run on the MovieLens-to-H&M targets; the low rate on the 128-px split targets and from the same-"
@@ -137,17 +160,56 @@ def report(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def group_label(row: dict) -> str:
+    """'H&M half B image only <- H&M half A image only (128 px, no early stopping)' for the figure."""
+    target, source = DOMAINS[row["target"]].label, DOMAINS[SOURCE_OF[row["target"]]].label
+    words = {"eval.patience=0": "no early stopping", "model.image_size=128": "128 px",
+             "model.image_size=64": "64 px", "model.learn_temperature=true": "learned temperature"}
+    shown = [words.get(s, s) for s in row["settings"] if s != "model.image_size=64" or len(row["settings"]) == 1]
+    return f"{target} <- {source}" + (f" ({', '.join(shown)})" if shown else "")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Transfer minus scratch per target group: plain fine-tuning and the auto choice, 95% paired intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = (("finetuned_vs_scratch", "fine-tuned from the export (the paper's transfer)", "tab:gray", "o"),
+              ("vs_scratch", "transfer=auto (chosen on validation)", "tab:blue", "D"))
+    fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 2.2))
+    y = np.arange(len(rows))[::-1]
+    for i, (key, label, colour, marker) in enumerate(series):
+        d = np.array([r[key]["diff"] for r in rows])
+        err = np.array([[r[key]["diff"] - r[key]["low"] for r in rows],
+                        [r[key]["high"] - r[key]["diff"] for r in rows]])
+        ax.errorbar(d, y + (0.15 - 0.3 * i), xerr=err, fmt=marker, color=colour, capsize=3, ms=5, label=label)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [group_label(r) for r in rows], fontsize=8)
+    ax.set_xlabel("test NDCG@10, transfer minus scratch\n"
+                  "(mean of 3 seeds; 95% paired bootstrap interval over test users)", fontsize=8)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Transfer minus train-from-scratch per target (left of 0: transfer is worse)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m transrec.trainer.experiments.auto_row", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, default=Path("reports/runs"))
     p.add_argument("--out", type=Path, default=Path("reports/table4_auto.md"))
+    p.add_argument("--figure", type=Path, default=Path("reports/transfer_vs_scratch.png"))
     a = p.parse_args(argv)
     rows = auto_rows(grouped_runs(a.runs))
     if not rows:
         raise SystemExit(f"error: no target in {a.runs} has plain transfer and scratch on seeds {SEEDS}")
     text = report(rows, "python -m transrec.trainer.experiments.auto_row")
     a.out.write_text(text)
+    plot(rows, a.figure)
     print(text)
     return text
 
