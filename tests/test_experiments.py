@@ -313,6 +313,15 @@ def test_cached_runs_are_skipped(quick):
     assert (out / "table4_again_runs.csv").exists() and (out / "table4_again_bars.png").exists()
     with pytest.raises(SystemExit):
         main(["table4", *common, "--report-suffix", "../elsewhere"])
+    main(["table4", *common, "--study", "a_study", "--report-suffix", "_variant"])  # a study's folder, same runs
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")} == stamps
+    study = out / "a_study"
+    assert sorted(p.name for p in study.iterdir()) == [
+        "table4_variant.md", "table4_variant_bars.png", "table4_variant_curves.png", "table4_variant_runs.csv"]
+    assert "--study a_study" in (study / "table4_variant.md").read_text()
+    for bad in ("../elsewhere", "runs"):
+        with pytest.raises(SystemExit):
+            main(["table4", *common, "--study", bad])
 
 
 def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):

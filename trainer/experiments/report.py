@@ -372,7 +372,7 @@ def plot_curves(path: Path, plan: TablePlan, results: dict) -> None:
 
 
 def write_report(suite: Suite, plan: TablePlan, results: dict, heads: dict, command: str, wall: float) -> Path:
-    out = suite.out
+    out = suite.report_dir
     out.mkdir(parents=True, exist_ok=True)
     csv_path, bars = out / f"{plan.name}_runs.csv", out / f"{plan.name}_bars.png"
     curves = out / f"{plan.name}_curves.png"

@@ -106,6 +106,7 @@ class Suite:
                              "so a source run would also be a target run; pass --targets without one of each pair")
         self.scaling_target = a.scaling_target
         self.report_suffix = a.report_suffix
+        self.report_dir = self.out / a.study if a.study else self.out  # a study's variant reports: OUT/STUDY/
         self.n_boot = 200 if a.quick else 1000
         self.used: dict[str, dict] = {}  # run key -> record, for the reports
         self._keys: dict[RunSpec, str] = {}
@@ -526,6 +527,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only the table's rows of these (e.g. scratch,transfer,transfer-towers)")
     p.add_argument("--report-suffix", default="",
                    help="appended to the report's file names (tableN<suffix>.md, _runs.csv, PNGs); runs are shared")
+    p.add_argument("--study", default="",
+                   help="write the report, CSV and PNGs under OUT/STUDY/ (a variant of a table, e.g. one study's "
+                        "reports together; reports/README.md indexes them); runs and shards stay in OUT")
     p.add_argument("--plan", action="store_true",
                    help="list the runs each table needs and which are cached; train nothing")
     a = p.parse_args(argv)
@@ -533,6 +537,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seeds must be >= 1")
     if a.report_suffix and not all(c.isalnum() or c in "_-." for c in a.report_suffix):
         p.error(f"--report-suffix {a.report_suffix!r}: use letters, digits, '_', '-' or '.' only")
+    if a.study and not (all(c.isalnum() or c in "_-" for c in a.study) and a.study not in ("runs", "shards", "raw")):
+        p.error(f"--study {a.study!r}: a folder name of letters, digits, '_' or '-', not runs, shards or raw")
     return a
 
 
