@@ -224,7 +224,7 @@ class TransferConfig:
     """How a run with --init-from uses the export (trainer/transfer.py). "plain" fine-tunes it once. "auto" trains
     the candidates (the start itself, no training; plain fine-tuning; fine-tuning at a lower rate; the export's
     towers with a new user encoder; with include_scratch, a model trained from scratch) and keeps the one with the
-    best validation: reports/transfer_findings.md measured each of them winning on some target."""
+    best validation: RESULTS.md and reports/README.md show each of them winning on some target."""
 
     mode: str = "plain"  # "plain" | "auto"
     candidates: str = ",".join(TRANSFER_CANDIDATES)  # auto: which of them, comma-separated
@@ -297,10 +297,10 @@ def preset(name: str) -> RunConfig:
             # Image backbone chosen by measurement on the bundled MovieLens data (RESULTS.md): EfficientNet-Lite0
             # with its real ImageNet weights, validation NDCG@10 0.102 against 0.085 for random-init ResNet-18.
             # The content softmax's temperature is learned: on the bundled MovieLens, stage-1 validation NDCG@10 0.1197
-            # and 0.1212 in two runs, against 0.1103-0.1138 in six runs with it fixed at 1 (RESULTS.md, session 8).
+            # and 0.1212 in two runs, against 0.1103-0.1138 in six runs with it fixed at 1 (RESULTS.md).
             # Images at 128 px: at 64 px the user vectors of H&M image only collapse even from scratch (validation
             # 0.0063 against 0.0147 at 128 px); on the bundled MovieLens, validation 0.1192 / 0.1238 (seeds 0 / 1)
-            # against 0.1180-0.1212 / 0.1139 at 64 px (RESULTS.md, sessions 9-10).
+            # against 0.1180-0.1212 / 0.1139 at 64 px (RESULTS.md).
             model=ModelConfig(d=256, image_backbone="efficientnet-lite0", image_size=128, max_tokens=32, user_layers=2,
                               user_heads=4, max_len=25, learn_temperature=True),
             stage1=Stage1Config(epochs=10, lr=1e-3, micro_batch=128, warmup_steps=20, stride=25),

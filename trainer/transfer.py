@@ -1,7 +1,7 @@
 """Transfer that never ships a worse model: `--init-from EXPORT --set transfer=auto`.
 
 How to fine-tune from an export decides whether transfer helps, and no single way wins everywhere
-(reports/transfer_findings.md): plain fine-tuning won with a close source and scarce target data, keeping the start or
+(RESULTS.md, reports/README.md): plain fine-tuning won with a close source and scarce target data, keeping the start or
 a low learning rate won on image-only feedback, a new user encoder on the source's towers was the safe choice from a
 distant source. So the run trains each way as a candidate, in its own folder under RUN_DIR/candidates/, and keeps the
 one whose best model validates best:
