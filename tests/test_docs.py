@@ -153,9 +153,39 @@ def test_reports_index_names_every_report_and_study():
     linked = {t.partition("#")[0].rstrip("/") for t in link_targets(index)}
     top = {p.name for p in reports.glob("*.md") if p.name != "README.md"}
     studies = {p.name for p in reports.iterdir() if p.is_dir() and any(p.glob("*.md")) and p.name != "runs"}
-    missing = sorted((top | studies) - linked)
+    linked_folders = {t.split("/")[0] for t in linked if "/" in t} | linked
+    missing = sorted((top - linked) | (studies - linked_folders))
     assert not missing, f"reports/README.md does not index: {missing}"
     for study in studies:  # each study folder's reports are listed in the index too
         unlisted = sorted(f"{study}/{p.name}" for p in (reports / study).glob("*.md")
                           if f"{study}/{p.name}" not in linked)
         assert not unlisted, f"reports/README.md does not list: {unlisted}"
+
+
+def test_results_page_starts_with_the_claims_table():
+    """RESULTS.md's first table is the paper's claims, each with a measurement, seeds, a verdict and a report."""
+    text = FENCE.sub("", (REPO / "RESULTS.md").read_text())
+    first_table = re.search(r"^\|.*\|$(?:\n^\|.*\|$)+", text, re.M)
+    assert first_table, "RESULTS.md has no table"
+    header, rule, *rows = first_table.group(0).splitlines()
+    cols = [c.strip().lower() for c in header.strip("|").split("|")]
+    assert {"claim", "paper", "verdict", "report", "seeds"} <= set(cols), cols
+    assert len(rows) >= 8
+    verdicts = re.compile(r"\*\*(reproduced|partly|not reproduced)\*\*")
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert verdicts.search(cells[cols.index("verdict")]), f"no verdict word in: {row[:80]}"
+        measured = cells[next(i for i, c in enumerate(cols) if "measurement" in c)]
+        assert re.search(r"\[[-+]\d\.\d{4}, [-+]\d\.\d{4}\]", measured), f"no interval in: {row[:80]}"
+        assert LINK.search(cells[cols.index("report")]), f"no report linked in: {row[:80]}"
+
+
+def test_readme_first_screen_trains_evaluates_recommends_and_summarises():
+    first_screen = "\n".join((REPO / "README.md").read_text().splitlines()[:70])
+    for needed in ("make train", "make test", "transrec.trainer.recommend", "transrec.trainer.compare",
+                   "RESULTS.md"):
+        assert needed in first_screen, f"README.md's first 70 lines lack {needed!r}"
+    summary = re.search(r"^## Results.*?$(.*?)^## ", first_screen + "\n## ", re.M | re.S)
+    assert summary, "README.md's first screen has no '## Results' summary"
+    bullets = [line for line in summary.group(1).splitlines() if line.startswith("- ")]
+    assert 3 <= len(bullets) <= 5, f"the results summary has {len(bullets)} bullets, not five or fewer"
