@@ -24,6 +24,7 @@ import numpy as np
 
 from transrec.trainer.evaluate import per_user_gain
 from transrec.trainer.experiments.plans import DOMAINS, MODEL_OVERRIDES, SOURCE_OF
+from transrec.trainer.experiments.report import _save as save_figure
 from transrec.trainer.run_stats import compare, read_ranks
 
 CANDIDATE_ROWS = {"zeroshot": "start (zero-shot)", "transfer": "fine-tuned", "transfer-lowlr": "low rate",
@@ -126,6 +127,12 @@ def auto_rows(groups: dict) -> list[dict]:
     return rows
 
 
+def within_seed_spread(row: dict) -> bool:
+    """Whether auto's mean is at most the best single row's seed spread (max - min) below that row's mean."""
+    best = row["rows"][row["best_row"]]
+    return row["auto"].mean() >= best.mean() - (best.max() - best.min())
+
+
 def report(rows: list[dict], command: str) -> str:
     lines = ["# Table 4, auto row: transfer=auto's choice on validation among the cached rows", "",
              f"Made by `{command}` from the cached runs (no training). Test NDCG@10, mean of 3 seeds (seed spread: "
@@ -136,7 +143,6 @@ def report(rows: list[dict], command: str) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = r["rows"][r["best_row"]]
-        within = r["auto"].mean() >= r["rows"][r["best_row"]].mean() - (spread.max() - spread.min())
         vs, vb, vf = r["vs_scratch"], r["vs_best"], r["finetuned_vs_scratch"]
         lines.append(
             f"| {r['target']} ({', '.join(r['settings']) or 'table settings'}) | "
@@ -146,10 +152,9 @@ def report(rows: list[dict], command: str) -> str:
             f"[{vs['low']:+.4f}, {vs['high']:+.4f}] {vs['verdict']} | {vf['diff']:+.4f} [{vf['low']:+.4f}, "
             f"{vf['high']:+.4f}] {vf['verdict']} | {CANDIDATE_ROWS[r['best_row']]} "
             f"{spread.mean():.4f} ({spread.min():.4f}-{spread.max():.4f}) | {vb['diff']:+.4f} [{vb['low']:+.4f}, "
-            f"{vb['high']:+.4f}] | {'yes' if within else 'NO'} |")
+            f"{vb['high']:+.4f}] | {'yes' if within_seed_spread(r) else 'NO'} |")
     losses = [r["target"] for r in rows if r["vs_scratch"]["verdict"] == "loss"]
-    misses = [r["target"] for r in rows if r["auto"].mean() < r["rows"][r["best_row"]].mean()
-              - (r["rows"][r["best_row"]].max() - r["rows"][r["best_row"]].min())]
+    misses = [r["target"] for r in rows if not within_seed_spread(r)]
     lines += ["", f"Below scratch with an interval that excludes zero: {', '.join(losses) or 'none'}. "
               f"Below the best single row by more than its seed spread: {', '.join(misses) or 'none'}.",
               "", "![transfer minus scratch](transfer_vs_scratch.png)",
@@ -191,10 +196,7 @@ def plot(rows: list[dict], path: Path) -> None:
                   "(mean of 3 seeds; 95% paired bootstrap interval over test users)", fontsize=8)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("Transfer minus train-from-scratch per target (left of 0: transfer is worse)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path, "Transfer minus train-from-scratch per target (left of 0: transfer is worse)")
 
 
 def main(argv: list[str] | None = None) -> str:
