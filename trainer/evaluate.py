@@ -32,6 +32,18 @@ from transrec.trainer.eval_data import (  # noqa: F401  (re-exported: evaluation
 )
 
 
+class NonFiniteScores(ValueError):
+    """A model produced NaN or infinite scores or vectors: it can rank nothing. Evaluation, recommendation and the
+    service stop with this (never count such a score as a hit); validation during training records the users'
+    ranks as the worst possible instead, so a diverged epoch can never be selected."""
+
+
+def count_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` [N, ...] holding any NaN or infinity, as a 0-d tensor (no host sync until read)."""
+    bad = ~torch.isfinite(x)
+    return (bad.reshape(len(x), -1).any(1) if x.dim() > 1 else bad).sum()
+
+
 def excluded_pairs(
     targets: torch.Tensor, seen: Ragged | list[np.ndarray], exclude_seen: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
