@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from transrec.data_shards.integrity import IntegrityError
 from transrec.trainer.config import ModelConfig
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
@@ -50,6 +51,7 @@ def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None
     if "text" in getattr(model, "towers", {}):  # the text backbone's shape and tokenizer: the export stands alone
         meta["text_encoder_files"] = _write_text_encoder_files(model, model_cfg, tmp / "text_encoder")
     (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
+    write_checkpoint_hashes(tmp)  # every loader verifies the files against these before reading them
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -72,6 +74,66 @@ def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
     return "text_encoder"
 
 
+class ExportError(ValueError):
+    """A folder is not a loadable export: files missing, config.json unreadable or its settings invalid."""
+
+
+EXPORT_FILES = ("config.json", "model.safetensors")
+
+
+def verify_export(export_dir: Path) -> None:
+    """An export's files against the hashes written with it (files.sha256.json), before any is read: IntegrityError
+    names a missing, truncated or altered file. An export written before the hashes existed loads with a one-line
+    notice that it is unverified."""
+    export_dir = Path(export_dir)
+    missing = [n for n in EXPORT_FILES if not (export_dir / n).is_file()]
+    if missing:
+        raise ExportError(f"{export_dir} is not an export: {' and '.join(missing)} missing (a run writes its export to "
+                          "RUN_DIR/export; give that folder)")
+    listed = export_dir / CHECKPOINT_HASHES
+    if not listed.exists():
+        logging.getLogger("transrec").warning(
+            f"{export_dir} has no {CHECKPOINT_HASHES} (exported by an older version): loading it unverified")
+        return
+    verify_hashes(export_dir, "export", "re-export the run (python -m transrec.trainer.main writes RUN_DIR/export) "
+                  "or restore the file from a copy")
+
+
+def read_export_config(export_dir: Path) -> tuple[dict, ModelConfig]:
+    """An export's verified config.json and its model settings, checked as a run's settings are: ExportError in one
+    line naming the file and the setting."""
+    verify_export(export_dir)
+    path = Path(export_dir) / "config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON ({e}): re-export the run or restore the file") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ExportError(f"{path} has no 'model' section: it is not an export's config (re-export the run)")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(meta["model"]) - known)
+    if unknown:
+        raise ExportError(f"{path}: unknown model settings {unknown} (written by a newer version? update the code, or "
+                          "re-export with this one)")
+    try:
+        cfg = ModelConfig(**meta["model"])
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{path}: invalid model settings: {e}") from None
+    return meta, cfg
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; an empty, truncated or otherwise unreadable file is one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise IntegrityError(f"{path} cannot be read as safetensors ({first}): it is truncated or damaged; restore it "
+                             "or write it again") from None
+
+
 def reset_prefixes(init_reset: str) -> tuple[str, ...]:
     """The `init_reset` setting ("a.b, c.") as prefixes ("a.b", "c")."""
     return tuple(p.strip().rstrip(".") for p in init_reset.split(",") if p.strip())
@@ -86,10 +148,8 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
     "user_encoder.blocks.10") that keep this run's initialisation too; each must name some tensor that would be
     loaded. Raises on architecture mismatches and on any unexpected missing or extra tensor."""
     export_dir = Path(export_dir)
+    meta, _ = read_export_config(export_dir)  # verified against its hashes, its settings valid
     weights = export_dir / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} not found: --init-from expects a run's export/ folder")
-    meta = json.loads((export_dir / "config.json").read_text())
     src = meta["model"]
     exported = {k: src.get(k, ARCHITECTURE_ADDED.get(k)) for k in ARCHITECTURE_KEYS}
     diffs = {k: (exported[k], getattr(model_cfg, k)) for k in ARCHITECTURE_KEYS if exported[k] != getattr(model_cfg, k)}
@@ -98,7 +158,7 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
             f"--init-from {export_dir}: architecture differs from this run: {diffs}; "
             "use the same model settings (model.* overrides) as the source run"
         )
-    state = load_file(str(weights))
+    state = read_weights(weights)
     own = model.state_dict()
     towers = set(getattr(model, "towers", {}))
     exported_towers = {k.split(".")[1] for k in state if k.startswith("towers.")}
@@ -228,21 +288,31 @@ def write_checkpoint_hashes(folder: Path) -> None:
 def verify_checkpoint(folder: Path) -> None:
     """Every file of a checkpoint against the hashes written after it was saved: a truncated or altered file is
     named before anything is loaded. Checkpoints written before the hashes existed are loaded as they are."""
-    from transrec.data_shards.tables import file_sha256
-
     listed = folder / CHECKPOINT_HASHES
     if not listed.exists():
         logging.getLogger("transrec").warning(
             f"{folder} has no {CHECKPOINT_HASHES} (written by an older version): loading it unverified")
         return
-    for name, digest in json.loads(listed.read_text()).items():
+    verify_hashes(folder, "checkpoint", "resume cannot continue from it (start the run again, or restore the file)")
+
+
+def verify_hashes(folder: Path, kind: str, remedy: str) -> None:
+    """Every file `folder`/files.sha256.json lists against its recorded sha256: IntegrityError in one line naming
+    the first missing or differing file, then `remedy`."""
+    from transrec.data_shards.tables import file_sha256
+
+    listed = folder / CHECKPOINT_HASHES
+    try:
+        hashes = json.loads(listed.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"{listed} is damaged (not the JSON of file hashes): {remedy}") from None
+    for name, digest in hashes.items():
         f = folder / name
-        if not f.exists():
-            raise RuntimeError(f"checkpoint file {f} is missing: the checkpoint is incomplete; resume cannot continue "
-                               "from it (start the run again, or restore the file)")
+        if not f.is_file():
+            raise IntegrityError(f"{kind} file {f} is missing: the {kind} is incomplete; {remedy}")
         if file_sha256(f) != digest:
-            raise RuntimeError(f"checkpoint file {f} differs from the hash recorded when it was saved (truncated or "
-                               "altered): resume cannot continue from it (start the run again, or restore the file)")
+            raise IntegrityError(f"{kind} file {f} differs from the sha256 recorded when it was written (truncated or "
+                                 f"altered): {remedy}")
 
 
 # -- resume points ---------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from transrec.data_shards.integrity import IntegrityError
     from transrec.trainer.main import local_shards
     from transrec.trainer.model_eval import export_cli, ranker_from_export
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         ranker = ranker_from_export(Path(a.export), shards, a.device, feature_store=a.feature_store)
         report = spread_report(ranker, a.split, a.users, a.seed)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
     report["export"], report["shards"] = str(a.export), str(a.shards)
     print(format_report(report))

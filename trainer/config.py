@@ -8,6 +8,7 @@ filled into the DeepSpeed config by the trainer, which rejects ds_configs that s
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 DS_OWNED_BY_TRAINER = (
@@ -24,6 +25,47 @@ def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     """ValueError "NAME must be a, b or c, not 'value'" unless `value` is one of `allowed`."""
     if value not in allowed:
         raise ValueError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
+
+
+def _type_ok(value, declared: str) -> bool:
+    """Whether `value` has the type a field declares (as written under `from __future__ import annotations`): an int is
+    not a bool, a float is finite and may be written as an int, `X | None` allows None."""
+    options = [t.strip() for t in declared.split("|")]
+    if value is None:
+        return "None" in options
+    for t in options:
+        if t == "bool" and isinstance(value, bool):
+            return True
+        if t == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return math.isfinite(value)
+        if t == "str" and isinstance(value, str):
+            return True
+        if t.startswith("dict[") and isinstance(value, dict):
+            return True
+        if t.startswith("tuple[int") and isinstance(value, (tuple, list)):
+            return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return False
+
+
+def check_values(obj, section: str, at_least: dict[str, float] | None = None) -> None:
+    """Every field of the config dataclass `obj` has its declared type (finite where it is a float), and each field
+    named in `at_least` is >= its bound: ValueError in one line naming `section.field`. Fields holding other config
+    sections are checked by their own class."""
+    prefix = f"{section}." if section else ""
+    for f in dataclasses.fields(obj):
+        declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if declared.endswith("Config"):
+            continue
+        value = getattr(obj, f.name)
+        if not _type_ok(value, declared):
+            article = "a finite" if "float" in declared else "an" if declared[0] in "aeiou" else "a"
+            raise ValueError(f"{prefix}{f.name} must be {article} {declared}, not {value!r}")
+    for name, bound in (at_least or {}).items():
+        value = getattr(obj, name)
+        if value is not None and value < bound:
+            raise ValueError(f"{prefix}{name} must be >= {bound}, not {value!r}")
 
 
 @dataclass
@@ -60,6 +102,9 @@ class ModelConfig:
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not code-generated; debugging)
 
     def __post_init__(self) -> None:
+        check_values(self, "model", {"d": 1, "user_layers": 1, "user_heads": 1, "dropout": 0})
+        if self.dropout >= 1:
+            raise ValueError(f"model.dropout must be < 1, not {self.dropout!r}")
         if self.d % self.user_heads:
             raise ValueError(f"d={self.d} must be divisible by user_heads={self.user_heads}")
         if self.item_encoder not in ("content", "id"):
@@ -113,13 +158,13 @@ class StageConfig:
     mask_history: bool = True  # the user's earlier items are no negatives (as evaluation excludes seen items)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "micro_batch", "grad_accum", "n_history", "n_continuation", "stride"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.tower_lr < 0:
-            raise ValueError("lr must be > 0 and tower_lr >= 0")
-        if self.negatives < 1:
-            raise ValueError("negatives must be >= 1")
+        section = getattr(self, "section", "stage")
+        positive = ("epochs", "micro_batch", "grad_accum", "n_history", "n_continuation", "stride", "negatives",
+                    "full_catalogue_max")
+        check_values(self, section, {**dict.fromkeys(positive, 1), **dict.fromkeys(
+            ("tower_lr", "weight_decay", "warmup_steps", "grad_clip", "min_window", "max_steps"), 0)})
+        if self.lr <= 0:
+            raise ValueError(f"{section}.lr must be > 0, not {self.lr!r}")
         one_of("candidates", self.candidates, ("auto", "full", "sampled"))
         for name, blocks in self.trainable.items():
             if not name.isidentifier() or not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < -1:
@@ -179,6 +224,9 @@ class EvalConfig:
     initial_candidate: bool = False
 
     def __post_init__(self) -> None:
+        check_values(self, "eval", {"item_batch": 1, "user_batch": 1, "patience": 0, "bootstrap": 1})
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"eval.ks must be one or more cut-offs >= 1, not {self.ks!r}")
         one_of("eval.precision", self.precision, ("fp32", "tf32"))
         name, _, k = self.select.partition("@")
         if name not in ("ndcg", "hr") or not k.isdigit() or int(k) not in self.ks:
@@ -202,6 +250,7 @@ class DataConfig:
     device_prefetch: int = -1
 
     def __post_init__(self) -> None:
+        check_values(self, "data", {"num_workers": 0, "shuffle_buffer": 0})
         if self.modality_override is not None and not self.modality_override.isidentifier():
             raise ValueError(f"modality_override must be a modality name (text, image, ...) or none, "
                              f"not {self.modality_override!r}")
@@ -238,6 +287,7 @@ class TransferConfig:
                 self.low_lr = float(self.low_lr)
             except ValueError:
                 raise ValueError(f"transfer.low_lr={self.low_lr!r}: give a rate such as 0.0001, or none") from None
+        check_values(self, "transfer")
         names = self.named_candidates()
         unknown = [c for c in names if c not in TRANSFER_CANDIDATES]
         if unknown or not names:
@@ -277,6 +327,7 @@ class RunConfig:
     preset: str = "cpu-small"
 
     def __post_init__(self) -> None:
+        check_values(self, "", {"seed": 0, "save_every_steps": 1, "log_every": 1})
         if self.stages not in ("1", "2", "all", "none"):
             raise ValueError(f"--stage must be 1, 2, all or none, not {self.stages!r}")
         one_of("init_parts", self.init_parts, ("all", "towers", "user_encoder"))

@@ -15,6 +15,7 @@ every model alike. Users are split across ranks; the per-user ranks are gathered
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -30,6 +31,8 @@ from transrec.trainer.eval_data import (  # noqa: F401  (re-exported: evaluation
     eval_users,
     interaction_counts,
 )
+
+LOG = logging.getLogger("transrec")
 
 
 class NonFiniteScores(ValueError):
@@ -74,17 +77,40 @@ def ranks_from_scores(
     """1 + #{items v not excluded : s_v >= s_target}, counted over item chunks (no sort, O(B x chunk) memory).
 
     Excluded items (the target, seen items) are removed by index inside the chunk that scored them, so
-    the count never depends on recomputing a score in another way."""
+    the count never depends on recomputing a score in another way. A user whose target score or any item score is
+    NaN or infinite gets rank num_items + 1 (after every real rank: never a hit), since no comparison with a
+    NaN is true and its count would otherwise say rank 1; rank_with_vectors / rank_with_scores then stop or record
+    the worst rank (their `nonfinite`)."""
     rows, items = pairs
     count = torch.zeros(len(target_scores), dtype=torch.long, device=target_scores.device)
+    bad = ~torch.isfinite(target_scores)
     for start in range(0, num_items, chunk):
         stop = min(start + chunk, num_items)
         s = score_chunk(slice(start, stop))  # [B, C]
+        bad |= ~torch.isfinite(s).all(1)  # elementwise like the count itself: no host sync
         count += (s >= target_scores[:, None]).sum(1)
         sel = (items >= start) & (items < stop)
         r, v = rows[sel], items[sel] - start
         count.index_add_(0, r, -(s[r, v] >= target_scores[r]).long())
-    return count + 1
+    return torch.where(bad, num_items + 1, count + 1)
+
+
+def settle_nonfinite(ranks: np.ndarray, num_items: int, nonfinite: str, what: str = "the model") -> np.ndarray:
+    """`ranks` from ranks_from_scores with the non-finite users settled: `nonfinite` "raise" stops with
+    NonFiniteScores naming how many users (evaluation, serving: a broken model must not score); "worst" gives them
+    the worst real rank, num_items (validation during training: a diverged epoch is never selected)."""
+    if nonfinite not in ("raise", "worst"):
+        raise ValueError(f"nonfinite must be raise or worst, not {nonfinite!r}")
+    bad = ranks > num_items
+    if not bad.any():
+        return ranks
+    n = int(bad.sum())
+    if nonfinite == "raise":
+        raise NonFiniteScores(f"{what} gives NaN or infinite scores for {n} of {len(ranks)} users: it cannot rank "
+                              "(diverged or damaged weights); retrain it or use an earlier export")
+    LOG.warning(f"{what}: NaN or infinite scores for {n} of {len(ranks)} users, recorded as rank {num_items} (the "
+                "worst) so they count as misses")
+    return np.minimum(ranks, num_items)
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks=(5, 10, 20)) -> dict[str, float]:
@@ -185,12 +211,19 @@ def rank_with_vectors(
     user_batch: int = 256,
     device=None,
     precision: str = "fp32",
+    nonfinite: str = "raise",
+    what: str = "the model",
 ) -> np.ndarray:
     """Ranks of every user's target by dot product with all item vectors [V, d] (exact in fp32; `precision`
     "tf32": the score matmuls on CUDA's TF32 tensor cores); user_vec_fn(histories, chunk) gives the chunk's user
-    vectors [B, d]."""
+    vectors [B, d]. Users with NaN or infinite scores: NonFiniteScores, or the worst rank (settle_nonfinite)."""
     with matmul_precision(precision, item_vectors.device):
-        return _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device)
+        ranks = _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device)
+    if (ranks > len(item_vectors)).any():
+        bad_items = int(count_nonfinite(item_vectors))
+        if bad_items:
+            what = f"{what} ({bad_items} of {len(item_vectors)} item vectors NaN or infinite)"
+    return settle_nonfinite(ranks, len(item_vectors), nonfinite, what)
 
 
 def _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device) -> np.ndarray:
@@ -215,8 +248,11 @@ def rank_with_scores(
     exclude_seen: bool,
     user_batch: int = 256,
     device="cpu",
+    nonfinite: str = "raise",
+    what: str = "the model",
 ) -> np.ndarray:
-    """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(histories, chunk)."""
+    """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(histories, chunk).
+    Users with NaN or infinite scores: NonFiniteScores, or the worst rank (settle_nonfinite)."""
     ranks, mine = np.zeros(len(data), dtype=np.int64), np.zeros(len(data), dtype=bool)
     for pos, chunk in _local_chunks(data, user_batch):
         hist = torch.as_tensor(chunk.histories, device=device)
@@ -226,7 +262,7 @@ def rank_with_scores(
         pairs = excluded_pairs(tg, chunk.seen, exclude_seen)
         r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs)
         ranks[pos], mine[pos] = r.cpu().numpy(), True
-    return _gather(ranks, mine)
+    return settle_nonfinite(_gather(ranks, mine), num_items, nonfinite, what)
 
 
 def popularity_scores(counts: np.ndarray, seed: int = 0) -> torch.Tensor:
@@ -246,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     import json
     from pathlib import Path
 
+    from transrec.data_shards.integrity import IntegrityError
     from transrec.trainer.model_eval import export_cli, ranker_from_export
 
     p = export_cli("python -m transrec.trainer.evaluate", __doc__)
@@ -258,13 +295,13 @@ def main(argv: list[str] | None = None) -> dict:
     a.shards = local_shards(a.shards)
     if not (Path(a.shards) / "manifest.json").exists():
         raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m transrec.data_shards.build`")
-    try:
+    try:  # a damaged export or shard, invalid settings, a model giving NaN: one line, exit 1
         ranker = ranker_from_export(Path(a.export), Path(a.shards), a.device)
-    except (FileNotFoundError, ValueError) as e:
+        max_len = ranker.model.cfg.max_len
+        data = eval_users(ranker.sequences, a.split, max_len, ranker.user_feature_names)
+        ranks = ranker.ranks(data, "content", exclude_seen=not a.include_seen)
+    except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
-    max_len = ranker.model.cfg.max_len
-    data = eval_users(ranker.sequences, a.split, max_len, ranker.user_feature_names)
-    ranks = ranker.ranks(data, "content", exclude_seen=not a.include_seen)
     counts = interaction_counts(ranker.sequences, ranker.store.num_items, a.split)
     pop = popularity_ranks(counts, data, not a.include_seen)
     result = {"split": a.split, "export": str(a.export), "shards": str(a.shards), "exclude_seen": not a.include_seen,

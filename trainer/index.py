@@ -5,19 +5,22 @@ installed, with its recall@K against exact search measured and recorded.
 
 OUT/item_vectors.safetensors ("vectors" [V, d] fp32), OUT/index.json (raw ids, the export and shards it was made
 from, the approximate index's kind and recall@K), OUT/faiss.index (FAISS HNSW over inner products) when FAISS is
-importable. `python -m transrec.trainer.serve --index OUT` serves from it without encoding the catalogue again; exact
-search
+importable, and OUT/files.sha256.json (each file's sha256, checked before the index is read).
+`python -m transrec.trainer.serve --index OUT` serves from it without encoding the catalogue again; exact search
 (one matrix product) is the fallback and the reference the recall is measured against.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from transrec.data_shards.integrity import IntegrityError
+from transrec.trainer.checkpoint import CHECKPOINT_HASHES, read_weights, verify_hashes, write_checkpoint_hashes
 from transrec.trainer.evaluate import eval_users
 from transrec.trainer.model_eval import export_cli
 from transrec.trainer.recommend import Recommender
@@ -68,18 +71,26 @@ def write_index(rec: Recommender, out: Path, export: Path, shards: Path, k: int,
         meta.update(kind="faiss-hnsw-ip", k=k, queries=len(queries),
                     recall_at_k=recall_at_k(rec, ann, queries, min(k, len(rec.item_ids))))
     (out / "index.json").write_text(json.dumps(meta, indent=1))
+    write_checkpoint_hashes(out)  # the service verifies the index's files before reading them
     return meta
 
 
 def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: str = "cpu") -> Recommender:
-    """A Recommender whose item vectors come from an index (no catalogue encoding); FAISS search when present."""
-    from safetensors.torch import load_file
-
+    """A Recommender whose item vectors come from an index (no catalogue encoding); FAISS search when present. Its
+    files are verified against the hashes written with it first."""
     from transrec.trainer.model_eval import ranker_from_export
 
+    if not (index_dir / "index.json").is_file():
+        raise FileNotFoundError(f"{index_dir} is not an index (no index.json): build one with "
+                                "`python -m transrec.trainer.index`")
+    if (index_dir / CHECKPOINT_HASHES).exists():
+        verify_hashes(index_dir, "index", "rebuild it with `python -m transrec.trainer.index`")
+    else:
+        logging.getLogger("transrec").warning(f"{index_dir} has no {CHECKPOINT_HASHES} (written by an older "
+                                              "version): loading it unverified")
     meta = json.loads((index_dir / "index.json").read_text())
     ranker = ranker_from_export(export, shards, device, show_progress=False, build_cache=False)
-    vectors = load_file(str(index_dir / "item_vectors.safetensors"))["vectors"].to(ranker.device)
+    vectors = read_weights(index_dir / "item_vectors.safetensors")["vectors"].to(ranker.device)
     rec = Recommender(ranker, vectors)
     if meta["items"] != rec.item_ids or meta["shards_inputs"] != rec.manifest["input_files"]:
         raise ValueError(f"the index {index_dir} was made from other shards than {shards}: rebuild it with "
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     try:
         rec = Recommender.from_export(a.export, a.shards, a.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
     meta = write_index(rec, Path(a.out), Path(a.export), Path(a.shards), a.k, a.queries)
     extra = (f"; {meta['kind']} recall@{meta['k']} {meta['recall_at_k']:.4f} over {meta['queries']} test users"

@@ -5,7 +5,6 @@ whole catalogue (trainer/evaluate.py). Used by the trainer after each epoch and 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,15 +17,18 @@ from transrec.trainer import evaluate as ev
 class ModelRanker:
     """`model` (a TransRec in eval mode for the duration of a call) ranked on `store`'s catalogue. `sequences`: the
     catalogue's users (a SequenceTable) for the tools that look users up (serving, batch recommend, the standalone
-    evaluator); None in the trainer, which streams its evaluated users (evaluate.EvalStream)."""
+    evaluator); None in the trainer, which streams its evaluated users (evaluate.EvalStream). Users with NaN or
+    infinite scores: `nonfinite` "raise" stops with evaluate.NonFiniteScores naming `source` (the export); "worst"
+    (the trainer's validation) records them as the worst rank."""
 
     def __init__(self, model, store, modality: np.ndarray, sequences, user_feature_names: list[str],
                  max_tokens: int, image_decoder: Callable[[], object], device: torch.device, item_batch: int = 256,
-                 user_batch: int = 256, precision: str = "fp32"):
+                 user_batch: int = 256, precision: str = "fp32", nonfinite: str = "raise", source: str = "the model"):
         self.model, self.store, self.modality, self.sequences = model, store, modality, sequences
         self.user_feature_names = user_feature_names
         self.max_tokens, self.image_decoder, self.device = max_tokens, image_decoder, device
         self.item_batch, self.user_batch, self.precision = item_batch, user_batch, precision
+        self.nonfinite, self.source = nonfinite, source
 
     def needs_content(self) -> bool:
         cache = self.model.cache
@@ -76,9 +78,15 @@ class ModelRanker:
     def ranks(self, data: ev.EvalUsers | ev.EvalStream, scoring: str, exclude_seen: bool) -> np.ndarray:
         """Ranks of `data`'s targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
         user . item vector (the towers' content vectors, or the ID table's)."""
-        model = self.model
-        was_training = model.training
-        model.eval()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.ranks_in_eval_mode(data, scoring, exclude_seen)
+        finally:
+            self.model.train(was_training)
+
+    def ranks_in_eval_mode(self, data: ev.EvalUsers | ev.EvalStream, scoring: str, exclude_seen: bool) -> np.ndarray:
+        model, settle = self.model, {"nonfinite": self.nonfinite, "what": self.source}
         iv = self.item_vectors()
         if scoring == "free_head":
             dtype = next(model.user_encoder.parameters()).dtype
@@ -90,12 +98,10 @@ class ModelRanker:
                 h = model._with_user_features(h, self.user_feature_batch(chunk))
                 return model.stage1_scores(h).float()
 
-            ranks = ev.rank_with_scores(score, self.store.num_items, data, exclude_seen, self.user_batch, self.device)
-        else:
-            ranks = ev.rank_with_vectors(lambda hist, chunk: self.user_vectors(iv, hist, chunk), iv, data, exclude_seen,
-                                         self.user_batch, precision=self.precision)
-        model.train(was_training)
-        return ranks
+            return ev.rank_with_scores(score, self.store.num_items, data, exclude_seen, self.user_batch, self.device,
+                                       **settle)
+        return ev.rank_with_vectors(lambda hist, chunk: self.user_vectors(iv, hist, chunk), iv, data, exclude_seen,
+                                    self.user_batch, precision=self.precision, **settle)
 
 
 def export_cli(prog: str, doc: str):
@@ -116,24 +122,16 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     """Rebuild the exported towers and user encoder (safetensors + JSON only) on `shards`' catalogue, its frozen
     blocks cached as the run that made the export cached them (`build_cache=False`: no cache, e.g. when the item
     vectors come from an index; `feature_store`: the folder of frozen-block outputs shared with training runs)."""
-    from safetensors.torch import load_file
-
     from transrec.data_shards.decode import ImageDecoder
     from transrec.data_shards.sequence_table import SequenceTable
     from transrec.data_shards.shard_io import ItemStore, load_manifest
-    from transrec.trainer.checkpoint import DOMAIN_SPECIFIC
-    from transrec.trainer.config import ModelConfig
+    from transrec.trainer.checkpoint import DOMAIN_SPECIFIC, read_export_config, read_weights
     from transrec.trainer.feature_cache import FeatureCache
     from transrec.trainer.model import TransRec
     from transrec.trainer.text_vocab import check_vocabulary
 
     export_dir, shards, device = Path(export_dir), Path(shards), torch.device(device)
-    meta_file = export_dir / "config.json"
-    if not meta_file.exists() or not (export_dir / "model.safetensors").exists():
-        raise FileNotFoundError(f"{export_dir} is not an export: expected config.json and model.safetensors "
-                                "(a run writes them to RUN_DIR/export)")
-    meta = json.loads(meta_file.read_text())
-    cfg = ModelConfig(**meta["model"])
+    meta, cfg = read_export_config(export_dir)  # its files verified against their hashes, its settings valid
     if meta.get("text_encoder_files"):  # the export's own backbone shape and tokenizer, not the training machine's
         cfg.text_encoder = str(export_dir / meta["text_encoder_files"])
     if cfg.item_encoder != "content":
@@ -152,7 +150,7 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     trainable = meta.get("trainable", {})  # the selected stage's split of each tower (absent: 0)
     model = TransRec(cfg, store.num_items, store.modality.copy(), trainable,
                      modality_names=store.modality_names).to(device)
-    state = {k: v for k, v in load_file(str(export_dir / "model.safetensors")).items()
+    state = {k: v for k, v in read_weights(export_dir / "model.safetensors").items()
              if not k.startswith(DOMAIN_SPECIFIC)}
     missing = [k for k in model.state_dict() if k not in state and not k.startswith(DOMAIN_SPECIFIC)]
     if missing:
@@ -166,4 +164,5 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     if build_cache:
         model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.max_tokens, device,
                                          show_progress=show_progress, store_dir=feature_store)
-    return ModelRanker(model, store, store.modality, sequences, [], cfg.max_tokens, lambda: decoder, device)
+    return ModelRanker(model, store, store.modality, sequences, [], cfg.max_tokens, lambda: decoder, device,
+                       source=f"the export {export_dir}")
