@@ -279,7 +279,8 @@ class Trainer:
     def ranker(self) -> ModelRanker:
         return ModelRanker(self.model, self.store, self.modality, None, self.user_feature_names,
                            self.cfg.model.max_tokens, self.image_decoder, self.device, self.cfg.eval.item_batch,
-                           self.cfg.eval.user_batch, self.cfg.eval.precision)
+                           self.cfg.eval.user_batch, self.cfg.eval.precision, nonfinite="worst",
+                           source="the model in training")
 
     def item_vectors(self) -> torch.Tensor:
         return self.ranker().item_vectors()
