@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -124,14 +125,33 @@ def read_export_config(export_dir: Path) -> tuple[dict, ModelConfig]:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors; an empty, truncated or otherwise unreadable file is one line naming it."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get(TENSORS_SHA256)
+        state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise IntegrityError(f"{path} cannot be read as safetensors ({first}): it is truncated or damaged; restore it "
                              "or write it again") from None
+    if recorded is not None and recorded != tensors_sha256(state):
+        raise IntegrityError(f"{path} differs from the hash of its tensors recorded when it was saved (altered on "
+                             "disk): restore it or write it again")
+    return state
+
+
+TENSORS_SHA256 = "transrec_tensors_sha256"  # safetensors metadata key: the hash of the file's tensors (names, dtypes,
+# shapes, bytes), written with the file in one atomic rename, so a file and its hash can never disagree after a kill
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def reset_prefixes(init_reset: str) -> tuple[str, ...]:
@@ -224,14 +244,14 @@ def save_model_state(model, path: Path, write: bool = True) -> None:
         state = _contiguous(model.state_dict()) if write else None
     if write:
         tmp = path.with_suffix(".partial")
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata={TENSORS_SHA256: tensors_sha256(state)})  # the hash travels inside
         tmp.replace(path)
 
 
 def load_model_state(model, path: Path) -> None:
     """A full model state; the tensors of towers this model does not have (its catalogue does not use them) are
-    left out, every tensor the model has must be there."""
-    state = load_file(str(path))
+    left out, every tensor the model has must be there. Verified against the hash stored in the file."""
+    state = read_weights(Path(path))
     towers = set(getattr(model, "towers", {}))
     state = {k: v for k, v in state.items() if not k.startswith("towers.") or k.split(".")[1] in towers}
     with gathered(model, modifier_rank=0):
