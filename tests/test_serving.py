@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -37,11 +39,10 @@ LOG = [("u1", "a"), ("u1", "b"), ("u1", "c"), ("u1", "d"), ("u2", "b"), ("u2", "
        ("u3", "f"), ("u3", "c"), ("u3", "e"), ("u4", "a"), ("u4", "d"), ("u4", "f"), ("u4", "b")]
 
 
-@pytest.fixture(scope="module")
-def catalogue(tmp_path_factory, tiny_bert_dir) -> Path:
-    """A small generic catalogue (text and image items) no model was trained on."""
-    src = tmp_path_factory.mktemp("generic-src")
-    (src / "pics").mkdir()
+def build_catalogue(root: Path, tiny_bert_dir: Path) -> Path:
+    """A small generic catalogue (text and image items) no model was trained on, built under `root`."""
+    src = root / "generic-src"
+    (src / "pics").mkdir(parents=True)
     rows = []
     for n, (item, (title, blurb)) in enumerate(TEXTS.items()):
         pic = ""
@@ -53,40 +54,35 @@ def catalogue(tmp_path_factory, tiny_bert_dir) -> Path:
         csv.writer(f).writerows([["item_id", "title", "description", "image"], *rows])
     with open(src / "interactions.csv", "w", newline="") as f:
         csv.writer(f).writerows([["user_id", "item_id", "timestamp"], *[(u, i, t) for t, (u, i) in enumerate(LOG)]])
-    out = tmp_path_factory.mktemp("generic") / "shards"
+    out = root / "generic" / "shards"
     build(BuildOptions(dataset="generic", source=src, out=out, tokenizer=str(tiny_bert_dir), max_tokens=16,
                        generic=GenericColumns()))
     return out
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, tiny_bert_dir, ml_shards) -> Path:
-    """An export of a tiny model (seeded random weights: these tests are about serving, not accuracy)."""
+def build_export(out: Path, tiny_bert_dir: Path, nan_tower: str | None = None) -> Path:
+    """An export of a tiny model (seeded random weights: these tests are about serving, not accuracy);
+    `nan_tower`: that tower's last projection filled with NaN (a diverged model)."""
     torch.manual_seed(0)
     cfg = preset("tiny").model
     cfg.text_encoder = str(tiny_bert_dir)
     model = TransRec(cfg, 10, np.arange(10) % 2, {"text": 0, "image": 0})  # both towers
     for tower in model.towers.values():
         torch.nn.init.normal_(tower.proj[-1].weight, std=0.5)
-    return save_export(model, cfg, tmp_path_factory.mktemp("export") / "export", {"trainable": {"text": 0, "image": 0}})
+    if nan_tower:
+        with torch.no_grad():
+            model.towers[nan_tower].proj[-1].weight.fill_(float("nan"))
+    return save_export(model, cfg, out, {"trainable": {"text": 0, "image": 0}})
 
 
-@pytest.fixture(scope="module")
-def rec(export, catalogue) -> Recommender:
-    return Recommender.from_export(export, catalogue, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def server(export, catalogue):
-    """The service on a free loopback port, in a thread, with its own Recommender (POST /items changes it)."""
+@contextmanager
+def running(app) -> Iterator[str]:
+    """`app` served by uvicorn on a free loopback port, in a thread; yields its URL."""
     import uvicorn
-
-    from transrec.trainer.serve import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(Recommender.from_export(export, catalogue, show_progress=False))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -97,9 +93,35 @@ def server(export, catalogue):
                 break
         except httpx.TransportError:
             time.sleep(0.05)
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield url
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory, tiny_bert_dir) -> Path:
+    return build_catalogue(tmp_path_factory.mktemp("catalogue"), tiny_bert_dir)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tiny_bert_dir) -> Path:
+    return build_export(tmp_path_factory.mktemp("export") / "export", tiny_bert_dir)
+
+
+@pytest.fixture(scope="module")
+def rec(export, catalogue) -> Recommender:
+    return Recommender.from_export(export, catalogue, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(export, catalogue):
+    """The service on a free loopback port, in a thread, with its own Recommender (POST /items changes it)."""
+    from transrec.trainer.serve import create_app
+
+    with running(create_app(Recommender.from_export(export, catalogue, show_progress=False))) as url:
+        yield url
 
 
 def _histories(catalogue: Path) -> dict[str, list[str]]:
@@ -190,7 +212,7 @@ def test_service_bad_requests_get_4xx_and_it_keeps_running(server):
         (httpx.post(f"{server}/recommend", json={"history": ["zz", "yy"], "k": 2}), 404, "'zz', 'yy'"),
         (httpx.post(f"{server}/recommend", json={"history": ["a"], "k": 0}), 422, "k:"),
         (httpx.post(f"{server}/recommend", json={"history": ["a"], "k": 500}), 422, "catalogue size"),
-        (httpx.post(f"{server}/recommend", json={"history": "a"}), 400, "history"),
+        (httpx.post(f"{server}/recommend", json={"history": "a"}), 422, "history"),
         (httpx.post(f"{server}/items", json={"id": "bad-img", "image_base64": base64.b64encode(b"no jpeg").decode()}),
          422, "JPEG"),
         (httpx.post(f"{server}/items", json={"id": "bad-b64", "image_base64": "%%%"}), 422, "base64"),

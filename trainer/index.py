@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         rec = Recommender.from_export(a.export, a.shards, a.device)
     except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
+    if rec.unusable:  # NaN or infinite item vectors: an index of them would rank nothing
+        raise SystemExit(f"error: {rec.unusable}")
     meta = write_index(rec, Path(a.out), Path(a.export), Path(a.shards), a.k, a.queries)
     extra = (f"; {meta['kind']} recall@{meta['k']} {meta['recall_at_k']:.4f} over {meta['queries']} test users"
              if "recall_at_k" in meta else "; FAISS not installed: exact search only")

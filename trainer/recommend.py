@@ -14,6 +14,10 @@ Batch (one JSON line per user, each user's whole history, seen items excluded):
 Under the deepspeed launcher or torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th user and writes
 FILE.rankN; rank 0 then joins the parts into FILE in user order. Memory stays flat in the number of users: users are
 scored a batch at a time and written as they go.
+
+A model giving NaN or infinite vectors cannot rank: the Recommender checks the catalogue's item vectors when it loads
+(and each item added later) and every request's user vectors and scores, and raises evaluate.NonFiniteScores naming
+how many items or users are affected; the batch command stops with one line `error: ...` (exit 1).
 """
 
 from __future__ import annotations
@@ -23,23 +27,43 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.modalities import ContentOptions, content_kind
-from transrec.trainer.evaluate import interaction_counts
+from transrec.trainer.evaluate import NonFiniteScores, count_nonfinite, interaction_counts
 from transrec.trainer.model_eval import ModelRanker, export_cli, ranker_from_export
+
+REMEDY = "diverged or damaged weights: retrain the model or use an earlier export"
+
+
+def shown(raw_id: str, limit: int = 40) -> str:
+    """An id as error messages quote it: repr of at most `limit` characters (a caller's id may be megabytes)."""
+    return repr(raw_id) if len(raw_id) <= limit else repr(raw_id[:limit]) + f"...({len(raw_id)} characters)"
 
 
 class UnknownItems(ValueError):
-    """Every id of a history is unknown to the catalogue."""
+    """Every id of a history is unknown to the catalogue. The message quotes the first few, each cut short."""
 
     def __init__(self, ids: list[str]):
         self.ids = ids
-        shown = ", ".join(repr(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
-        super().__init__(f"none of the history's {len(ids)} item ids is in the catalogue: {shown}")
+        quoted = ", ".join(shown(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        super().__init__(f"none of the history's {len(ids)} item ids is in the catalogue: {quoted} (send the "
+                         "catalogue's raw item ids, or an empty history for the most popular items)")
+
+
+class DuplicateItem(ValueError):
+    """An item id already in the catalogue, or being added by another call at this moment."""
+
+    def __init__(self, raw_id: str, pending: bool = False):
+        self.raw_id = raw_id
+        super().__init__(f"item {shown(raw_id)} is already " + (
+            "being added by another request (it is in the catalogue once that one succeeds)" if pending
+            else "in the catalogue") + ": choose another id")
 
 
 class Recommender:
@@ -55,9 +79,14 @@ class Recommender:
         self.manifest = ranker.store.manifest
         self.max_len = self.model.cfg.max_len
         self._lock = threading.Lock()  # add_item appends while other threads read
+        self._adding: set[str] = set()  # ids add_item is encoding now (under _lock): one call per id wins
+        self._insert_lock = threading.Lock()  # add_item's commit (e.g. a journal write) and insert, in one order
         self._tokenizer = None
         self.ann = None  # an approximate index over item_vectors (trainer/index.py); exact search without it
         self.batcher: MicroBatcher | None = None  # set by the service: concurrent requests share one pass
+        self.loaded_items = len(self.item_ids)  # the catalogue's own; the rest were added by add_item
+        self.nonfinite_requests = 0  # recommend() calls stopped by NonFiniteScores (the service's /health shows it)
+        self.unusable: str | None = self._check_model()  # why the model cannot rank, or None
 
     @classmethod
     def from_export(cls, export_dir: str | Path, catalogue: str | Path, device: str = "cpu",
@@ -65,6 +94,17 @@ class Recommender:
         """Rebuild the model from `export_dir` and encode every item of the `catalogue` shards by content."""
         ranker = ranker_from_export(Path(export_dir), Path(catalogue), device, show_progress=show_progress)
         return cls(ranker, ranker.item_vectors())
+
+    def _check_model(self) -> str | None:
+        """Once, at load: the reason the model cannot rank (NaN or infinite item vectors, or a user vector of a
+        one-item history), or None."""
+        n = len(self.item_vectors)
+        bad = int(count_nonfinite(self.item_vectors)) if n else 0
+        if bad:
+            return f"the model gives NaN or infinite vectors to {bad} of {n} catalogue items: it cannot rank ({REMEDY})"
+        if n and int(count_nonfinite(self.user_vectors([[0]]))):
+            return f"the model gives a NaN or infinite user vector to a one-item history: it cannot rank ({REMEDY})"
+        return None
 
     # -- users ----------------------------------------------------------------------------------------------
     def user_vectors(self, histories: list[list[int]], item_vectors: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,13 +118,24 @@ class Recommender:
         return self.ranker.user_vectors(iv, hist.to(iv.device))
 
     def top_k(self, histories: list[list[int]], k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores [B, k], item indices [B, k]) by user . item content vector; seen items removed when asked."""
+        """(scores [B, k], item indices [B, k]) by user . item content vector; seen items removed when asked.
+        NonFiniteScores when the model is unusable, or gives these histories NaN or infinite vectors or scores."""
+        if self.unusable:
+            raise NonFiniteScores(self.unusable)
         with self._lock:
             iv, ann = self.item_vectors, self.ann
         users = self.user_vectors(histories, iv)
+        bad = int(count_nonfinite(users))
+        if bad:
+            raise NonFiniteScores(f"the model gives NaN or infinite user vectors to {bad} of {len(users)} histories: "
+                                  f"it cannot rank them ({REMEDY})")
         if ann is not None and ann.ntotal == len(iv):  # items added since the index was built: exact search
             return self._ann_top_k(ann, users, histories, k, exclude_seen)
         scores = users @ iv.T
+        bad = int(count_nonfinite(scores))  # finite vectors can still overflow
+        if bad:
+            raise NonFiniteScores(f"the model gives NaN or infinite scores to {bad} of {len(users)} histories: it "
+                                  f"cannot rank them ({REMEDY})")
         if exclude_seen:
             rows = [r for r, h in enumerate(histories) for _ in h]
             cols = [i for h in histories for i in h]
@@ -96,6 +147,10 @@ class Recommender:
         """Approximate top-k: k + (seen items) neighbours searched, seen ones dropped, -inf padded."""
         extra = max((len(set(h)) for h in histories), default=0) if exclude_seen else 0
         dist, idx = ann.search(users.cpu().numpy().astype(np.float32), min(k + extra, ann.ntotal))
+        bad = int((~np.isfinite(dist[idx >= 0])).sum())
+        if bad:
+            raise NonFiniteScores(f"the approximate index gives {bad} NaN or infinite scores: it cannot rank "
+                                  "(rebuild it with `python -m transrec.trainer.index`)")
         scores = torch.full((len(histories), k), float("-inf"))
         items = torch.zeros((len(histories), k), dtype=torch.long)
         for r, h in enumerate(histories):
@@ -124,31 +179,65 @@ class Recommender:
         available = n - (len(set(known)) if exclude_seen else 0)
         kk = min(k, max(available, 1))
         batcher = self.batcher
-        scores, items = batcher.top_k(known, kk, exclude_seen) if batcher else self.top_k([known], kk, exclude_seen)
+        try:
+            scores, items = (batcher.top_k(known, kk, exclude_seen) if batcher
+                             else self.top_k([known], kk, exclude_seen))
+        except NonFiniteScores:
+            with self._lock:
+                self.nonfinite_requests += 1
+            raise
         keep = torch.isfinite(scores[0])
         return {"items": [self.item_ids[i] for i in items[0][keep].tolist()],
                 "scores": [float(s) for s in scores[0][keep]], "ignored": unknown, "note": ""}
 
     # -- new items (cold start) -----------------------------------------------------------------------------
-    @torch.no_grad()
     def add_item(self, raw_id: str, text: str | None = None, image_jpeg: bytes | None = None,
-                 content: dict[str, object] | None = None) -> str:
+                 content: dict[str, object] | None = None, before_insert: Callable[[], None] | None = None) -> str:
         """Encode a new item by its content and make it recommendable at once; returns the tower used. `content`:
         {modality: value} for a registered modality other than text and image (the value its builder hook gives,
-        packed by its content kind), instead of a text or an image."""
+        packed by its content kind), instead of a text or an image.
+
+        Safe from several threads: of concurrent calls with one id exactly one adds it, the others raise
+        DuplicateItem. `before_insert` (e.g. a journal write) runs once the item is encoded and just before it is
+        inserted, in insertion order; if it raises, the item is not added. A NaN or infinite vector:
+        NonFiniteScores, the item not added."""
+        with self._lock:
+            if raw_id in self.index or raw_id in self._adding:
+                raise DuplicateItem(raw_id, pending=raw_id not in self.index)
+            self._adding.add(raw_id)
+        try:
+            vec, tower = self._encode_item(raw_id, text, image_jpeg, content)
+            if int(count_nonfinite(vec)):
+                raise NonFiniteScores(f"item {shown(raw_id)}: the model gives its content a NaN or infinite vector: "
+                                      f"not added ({REMEDY})")
+            with self._insert_lock:
+                if before_insert is not None:
+                    before_insert()
+                with self._lock:
+                    self.item_vectors = torch.cat([self.item_vectors, vec.float()])
+                    self.index[raw_id] = len(self.item_ids)
+                    self.item_ids.append(raw_id)
+                    self.popularity = np.append(self.popularity, 0.0)
+        finally:
+            with self._lock:
+                self._adding.discard(raw_id)
+        return tower
+
+    @torch.no_grad()
+    def _encode_item(self, raw_id: str, text: str | None, image_jpeg: bytes | None,
+                     content: dict[str, object] | None) -> tuple[torch.Tensor, str]:
+        """(the new item's vector [1, d], its tower); ValueError naming the item when its content does not fit."""
         from transrec.data_shards.build import load_tokenizer, modality_choice
         from transrec.data_shards.decode import ImageDecoder
         from transrec.trainer.text_vocab import tokenizer_dir
 
-        if raw_id in self.index:
-            raise ValueError(f"item {raw_id!r} is already in the catalogue")
         text = (text or "").strip()
         if content:
             if text or image_jpeg is not None or len(content) != 1:
-                raise ValueError(f"item {raw_id!r}: give one modality's content, or a text and / or an image")
+                raise ValueError(f"item {shown(raw_id)}: give one modality's content, or a text and / or an image")
             ((tower, value),) = content.items()
         elif not text and image_jpeg is None:
-            raise ValueError(f"item {raw_id!r} has no content: give a text, an image, or both")
+            raise ValueError(f"item {shown(raw_id)} has no content: give a text, an image, or both")
         elif image_jpeg is None:
             tower = "text"
         elif not text:
@@ -157,14 +246,14 @@ class Recommender:
             rule = self.manifest.get("modality", "mixed")
             tower = {"text": "text", "image": "image"}.get(rule) or ("image" if modality_choice(raw_id, 0) else "text")
         if tower not in self.model.towers:
-            raise ValueError(f"item {raw_id!r}: this model has no {tower!r} tower (it has "
+            raise ValueError(f"item {shown(raw_id)}: this model has no {shown(str(tower))} tower (it has "
                              f"{', '.join(self.model.towers)})")
         device = self.item_vectors.device
         if content:
             try:
                 data, start = content_kind(tower).pack(value)
             except (ValueError, TypeError) as e:
-                raise ValueError(f"item {raw_id!r}: its {tower} content cannot be packed: {e}") from None
+                raise ValueError(f"item {shown(raw_id)}: its {tower} content cannot be packed: {e}") from None
             payload = data[start:]
         elif tower == "text":
             if self._tokenizer is None:
@@ -186,14 +275,9 @@ class Recommender:
         except (ValueError, TypeError, RuntimeError) as e:  # content of the wrong shape or kind for its tower
             if isinstance(e, ValueError) and tower == "image":
                 raise  # an undecodable image names itself (CorruptImageError)
-            raise ValueError(f"item {raw_id!r}: its {tower} content does not fit the {tower} tower: {e}") from None
-        with self._lock:
-            self.item_vectors = torch.cat([self.item_vectors, vec.float()])
-            self.index[raw_id] = len(self.item_ids)
-            self.item_ids.append(raw_id)
-            self.popularity = np.append(self.popularity, 0.0)
-        return tower
-
+            raise ValueError(f"item {shown(raw_id)}: its {tower} content does not fit the {tower} tower: "
+                             f"{e}") from None
+        return vec, tower
 
     def _as_cached(self, tower: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The frozen blocks' output rounded as the catalogue's feature cache stores it (half precision), so that a
@@ -206,7 +290,8 @@ class Recommender:
 
 class MicroBatcher:
     """Concurrent requests arriving within `max_wait_ms` of the first share one user-encoder and scoring pass (up
-    to `max_batch`); each gets its own rows back. One worker thread runs the model."""
+    to `max_batch`); each gets its own rows back. One worker thread runs the model. When a shared pass meets NaN or
+    infinite scores, each request of it is run alone: only the requests whose own scores are not finite fail."""
 
     def __init__(self, rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0):
         import queue
@@ -244,6 +329,15 @@ class MicroBatcher:
                     scores, items = self.rec.top_k([b[0] for b in group], max(b[1] for b in group), exclude)
                     for r, (_, k, _, done) in enumerate(group):
                         done.set_result((scores[r : r + 1, :k], items[r : r + 1, :k]))
+                except NonFiniteScores as e:
+                    if len(group) == 1:
+                        group[0][3].set_exception(e)
+                        continue
+                    for history, k, _, done in group:
+                        try:
+                            done.set_result(self.rec.top_k([history], k, exclude))
+                        except Exception as alone:  # noqa: BLE001 - handed to its own request
+                            done.set_exception(alone)
                 except Exception as e:  # noqa: BLE001 - handed to every waiting request
                     for b in group:
                         b[3].set_exception(e)
@@ -284,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: no shards at {shards}: build them with `python -m transrec.data_shards.build`")
     try:
         rec = Recommender.from_export(a.export, shards, a.device, show_progress=rank == 0)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
+    if rec.unusable:
+        raise SystemExit(f"error: {a.export}: {rec.unusable}")
     if not 1 <= a.k <= len(rec.item_ids):
         raise SystemExit(f"error: --k must be between 1 and the catalogue size {len(rec.item_ids)}")
     user_ids = json.loads((shards / "id_maps.json").read_text())["users"]
@@ -300,8 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         users = [by_raw[u] for u in wanted]
     mine = users[rank::world]
     target = Path(f"{a.out}.rank{rank}") if world > 1 else (Path(a.out) if a.out else None)
-    with (open(target, "w") if target else sys.stdout) as out:
-        n = batch_recommend(rec, rec.ranker.sequences, user_ids, mine, a.k, not a.include_seen, out)
+    try:
+        with (open(target, "w") if target else sys.stdout) as out:
+            n = batch_recommend(rec, rec.ranker.sequences, user_ids, mine, a.k, not a.include_seen, out)
+    except NonFiniteScores as e:  # no half-written file left behind to be taken for the recommendations
+        if target:
+            target.unlink(missing_ok=True)
+        raise SystemExit(f"error: {a.export}: {e}") from None
     if world > 1:
         _join_parts(Path(a.out), world, rank)
     if rank == 0:
