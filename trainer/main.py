@@ -28,7 +28,11 @@ except ModuleNotFoundError:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from transrec.data_shards.integrity import IntegrityError  # noqa: E402
+from transrec.trainer.checkpoint import ExportError, read_export_config  # noqa: E402
 from transrec.trainer.config import RunConfig, apply_overrides, preset  # noqa: E402
+from transrec.trainer.evaluate import NonFiniteScores  # noqa: E402
+from transrec.trainer.run_lock import claim_run_dir, releasing_run_dir_locks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
@@ -91,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
         overrides = [f"{k}={v}" for k, v in direct.items() if v is not None] + list(a.set)
         cfg = apply_overrides(cfg, overrides)
     except ValueError as e:
-        p.error(str(e))
+        p.exit(2, f"error: {e}\n")  # one line naming the setting (argparse's usage text would bury it)
     return cfg, a
 
 
@@ -135,18 +139,21 @@ def _config_from_dict(d: dict) -> RunConfig:
     )
 
 
-def check_run_dir(run_dir: str | None, overwrite: bool) -> None:
-    """A new run never writes into an old run's folder: its best models and resume.json could be picked up."""
-    if not run_dir or not Path(run_dir).is_dir() or not any(Path(run_dir).iterdir()):
-        return
-    if not overwrite:
-        raise SystemExit(
-            f"error: --run-dir {run_dir} exists and is not empty: continue that run with --resume {run_dir}, "
-            "delete it with --overwrite, or choose another --run-dir")
-    if int(os.environ.get("RANK", "0")) == 0:  # one rank deletes; the others find it gone or empty
-        import shutil
+def check_run_dir(cfg: RunConfig, overwrite: bool, argv: list[str] | None = None) -> None:
+    """One writer per run folder, and a new run never writes into an old run's folder (its best models and
+    resume.json could be picked up). Rank 0 locks RUN_DIR (trainer/run_lock.py: a run, --overwrite or --resume into a
+    folder another live run holds is refused, naming it) before anything is written there; then a new run refuses a
+    non-empty folder unless --overwrite, which empties it. The other ranks wait for that outcome. Without --run-dir,
+    rank 0 names the new folder under runs/ here. The lock is held until main() returns or raises."""
+    import shlex
 
-        shutil.rmtree(run_dir, ignore_errors=True)
+    from transrec.trainer.run_setup import default_run_dir, setup_distributed
+
+    rank, world, _ = setup_distributed()
+    command = shlex.join(sys.argv if argv is None else ["trainer/main.py", *argv])
+    run_dir = claim_run_dir(Path(cfg.run_dir or default_run_dir(cfg)), rank, world, new_run=not cfg.resume,
+                            overwrite=overwrite, command=command)
+    cfg.run_dir = str(run_dir)
 
 
 def local_shards(shards: str) -> str:
@@ -161,6 +168,7 @@ def local_shards(shards: str) -> str:
         raise SystemExit(f"error: {e}") from None
 
 
+@releasing_run_dir_locks  # the run directory's lock (check_run_dir) ends with the call
 def main(argv: list[str] | None = None) -> dict | None:
     cfg, args = parse_args(argv)
     cfg.data.shards = local_shards(cfg.data.shards)
@@ -170,9 +178,18 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed "
             f"--out {cfg.data.shards}` (or `make shards`)"
         )
-    if not cfg.resume:
-        check_run_dir(cfg.run_dir, args.overwrite)
+    check_run_dir(cfg, args.overwrite, argv)
     ds_config = args.ds_config or (str(Path(cfg.resume) / "ds_config.json") if cfg.resume else "ds_configs/zero2.json")
+    try:
+        return run(cfg, ds_config)
+    except (IntegrityError, ExportError, NonFiniteScores) as e:  # a damaged file or a broken model: one line
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(cfg: RunConfig, ds_config: str) -> dict | None:
+    """Train (or evaluate, --stage none) as `cfg` says; `transfer=auto` trains its candidates and keeps the best."""
+    if cfg.init_from:  # before anything trains: a folder that is not an export, or a damaged one, is named now
+        read_export_config(Path(cfg.init_from))
     if cfg.transfer.mode == "auto":  # candidates under RUN_DIR/candidates/, chosen on validation
         from transrec.trainer.transfer import run_auto
 

@@ -9,6 +9,9 @@
     meter.close()                             # the epoch's losses were finite, or TrainingDiverged
     log.validation(stage, epoch, metrics, run_step)
 
+On --resume, `log.rewind(stage, stage_step, epoch, run_step)` (before anything is logged) cuts the CSV logs back to
+the checkpoint and opens TensorBoard with `purge_step`, so no row or event after the checkpoint appears twice.
+
 Losses stay on the device between logging steps: one host read (and one all-reduce over ranks) per `log_every`
 optimizer steps. Only rank 0 writes files; without a terminal a log line stands in for the progress bar.
 """
@@ -16,8 +19,10 @@ optimizer steps. Only rank 0 writes files; without a terminal a log line stands 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,14 +36,89 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+# the files a run appends rows to (rank 0): what a resume cuts back to its checkpoint (truncate_logs)
+LOSS_LOG = "loss_stage{stage}.csv"  # step,loss: the stage's optimizer step
+VALID_LOG = "valid_curve.csv"  # stage,epoch,metrics...: one row per validation, after the epoch
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    """`path` holds exactly `lines`, replaced in one step (a kill leaves the old file or the new one)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _keep_rows(path: Path, keep: Callable[[list[str]], bool]) -> int:
+    """Keep the header and the rows for which keep(fields) is true; a row cut short by a kill (no line end, or
+    fields that do not parse) goes too. Returns how many rows were dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines or not lines[0].endswith("\n"):  # not even a whole header: the next row writes a new one
+        path.unlink()
+        return len(lines)
+
+    def whole_and_kept(row: str) -> bool:
+        try:
+            return row.endswith("\n") and keep(row.strip().split(","))
+        except (ValueError, IndexError):
+            return False
+
+    kept = [r for r in lines[1:] if whole_and_kept(r)]
+    dropped = len(lines) - 1 - len(kept)
+    if dropped:
+        _rewrite(path, [lines[0], *kept])
+    return dropped
+
+
+def truncate_logs(run_dir: Path, stage: int, stage_step: int, epoch: int) -> dict[str, int]:
+    """Cut the run's CSV logs back to a checkpoint taken after `stage_step` optimizer steps of `stage`, with `epoch`
+    the epoch it continues (its validation not yet done): the loss rows of `stage` up to `stage_step`, every row of
+    an earlier stage, none of a later one; the validation rows of the epochs before (stage, epoch). What was logged
+    after the checkpoint is logged again by the resumed run. Returns the rows dropped per file."""
+    dropped = {}
+    for path in sorted(run_dir.glob(LOSS_LOG.format(stage="*"))):
+        own = path.name[len("loss_stage"):-len(".csv")]
+        if not own.isdigit():
+            continue
+        limit = math.inf if int(own) < stage else stage_step if int(own) == stage else -1
+        dropped[path.name] = _keep_rows(path, lambda f, limit=limit: int(f[0]) <= limit)
+    dropped[VALID_LOG] = _keep_rows(run_dir / VALID_LOG, lambda f: (int(f[0]), int(f[1])) < (stage, epoch))
+    return {name: n for name, n in dropped.items() if n}
+
+
 class RunLog:
     def __init__(self, run_dir: Path, rank: int, world: int, device: torch.device, log_every: int):
         self.run_dir, self.rank, self.world, self.device, self.log_every = run_dir, rank, world, device, log_every
-        self.writer = None
-        if rank == 0:
+        self._writer = None  # TensorBoard's, opened at the first scalar (after a resume's rewind)
+        self.purge_step: int | None = None
+
+    @property
+    def writer(self):
+        """Rank 0's SummaryWriter (None on the other ranks); after rewind() it purges the events from purge_step on."""
+        if self._writer is None and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
+        return self._writer
+
+    def rewind(self, stage: int, stage_step: int, epoch: int, run_step: int) -> None:
+        """A resume from a checkpoint at `stage_step` optimizer steps of `stage` (`run_step` of the run, TensorBoard's
+        x), continuing `epoch`: the CSV logs lose their rows after it (truncate_logs), and TensorBoard drops the
+        events logged after it (purge_step = run_step + 1; the step's own events came before the checkpoint)."""
+        if self.rank != 0:
+            return
+        dropped = truncate_logs(self.run_dir, stage, stage_step, epoch)
+        if dropped:
+            LOG.info("resume: dropped the log rows written after the checkpoint: "
+                     + ", ".join(f"{n} from {name}" for name, n in dropped.items()))
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.purge_step = run_step + 1
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -55,22 +135,23 @@ class RunLog:
         self.scalars({f"eval/{k}": v for k, v in shown.items()}, step)
         LOG.info(f"stage {stage} epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         if self.rank == 0:
-            curve = self.run_dir / "valid_curve.csv"
+            curve = self.run_dir / VALID_LOG
             with open(curve, "a") as f:
                 f.write("" if curve.exists() and curve.stat().st_size else "stage,epoch," + ",".join(shown) + "\n")
                 f.write(f"{stage},{epoch}," + ",".join(f"{v:.6f}" for v in shown.values()) + "\n")
 
     def append_loss(self, stage: int, step: int, loss: float) -> None:
         if self.rank == 0:
-            path = self.run_dir / f"loss_stage{stage}.csv"
+            path = self.run_dir / LOSS_LOG.format(stage=stage)
             new = not path.exists()
             with open(path, "a") as f:
                 f.write("step,loss\n" if new else "")
                 f.write(f"{step},{loss:.8f}\n")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 class EpochMeter:

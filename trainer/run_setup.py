@@ -94,13 +94,26 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        except dist.DistNetworkError as e:
+            if not port_in_use(e):
+                raise
+            addr, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+            raise SystemExit(f"error: MASTER_PORT {port} is already in use on {addr}: pass another port (deepspeed "
+                             "--master_port N) or stop the process holding it") from None
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def port_in_use(error: BaseException) -> bool:
+    """torch.distributed's rendezvous store could not listen on MASTER_PORT because something holds it."""
+    text = str(error).lower()
+    return "address already in use" in text or "eaddrinuse" in text
 
 
 def setup_logging(rank: int) -> None:
@@ -133,13 +146,16 @@ def git_hash() -> str:
         return "unknown"
 
 
+def default_run_dir(cfg: RunConfig) -> Path:
+    """The folder of a run given no --run-dir: runs/<date>-<time>-<preset>."""
+    return Path("runs") / f"{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.preset}"
+
+
 def make_run_dir(cfg: RunConfig, rank: int) -> Path:
-    """A new folder under runs/ (or --run-dir), the same on every rank."""
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
-    else:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{stamp}-{cfg.preset}"
+    """A new folder under runs/ (or --run-dir), the same on every rank (rank 0's). trainer/main.py has already
+    locked it (trainer/run_lock.py, rank 0) and the other ranks waited for that; rank 0 creates it here for a Trainer
+    made without main()."""
+    path = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [str(path)]
         dist.broadcast_object_list(box, src=0)

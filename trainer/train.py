@@ -315,6 +315,12 @@ class Trainer:
         if resume is not None:
             load_resume_point(engine, self.run_dir, resume["tag"], self.rank)
             start_epoch, skip, stale = resume["epoch"], resume["batches_done"], resume.get("stale", 0)
+            self.log.rewind(stage, engine.global_steps, start_epoch, self.global_step + engine.global_steps)
+            patience = self.cfg.eval.patience
+            if (sc.max_steps and engine.global_steps >= sc.max_steps) or (patience and stale >= patience):
+                # saved after the stage's last step (or its early stop): no batch is left; an epoch cut there
+                # still validates, as it did in a run never interrupted
+                start_epoch, skip = (start_epoch, loader.steps_per_epoch) if skip else (sc.epochs, 0)
             LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip} (optimizer step "
                      f"{self.global_step + engine.global_steps} of the run)")
         LOG.info(
