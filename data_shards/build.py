@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from transrec.data_shards import report
+from transrec.data_shards import integrity, report
 from transrec.data_shards.modalities import content_kind, extra_kinds
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES, FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
 from transrec.data_shards.tables import (
@@ -391,14 +391,19 @@ def build(opts: BuildOptions) -> dict:
     if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
         manifest["policies"]["dedup_note"] = note
     manifest["statistics"] = report.statistics(user_records, item_mod, names)
-    # Every file a reader needs, hashed: shards served over a URL are verified against these (data_shards/remote.py).
-    manifest["file_sha256"] = {n: file_sha256(tmp / n) for n in [*item_shards, *seq_shards, "item_index.npy",
-                                                                "id_maps.json"]}
+    # Every file a reader needs, hashed: readers verify the folder against these before using it, and shards served
+    # over a URL are verified file by file as they are fetched (data_shards/integrity.py, data_shards/remote.py).
+    hashed = integrity.hash_files(tmp, [*item_shards, *seq_shards, *integrity.FIXED_FILES])
+    manifest["file_sha256"] = {n: digest for n, (_, digest) in hashed.items()}
+    unread = [n for n, digest in manifest["file_sha256"].items() if digest is None]
+    if unread:  # the build's own files, just written: only another process could have removed them
+        raise RuntimeError(f"{tmp / unread[0]} vanished before it could be hashed: build again")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (tmp / "validation.json").write_text(json.dumps({"counts": counts, "found": problems.found}, indent=1, default=str))
     if opts.out.exists():
         shutil.rmtree(opts.out)
     tmp.rename(opts.out)
+    integrity.remember(opts.out, hashed)  # the first reader then only `stat`s the files (a rename keeps their stat)
     print(report.statistics_table(manifest))
     print(report.problem_summary(problems))
     print(f"shards written to {opts.out}")

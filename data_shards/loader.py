@@ -29,6 +29,11 @@ content of each unique item is loaded once from the ItemStore by offset and coll
 kind (data_shards/modalities.py): token ids for text items, decoded pixels for image items (or their JPEG bytes,
 left for the main process to decode, without `decode_in_loader`), and so on for any registered modality.
 
+Integrity. The stream opens its folder through `load_manifest`, which checks every file against the manifest's
+sha256 (data_shards/integrity.py), and checks them again at the start of every epoch, in the main process before
+any worker starts and in each worker (a `stat` per file; a file changed since is hashed again): a damaged file is
+one IntegrityError line naming it, also when a worker finds it.
+
 Host-side step plan. What the step would otherwise read back from the device is computed here, on the CPU, while
 the previous step runs: the routing of the unique items to their modality's tower (`routing`), the flat indices of
 the (position, next item) pairs that enter a dense loss (`keep`) and the number of real sequences (`num_real`).
@@ -46,6 +51,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from transrec.data_shards.integrity import IntegrityError, one_line, verify_shards
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore, load_manifest, sequence_records
 
@@ -365,9 +371,15 @@ class TrainStream(torch.utils.data.IterableDataset):
                                               modality=modality)
         return pin(batch) if cfg.pin_memory else batch
 
+    def check_files(self) -> None:
+        """Every shard file against the manifest this stream was planned from, before an epoch reads any (a `stat`
+        per file once verified; a file changed since is hashed again): raises IntegrityError naming it."""
+        verify_shards(self.shard_dir, self.manifest)
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self.check_files()  # in each worker process as well: what webdataset streams and the item store maps
         for b, samples in enumerate(self.rank_batches()):
             if b < self.first_batch or (b - self.first_batch) % workers != worker:
                 continue
@@ -451,6 +463,7 @@ class TrainLoader:
         return len(self.stream)
 
     def __iter__(self):
+        self.stream.check_files()  # in this process, before any worker starts: a changed file is one line here
         if self.cfg.num_workers == 0:
             yield from _ThreadPrefetcher(self.stream, self.cfg.prefetch)
             return
@@ -464,6 +477,8 @@ class TrainLoader:
         it = iter(loader)
         try:
             yield from it
+        except IntegrityError as e:  # raised in a worker: re-raised there with the worker's traceback in its message
+            raise IntegrityError(one_line(e)) from None
         finally:  # stopped early: the worker processes go now, not at interpreter shutdown
             shutdown = getattr(it, "_shutdown_workers", None)
             shutdown() if shutdown else None

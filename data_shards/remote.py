@@ -8,8 +8,10 @@ serve; sequence shards are small next to items and read every epoch. The cache f
 (`$TRANSREC_SHARD_CACHE`, default `~/.cache/transrec/shards/<sha256(url)[:16]>`). Each file is downloaded to a
 temporary name, checked against the manifest's `file_sha256` (written by `data_shards.build`) and size, then
 renamed; the manifest is written last, so a folder with a manifest is complete. A file already in the cache is
-re-verified before use (a truncated or altered copy is fetched again). Shards built before the manifest carried
-hashes are refused: rebuild them, or copy the folder and pass its path.
+re-verified before use (a truncated or altered copy is fetched again): through data_shards/integrity.py, which hashes a
+file once and remembers its digest with its stat, so a later run only `stat`s an unchanged cached copy, and the
+readers' own verification of the local folder finds every digest already known. Shards built before the manifest
+carried hashes are refused: rebuild them, or copy the folder and pass its path.
 """
 
 from __future__ import annotations
@@ -21,18 +23,13 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-from transrec.data_shards.tables import file_sha256
+from transrec.data_shards.integrity import FIXED_FILES, file_digests, shard_files
 
-FIXED_FILES = ("item_index.npy", "id_maps.json")  # beside the manifest's shard lists; hashed by the builder
+__all__ = ["FIXED_FILES", "cache_root", "is_url", "localize", "shard_files"]
 
 
 def is_url(shards: str | os.PathLike) -> bool:
     return "://" in str(shards)
-
-
-def shard_files(manifest: dict) -> list[str]:
-    """Every file a trainer, evaluator or recommender reads from a shard folder, besides the manifest."""
-    return [*manifest["shards"]["items"], *manifest["shards"]["sequences"], *FIXED_FILES]
 
 
 def cache_root() -> Path:
@@ -82,14 +79,17 @@ def localize(shards: str | os.PathLike, root: Path | None = None, log=print) -> 
         raise RuntimeError(f"{url}/manifest.json lists no file hashes (shards built before they were recorded): "
                            "rebuild the shards with data_shards.build, or copy the folder and pass its local path")
     fetched = 0
-    for name in shard_files(manifest):
+    names = shard_files(manifest)
+    for name in names:
         if name not in hashes:
             raise RuntimeError(f"{url}/manifest.json has no hash for {name}: rebuild the shards")
+    cached, _ = file_digests(folder, names)  # hashed once, then known by stat
+    for name in names:
         dest = folder / name
-        if dest.exists() and file_sha256(dest) == hashes[name]:
+        if cached[name] == hashes[name]:
             continue
         _download(f"{url}/{name}", dest)
-        if file_sha256(dest) != hashes[name]:
+        if file_digests(folder, [name])[0][name] != hashes[name]:
             bad = dest.with_name(dest.name + ".corrupt")
             os.replace(dest, bad)
             raise RuntimeError(f"{url}/{name}: sha256 differs from the manifest's (truncated or altered in transit "

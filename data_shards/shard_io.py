@@ -9,7 +9,9 @@ Layout of a shard directory (see data_shards/README.md):
     item_index.npy         per item: shard number, modality code and, per modality of `manifest["modalities"]`, the
                            byte offset and size of its payload inside the tar (size 0: the item has none)
 
-Tars are written with fixed metadata (mtime 0, uid 0, sorted keys), so the same inputs give the same bytes.
+Every file the manifest lists in `file_sha256` is checked against its hash before it is read (`load_manifest`,
+data_shards/integrity.py). Tars are written with fixed metadata (mtime 0, uid 0, sorted keys), so the same inputs
+give the same bytes.
 `ItemStore` reads any item's payload of any modality by offset from memory-mapped tars: no shard scanning. What a
 payload is and how it becomes a tower's input is the modality's content kind (data_shards/modalities.py). Format 1
 shards (text and image only, fixed `tok_*` / `jpg_*` columns) are read through the same interface.
@@ -25,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from transrec.data_shards.integrity import check_file, read_manifest, verify_shards
 
 FORMAT_VERSION = 2  # 2: item index keyed by modality name (`manifest["modalities"]`); 1: fixed text / image columns
 BUILT_IN_MODALITIES = ("text", "image")
@@ -91,17 +95,24 @@ def npy_bytes(array: np.ndarray) -> tuple[bytes, int]:
 
 
 def load_manifest(shard_dir: Path | str) -> dict:
-    path = Path(shard_dir) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no manifest.json in {shard_dir}: build shards first, e.g. `python -m transrec.data_shards.build "
-            f"--dataset movielens-100k-mm --source data/movielens-100k-mm --modality mixed --out {shard_dir}`"
-        )
-    return json.loads(path.read_text())
+    """The folder's manifest, after every file it lists in `file_sha256` has been checked against its hash
+    (data_shards/integrity.py: hashed once, then a `stat` per file): every reader opens a shard folder through here,
+    so no shard byte is read unverified. Raises IntegrityError naming a missing or differing file."""
+    manifest = read_manifest(shard_dir)
+    verify_shards(shard_dir, manifest)
+    return manifest
+
+
+def read_id_maps(shard_dir: Path | str) -> dict:
+    """id_maps.json ({"items": [raw id by index], "users": [...]}), verified with the rest of the folder."""
+    load_manifest(shard_dir)
+    return json.loads((Path(shard_dir) / "id_maps.json").read_text())
 
 
 def sequence_records(shard: Path) -> Iterator[dict]:
-    """The user samples (json) of one sequence tar, in file order, one at a time."""
+    """The user samples (json) of one sequence tar, in file order, one at a time (the tar checked against its
+    folder's manifest first: one `stat` once the folder is verified)."""
+    check_file(shard)
     with tarfile.open(shard) as tar:
         while (member := tar.next()) is not None:
             if member.name.endswith(".json"):
@@ -145,7 +156,9 @@ class ItemStore:
     def _shard(self, number: int) -> mmap.mmap:
         # Opened lazily so that a store can be pickled into loader workers before first use.
         if self._maps[number] is None:
-            with open(self.shard_dir / self.manifest["shards"]["items"][number], "rb") as f:
+            path = self.shard_dir / self.manifest["shards"]["items"][number]
+            check_file(path, self.manifest)  # in a loader worker too: the store may have been pickled into it
+            with open(path, "rb") as f:
                 self._maps[number] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[number]
 

@@ -8,8 +8,8 @@ px), so the mixed-modality rule routes about half of them to each tower; item po
 exponent A over a random permutation of the items. Users: sequence lengths 3 + a geometric draw (mean L overall);
 items drawn by popularity, timestamps increasing. The raw tables are written as a generic dataset next to the output
 and built by `data_shards.build --dataset generic`, so the shards go through the same validation and writer as real
-data. For measuring scale, never for accuracy claims: the manifest's "provenance" says "synthetic" with every
-parameter.
+data (the manifest lists every file's sha256 in `file_sha256`, which readers verify). For measuring scale, never for
+accuracy claims: the manifest's "provenance" says "synthetic" with every parameter.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ on CPU tensors runs the kernels through the Triton interpreter (how CI proves th
 On a machine with CUDA the variable is left unset so the same tests run the compiled kernels.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -14,6 +17,12 @@ if not torch.cuda.is_available():
 # Kernel tests on CUDA launch the heuristic tiling (each test's shapes would otherwise time every candidate);
 # tests/test_kernel_tuning.py switches the timing on where it tests it, and every candidate is tested on its own.
 os.environ.setdefault("TRANSREC_KERNEL_AUTOTUNE", "0")
+# Records of verified shard folders (data_shards/integrity.py) and URL shard copies go to a folder of this test
+# session, not the user's cache.
+if "TRANSREC_SHARD_CACHE" not in os.environ:
+    _shard_cache = tempfile.mkdtemp(prefix="transrec-shard-cache-")
+    os.environ["TRANSREC_SHARD_CACHE"] = _shard_cache
+    atexit.register(shutil.rmtree, _shard_cache, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -35,6 +35,7 @@ import torch
 
 from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.shard_io import read_id_maps
 from transrec.trainer.evaluate import NonFiniteScores, count_nonfinite, interaction_counts
 from transrec.trainer.model_eval import ModelRanker, export_cli, ranker_from_export
 
@@ -72,7 +73,7 @@ class Recommender:
 
     def __init__(self, ranker: ModelRanker, item_vectors: torch.Tensor):
         self.ranker, self.model = ranker, ranker.model
-        self.item_ids = json.loads((ranker.store.shard_dir / "id_maps.json").read_text())["items"]
+        self.item_ids = read_id_maps(ranker.store.shard_dir)["items"]
         self.index = {raw: i for i, raw in enumerate(self.item_ids)}
         self.item_vectors = item_vectors  # [V, d] fp32, grows with add_item
         self.popularity = interaction_counts(ranker.sequences, len(self.item_ids))  # training interactions per item
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {a.export}: {rec.unusable}")
     if not 1 <= a.k <= len(rec.item_ids):
         raise SystemExit(f"error: --k must be between 1 and the catalogue size {len(rec.item_ids)}")
-    user_ids = json.loads((shards / "id_maps.json").read_text())["users"]
+    user_ids = read_id_maps(shards)["users"]
     by_raw = {raw: i for i, raw in enumerate(user_ids)}
     if a.users == "all":
         users = list(range(len(user_ids)))

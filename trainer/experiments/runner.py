@@ -363,9 +363,9 @@ def make_tiny_bert(path: Path) -> None:
 
 def check_same_split(a: Path, b: Path) -> None:
     """Two shard folders hold the same users, items (same indices) and splits; only item modality may differ."""
-    from transrec.data_shards.shard_io import read_sequences
+    from transrec.data_shards.shard_io import read_id_maps, read_sequences
 
-    ia, ib = (json.loads((p / "id_maps.json").read_text()) for p in (a, b))
+    ia, ib = (read_id_maps(p) for p in (a, b))  # each folder verified against its manifest's hashes first
     sa, sb = read_sequences(a), read_sequences(b)
     same = ia == ib and len(sa) == len(sb) and all(
         x["items"] == y["items"] and x["num_train"] == y["num_train"] and x["evaluated"] == y["evaluated"]
