@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.tables import GenericColumns, render_text
 from transrec.trainer.checkpoint import save_export
 from transrec.trainer.config import preset
@@ -263,6 +264,12 @@ def test_index_without_faiss_is_exact(rec, export, catalogue, tmp_path, monkeypa
     assert served.ann is None
     history = _histories(catalogue)["u2"]
     assert served.recommend(history, k=3) == rec.recommend(history, k=3)
+    vectors = tmp_path / "idx" / "item_vectors.safetensors"  # one flipped bit in the index's vectors: named
+    data = bytearray(vectors.read_bytes())
+    data[-7] ^= 1
+    vectors.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=r"index file .*item_vectors.safetensors differs from the sha256"):
+        index.recommender_from_index(tmp_path / "idx", export, catalogue)
 
 
 def test_micro_batching_gives_each_request_its_own_answer(export, catalogue):
