@@ -97,13 +97,13 @@ def test_a_resumed_run_logs_each_step_and_validation_once(ml_shards, tiny_bert_d
     stops = [("instead of", (1, 0, 6)), ("instead of", (1, 1, 0)), ("after", (1, 1, 0))]  # (stage, epoch, batch)
     real_save = Trainer.save_resume_point
 
-    def save_or_stop(self, engine, stage, epoch, batches_done, stale):
+    def save_or_stop(self, engine, stage, epoch, batches_done, stale, *unlogged):
         point = (stage, epoch, batches_done)
         if stops and stops[0] == ("instead of", point):
             stops.pop(0)
             self.log.close()  # what the run had logged is on disk, as it is when a kill comes later
             raise KeyboardInterrupt
-        real_save(self, engine, stage, epoch, batches_done, stale)
+        real_save(self, engine, stage, epoch, batches_done, stale, *unlogged)
         if stops and stops[0] == ("after", point):
             stops.pop(0)
             self.log.close()
@@ -125,3 +125,26 @@ def test_a_resumed_run_logs_each_step_and_validation_once(ml_shards, tiny_bert_d
     for name in ("loss_stage1.csv", "valid_curve.csv"):
         assert (run / name).read_text() == (straight / name).read_text(), name
     assert session_starts(run / "tensorboard") == [4, 7]  # the third resume logged nothing
+
+
+def test_a_checkpoint_inside_a_logging_window_carries_its_unlogged_losses(tmp_path):
+    """log_every 2, a checkpoint after step 3: the run before the checkpoint saw loss 3, the resumed run sees loss 4.
+    The resumed run logs mean(loss 3, loss 4) at step 4, as a run never interrupted does, not loss 4 alone."""
+    losses = [torch.tensor(v) for v in (1.0, 2.0, 4.0, 8.0)]
+
+    def logged(run: Path, stop_after: int | None) -> str:
+        run.mkdir()
+        log = RunLog(run, rank=0, world=1, device=torch.device("cpu"), log_every=2)
+        meter = log.epoch(1, 0, 4, 0, 4, estimate=False)
+        for step, loss in enumerate(losses, start=1):
+            meter.step_done(loss, step - 1, step, step, boundary=True, lr=lambda: 0.1)
+            if step == stop_after:  # the checkpoint, then a kill: a new process resumes the window
+                saved = meter.unlogged()
+                meter = log.epoch(1, 0, 4, step, 4, estimate=False)
+                meter.carry(saved)
+        log.close()
+        return (run / "loss_stage1.csv").read_text()
+
+    whole = logged(tmp_path / "whole", None)
+    assert whole == "step,loss\n2,1.50000000\n4,6.00000000\n"
+    assert logged(tmp_path / "resumed", stop_after=3) == whole

@@ -344,14 +344,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def save_resume_point(engine, run_dir: Path, rank: int, point: dict) -> None:
-    """A DeepSpeed checkpoint under a new tag (`point`'s stage, epoch, batches_done), every rank's RNG state and the
-    files' hashes, then resume.json naming it (with `point`), then the older tags go: a kill at any moment leaves
-    resume.json pointing at a complete checkpoint."""
+def save_resume_point(engine, run_dir: Path, rank: int, point: dict,
+                      rank_state: dict[str, torch.Tensor] | None = None) -> None:
+    """A DeepSpeed checkpoint under a new tag (`point`'s stage, epoch, batches_done), every rank's RNG state (with
+    `rank_state`, this rank's own tensors, e.g. the losses not yet logged) and the files' hashes, then resume.json
+    naming it (with `point`), then the older tags go: a kill at any moment leaves resume.json pointing at a complete
+    checkpoint."""
     ckpt = run_dir / "checkpoints"
     tag = f"stage{point['stage']}-epoch{point['epoch']}-batch{point['batches_done']}"
     engine.save_checkpoint(str(ckpt), tag=tag, save_latest=False)
-    torch.save(rng_state(), ckpt / tag / f"rng_rank{rank}.pt")
+    torch.save({**rng_state(), **(rank_state or {})}, ckpt / tag / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
         write_checkpoint_hashes(ckpt / tag)  # a resume verifies every file before loading any
@@ -382,12 +384,15 @@ def weights_only_load(path, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_resume_point(engine, run_dir: Path, tag: str, rank: int) -> None:
+def load_resume_point(engine, run_dir: Path, tag: str, rank: int) -> dict:
     """The DeepSpeed state and this rank's RNG state of checkpoint `tag`, after verifying every file; nothing is
-    unpickled beyond tensors, containers and DeepSpeed's named checkpoint classes."""
+    unpickled beyond tensors, containers and DeepSpeed's named checkpoint classes. Returns this rank's saved state
+    (save_resume_point's `rank_state` among it)."""
     verify_checkpoint(run_dir / "checkpoints" / tag)
     engine.checkpoint_engine.load = weights_only_load  # this engine's loads only (an instance attribute)
     load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag)
     if load_path is None:
         raise FileNotFoundError(f"checkpoint {tag} missing in {run_dir / 'checkpoints'}: cannot resume")
-    restore_rng(torch.load(run_dir / "checkpoints" / tag / f"rng_rank{rank}.pt", weights_only=True))
+    saved = torch.load(run_dir / "checkpoints" / tag / f"rng_rank{rank}.pt", weights_only=True)
+    restore_rng(saved)
+    return saved if isinstance(saved, dict) else {}

@@ -208,6 +208,15 @@ class EpochMeter:
                      f"{mean_loss:.4f}, {rate:.0f} sequences/s")
         self.t_last, self.sequences, self.items, self.losses = time.time(), 0.0, 0, []
 
+    def unlogged(self) -> torch.Tensor:
+        """The losses since the last logging step, on the host (a resume point saves them; a host sync, taken at
+        checkpoints only)."""
+        return torch.stack(self.losses).detach().cpu() if self.losses else torch.zeros(0)
+
+    def carry(self, losses: torch.Tensor) -> None:
+        """Continue a window from a resume point: `losses` (unlogged() of the run before) enter the next logged mean."""
+        self.losses = [*losses.unbind(), *self.losses]
+
     def close(self) -> None:
         """End of the epoch: the losses since the last logging step must be finite."""
         self.bar.close()

@@ -311,9 +311,9 @@ class Trainer:
         if sc.max_steps:
             steps_total = min(steps_total, sc.max_steps)
         engine = self.make_engine(sc, steps_total)
-        start_epoch, skip, stale = 0, 0, 0
+        start_epoch, skip, stale, unlogged = 0, 0, 0, None
         if resume is not None:
-            load_resume_point(engine, self.run_dir, resume["tag"], self.rank)
+            unlogged = load_resume_point(engine, self.run_dir, resume["tag"], self.rank).get("unlogged_losses")
             start_epoch, skip, stale = resume["epoch"], resume["batches_done"], resume.get("stale", 0)
             self.log.rewind(stage, engine.global_steps, start_epoch, self.global_step + engine.global_steps)
             patience = self.cfg.eval.patience
@@ -336,6 +336,8 @@ class Trainer:
             loader.set_epoch(epoch)
             loader.skip_batches(skip)
             meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch)
+            if unlogged is not None and epoch == start_epoch:
+                meter.carry(unlogged.to(self.device))  # the losses of the steps before the checkpoint, not yet logged
             for b_idx, (host, batch) in enumerate(prefetched(loader, self._prepare, self.device, ahead), start=skip):
                 meter.batch_in(host)
                 loss = engine(batch, objective=obj)
@@ -346,7 +348,7 @@ class Trainer:
                 meter.step_done(loss, b_idx, steps_done, self.global_step + steps_done, boundary,
                                 lambda: engine.get_lr()[0])
                 if boundary and steps_done % self.cfg.save_every_steps == 0:
-                    self.save_resume_point(engine, stage, epoch, b_idx + 1, stale)
+                    self.save_resume_point(engine, stage, epoch, b_idx + 1, stale, meter.unlogged())
                 if sc.max_steps and steps_done >= sc.max_steps:
                     break
             meter.close()
@@ -420,10 +422,14 @@ class Trainer:
         if self.rank == 0:
             np.save(self.run_dir / f"valid_ranks_stage{stage}.npy", ranks)
 
-    def save_resume_point(self, engine, stage: int, epoch: int, batches_done: int, stale: int) -> None:
+    def save_resume_point(self, engine, stage: int, epoch: int, batches_done: int, stale: int,
+                          unlogged: torch.Tensor | None = None) -> None:
+        """`unlogged`: this rank's losses since its last logging step (mid-epoch), so that the resumed run logs the
+        same window means as a run never interrupted."""
         save_resume_point(engine, self.run_dir, self.rank, {"stage": stage, "epoch": epoch,
                                                             "batches_done": batches_done, "stale": stale,
-                                                            "state": self.state})
+                                                            "state": self.state},
+                          None if unlogged is None else {"unlogged_losses": unlogged})
 
     def finish_stage(self, stage: int, scoring: str) -> None:
         """Test with this stage's best model (the table's 'after stage N' row)."""
