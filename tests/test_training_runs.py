@@ -501,3 +501,24 @@ def test_device_prefetch_trains_the_same(ml_shards, tiny_bert_dir, tmp_path):
     assert len(losses[0].splitlines()) == 5  # a header and one row per step
     assert losses[2] == losses[0]
     assert metrics[2]["test"] == metrics[0]["test"]
+
+
+def test_validation_curves_sit_at_the_optimizer_step_they_were_taken(source_run):
+    """TensorBoard: each stage's validation under eval/stageN/, at the run's optimizer step when it ran (the x of the
+    loss logged at that step), not at the finished stages' steps plus the epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(source_run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    loss_steps = {s: [e.step for e in acc.Scalars(f"train/stage{s}_loss")] for s in (1, 2)}
+    valid_steps = {s: [e.step for e in acc.Scalars(f"eval/stage{s}/ndcg@10")] for s in (1, 2)}
+    assert not any(t.startswith("eval/") and t.count("/") == 1 for t in tags)  # no stage-less eval tags
+    curve = (source_run / "valid_curve.csv").read_text().splitlines()[1:]
+    for s in (1, 2):
+        assert len(valid_steps[s]) == sum(row.startswith(f"{s},") for row in curve) >= 1
+        assert valid_steps[s] == sorted(valid_steps[s])
+        # after the stage's last logged loss, before the next stage's first
+        assert loss_steps[s][-1] <= valid_steps[s][-1] and valid_steps[s][0] >= loss_steps[s][0]
+    assert valid_steps[1][-1] < loss_steps[2][0]
+    assert valid_steps[2][-1] == loss_steps[2][-1]  # the run's last step: stage 2 ends on a logging step here

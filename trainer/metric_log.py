@@ -130,9 +130,10 @@ class RunLog:
         return EpochMeter(self, stage, epoch, steps_per_epoch, first_batch, steps_total, estimate)
 
     def validation(self, stage: int, epoch: int, metrics: dict, step: int) -> None:
-        """TensorBoard, the log line and a row of valid_curve.csv for one validation."""
+        """TensorBoard (eval/stageN/<metric>, at the run's optimizer step `step`), the log line and a row of
+        valid_curve.csv for one validation."""
         shown = {k: v for k, v in metrics.items() if "@" in k}
-        self.scalars({f"eval/{k}": v for k, v in shown.items()}, step)
+        self.scalars({f"eval/stage{stage}/{k}": v for k, v in shown.items()}, step)
         LOG.info(f"stage {stage} epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         if self.rank == 0:
             curve = self.run_dir / VALID_LOG

@@ -353,7 +353,8 @@ class Trainer:
                     break
             meter.close()
             skip = 0
-            stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best, scoring)
+            stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best, scoring,
+                                                    self.global_step + steps_done)
             self.save_resume_point(engine, stage, epoch + 1, 0, stale)
             if stop or (sc.max_steps and steps_done >= sc.max_steps):
                 break
@@ -399,11 +400,13 @@ class Trainer:
                                                                         options)
         return batch
 
-    def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str):
-        """Rank the validation split; keep the stage's best model by `eval.select`; early stopping's count."""
+    def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str, run_step: int):
+        """Rank the validation split; keep the stage's best model by `eval.select`; early stopping's count.
+        `run_step`: the run's optimizer steps so far, the x at which TensorBoard shows this validation (the x of the
+        training scalars of the same step)."""
         ranks = self.evaluate("valid", scoring)
         metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
-        self.log.validation(stage, epoch, metrics, self.global_step + epoch)
+        self.log.validation(stage, epoch, metrics, run_step)
         record = {"stage": stage, "epoch": epoch, "valid": metrics, "scoring": scoring}
         select = self.cfg.eval.select
         if stage_best is None or metrics[select] > stage_best["valid"][select]:
