@@ -93,8 +93,10 @@ def truncate_logs(run_dir: Path, stage: int, stage_step: int, epoch: int) -> dic
 class RunLog:
     def __init__(self, run_dir: Path, rank: int, world: int, device: torch.device, log_every: int):
         self.run_dir, self.rank, self.world, self.device, self.log_every = run_dir, rank, world, device, log_every
-        self._writer = None  # TensorBoard's, opened at the first scalar (after a resume's rewind)
+        self._writer = None  # TensorBoard's; a resume's rewind() reopens it with purge_step
         self.purge_step: int | None = None
+        self.writer  # noqa: B018  opened before training starts: opened at the first logging step instead, it changed
+        # the run's losses in the 7th digit from that step on (measured on the bundled data, cause not found)
 
     @property
     def writer(self):
@@ -119,6 +121,7 @@ class RunLog:
             self._writer.close()
             self._writer = None
         self.purge_step = run_step + 1
+        self.writer  # noqa: B018  reopened now, before training continues (see __init__)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
