@@ -91,13 +91,8 @@ def verify_export(export_dir: Path) -> None:
     if missing:
         raise ExportError(f"{export_dir} is not an export: {' and '.join(missing)} missing (a run writes its export to "
                           "RUN_DIR/export; give that folder)")
-    listed = export_dir / CHECKPOINT_HASHES
-    if not listed.exists():
-        logging.getLogger("transrec").warning(
-            f"{export_dir} has no {CHECKPOINT_HASHES} (exported by an older version): loading it unverified")
-        return
     verify_hashes(export_dir, "export", "re-export the run (python -m transrec.trainer.main writes RUN_DIR/export) "
-                  "or restore the file from a copy")
+                  "or restore the file from a copy", older="exported by an older version")
 
 
 def read_export_config(export_dir: Path) -> tuple[dict, ModelConfig]:
@@ -308,20 +303,19 @@ def write_checkpoint_hashes(folder: Path) -> None:
 def verify_checkpoint(folder: Path) -> None:
     """Every file of a checkpoint against the hashes written after it was saved: a truncated or altered file is
     named before anything is loaded. Checkpoints written before the hashes existed are loaded as they are."""
-    listed = folder / CHECKPOINT_HASHES
-    if not listed.exists():
-        logging.getLogger("transrec").warning(
-            f"{folder} has no {CHECKPOINT_HASHES} (written by an older version): loading it unverified")
-        return
     verify_hashes(folder, "checkpoint", "resume cannot continue from it (start the run again, or restore the file)")
 
 
-def verify_hashes(folder: Path, kind: str, remedy: str) -> None:
+def verify_hashes(folder: Path, kind: str, remedy: str, older: str = "written by an older version") -> None:
     """Every file `folder`/files.sha256.json lists against its recorded sha256: IntegrityError in one line naming
-    the first missing or differing file, then `remedy`."""
+    the first missing or differing file, then `remedy`. A folder without the list (`older`: written before it
+    existed) loads with a one-line warning that it is unverified."""
     from transrec.data_shards.tables import file_sha256
 
     listed = folder / CHECKPOINT_HASHES
+    if not listed.exists():
+        logging.getLogger("transrec").warning(f"{folder} has no {CHECKPOINT_HASHES} ({older}): loading it unverified")
+        return
     try:
         hashes = json.loads(listed.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -13,14 +13,13 @@ importable, and OUT/files.sha256.json (each file's sha256, checked before the in
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from transrec.data_shards.integrity import IntegrityError
-from transrec.trainer.checkpoint import CHECKPOINT_HASHES, read_weights, verify_hashes, write_checkpoint_hashes
+from transrec.trainer.checkpoint import read_weights, verify_hashes, write_checkpoint_hashes
 from transrec.trainer.evaluate import eval_users
 from transrec.trainer.model_eval import export_cli
 from transrec.trainer.recommend import Recommender
@@ -83,11 +82,7 @@ def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: 
     if not (index_dir / "index.json").is_file():
         raise FileNotFoundError(f"{index_dir} is not an index (no index.json): build one with "
                                 "`python -m transrec.trainer.index`")
-    if (index_dir / CHECKPOINT_HASHES).exists():
-        verify_hashes(index_dir, "index", "rebuild it with `python -m transrec.trainer.index`")
-    else:
-        logging.getLogger("transrec").warning(f"{index_dir} has no {CHECKPOINT_HASHES} (written by an older "
-                                              "version): loading it unverified")
+    verify_hashes(index_dir, "index", "rebuild it with `python -m transrec.trainer.index`")
     meta = json.loads((index_dir / "index.json").read_text())
     ranker = ranker_from_export(export, shards, device, show_progress=False, build_cache=False)
     vectors = read_weights(index_dir / "item_vectors.safetensors")["vectors"].to(ranker.device)

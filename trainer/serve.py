@@ -95,6 +95,17 @@ def add_from_request(rec: Recommender, req: ItemRequest, journal: ItemJournal | 
                         before_insert=None if journal is None else lambda: journal.append(entry))
 
 
+# What a request's error answers, the first class that matches (the first three are ValueErrors themselves).
+ERROR_STATUS = ((UnknownItems, 404), (DuplicateItem, 409), (NonFiniteScores, 500), (JournalError, 503),
+                (ValueError, 422))
+
+
+def as_http_error(e: Exception) -> HTTPException:
+    """The HTTP error of an exception the Recommender or the journal raised (ERROR_STATUS), its message the detail."""
+    status = next(code for cls, code in ERROR_STATUS if isinstance(e, cls))
+    return HTTPException(status, str(e))
+
+
 def _problem(e: dict, path: str) -> str:
     """One validation error as `field: what is wrong`, without the input."""
     where = ".".join(bounded(p, 40) for p in e.get("loc", ()) if p != "body") or "body"
@@ -157,25 +168,16 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
     def recommend(req: RecommendRequest) -> dict:
         try:
             return rec.recommend(req.history, req.k, req.exclude_seen)
-        except UnknownItems as e:
-            raise HTTPException(404, str(e)) from None
-        except NonFiniteScores as e:
-            raise HTTPException(500, str(e)) from None
-        except ValueError as e:
-            raise HTTPException(422, str(e)) from None
+        except (ValueError, JournalError) as e:
+            raise as_http_error(e) from None
 
     @app.post("/items")
     def add_item(req: ItemRequest) -> dict:
         try:
             tower = add_from_request(rec, req, journal)
-        except DuplicateItem as e:
-            raise HTTPException(409, str(e)) from None
-        except NonFiniteScores as e:
-            raise HTTPException(500, str(e)) from None
-        except JournalError as e:
-            raise HTTPException(503, str(e)) from None
-        except ValueError as e:  # no content, an undecodable image (CorruptImageError), content that does not fit
-            raise HTTPException(422, str(e)) from None
+        # 422: no content, an undecodable image (CorruptImageError), content that does not fit; 409, 500, 503
+        except (ValueError, JournalError) as e:
+            raise as_http_error(e) from None
         return {"id": req.id, "tower": tower, "items": len(rec.item_ids), "persisted": journal is not None,
                 "note": kept}
 
