@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+RELEASE_YEAR = 1995  # the MovieLens cross-catalogue split: films up to this year are the source's
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -36,12 +38,20 @@ DOMAINS = {d.key: d for d in (
     Domain("hm-a-text", "hm-fashion", "text", False, "H&M half A text only", raw="hm-fashion-a"),
     Domain("hm-b-text-side-from-a-text", "hm-fashion", "text", True, "H&M half B text only + side features",
            raw="hm-fashion-b"),
+    # MovieLens cut by release date into two catalogues that share no film and no user
+    # (data_shards/split_by_release.py): the later films are a new catalogue of the same kind (cross_catalogue.py)
+    Domain("ml-old-mixed", "movielens-100k-mm", "mixed", False, f"MovieLens films up to {RELEASE_YEAR} mixed",
+           raw="ml-old"),
+    Domain("ml-new-mixed", "movielens-100k-mm", "mixed", False, f"MovieLens films after {RELEASE_YEAR} mixed",
+           raw="ml-new"),
 )}
 TARGETS = ("hm-mixed", "hm-image", "hm-text-side", "ml-mixed")
 # targets run only when named (--targets): transfer from the other half of the same platform
 SPLIT_TARGETS = ("hm-b-mixed", "hm-b-image", "hm-b-text-side", "hm-b-image-from-a-image", "hm-b-text-side-from-a-text")
-# raw key -> (the raw folder it is cut from, the half); the split's seed is SPLIT_SEED
-SPLITS = {"hm-fashion-a": ("hm-fashion", "a"), "hm-fashion-b": ("hm-fashion", "b")}
+# raw key -> (the raw folder it is cut from, the half); H&M is cut by customer (split_disjoint, seed SPLIT_SEED),
+# MovieLens by release date (split_by_release, films up to RELEASE_YEAR in the source)
+SPLITS = {"hm-fashion-a": ("hm-fashion", "a"), "hm-fashion-b": ("hm-fashion", "b"),
+          "ml-old": ("movielens-100k-mm", "source"), "ml-new": ("movielens-100k-mm", "target")}
 SPLIT_SEED = 0
 # IDs ignore item content: on an image-only target the ID baselines are the mixed domain's runs (same users, items,
 # splits and features), trained once
@@ -52,7 +62,7 @@ ID_DOMAIN_OF = {"hm-image": "hm-mixed", "hm-b-image": "hm-b-mixed", "hm-b-image-
 TABLE_SETTINGS = ("model.learn_temperature=false", "model.image_size=64")
 SOURCE_OF = {"hm-mixed": "ml-mixed", "hm-image": "ml-mixed", "hm-text-side": "ml-mixed", "ml-mixed": "hm-mixed",
              **{t: "hm-a-mixed" for t in SPLIT_TARGETS}, "hm-b-image-from-a-image": "hm-a-image",
-             "hm-b-text-side-from-a-text": "hm-a-text"}
+             "hm-b-text-side-from-a-text": "hm-a-text", "ml-new-mixed": "ml-old-mixed"}
 SOURCE_SEED = 0
 # The paper's objectives: stage 1 through a free catalogue head, stage 2 CPC (Eq. 9). The ID baselines keep them (an
 # ID model's free head is one more ID table); "-paper" rows train TransRec with them, beside the content-softmax

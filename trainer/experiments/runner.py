@@ -57,6 +57,7 @@ from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: th
     MODEL_OVERRIDES,
     OPT_IN_MODELS,
     PLANS,
+    RELEASE_YEAR,
     SOURCE_FRACTIONS,
     SOURCE_OF,
     SOURCE_SEED,
@@ -125,15 +126,25 @@ class Suite:
             return src
         parent_key, half = SPLITS[d.raw]
         parent = self.raw[parent_key]
-        tag = hashlib.sha256(json.dumps([str(parent), SPLIT_SEED]).encode()).hexdigest()[:8]
-        split = (self.out / "raw").resolve() / f"{parent_key}-split{SPLIT_SEED}-{tag}"  # resolved: worktrees share raw/
-        if make and not (split / "split_report.json").exists():
+        by_release = parent_key == "movielens-100k-mm"
+        tag = hashlib.sha256(json.dumps([str(parent), RELEASE_YEAR if by_release else SPLIT_SEED]).encode()
+                             ).hexdigest()[:8]
+        name = f"{parent_key}-release{RELEASE_YEAR}-{tag}" if by_release else f"{parent_key}-split{SPLIT_SEED}-{tag}"
+        split = (self.out / "raw").resolve() / name  # resolved: worktrees share raw/
+        # the halves themselves, not split_report.json: a clone carries the report (committed) without the halves
+        if make and not (split / half).is_dir():
             if not parent.is_dir():
+                flag = "--movielens" if by_release else "--hm"
                 raise SystemExit(f"error: raw data for {parent_key} (split into {d.raw}) not found at {parent}: pass "
-                                 "--data-root or --hm")
-            from transrec.data_shards.split_disjoint import split_disjoint
+                                 f"--data-root or {flag}")
+            if by_release:
+                from transrec.data_shards.split_by_release import split_by_release
 
-            split_disjoint(parent, split, seed=SPLIT_SEED)
+                split_by_release(parent, split, year=RELEASE_YEAR)
+            else:
+                from transrec.data_shards.split_disjoint import split_disjoint
+
+                split_disjoint(parent, split, seed=SPLIT_SEED)
         return split / half
 
     def shards(self, domain: str) -> Path:
@@ -237,14 +248,19 @@ class Suite:
             sets.append(f"init_from={self.run_dir(self.source_spec(spec)) / 'export'}")
         return argv + ["--set", *sets]
 
-    def ensure(self, spec: RunSpec) -> Path:
-        """Train the run unless it is cached (resume it when an earlier invocation was interrupted)."""
+    def ensure(self, spec: RunSpec, export: bool = False) -> Path:
+        """Train the run unless it is cached (resume it when an earlier invocation was interrupted). `export`: the
+        run's export is needed (a transfer's source): a cached run without it (a clone carries the records, not the
+        weights) trains again."""
         key, d = self.key(spec), self.run_dir(spec)
-        if self.is_done(spec):
+        if self.is_done(spec) and export and not (d / "export" / "config.json").exists():
+            print(f"[experiments] run {key} is cached without its export, which {spec.domain}'s transfer needs: "
+                  "training it again", flush=True)
+        elif self.is_done(spec):
             self.used.setdefault(key, {**json.loads((d / "runner.json").read_text()), "this_invocation": "cached"})
             return d
         if spec.model in TRANSFERS:
-            self.ensure(self.source_spec(spec))
+            self.ensure(self.source_spec(spec), export=True)
         from transrec.trainer.main import main
 
         argv = self.argv(spec)
