@@ -13,6 +13,9 @@ from conftest import REPO
 DS = str(REPO / "ds_configs" / "zero2.json")
 
 
+# transfer=auto's default candidates with include_scratch, in plan order (the training-free ones first)
+EVERY_CANDIDATE = ["start", "popularity", "content", "prior", "finetune", "lowlr", "towers", "scratch"]
+
 def auto_argv(source_run: Path, shards: Path, text: Path, run_dir: Path, *sets: str) -> list[str]:
     return ["--preset", "tiny", "--shards", str(shards), "--text-encoder", str(text), "--run-dir", str(run_dir),
             "--ds_config", DS, "--init-from", str(source_run / "export"), "--set", "transfer=auto", *sets]
@@ -39,7 +42,7 @@ def test_the_config_reads_transfer_auto_and_checks_it():
 
     cfg = apply_overrides(preset("tiny"), ["init_from=x", "transfer=auto", "transfer.include_scratch=true"])
     assert cfg.transfer.mode == "auto"
-    assert cfg.transfer.candidate_names() == ["start", "finetune", "lowlr", "towers", "scratch"]
+    assert cfg.transfer.candidate_names() == EVERY_CANDIDATE
     assert apply_overrides(preset("tiny"), ["transfer.low_lr=0.0001"]).transfer.low_lr == 1e-4
     with pytest.raises(ValueError, match="give it with --init-from"):
         apply_overrides(preset("tiny"), ["transfer=auto"])
@@ -56,8 +59,9 @@ def test_candidate_configs():
     cfg = apply_overrides(preset("cpu-small"), ["init_from=EXPORT", "transfer=auto", "transfer.include_scratch=true",
                                                  "eval.initial_candidate=true"])
     made = {c.name: candidate_config(cfg, c, Path("RUN")) for c in candidate_plan(cfg)}
-    assert list(made) == ["start", "finetune", "lowlr", "towers", "scratch"]
+    assert list(made) == EVERY_CANDIDATE
     assert made["start"].stages == "none" and made["finetune"].stages == "all"
+    assert all(made[n].init_from == "EXPORT" for n in ("popularity", "content", "prior"))  # scored from the export
     assert made["lowlr"].stage1.lr == pytest.approx(cfg.stage1.lr / 10)
     assert made["lowlr"].stage2.lr == pytest.approx(cfg.stage2.lr / 10)
     assert made["towers"].init_parts == "towers" and made["towers"].init_from == "EXPORT"
@@ -70,7 +74,7 @@ def test_candidate_configs():
 def test_auto_trains_every_candidate_and_keeps_the_best_on_validation(auto_run):
     run_dir, metrics, _ = auto_run
     cands = metrics["candidates"]
-    assert list(cands) == ["start", "finetune", "lowlr", "towers", "scratch"]
+    assert list(cands) == EVERY_CANDIDATE
     assert all(c["status"] == "done" for c in cands.values())
     # the choice, recomputed from each candidate's own recorded validation
     valid = {n: json.loads((run_dir / "candidates" / n / "metrics.json").read_text())["valid"]["ndcg@10"]
@@ -108,8 +112,8 @@ def test_auto_prints_a_cost_estimate_and_progress(auto_run):
     _, _, records = auto_run
     estimate = [m for m in records if "cost estimate" in m]
     assert len(estimate) == 1 and "timed on start's model" in estimate[0]
-    assert "still to run: finetune, lowlr, towers, scratch" in estimate[0]
-    assert sum("[transfer] candidate" in m and "estimated at most" in m for m in records) == 4
+    assert "still to run: popularity, content, prior, finetune, lowlr, towers, scratch" in estimate[0]
+    assert sum("[transfer] candidate" in m and "estimated at most" in m for m in records) == 7
 
 
 def test_compare_and_evaluate_read_the_auto_run(auto_run, hm_shards):

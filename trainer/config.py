@@ -156,13 +156,18 @@ class StageConfig:
     full_catalogue_max: int = 4096  # "auto": the full catalogue up to this many items (and every tower cached)
     logq_correction: bool = True  # sampled: logits - log P(candidate)
     mask_history: bool = True  # the user's earlier items are no negatives (as evaluation excludes seen items)
+    # Popularity-corrected content softmax (logit adjustment, Menon et al. 2021): training logits + tau * log(item's
+    # smoothed share of training interactions), so that the model's own score leaves the source catalogue's popularity
+    # out (it does not transfer) and a target's popularity comes back as a scoring prior (trainer/scoring.py); 0: off
+    popularity_correction: float = 0.0
 
     def __post_init__(self) -> None:
         section = getattr(self, "section", "stage")
         positive = ("epochs", "micro_batch", "grad_accum", "n_history", "n_continuation", "stride", "negatives",
                     "full_catalogue_max")
         check_values(self, section, {**dict.fromkeys(positive, 1), **dict.fromkeys(
-            ("tower_lr", "weight_decay", "warmup_steps", "grad_clip", "min_window", "max_steps"), 0)})
+            ("tower_lr", "weight_decay", "warmup_steps", "grad_clip", "min_window", "max_steps",
+             "popularity_correction"), 0)})
         if self.lr <= 0:
             raise ValueError(f"{section}.lr must be > 0, not {self.lr!r}")
         one_of("candidates", self.candidates, ("auto", "full", "sampled"))
@@ -265,13 +270,16 @@ class DataConfig:
         one_of("data.decoder", self.decoder, BACKENDS)
 
 
-TRANSFER_CANDIDATES = ("start", "finetune", "lowlr", "towers")
+# the training-free candidates first (trainer/transfer_free.py), then the trained; a tie on validation goes to the
+# earlier, so popularity is kept over a prior that only reproduces it, and the start over a prior of beta 0
+TRANSFER_CANDIDATES = ("start", "popularity", "content", "prior", "finetune", "lowlr", "towers")
 
 
 @dataclass
 class TransferConfig:
-    """How a run with --init-from uses the export (trainer/transfer.py). "plain" fine-tunes it once. "auto" trains
-    the candidates (the start itself, no training; plain fine-tuning; fine-tuning at a lower rate; the export's
+    """How a run with --init-from uses the export (trainer/transfer.py). "plain" fine-tunes it once. "auto" scores
+    and trains the candidates (with no training: the start itself, the start + the target's popularity prior, the
+    training-free content baseline, popularity; trained: plain fine-tuning, fine-tuning at a lower rate, the export's
     towers with a new user encoder; with include_scratch, a model trained from scratch) and keeps the one with the
     best validation: RESULTS.md and reports/README.md show each of them winning on some target."""
 

@@ -75,9 +75,16 @@ class ContentSoftmax(Objective):
     full_catalogue: bool = False
     log_item_share: torch.Tensor | None = None  # [V] log of each item's share of training interactions (log-q)
     mask_history: bool = True
+    popularity_bias: torch.Tensor | None = None  # [V] tau * log(smoothed share), added to training logits, or None
 
     def __call__(self, model, batch) -> torch.Tensor:
         return content_softmax_loss(model, batch, self)
+
+
+def popularity_bias(counts: np.ndarray, tau: float) -> np.ndarray:
+    """tau * log of each item's training share, add-one smoothed ((count + 1) / (total + V): an item no one trained
+    on keeps a finite logit): the logit adjustment of `popularity_correction`."""
+    return tau * np.log((counts + 1.0) / (counts.sum() + len(counts)))
 
 
 def item_share(counts: np.ndarray) -> np.ndarray:
@@ -144,15 +151,19 @@ def cpc_loss(model, batch, n_continuation: int) -> torch.Tensor:
 
 def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     item_vecs, h, mask = model.position_states(batch)  # [U, d] (batch items + negatives), [B, L, d], [B, L + 1]
-    if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no correction
+    if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no log-q correction
         weight = model.encode_catalogue()
-        columns, bias = batch.items, None
+        columns = batch.items
+        bias = None if obj.popularity_bias is None else obj.popularity_bias.to(weight.dtype)
     else:
         weight, columns = item_vecs, batch.slots
         bias = None
         if obj.log_item_share is not None:
             bias = -log_inclusion_probability(obj.log_item_share[batch.unique_items], mask.sum(), obj.negatives,
                                               model.num_items).to(weight.dtype)
+        if obj.popularity_bias is not None:
+            adjust = obj.popularity_bias[batch.unique_items].to(weight.dtype)
+            bias = adjust if bias is None else bias + adjust
     target = columns[:, 1:].flatten()
     exclude = history_exclusions(columns[:, :-1]).flatten(0, 1) if obj.mask_history else None
     # Only real (position, next item) pairs enter the softmax (padded positions would cost a row each).
@@ -167,8 +178,9 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
 
 
 def build_objective(sc, num_items: int, towers_cached: bool, share: np.ndarray | None,
-                    device: torch.device) -> Objective:
-    """A stage's objective from its config (`sc.objective`: from `stage1.head` / `stage2.loss`; `candidates`, ...)."""
+                    device: torch.device, counts: np.ndarray | None = None) -> Objective:
+    """A stage's objective from its config (`sc.objective`: from `stage1.head` / `stage2.loss`; `candidates`, ...);
+    `counts`: training interactions per item (needed by `popularity_correction`)."""
     if sc.objective == "free_head_softmax":
         return FreeHeadSoftmax("free_head_softmax", "free_head", dense=True)
     if sc.objective == "cpc":
@@ -184,8 +196,15 @@ def build_objective(sc, num_items: int, towers_cached: bool, share: np.ndarray |
     log_share = None
     if not full and sc.logq_correction and share is not None:
         log_share = torch.as_tensor(np.log(np.maximum(share, 1e-12)), dtype=torch.float32, device=device)
+    adjust = None
+    if sc.popularity_correction:
+        if counts is None:
+            raise ValueError(f"{sc.section}.popularity_correction needs the training interactions per item")
+        adjust = torch.as_tensor(popularity_bias(counts, sc.popularity_correction), dtype=torch.float32,
+                                 device=device)
     return ContentSoftmax("content_softmax", "item_vectors", dense=True, negatives=0 if full else sc.negatives,
-                          full_catalogue=full, log_item_share=log_share, mask_history=sc.mask_history)
+                          full_catalogue=full, log_item_share=log_share, mask_history=sc.mask_history,
+                          popularity_bias=adjust)
 
 
 def scoring_label(obj_scoring: str, item_encoder: str) -> str:

@@ -221,7 +221,8 @@ class Trainer:
         every tower's lower blocks cached)."""
         sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
         cached = not self.needs_content()
-        obj = build_objective(sc, self.num_items, cached, self.item_share, self.device)
+        obj = build_objective(sc, self.num_items, cached, self.item_share, self.device,
+                              counts=self.summary.counts["train"])
         self.model.head.requires_grad_(obj.trains_free_head)
         return obj
 

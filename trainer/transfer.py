@@ -7,6 +7,10 @@ distant source. So the run trains each way as a candidate, in its own folder und
 one whose best model validates best:
 
 - start     the export as it is, scored by content on this catalogue (zero-shot; no training);
+- prior     the start + the target's popularity prior, beta chosen on validation (no training; transfer_free.py);
+- content   the training-free content baseline: the mean of the history's item vectors from the export's towers,
+            cosine scoring, with the prior when it validates better (no training);
+- popularity  the target's most frequent items (no content): a run never ships a model below it on validation;
 - finetune  plain fine-tuning (both stages, the preset's rates);
 - lowlr     fine-tuning at a lower rate (transfer.low_lr, default a tenth of each stage's rate);
 - towers    the export's towers with a new user encoder (init_parts=towers);
@@ -53,6 +57,7 @@ class Candidate:
     label: str
     overrides: tuple[str, ...]  # applied to a copy of the run's configuration
     trains: bool
+    free: bool = False  # scored without training by transfer_free.py (from the export itself)
 
 
 def candidate_plan(cfg: RunConfig) -> list[Candidate]:
@@ -60,6 +65,10 @@ def candidate_plan(cfg: RunConfig) -> list[Candidate]:
     low2 = cfg.transfer.low_lr or cfg.stage2.lr / 10
     known = {
         "start": Candidate("start", "the export as it is (zero-shot)", ("stages=none",), False),
+        "prior": Candidate("prior", "the export + the target's popularity prior (beta on validation)", (), False, True),
+        "content": Candidate("content", "the export's towers, no user encoder: mean of the history's item vectors "
+                             "(cosine; + prior if it validates better)", (), False, True),
+        "popularity": Candidate("popularity", "the target's most frequent items (no content)", (), False, True),
         "finetune": Candidate("finetune", "fine-tuned", (), True),
         "lowlr": Candidate("lowlr", f"fine-tuned at a low rate (stage 1 {low1:g}, stage 2 {low2:g})",
                            (f"stage1.lr={low1}", f"stage2.lr={low2}"), True),
@@ -147,6 +156,17 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
         t0 = time.perf_counter()
         trainer = None
         try:
+            if cand.free:
+                from transrec.trainer.transfer_free import run_training_free
+
+                done = run_training_free(c_cfg, cand.name, rank)  # None: finished earlier, or not rank 0
+                minutes = (time.perf_counter() - t0) / 60
+                if done is not None:
+                    _record(d, {"status": "done", "minutes": round(minutes, 2)}, rank)
+                    LOG.info(f"[transfer] {cand.name} done in {minutes:.1f} min: validation {cfg.eval.select} "
+                             f"{_valid(d, cfg):.4f} ({done['scoring']['label']})")
+                _barrier()
+                continue
             trainer = run_candidate(c_cfg, ds_config, rank)
             minutes = (time.perf_counter() - t0) / 60
             if trainer is None:

@@ -75,7 +75,10 @@ MODEL_OVERRIDES = {"idrec": ["model.item_encoder=id", "model.user_encoder=transf
                    "scratch-paper": PAPER_OBJECTIVES, "transfer-paper": PAPER_OBJECTIVES,
                    "transrec--paper": ["stages=2", *PAPER_OBJECTIVES],
                    "transfer-towers": ["init_parts=towers"], "transfer-initial": ["eval.initial_candidate=true"],
-                   "transfer-lowlr": ["stage1.lr=0.0001", "stage2.lr=0.0001"]}
+                   "transfer-lowlr": ["stage1.lr=0.0001", "stage2.lr=0.0001"],
+                   # a source whose content softmax leaves its catalogue's popularity out (logit adjustment, tau 1):
+                   # cross_catalogue.py's source-model change
+                   "scratch-popcorr": ["stage1.popularity_correction=1.0", "stage2.popularity_correction=1.0"]}
 # models that start from a source run's export ("transfer-towers": only its towers; the user encoder starts new;
 # "transfer-initial": the source's model, before fine-tuning, is a candidate for selection; "transfer-lowlr":
 # fine-tuned gently at fixed rates, stage1.lr=1e-4 and stage2.lr=1e-4: a tenth and a third of cpu-small's)

@@ -298,7 +298,8 @@ class Suite:
         return list(range(n))
 
 
-CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history")
+CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history",
+                            "popularity_correction")
 # Settings added after runs were cached, with the value that reproduces the behaviour from before they existed:
 # at that value they change nothing, so they stay out of the key. (section or None for top level, name, value)
 ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention", "sdpa"),
@@ -307,7 +308,8 @@ ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention
                           ("model", "compile_backend", "inductor"), ("eval", "precision", "fp32"),
                           ("model", "cudnn_benchmark", False), ("data", "device_prefetch", -1),
                           (None, "init_reset", ""), ("model", "sequence_input_scale", 1.0),
-                          ("eval", "initial_candidate", False))
+                          ("eval", "initial_candidate", False), ("stage1", "popularity_correction", 0.0),
+                          ("stage2", "popularity_correction", 0.0))
 # Settings removed after runs were cached that never changed a run: their old value stays in the key.
 RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
 # Settings renamed after runs were cached: keyed under their former names while they hold what those could.
