@@ -42,7 +42,7 @@ def _read(path: Path, needed: tuple[str, ...]) -> tuple[list[str], list[list[str
 def release_year(text: str) -> int | None:
     try:
         return int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):  # empty, not a number, or inf
         return None
 
 

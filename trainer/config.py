@@ -187,6 +187,8 @@ class Stage1Config(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of("stage1.head", self.head, ("content", "free"))
+        if self.popularity_correction and self.head != "content":
+            raise ValueError("stage1.popularity_correction corrects the content softmax: it needs stage1.head=content")
 
     @property
     def objective(self) -> str:
@@ -205,6 +207,9 @@ class Stage2Config(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of("stage2.loss", self.loss, ("sampled_softmax", "cpc"))
+        if self.popularity_correction and self.loss != "sampled_softmax":
+            raise ValueError("stage2.popularity_correction corrects the content softmax: it needs "
+                             "stage2.loss=sampled_softmax")
 
     @property
     def objective(self) -> str:
