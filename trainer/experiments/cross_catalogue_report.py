@@ -27,7 +27,9 @@ HOW = {"popularity": "the target's most frequent items first (its training porti
        "training-free auto": "the row above that validates best (transfer=auto's training-free candidates)"}
 SOURCE_LABEL = {"scratch": "source trained as `make train` trains (content softmax)",
                 "scratch-popcorr": "source trained with the popularity-corrected softmax "
-                                   "(stage1/2.popularity_correction=1)"}
+                                   "(stage1/2.popularity_correction=1)",
+                "scratch-temperature": "source trained with the learned softmax temperature (model.learn_temperature, "
+                                       "the cpu-small preset's default)"}
 HEADLINES = (("zero-shot", "popularity"), ("zero-shot + prior", "popularity"), ("content baseline", "popularity"),
              ("content baseline + prior", "popularity"), ("training-free auto", "popularity"),
              ("zero-shot + prior", "zero-shot"), ("content baseline", "zero-shot"))

@@ -78,7 +78,9 @@ MODEL_OVERRIDES = {"idrec": ["model.item_encoder=id", "model.user_encoder=transf
                    "transfer-lowlr": ["stage1.lr=0.0001", "stage2.lr=0.0001"],
                    # a source whose content softmax leaves its catalogue's popularity out (logit adjustment, tau 1):
                    # cross_catalogue.py's source-model change
-                   "scratch-popcorr": ["stage1.popularity_correction=1.0", "stage2.popularity_correction=1.0"]}
+                   "scratch-popcorr": ["stage1.popularity_correction=1.0", "stage2.popularity_correction=1.0"],
+                   # a source with the learned softmax temperature (the cpu-small preset's default since the tables)
+                   "scratch-temperature": ["model.learn_temperature=true"]}
 # models that start from a source run's export ("transfer-towers": only its towers; the user encoder starts new;
 # "transfer-initial": the source's model, before fine-tuning, is a candidate for selection; "transfer-lowlr":
 # fine-tuned gently at fixed rates, stage1.lr=1e-4 and stage2.lr=1e-4: a tenth and a third of cpu-small's)
