@@ -305,3 +305,22 @@ def test_read_scoring_rejects_bad_files(tmp_path):
     (tmp_path / sc.SCORING_FILE).write_text(json.dumps({"user": "model", "beta": 1}))
     with pytest.raises(ValueError, match="scoring.json"):
         sc.read_scoring(tmp_path)
+
+
+def test_a_scoring_file_added_after_the_export_is_refused(tmp_path):
+    """scoring.json changes the ranking: one copied into an export by hand (not in its files.sha256.json) is refused."""
+    from transrec.data_shards.integrity import IntegrityError
+    from transrec.trainer.checkpoint import write_checkpoint_hashes
+
+    (tmp_path / "config.json").write_text("{}")
+    write_checkpoint_hashes(tmp_path)
+    (tmp_path / "scoring.json").write_text('{"user": "mean", "prior_beta": 0.5}')
+    with pytest.raises(IntegrityError, match="not covered by"):
+        sc.read_scoring(tmp_path)
+    sc.write_scoring(tmp_path, sc.Scoring("mean", 0.5))
+    assert sc.read_scoring(tmp_path) == sc.Scoring("mean", 0.5)
+
+
+def test_prior_beta_must_fit_float32():
+    with pytest.raises(ValueError, match="float32"):
+        sc.Scoring("model", 1e39)

@@ -114,6 +114,8 @@ def test_auto_prints_a_cost_estimate_and_progress(auto_run):
     assert len(estimate) == 1 and "timed on start's model" in estimate[0]
     assert "still to run: popularity, content, prior, finetune, lowlr, towers, scratch" in estimate[0]
     assert sum("[transfer] candidate" in m and "estimated at most" in m for m in records) == 7
+    summary = [m for m in records if "training-free candidates, validation ndcg@10" in m]
+    assert len(summary) == 1 and all(n in summary[0] for n in ("start", "popularity", "content", "prior"))
 
 
 def test_compare_and_evaluate_read_the_auto_run(auto_run, hm_shards):

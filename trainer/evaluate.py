@@ -1,11 +1,13 @@
 """Leave-one-out evaluation over the WHOLE catalogue: exact ranks, HR@K, NDCG@K, paired bootstrap.
 
     python -m transrec.trainer.evaluate --export RUN_DIR/export --shards DIR [--split valid|test] [--out FILE]
-        [--include-seen] [--device cpu|cuda]
+        [--include-seen] [--device cpu|cuda] [--scoring export|model|mean|popularity] [--prior-beta X|auto]
 
 evaluates an export by content on any shards (its own run's: the run's test figures; another catalogue's: zero-shot
 transfer) without a Trainer, DeepSpeed or TensorBoard; prints the metrics against popularity and writes them (with
-the per-user ranks beside, FILE.ranks.tsv) to FILE as JSON.
+the per-user ranks beside, FILE.ranks.tsv) to FILE as JSON. Items are scored as the export's scoring.json says
+(absent: the model's user vector), or as --scoring and --prior-beta say (trainer/scoring.py); `--prior-beta auto`
+chooses the popularity prior's weight on the shards' validation split, then evaluates the split asked for with it.
 
 Rank of the target = 1 + number of other items scoring >= the target (ties count against the model), found
 by counting over item chunks: no sort of the catalogue, memory O(users_batch x item_chunk). With
@@ -283,31 +285,67 @@ def main(argv: list[str] | None = None) -> dict:
     from pathlib import Path
 
     from transrec.data_shards.integrity import IntegrityError
+    from transrec.trainer import recommend_scoring as rs  # here, not at the top: scoring.py imports this module
     from transrec.trainer.model_eval import export_cli, ranker_from_export
+    from transrec.trainer.scoring import Scoring, choose_prior, read_scoring, scoring_ranks
 
     p = export_cli("python -m transrec.trainer.evaluate", __doc__)
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--out", default=None, help="write the metrics as JSON here (ranks beside, .ranks.tsv)")
     p.add_argument("--include-seen", action="store_true", help="keep the user's earlier items in the ranking")
+    rs.add_scoring_args(p, auto=True)
     a = p.parse_args(argv)
+    rs.check_scoring_args(p, a)
     from transrec.trainer.main import local_shards
 
     a.shards = local_shards(a.shards)
     if not (Path(a.shards) / "manifest.json").exists():
         raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m transrec.data_shards.build`")
+    exclude, choice = not a.include_seen, None
     try:  # a damaged export or shard, invalid settings, a model giving NaN: one line, exit 1
         ranker = ranker_from_export(Path(a.export), Path(a.shards), a.device)
+        export_scoring = read_scoring(Path(a.export))  # the export (its scoring.json included) verified by now
+        user, beta = rs.user_and_beta(a, export_scoring)
         max_len = ranker.model.cfg.max_len
         data = eval_users(ranker.sequences, a.split, max_len, ranker.user_feature_names)
-        ranks = ranker.ranks(data, "content", exclude_seen=not a.include_seen)
+        counts = interaction_counts(ranker.sequences, ranker.store.num_items, a.split)
+        vectors = None if beta != "auto" else ranker.item_vectors()  # otherwise encoded only where needed
+
+        def model_user(hist, chunk):
+            return ranker.user_vectors(vectors, hist, chunk)
+
+        if beta == "auto":
+            if user == "none":
+                raise ValueError("--prior-beta auto chooses the prior for content scoring, and the export scores by "
+                                 "popularity alone: give --scoring model or mean")
+            valid = eval_users(ranker.sequences, "valid", max_len, ranker.user_feature_names)
+            choice = choose_prior(model_user, vectors, valid, user,
+                                  interaction_counts(ranker.sequences, ranker.store.num_items, "valid"), exclude)
+            scoring = choice.scoring
+        else:
+            scoring = rs.scoring_from_args(a, export_scoring)
+        if scoring == Scoring():  # the model's user vector as the trainer ranks it
+            ranks = ranker.ranks(data, "content", exclude_seen=exclude)
+        else:
+            if vectors is None and scoring.user != "none":
+                vectors = ranker.item_vectors()
+            ranks = scoring_ranks(model_user, vectors, data, scoring, counts, exclude, ranker.user_batch,
+                                  ranker.source)
     except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
-    counts = interaction_counts(ranker.sequences, ranker.store.num_items, a.split)
-    pop = popularity_ranks(counts, data, not a.include_seen)
-    result = {"split": a.split, "export": str(a.export), "shards": str(a.shards), "exclude_seen": not a.include_seen,
+    pop = popularity_ranks(counts, data, exclude)
+    result = {"split": a.split, "export": str(a.export), "shards": str(a.shards), "exclude_seen": exclude,
+              "scoring": {**scoring.to_dict(), "label": scoring.label},
               "content": metrics_from_ranks(ranks), "popularity": metrics_from_ranks(pop),
               "vs_popularity": {m: paired_bootstrap(per_user_gain(ranks, m), per_user_gain(pop, m))
                                 for m in ("hr@10", "ndcg@10")}}
+    if choice is not None:
+        result["prior_choice"] = choice.table
+        best = next(row for row in choice.table if row["beta"] == scoring.prior_beta)
+        print(f"prior chosen on valid: beta {scoring.prior_beta:.4g} (g {best['g']:g} x scale {choice.scale:.4g}); "
+              f"valid NDCG@10 {best['ndcg@10']:.4f}, without the prior {choice.table[0]['ndcg@10']:.4f}")
+    elif scoring != Scoring():
+        print(f"scoring: {scoring.label}")
     iv = result["vs_popularity"]["ndcg@10"]
     print(f"{a.split}: {len(ranks)} users, {ranker.store.num_items} items; content HR@10 "
           f"{result['content']['hr@10']:.4f} NDCG@10 {result['content']['ndcg@10']:.4f}; popularity HR@10 "

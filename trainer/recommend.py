@@ -9,7 +9,11 @@ Python API:
 Batch (one JSON line per user, each user's whole history, seen items excluded):
 
     python -m transrec.trainer.recommend --export DIR --shards DIR [--users all|FILE] [--k 20] [--out FILE]
-        [--include-seen] [--device cpu|cuda]
+        [--include-seen] [--device cpu|cuda] [--scoring export|model|mean|popularity] [--prior-beta X]
+
+Items are scored as the export's scoring.json says (trainer/scoring.py: the model's user vector, or the mean of the
+history's item vectors, plus a popularity prior); absent, by the model's user vector alone. `--scoring` and
+`--prior-beta` choose otherwise (trainer/recommend_scoring.py).
 
 Under the deepspeed launcher or torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th user and writes
 FILE.rankN; rank 0 then joins the parts into FILE in user order. Memory stays flat in the number of users: users are
@@ -38,8 +42,11 @@ from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import read_id_maps
 from transrec.trainer.evaluate import NonFiniteScores, count_nonfinite, interaction_counts
 from transrec.trainer.model_eval import ModelRanker, export_cli, ranker_from_export
+from transrec.trainer.recommend_scoring import add_scoring_args, check_scoring_args, scoring_from_args
+from transrec.trainer.scoring import Scoring, read_scoring, scored_items, user_side
 
 REMEDY = "diverged or damaged weights: retrain the model or use an earlier export"
+PLAIN = Scoring()  # the model's user vector, no prior: the only scoring an approximate index (self.ann) serves
 
 
 def shown(raw_id: str, limit: int = 40) -> str:
@@ -69,14 +76,17 @@ class DuplicateItem(ValueError):
 
 class Recommender:
     """`ranker`'s model over its catalogue (raw ids, training popularity and manifest read from its shards), with
-    the catalogue's item vectors [V, d] (encoded by the ranker, or read from an index)."""
+    the catalogue's item vectors [V, d] (encoded by the ranker, or read from an index), scored as `scoring` says
+    (trainer/scoring.py; its prior counts: the training interactions, 0 for items added later)."""
 
-    def __init__(self, ranker: ModelRanker, item_vectors: torch.Tensor):
+    def __init__(self, ranker: ModelRanker, item_vectors: torch.Tensor, scoring: Scoring | None = None):
         self.ranker, self.model = ranker, ranker.model
         self.item_ids = read_id_maps(ranker.store.shard_dir)["items"]
         self.index = {raw: i for i, raw in enumerate(self.item_ids)}
         self.item_vectors = item_vectors  # [V, d] fp32, grows with add_item
         self.popularity = interaction_counts(ranker.sequences, len(self.item_ids))  # training interactions per item
+        self.scoring = scoring if scoring is not None else PLAIN  # how top_k scores (replaceable at any time)
+        self._scored: tuple | None = None  # (item_vectors, popularity, scoring, their scored_items): reused
         self.manifest = ranker.store.manifest
         self.max_len = self.model.cfg.max_len
         self._lock = threading.Lock()  # add_item appends while other threads read
@@ -91,10 +101,11 @@ class Recommender:
 
     @classmethod
     def from_export(cls, export_dir: str | Path, catalogue: str | Path, device: str = "cpu",
-                    show_progress: bool = True) -> Recommender:
-        """Rebuild the model from `export_dir` and encode every item of the `catalogue` shards by content."""
+                    show_progress: bool = True, scoring: Scoring | None = None) -> Recommender:
+        """Rebuild the model from `export_dir` and encode every item of the `catalogue` shards by content; scored
+        as `scoring` says, by default as the export's scoring.json does (read once the export is verified)."""
         ranker = ranker_from_export(Path(export_dir), Path(catalogue), device, show_progress=show_progress)
-        return cls(ranker, ranker.item_vectors())
+        return cls(ranker, ranker.item_vectors(), read_scoring(Path(export_dir)) if scoring is None else scoring)
 
     def _check_model(self) -> str | None:
         """Once, at load: the reason the model cannot rank (NaN or infinite item vectors, or a user vector of a
@@ -108,31 +119,56 @@ class Recommender:
         return None
 
     # -- users ----------------------------------------------------------------------------------------------
-    def user_vectors(self, histories: list[list[int]], item_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, d]: the model's user vector of each history (item indices, oldest first, the last max_len used)."""
+    def padded(self, histories: list[list[int]]) -> torch.Tensor:
+        """[B, max_len]: the histories (item indices, oldest first) left-padded with -1, the last max_len kept."""
         hist = torch.full((len(histories), self.max_len), -1, dtype=torch.long)
         for r, h in enumerate(histories):
             h = h[-self.max_len:]
             if h:
                 hist[r, self.max_len - len(h):] = torch.as_tensor(h)
+        return hist
+
+    def user_vectors(self, histories: list[list[int]], item_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, d]: the model's user vector of each history (item indices, oldest first, the last max_len used)."""
         iv = self.item_vectors if item_vectors is None else item_vectors
-        return self.ranker.user_vectors(iv, hist.to(iv.device))
+        return self.ranker.user_vectors(iv, self.padded(histories).to(iv.device))
+
+    def items_side(self, iv: torch.Tensor, counts: np.ndarray, scoring: Scoring) -> torch.Tensor:
+        """[V, d (+1)]: the item side of `scoring` (scoring.scored_items) over `iv` with the prior's `counts`, zeros
+        for items beyond them; kept until the items or the scoring change."""
+        cached = self._scored
+        if cached is not None and cached[0] is iv and cached[1] is counts and cached[2] == scoring:
+            return cached[3]
+        full = np.zeros(len(iv))
+        full[:min(len(counts), len(iv))] = np.asarray(counts, dtype=np.float64)[:len(iv)]
+        items = scored_items(iv, scoring, full)
+        self._scored = (iv, counts, scoring, items)
+        return items
 
     def top_k(self, histories: list[list[int]], k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores [B, k], item indices [B, k]) by user . item content vector; seen items removed when asked.
-        NonFiniteScores when the model is unusable, or gives these histories NaN or infinite vectors or scores."""
+        """(scores [B, k], item indices [B, k]) as self.scoring scores (by default user . item content vector);
+        seen items removed when asked. Popularity alone (user "none") keeps count ties in item order. The
+        approximate index serves only the plain scoring (its vectors have no prior coordinate); otherwise exact
+        search. NonFiniteScores when the model is unusable, or gives these histories NaN or infinite vectors or
+        scores."""
         if self.unusable:
             raise NonFiniteScores(self.unusable)
         with self._lock:
-            iv, ann = self.item_vectors, self.ann
-        users = self.user_vectors(histories, iv)
+            iv, ann, counts = self.item_vectors, self.ann, self.popularity
+        scoring = self.scoring
+        plain = scoring == PLAIN
+        if plain:
+            users = self.user_vectors(histories, iv)
+        else:
+            users = user_side(scoring, lambda _: self.user_vectors(histories, iv), iv,
+                              self.padded(histories).to(iv.device))  # user_vectors: the plain path's, as it is
         bad = int(count_nonfinite(users))
         if bad:
             raise NonFiniteScores(f"the model gives NaN or infinite user vectors to {bad} of {len(users)} histories: "
                                   f"it cannot rank them ({REMEDY})")
-        if ann is not None and ann.ntotal == len(iv):  # items added since the index was built: exact search
+        if plain and ann is not None and ann.ntotal == len(iv):  # items added since the index was built: exact
             return self._ann_top_k(ann, users, histories, k, exclude_seen)
-        scores = users @ iv.T
+        scores = users @ (iv if plain else self.items_side(iv, counts, scoring)).T
         bad = int(count_nonfinite(scores))  # finite vectors can still overflow
         if bad:
             raise NonFiniteScores(f"the model gives NaN or infinite scores to {bad} of {len(users)} histories: it "
@@ -141,6 +177,9 @@ class Recommender:
             rows = [r for r, h in enumerate(histories) for _ in h]
             cols = [i for h in histories for i in h]
             scores[rows, cols] = float("-inf")
+        if scoring.user == "none":  # count ties (many) in item order, not topk's arbitrary one
+            scores, items = torch.sort(scores, dim=1, descending=True, stable=True)
+            return scores[:, :k], items[:, :k]
         return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
     def _ann_top_k(self, ann, users: torch.Tensor, histories: list[list[int]], k: int,
@@ -367,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--out", default=None, help="JSON lines file (default: standard output)")
     p.add_argument("--include-seen", action="store_true", help="also recommend items the user already has")
+    add_scoring_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed
     a = p.parse_args(argv)
+    check_scoring_args(p, a)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.out:
         p.error("--out is required with several ranks (each writes a part, rank 0 joins them)")
@@ -379,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: no shards at {shards}: build them with `python -m transrec.data_shards.build`")
     try:
         rec = Recommender.from_export(a.export, shards, a.device, show_progress=rank == 0)
+        rec.scoring = scoring_from_args(a, rec.scoring)  # over the export's scoring.json
     except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
     if rec.unusable:
@@ -407,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         _join_parts(Path(a.out), world, rank)
     if rank == 0:
-        print(f"recommended {a.k} items to {len(users)} users" + (f" in {a.out}" if a.out else ""), file=sys.stderr)
+        print(f"recommended {a.k} items to {len(users)} users" + (f" in {a.out}" if a.out else "")
+              + f" (scoring: {rec.scoring.label})", file=sys.stderr)
     return n
 
 

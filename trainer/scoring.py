@@ -30,6 +30,7 @@ from transrec.trainer import evaluate as ev
 
 SCORING_FILE = "scoring.json"
 USER_VECTORS = ("model", "mean", "none")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # beta as a multiple of the content score's spread over the prior's spread (prior_scale): 0 first, so that a tie on
 # validation keeps the smaller prior
 BETA_GRID = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, 1000.0)
@@ -44,8 +45,9 @@ class Scoring:
         if self.user not in USER_VECTORS:
             raise ValueError(f"scoring user vector must be one of {', '.join(USER_VECTORS)}, not {self.user!r}")
         if isinstance(self.prior_beta, bool) or not isinstance(self.prior_beta, (int, float)) \
-                or not math.isfinite(self.prior_beta) or self.prior_beta < 0:
-            raise ValueError(f"prior_beta must be a finite number >= 0, not {self.prior_beta!r}")
+                or not math.isfinite(self.prior_beta) or not 0 <= self.prior_beta <= FLOAT32_MAX:
+            raise ValueError(f"prior_beta must be a number from 0 to {FLOAT32_MAX:.4g} (it scores in float32), not "
+                             f"{self.prior_beta!r}")
         if self.user == "none" and self.prior_beta <= 0:
             raise ValueError("scoring without content (user none) ranks by the prior alone: give prior_beta > 0")
 
@@ -73,6 +75,13 @@ def read_scoring(export_dir: Path) -> Scoring:
     path = Path(export_dir) / SCORING_FILE
     if not path.exists():
         return Scoring()
+    from transrec.data_shards.integrity import IntegrityError
+    from transrec.trainer.checkpoint import CHECKPOINT_HASHES
+
+    hashes = Path(export_dir) / CHECKPOINT_HASHES
+    if hashes.exists() and SCORING_FILE not in json.loads(hashes.read_text()):
+        raise IntegrityError(f"{path} is not covered by {hashes} (added after the export was written): write it with "
+                             "trainer.scoring.write_scoring, or remove it")
     try:
         return Scoring.from_dict(json.loads(path.read_text()), str(path))
     except json.JSONDecodeError as e:

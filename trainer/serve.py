@@ -2,13 +2,18 @@
 
     python -m transrec.trainer.serve --export DIR --shards DIR [--index DIR] [--host 127.0.0.1] [--port 8000]
         [--api-key KEY | env TRANSREC_API_KEY] [--max-body-bytes 8388608] [--items-journal FILE] [--no-batching]
+        [--scoring export|model|mean|popularity] [--prior-beta X]
 
     POST /recommend {"history": ["raw id", ...], "k": 10, "exclude_seen": true} -> {"items": [...], "scores": [...],
                                                                                     "ignored": [...], "note": ""}
     POST /items     {"id": "new id", "text": "...", "image_base64": "<JPEG>"} -> {"id": ..., "tower": ..., "items": N,
                                                                                  "persisted": bool, "note": "..."}
                     {"id": "new id", "content": {"<modality>": value}}  (a registered modality's content)
-    GET  /health    -> {"status": "ok", "model_usable": true, "items": N, ...}  (503 when the model is unusable)
+    GET  /health    -> {"status": "ok", "model_usable": true, "items": N, "scoring": "...", ...}  (503: model unusable)
+
+Items are scored as the export's scoring.json says (absent: the model's user vector), or as --scoring and
+--prior-beta say (trainer/recommend_scoring.py); an --index's approximate search serves only the model's user vector
+without a prior (otherwise: exact search).
 
 Bad requests get a 4xx whose "detail" names the problem and never echoes more than a short prefix of the request:
 400 a body that is not JSON, 401 POST /items without the API key (when the service has one), 404 no known item in
@@ -45,7 +50,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transrec.data_shards.integrity import IntegrityError
 from transrec.trainer.evaluate import NonFiniteScores
 from transrec.trainer.model_eval import export_cli
-from transrec.trainer.recommend import DuplicateItem, MicroBatcher, Recommender, UnknownItems
+from transrec.trainer.recommend import PLAIN, DuplicateItem, MicroBatcher, Recommender, UnknownItems
+from transrec.trainer.recommend_scoring import add_scoring_args, check_scoring_args, scoring_from_args
+from transrec.trainer.scoring import read_scoring
 from transrec.trainer.serve_limits import (
     API_KEY_ENV,
     DEFAULT_MAX_BODY_BYTES,
@@ -159,7 +166,7 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
             "status": "ok" if usable else "unusable", "model_usable": usable, "items": len(rec.item_ids),
             "items_added": len(rec.item_ids) - rec.loaded_items, "nonfinite_requests": rec.nonfinite_requests,
             "writes_need_api_key": bool(api_key), "added_items_persist": journal is not None,
-            "max_body_bytes": max_body_bytes, **(info or {})}
+            "max_body_bytes": max_body_bytes, "scoring": rec.scoring.label, **(info or {})}
         if not usable:
             body["reason"] = rec.unusable
         return JSONResponse(status_code=200 if usable else 503, content=body)
@@ -204,7 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="file that keeps items added by POST /items across restarts (appended and fsynced before "
                         "each 200, replayed at start); default: none, added items are lost when the service stops")
     p.add_argument("--no-batching", action="store_true", help="one model pass per request")
+    add_scoring_args(p)
     a = p.parse_args(argv)
+    check_scoring_args(p, a)
     if not (a.port.isdigit() and 1 <= int(a.port) <= 65535):
         raise SystemExit(f"error: --port must be a whole number from 1 to 65535, got {bounded(a.port, 40)!r}")
     a.port = int(a.port)
@@ -252,6 +261,8 @@ def open_service(a: argparse.Namespace, show_progress: bool = True) -> Service:
             rec = recommender_from_index(Path(a.index), Path(a.export), Path(a.shards), a.device)
         else:
             rec = Recommender.from_export(a.export, a.shards, a.device, show_progress=show_progress)
+        # the export is verified by now (its scoring.json among its files); the options override it
+        rec.scoring = scoring_from_args(a, read_scoring(Path(a.export)))
         restored = _replay(rec, journal) if journal is not None and not rec.unusable else 0
     except (FileNotFoundError, ValueError, IntegrityError, JournalError) as e:
         if journal is not None:
@@ -265,10 +276,15 @@ def open_service(a: argparse.Namespace, show_progress: bool = True) -> Service:
     else:
         lines.append("items added over HTTP are kept in memory only: lost when the service restarts "
                      "(--items-journal FILE keeps them)")
-    info = {"catalogue": Path(a.shards).name, "search": "approximate index" if rec.ann is not None else "exact"}
+    approximate = rec.ann is not None and rec.scoring == PLAIN
+    info = {"catalogue": Path(a.shards).name, "search": "approximate index" if approximate else "exact"}
     app = create_app(rec, info, batching=not a.no_batching, api_key=a.api_key, max_body_bytes=a.max_body_bytes,
                      journal=journal)
-    lines[:0] = [f"{len(rec.item_ids)} items of the catalogue {Path(a.shards).name} ({info['search']} search)",
+    if rec.ann is not None and not approximate:
+        lines.append("the index's approximate search serves the model's user vector without a prior only: exact "
+                     "search")
+    lines[:0] = [f"{len(rec.item_ids)} items of the catalogue {Path(a.shards).name} ({info['search']} search; "
+                 f"scoring: {rec.scoring.label})",
                  "POST /items needs the API key (Authorization: Bearer KEY or X-API-Key: KEY)" if a.api_key else
                  f"POST /items is open: no API key (set {API_KEY_ENV} or --api-key to require one)"]
     if rec.unusable:

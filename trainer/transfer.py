@@ -147,6 +147,8 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
     for i, cand in enumerate(ordered, 1):
         c_cfg = candidate_config(cfg, cand, run_dir)
         d = Path(c_cfg.run_dir)
+        if i > 1 and cand.trains and not ordered[i - 2].trains and rank == 0:
+            LOG.info(training_free_summary(run_dir, [c for c in ordered if not c.trains], cfg.eval.select))
         if estimate:
             left = sum(estimate["train" if c.trains else "start"] for c in still_to_run(ordered, run_dir))
             LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}; estimated at most "
@@ -192,6 +194,26 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
     from transrec.trainer.transfer_report import write_selection
 
     return write_selection(run_dir, cfg, plan)
+
+
+def training_free_summary(run_dir: Path, free: list[Candidate], metric: str) -> str:
+    """One line, before the candidates that train: what the export gives with no training, against popularity
+    (a user learns in seconds whether the export can help at all, before the training candidates' minutes)."""
+    valid = {}
+    for c in free:
+        f = run_dir / "candidates" / c.name / "metrics.json"
+        if f.exists():
+            valid[c.name] = json.loads(f.read_text())["valid"][metric]
+    if not valid:
+        return "[transfer] no training-free candidate finished"
+    best = max(valid, key=valid.get)
+    line = ", ".join(f"{n} {v:.4f}" for n, v in valid.items())
+    verdict = ""
+    if "popularity" in valid:
+        above = [n for n in valid if n != "popularity" and valid[n] > valid["popularity"]]
+        verdict = ("; above popularity with no training: " + ", ".join(above) if above else
+                   "; nothing from the export validates above popularity without training")
+    return f"[transfer] training-free candidates, validation {metric}: {line}; best {best}{verdict}"
 
 
 def still_to_run(ordered: list[Candidate], run_dir: Path) -> list[Candidate]:
