@@ -18,13 +18,18 @@ from transrec.trainer.experiments.report import _relative, hardware
 from transrec.trainer.run_stats import compare
 
 ROWS = ("popularity", "zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
-        "training-free auto")
+        "training-free auto", "zero-shot, centred", "zero-shot, centred + prior")
+BY_MODALITY = tuple(r for r in ROWS if r != "training-free auto")
 HOW = {"popularity": "the target's most frequent items first (its training portion)",
        "zero-shot": "the source export's user encoder, user . item vector",
        "zero-shot + prior": "the same + beta x log(1 + target count), beta on the target's validation",
        "content baseline": "no user encoder: the mean of the history's unit item vectors, cosine",
        "content baseline + prior": "the same + beta x log(1 + target count), beta on validation",
-       "training-free auto": "the row above that validates best (transfer=auto's training-free candidates)"}
+       "training-free auto": "the one of the rows above that validates best (transfer=auto's training-free "
+                             "candidates)",
+       "zero-shot, centred": "diagnosis: the user vectors minus their mean over the target's users (the direction "
+                             "all users share)",
+       "zero-shot, centred + prior": "the same + the prior, beta on validation"}
 SOURCE_LABEL = {"scratch": "source trained as `make train` trains (content softmax)",
                 "scratch-popcorr": "source trained with the popularity-corrected softmax "
                                    "(stage1/2.popularity_correction=1)",
@@ -32,7 +37,8 @@ SOURCE_LABEL = {"scratch": "source trained as `make train` trains (content softm
                                        "the cpu-small preset's default)"}
 HEADLINES = (("zero-shot", "popularity"), ("zero-shot + prior", "popularity"), ("content baseline", "popularity"),
              ("content baseline + prior", "popularity"), ("training-free auto", "popularity"),
-             ("zero-shot + prior", "zero-shot"), ("content baseline", "zero-shot"))
+             ("zero-shot + prior", "zero-shot"), ("content baseline", "zero-shot"),
+             ("zero-shot, centred", "zero-shot"), ("zero-shot, centred + prior", "popularity"))
 
 
 def ranks_of(results: list[dict], row: str) -> np.ndarray:
@@ -103,15 +109,15 @@ def split_lines(split: str, variants: dict[str, list[dict]], n_boot: int) -> tup
 
 def modality_lines(variants: dict[str, list[dict]]) -> list[str]:
     lines = ["### Test NDCG@10 by the target item's modality", "",
-             "| source | modality (test users) | " + " | ".join(ROWS[:-1]) + " |",
-             "|---|---|" + "---|" * (len(ROWS) - 1)]
+             "| source | modality (test users) | " + " | ".join(BY_MODALITY) + " |",
+             "|---|---|" + "---|" * len(BY_MODALITY)]
     for variant, results in variants.items():
         d = results[0]["diagnosis"]
         mods = np.asarray(d["test_target_modality"])
         for m in np.unique(mods):
             sel = mods == m
             cells = []
-            for row in ROWS[:-1]:
+            for row in BY_MODALITY:
                 ranks = ranks_of(results, row)[:, sel]
                 cells.append(f"{np.mean([np.where(r <= 10, 1 / np.log2(r + 1.0), 0).mean() for r in ranks]):.4f}")
             name = d["modality_names"][int(m)]
@@ -160,7 +166,8 @@ def plot(path: Path, results: dict) -> None:
         means = [np.mean([r["rows"][row]["test"]["ndcg@10"] for r in res]) for row in ROWS]
         errs = [np.std([r["rows"][row]["test"]["ndcg@10"] for r in res], ddof=1) if len(res) > 1 else 0
                 for row in ROWS]
-        ax.bar(range(len(ROWS)), means, yerr=errs, color=["#999"] + ["#4477aa"] * 2 + ["#66aa55"] * 2 + ["#cc6677"])
+        ax.bar(range(len(ROWS)), means, yerr=errs,
+               color=["#999"] + ["#4477aa"] * 2 + ["#66aa55"] * 2 + ["#cc6677"] + ["#aa7744"] * 2)
         ax.set_xticks(range(len(ROWS)), [r.replace(" + ", "\n+ ") for r in ROWS], rotation=45, ha="right",
                       fontsize=7)
         ax.set_title(f"{split}: {variant}", fontsize=9)
