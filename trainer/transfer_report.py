@@ -123,9 +123,10 @@ def results_table(records: dict[str, dict], chosen: str, metric: str, intervals:
         "",
         f"| candidate | how | valid {metric} | test HR@10 | test NDCG@10 | minutes |",
         "|---|---|---|---|---|---|",
-        f"| popularity | the items most frequent in training first | | {popularity['hr@10']:.4f} | "
-        f"{popularity['ndcg@10']:.4f} | |",
     ]
+    if "popularity" not in records:  # a reference row, unless popularity is a candidate of its own
+        lines.append(f"| popularity | the items most frequent in training first | | {popularity['hr@10']:.4f} | "
+                     f"{popularity['ndcg@10']:.4f} | |")
     for name, r in records.items():
         mark = f"**{name} (selected)**" if name == chosen else name
         if r["status"] != "done":
