@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transrec.data_shards.integrity import FIXED_FILES, file_digests, shard_files
 
-__all__ = ["FIXED_FILES", "cache_root", "is_url", "localize", "shard_files"]
+__all__ = ["FIXED_FILES", "cache_root", "is_url", "local_shards", "localize", "shard_files"]
 
 
 def is_url(shards: str | os.PathLike) -> bool:
@@ -101,3 +101,14 @@ def localize(shards: str | os.PathLike, root: Path | None = None, log=print) -> 
     log(f"shards {url}: {fetched} file(s) fetched, {len(shard_files(manifest)) - fetched} already cached and "
         f"verified, in {folder}")
     return folder
+
+
+def local_shards(shards: str) -> str:
+    """What a command passes on for its --shards: a URL becomes its verified local cache (localize), a path stays as
+    it is. A copy that cannot be made or verified ends the command with one line (SystemExit "error: ...")."""
+    if not is_url(shards):
+        return str(shards)
+    try:
+        return str(localize(shards))
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from transrec.trainer.config import EvalConfig, apply_overrides, preset, to_dict
+from transrec.trainer.config import from_dict as _config_from_dict
 from transrec.trainer.experiments import drop_settings_that_change_nothing
-from transrec.trainer.main import _config_from_dict
 
 
 def test_select_must_name_a_computed_metric():

@@ -100,7 +100,7 @@ def format_report(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     from transrec.data_shards.integrity import IntegrityError
-    from transrec.trainer.main import local_shards
+    from transrec.data_shards.remote import local_shards
     from transrec.trainer.model_eval import export_cli, ranker_from_export
 
     p = export_cli("python -m transrec.trainer.collapse", __doc__)

@@ -8,8 +8,10 @@ filled into the DeepSpeed config by the trainer, which rejects ds_configs that s
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DS_OWNED_BY_TRAINER = (
     "train_batch_size",
@@ -518,4 +520,38 @@ def _parse(raw: str, current, item: str, optional: bool = False):
 
 
 def to_dict(cfg: RunConfig) -> dict:
+    """The configuration as plain data (run_config.json's "config"); from_dict reads it back."""
     return dataclasses.asdict(cfg)
+
+
+RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (validation runs every epoch)
+
+
+def from_dict(d: dict) -> RunConfig:
+    """A RunConfig from to_dict's output, records of older versions included: retired stage fields dropped, renamed
+    ones (RENAMED) moved to their new place, a missing transfer section at its defaults. Every value is checked as an
+    override's would be (ValueError naming the setting)."""
+    ev = dict(d["eval"])
+    ev["ks"] = tuple(ev["ks"])
+    stage = {s: {k: v for k, v in d[s].items() if k not in RETIRED_STAGE_FIELDS} for s in ("stage1", "stage2")}
+    for fields in stage.values():  # records written before a setting was renamed (RENAMED)
+        for old, new in RENAMED.items():
+            if old in fields:
+                section, key = new.split(".")
+                fields.setdefault(section, {})[key] = fields.pop(old)
+    return RunConfig(
+        model=ModelConfig(**d["model"]),
+        stage1=Stage1Config(**stage["stage1"]),
+        stage2=Stage2Config(**stage["stage2"]),
+        eval=EvalConfig(**ev),
+        data=DataConfig(**d["data"]),
+        transfer=TransferConfig(**d.get("transfer", {})),  # records from before transfer=auto have none
+        **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data", "transfer")},
+    )
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration a run recorded in RUN_DIR/run_config.json, set to continue that run (--resume)."""
+    cfg = from_dict(json.loads((Path(run_dir) / "run_config.json").read_text())["config"])
+    cfg.run_dir = cfg.resume = str(run_dir)
+    return cfg

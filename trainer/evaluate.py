@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     rs.add_scoring_args(p, auto=True)
     a = p.parse_args(argv)
     rs.check_scoring_args(p, a)
-    from transrec.trainer.main import local_shards
+    from transrec.data_shards.remote import local_shards
 
     a.shards = local_shards(a.shards)
     if not (Path(a.shards) / "manifest.json").exists():

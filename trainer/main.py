@@ -29,8 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from transrec.data_shards.integrity import IntegrityError  # noqa: E402
+from transrec.data_shards.remote import local_shards  # noqa: E402
 from transrec.trainer.checkpoint import ExportError, read_export_config  # noqa: E402
-from transrec.trainer.config import RunConfig, apply_overrides, preset  # noqa: E402
+from transrec.trainer.config import RunConfig, apply_overrides, preset, read_run_config  # noqa: E402
 from transrec.trainer.evaluate import NonFiniteScores  # noqa: E402
 from transrec.trainer.run_lock import claim_run_dir, releasing_run_dir_locks  # noqa: E402
 
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
         record = Path(a.resume) / "run_config.json"
         if not record.exists():
             p.error(f"--resume {a.resume}: no run_config.json there; is it a run directory?")
-        return recorded_config(a.resume), a
+        return read_run_config(a.resume), a
     try:
         cfg = preset(a.preset)
         direct = {
@@ -99,46 +100,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     return cfg, a
 
 
-def recorded_config(run_dir: str) -> RunConfig:
-    """The configuration a run recorded in RUN_DIR/run_config.json, set to continue that run (--resume)."""
-    cfg = _config_from_dict(json.loads((Path(run_dir) / "run_config.json").read_text())["config"])
-    cfg.run_dir = cfg.resume = str(run_dir)
-    return cfg
-
-
-RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (validation runs every epoch)
-
-
-def _config_from_dict(d: dict) -> RunConfig:
-    from transrec.trainer.config import (
-        RENAMED,
-        DataConfig,
-        EvalConfig,
-        ModelConfig,
-        Stage1Config,
-        Stage2Config,
-        TransferConfig,
-    )
-
-    ev = dict(d["eval"])
-    ev["ks"] = tuple(ev["ks"])
-    stage = {s: {k: v for k, v in d[s].items() if k not in RETIRED_STAGE_FIELDS} for s in ("stage1", "stage2")}
-    for fields in stage.values():  # records written before a setting was renamed (config.RENAMED)
-        for old, new in RENAMED.items():
-            if old in fields:
-                section, key = new.split(".")
-                fields.setdefault(section, {})[key] = fields.pop(old)
-    return RunConfig(
-        model=ModelConfig(**d["model"]),
-        stage1=Stage1Config(**stage["stage1"]),
-        stage2=Stage2Config(**stage["stage2"]),
-        eval=EvalConfig(**ev),
-        data=DataConfig(**d["data"]),
-        transfer=TransferConfig(**d.get("transfer", {})),  # records from before transfer=auto have none
-        **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data", "transfer")},
-    )
-
-
 def check_run_dir(cfg: RunConfig, overwrite: bool, argv: list[str] | None = None) -> None:
     """One writer per run folder, and a new run never writes into an old run's folder (its best models and
     resume.json could be picked up). Rank 0 locks RUN_DIR (trainer/run_lock.py: a run, --overwrite or --resume into a
@@ -154,18 +115,6 @@ def check_run_dir(cfg: RunConfig, overwrite: bool, argv: list[str] | None = None
     run_dir = claim_run_dir(Path(cfg.run_dir or default_run_dir(cfg)), rank, world, new_run=not cfg.resume,
                             overwrite=overwrite, command=command)
     cfg.run_dir = str(run_dir)
-
-
-def local_shards(shards: str) -> str:
-    """A shard URL (https://..., s3://...) becomes its verified local cache (data_shards/remote.py); a path stays."""
-    from transrec.data_shards.remote import is_url, localize
-
-    if not is_url(shards):
-        return shards
-    try:
-        return str(localize(shards))
-    except RuntimeError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 @releasing_run_dir_locks  # the run directory's lock (check_run_dir) ends with the call

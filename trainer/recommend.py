@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.out:
         p.error("--out is required with several ranks (each writes a part, rank 0 joins them)")
-    from transrec.trainer.main import local_shards
+    from transrec.data_shards.remote import local_shards
 
     shards = Path(local_shards(a.shards))
     if not (shards / "manifest.json").exists():

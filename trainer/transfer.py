@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from transrec.trainer.config import RunConfig, TransferConfig, apply_overrides
+from transrec.trainer.config import RunConfig, TransferConfig, apply_overrides, read_run_config
 from transrec.trainer.evaluate import paired_bootstrap, per_user_gain
 from transrec.trainer.run_setup import (
     LOG,
@@ -93,7 +93,6 @@ def _barrier() -> None:
 
 def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
     """Train (or resume, or skip when finished) one candidate's run; returns its Trainer, or None when skipped."""
-    from transrec.trainer.main import recorded_config
     from transrec.trainer.train import Trainer
 
     d = Path(cfg.run_dir)
@@ -102,7 +101,7 @@ def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
     point = d / "resume.json"
     if point.exists():  # interrupted: continue from its last checkpoint, with its own recorded configuration
         resume = json.loads(point.read_text())
-        own = recorded_config(str(d))
+        own = read_run_config(d)
         LOG.info(f"[transfer] resuming candidate {d.name} at stage {resume['stage']}, epoch {resume['epoch']}")
         trainer = Trainer(own, str(d / "ds_config.json"), resume_state=resume["state"])
         trainer.run(resume)

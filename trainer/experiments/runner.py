@@ -397,11 +397,11 @@ def evaluate_view(run_dir: Path, shards: Path, out: Path) -> dict:
     same users, items and splits (e.g. every item routed to text). Writes out/metrics.json and test_ranks.tsv."""
     from transrec.trainer import evaluate as ev
     from transrec.trainer.checkpoint import load_model_state
-    from transrec.trainer.main import _config_from_dict
+    from transrec.trainer.config import from_dict
     from transrec.trainer.train import Trainer
 
     record = json.loads((run_dir / "run_config.json").read_text())
-    cfg = _config_from_dict(record["config"])
+    cfg = from_dict(record["config"])
     check_same_split(Path(cfg.data.shards), shards)
     from transrec.trainer.report import record_scoring
 
