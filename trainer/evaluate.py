@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transrec.data_shards.integrity import IntegrityError
     from transrec.trainer import recommend_scoring as rs  # here, not at the top: scoring.py imports this module
     from transrec.trainer.model_eval import export_cli, ranker_from_export
+    from transrec.trainer.run_stats import write_ranks
     from transrec.trainer.scoring import Scoring, choose_prior, read_scoring, scoring_ranks
 
     p = export_cli("python -m transrec.trainer.evaluate", __doc__)
@@ -354,9 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.out:
         out = Path(a.out)
         out.write_text(json.dumps(result, indent=1))
-        with open(out.with_suffix(".ranks.tsv"), "w") as f:
-            f.write("user\ttarget_item\trank\n")
-            f.writelines(f"{u}\t{t}\t{r}\n" for u, t, r in zip(data.users, data.targets, ranks))
+        write_ranks(out.with_suffix(".ranks.tsv"), data.users, data.targets, ranks)
     return result
 
 

@@ -17,6 +17,13 @@ NOT_JUDGED = "not judged"
 METRICS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
 
 
+def write_ranks(path: Path, users, targets, ranks) -> None:
+    """A per-user ranks file (test_ranks*.tsv): user, target item, rank; read_ranks reads it back."""
+    with open(path, "w") as f:
+        f.write("user\ttarget_item\trank\n")
+        f.writelines(f"{u}\t{t}\t{r}\n" for u, t, r in zip(users, targets, ranks))
+
+
 def read_ranks(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(users, target items, ranks) from a run's test_ranks*.tsv."""
     data = np.loadtxt(path, dtype=np.int64, delimiter="\t", skiprows=1, ndmin=2)

@@ -52,6 +52,7 @@ from transrec.trainer.run_setup import (
     setup_logging,
     write_run_record,
 )
+from transrec.trainer.run_stats import write_ranks
 from transrec.trainer.text_vocab import check_vocabulary
 
 
@@ -297,10 +298,7 @@ class Trainer:
     def write_ranks(self, name: str, data: ev.EvalStream, ranks: np.ndarray) -> None:
         if self.rank != 0:
             return
-        with open(self.run_dir / f"{name}.tsv", "w") as f:
-            f.write("user\ttarget_item\trank\n")
-            for u, t, r in zip(data.users, data.targets, ranks):
-                f.write(f"{u}\t{t}\t{r}\n")
+        write_ranks(self.run_dir / f"{name}.tsv", data.users, data.targets, ranks)
 
     # -- a stage ------------------------------------------------------------------------------------------
     def run_stage(self, stage: int, resume: dict | None = None) -> None:

@@ -23,15 +23,10 @@ import numpy as np
 from transrec.trainer import evaluate as ev
 from transrec.trainer.config import RunConfig
 from transrec.trainer.feature_cache import resolve_store
+from transrec.trainer.run_stats import write_ranks
 from transrec.trainer.scoring import Scoring, choose_prior, scoring_ranks, write_scoring
 
 FREE_CANDIDATES = {"prior": "model", "content": "mean", "popularity": "none"}  # name -> the user vector it scores with
-
-
-def write_ranks(path: Path, data: ev.EvalUsers, ranks: np.ndarray) -> None:
-    with open(path, "w") as f:
-        f.write("user\ttarget_item\trank\n")
-        f.writelines(f"{u}\t{t}\t{r}\n" for u, t, r in zip(data.users, data.targets, ranks))
 
 
 def score_candidate(name: str, model_user, item_vectors, valid: ev.EvalUsers, test: ev.EvalUsers,
@@ -71,8 +66,8 @@ def run_training_free(cfg: RunConfig, name: str, rank: int) -> dict | None:
     n_items = ranker.store.num_items
     valid = ev.eval_users(ranker.sequences, "valid", ranker.model.cfg.max_len)
     test = ev.eval_users(ranker.sequences, "test", ranker.model.cfg.max_len)
-    counts_valid = ev.interaction_counts(ranker.sequences, n_items, "valid")
-    counts_test = ev.interaction_counts(ranker.sequences, n_items, "test")
+    counts = ev.SplitSummary.from_records(ranker.sequences, n_items).counts  # one pass: every split's counts
+    counts_valid, counts_test = counts["valid"], counts["test"]
     iv = ranker.item_vectors() if user != "none" else None
 
     def model_user(hist, chunk):
@@ -86,8 +81,8 @@ def run_training_free(cfg: RunConfig, name: str, rank: int) -> dict | None:
     pop_test = ev.popularity_ranks(counts_test, test, exclude)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "valid_ranks_stage0.npy", valid_ranks)
-    write_ranks(out / "test_ranks.tsv", test, test_ranks)
-    write_ranks(out / "test_ranks_popularity.tsv", test, pop_test)
+    write_ranks(out / "test_ranks.tsv", test.users, test.targets, test_ranks)
+    write_ranks(out / "test_ranks_popularity.tsv", test.users, test.targets, pop_test)
     tmp = out / "export.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(export, tmp)

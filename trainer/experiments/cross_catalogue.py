@@ -100,8 +100,8 @@ def score_target(export: Path, target_shards: Path, source_shards: Path, feature
     max_len, n_items = ranker.model.cfg.max_len, ranker.store.num_items
     valid = ev.eval_users(ranker.sequences, "valid", max_len)
     test = ev.eval_users(ranker.sequences, "test", max_len)
-    counts_valid = ev.interaction_counts(ranker.sequences, n_items, "valid")
-    counts_test = ev.interaction_counts(ranker.sequences, n_items, "test")
+    counts = ev.SplitSummary.from_records(ranker.sequences, n_items).counts  # one pass: every split's counts
+    counts_valid, counts_test = counts["valid"], counts["test"]
     user = model_user_fn(ranker, iv)
     out["users"], out["targets"] = test.users.tolist(), test.targets.tolist()
 
@@ -152,7 +152,8 @@ def score_target(export: Path, target_shards: Path, source_shards: Path, feature
     src = ranker_from_export(export, source_shards, show_progress=False, feature_store=feature_store)
     iv_s = src.item_vectors()
     n_src = src.store.num_items
-    counts_s = ev.interaction_counts(src.sequences, n_src, "valid")
+    counts_src = ev.SplitSummary.from_records(src.sequences, n_src).counts
+    counts_s = counts_src["valid"]
     valid_s = ev.eval_users(src.sequences, "valid", max_len)
     test_s = ev.eval_users(src.sequences, "test", max_len)
     user_s = model_user_fn(src, iv_s)
@@ -160,7 +161,7 @@ def score_target(export: Path, target_shards: Path, source_shards: Path, feature
                    "spearman_norm_vs_source_count": spearman(iv_s.norm(dim=1).numpy(), counts_s),
                    "spearman_mean_score_vs_source_count": spearman(mean_scores(user_s, iv_s, valid_s), counts_s)}
     # the source model on its own test split, its catalogue cut to the target's size (a seeded random cut)
-    counts_s_test = ev.interaction_counts(src.sequences, n_src, "test")
+    counts_s_test = counts_src["test"]
     if n_src > n_items:
         drop = np.random.default_rng(0).choice(n_src, n_src - n_items, replace=False)
         cut = with_excluded(test_s, drop)
