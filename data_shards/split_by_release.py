@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
+
+from transrec.data_shards.split_files import publish, staging, write_side
 
 FILES = ("ratings.csv", "items.csv", "users.csv")
 SIDES = ("source", "target")
@@ -82,8 +81,7 @@ def split_by_release(source: Path, out: Path, *, year: int = 1995, min_interacti
               "films_without_year": len(no_year),
               "ratings_dropped_film_without_year_or_unknown": len(unknown_film),
               "ratings_dropped_film_on_the_other_side": other_side, "sides": {}}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out)
     user_header, users = _read(source / "users.csv", ("user_id",))
     user_key = user_header.index("user_id")
     for side in SIDES:
@@ -91,16 +89,9 @@ def split_by_release(source: Path, out: Path, *, year: int = 1995, min_interacti
         enough = {u for u, n in counts.items() if n >= min_interactions}
         rows = [r for r in kept_by_side[side] if r[user_col] in enough]
         films = {r[movie_col] for r in rows}
-        folder = tmp / side
-        folder.mkdir(parents=True)
-        for file, header, body, col, wanted in (("ratings.csv", rating_header, rows, None, None),
-                                                ("items.csv", item_header, items, id_col, films),
-                                                ("users.csv", user_header, users, user_key, enough)):
-            with open(folder / file, "w", newline="") as f:
-                w = csv.writer(f, lineterminator="\n")
-                w.writerow(header)
-                w.writerows(body if col is None else (r for r in body if r[col] in wanted))
-        os.symlink((source / "posters").resolve(), folder / "posters", target_is_directory=True)
+        write_side(tmp / side, (("ratings.csv", rating_header, rows, None, None),
+                                ("items.csv", item_header, items, id_col, films),
+                                ("users.csv", user_header, users, user_key, enough)), source / "posters")
         years = [release_year(r[year_col]) for r in items if r[id_col] in films]
         report["sides"][side] = {
             "users": len(enough), "films": len(films), "ratings": len(rows),
@@ -110,9 +101,7 @@ def split_by_release(source: Path, out: Path, *, year: int = 1995, min_interacti
     shared_users = {r[user_col] for r in kept_by_side["source"]} & {r[user_col] for r in kept_by_side["target"]}
     if shared_users:  # the rule makes this impossible; the check keeps it that way
         raise AssertionError(f"{len(shared_users)} users on both sides")
-    (tmp / "split_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish(tmp, out, report)
     return report
 
 

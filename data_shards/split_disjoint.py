@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
-import os
-import shutil
 import sys
 from pathlib import Path
+
+from transrec.data_shards.split_files import publish, staging, write_side
 
 FILES = ("transactions.csv", "articles.csv", "customers.csv")
 
@@ -64,8 +63,7 @@ def split_disjoint(source: Path, out: Path, *, seed: int = 0, fraction_a: float 
     products_a = {product_of.get(a) for a in bought_by_a} - {None}
     cust_header, customers, cust_key = _read(source / "customers.csv", "customer_id")
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(out)
     report = {"source": source.name, "rule": f"customer -> a iff sha256('transrec-split:{seed}:<customer_id>')[0] < "
               f"{256 * fraction_a:g}; b keeps a purchase only if no a customer bought its article",
               "seed": seed, "fraction_a": fraction_a, "purchases_in_source": len(tx),
@@ -75,22 +73,14 @@ def split_disjoint(source: Path, out: Path, *, seed: int = 0, fraction_a: float 
               "b_purchases_kept_whose_product_a_bought": sum(product_of.get(r[art_col]) in products_a
                                                              for r in halves["b"]), "halves": {}}
     for name, rows in halves.items():
-        folder = tmp / name
-        folder.mkdir(parents=True)
         wanted_customers, wanted_articles = {r[cust_col] for r in rows}, {r[art_col] for r in rows}
-        for file, header, body, col, wanted in (("transactions.csv", tx_header, rows, None, None),
-                                                ("articles.csv", art_header, articles, art_key, wanted_articles),
-                                                ("customers.csv", cust_header, customers, cust_key, wanted_customers)):
-            with open(folder / file, "w", newline="") as f:
-                w = csv.writer(f, lineterminator="\n")
-                w.writerow(header)
-                w.writerows(body if col is None else (r for r in body if r[col] in wanted))
-        os.symlink((source / "images").resolve(), folder / "images", target_is_directory=True)
+        write_side(tmp / name, (("transactions.csv", tx_header, rows, None, None),
+                                ("articles.csv", art_header, articles, art_key, wanted_articles),
+                                ("customers.csv", cust_header, customers, cust_key, wanted_customers)),
+                   source / "images")
         report["halves"][name] = {"customers": len(wanted_customers), "articles": len(wanted_articles),
                                   "purchases": len(rows)}
-    (tmp / "split_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish(tmp, out, report)
     return report
 
 
