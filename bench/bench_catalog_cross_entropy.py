@@ -11,11 +11,12 @@ history mask: E = the window length) over a sampled-candidate catalogue (V = a b
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__)
 
 import torch  # noqa: E402
 

@@ -24,13 +24,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__, offline=True)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
+import platform
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+import transrec.bench.throughput as tp
 from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
+from transrec.data_shards.synth import main as synth_main
+from transrec.trainer.config import apply_overrides
+from transrec.trainer.feature_cache import resolve_store
+from transrec.trainer.presets import preset
+from transrec.trainer.run_setup import git_hash
+from transrec.trainer.train import Trainer
 
 SECTIONS = ("input", "text tower", "image tower", "user encoder", "loss", "backward", "optimizer")
 
@@ -39,8 +53,6 @@ def synth_shards(work: Path, users: int, items: int, mean_length: float) -> tupl
     out = work / f"synth-u{users}-i{items}-l{mean_length:g}"
     if (out / "manifest.json").exists():
         return out, float("nan")
-    from transrec.data_shards.synth import main as synth_main
-
     t0 = time.perf_counter()
     synth_main(["--users", str(users), "--items", str(items), "--mean-length", str(mean_length), "--out", str(out)])
     return out, time.perf_counter() - t0
@@ -48,14 +60,6 @@ def synth_shards(work: Path, users: int, items: int, mean_length: float) -> tupl
 
 def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
     """One (catalogue, head) measurement in this process."""
-    import tempfile
-
-    import torch
-
-    import transrec.bench.throughput as tp
-    from transrec.trainer.config import apply_overrides, preset
-    from transrec.trainer.train import Trainer
-
     cfg = apply_overrides(preset("cpu-small"), [f"data.shards={shards}", f"stage1.head={head}", *extra])
     tmp = tempfile.TemporaryDirectory(prefix="catalogue-scale-")
     cfg.run_dir = tmp.name
@@ -64,24 +68,25 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
     setup_s = time.perf_counter() - t0
 
     lower_s: dict[str, float] = {}
-    for name, tower in t.model.towers.items():  # time each tower's frozen lower blocks while the cache builds
-        def timed(*a, _fn=tower.lower, _name=name, **k):
-            s = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                lower_s[_name] = lower_s.get(_name, 0.0) + time.perf_counter() - s
-        tower.lower = timed
-    from transrec.trainer.feature_cache import resolve_store
+
+    @contextmanager
+    def lower_blocks(name: str):  # the model's timing hook (trainer/instrumentation.py): each tower's lower blocks
+        s = time.perf_counter()
+        try:
+            yield
+        finally:
+            if name.endswith(" lower blocks"):
+                tower = name.removesuffix(" lower blocks")
+                lower_s[tower] = lower_s.get(tower, 0.0) + time.perf_counter() - s
 
     store = resolve_store(cfg.data.feature_store, shards)
     before = set(store.glob("*.pt")) if store else set()
+    t.model.spans = lower_blocks
     t0 = time.perf_counter()
     sc = t.set_stage(1)
     cache_s = time.perf_counter() - t0
+    t.model.spans = None
     cache_how = "computed" if not store or set(store.glob("*.pt")) - before else "read from the store"
-    for tower in t.model.towers.values():
-        del tower.lower
     obj = t.objective(1)
     loader = t.make_loader(1, sc, obj)
     steps_per_epoch = loader.steps_per_epoch
@@ -168,12 +173,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.one:
         print("RESULT " + json.dumps(measure_one(Path(a.one[0]), a.one[1], a.steps, a.set)), flush=True)
         return []
-
-    import platform
-
-    import torch
-
-    from transrec.trainer.run_setup import git_hash
 
     meta = {"command": recorded_command("python bench/catalogue_scale.py", sys.argv[1:] if argv is None else argv),
             "git_hash": git_hash(), "torch": torch.__version__, "load_start": os.getloadavg()[0],

@@ -16,6 +16,8 @@ checks these counts against torch.utils.flop_counter on a real step.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -228,9 +230,6 @@ def step_flops(model: nn.Module, counts: StepCounts, image_size: int, cached: di
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """The MFU denominator: best achieved TFLOP/s of a large square matmul in `dtype`, measured in this run."""
-    import math
-    import time
-
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

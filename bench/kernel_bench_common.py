@@ -16,17 +16,19 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__)
+
+import torch  # noqa: E402
 
 from transrec.bench.flops import measure_peak_tflops  # noqa: E402
 from transrec.kernels.triton import tuning  # noqa: E402

@@ -24,11 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__, offline=True)
+
+import torch
 
 from transrec.data_shards.decode import ImageDecoder, resolve_backend
 from transrec.data_shards.decode_dali import dali_import_error
@@ -132,7 +135,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-loader", action="store_true", help="decode-only rows")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(a.device)
     store = ItemStore(a.shards)
     names = decoders_to_run(a.decoder)

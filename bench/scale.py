@@ -26,19 +26,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__, offline=True)
+
+import torch
 
 from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.shard_io import load_manifest
+from transrec.data_shards.synth import main as synth_main
+from transrec.trainer import ranking as ev
+from transrec.trainer.run_setup import git_hash
 
 
 def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path, float, int]:
     out = work / f"synth-u{users}-i{items}-l{mean_length:g}"
     t0, built = time.perf_counter(), False
     if not (out / "manifest.json").exists():
-        from transrec.data_shards.synth import main as synth_main
-
         synth_main(["--users", str(users), "--items", str(items), "--mean-length", str(mean_length),
                     "--out", str(out)])
         built = True
@@ -48,8 +55,6 @@ def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path,
 
 def loader_rank(shards: str, rank: int, world: int, batches: int, queue) -> None:
     """One rank's loader in its own process: sequences/s, peak RSS, the split it chose."""
-    from transrec.data_shards.loader import LoaderConfig, make_train_loader
-
     cfg = LoaderConfig(window=26, batch_size=128, stride=25, load_content=False, shuffle_buffer=4096)
     loader = make_train_loader(shards, cfg, rank=rank, world_size=world)
     n, start = 0, None
@@ -84,11 +89,6 @@ def eval_pass(shards: str, queue) -> None:
     """What a training process holds for evaluation, in its own process: the one streaming pass over every user
     (trainer.evaluate.SplitSummary: counts per item, evaluated users and targets), then the test split ranked over
     the whole catalogue with users streamed from the shards in batches (EvalStream), as the trainer does."""
-    import torch
-
-    from transrec.data_shards.shard_io import load_manifest
-    from transrec.trainer import evaluate as ev
-
     t0 = time.perf_counter()
     summary = ev.SplitSummary.read(shards)
     summary_s = time.perf_counter() - t0
@@ -159,11 +159,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--no-loader", action="store_true", help="leave the loader columns out (evaluation only)")
     a = p.parse_args(argv)
-    import torch
-
-    from transrec.data_shards.shard_io import load_manifest
-    from transrec.trainer.run_setup import git_hash
-
     meta = {"command": recorded_command("python bench/scale.py", sys.argv[1:] if argv is None else argv),
             "git_hash": git_hash(), "load_start": os.getloadavg()[0],
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}

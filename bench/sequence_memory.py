@@ -18,22 +18,24 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__)
+
+import time
 
 from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
+from transrec.data_shards.sequence_table import SequenceTable
+from transrec.data_shards.shard_io import load_manifest, read_sequences
+from transrec.trainer.ranking import eval_users
 
 READERS = ("dicts", "table")
 
 
 def measure(shards: str, reader: str) -> dict:
     """In this process: read the sequences with `reader`, then the evaluation users; peak RSS and times."""
-    import time
-
-    from transrec.data_shards.sequence_table import SequenceTable
-    from transrec.data_shards.shard_io import load_manifest, read_sequences
-    from transrec.trainer.evaluate import eval_users
-
     rss_mib = peak_rss_mib
     base = rss_mib()
     t0 = time.perf_counter()

@@ -20,23 +20,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__)
+
 import httpx
 import numpy as np
+import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
+from transrec.bench.run_record import recorded_command
+from transrec.trainer.serving.app import create_app
+from transrec.trainer.serving.item_index import recommender_from_index
+from transrec.trainer.serving.recommender import Recommender
 
 
 def start_server(export: Path, shards: Path, index: Path | None):
     import uvicorn
 
-    from transrec.trainer.recommend import Recommender
-    from transrec.trainer.serve import create_app
-
     if index:
-        from transrec.trainer.index import recommender_from_index
-
         rec = recommender_from_index(index, export, shards)
     else:
         rec = Recommender.from_export(export, shards)
@@ -87,8 +91,6 @@ def load(url: str, histories: list[list[str]], concurrency: int, requests: int, 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True)
     p.add_argument("--shards", required=True)
@@ -104,8 +106,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load(url, histories, 4, 40, 30, seed=1)  # warm-up
     rows = [load(url, histories, int(c), a.requests, a.seconds, seed=0) for c in a.concurrency.split(",")]
     server.should_exit = True
-    from transrec.bench.run_record import recorded_command
-
     meta = {"command": recorded_command("python bench/serve_load.py", argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
             "catalogue_items": len(rec.item_ids), "users": len(histories), "torch": torch.__version__,

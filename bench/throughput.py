@@ -6,7 +6,7 @@
         zero0,zero1,device_prefetch]
         [--no-cache] [--set k=v ...]
 
-Training composes the Trainer's pieces (set_stage with its feature cache, make_loader, make_engine, _prepare):
+Training composes the Trainer's pieces (set_stage with its feature cache, make_loader, make_engine, prepare_batch):
 sequences/s, items encoded/s (unique, and every slot consumed), tokens/s, images/s, peak memory, a breakdown
 (CUDA events or perf_counter spans) and MFU (bench/flops.py). Toggle rows flip ONE switch of the project's
 configuration; the reference row (bench/reference_path.py) runs the original code's structure on the same
@@ -25,36 +25,37 @@ import math
 import os
 import platform
 import signal
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__, offline=True)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 import numpy as np
 import torch
 
-import transrec.trainer.losses as tlosses
 from transrec.bench import flops as fl
 from transrec.bench.op_counts import step_counts
 from transrec.bench.reference_path import ReferenceTrainer, expand_slots, reference_ranks
 from transrec.bench.run_record import recorded_command
-from transrec.bench.throughput_report import NOTES, Report
+from transrec.bench.throughput_report import NOTES, Report, TrainResult
 from transrec.kernels import ops as kernels
-from transrec.trainer import evaluate as ev
+from transrec.trainer import ranking as ev
 from transrec.trainer.compiled import set_compiled
-from transrec.trainer.config import apply_overrides, preset
+from transrec.trainer.config import apply_overrides
 from transrec.trainer.device_prefetch import prefetched, resolve_ahead
+from transrec.trainer.presets import PRESETS, preset
+from transrec.trainer.run_setup import git_hash
+from transrec.trainer.train import Trainer
 
 LOAD = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # the load average: is the machine shared?
 
@@ -127,23 +128,13 @@ class PeakMemory:
 # -- the project's model, instrumented ------------------------------------------------------------------
 @contextmanager
 def instrumented(model: torch.nn.Module, spans: Spans):
-    """Spans around each tower call, the user encoder and the loss of the project's forward."""
-    def timed(name, fn):  # name: a span name, or a function of the call's arguments giving one
-        def run(*a, **k):
-            with spans(name(*a) if callable(name) else name):
-                return fn(*a, **k)
-        return run
-
-    model._tower_vectors = timed(lambda modality, *_: f"{modality} tower", model._tower_vectors)
-    model.encode_sequence = timed("user encoder", model.encode_sequence)
-    timed_kernels = SimpleNamespace(cpc_loss=timed("loss", kernels.cpc_loss),
-                                    catalog_cross_entropy=timed("loss", kernels.catalog_cross_entropy))
-    tlosses.kernels = timed_kernels  # the `kernels` trainer/losses.py sees
+    """Spans around each tower call ("text tower", ...), the user encoder and the loss of the project's forward:
+    the model's own instrumentation hook (TransRec.spans), set for the block."""
+    model.spans = spans
     try:
         yield
     finally:
-        del model._tower_vectors, model.encode_sequence
-        tlosses.kernels = kernels
+        model.spans = None
 
 
 # -- switches -------------------------------------------------------------------------------------------
@@ -181,36 +172,6 @@ class Switches:
 
 
 # -- training measurement -------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TrainResult:
-    stage: int
-    config: str
-    dtype: str
-    steps: int = 0
-    seconds: float = 0.0
-    sequences: float = 0.0
-    unique: int = 0
-    slots: int = 0
-    text_tokens: int = 0
-    images: int = 0
-    flops: float = 0.0
-    peak_gib: float = math.nan
-    loss: float = math.nan
-    sections: dict = dataclasses.field(default_factory=dict)
-    step_s: list = dataclasses.field(default_factory=list)  # wall time of each timed step (GPU synchronised)
-    op_counts: dict = dataclasses.field(default_factory=dict)  # bench/op_counts.step_counts of one more step
-
-    def figures(self) -> dict:  # rates from the MEDIAN step: one step slowed by a shared machine does not count
-        n = max(self.steps, 1)
-        s = statistics.median(self.step_s) * n if self.step_s else math.nan
-        tflops = self.flops / s / 1e12
-        return {"sequences_per_s": self.sequences / s, "unique_items_per_s": self.unique / s,
-                "slot_items_per_s": self.slots / s, "text_tokens_per_s": self.text_tokens / s,
-                "images_per_s": self.images / s, "ms_per_step": 1e3 * s / n, "peak_mem_gib": self.peak_gib,
-                "ms_per_step_mean": 1e3 * self.seconds / n,
-                "model_tflop_per_step": self.flops / n / 1e12, "achieved_tflops": tflops, "loss": self.loss}
-
-
 def tally(res: TrainResult, t, batch, stage: int, encoded: torch.Tensor, width: int, cached: dict) -> None:
     """Add one step's counts and analytic FLOPs; `encoded` = the items the towers ran on."""
     counts = fl.batch_counts(t.model, batch, stage, t.cfg.stage2.n_continuation, encoded, width)
@@ -233,7 +194,7 @@ def timed_steps(t, stage: int, sc, res: TrainResult, steps: int, warmup: int, sp
     prepared on the device ahead of their step (trainer/device_prefetch.py): the "input" span then times only what
     is left to wait for."""
     # a fresh loader: epoch 0, the same batches for every row
-    it = prefetched(t.make_loader(stage, sc), t._prepare, t.device, ahead)
+    it = prefetched(t.make_loader(stage, sc), t.prepare_batch, t.device, ahead)
     cached = {n: bool(t.model.cache and t.model.cache.covers(n)) for n in t.model.towers}
     losses, mem = [], PeakMemory(t.device)
     try:
@@ -411,7 +372,7 @@ def toggle(name: str, default: Switches, cuda: bool) -> Switches | str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "paper", "tiny"])
+    p.add_argument("--preset", default="cpu-small", choices=list(PRESETS))
     p.add_argument("--ds-config", default=None, help="default: zero2_bf16.json on CUDA, zero2.json on CPU")
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                    help="config overrides, e.g. data.shards=DIR model.text_encoder=DIR stage2.micro_batch=32")
@@ -435,9 +396,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from transrec.trainer.run_setup import git_hash
-    from transrec.trainer.train import Trainer
-
     t_start, cuda = time.perf_counter(), torch.cuda.is_available()
     torch.set_num_threads(args.threads) if args.threads else None  # on a shared CPU, 1 avoids OpenMP stalls
     # The paper's objectives (free-head catalogue softmax, CPC): the reference path and the FLOP formulas model them.

@@ -1,21 +1,50 @@
-"""The report of `bench/throughput.py`: rows of training and evaluation figures, CSV appends, the Markdown table
-with derived figures (MFU against the run's measured peak, x reference) and the targets' summary."""
+"""The report of `bench/throughput.py`: its training rows' measurements (`TrainResult`), rows of training and
+evaluation figures, CSV appends, the Markdown table with derived figures (MFU against the run's measured peak,
+x reference) and the targets' summary. Imports nothing of bench/throughput.py (which imports this)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from transrec.bench.throughput import TrainResult
 
 TRAIN_COLS = ["sequences_per_s", "unique_items_per_s", "slot_items_per_s", "text_tokens_per_s", "images_per_s",
               "ms_per_step", "peak_mem_gib", "model_tflop_per_step", "achieved_tflops", "mfu", "speedup_vs_reference"]
 CSV_FIELDS = ["device", "git_hash", "torch", "preset", "kind", "stage", "config", *TRAIN_COLS, "catalogue", "users",
               "users_per_s", "extra_mem_mib", "note"]
 SECTIONS = ["input", "text tower", "image tower", "user encoder", "loss", "forward other", "backward", "optimizer"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    stage: int
+    config: str
+    dtype: str
+    steps: int = 0
+    seconds: float = 0.0
+    sequences: float = 0.0
+    unique: int = 0
+    slots: int = 0
+    text_tokens: int = 0
+    images: int = 0
+    flops: float = 0.0
+    peak_gib: float = math.nan
+    loss: float = math.nan
+    sections: dict = dataclasses.field(default_factory=dict)
+    step_s: list = dataclasses.field(default_factory=list)  # wall time of each timed step (GPU synchronised)
+    op_counts: dict = dataclasses.field(default_factory=dict)  # bench/op_counts.step_counts of one more step
+
+    def figures(self) -> dict:  # rates from the MEDIAN step: one step slowed by a shared machine does not count
+        n = max(self.steps, 1)
+        s = statistics.median(self.step_s) * n if self.step_s else math.nan
+        tflops = self.flops / s / 1e12
+        return {"sequences_per_s": self.sequences / s, "unique_items_per_s": self.unique / s,
+                "slot_items_per_s": self.slots / s, "text_tokens_per_s": self.text_tokens / s,
+                "images_per_s": self.images / s, "ms_per_step": 1e3 * s / n, "peak_mem_gib": self.peak_gib,
+                "ms_per_step_mean": 1e3 * self.seconds / n,
+                "model_tflop_per_step": self.flops / n / 1e12, "achieved_tflops": tflops, "loss": self.loss}
 
 
 def _fmt(v) -> str:

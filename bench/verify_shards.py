@@ -38,11 +38,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # as a script, this
-# folder would come first on sys.path, its module names before any dependency's; the project imports as transrec.*
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__, offline=True)
 
 from transrec.bench.run_record import recorded_command, write_reports  # noqa: E402
+from transrec.data_shards import integrity
+from transrec.data_shards.integrity import verify_shards
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.shard_io import ItemStore
 
 NEW_PROCESS = ("import json, sys, time; from transrec.data_shards.integrity import verify_shards; "
                "t = time.perf_counter(); r = verify_shards(sys.argv[1]); "
@@ -80,8 +86,6 @@ def synth_shards(work: Path, users: int, items: int) -> tuple[Path, float | None
 
 
 def loader_epoch(shards: Path, content: bool) -> tuple[float, int]:
-    from transrec.data_shards.loader import LoaderConfig, make_train_loader
-
     cfg = LoaderConfig(window=26, batch_size=128, stride=25, load_content=content, decode_in_loader=content,
                        decoder="pil", image_size=64, shuffle_buffer=4096)
     t = time.perf_counter()
@@ -91,8 +95,6 @@ def loader_epoch(shards: Path, content: bool) -> tuple[float, int]:
 
 
 def payload_pass(shards: Path) -> tuple[float, int]:
-    from transrec.data_shards.shard_io import ItemStore
-
     t = time.perf_counter()
     store = ItemStore(shards)
     total = 0
@@ -103,9 +105,6 @@ def payload_pass(shards: Path) -> tuple[float, int]:
 
 
 def measure(label: str, shards: Path, build_s: float | None, work: Path, content_epoch: bool) -> dict:
-    from transrec.data_shards import integrity
-    from transrec.data_shards.integrity import verify_shards
-
     manifest = json.loads((shards / "manifest.json").read_text())
     listed = manifest["file_sha256"]
     size = sum((shards / n).stat().st_size for n in listed)

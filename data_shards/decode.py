@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from transrec.data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD, dali_import_error
 
@@ -107,8 +108,6 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def check_jpeg(data: bytes, item_id: int) -> None:
     """Raise CorruptImageError unless `data` starts with SOI and ends with EOI (or fully decodes)."""
-    from PIL import ImageFile
-
     if len(data) < 4 or data[:2] != b"\xff\xd8":
         raise CorruptImageError(item_id, f"no JPEG start marker FFD8 in its {len(data)} bytes")
     if b"\xff\xd9" in data[-_EOI_TAIL:]:
@@ -122,8 +121,6 @@ def check_jpeg(data: bytes, item_id: int) -> None:
 
 def pil_failure(data: bytes) -> str | None:
     """None when Pillow decodes `data` completely as a JPEG, else its reason."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
@@ -177,8 +174,6 @@ def resolve_backend(name: str, device: str | torch.device = "cpu") -> str:
 
 def _pil_one(data: bytes, size: int | None) -> torch.Tensor:
     """Pillow reference: uint8 [3, H, W] (native size when size is None, else size x size)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
     if size is not None:

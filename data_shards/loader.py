@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.integrity import IntegrityError, one_line, verify_shards
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore, load_manifest, sequence_records
@@ -325,8 +326,6 @@ class TrainStream(torch.utils.data.IterableDataset):
     # -- building a batch ---------------------------------------------------------------------------------
     def _decoder_for_worker(self):
         if self._decoder is None and self.cfg.decode_in_loader:
-            from transrec.data_shards.decode import ImageDecoder
-
             self._decoder = ImageDecoder(backend=self.cfg.decoder, size=self.cfg.image_size, device="cpu")
         return self._decoder
 

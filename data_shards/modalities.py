@@ -11,10 +11,15 @@ Built in: "text" (token ids of the rendered item text, `tokens.npy`) and "image"
 with a `from_item` hook is written by the builder for the items the hook returns a payload for, and those items take
 that modality (under `--modality mixed`; the rule is recorded in the manifest). The shards list their modalities in
 order in `manifest["modalities"]`: an item's modality code is its index there.
+
+Every other item of a mixed build takes text or image by `modality_choice`, a hash of its raw id; serving applies the
+same rule to a new item that comes with both a text and an image, so the rule lives here beside the registry rather
+than in the build command.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +27,11 @@ import numpy as np
 import torch
 
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES, npy_bytes
+
+MODALITY_RULE = (
+    'mixed: text iff sha256("transrec-modality:{seed}:{raw_item_id}")[0] is even; '
+    "fallback to the other modality when the chosen one has no content"
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,12 @@ def content_kind(name: str) -> ContentKind:
         raise KeyError(f"no modality {name!r} is registered (known: {', '.join(CONTENT)}); register its content "
                        "kind (trainer.modalities.register) before reading shards that use it")
     return CONTENT[name]
+
+
+def modality_choice(raw_id: str, seed: int) -> int:
+    """The built-in modality a mixed build wants for an item (MODALITY_RULE): 0 text, 1 image. A hash of the raw id,
+    not of its position, so an item keeps its modality when the catalogue around it changes."""
+    return hashlib.sha256(f"transrec-modality:{seed}:{raw_id}".encode()).digest()[0] % 2
 
 
 def extra_kinds() -> list[ContentKind]:

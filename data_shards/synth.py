@@ -21,6 +21,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from transrec.data_shards.build import BuildOptions, build
 
 WORDS = [
     "red", "blue", "green", "black", "white", "grey", "soft", "warm", "light", "long", "short", "classic",
@@ -32,8 +35,6 @@ WORDS = [
 
 
 def random_jpegs(k: int, rng: np.random.Generator, size: int = 64) -> list[bytes]:
-    from PIL import Image
-
     out = []
     for _ in range(k):
         pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
@@ -84,8 +85,6 @@ def write_raw(root: Path, users: int, items: int, mean_length: float, zipf: floa
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transrec.data_shards.build import BuildOptions, build
-
     p = argparse.ArgumentParser(prog="python -m transrec.data_shards.synth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, required=True)

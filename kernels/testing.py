@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 
 import torch
+
+from transrec.kernels import dispatch
 
 # (atol, rtol) per dtype; atol is scaled by the reference tensor's largest magnitude (at least 1).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -24,7 +27,6 @@ def gpu_tilings_on(monkeypatch) -> str:
     fp32 only on the CPU: the interpreter cannot run bf16 tiles through tl.dot."""
     if torch.cuda.is_available():
         return "cuda"
-    from transrec.kernels import dispatch
     from transrec.kernels.triton import common
 
     monkeypatch.setattr(common, "INTERPRET", False)
@@ -90,8 +92,6 @@ def compare(
 
 def sweep(n: int, rng_seed: int, /, **ranges: tuple[int, int]) -> list[dict[str, int]]:
     """n seeded random size sets, each value uniform in its inclusive (low, high) range."""
-    import random
-
     rng = random.Random(rng_seed)
     return [{k: rng.randint(lo, hi) for k, (lo, hi) in ranges.items()} for _ in range(n)]
 

@@ -100,7 +100,8 @@ def pytest_report_header(config) -> str:
 
 def tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
     """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
-    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.config import apply_overrides
+    from transrec.trainer.presets import preset
     from transrec.trainer.train import Trainer
 
     base = [f"data.shards={shards}", f"model.text_encoder={text_encoder}", f"run_dir={run_dir}"]

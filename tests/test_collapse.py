@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer.collapse import main, mean_pairwise_cosine, mean_share, spread_report
+from transrec.trainer.collapse import main
+from transrec.trainer.collapse_diagnostics import mean_pairwise_cosine, mean_share, spread_report
 
 
 def test_mean_pairwise_cosine_and_mean_share_by_hand():

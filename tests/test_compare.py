@@ -10,7 +10,7 @@ import pytest
 
 from transrec.data_shards.shard_io import read_sequences
 from transrec.trainer import compare
-from transrec.trainer.evaluate import eval_users, per_user_gain
+from transrec.trainer.ranking import eval_users, per_user_gain
 from transrec.trainer.run_stats import cold_mask, training_items
 
 

@@ -13,10 +13,11 @@ from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
 from transrec.trainer.compiled import is_compiled, set_compiled
-from transrec.trainer.config import ModelConfig, Stage1Config, apply_overrides, preset
+from transrec.trainer.config import ModelConfig, Stage1Config, apply_overrides
 from transrec.trainer.feature_cache import FeatureCache
 from transrec.trainer.losses import build_objective, item_share
 from transrec.trainer.model import TransRec
+from transrec.trainer.presets import preset
 
 
 @pytest.fixture(scope="module")

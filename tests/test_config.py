@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from transrec.trainer.config import EvalConfig, apply_overrides, preset, to_dict
+from transrec.trainer.config import EvalConfig, apply_overrides, to_dict
 from transrec.trainer.config import from_dict as _config_from_dict
-from transrec.trainer.experiments import drop_settings_that_change_nothing
+from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing
+from transrec.trainer.presets import preset
 
 
 def test_select_must_name_a_computed_metric():

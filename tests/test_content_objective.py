@@ -146,7 +146,7 @@ def test_history_exclusions():
 def test_objectives_from_config():
     share = np.full(50, 1 / 50)
     free = losses.build_objective(Stage1Config(head="free"), 50, True, share, torch.device("cpu"))
-    assert isinstance(free, losses.FreeHeadSoftmax) and free.scoring == "free_head" and free.dense
+    assert isinstance(free, losses.FreeHeadSoftmax) and free.scorer("content") == "free_head" and free.dense
     cpc = losses.build_objective(Stage2Config(loss="cpc", negatives=9), 50, True, share,
                                  torch.device("cpu"))
     assert isinstance(cpc, losses.CPC) and not cpc.dense and cpc.negatives == 9
@@ -163,5 +163,5 @@ def test_objectives_from_config():
         Stage2Config(loss="bce")
     with pytest.raises(ValueError, match="stage1.head must be"):
         Stage1Config(head="id")
-    assert losses.scoring_label("item_vectors", "content") == "content"
-    assert losses.scoring_label("item_vectors", "id") == "id"
+    assert not_cached.scorer("content") == "content" and not_cached.scorer("id") == "id"
+    assert cpc.scorer("content") == "content" and free.scorer("id") == "free_head"

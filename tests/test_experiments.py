@@ -136,7 +136,7 @@ def test_claims_leave_out_groups_with_too_few_users():
 # -- the runner, end to end ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[Path, list[str]]:
-    from transrec.trainer.experiments import main
+    from transrec.trainer.experiments.runner import main
 
     out = tmp_path_factory.mktemp("experiments")
     data = REPO / "data"
@@ -251,7 +251,7 @@ def test_frozen_towers_never_update(quick, tmp_path):
 
 
 def test_id_baselines_train_and_share_the_evaluator(quick, tmp_path):
-    from transrec.trainer.evaluate import metrics_from_ranks
+    from transrec.trainer.ranking import metrics_from_ranks
 
     out, _ = quick
     runs = _runs(out)
@@ -281,8 +281,8 @@ def test_id_baselines_train_and_share_the_evaluator(quick, tmp_path):
 
 def test_views_reproduce_the_run_and_route_every_item(quick):
     from transrec.data_shards.build import BuildOptions, build
-    from transrec.trainer.experiments import check_same_split, evaluate_view
     from transrec.trainer.experiments.report import read_ranks
+    from transrec.trainer.experiments.views import check_same_split, evaluate_view
 
     out, _ = quick
     run = _runs(out)[("hm-mixed", "scratch", False, 1.0)]
@@ -303,7 +303,7 @@ def test_views_reproduce_the_run_and_route_every_item(quick):
 
 
 def test_cached_runs_are_skipped(quick):
-    from transrec.trainer.experiments import main
+    from transrec.trainer.experiments.runner import main
 
     out, common = quick
     stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/runner.json")}
@@ -326,32 +326,31 @@ def test_cached_runs_are_skipped(quick):
 
 def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
     """A changed preset default (not only an override) must give a new run key: no stale cache hit."""
-    import transrec.trainer.config as config
-    from transrec.trainer.experiments import RunSpec, Suite, parse_args
+    from transrec.trainer.experiments import runner
+    from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args
 
     data = REPO / "data"
     argv = ["table2", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
             "--hm", str(data / "hm-fashion-fixture")]
     spec = RunSpec("ml-mixed", "scratch")
     before = Suite(parse_args(argv)).key(spec)
-    original = config.preset
+    original = runner.preset  # the runner's preset reader (trainer/presets.py)
 
     def changed(name):
         cfg = original(name)
         cfg.stage1.epochs += 1
         return cfg
 
-    monkeypatch.setattr(config, "preset", changed)
+    monkeypatch.setattr(runner, "preset", changed)
     assert Suite(parse_args(argv)).key(spec) != before
-    monkeypatch.setattr(config, "preset", original)
+    monkeypatch.setattr(runner, "preset", original)
     assert Suite(parse_args(argv)).key(spec) == before
 
 
 def test_target_overrides_and_model_rows(tmp_path):
     """--set-target changes the target runs' keys but not their source's; --models keeps only those rows and the
     comparisons between them."""
-    from transrec.trainer.experiments import RunSpec, Suite, parse_args
-    from transrec.trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args, table_plan
 
     data = REPO / "data"
     argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
@@ -379,9 +378,8 @@ def test_target_overrides_and_model_rows(tmp_path):
 def test_table6_has_a_towers_only_row_per_target_fraction(tmp_path):
     """Table 6 on an H&M target carries the towers-only transfer at every target fraction, with its own claims
     against scratch; --models scratch,transfer-towers keeps those two rows and the claims between them."""
-    from transrec.trainer.experiments import Suite, parse_args
     from transrec.trainer.experiments.plans import TARGET_FRACTIONS
-    from transrec.trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments.runner import Suite, parse_args, table_plan
 
     data = REPO / "data"
     argv = ["table6", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
@@ -402,9 +400,9 @@ def test_tables_keep_the_settings_they_were_run_with(tmp_path):
     """The cpu-small preset now learns the temperature and takes 128-px images; the tables' runs keep the fixed
     temperature and the 64 px they were run with (TABLE_SETTINGS), and --set gives them the new default, with its own
     key."""
-    from transrec.trainer.config import preset
-    from transrec.trainer.experiments import RunSpec, Suite, parse_args
     from transrec.trainer.experiments.plans import TABLE_SETTINGS
+    from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args
+    from transrec.trainer.presets import preset
 
     assert preset("cpu-small").model.learn_temperature is True and preset("cpu-small").model.image_size == 128
     assert "model.learn_temperature=false" in TABLE_SETTINGS and "model.image_size=64" in TABLE_SETTINGS
@@ -425,9 +423,8 @@ def test_opt_in_rows_only_when_named(tmp_path):
     """transfer-initial (the start kept as a candidate) and transfer-lowlr (gentle fine-tuning) are table-4 rows only
     when --models names them, so a table without them keeps its runs; their runs start from the source with their
     settings (eval.initial_candidate; the lower learning rates)."""
-    from transrec.trainer.experiments import RunSpec, Suite, parse_args
     from transrec.trainer.experiments.plans import OPT_IN_MODELS
-    from transrec.trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args, table_plan
 
     data = REPO / "data"
     argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),

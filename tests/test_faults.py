@@ -21,8 +21,9 @@ from conftest import REPO, tiny_trainer
 from safetensors.torch import load_file, save_file
 
 from transrec.data_shards.integrity import IntegrityError
-from transrec.trainer import evaluate as ev
+from transrec.trainer import ranking as ev
 from transrec.trainer.checkpoint import CHECKPOINT_HASHES, ExportError, read_export_config, write_checkpoint_hashes
+from transrec.trainer.evaluate import main as evaluate_main
 
 
 # -- non-finite scores ------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def export(source_run, tmp_path):
 def _evaluate(export, shards, *extra) -> str:
     """The standalone evaluator's error line (it must exit with one)."""
     with pytest.raises(SystemExit) as e:
-        ev.main(["--export", str(export), "--shards", str(shards), "--device", "cpu", *extra])
+        evaluate_main(["--export", str(export), "--shards", str(shards), "--device", "cpu", *extra])
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.shard_io import ItemStore
-from transrec.trainer import evaluate as ev
 from transrec.trainer import losses
+from transrec.trainer import ranking as ev
 from transrec.trainer.config import ModelConfig
 from transrec.trainer.feature_cache import FeatureCache
 from transrec.trainer.model import TransRec
@@ -323,3 +325,37 @@ def test_sequence_input_scale_multiplies_the_item_vectors_before_positions():
         ModelConfig(sequence_input_scale=0.0)
     with pytest.raises(ValueError, match="transformer user encoder only"):
         ModelConfig(user_encoder="gru", sequence_input_scale=2.0)
+
+
+def test_spans_hook_times_each_part_and_changes_nothing(small_model):
+    """TransRec.spans (trainer/instrumentation.py) opens one span per tower call, the user encoder and each tower's
+    lower blocks while the feature cache builds, with the names the benches print; the outputs are unchanged."""
+    model, store, decoder = small_model
+    items = np.arange(0, 40)
+    content = load_item_content(store, items, 16, decoder)
+    opened = []
+
+    @contextlib.contextmanager
+    def record(name):
+        opened.append(name)
+        yield
+
+    with torch.no_grad():
+        plain = model.encode_items(torch.as_tensor(items), content)
+        model.spans = record
+        try:
+            hooked = model.encode_items(torch.as_tensor(items), content)
+            mask = torch.ones(2, 5, dtype=torch.bool)
+            model.encode_sequence(hooked[:10].view(2, 5, -1), mask)
+            for tower in model.towers.values():
+                tower.set_trainable(1)
+            model.cache = FeatureCache.build(model, store, store.modality, decoder, 16, torch.device("cpu"),
+                                             show_progress=False)
+        finally:
+            model.spans, model.cache = None, None
+            for tower in model.towers.values():
+                tower.set_trainable(-1)
+    assert torch.equal(plain, hooked)
+    assert opened[:3] == ["text tower", "image tower", "user encoder"] or \
+        opened[:3] == ["image tower", "text tower", "user encoder"]
+    assert set(opened[3:]) == {"text lower blocks", "image lower blocks"}

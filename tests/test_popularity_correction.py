@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from transrec.trainer import losses
-from transrec.trainer.config import Stage1Config, Stage2Config, apply_overrides, preset
+from transrec.trainer.config import Stage1Config, Stage2Config, apply_overrides
+from transrec.trainer.presets import preset
 
 V, D = 12, 5
 # three windows of 6 slots (-1: padding): the first left-padded, with its item 2 consumed again as a later target

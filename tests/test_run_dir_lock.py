@@ -141,7 +141,7 @@ def test_main_holds_the_lock_while_it_runs_and_releases_it(ml_shards, tiny_bert_
     assert (run / "metrics.json").exists() and (run / "resume.json").exists()  # --overwrite deleted nothing
     kill_9(holder)
     (run / "metrics.json").unlink()
-    assert main(["--resume", str(run)])["test"]["users"] == 943
+    assert main(["--resume", str(run)]).metrics["test"]["users"] == 943
     assert json.loads((run / LOCK_NAME).read_text())["command"].endswith(f"--resume {run}")
     acquire(run, "after the resume").release()  # released again: a further run into the folder may start
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer import evaluate as ev
+from transrec.trainer import ranking as ev
 from transrec.trainer import scoring as sc
 from transrec.trainer.checkpoint import CHECKPOINT_HASHES, IntegrityError, verify_hashes
 from transrec.trainer.eval_data import EvalUsers, Ragged

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from test_serving import _histories, build_catalogue, build_export
 
 from transrec.data_shards.integrity import IntegrityError
-from transrec.trainer.evaluate import NonFiniteScores
-from transrec.trainer.recommend import Recommender
+from transrec.trainer.ranking import NonFiniteScores
 from transrec.trainer.scoring import BETA_GRID, Scoring, write_scoring
+from transrec.trainer.serving.recommender import Recommender
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,8 @@ def test_nonfinite_checks_hold_under_every_scoring(rec, histories):
 # -- (d) scoring.json: read, verified, used by the batch command and the service ------------------------------------
 def test_the_exports_scoring_json_is_verified_and_used(rec, export, catalogue, tmp_path, capsys):
     from transrec.trainer.recommend import main as batch_main
-    from transrec.trainer.serve import open_service, parse_args
+    from transrec.trainer.serve import parse_args
+    from transrec.trainer.serving.app import open_service
 
     scoring = Scoring("mean", 0.7)
     copy = scored_export(export, tmp_path, scoring)
@@ -200,7 +201,8 @@ def test_the_exports_scoring_json_is_verified_and_used(rec, export, catalogue, t
 
 
 def test_health_of_an_export_without_scoring_json(export, catalogue):
-    from transrec.trainer.serve import open_service, parse_args
+    from transrec.trainer.serve import parse_args
+    from transrec.trainer.serving.app import open_service
 
     svc = open_service(parse_args(["--export", str(export), "--shards", str(catalogue)]), show_progress=False)
     try:

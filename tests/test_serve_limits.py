@@ -25,8 +25,9 @@ import torch
 from fastapi.testclient import TestClient
 from test_serving import PICS, build_catalogue, build_export, running
 
-from transrec.trainer.recommend import Recommender
-from transrec.trainer.serve import create_app
+from transrec.trainer.serving.app import create_app
+from transrec.trainer.serving.limits import is_loopback
+from transrec.trainer.serving.recommender import Recommender
 
 KEY = "test-key-0123456789abcdef"
 NORMAL = {"history": ["a", "b"], "k": 2}
@@ -116,7 +117,7 @@ def test_body_limit_with_and_without_content_length(keyed_url):
 
 
 def test_guard_answers_413_before_reading_the_rest_of_the_body():
-    from transrec.trainer.serve_limits import RequestGuard
+    from transrec.trainer.serving.limits import RequestGuard
 
     called = []
 
@@ -212,7 +213,8 @@ def test_an_image_declaring_a_huge_picture_is_refused_before_decoding(open_url):
 
 # -- 5. /health -------------------------------------------------------------------------------------------------------
 def test_health_shows_no_paths_and_what_a_user_needs(export, catalogue, tmp_path):
-    from transrec.trainer.serve import open_service, parse_args
+    from transrec.trainer.serve import parse_args
+    from transrec.trainer.serving.app import open_service
 
     svc = open_service(parse_args(["--export", str(export), "--shards", str(catalogue)]), show_progress=False)
     r = TestClient(svc.app).get("/health")
@@ -312,8 +314,8 @@ def test_non_loopback_without_a_key_warns_in_one_line(export, catalogue, monkeyp
     assert served == [("0.0.0.0", port)] * 2
     serve.main(["--export", str(export), "--shards", str(catalogue), "--port", str(port)])  # loopback: no warning
     assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert all(serve.is_loopback(h) for h in ("127.0.0.1", "::1", "localhost"))
-    assert not any(serve.is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5"))
+    assert all(is_loopback(h) for h in ("127.0.0.1", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5"))
 
 
 # -- 7. persistence ---------------------------------------------------------------------------------------------------
@@ -325,7 +327,8 @@ def test_without_a_journal_added_items_are_said_to_be_lost_on_restart(open_url):
 
 
 def test_items_journal_restores_added_items_after_a_restart(export, catalogue, tmp_path, monkeypatch, capsys):
-    from transrec.trainer.serve import open_service, parse_args
+    from transrec.trainer.serve import parse_args
+    from transrec.trainer.serving.app import open_service
 
     journal = tmp_path / "items.jsonl"
     argv = ["--export", str(export), "--shards", str(catalogue), "--items-journal", str(journal), "--no-batching"]
@@ -381,8 +384,8 @@ def test_items_journal_restores_added_items_after_a_restart(export, catalogue, t
 
 # -- 8. non-finite scores --------------------------------------------------------------------------------------------
 def test_nonfinite_item_vectors_make_the_model_unusable(export, catalogue):
-    from transrec.trainer.evaluate import NonFiniteScores
     from transrec.trainer.model_eval import ranker_from_export
+    from transrec.trainer.ranking import NonFiniteScores
 
     ranker = ranker_from_export(export, catalogue, show_progress=False)
     with torch.no_grad():
@@ -406,7 +409,7 @@ def test_nonfinite_item_vectors_make_the_model_unusable(export, catalogue):
 
 
 def test_nonfinite_user_vectors_answer_500(export, catalogue):
-    from transrec.trainer.evaluate import NonFiniteScores
+    from transrec.trainer.ranking import NonFiniteScores
 
     rec = fresh(export, catalogue)
     assert rec.unusable is None
@@ -423,8 +426,8 @@ def test_nonfinite_user_vectors_answer_500(export, catalogue):
 
 
 def test_micro_batcher_fails_only_the_requests_with_nonfinite_scores(export, catalogue, monkeypatch):
-    from transrec.trainer.evaluate import NonFiniteScores
-    from transrec.trainer.recommend import MicroBatcher
+    from transrec.trainer.ranking import NonFiniteScores
+    from transrec.trainer.serving.recommender import MicroBatcher
 
     alone = fresh(export, catalogue)
     shared = fresh(export, catalogue)

@@ -27,10 +27,10 @@ from transrec.data_shards.build import BuildOptions, build
 from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.tables import GenericColumns, render_text
 from transrec.trainer.checkpoint import save_export
-from transrec.trainer.config import preset
-from transrec.trainer.evaluate import eval_users
 from transrec.trainer.model import TransRec
-from transrec.trainer.recommend import Recommender, UnknownItems
+from transrec.trainer.presets import preset
+from transrec.trainer.ranking import eval_users
+from transrec.trainer.serving.recommender import Recommender, UnknownItems
 
 REPO = Path(__file__).resolve().parent.parent
 PICS = sorted((REPO / "data" / "hm-fashion-fixture" / "images").rglob("*.jpg"))
@@ -119,7 +119,7 @@ def rec(export, catalogue) -> Recommender:
 @pytest.fixture(scope="module")
 def server(export, catalogue):
     """The service on a free loopback port, in a thread, with its own Recommender (POST /items changes it)."""
-    from transrec.trainer.serve import create_app
+    from transrec.trainer.serving.app import create_app
 
     with running(create_app(Recommender.from_export(export, catalogue, show_progress=False))) as url:
         yield url
@@ -232,8 +232,8 @@ def test_service_bad_requests_get_4xx_and_it_keeps_running(server):
 
 def test_index_recall_and_exact_search_equals_the_evaluator(rec, export, catalogue, tmp_path):
     from transrec.trainer.index import main as index_main
-    from transrec.trainer.index import recommender_from_index
     from transrec.trainer.model_eval import ranker_from_export
+    from transrec.trainer.serving.item_index import recommender_from_index
 
     meta = index_main(["--export", str(export), "--shards", str(catalogue), "--out", str(tmp_path / "idx"), "--k", "3"])
     assert meta["kind"] == "faiss-hnsw-ip" and meta["recall_at_k"] == 1.0  # 6 items: the graph search is exhaustive
@@ -255,7 +255,7 @@ def test_index_recall_and_exact_search_equals_the_evaluator(rec, export, catalog
 
 
 def test_index_without_faiss_is_exact(rec, export, catalogue, tmp_path, monkeypatch):
-    from transrec.trainer import index
+    from transrec.trainer.serving import item_index as index
 
     monkeypatch.setattr(index, "faiss_or_none", lambda: None)
     meta = index.write_index(rec, tmp_path / "idx", export, catalogue, k=3, n_queries=10)
@@ -276,7 +276,7 @@ def test_micro_batching_gives_each_request_its_own_answer(export, catalogue):
     """Concurrent requests share model passes and still get exactly what one request alone gets."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transrec.trainer.recommend import MicroBatcher
+    from transrec.trainer.serving.recommender import MicroBatcher
 
     alone = Recommender.from_export(export, catalogue, show_progress=False)
     shared = Recommender.from_export(export, catalogue, show_progress=False)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from transrec.data_shards import integrity
+from transrec.data_shards.build import BuildOptions, build
 from transrec.data_shards.integrity import IntegrityError, record_path, verify_shards
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.sequence_table import SequenceTable
@@ -40,8 +41,6 @@ READERS = {
 def built(tmp_path_factory) -> tuple[Path, Path]:
     """The bundled H&M fixture in 3 item tars and 4 sequence tars (same size each), and the cache folder whose
     record its build wrote. Shared: tests damage copies."""
-    from transrec.data_shards.build import BuildOptions, build
-
     root = tmp_path_factory.mktemp("integrity")
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
         mp.setenv("TRANSREC_SHARD_CACHE", str(root / "build-cache"))

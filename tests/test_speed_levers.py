@@ -9,8 +9,9 @@ import copy
 import pytest
 import torch
 
-from transrec.trainer.config import ModelConfig, RunConfig, apply_overrides, preset, to_dict
-from transrec.trainer.experiments import drop_settings_that_change_nothing
+from transrec.trainer.config import ModelConfig, RunConfig, apply_overrides, to_dict
+from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing
+from transrec.trainer.presets import preset
 from transrec.trainer.towers import ImageTower, TextTower
 from transrec.trainer.train import adamw_implementation
 

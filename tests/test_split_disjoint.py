@@ -73,8 +73,7 @@ def test_split_is_seeded_and_rejects_bad_input(split, tmp_path):
 def test_runner_transfers_half_b_from_half_a(tmp_path):
     """--targets hm-b-*: the split is cut once under OUT/raw/, each half built into its own shards, and every transfer
     row of half B starts from the half-A source run; image-only ID rows reuse half B mixed."""
-    from transrec.trainer.experiments import RunSpec, Suite, parse_args
-    from transrec.trainer.experiments.runner import table_plan
+    from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args, table_plan
 
     data = REPO / "data"
     argv = ["table4", "--quick", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),

@@ -111,8 +111,9 @@ def test_shards_store_the_third_modality(signal_shards):
 
 def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards, tiny_bert_dir):
     from transrec.data_shards.decode import ImageDecoder
-    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.config import apply_overrides
     from transrec.trainer.model import TransRec
+    from transrec.trainer.presets import preset
 
     store = ItemStore(signal_shards)
     cfg = apply_overrides(preset("tiny"), [f"model.text_encoder={tiny_bert_dir}"]).model
@@ -133,7 +134,8 @@ def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards
 
 
 def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny_bert_dir, tmp_path):
-    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.config import apply_overrides
+    from transrec.trainer.presets import preset
     from transrec.trainer.train import Trainer
 
     cfg = apply_overrides(preset("tiny"), [f"data.shards={signal_shards}", f"model.text_encoder={tiny_bert_dir}",
@@ -152,7 +154,7 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     assert metrics["test"]["users"] == 943 and np.isfinite(metrics["test"]["ndcg@10"])
     assert (tmp_path / "run" / "export" / "model.safetensors").exists()
     # served from the export: a new item given by its signal alone scores as the catalogue item with that signal
-    from transrec.trainer.recommend import Recommender
+    from transrec.trainer.serving.recommender import Recommender
 
     rec = Recommender.from_export(tmp_path / "run" / "export", signal_shards, show_progress=False)
     item = int(np.flatnonzero(rec.ranker.store.modality == 2)[0])
@@ -163,7 +165,7 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     # service goes on
     from fastapi.testclient import TestClient
 
-    from transrec.trainer.serve import create_app
+    from transrec.trainer.serving.app import create_app
 
     client = TestClient(create_app(rec, batching=False))
     values = signal_of(rec.item_ids[item]).tolist()
@@ -179,8 +181,9 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
 
 def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_path):
     """Shards that use a modality this process has not registered, or a config naming one, fail with what to do."""
-    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.config import apply_overrides
     from transrec.trainer.model import TransRec
+    from transrec.trainer.presets import preset
     from transrec.trainer.train import Trainer
 
     store = ItemStore(signal_shards)

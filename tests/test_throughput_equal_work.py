@@ -22,8 +22,8 @@ from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore, read_sequences
 from transrec.kernels import ops as kernels
-from transrec.trainer import evaluate as ev
 from transrec.trainer import losses
+from transrec.trainer import ranking as ev
 from transrec.trainer.config import ModelConfig
 from transrec.trainer.feature_cache import FeatureCache
 from transrec.trainer.model import TransRec

@@ -100,7 +100,7 @@ def test_two_stage_run_writes_metrics_events_ranks_and_export(source_run):
     for key in ("valid", "test", "popularity_test", "best", "stages", "vs_popularity"):
         assert key in metrics
     assert set(metrics["stages"]) == {"1", "2"}
-    from transrec.trainer.evaluate import metrics_from_ranks
+    from transrec.trainer.ranking import metrics_from_ranks
     from transrec.trainer.run_stats import read_ranks
 
     assert metrics["test"] == metrics_from_ranks(read_ranks(source_run / "test_ranks.tsv")[2])
@@ -151,7 +151,7 @@ def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir,
 def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, tiny_bert_dir, tmp_path, capsys):
     """`--stage none` with --init-from: no training, content scoring. Items that were never a training interaction
     get finite ranks, equal to a recount from user . item content vectors."""
-    from transrec.trainer import evaluate as ev
+    from transrec.trainer import ranking as ev
 
     trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "zs", "stages=none",
                             f"init_from={source_run / 'export'}")
@@ -228,7 +228,7 @@ def test_existing_run_dir_is_refused_unless_overwrite(ml_shards, tiny_bert_dir, 
             "--stage", "none"]
     with pytest.raises(SystemExit, match=f"--run-dir {run} exists and is not empty.*--resume.*--overwrite"):
         main(argv)
-    metrics = main([*argv, "--overwrite"])
+    metrics = main([*argv, "--overwrite"]).metrics
     assert not (run / "resume.json").exists() and set(metrics["stages"]) == {"0"}
 
 
@@ -374,7 +374,8 @@ def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir,
 
 
 def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_shards):
-    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.config import apply_overrides
+    from transrec.trainer.presets import preset
     from transrec.trainer.run_setup import load_ds_config
 
     with pytest.raises(ValueError, match="stage1 has no field|has no field"):

@@ -32,13 +32,15 @@ def auto_run(source_run, hm_shards, tiny_bert_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("auto") / "run"
     out = io.StringIO()  # the trainer's log handler writes to the stdout of the moment it is set up
     with contextlib.redirect_stdout(out):
-        metrics = main(auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.include_scratch=true"))
+        result = main(auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.include_scratch=true"))
+    metrics = result.metrics
     records = out.getvalue().splitlines()
     return run_dir, metrics, records
 
 
 def test_the_config_reads_transfer_auto_and_checks_it():
-    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer.config import apply_overrides
+    from transrec.trainer.presets import preset
 
     cfg = apply_overrides(preset("tiny"), ["init_from=x", "transfer=auto", "transfer.include_scratch=true"])
     assert cfg.transfer.mode == "auto"
@@ -53,8 +55,9 @@ def test_the_config_reads_transfer_auto_and_checks_it():
 
 
 def test_candidate_configs():
-    from transrec.trainer.config import apply_overrides, preset
-    from transrec.trainer.transfer import candidate_config, candidate_plan
+    from transrec.trainer.config import apply_overrides
+    from transrec.trainer.presets import preset
+    from transrec.trainer.transfer_plan import candidate_config, candidate_plan
 
     cfg = apply_overrides(preset("cpu-small"), ["init_from=EXPORT", "transfer=auto", "transfer.include_scratch=true",
                                                  "eval.initial_candidate=true"])
@@ -119,13 +122,12 @@ def test_auto_prints_a_cost_estimate_and_progress(auto_run):
 
 
 def test_compare_and_evaluate_read_the_auto_run(auto_run, hm_shards):
-    from transrec.trainer import compare
-    from transrec.trainer import evaluate as ev
+    from transrec.trainer import compare, evaluate
 
     run_dir, metrics, _ = auto_run
     out = compare.main([str(run_dir), f"{run_dir}:popularity"])
     assert "popularity" in out
-    again = ev.main(["--export", str(run_dir / "export"), "--shards", str(hm_shards), "--split", "test"])
+    again = evaluate.main(["--export", str(run_dir / "export"), "--shards", str(hm_shards), "--split", "test"])
     assert again["content"]["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-9)
 
 
@@ -136,7 +138,7 @@ def test_a_failing_candidate_is_reported_and_the_others_finish(source_run, hm_sh
 
     run_dir = tmp_path / "run"
     metrics = main(auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.candidates=start,towers,finetune",
-                             "init_reset=user_encoder.blocks.0"))
+                             "init_reset=user_encoder.blocks.0")).metrics
     cands = metrics["candidates"]
     assert cands["towers"]["status"] == "failed" and "names none of the tensors" in cands["towers"]["error"]
     assert cands["start"]["status"] == cands["finetune"]["status"] == "done"
@@ -168,7 +170,7 @@ def test_resume_in_the_middle_of_the_candidates_continues(source_run, hm_shards,
     trained = []
     monkeypatch.setattr(transfer, "run_candidate",
                         lambda cfg, ds, rank: (trained.append(Path(cfg.run_dir).name), real(cfg, ds, rank))[1])
-    metrics = main(["--resume", str(run_dir)])
+    metrics = main(["--resume", str(run_dir)]).metrics
     assert (run_dir / "candidates" / "start" / "metrics.json").stat().st_mtime_ns == first  # kept, not re-run
     assert all(c["status"] == "done" for c in metrics["candidates"].values())
     assert metrics["candidates"]["start"]["test"] == json.loads(
@@ -178,9 +180,10 @@ def test_resume_in_the_middle_of_the_candidates_continues(source_run, hm_shards,
 
 def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_shards, tiny_bert_dir, tmp_path):
     """A candidate killed after a checkpoint (resume.json, no metrics.json) continues from it on --resume."""
-    from transrec.trainer import transfer
-    from transrec.trainer.config import apply_overrides, preset
+    from transrec.trainer import transfer_plan
+    from transrec.trainer.config import apply_overrides
     from transrec.trainer.main import main
+    from transrec.trainer.presets import preset
     from transrec.trainer.train import Trainer
 
     run_dir = tmp_path / "run"
@@ -188,7 +191,7 @@ def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_sha
     cfg = apply_overrides(preset("tiny"), [f"data.shards={hm_shards}", f"model.text_encoder={tiny_bert_dir}",
                                            f"run_dir={run_dir}", f"init_from={source_run / 'export'}",
                                            "transfer=auto", "transfer.candidates=finetune"])
-    cand = transfer.candidate_config(cfg, transfer.candidate_plan(cfg)[0], run_dir)
+    cand = transfer_plan.candidate_config(cfg, transfer_plan.candidate_plan(cfg)[0], run_dir)
     trainer = Trainer(cand, DS)
     trainer.run_stage(1)  # stage 1 done and checkpointed; stage 2 never started: as if killed there
     del trainer
@@ -198,7 +201,7 @@ def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_sha
 
     write_run_record(run_dir, cfg, json.loads(Path(DS).read_text()), {})
     assert argv  # the same command would start it; --resume continues it
-    metrics = main(["--resume", str(run_dir)])
+    metrics = main(["--resume", str(run_dir)]).metrics
     assert metrics["candidates"]["finetune"]["status"] == "done"
     assert "1" in json.loads((run_dir / "candidates" / "finetune" / "metrics.json").read_text())["stages"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer import evaluate as ev
+from transrec.trainer import ranking as ev
 from transrec.trainer.config import TRANSFER_CANDIDATES
 from transrec.trainer.transfer_free import score_candidate
 from transrec.trainer.transfer_report import select

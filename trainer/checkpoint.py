@@ -10,17 +10,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
+import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from transrec.data_shards.integrity import IntegrityError
+from transrec.data_shards.tables import file_sha256
 from transrec.trainer.config import ModelConfig
+from transrec.trainer.text_vocab import tokenizer_dir
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
 CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.", "logit_scale")
@@ -64,8 +70,6 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 
 def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
     """config.json of the text backbone (its weights are in model.safetensors) and its tokenizer's files."""
-    from transrec.trainer.text_vocab import tokenizer_dir
-
     out.mkdir(parents=True, exist_ok=True)
     model.towers["text"].bert.config.to_json_file(str(out / "config.json"))
     source = Path(tokenizer_dir(model_cfg.text_encoder))
@@ -120,8 +124,6 @@ def read_export_config(export_dir: Path) -> tuple[dict, ModelConfig]:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors; an empty, truncated or otherwise unreadable file is one line naming it."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             recorded = (f.metadata() or {}).get(TENSORS_SHA256)
@@ -256,8 +258,6 @@ def load_model_state(model, path: Path) -> None:
 # -- resume checkpoints: random generators and file integrity ------------------------------------------
 def rng_state() -> dict:
     """Every generator a resumed run must continue: torch CPU, every CUDA device, numpy, Python's."""
-    import random
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     # Tensors and numbers only, so that torch.load(weights_only=True) reads it (no arbitrary unpickling).
@@ -270,8 +270,6 @@ def rng_state() -> dict:
 
 def restore_rng(saved) -> None:
     """`rng_state()`'s dict, or the torch CPU state alone (checkpoints written before the dict)."""
-    import random
-
     if isinstance(saved, torch.Tensor):
         torch.set_rng_state(saved)
         return
@@ -291,8 +289,6 @@ CHECKPOINT_HASHES = "files.sha256.json"
 
 
 def write_checkpoint_hashes(folder: Path) -> None:
-    from transrec.data_shards.tables import file_sha256
-
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != CHECKPOINT_HASHES)
     hashes = {str(f.relative_to(folder)): file_sha256(f) for f in files}
     tmp = folder / f".{CHECKPOINT_HASHES}.partial"
@@ -310,8 +306,6 @@ def verify_hashes(folder: Path, kind: str, remedy: str, older: str = "written by
     """Every file `folder`/files.sha256.json lists against its recorded sha256: IntegrityError in one line naming
     the first missing or differing file, then `remedy`. A folder without the list (`older`: written before it
     existed) loads with a one-line warning that it is unverified."""
-    from transrec.data_shards.tables import file_sha256
-
     listed = folder / CHECKPOINT_HASHES
     if not listed.exists():
         logging.getLogger("transrec").warning(f"{folder} has no {CHECKPOINT_HASHES} ({older}): loading it unverified")
@@ -332,8 +326,6 @@ def verify_hashes(folder: Path, kind: str, remedy: str, older: str = "written by
 # -- resume points ---------------------------------------------------------------------------------------
 def barrier() -> None:
     """All ranks wait here (no-op without a process group)."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
@@ -371,8 +363,6 @@ DEEPSPEED_CHECKPOINT_CLASSES = (("deepspeed.runtime.fp16.loss_scaler", "LossScal
 def weights_only_load(path, map_location=None):
     """torch.load with weights_only=True and DeepSpeed's few checkpoint classes allowed (DeepSpeed's own checkpoint
     engine loads with weights_only=False, which runs whatever a file's pickle says)."""
-    import importlib
-
     allowed = [getattr(importlib.import_module(m), n) for m, n in DEEPSPEED_CHECKPOINT_CLASSES]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location=map_location, weights_only=True)

@@ -13,6 +13,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transrec.data_shards.decode import BACKENDS
+from transrec.trainer.choices import STAGE1_HEADS, STAGE2_LOSSES, STAGES, ObjectiveName
+from transrec.trainer.compiled import MODES, PARTS
+from transrec.trainer.towers import IMAGE_BACKBONES
+
 DS_OWNED_BY_TRAINER = (
     "train_batch_size",
     "train_micro_batch_size_per_gpu",
@@ -116,12 +121,8 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
         one_of("model.text_attention", self.text_attention, ("sdpa", "eager"))
-        from transrec.trainer.compiled import MODES, PARTS
-
         one_of("model.compile", self.compile, PARTS)
         one_of("model.compile_mode", self.compile_mode, MODES)
-        from transrec.trainer.towers import IMAGE_BACKBONES
-
         one_of("model.image_backbone", self.image_backbone, tuple(IMAGE_BACKBONES))
         if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:
             raise ValueError("image_size must be >= 32, max_tokens >= 4, max_len >= 3")
@@ -188,14 +189,14 @@ class Stage1Config(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("stage1.head", self.head, ("content", "free"))
+        one_of("stage1.head", self.head, tuple(STAGE1_HEADS))
         if self.popularity_correction and self.head != "content":
             raise ValueError("stage1.popularity_correction corrects the content softmax: it needs stage1.head=content")
 
     @property
-    def objective(self) -> str:
+    def objective(self) -> ObjectiveName:
         """The loss component (trainer/losses.py) this stage trains with."""
-        return {"content": "content_softmax", "free": "free_head_softmax"}[self.head]
+        return STAGE1_HEADS[self.head]
 
 
 @dataclass
@@ -208,15 +209,15 @@ class Stage2Config(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("stage2.loss", self.loss, ("sampled_softmax", "cpc"))
+        one_of("stage2.loss", self.loss, tuple(STAGE2_LOSSES))
         if self.popularity_correction and self.loss != "sampled_softmax":
             raise ValueError("stage2.popularity_correction corrects the content softmax: it needs "
                              "stage2.loss=sampled_softmax")
 
     @property
-    def objective(self) -> str:
+    def objective(self) -> ObjectiveName:
         """The loss component (trainer/losses.py) this stage trains with."""
-        return {"sampled_softmax": "content_softmax", "cpc": "cpc"}[self.loss]
+        return STAGE2_LOSSES[self.loss]
 
 
 @dataclass
@@ -272,8 +273,6 @@ class DataConfig:
         if self.device_prefetch < -1:
             raise ValueError(f"data.device_prefetch must be -1 (auto), 0 (inline) or a number of batches, "
                              f"got {self.device_prefetch}")
-        from transrec.data_shards.decode import BACKENDS
-
         one_of("data.decoder", self.decoder, BACKENDS)
 
 
@@ -343,7 +342,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_values(self, "", {"seed": 0, "save_every_steps": 1, "log_every": 1})
-        if self.stages not in ("1", "2", "all", "none"):
+        if self.stages not in STAGES:
             raise ValueError(f"--stage must be 1, 2, all or none, not {self.stages!r}")
         one_of("init_parts", self.init_parts, ("all", "towers", "user_encoder"))
         one_of("optimizer", self.optimizer, ("auto", "fused", "foreach", "plain"))
@@ -351,92 +350,6 @@ class RunConfig:
             raise ValueError("transfer=auto chooses how to fine-tune an export: give it with --init-from EXPORT_DIR")
         if self.transfer.mode == "auto" and self.stages == "none":
             raise ValueError("transfer=auto trains candidates; --stage none evaluates the export alone: drop one")
-
-
-def preset(name: str) -> RunConfig:
-    if name == "cpu-small":
-        # Sized for 2 CPU cores (~10 minutes for both stages on MovieLens-100k): frozen backbones cached in stage
-        # 1; stage 2 trains the top text layer and the top image block from cached lower outputs. Windows are
-        # non-overlapping (stride = window), so every training position is a target once per epoch. Higher
-        # learning rates than the paper for the short schedule.
-        return RunConfig(
-            # Image backbone chosen by measurement on the bundled MovieLens data (RESULTS.md): EfficientNet-Lite0
-            # with its real ImageNet weights, validation NDCG@10 0.102 against 0.085 for random-init ResNet-18.
-            # The content softmax's temperature is learned: on the bundled MovieLens, stage-1 validation NDCG@10 0.1197
-            # and 0.1212 in two runs, against 0.1103-0.1138 in six runs with it fixed at 1 (RESULTS.md).
-            # Images at 128 px: at 64 px the user vectors of H&M image only collapse even from scratch (validation
-            # 0.0063 against 0.0147 at 128 px); on the bundled MovieLens, validation 0.1192 / 0.1238 (seeds 0 / 1)
-            # against 0.1180-0.1212 / 0.1139 at 64 px (RESULTS.md).
-            model=ModelConfig(d=256, image_backbone="efficientnet-lite0", image_size=128, max_tokens=32, user_layers=2,
-                              user_heads=4, max_len=25, learn_temperature=True),
-            stage1=Stage1Config(epochs=10, lr=1e-3, micro_batch=128, warmup_steps=20, stride=25),
-            stage2=Stage2Config(
-                epochs=1,
-                lr=3e-4,
-                tower_lr=3e-5,
-                micro_batch=128,
-                trainable={"text": 1, "image": 1},
-                n_history=20,
-                n_continuation=5,
-                negatives=256,
-                stride=25,
-                warmup_steps=10,
-            ),
-            preset=name,
-        )
-    if name == "paper":
-        # The paper's settings: BERT-base shape, ResNet-18 at 224 px, d=256, Adam lr 1e-4, batch 512, length 25;
-        # the official code trains the top two blocks of each backbone.
-        return RunConfig(
-            model=ModelConfig(
-                d=256,
-                text_encoder="bert-base-random-init",
-                image_size=224,
-                max_tokens=32,
-                user_layers=4,
-                user_heads=4,
-                max_len=25,
-                activation_checkpointing=True,
-            ),
-            stage1=Stage1Config(epochs=10, lr=1e-4, micro_batch=512),
-            stage2=Stage2Config(
-                epochs=10,
-                lr=1e-4,
-                tower_lr=1e-5,
-                micro_batch=512,
-                trainable={"text": 2, "image": 2},
-                n_history=20,
-                n_continuation=5,
-                negatives=4096,
-                stride=5,
-            ),
-            eval=EvalConfig(user_batch=4096),  # a GPU's evaluation: thousands of users per score matmul
-            preset=name,
-        )
-    if name == "tiny":
-        # For tests: seconds per stage.
-        return RunConfig(
-            model=ModelConfig(d=32, image_size=32, max_tokens=16, user_layers=1, user_heads=2, max_len=8, dropout=0.0),
-            stage1=Stage1Config(epochs=1, lr=1e-3, micro_batch=16, warmup_steps=2, max_steps=6, stride=4),
-            stage2=Stage2Config(
-                epochs=1,
-                lr=1e-3,
-                tower_lr=1e-3,
-                micro_batch=8,
-                trainable={"text": 1, "image": 1},
-                n_history=5,
-                n_continuation=2,
-                negatives=16,
-                stride=4,
-                warmup_steps=2,
-                max_steps=4,
-            ),
-            eval=EvalConfig(bootstrap=100),
-            save_every_steps=3,
-            log_every=2,
-            preset=name,
-        )
-    raise ValueError(f"unknown preset {name!r}: choose cpu-small, paper or tiny")
 
 
 # A section's main setting named by the section alone on the command line.

@@ -2,7 +2,7 @@
 features (`EvalUsers`, built from any sequence of user records by `eval_users`), streamed from the shards one batch
 at a time for the trainer (`EvalStream`, each rank its own users), and what evaluation needs of every user in one
 streaming pass (`SplitSummary`: interactions per item, each split's evaluated users and targets). Ranking them is
-trainer/evaluate.py.
+trainer/ranking.py.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore
+from transrec.trainer.instrumentation import span
 
 
 class FeatureCache:
@@ -46,6 +47,11 @@ class FeatureCache:
 
     def covers(self, modality: str) -> bool:
         return modality in self._covered
+
+    @property
+    def covered(self) -> frozenset[str]:
+        """The modalities whose frozen blocks are cached."""
+        return frozenset(self._covered)
 
     def features(self, modality: str, items: torch.Tensor) -> dict[str, torch.Tensor]:
         r = self._rows[items.to(self._rows.device)]
@@ -108,8 +114,9 @@ class FeatureCache:
                 content = load_item_content(store, part, max_tokens, decoder, modality=np.full(store.num_items, m))
                 inputs = {k: v.to(device, tower_dtype) if v.is_floating_point() else v.to(device)
                           for k, v in content.inputs[name].items()}
-                chunks.append({k: (v.to(dtype) if v.is_floating_point() else v).cpu()
-                               for k, v in tower.lower(inputs).items()})
+                with span(model, f"{name} lower blocks"):
+                    lower = tower.lower(inputs)
+                chunks.append({k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in lower.items()})
             features[name] = tower.stack(chunks)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

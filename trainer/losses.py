@@ -29,19 +29,25 @@ import numpy as np
 import torch
 
 from transrec.kernels import ops as kernels
+from transrec.trainer.choices import ObjectiveName, Scorer, scorer_of
+from transrec.trainer.instrumentation import span
 from transrec.trainer.model import kept_positions
 
 
 @dataclass
 class Objective:
     name: str
-    scoring: str  # "free_head" or "item_vectors" (resolved to "content" / "id" by the item encoder)
+    ranks_with_free_head: bool  # evaluated with stage 1's catalogue head, else user . item vectors
     dense: bool  # True: every position predicts its next item (windows of max_len + 1)
     negatives: int = 0  # shared negatives the loader samples per batch
     trains_free_head: bool = False  # the model's catalogue head W^U trains (only the free-head softmax reads it)
 
     def __call__(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
+
+    def scorer(self, item_encoder: str) -> Scorer:
+        """How a model trained with this objective is evaluated."""
+        return scorer_of(self.ranks_with_free_head, item_encoder)
 
     def loader_window(self, max_len: int, sc) -> tuple[int, int]:
         """(items per window, shortest window) of the loader: dense objectives read max_len inputs and their next
@@ -121,9 +127,9 @@ def free_head_loss(model, batch) -> torch.Tensor:
     keep = kept_positions(batch, mask)
     if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
         return h.sum() * 0.0 + head.weight.sum() * 0.0 + head.bias.sum() * 0.0
-    return kernels.catalog_cross_entropy(
-        h.flatten(0, 1)[keep], head.weight, head.bias, batch.items[:, 1:].flatten()[keep], relu=model.cfg.stage1_relu,
-    )
+    rows, targets = h.flatten(0, 1)[keep], batch.items[:, 1:].flatten()[keep]
+    with span(model, "loss"):
+        return kernels.catalog_cross_entropy(rows, head.weight, head.bias, targets, relu=model.cfg.stage1_relu)
 
 
 def cpc_loss(model, batch, n_continuation: int) -> torch.Tensor:
@@ -144,9 +150,10 @@ def cpc_loss(model, batch, n_continuation: int) -> torch.Tensor:
     # Positives and negatives are averaged separately and added: with hundreds of shared negatives per
     # positive, one mean over all terms is minimised by scoring every item low, which ranks nothing.
     none_pos, none_neg = torch.zeros_like(pos_mask), torch.zeros_like(neg_mask)
-    return kernels.cpc_loss(u, pos, neg, pos_mask=pos_mask, neg_mask=none_neg) + kernels.cpc_loss(
-        u, pos, neg, pos_mask=none_pos, neg_mask=neg_mask
-    )
+    with span(model, "loss"):
+        return kernels.cpc_loss(u, pos, neg, pos_mask=pos_mask, neg_mask=none_neg) + kernels.cpc_loss(
+            u, pos, neg, pos_mask=none_pos, neg_mask=neg_mask
+        )
 
 
 def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
@@ -171,20 +178,20 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
         return h.sum() * 0.0 + weight.sum() * 0.0
     scale = model.logit_scale.exp().to(h.dtype)  # 1 / temperature
-    return kernels.catalog_cross_entropy(
-        h.flatten(0, 1)[keep] * scale, weight, bias, target[keep],
-        exclude=None if exclude is None else exclude[keep],
-    )
+    rows, targets = h.flatten(0, 1)[keep] * scale, target[keep]
+    exclude = None if exclude is None else exclude[keep]
+    with span(model, "loss"):
+        return kernels.catalog_cross_entropy(rows, weight, bias, targets, exclude=exclude)
 
 
 def build_objective(sc, num_items: int, towers_cached: bool, share: np.ndarray | None,
                     device: torch.device, counts: np.ndarray | None = None) -> Objective:
     """A stage's objective from its config (`sc.objective`: from `stage1.head` / `stage2.loss`; `candidates`, ...);
     `counts`: training interactions per item (needed by `popularity_correction`)."""
-    if sc.objective == "free_head_softmax":
-        return FreeHeadSoftmax("free_head_softmax", "free_head", dense=True)
-    if sc.objective == "cpc":
-        return CPC("cpc", "item_vectors", dense=False, negatives=sc.negatives, n_history=sc.n_history,
+    if sc.objective == ObjectiveName.FREE_HEAD_SOFTMAX:
+        return FreeHeadSoftmax(ObjectiveName.FREE_HEAD_SOFTMAX, True, dense=True)
+    if sc.objective == ObjectiveName.CPC:
+        return CPC(ObjectiveName.CPC, False, dense=False, negatives=sc.negatives, n_history=sc.n_history,
                    n_continuation=sc.n_continuation)
     full = sc.candidates == "full" or (sc.candidates == "auto" and num_items <= sc.full_catalogue_max)
     if full and not towers_cached:
@@ -202,14 +209,6 @@ def build_objective(sc, num_items: int, towers_cached: bool, share: np.ndarray |
             raise ValueError(f"{sc.section}.popularity_correction needs the training interactions per item")
         adjust = torch.as_tensor(popularity_bias(counts, sc.popularity_correction), dtype=torch.float32,
                                  device=device)
-    return ContentSoftmax("content_softmax", "item_vectors", dense=True, negatives=0 if full else sc.negatives,
+    return ContentSoftmax(ObjectiveName.CONTENT_SOFTMAX, False, dense=True, negatives=0 if full else sc.negatives,
                           full_catalogue=full, log_item_share=log_share, mask_history=sc.mask_history,
                           popularity_bias=adjust)
-
-
-def scoring_label(obj_scoring: str, item_encoder: str) -> str:
-    """How an evaluated model ranks items: "content" (user . tower item vector), "id" (user . ID-table vector, the
-    ID baselines' stage-2 model) or "free_head" (stage 1's catalogue head). A run selects among "content" models."""
-    if obj_scoring == "free_head":
-        return "free_head"
-    return "content" if item_encoder == "content" else "id"

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from transrec.trainer.run_setup import LOG, peak_memory_gib
 
@@ -163,8 +165,6 @@ class EpochMeter:
 
     def __init__(self, log: RunLog, stage: int, epoch: int, steps_per_epoch: int, first_batch: int,
                  steps_total: int, estimate: bool):
-        from tqdm import tqdm
-
         self.log, self.stage, self.epoch = log, stage, epoch
         self.steps_per_epoch, self.first_batch, self.steps_total = steps_per_epoch, first_batch, steps_total
         self.estimate = estimate
@@ -230,8 +230,6 @@ class EpochMeter:
             )
 
     def _mean_across_ranks(self) -> float:
-        import torch.distributed as dist
-
         total = torch.stack(self.losses).float().mean().reshape(1)
         if self.log.world > 1:
             dist.all_reduce(total)

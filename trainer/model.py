@@ -9,6 +9,8 @@ count from the end (the last item always has position max_len - 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -17,7 +19,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
+from transrec.trainer import baselines
 from transrec.trainer.config import ModelConfig
+from transrec.trainer.instrumentation import span
 from transrec.trainer.modalities import build_towers
 
 
@@ -84,8 +88,6 @@ def build_user_encoder(cfg: ModelConfig) -> nn.Module:
             cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing,
             cfg.sequence_input_scale,
         )
-    from transrec.trainer import baselines
-
     if cfg.user_encoder == "gru":
         return baselines.GRUEncoder(cfg.d, cfg.user_layers, cfg.dropout)
     return baselines.NextItNetEncoder(cfg.d, cfg.user_layers, cfg.dropout)
@@ -164,6 +166,9 @@ class TransRec(nn.Module):
             for name, table in item_features.items():
                 self.register_buffer(f"item_feat_{name}", torch.as_tensor(table, dtype=torch.long), persistent=False)
         self.cache = None  # trainer/feature_cache.FeatureCache, set by the trainer
+        # Instrumentation (bench/throughput.py): called with a span name around each tower call ("text tower", ...),
+        # the user encoder ("user encoder") and the loss ("loss"), it returns the context manager that times it.
+        self.spans: Callable[[str], AbstractContextManager] | None = None
 
     # -- items --------------------------------------------------------------------------------------------
     def encode_items(self, items: torch.Tensor, content=None, modality: torch.Tensor | None = None,
@@ -192,7 +197,8 @@ class TransRec(nn.Module):
                 if name not in self.towers:
                     raise ValueError(f"{rows.numel()} items are routed to the {name} tower, which this model does not "
                                      "have (it was built for a catalogue without such items)")
-                out = self._tower_vectors(name, items, rows, content, host_routed)
+                with span(self, f"{name} tower"):
+                    out = self._tower_vectors(name, items, rows, content, host_routed)
                 if vecs is None:
                     vecs = out.new_zeros(len(items), out.shape[-1])
                 vecs = vecs.index_copy(0, rows, out)
@@ -237,14 +243,15 @@ class TransRec(nn.Module):
 
     # -- users --------------------------------------------------------------------------------------------
     def encode_sequence(self, vecs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.user_encoder(vecs, mask)
+        with span(self, "user encoder"):
+            return self.user_encoder(vecs, mask)
 
     def user_vector(self, vecs: torch.Tensor, mask: torch.Tensor, user_feats: dict | None = None) -> torch.Tensor:
         """THE user vector (stage 2 and evaluation): the last position's final hidden state [B, d]."""
         u = self.encode_sequence(vecs, mask)[:, -1]
-        return self._with_user_features(u, user_feats)
+        return self.with_user_features(u, user_feats)
 
-    def _with_user_features(self, u: torch.Tensor, user_feats: dict | None) -> torch.Tensor:
+    def with_user_features(self, u: torch.Tensor, user_feats: dict | None) -> torch.Tensor:
         if not self.side:
             return u
         return self.user_side_proj(torch.cat([u, self.user_features(user_feats).to(u.dtype)], dim=-1))
@@ -262,7 +269,7 @@ class TransRec(nn.Module):
         vecs, mask = self.slot_vectors(batch, item_vecs)
         h = self.encode_sequence(vecs[:, :-1], mask[:, :-1])
         if self.side:
-            h = self._with_user_features(h.flatten(0, 1), repeat_features(batch.user_features, h.shape[1])).view_as(h)
+            h = self.with_user_features(h.flatten(0, 1), repeat_features(batch.user_features, h.shape[1])).view_as(h)
         return item_vecs, h, mask
 
     def forward(self, batch, objective) -> torch.Tensor:

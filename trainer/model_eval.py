@@ -1,5 +1,5 @@
 """Ranking a split with a model: item vectors once per evaluation, user vectors per user batch, exact ranks over the
-whole catalogue (trainer/evaluate.py). Used by the trainer after each epoch and by the standalone evaluator
+whole catalogue (trainer/ranking.py). Used by the trainer after each epoch and by the standalone evaluator
 (`python -m transrec.trainer.evaluate --export DIR --shards DIR`), which rebuilds the model from an export alone.
 """
 
@@ -11,14 +11,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.trainer import evaluate as ev
+from transrec.data_shards.decode import ImageDecoder
+from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.sequence_table import SequenceTable
+from transrec.data_shards.shard_io import ItemStore, load_manifest
+from transrec.trainer import ranking as ev
+from transrec.trainer.checkpoint import DOMAIN_SPECIFIC, read_export_config, read_weights
+from transrec.trainer.choices import Scorer
+from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.model import TransRec
+from transrec.trainer.text_vocab import check_vocabulary
 
 
 class ModelRanker:
     """`model` (a TransRec in eval mode for the duration of a call) ranked on `store`'s catalogue. `sequences`: the
     catalogue's users (a SequenceTable) for the tools that look users up (serving, batch recommend, the standalone
-    evaluator); None in the trainer, which streams its evaluated users (evaluate.EvalStream). Users with NaN or
-    infinite scores: `nonfinite` "raise" stops with evaluate.NonFiniteScores naming `source` (the export); "worst"
+    evaluator); None in the trainer, which streams its evaluated users (eval_data.EvalStream). Users with NaN or
+    infinite scores: `nonfinite` "raise" stops with ranking.NonFiniteScores naming `source` (the export); "worst"
     (the trainer's validation) records them as the worst rank."""
 
     def __init__(self, model, store, modality: np.ndarray, sequences, user_feature_names: list[str],
@@ -37,8 +46,6 @@ class ModelRanker:
     @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
         """[V, d] fp32: every catalogue item through its tower (cached lower blocks where the cache covers)."""
-        from transrec.data_shards.loader import load_item_content
-
         chunks = []
         for start in range(0, self.store.num_items, self.item_batch):
             items = np.arange(start, min(start + self.item_batch, self.store.num_items))
@@ -88,31 +95,20 @@ class ModelRanker:
     def ranks_in_eval_mode(self, data: ev.EvalUsers | ev.EvalStream, scoring: str, exclude_seen: bool) -> np.ndarray:
         model, settle = self.model, {"nonfinite": self.nonfinite, "what": self.source}
         iv = self.item_vectors()
-        if scoring == "free_head":
+        if scoring == Scorer.FREE_HEAD:
             dtype = next(model.user_encoder.parameters()).dtype
 
             def score(hist, chunk):
                 mask = hist >= 0
                 vecs = (iv[hist.clamp(min=0)] * mask[..., None]).to(dtype)
                 h = model.encode_sequence(vecs, mask)[:, -1]
-                h = model._with_user_features(h, self.user_feature_batch(chunk))
+                h = model.with_user_features(h, self.user_feature_batch(chunk))
                 return model.stage1_scores(h).float()
 
             return ev.rank_with_scores(score, self.store.num_items, data, exclude_seen, self.user_batch, self.device,
                                        **settle)
         return ev.rank_with_vectors(lambda hist, chunk: self.user_vectors(iv, hist, chunk), iv, data, exclude_seen,
                                     self.user_batch, precision=self.precision, **settle)
-
-
-def export_cli(prog: str, doc: str):
-    """The argument parser of the commands that load an export onto a catalogue (--export, --shards, --device)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
-    p.add_argument("--shards", required=True, help="the catalogue's shards (data_shards.build; any catalogue)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
 
 
 # -- the standalone evaluator ---------------------------------------------------------------------------------
@@ -122,14 +118,6 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     """Rebuild the exported towers and user encoder (safetensors + JSON only) on `shards`' catalogue, its frozen
     blocks cached as the run that made the export cached them (`build_cache=False`: no cache, e.g. when the item
     vectors come from an index; `feature_store`: the folder of frozen-block outputs shared with training runs)."""
-    from transrec.data_shards.decode import ImageDecoder
-    from transrec.data_shards.sequence_table import SequenceTable
-    from transrec.data_shards.shard_io import ItemStore, load_manifest
-    from transrec.trainer.checkpoint import DOMAIN_SPECIFIC, read_export_config, read_weights
-    from transrec.trainer.feature_cache import FeatureCache
-    from transrec.trainer.model import TransRec
-    from transrec.trainer.text_vocab import check_vocabulary
-
     export_dir, shards, device = Path(export_dir), Path(shards), torch.device(device)
     meta, cfg = read_export_config(export_dir)  # its files verified against their hashes, its settings valid
     if meta.get("text_encoder_files"):  # the export's own backbone shape and tokenizer, not the training machine's

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.trainer.evaluate import metrics_from_ranks, paired_bootstrap, per_user_gain
+from transrec.trainer.choices import Scorer
+from transrec.trainer.ranking import metrics_from_ranks, paired_bootstrap, per_user_gain
 
 
 def write_run_results(run_dir: Path, state: dict, best_stage: str, test_ranks: np.ndarray, pop_valid: np.ndarray,
@@ -103,6 +104,6 @@ def popularity_verdict(iv: dict) -> str:
             f"[{iv['low']:+.4f}, {iv['high']:+.4f}], the interval includes 0).")
 
 
-def record_scoring(record: dict) -> str:
+def record_scoring(record: dict) -> Scorer:
     """How a validated model scores; records written before labels existed: stage 1 = free head, else content."""
-    return record.get("scoring") or ("free_head" if int(record["stage"]) == 1 else "content")
+    return Scorer(record.get("scoring") or (Scorer.FREE_HEAD if int(record["stage"]) == 1 else Scorer.CONTENT))

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch.distributed as dist
+
 LOCK_NAME = ".lock"
 HOLDER_WAIT_S = 2.0  # how long a refused run waits for a holder that has just locked to write who it is
 
@@ -151,8 +153,6 @@ def claim_run_dir(run_dir: Path, rank: int, world: int, new_run: bool, overwrite
         except OSError as e:
             outcome[1] = f"error: --run-dir {run_dir} cannot be locked ({e}): choose a --run-dir this user can write"
     if world > 1:
-        import torch.distributed as dist
-
         dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
         raise SystemExit(outcome[1] if rank == 0 else 1)

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -70,8 +71,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     Without CUDA, DeepSpeed's CPU accelerator with gloo is used and each rank runs one intra-op thread
     (OMP_NUM_THREADS=1), which is what shares a few cores between ranks well."""
     if "RANK" not in os.environ:  # started with plain `python`: a single rank
-        import socket
-
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]

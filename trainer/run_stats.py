@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transrec.data_shards.shard_io import read_sequences
+from transrec.trainer.ranking import paired_bootstrap, per_user_gain
+
 SUBSETS = ("all", "warm", "cold")
 MIN_JUDGED_USERS = 30  # a difference over fewer test users is reported as not judged
 NOT_JUDGED = "not judged"
@@ -32,8 +35,6 @@ def read_ranks(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def training_items(shards: Path) -> np.ndarray:
     """Every item that occurs in some user's training portion (items[:num_train])."""
-    from transrec.data_shards.shard_io import read_sequences
-
     items = [np.asarray(s["items"][: s["num_train"]], dtype=np.int64) for s in read_sequences(shards)]
     return np.unique(np.concatenate(items)) if items else np.zeros(0, dtype=np.int64)
 
@@ -49,8 +50,6 @@ def subset_mask(cold: np.ndarray, subset: str) -> np.ndarray:
 
 def seed_metrics(ranks: np.ndarray, cold: np.ndarray, metrics=METRICS) -> dict[str, dict[str, float]]:
     """{subset: {metric: value, "users": n}} for one run's per-user ranks."""
-    from transrec.trainer.evaluate import per_user_gain
-
     out = {}
     for sub in SUBSETS:
         m = subset_mask(cold, sub)
@@ -64,8 +63,6 @@ def compare(ranks_a: np.ndarray, ranks_b: np.ndarray, cold: np.ndarray, metric: 
     """a - b on one metric over one subset of test users: per-user gains averaged over seeds ([S, U] ranks; a and
     b may have different numbers of seeds), then a 95% paired bootstrap over users. Verdict: win / loss only
     when the interval excludes zero; over fewer than `min_users` users the difference is not judged."""
-    from transrec.trainer.evaluate import paired_bootstrap, per_user_gain
-
     m, min_users = subset_mask(cold, subset), max(min_users, 1)
     if m.sum() < min_users:  # e.g. MovieLens has 3 cold test targets: an interval over them says nothing
         return {"diff": float("nan"), "low": float("nan"), "high": float("nan"), "excludes_zero": False,

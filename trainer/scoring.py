@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.trainer import evaluate as ev
+from transrec.data_shards.integrity import IntegrityError
+from transrec.trainer import ranking as ev
+from transrec.trainer.checkpoint import CHECKPOINT_HASHES, write_checkpoint_hashes
 
 SCORING_FILE = "scoring.json"
 USER_VECTORS = ("model", "mean", "none")
@@ -75,9 +77,6 @@ def read_scoring(export_dir: Path) -> Scoring:
     path = Path(export_dir) / SCORING_FILE
     if not path.exists():
         return Scoring()
-    from transrec.data_shards.integrity import IntegrityError
-    from transrec.trainer.checkpoint import CHECKPOINT_HASHES
-
     hashes = Path(export_dir) / CHECKPOINT_HASHES
     if hashes.exists() and SCORING_FILE not in json.loads(hashes.read_text()):
         raise IntegrityError(f"{path} is not covered by {hashes} (added after the export was written): write it with "
@@ -90,10 +89,36 @@ def read_scoring(export_dir: Path) -> Scoring:
 
 def write_scoring(export_dir: Path, scoring: Scoring) -> None:
     """scoring.json into an export, its hashes rewritten to cover it."""
-    from transrec.trainer.checkpoint import write_checkpoint_hashes
-
     (Path(export_dir) / SCORING_FILE).write_text(json.dumps(scoring.to_dict(), indent=1) + "\n")
     write_checkpoint_hashes(Path(export_dir))
+
+
+# What a command may ask for (--scoring): the export's own scoring, or one user vector
+SCORING_CHOICES = ("export", "model", "mean", "popularity")
+USER_OF = {"model": "model", "mean": "mean", "popularity": "none"}  # choice -> Scoring.user
+
+
+def requested_scoring(choice: str, prior_beta: float | str | None, export: Scoring) -> tuple[str, float | str]:
+    """(Scoring.user, prior beta or "auto") asked for by `choice` (SCORING_CHOICES) and `prior_beta` (None: the
+    export's when it scores with the same user vector, else 0; popularity alone: 1) over the export's scoring."""
+    user = export.user if choice == "export" else USER_OF[choice]
+    if prior_beta is not None:
+        return user, prior_beta
+    if user == export.user:
+        return user, export.prior_beta
+    return user, 1.0 if user == "none" else 0.0
+
+
+def resolve_scoring(choice: str, prior_beta: float | str | None, export: Scoring) -> Scoring:
+    """The Scoring asked for (not "auto"); ValueError naming the problem when it is not valid with the export's
+    scoring (e.g. an export scoring by popularity alone and a prior beta of 0)."""
+    user, beta = requested_scoring(choice, prior_beta, export)
+    if beta == "auto":
+        raise ValueError("--prior-beta auto is for evaluate only")
+    try:
+        return Scoring(user, float(beta))
+    except ValueError as e:
+        raise ValueError(f"--scoring {choice} --prior-beta {beta}: {e}") from None
 
 
 def prior_column(counts: np.ndarray) -> torch.Tensor:

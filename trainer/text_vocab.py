@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transrec.data_shards.tokenizer import default_tokenizer_path, vocab_hash_of
+
 
 def tokenizer_dir(text_encoder: str) -> str:
     # The random-init BERT-base shape uses the BERT uncased vocabulary, which all-MiniLM-L6-v2 shares.
-    from transrec.data_shards.build import default_tokenizer_path
-
     return text_encoder if Path(text_encoder).is_dir() else default_tokenizer_path()
 
 
 def check_vocabulary(manifest: dict, text_encoder: str) -> None:
-    from transrec.data_shards.build import vocab_hash_of
-
     wanted = vocab_hash_of(tokenizer_dir(text_encoder))
     have = manifest["text"]["tokenizer"]["vocab_hash"]
     if wanted != have:

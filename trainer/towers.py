@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -271,8 +272,6 @@ def _efficientnet_lite0_blocks(weights: str | None) -> tuple[list[nn.Module], in
 
 def _load_state(path: str) -> dict:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)  # weights only: never unpickles objects
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 import time
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore, load_manifest
 from transrec.kernels import ops as kernels
-from transrec.trainer import evaluate as ev
+from transrec.trainer import ranking as ev
 from transrec.trainer.checkpoint import (
     barrier,
     gathered,
@@ -32,16 +34,17 @@ from transrec.trainer.checkpoint import (
     save_model_state,
     save_resume_point,
 )
+from transrec.trainer.choices import STAGES, Scorer
 from transrec.trainer.compiled import set_compiled
 from transrec.trainer.config import RunConfig, StageConfig
 from transrec.trainer.device_prefetch import prefetched, resolve_ahead
 from transrec.trainer.feature_cache import FeatureCache, resolve_store
-from transrec.trainer.losses import Objective, build_objective, item_share, scoring_label
+from transrec.trainer.losses import Objective, build_objective, item_share
 from transrec.trainer.metric_log import RunLog
 from transrec.trainer.modalities import MODALITIES
 from transrec.trainer.model import TransRec, count_parameters, optimizer_param_groups
 from transrec.trainer.model_eval import ModelRanker
-from transrec.trainer.report import record_scoring
+from transrec.trainer.report import record_scoring, write_run_results
 from transrec.trainer.run_setup import (
     LOG,
     fill_ds_config,
@@ -58,8 +61,6 @@ from transrec.trainer.text_vocab import check_vocabulary
 
 def _item_feature_tables(shard_dir: Path, num_items: int) -> dict[str, np.ndarray]:
     """Per item, the first value index of each categorical feature (for side features)."""
-    import tarfile
-
     manifest = load_manifest(shard_dir)
     names = sorted(manifest["feature_vocabularies"]["item"])
     tables = {n: np.zeros(num_items, dtype=np.int64) for n in names}
@@ -165,8 +166,6 @@ class Trainer:
     # -- helpers ------------------------------------------------------------------------------------------
     def image_decoder(self):
         if self.decoder is None:
-            from transrec.data_shards.decode import ImageDecoder
-
             self.decoder = ImageDecoder(
                 backend=self.cfg.data.decoder, size=self.cfg.model.image_size, device=self.device
             )
@@ -209,7 +208,7 @@ class Trainer:
                 )
             if self.model.cache is not None:
                 LOG.info(
-                    f"stage {stage}: cached frozen lower blocks of {sorted(self.model.cache._covered)} "
+                    f"stage {stage}: cached frozen lower blocks of {sorted(self.model.cache.covered)} "
                     f"({self.model.cache.nbytes() / 2**20:.0f} MiB) in {time.time() - t0:.1f} s"
                 )
         return sc
@@ -227,8 +226,8 @@ class Trainer:
         self.model.head.requires_grad_(obj.trains_free_head)
         return obj
 
-    def scoring(self, obj: Objective) -> str:
-        return scoring_label(obj.scoring, self.cfg.model.item_encoder)
+    def scoring(self, obj: Objective) -> Scorer:
+        return obj.scorer(self.cfg.model.item_encoder)
 
     def make_loader(self, stage: int, sc: StageConfig, obj: Objective | None = None):
         m = self.cfg.model
@@ -337,7 +336,8 @@ class Trainer:
             meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch)
             if unlogged is not None and epoch == start_epoch:
                 meter.carry(unlogged.to(self.device))  # the losses of the steps before the checkpoint, not yet logged
-            for b_idx, (host, batch) in enumerate(prefetched(loader, self._prepare, self.device, ahead), start=skip):
+            for b_idx, (host, batch) in enumerate(prefetched(loader, self.prepare_batch, self.device, ahead),
+                                                  start=skip):
                 meter.batch_in(host)
                 loss = engine(batch, objective=obj)
                 engine.backward(loss)
@@ -372,7 +372,7 @@ class Trainer:
         engine = self.make_engine(sc, steps + 1)
         loader.set_epoch(0)
         times = []
-        for k, (_, batch) in enumerate(prefetched(loader, self._prepare, self.device, 0)):
+        for k, (_, batch) in enumerate(prefetched(loader, self.prepare_batch, self.device, 0)):
             t0 = time.perf_counter()
             loss = engine(batch, objective=obj)
             engine.backward(loss)
@@ -386,7 +386,7 @@ class Trainer:
         timed = times[1:] or times  # a one-batch epoch: its only (warm-up) time
         return (float(np.median(timed)) if timed else 0.0), loader.steps_per_epoch
 
-    def _prepare(self, batch):
+    def prepare_batch(self, batch):
         """The loader's (host) batch on the device; payloads left to the main process (JPEGs) are decoded here, on
         the training device, by their modality's content kind."""
         c = batch.content
@@ -450,7 +450,7 @@ class Trainer:
         if self.cfg.stages == "none":
             self.evaluate_untrained()
             return self.finish()
-        stages = {"1": [1], "2": [2], "all": [1, 2]}[self.cfg.stages]
+        stages = STAGES[self.cfg.stages]
         if self.cfg.eval.initial_candidate and 0 not in self.state["done_stages"]:
             self.evaluate_untrained()  # the starting model competes with the fine-tuned ones (stage 0)
         for stage in stages:
@@ -473,19 +473,20 @@ class Trainer:
         if not self.cfg.init_from:
             LOG.warning("--stage none without --init-from: evaluating randomly initialised upper blocks")
         self.set_stage(1)  # every tower's frozen blocks cached; nothing trains
-        ranks = self.evaluate("valid", "content")
-        record = {"stage": 0, "epoch": 0, "valid": ev.metrics_from_ranks(ranks, self.cfg.eval.ks), "scoring": "content"}
+        ranks = self.evaluate("valid", Scorer.CONTENT)
+        record = {"stage": 0, "epoch": 0, "valid": ev.metrics_from_ranks(ranks, self.cfg.eval.ks),
+                  "scoring": Scorer.CONTENT}
         self.state["stage_best"]["0"] = record
         save_model_state(self.model, self.run_dir / "best_stage0.safetensors", write=self.rank == 0)
         self.save_valid_ranks(0, ranks)
         LOG.info(f"untrained model (stage 0) validation NDCG@10 {record['valid']['ndcg@10']:.4f}")
-        self.finish_stage(0, "content")
+        self.finish_stage(0, Scorer.CONTENT)
 
     def finish(self) -> dict:
         """Select, export and report the best content-scoring model on validation (the model that transfers and
         ranks cold items); a run without one (ID baselines, a free-head-only stage 1) selects its best model."""
         sb = self.state["stage_best"]
-        content = [s for s in sb if record_scoring(sb[s]) == "content"]
+        content = [s for s in sb if record_scoring(sb[s]) == Scorer.CONTENT]
         best_stage = max(content or list(sb), key=lambda s: sb[s]["valid"][self.cfg.eval.select])
         if not content:
             LOG.warning(f"no content-scoring model was trained: selecting stage {best_stage} "
@@ -513,8 +514,6 @@ class Trainer:
         return result
 
     def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
-        from transrec.trainer.report import write_run_results
-
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
         return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
                                  self.cfg.eval, log=LOG.warning)

@@ -27,20 +27,16 @@ resumes an interrupted one from its checkpoint.
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch.distributed as dist
-
-from transrec.trainer.config import RunConfig, TransferConfig, apply_overrides, read_run_config
-from transrec.trainer.evaluate import paired_bootstrap, per_user_gain
+from transrec.trainer.checkpoint import barrier
+from transrec.trainer.choices import STAGES, Scorer
+from transrec.trainer.config import RunConfig, read_run_config
 from transrec.trainer.run_setup import (
     LOG,
     load_ds_config,
@@ -49,52 +45,14 @@ from transrec.trainer.run_setup import (
     setup_logging,
     write_run_record,
 )
-
-
-@dataclass(frozen=True)
-class Candidate:
-    name: str
-    label: str
-    overrides: tuple[str, ...]  # applied to a copy of the run's configuration
-    trains: bool
-    free: bool = False  # scored without training by transfer_free.py (from the export itself)
-
-
-def candidate_plan(cfg: RunConfig) -> list[Candidate]:
-    low1 = cfg.transfer.low_lr or cfg.stage1.lr / 10
-    low2 = cfg.transfer.low_lr or cfg.stage2.lr / 10
-    known = {
-        "start": Candidate("start", "the export as it is (zero-shot)", ("stages=none",), False),
-        "prior": Candidate("prior", "the export + the target's popularity prior (beta on validation)", (), False, True),
-        "content": Candidate("content", "the export's towers, no user encoder: mean of the history's item vectors "
-                             "(cosine; + prior if it validates better)", (), False, True),
-        "popularity": Candidate("popularity", "the target's most frequent items (no content)", (), False, True),
-        "finetune": Candidate("finetune", "fine-tuned", (), True),
-        "lowlr": Candidate("lowlr", f"fine-tuned at a low rate (stage 1 {low1:g}, stage 2 {low2:g})",
-                           (f"stage1.lr={low1}", f"stage2.lr={low2}"), True),
-        "towers": Candidate("towers", "the export's towers, a new user encoder", ("init_parts=towers",), True),
-        "scratch": Candidate("scratch", "trained from scratch (no export)",
-                             ("init_from=none", "init_parts=all", "init_reset="), True),
-    }
-    return [known[name] for name in cfg.transfer.candidate_names()]
-
-
-def candidate_config(cfg: RunConfig, cand: Candidate, run_dir: Path) -> RunConfig:
-    c = copy.deepcopy(cfg)
-    c.transfer, c.resume, c.run_dir = TransferConfig(), None, str(run_dir / "candidates" / cand.name)
-    c.eval.initial_candidate = False  # the start is a candidate of its own
-    return apply_overrides(c, list(cand.overrides))
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+from transrec.trainer.train import Trainer
+from transrec.trainer.transfer_free import run_training_free
+from transrec.trainer.transfer_plan import Candidate, candidate_config, candidate_plan
+from transrec.trainer.transfer_report import write_selection
 
 
 def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
     """Train (or resume, or skip when finished) one candidate's run; returns its Trainer, or None when skipped."""
-    from transrec.trainer.train import Trainer
-
     d = Path(cfg.run_dir)
     if (d / "metrics.json").exists():
         return None
@@ -108,7 +66,7 @@ def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
         return trainer
     if rank == 0 and d.exists():  # a failed or unstarted earlier attempt: start it again
         shutil.rmtree(d)
-    _barrier()
+    barrier()
     trainer = Trainer(cfg, ds_config)
     trainer.run()
     return trainer
@@ -120,9 +78,9 @@ def estimate_minutes(trainer, cfg: RunConfig, setup_s: float) -> dict[str, float
     per epoch and a test evaluation per stage; and for the start, `setup_s`. Times one validation and a few batches
     of each stage on `trainer`, whose run is done."""
     t0 = time.perf_counter()
-    trainer.evaluate("valid", "content")
+    trainer.evaluate("valid", Scorer.CONTENT)
     eval_s = time.perf_counter() - t0
-    stages = {"1": [1], "2": [2], "all": [1, 2]}[cfg.stages]
+    stages = STAGES[cfg.stages]
     train_s = setup_s
     for stage in stages:
         per_batch, batches = trainer.time_steps(stage)
@@ -158,15 +116,13 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
         trainer = None
         try:
             if cand.free:
-                from transrec.trainer.transfer_free import run_training_free
-
                 done = run_training_free(c_cfg, cand.name, rank)  # None: finished earlier, or not rank 0
                 minutes = (time.perf_counter() - t0) / 60
                 if done is not None:
                     _record(d, {"status": "done", "minutes": round(minutes, 2)}, rank)
                     LOG.info(f"[transfer] {cand.name} done in {minutes:.1f} min: validation {cfg.eval.select} "
                              f"{_valid(d, cfg):.4f} ({done['scoring']['label']})")
-                _barrier()
+                barrier()
                 continue
             trainer = run_candidate(c_cfg, ds_config, rank)
             minutes = (time.perf_counter() - t0) / 60
@@ -187,11 +143,9 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
         finally:
             del trainer
             gc.collect()
-    _barrier()
+    barrier()
     if rank != 0:
         return None
-    from transrec.trainer.transfer_report import write_selection
-
     return write_selection(run_dir, cfg, plan)
 
 
@@ -235,10 +189,3 @@ def _record(d: Path, record: dict, rank: int) -> None:
 
 def _valid(d: Path, cfg: RunConfig) -> float:
     return json.loads((d / "metrics.json").read_text())["valid"][cfg.eval.select]
-
-
-def judge(a: np.ndarray, b: np.ndarray, metric: str, n_boot: int) -> dict:
-    """a - b over the same users, a 95% paired bootstrap interval; helped / hurt when it excludes zero."""
-    res = paired_bootstrap(per_user_gain(a, metric), per_user_gain(b, metric), n=n_boot)
-    res["verdict"] = "helped" if res["low"] > 0 else "hurt" if res["high"] < 0 else "level"
-    return res

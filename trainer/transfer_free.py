@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.trainer import evaluate as ev
+from transrec.trainer import ranking as ev
+from transrec.trainer.choices import Scorer
 from transrec.trainer.config import RunConfig
 from transrec.trainer.feature_cache import resolve_store
+from transrec.trainer.model_eval import ranker_from_export
 from transrec.trainer.run_stats import write_ranks
 from transrec.trainer.scoring import Scoring, choose_prior, scoring_ranks, write_scoring
 
@@ -53,8 +55,6 @@ def score_candidate(name: str, model_user, item_vectors, valid: ev.EvalUsers, te
 def run_training_free(cfg: RunConfig, name: str, rank: int) -> dict | None:
     """Score cfg.init_from on cfg.data.shards as the candidate `name` (FREE_CANDIDATES) into cfg.run_dir (the
     candidate's folder). Every rank ranks its share of the users; rank 0 writes. None when it finished earlier."""
-    from transrec.trainer.model_eval import ranker_from_export
-
     out = Path(cfg.run_dir)
     if (out / "metrics.json").exists():
         return None
@@ -93,7 +93,8 @@ def run_training_free(cfg: RunConfig, name: str, rank: int) -> dict | None:
     metrics = {"valid": ev.metrics_from_ranks(valid_ranks, ks), "test": ev.metrics_from_ranks(test_ranks, ks),
                "popularity_valid": ev.metrics_from_ranks(pop_valid, ks),
                "popularity_test": ev.metrics_from_ranks(pop_test, ks),
-               "best": {"stage": 0, "epoch": 0, "file": None, "scoring": "content" if user != "none" else "popularity"},
+               "best": {"stage": 0, "epoch": 0, "file": None,
+                        "scoring": Scorer.CONTENT if user != "none" else Scorer.POPULARITY},
                "scoring": {**scoring.to_dict(), "label": scoring.label}, "prior_grid": grid,
                "init_from": str(export)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

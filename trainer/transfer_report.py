@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from transrec.trainer.config import RunConfig
-from transrec.trainer.evaluate import metrics_from_ranks
+from transrec.trainer.ranking import metrics_from_ranks
 from transrec.trainer.run_setup import LOG
 from transrec.trainer.run_stats import read_ranks
-from transrec.trainer.transfer import Candidate, judge
+from transrec.trainer.transfer_plan import Candidate, judge
 
 # the chosen candidate's files that make RUN_DIR read as a finished run (trainer.compare, trainer.evaluate)
 RUN_FILES = ("test_ranks*.tsv", "test_ranks_stage*.npy", "valid_ranks_stage*.npy", "best_stage*.safetensors",

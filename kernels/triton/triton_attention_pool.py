@@ -10,6 +10,7 @@ from torch.autograd.function import FunctionCtx
 
 import triton
 import triton.language as tl
+from transrec.kernels.triton import common
 from transrec.kernels.triton.common import dot_config, mm, next_pow2, tanh
 from transrec.kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, launch_tuned, neighbourhood
 
@@ -139,7 +140,7 @@ def _attention_pool_bwd_kernel(
         )
 
 
-def _blocks(T: int, H: int, A: int, interpret: bool) -> tuple[int, int, int, int]:
+def _tile_blocks(T: int, H: int, A: int, interpret: bool) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_A, num_warps): the whole hidden row per tile, >= 16 for tl.dot."""
     block_h = max(16, next_pow2(H))
     if interpret:  # few, large tiles: the interpreter pays per op, not per element
@@ -158,7 +159,7 @@ def tile_bytes(kernel: str, cfg: TileConfig, block_h: int, elem_bytes: int) -> i
 
 def candidates(kernel: str, T: int, H: int, A: int, elem_bytes: int, interpret: bool) -> list[TileConfig]:
     """The heuristic tiling first, then its neighbours that fit TILE_BYTES and do not exceed T and A (CUDA)."""
-    bt, bh, ba, warps = _blocks(T, H, A, interpret)
+    bt, bh, ba, warps = _tile_blocks(T, H, A, interpret)
     base = TileConfig.of(warps, BLOCK_T=bt, BLOCK_A=ba)
     if interpret:
         return [base]
@@ -176,8 +177,7 @@ class AttentionPoolFunction(torch.autograd.Function):
         ctx: FunctionCtx, x: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
         w2: torch.Tensor, b2: torch.Tensor,
     ) -> torch.Tensor:
-        from transrec.kernels.triton.common import INTERPRET
-
+        interpret = common.INTERPRET  # read per call: the tests switch the interpreter's tilings off and on
         B, T, H = x.shape
         A = w1.shape[1]
         x = x.contiguous()
@@ -196,15 +196,14 @@ class AttentionPoolFunction(torch.autograd.Function):
             )
 
         if B > 0:
-            tiles = candidates("fwd", T, H, A, x.element_size(), INTERPRET)
+            tiles = candidates("fwd", T, H, A, x.element_size(), interpret)
             launch_tuned("attention_pool_fwd", _key(x, A), tiles, launch, x.device)
         ctx.save_for_backward(x, mask_u8, w1, b1, w2, b2, scores, lse, out)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: FunctionCtx, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        from transrec.kernels.triton.common import INTERPRET
-
+        interpret = common.INTERPRET  # read per call: the tests switch the interpreter's tilings off and on
         x, mask_u8, w1, b1, w2, b2, scores, lse, out = ctx.saved_tensors
         B, T, H = x.shape
         A = w1.shape[1]
@@ -227,7 +226,7 @@ class AttentionPoolFunction(torch.autograd.Function):
 
         dw2p = torch.zeros(B, 1, A, device=x.device, dtype=torch.float32)
         if B > 0:
-            tiles = candidates("bwd", T, H, A, x.element_size(), INTERPRET)
+            tiles = candidates("bwd", T, H, A, x.element_size(), interpret)
             dw2p = launch_tuned("attention_pool_bwd", _key(x, A), tiles, launch, x.device)
         dpre2d = dpre.view(B * T, A)
         dw1 = x.view(B * T, H).t().to(torch.float32) @ dpre2d  # [H, A]

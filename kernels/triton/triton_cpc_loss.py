@@ -12,6 +12,7 @@ from torch.autograd.function import FunctionCtx
 
 import triton
 import triton.language as tl
+from transrec.kernels.triton import common
 from transrec.kernels.triton.common import dot_config, log_sigmoid, mm, next_pow2, sm_count
 from transrec.kernels.triton.tuning import TILE_BYTES, TileConfig, bucket, dot_tile_bytes, launch_tuned, neighbourhood
 
@@ -216,8 +217,7 @@ class CPCLossFunction(torch.autograd.Function):
         ctx: FunctionCtx, user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
         pos_mask: torch.Tensor | None, neg_mask: torch.Tensor | None, reduction: str, n_split: int | None,
     ) -> torch.Tensor:
-        from transrec.kernels.triton.common import INTERPRET
-
+        interpret = common.INTERPRET  # read per call: the tests switch the interpreter's tilings off and on
         B, D = user.shape
         L = pos.shape[1]
         shared = neg.dim() == 2
@@ -228,7 +228,7 @@ class CPCLossFunction(torch.autograd.Function):
         J = 0 if shared else neg.shape[1]
         row_args = {
             "HAS_PM": pos_mask is not None, "HAS_NR": not shared, "HAS_NRM": neg_mask is not None and not shared,
-            "BLOCK_L": _row_block(L, block_d, INTERPRET), "BLOCK_J": _row_block(J, block_d, INTERPRET),
+            "BLOCK_L": _row_block(L, block_d, interpret), "BLOCK_J": _row_block(J, block_d, interpret),
             "BLOCK_D": block_d,
         }
         loss_rows = torch.zeros(B, device=user.device, dtype=torch.float32)
@@ -246,7 +246,7 @@ class CPCLossFunction(torch.autograd.Function):
                 _cpc_shared_fwd_kernel[grid](user, neg, nm, loss_parts, B, N, D, **shared_args, **cfg.launch_args())
                 return loss_parts
 
-            tiles = shared_candidates("fwd", block_d, user.element_size(), INTERPRET)
+            tiles = shared_candidates("fwd", block_d, user.element_size(), interpret)
             total = total + launch_tuned("cpc_shared_fwd", _shared_key(user, N, shared_args), tiles, launch,
                                          user.device).sum()
 
@@ -262,8 +262,7 @@ class CPCLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        from transrec.kernels.triton.common import INTERPRET
-
+        interpret = common.INTERPRET  # read per call: the tests switch the interpreter's tilings off and on
         user, pos, neg, pm, nm, denom = ctx.saved_tensors
         shared, row_args, shared_args, J, n_split = ctx.args
         B, D = user.shape
@@ -297,9 +296,9 @@ class CPCLossFunction(torch.autograd.Function):
                 grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
                 _cpc_shared_bwd_neg_kernel[grid](user, neg, nm, scale, gn, B, N, D, **shared_args, **cfg.launch_args())
 
-            tiles = shared_candidates("bwd_user", shared_args["BLOCK_D"], elem, INTERPRET)
+            tiles = shared_candidates("bwd_user", shared_args["BLOCK_D"], elem, interpret)
             gu += launch_tuned("cpc_shared_bwd_user", key, tiles, launch_user, user.device).sum(0)
-            tiles = shared_candidates("bwd_neg", shared_args["BLOCK_D"], elem, INTERPRET)
+            tiles = shared_candidates("bwd_neg", shared_args["BLOCK_D"], elem, interpret)
             launch_tuned("cpc_shared_bwd_neg", key, tiles, launch_neg, user.device)
         return gu.to(user.dtype), gp, gn, None, None, None, None
 

@@ -1,18 +1,10 @@
 """The paper's experiments (tables 2, 4-7) as cached training runs: `python -m transrec.trainer.experiments TABLE`.
 
 `plans.py` holds the tables as data (domains, models, rows, headline comparisons, claims), `runner.py` trains or
-reuses the runs and computes the results, `report.py` writes Markdown / CSV / PNG. Imports go one way: runner ->
-report -> plans (the report's type hints name the runner's Suite only for type checking). Reports and run records
-are written under `reports/` at the repository root, never inside this package.
+reuses the runs (through the core's `train(cfg)`) and computes the results, `run_keys.py` says what a cached run's
+key covers, `views.py` evaluates a run on other shards of the same split (table 2), `report.py` writes Markdown /
+CSV / PNG; the studies (`cross_catalogue.py`, `auto_row.py`) read the cached runs. Imports go one way: runner ->
+report -> plans (the report's type hints name the runner's Suite only for type checking); this package file imports
+nothing, so importing a submodule never imports the runner. Reports and run records are written under `reports/` at
+the repository root, never inside this package.
 """
-
-from transrec.trainer.experiments.plans import DOMAINS, PLANS, RunSpec  # noqa: F401
-from transrec.trainer.experiments.runner import (  # noqa: F401  (the package's public names)
-    TABLES,
-    Suite,
-    check_same_split,
-    drop_settings_that_change_nothing,
-    evaluate_view,
-    main,
-    parse_args,
-)

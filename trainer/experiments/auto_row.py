@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.trainer.evaluate import per_user_gain
 from transrec.trainer.experiments.plans import DOMAINS, MODEL_OVERRIDES, SOURCE_OF
-from transrec.trainer.experiments.report import _save as save_figure
+from transrec.trainer.experiments.report import save_figure
+from transrec.trainer.ranking import per_user_gain
 from transrec.trainer.run_stats import compare, read_ranks
 
 CANDIDATE_ROWS = {"zeroshot": "start (zero-shot)", "transfer": "fine-tuned", "transfer-lowlr": "low rate",

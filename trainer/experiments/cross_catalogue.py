@@ -35,8 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.trainer import evaluate as ev
+from transrec.trainer import ranking as ev
+from transrec.trainer.experiments.cross_catalogue_report import write_report
 from transrec.trainer.experiments.plans import SOURCE_OF, RunSpec
+from transrec.trainer.experiments.runner import Suite, parse_args
+from transrec.trainer.model_eval import ranker_from_export
 from transrec.trainer.scoring import Scoring, choose_prior, scoring_ranks
 
 SPLITS = {"ml": "ml-new-mixed", "hm": "hm-b-mixed"}  # split -> target domain (its source: plans.SOURCE_OF)
@@ -92,8 +95,6 @@ def score_target(export: Path, target_shards: Path, source_shards: Path, feature
                  exclude_seen: bool = True) -> dict:
     """Every training-free way of scoring `target_shards` with `export`, and the diagnosis. Returns per row: the
     validation metric, the chosen prior, the test ranks; plus the diagnosis figures."""
-    from transrec.trainer.model_eval import ranker_from_export
-
     out: dict = {"rows": {}, "diagnosis": {}}
     ranker = ranker_from_export(export, target_shards, show_progress=False, feature_store=feature_store)
     iv = ranker.item_vectors()
@@ -216,9 +217,6 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--data-root", default=None, help="folder with movielens-100k-mm/ and hm-fashion/")
     p.add_argument("--quick", action="store_true", help="tiny preset and model, bundled data: a smoke test")
     a = p.parse_args(argv)
-    from transrec.trainer.experiments.cross_catalogue_report import write_report
-    from transrec.trainer.experiments.runner import Suite, parse_args
-
     splits = [s.strip() for s in a.splits.split(",") if s.strip()]
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:

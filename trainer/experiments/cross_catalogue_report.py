@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF
-from transrec.trainer.experiments.report import _relative, hardware
+from transrec.trainer.experiments.report import hardware, relative_path
 from transrec.trainer.run_stats import compare
 
 ROWS = ("popularity", "zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
@@ -210,7 +210,7 @@ def plot(path: Path, results: dict) -> None:
 def write_report(suite, results: dict[tuple[str, str], list[dict]], command: str, settings: list[str]) -> Path:
     out = suite.out
     lines = ["# Cross-catalogue transfer: a source export on a catalogue it never saw, with no target training", "",
-             f"- command: `{_relative(command)}`",
+             f"- command: `{relative_path(command)}`",
              f"- date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; hardware: {hardware()}",
              f"- preset `{suite.preset}` with `{' '.join(settings)}` for every source run (the settings of "
              "[same_platform/table4_hm_split_128px.md](same_platform/table4_hm_split_128px.md), whose zero-shot win "

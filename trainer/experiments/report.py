@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
-from transrec.trainer.experiments.plans import TABLE_SETTINGS
+from transrec.data_shards.shard_io import read_sequences
+from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF, TABLE_SETTINGS
 from transrec.trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-exported for the runner)
     METRICS,
     MIN_JUDGED_USERS,
@@ -68,8 +70,6 @@ def hardware() -> str:
         mem_s = f", {mem / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         mem_s = ""
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores{mem_s}, {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 
@@ -98,7 +98,7 @@ def _run_record(suite: Suite, key: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _relative(arg: str) -> str:
+def relative_path(arg: str) -> str:
     """A path argument relative to the repository (reports never record one machine's absolute paths)."""
     repo = Path(__file__).resolve().parents[2]
     if not arg.startswith("/"):
@@ -153,8 +153,6 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
 
 
 def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
-    from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF
-
     domains = []
     for r in plan.rows:
         for s in r.specs:
@@ -173,7 +171,7 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
         policies = suite.manifest(d).get("policies", {})
         collapsed = (f"; {policies['duplicates_removed']} same-day repeats of an article collapsed (see BUILD_OPTIONS "
                      "in trainer/experiments/plans.py)" if policies.get("duplicates_removed") else "")
-        argv = " ".join(_relative(x) for x in suite.build_argv(d, suite.shards(d)))
+        argv = " ".join(relative_path(x) for x in suite.build_argv(d, suite.shards(d)))
         lines.append(f"- {d}: `python -m transrec.data_shards.build {argv}`{collapsed}")
     cold = {}
     for res in results.values():
@@ -189,8 +187,6 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
 
 def cold_repeats(shards: Path) -> int:
     """Evaluated users whose cold test target equals their validation item."""
-    from transrec.data_shards.shard_io import read_sequences
-
     seqs = read_sequences(shards)
     train = training_items(shards)
     return sum(1 for s in seqs if s["evaluated"] and s["items"][s["num_train"] + 1] == s["items"][s["num_train"]]
@@ -326,7 +322,7 @@ def _panels(plan: TablePlan, height: float):
     return plt, fig, list(zip(axes[0], groups))
 
 
-def _save(plt, fig, path: Path, title: str) -> None:
+def save_figure(plt, fig, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -347,7 +343,7 @@ def plot_bars(path: Path, plan: TablePlan, results: dict) -> None:
         ax.set_title(g, fontsize=8)
         ax.set_ylabel("test NDCG@10")
     panels[0][0].legend(fontsize=7)
-    _save(plt, fig, path, plan.title)
+    save_figure(plt, fig, path, plan.title)
 
 
 def plot_curves(path: Path, plan: TablePlan, results: dict) -> None:
@@ -368,7 +364,7 @@ def plot_curves(path: Path, plan: TablePlan, results: dict) -> None:
         ax.set_xlabel("validation (stage 1 epochs, then stage 2)")
         ax.set_ylabel("valid NDCG@10")
         ax.legend(fontsize=7)
-    _save(plt, fig, path, plan.curves_title or f"{plan.name}: validation curves")
+    save_figure(plt, fig, path, plan.curves_title or f"{plan.name}: validation curves")
 
 
 def write_report(suite: Suite, plan: TablePlan, results: dict, heads: dict, command: str, wall: float) -> Path:

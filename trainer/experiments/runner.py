@@ -13,7 +13,7 @@ transferred from H&M half A mixed, a source from the same platform that shares n
 (`data_shards.split_disjoint`, cut once under OUT/raw/). The shards each domain needs are built once under
 OUT/shards/ with `python -m transrec.data_shards.build` (in-process).
 
-Runs. Every run is `trainer.main.main(argv)` in this process: the same TransRec class, shards, splits, stages,
+Runs. Every run is `trainer.run.train(cfg)` in this process: the same TransRec class, shards, splits, stages,
 losses and evaluator for every model. IDRec / IDGru / IDNext = `model.item_encoder=id` with the transformer /
 GRU4Rec / NextItNet user encoder; train-from-scratch = TransRec from the towers' generic weights; transfer =
 the same with `--init-from` the source run's export (source seed 0, fine-tuned with the same schedule);
@@ -22,13 +22,13 @@ TransRec- = `--stage 2` only; frozen = `model.frozen_towers=true`. TransRec trai
 (trainer/losses.py) by default; "-paper" models (e.g. `scratch-paper`) with the paper's objectives (free stage-1
 head, CPC), which the ID baselines keep. A run is cached in OUT/runs/<config hash>/ (the hash covers the resolved
 configuration, the data's input hashes, the text encoder and the source run; a new config field gives every run that
-reads it a new key; `drop_settings_that_change_nothing` leaves out the settings a run never reads or that sit at
-the value reproducing the behaviour from before they existed) and skipped when asked again; an interrupted run
+reads it a new key; run_keys.py leaves out the settings a run never reads or that sit at the value reproducing the
+behaviour from before they existed) and skipped when asked again; an interrupted run
 resumes; a finished run keeps its records, export and overall best model (`prune`). One invocation per OUT at a
 time (a lock file).
 
 Table 2's text and image rows evaluate the mixed-trained run's best model on the all-text / all-image shards of the
-same users, items and splits (`evaluate_view`, evaluation only).
+same users, items and splits (`views.evaluate_view`, evaluation only).
 
 Defaults: table4 uses 3 seeds, the other tables 1 (`--seeds N` sets all). `--quick` = the tiny preset, a tiny
 random BERT as text encoder and the bundled data (data/): minutes, for smoke tests only.
@@ -49,7 +49,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from transrec.data_shards.build import main as build_main
+from transrec.data_shards.split_by_release import split_by_release
+from transrec.data_shards.split_disjoint import split_disjoint
+from transrec.trainer.config import (
+    RunConfig,
+    apply_overrides,
+    read_run_config,
+    to_dict,
+)
 from transrec.trainer.experiments import report as er
 from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner's public names)
     BUILD_OPTIONS,
@@ -73,9 +83,13 @@ from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: th
     RunSpec,
     TablePlan,
 )
+from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing
+from transrec.trainer.experiments.views import DS_CONFIG, evaluate_view
+from transrec.trainer.presets import PRESETS, preset
+from transrec.trainer.run import train
+from transrec.trainer.towers import minilm_path
 
 REPO = Path(__file__).resolve().parents[2]
-DS_CONFIG = REPO / "ds_configs" / "zero2.json"
 TABLES = ("table2", "table4", "table5", "table6", "table7")
 
 
@@ -138,12 +152,8 @@ class Suite:
                 raise SystemExit(f"error: raw data for {parent_key} (split into {d.raw}) not found at {parent}: pass "
                                  f"--data-root or {flag}")
             if by_release:
-                from transrec.data_shards.split_by_release import split_by_release
-
                 split_by_release(parent, split, year=RELEASE_YEAR)
             else:
-                from transrec.data_shards.split_disjoint import split_disjoint
-
                 split_disjoint(parent, split, seed=SPLIT_SEED)
         return split / half
 
@@ -153,8 +163,6 @@ class Suite:
         tag = hashlib.sha256(json.dumps([str(src), BUILD_OPTIONS.get(d.dataset, [])]).encode()).hexdigest()[:8]
         out = self.out / "shards" / f"{d.raw or d.dataset}-{d.modality}-{tag}"
         if not (out / "manifest.json").exists():
-            from transrec.data_shards.build import main as build_main
-
             self.raw_folder(domain, make=True)
             build_main(self.build_argv(domain, out))
         return out
@@ -220,8 +228,6 @@ class Suite:
     def resolved_config(self, spec: RunSpec) -> dict:
         """The run's full configuration (preset + overrides), paths left out: a preset whose defaults change gives new
         run keys, so a cached run is reused only when it was trained with exactly these settings."""
-        from transrec.trainer.config import apply_overrides, preset, to_dict
-
         cfg = to_dict(apply_overrides(preset(self.preset), self.overrides(spec)))
         paths = (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), (None, "run_dir"),
                  (None, "init_from"), (None, "resume"))
@@ -236,17 +242,27 @@ class Suite:
         rec = self.run_dir(spec) / "runner.json"
         return rec.exists() and json.loads(rec.read_text()).get("status") == "done"
 
-    def argv(self, spec: RunSpec) -> list[str]:
-        argv = ["--preset", self.preset, "--shards", str(self.shards(spec.domain)),
-                "--run-dir", str(self.run_dir(spec)), "--ds_config", str(DS_CONFIG)]
-        sets = self.overrides(spec)
+    def path_settings(self, spec: RunSpec) -> list[str]:
+        """The run's settings that name paths on this machine (left out of its key)."""
+        sets = []
         if spec.content and self.text_encoder_path():
             sets.append(f"model.text_encoder={self.text_encoder_path()}")
         if spec.content:  # frozen lower-block outputs, shared by the runs whose frozen weights are equal
             sets.append(f"data.feature_store={self.out / 'cache' / 'features'}")
         if spec.model in TRANSFERS:
             sets.append(f"init_from={self.run_dir(self.source_spec(spec)) / 'export'}")
-        return argv + ["--set", *sets]
+        return sets
+
+    def config(self, spec: RunSpec) -> RunConfig:
+        return apply_overrides(preset(self.preset), [f"data.shards={self.shards(spec.domain)}",
+                                                     f"run_dir={self.run_dir(spec)}", *self.overrides(spec),
+                                                     *self.path_settings(spec)])
+
+    def argv(self, spec: RunSpec) -> list[str]:
+        """The training command's flags that give `config(spec)` (recorded in runner.json, to reproduce a run)."""
+        return ["--preset", self.preset, "--shards", str(self.shards(spec.domain)), "--run-dir",
+                str(self.run_dir(spec)), "--ds_config", str(DS_CONFIG), "--set", *self.overrides(spec),
+                *self.path_settings(spec)]
 
     def ensure(self, spec: RunSpec, export: bool = False) -> Path:
         """Train the run unless it is cached (resume it when an earlier invocation was interrupted). `export`: the
@@ -261,17 +277,15 @@ class Suite:
             return d
         if spec.model in TRANSFERS:
             self.ensure(self.source_spec(spec), export=True)
-        from transrec.trainer.main import main
-
         argv = self.argv(spec)
         resumed = (d / "resume.json").exists() and not (d / "metrics.json").exists()
         print(f"[experiments] {'resuming' if resumed else 'training'} run {key}: {spec}", flush=True)
         t0 = time.time()
         if resumed:
-            main(["--resume", str(d)])  # the run's own config and ds_config
+            train(read_run_config(d), command=["trainer/main.py", "--resume", str(d)])  # its own config, ds_config
         else:
             shutil.rmtree(d, ignore_errors=True)
-            main(argv)
+            train(self.config(spec), str(DS_CONFIG), command=["trainer/main.py", *argv])
         wall = time.time() - t0
         prune(d)
         record = {"status": "done", "key": key, "spec": spec.__dict__, "argv": argv, "resumed": resumed,
@@ -298,61 +312,6 @@ class Suite:
         return list(range(n))
 
 
-CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history",
-                            "popularity_correction")
-# Settings added after runs were cached, with the value that reproduces the behaviour from before they existed:
-# at that value they change nothing, so they stay out of the key. (section or None for top level, name, value)
-ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention", "sdpa"),
-                          ("model", "channels_last", False), (None, "optimizer", "auto"), ("eval", "select", "ndcg@10"),
-                          ("data", "split", "auto"), ("model", "compile", "none"), ("model", "compile_mode", "default"),
-                          ("model", "compile_backend", "inductor"), ("eval", "precision", "fp32"),
-                          ("model", "cudnn_benchmark", False), ("data", "device_prefetch", -1),
-                          (None, "init_reset", ""), ("model", "sequence_input_scale", 1.0),
-                          ("eval", "initial_candidate", False), ("stage1", "popularity_correction", 0.0),
-                          ("stage2", "popularity_correction", 0.0))
-# Settings removed after runs were cached that never changed a run: their old value stays in the key.
-RETIRED_IN_KEY = (("stage1", "eval_every", 1), ("stage2", "eval_every", 1))
-# Settings renamed after runs were cached: keyed under their former names while they hold what those could.
-# (stage.trainable, a map over text and image only, is keyed as text_trainable / image_trainable.)
-
-
-def default_transfer_settings() -> dict:
-    from dataclasses import asdict
-
-    from transrec.trainer.config import TransferConfig
-
-    return asdict(TransferConfig())
-
-
-def drop_settings_that_change_nothing(cfg: dict) -> dict:
-    """A run key covers the settings that change the run, so runs keep the keys (and cached results) they had
-    before a setting existed when it changes nothing for them: a setting of ADDED_AT_OLD_BEHAVIOUR at its old
-    behaviour; for a run with the paper's objectives (free stage-1 head, CPC), the content-softmax settings, which it
-    never reads, and the objective choices themselves."""
-    for section, name, old in ADDED_AT_OLD_BEHAVIOUR:
-        where = cfg if section is None else cfg[section]
-        if name in where and where[name] == old:
-            where.pop(name)
-    if cfg.get("transfer") == default_transfer_settings():  # plain fine-tuning: what every run did before transfer=auto
-        cfg.pop("transfer")
-    for section, name, old in RETIRED_IN_KEY:
-        cfg[section].setdefault(name, old)
-    for stage in ("stage1", "stage2"):
-        trainable = cfg[stage].get("trainable", {})
-        if set(trainable) <= {"text", "image"}:
-            cfg[stage].pop("trainable", None)
-            cfg[stage].update(text_trainable=trainable.get("text", 0), image_trainable=trainable.get("image", 0))
-    if cfg["stage1"].get("head") != "free" or cfg["stage2"].get("loss") != "cpc":
-        return cfg
-    for stage in ("stage1", "stage2"):
-        for key in (*CONTENT_SOFTMAX_SETTINGS, "head", "loss"):
-            cfg[stage].pop(key, None)
-    if cfg["model"]["temperature"] == 1.0 and not cfg["model"]["learn_temperature"]:
-        cfg["model"].pop("temperature")
-        cfg["model"].pop("learn_temperature")
-    return cfg
-
-
 def prune(run_dir: Path) -> None:
     """Disk: a finished run keeps its export and its overall best model; resume checkpoints and the other stage's
     best model go (several hundred MB per content run at cpu-small scale)."""
@@ -365,10 +324,7 @@ def prune(run_dir: Path) -> None:
 
 def make_tiny_bert(path: Path) -> None:
     """A 2-layer, 32-wide BERT with seeded random weights and the MiniLM tokenizer files (`--quick` only)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from transrec.trainer.towers import minilm_path
+    from transformers import BertConfig, BertModel  # optional: only the tiny BERT of --quick needs transformers here
 
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -377,49 +333,6 @@ def make_tiny_bert(path: Path) -> None:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (Path(minilm_path()) / name).exists():
             shutil.copy(Path(minilm_path()) / name, path / name)
-
-
-def check_same_split(a: Path, b: Path) -> None:
-    """Two shard folders hold the same users, items (same indices) and splits; only item modality may differ."""
-    from transrec.data_shards.shard_io import read_id_maps, read_sequences
-
-    ia, ib = (read_id_maps(p) for p in (a, b))  # each folder verified against its manifest's hashes first
-    sa, sb = read_sequences(a), read_sequences(b)
-    same = ia == ib and len(sa) == len(sb) and all(
-        x["items"] == y["items"] and x["num_train"] == y["num_train"] and x["evaluated"] == y["evaluated"]
-        for x, y in zip(sa, sb))
-    if not same:
-        raise ValueError(f"shards {a} and {b} differ in users, items or splits: a view must change modality only")
-
-
-def evaluate_view(run_dir: Path, shards: Path, out: Path) -> dict:
-    """Evaluate a finished run's best model (best_stage{N}.safetensors) on the test split of other shards of the
-    same users, items and splits (e.g. every item routed to text). Writes out/metrics.json and test_ranks.tsv."""
-    from transrec.trainer import evaluate as ev
-    from transrec.trainer.checkpoint import load_model_state
-    from transrec.trainer.config import from_dict
-    from transrec.trainer.train import Trainer
-
-    record = json.loads((run_dir / "run_config.json").read_text())
-    cfg = from_dict(record["config"])
-    check_same_split(Path(cfg.data.shards), shards)
-    from transrec.trainer.report import record_scoring
-
-    chosen = json.loads((run_dir / "metrics.json").read_text())["best"]
-    best = int(chosen["stage"])
-    cfg.data.shards, cfg.run_dir, cfg.init_from, cfg.resume = str(shards), str(out), None, None
-    trainer = Trainer(cfg, str(DS_CONFIG))
-    load_model_state(trainer.model, run_dir / f"best_stage{best}.safetensors")
-    trainer.set_stage(max(best, 1))  # the feature cache of this routing, from the loaded weights
-    ranks = trainer.evaluate("test", record_scoring(chosen))
-    trainer.write_ranks("test_ranks", trainer.test_users, ranks)
-    metrics = {"test": ev.metrics_from_ranks(ranks, cfg.eval.ks), "best": {"stage": best},
-               "run": str(run_dir), "shards": str(shards)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    trainer.log.close()
-    del trainer
-    gc.collect()
-    return metrics
 
 
 # -- results: run every row, then the headline comparisons ---------------------------------------------
@@ -528,7 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with movielens-100k-mm/ and hm-fashion/ (default ../shared/datasets; quick: data/)")
     p.add_argument("--movielens", default=None, help="MovieLens-100k-mm raw folder (overrides --data-root)")
     p.add_argument("--hm", default=None, help="H&M raw folder (overrides --data-root)")
-    p.add_argument("--preset", default=None, choices=["cpu-small", "paper", "tiny"],
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="trainer preset (default cpu-small; --quick: tiny)")
     p.add_argument("--text-encoder", default=None,
                    help="minilm | bert-base-random-init | local BERT folder | tiny-random (default: the preset's)")

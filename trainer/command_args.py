@@ -1,5 +1,6 @@
-"""The `--scoring` and `--prior-beta` options of the commands that rank with an export (recommend, serve, evaluate):
-which trainer/scoring.py `Scoring` they use.
+"""Arguments shared by the commands that load an export onto a catalogue (evaluate, recommend, index, serve,
+collapse): `export_cli` (--export, --shards, --device) and the `--scoring` / `--prior-beta` options, which choose the
+trainer/scoring.py `Scoring` they rank with.
 
     --scoring export       the export's scoring.json (absent: the model's user vector, no prior); the default
     --scoring model        the model's user vector
@@ -8,6 +9,8 @@ which trainer/scoring.py `Scoring` they use.
     --prior-beta X         the popularity prior's weight, X >= 0 (score + X * log(1 + the item's interactions));
                            default: the export's when it scores with the same user vector, else 0 (popularity: 1);
                            evaluate also takes `auto`: chosen on the shards' validation split (scoring.choose_prior)
+
+Commands import this module; the library never does.
 """
 
 from __future__ import annotations
@@ -15,11 +18,18 @@ from __future__ import annotations
 import argparse
 import math
 
-from transrec.trainer.scoring import FLOAT32_MAX, Scoring
+import torch
 
-SCORING_CHOICES = ("export", "model", "mean", "popularity")
+from transrec.trainer.scoring import FLOAT32_MAX, SCORING_CHOICES, Scoring, resolve_scoring
 
-USER_OF = {"model": "model", "mean": "mean", "popularity": "none"}  # --scoring -> Scoring.user
+
+def export_cli(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The argument parser of the commands that load an export onto a catalogue (--export, --shards, --device)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", required=True, help="a run's export folder (RUN_DIR/export)")
+    p.add_argument("--shards", required=True, help="the catalogue's shards (data_shards.build; any catalogue)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
 
 
 def prior_beta_type(auto: bool):
@@ -59,23 +69,6 @@ def check_scoring_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Non
         p.error("argument --prior-beta: auto chooses the prior for content scoring: not with --scoring popularity")
 
 
-def user_and_beta(a: argparse.Namespace, export: Scoring) -> tuple[str, float | str]:
-    """(Scoring.user, prior beta or "auto") of the options `a` over the export's scoring `export`."""
-    user = export.user if a.scoring == "export" else USER_OF[a.scoring]
-    if a.prior_beta is not None:
-        return user, a.prior_beta
-    if user == export.user:
-        return user, export.prior_beta
-    return user, 1.0 if user == "none" else 0.0
-
-
 def scoring_from_args(a: argparse.Namespace, export: Scoring) -> Scoring:
-    """The Scoring the options `a` ask for (not "auto"); ValueError naming the problem when it is not valid with the
-    export's scoring (e.g. an export scoring by popularity alone and --prior-beta 0)."""
-    user, beta = user_and_beta(a, export)
-    if beta == "auto":
-        raise ValueError("--prior-beta auto is for evaluate only")
-    try:
-        return Scoring(user, float(beta))
-    except ValueError as e:
-        raise ValueError(f"--scoring {a.scoring} --prior-beta {beta}: {e}") from None
+    """The Scoring the options `a` ask for over the export's (scoring.resolve_scoring)."""
+    return resolve_scoring(a.scoring, a.prior_beta, export)

