@@ -176,7 +176,7 @@ def tally(res: TrainResult, t, batch, stage: int, encoded: torch.Tensor, width: 
     """Add one step's counts and analytic FLOPs; `encoded` = the items the towers ran on."""
     counts = fl.batch_counts(t.model, batch, stage, t.cfg.stage2.n_continuation, encoded, width)
     try:
-        res.flops += fl.step_flops(t.model, counts, t.cfg.model.image_size, cached).total
+        res.flops += fl.step_flops(t.model, counts, t.cfg.model.image.size, cached).total
     except NotImplementedError:  # a user encoder without a FLOP formula
         res.flops = math.nan
     res.steps += 1
@@ -407,8 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
     default = Switches(kernels=cfg.model.kernels, ckpt=cfg.model.activation_checkpointing,
                        bf16=bool(t.ds_base.get("bf16", {}).get("enabled")),
                        zero=int(t.ds_base.get("zero_optimization", {}).get("stage", 0)),
-                       attention=cfg.model.text_attention, channels_last=cfg.model.channels_last,
-                       optimizer=cfg.optimizer, compile=cfg.model.compile, cudnn_benchmark=cfg.model.cudnn_benchmark,
+                       attention=cfg.model.text.attention, channels_last=cfg.model.image.channels_last,
+                       optimizer=cfg.optimizer, compile=cfg.model.compile,
+                       cudnn_benchmark=cfg.model.image.cudnn_benchmark,
                        device_prefetch=cfg.data.device_prefetch)
     peak = {k: fl.measure_peak_tflops(t.device, DTYPES[k]) for k in (["fp32", "bf16"] if cuda else ["fp32"])}
     meta = {"device": torch.cuda.get_device_name(t.device) if cuda else

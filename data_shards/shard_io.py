@@ -187,3 +187,18 @@ class ItemStore:
                            f"(its modality is {self.modality_names[rec['modality']]})")
         start = int(rec[f"{name}_offset"])
         return memoryview(self._shard(int(rec["shard"])))[start : start + size]
+
+
+def item_feature_tables(shard_dir: Path, num_items: int) -> dict[str, np.ndarray]:
+    """Per item, the first value index of each categorical feature (for side features)."""
+    manifest = load_manifest(shard_dir)
+    names = sorted(manifest["feature_vocabularies"]["item"])
+    tables = {n: np.zeros(num_items, dtype=np.int64) for n in names}
+    for shard in manifest["shards"]["items"]:
+        with tarfile.open(shard_dir / shard) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    for n in names:
+                        tables[n][meta["item"]] = meta["features"][n][0]
+    return tables

@@ -98,6 +98,16 @@ def pytest_report_header(config) -> str:
     return f"Triton kernel tests run on: {describe_devices()}"
 
 
+def small_model_config(text_encoder: Path, **settings):
+    """A 16-wide model over the tiny BERT (16 tokens) and 32-px images, `settings` on top (d, dropout, kernels, ...)."""
+    from transrec.trainer.config import ModelConfig
+    from transrec.trainer.modalities import ImageConfig, TextConfig
+
+    base = {"d": 16, "user_layers": 2, "user_heads": 2, "max_len": 8}
+    return ModelConfig(**{**base, **settings}, sections={"text": TextConfig(encoder=str(text_encoder), max_tokens=16),
+                                                          "image": ImageConfig(size=32)})
+
+
 def tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
     """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
     from transrec.trainer.config import apply_overrides

@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import small_model_config
 from torch._dynamo.utils import counters
 
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
 from transrec.trainer.compiled import is_compiled, set_compiled
-from transrec.trainer.config import ModelConfig, Stage1Config, apply_overrides
+from transrec.trainer.config import Stage1Config, apply_overrides
 from transrec.trainer.feature_cache import FeatureCache
 from transrec.trainer.losses import build_objective, item_share
 from transrec.trainer.model import TransRec
@@ -24,11 +25,10 @@ from transrec.trainer.presets import preset
 def cached_model(ml_shards, tiny_bert_dir):
     torch.manual_seed(0)
     store = ItemStore(ml_shards)
-    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
-                      user_heads=2, max_len=8, dropout=0.0, kernels="torch")
+    cfg = small_model_config(tiny_bert_dir, dropout=0.0, kernels="torch")
     model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1})
     model.cache = FeatureCache.build(model, store, store.modality, ImageDecoder(backend="pil", size=32),
-                                     cfg.max_tokens, torch.device("cpu"), show_progress=False)
+                                     cfg.text.max_tokens, torch.device("cpu"), show_progress=False)
     return model.train(), store  # BatchNorm on batch statistics, as in training; dropout 0: deterministic
 
 

@@ -3,6 +3,7 @@ before a field was retired or renamed still load (resume, evaluation of old runs
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -39,7 +40,8 @@ def test_run_keys_keep_the_retired_field_and_drop_the_new_one_at_its_default():
 
 
 def test_choices_are_validated_literals():
-    for override, name in (("model.image_backbone=vgg", "model.image_backbone"),
+    for override, name in (("model.image_backbone=vgg", "model.image.backbone"),
+                           ("model.image.backbone=vgg", "model.image.backbone"),
                            ("data.decoder=nvjpeg", "data.decoder"), ("stage2.loss=bpr", "stage2.loss"),
                            ("stage1.head=id", "stage1.head"), ("model.user_encoder=lstm", "user_encoder")):
         with pytest.raises(ValueError, match=name):
@@ -70,3 +72,29 @@ def test_run_records_with_the_former_trainable_fields_load_and_keep_their_keys()
     third = apply_overrides(preset("cpu-small"), ["stage2.trainable.signal=1"])
     third = drop_settings_that_change_nothing(to_dict(third))
     assert third["stage2"]["trainable"] == {"text": 1, "image": 1, "signal": 1}
+
+
+def test_modality_settings_live_in_their_sections_and_the_flat_names_still_read():
+    """model.text.* / model.image.* (each modality's own section, trainer/modalities.py); the flat names of before the
+    sections are still read from the command line and from old run configs and exports, and keyed as before."""
+    cfg = apply_overrides(preset("tiny"), ["model.image.size=48", "model.text_encoder=local-bert",
+                                           "model.image_backbone=efficientnet-lite0"])
+    assert (cfg.model.image.size, cfg.model.text.encoder, cfg.model.image.backbone) == (48, "local-bert",
+                                                                                         "efficientnet-lite0")
+    record = to_dict(cfg)
+    assert record["model"]["image"]["size"] == 48 and "image_size" not in record["model"]
+    assert _config_from_dict(json.loads(json.dumps(record))) == cfg
+    flat = copy.deepcopy(record)  # a record written before the sections
+    text, image = flat["model"].pop("text"), flat["model"].pop("image")
+    flat["model"].update(text_encoder=text["encoder"], max_tokens=text["max_tokens"], text_attention=text["attention"],
+                         image_backbone=image["backbone"], image_size=image["size"], image_weights=image["weights"],
+                         channels_last=image["channels_last"], cudnn_benchmark=image["cudnn_benchmark"])
+    assert _config_from_dict(flat) == cfg
+    assert drop_settings_that_change_nothing(copy.deepcopy(record)) == drop_settings_that_change_nothing(flat)
+    assert drop_settings_that_change_nothing(record)["model"]["image_size"] == 48  # keyed under the flat name
+    with pytest.raises(AttributeError, match="modality's settings live in its section"):
+        cfg.model.image_size = 64  # would otherwise set nothing the model reads
+    with pytest.raises(ValueError, match="model.sound: not a setting of the model nor a registered modality"):
+        _config_from_dict({**record, "model": {**record["model"], "sound": {"rate": 8000}}})
+    with pytest.raises(ValueError, match="model.image.size must be >= 32"):
+        apply_overrides(preset("tiny"), ["model.image_size=16"])

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_model_config
 
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
 from transrec.kernels import ops as kernels
 from transrec.trainer import losses
-from transrec.trainer.config import ModelConfig, Stage1Config, Stage2Config
+from transrec.trainer.config import Stage1Config, Stage2Config
 from transrec.trainer.feature_cache import FeatureCache
 from transrec.trainer.model import TransRec
 
@@ -27,13 +28,12 @@ def setup(ml_shards, tiny_bert_dir):
     """Tiny TransRec whose top text layer and top image block train from the feature cache (as in stage 2)."""
     torch.manual_seed(0)
     store = ItemStore(ml_shards)
-    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
-                      user_heads=2, max_len=8, dropout=0.0, temperature=0.5)
+    cfg = small_model_config(tiny_bert_dir, dropout=0.0, temperature=0.5)
     model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1}).eval()
     for tower in model.towers.values():  # item vectors of a trained scale, so that logits spread
         torch.nn.init.normal_(tower.proj[-1].weight, std=0.5)
     model.cache = FeatureCache.build(model, store, store.modality, ImageDecoder(backend="pil", size=32),
-                                     cfg.max_tokens, torch.device("cpu"), show_progress=False)
+                                     cfg.text.max_tokens, torch.device("cpu"), show_progress=False)
     lc = LoaderConfig(window=9, batch_size=5, stride=9, min_len=2, num_negatives=NEGATIVES, decoder="pil",
                       image_size=32, max_tokens=16)
     batch = next(iter(make_train_loader(ml_shards, lc)))

@@ -404,7 +404,7 @@ def test_tables_keep_the_settings_they_were_run_with(tmp_path):
     from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args
     from transrec.trainer.presets import preset
 
-    assert preset("cpu-small").model.learn_temperature is True and preset("cpu-small").model.image_size == 128
+    assert preset("cpu-small").model.learn_temperature is True and preset("cpu-small").model.image.size == 128
     assert "model.learn_temperature=false" in TABLE_SETTINGS and "model.image_size=64" in TABLE_SETTINGS
     data = REPO / "data"
     argv = ["table2", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),

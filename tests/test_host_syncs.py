@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import small_model_config
 
 from transrec.bench.op_counts import count_ops, host_syncs, step_counts
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
-from transrec.trainer.config import ModelConfig, Stage1Config, Stage2Config
+from transrec.trainer.config import Stage1Config, Stage2Config
 from transrec.trainer.feature_cache import FeatureCache
 from transrec.trainer.losses import build_objective, item_share
 from transrec.trainer.model import TransRec
@@ -33,13 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 def _model(ml_shards, tiny_bert_dir, cached: bool):
     torch.manual_seed(0)
     store = ItemStore(ml_shards)
-    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
-                      user_heads=2, max_len=8, dropout=0.0, kernels="torch")
+    cfg = small_model_config(tiny_bert_dir, dropout=0.0, kernels="torch")
     model = TransRec(cfg, store.num_items, store.modality,
                      {"text": 1 if cached else -1, "image": 1 if cached else -1}).eval()  # BatchNorm stats fixed
     if cached:
         model.cache = FeatureCache.build(model, store, store.modality, ImageDecoder(backend="pil", size=32),
-                                         cfg.max_tokens, torch.device("cpu"), show_progress=False)
+                                         cfg.text.max_tokens, torch.device("cpu"), show_progress=False)
     return model, store
 
 

@@ -134,3 +134,28 @@ def test_the_starting_model_is_a_candidate(source_run, hm_shards, tiny_bert_dir,
     assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["best"]["stage"] == tuned["best"]["stage"]
     with pytest.raises(ValueError, match="give the export to start from with --init-from"):
         tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "alone", "eval.initial_candidate=true")
+
+
+def test_an_export_written_before_the_modality_sections_loads(source_run, hm_shards, tiny_bert_dir, tmp_path):
+    """Exports whose config.json holds the flat model names of before the modalities' sections (model.image_size,
+    model.text_encoder, ...) read into the sections, and initialise a run exactly as the same export does now."""
+    import json
+    import shutil
+
+    from transrec.trainer.checkpoint import read_export_config, write_checkpoint_hashes
+
+    old = tmp_path / "old_export"
+    shutil.copytree(source_run / "export", old)
+    meta = json.loads((old / "config.json").read_text())
+    model = meta["model"]
+    text, image = model.pop("text"), model.pop("image")
+    model.update(text_encoder=text["encoder"], max_tokens=text["max_tokens"], text_attention=text["attention"],
+                 image_backbone=image["backbone"], image_size=image["size"], image_weights=image["weights"],
+                 channels_last=image["channels_last"], cudnn_benchmark=image["cudnn_benchmark"])
+    (old / "config.json").write_text(json.dumps(meta, indent=1))
+    write_checkpoint_hashes(old)
+    assert read_export_config(old)[1] == read_export_config(source_run / "export")[1]
+    now = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "now", "seed=1", f"init_from={source_run / 'export'}")
+    then = tiny_trainer(hm_shards, tiny_bert_dir, tmp_path / "then", "seed=1", f"init_from={old}")
+    for k, v in now.model.state_dict().items():
+        assert torch.equal(then.model.state_dict()[k], v), k

@@ -7,6 +7,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from conftest import small_model_config
 
 from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.shard_io import ItemStore
@@ -75,16 +76,7 @@ def test_paired_bootstrap_hand_case():
 def small_model(ml_shards, tiny_bert_dir):
     torch.manual_seed(0)
     store = ItemStore(ml_shards)
-    cfg = ModelConfig(
-        d=16,
-        text_encoder=str(tiny_bert_dir),
-        image_size=32,
-        max_tokens=16,
-        user_layers=2,
-        user_heads=2,
-        max_len=8,
-        dropout=0.0,
-    )
+    cfg = small_model_config(tiny_bert_dir, dropout=0.0)
     model = TransRec(cfg, store.num_items, store.modality, {"text": -1, "image": -1}).eval()
     from transrec.data_shards.decode import ImageDecoder
 
@@ -297,8 +289,7 @@ def test_backbone_parameters_get_the_tower_learning_rate(ml_shards, tiny_bert_di
     from transrec.trainer.model import optimizer_param_groups
 
     store = ItemStore(ml_shards)
-    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
-                      user_heads=2, max_len=8)
+    cfg = small_model_config(tiny_bert_dir)
     model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1})
     groups = optimizer_param_groups(model, lr=1e-3, tower_lr=1e-5)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -66,7 +66,7 @@ def build_export(out: Path, tiny_bert_dir: Path, nan_tower: str | None = None) -
     `nan_tower`: that tower's last projection filled with NaN (a diverged model)."""
     torch.manual_seed(0)
     cfg = preset("tiny").model
-    cfg.text_encoder = str(tiny_bert_dir)
+    cfg.text.encoder = str(tiny_bert_dir)
     model = TransRec(cfg, 10, np.arange(10) % 2, {"text": 0, "image": 0})  # both towers
     for tower in model.towers.values():
         torch.nn.init.normal_(tower.proj[-1].weight, std=0.5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +40,26 @@ def collate_signals(payloads, items, options) -> dict[str, torch.Tensor]:
     return {"signal": torch.from_numpy(np.stack([np.frombuffer(p, dtype="<f4") for p in payloads]).copy())}
 
 
+@dataclass
+class SignalConfig:
+    """The modality's own configuration section, model.signal.*: no core file names it."""
+
+    hidden: int = 16  # width of the tower's blocks
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"model.signal.hidden must be >= 1, not {self.hidden!r}")
+
+
 class SignalTower(Tower):
     """Two MLP blocks (the lower one cacheable) and a projection to d."""
 
-    def __init__(self, d: int, trainable: int):
+    def __init__(self, d: int, trainable: int, hidden: int = 16):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(LENGTH, 16), nn.GELU()),
-                                     nn.Sequential(nn.Linear(16, 16), nn.GELU())])
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(LENGTH, hidden), nn.GELU()),
+                                     nn.Sequential(nn.Linear(hidden, hidden), nn.GELU())])
         self.num_blocks = 2
-        self.proj = nn.Sequential(nn.Linear(16, d), nn.GELU(), nn.Linear(d, d))
+        self.proj = nn.Sequential(nn.Linear(hidden, d), nn.GELU(), nn.Linear(d, d))
         self.set_trainable(trainable)
 
     def set_trainable(self, k: int) -> None:
@@ -81,7 +93,9 @@ def signal_shards(tmp_path_factory):
     kind = ContentKind("signal", member="signal.f32", collate=collate_signals,
                        pack=lambda a: (np.asarray(a, dtype="<f4").tobytes(), 0),
                        from_item=lambda raw_id, fields: signal_of(raw_id))
-    modalities.register(modalities.Modality(kind, lambda cfg, trainable: SignalTower(cfg.d, trainable)))
+    modalities.register(modalities.Modality(
+        kind, lambda cfg, trainable: SignalTower(cfg.d, trainable, cfg.signal.hidden), SignalConfig,
+        architecture=("hidden",)))
     try:
         out = tmp_path_factory.mktemp("signal") / "shards"
         build(BuildOptions(dataset="movielens-100k-mm", source=REPO / "data" / "movielens-100k-mm", out=out,
@@ -122,7 +136,7 @@ def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards
                      modality_names=store.modality_names).eval()
     assert list(model.towers) == ["text", "image", "signal"]
     items = np.unique(np.random.default_rng(0).integers(0, store.num_items, size=60))
-    decoder = ImageDecoder("pil", cfg.image_size)
+    decoder = ImageDecoder("pil", cfg.image.size)
     content = load_item_content(store, items, 16, decoder)
     assert set(content.rows) == {"text", "image", "signal"}
     with torch.no_grad():
@@ -140,8 +154,9 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
 
     cfg = apply_overrides(preset("tiny"), [f"data.shards={signal_shards}", f"model.text_encoder={tiny_bert_dir}",
                                            f"run_dir={tmp_path / 'run'}", "stage1.max_steps=2", "stage2.max_steps=2",
-                                           "stage2.trainable=text:1,image:1,signal:1"])
+                                           "stage2.trainable=text:1,image:1,signal:1", "model.signal.hidden=24"])
     trainer = Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
+    assert trainer.model.towers["signal"].proj[0].in_features == 24  # its own section, set on the command line
     initial = {k: v.clone() for k, v in trainer.model.towers["signal"].state_dict().items()}
     metrics = trainer.run()
     assert trainer.model.cache is not None and trainer.model.cache.covers("signal")
@@ -156,7 +171,10 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     # served from the export: a new item given by its signal alone scores as the catalogue item with that signal
     from transrec.trainer.serving.recommender import Recommender
 
+    exported = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["model"]
+    assert exported["signal"] == {"hidden": 24}  # written as the model's "signal" section, read back by serving
     rec = Recommender.from_export(tmp_path / "run" / "export", signal_shards, show_progress=False)
+    assert rec.model.towers["signal"].proj[0].in_features == 24
     item = int(np.flatnonzero(rec.ranker.store.modality == 2)[0])
     assert rec.add_item("copy-signal", content={"signal": signal_of(rec.item_ids[item])}) == "signal"
     torch.testing.assert_close(rec.item_vectors[-1], rec.item_vectors[item], rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import small_model_config
 
 from transrec.bench import flops as fl
 from transrec.bench.reference_path import ReferencePath, expand_slots, reference_ranks
@@ -24,7 +25,6 @@ from transrec.data_shards.shard_io import ItemStore, read_sequences
 from transrec.kernels import ops as kernels
 from transrec.trainer import losses
 from transrec.trainer import ranking as ev
-from transrec.trainer.config import ModelConfig
 from transrec.trainer.feature_cache import FeatureCache
 from transrec.trainer.model import TransRec
 
@@ -39,11 +39,10 @@ def setup(ml_shards, tiny_bert_dir):
     torch.manual_seed(0)
     kernels.set_default_impl("torch")
     store = ItemStore(ml_shards)
-    cfg = ModelConfig(d=16, text_encoder=str(tiny_bert_dir), image_size=32, max_tokens=16, user_layers=2,
-                      user_heads=2, max_len=8, dropout=0.0)
+    cfg = small_model_config(tiny_bert_dir, dropout=0.0)
     model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1}).eval()
     decoder = ImageDecoder(backend="pil", size=32)
-    cache = FeatureCache.build(model, store, store.modality, decoder, cfg.max_tokens, torch.device("cpu"),
+    cache = FeatureCache.build(model, store, store.modality, decoder, cfg.text.max_tokens, torch.device("cpu"),
                                show_progress=False)
     yield model, cache, decoder
     kernels.set_default_impl(None)

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.tables import file_sha256
-from transrec.trainer.config import ModelConfig
+from transrec.trainer.config import ModelConfig, model_from_dict, model_to_dict
+from transrec.trainer.modalities import MODALITIES, legacy_model_keys
 from transrec.trainer.text_vocab import tokenizer_dir
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
@@ -34,10 +35,10 @@ CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_pro
 # without side features transfers into a target with them (and back); the target creates its own.
 DOMAIN_SPECIFIC = CATALOGUE_SPECIFIC + ("user_features.", "user_side_proj.")
 # Model settings that must match for the weights to mean the same thing.
-ARCHITECTURE_KEYS = ("d", "item_encoder", "user_encoder", "image_backbone", "user_layers", "user_heads", "max_len",
+# the model's architecture settings (an export missing one, written before it existed, was made at its default);
+# the modalities add theirs (Modality.architecture)
+ARCHITECTURE_KEYS = ("d", "item_encoder", "user_encoder", "user_layers", "user_heads", "max_len",
                      "sequence_input_scale")
-# architecture settings added after exports were written: an export without one was made at this value
-ARCHITECTURE_ADDED = {"sequence_input_scale": 1.0}
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,7 +55,7 @@ def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None
     tmp = out_dir.with_name(out_dir.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp / "model.safetensors"))
-    meta = {"model": dataclasses.asdict(model_cfg), "format": "transrec-export-1", **(extra or {})}
+    meta = {"model": model_to_dict(model_cfg), "format": "transrec-export-1", **(extra or {})}
     if "text" in getattr(model, "towers", {}):  # the text backbone's shape and tokenizer: the export stands alone
         meta["text_encoder_files"] = _write_text_encoder_files(model, model_cfg, tmp / "text_encoder")
     (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -72,7 +73,7 @@ def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
     """config.json of the text backbone (its weights are in model.safetensors) and its tokenizer's files."""
     out.mkdir(parents=True, exist_ok=True)
     model.towers["text"].bert.config.to_json_file(str(out / "config.json"))
-    source = Path(tokenizer_dir(model_cfg.text_encoder))
+    source = Path(tokenizer_dir(model_cfg.text.encoder))
     for name in TOKENIZER_FILES:
         if (source / name).exists():
             shutil.copyfile(source / name, out / name)
@@ -110,13 +111,13 @@ def read_export_config(export_dir: Path) -> tuple[dict, ModelConfig]:
         raise ExportError(f"{path} is not valid JSON ({e}): re-export the run or restore the file") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise ExportError(f"{path} has no 'model' section: it is not an export's config (re-export the run)")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | set(legacy_model_keys()) | set(MODALITIES)
     unknown = sorted(set(meta["model"]) - known)
     if unknown:
         raise ExportError(f"{path}: unknown model settings {unknown} (written by a newer version? update the code, or "
                           "re-export with this one)")
     try:
-        cfg = ModelConfig(**meta["model"])
+        cfg = model_from_dict(meta["model"])
     except (TypeError, ValueError) as e:
         raise ExportError(f"{path}: invalid model settings: {e}") from None
     return meta, cfg
@@ -156,6 +157,14 @@ def reset_prefixes(init_reset: str) -> tuple[str, ...]:
     return tuple(p.strip().rstrip(".") for p in init_reset.split(",") if p.strip())
 
 
+def architecture(cfg: ModelConfig) -> dict[str, object]:
+    """The settings an export's weights depend on: ARCHITECTURE_KEYS and each modality's (`<modality>.<field>`)."""
+    arch = {k: getattr(cfg, k) for k in ARCHITECTURE_KEYS}
+    for name, modality in MODALITIES.items():
+        arch.update({f"{name}.{f}": getattr(cfg.sections[name], f) for f in modality.architecture})
+    return arch
+
+
 def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, parts: str = "all",
                 reset: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """Load an export into `model`; returns the loaded / newly created / mismatched parameter names.
@@ -165,11 +174,10 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
     "user_encoder.blocks.10") that keep this run's initialisation too; each must name some tensor that would be
     loaded. Raises on architecture mismatches and on any unexpected missing or extra tensor."""
     export_dir = Path(export_dir)
-    meta, _ = read_export_config(export_dir)  # verified against its hashes, its settings valid
+    _, exported = read_export_config(export_dir)  # verified against its hashes, its settings valid
     weights = export_dir / "model.safetensors"
-    src = meta["model"]
-    exported = {k: src.get(k, ARCHITECTURE_ADDED.get(k)) for k in ARCHITECTURE_KEYS}
-    diffs = {k: (exported[k], getattr(model_cfg, k)) for k in ARCHITECTURE_KEYS if exported[k] != getattr(model_cfg, k)}
+    diffs = {k: (architecture(exported)[k], v) for k, v in architecture(model_cfg).items()
+             if architecture(exported)[k] != v}
     if diffs:
         raise ValueError(
             f"--init-from {export_dir}: architecture differs from this run: {diffs}; "

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transrec.data_shards.decode import BACKENDS
 from transrec.trainer.choices import STAGE1_HEADS, STAGE2_LOSSES, STAGES, ObjectiveName
 from transrec.trainer.compiled import MODES, PARTS
-from transrec.trainer.towers import IMAGE_BACKBONES
+from transrec.trainer.config_checks import check_values, one_of
+from transrec.trainer.modalities import MODALITIES, default_sections, legacy_model_keys
 
 DS_OWNED_BY_TRAINER = (
     "train_batch_size",
@@ -28,62 +28,10 @@ DS_OWNED_BY_TRAINER = (
 )
 
 
-def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    """ValueError "NAME must be a, b or c, not 'value'" unless `value` is one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
-
-
-def _type_ok(value, declared: str) -> bool:
-    """Whether `value` has the type a field declares (as written under `from __future__ import annotations`): an int is
-    not a bool, a float is finite and may be written as an int, `X | None` allows None."""
-    options = [t.strip() for t in declared.split("|")]
-    if value is None:
-        return "None" in options
-    for t in options:
-        if t == "bool" and isinstance(value, bool):
-            return True
-        if t == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return math.isfinite(value)
-        if t == "str" and isinstance(value, str):
-            return True
-        if t.startswith("dict[") and isinstance(value, dict):
-            return True
-        if t.startswith("tuple[int") and isinstance(value, (tuple, list)):
-            return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return False
-
-
-def check_values(obj, section: str, at_least: dict[str, float] | None = None) -> None:
-    """Every field of the config dataclass `obj` has its declared type (finite where it is a float), and each field
-    named in `at_least` is >= its bound: ValueError in one line naming `section.field`. Fields holding other config
-    sections are checked by their own class."""
-    prefix = f"{section}." if section else ""
-    for f in dataclasses.fields(obj):
-        declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if declared.endswith("Config"):
-            continue
-        value = getattr(obj, f.name)
-        if not _type_ok(value, declared):
-            article = "a finite" if "float" in declared else "an" if declared[0] in "aeiou" else "a"
-            raise ValueError(f"{prefix}{f.name} must be {article} {declared}, not {value!r}")
-    for name, bound in (at_least or {}).items():
-        value = getattr(obj, name)
-        if value is not None and value < bound:
-            raise ValueError(f"{prefix}{name} must be >= {bound}, not {value!r}")
-
-
 @dataclass
 class ModelConfig:
     d: int = 256
     item_encoder: str = "content"  # "content" (TransRec towers) or "id" (IDRec: ID embedding table)
-    text_encoder: str = "minilm"  # "minilm" | "bert-base-random-init" | local HF BERT folder
-    image_backbone: str = "resnet18"  # "resnet18" | "efficientnet-lite0"
-    image_weights: str | None = None  # local weights for the image backbone
-    image_size: int = 64
-    max_tokens: int = 64
     user_encoder: str = "transformer"  # "transformer" (TransRec/IDRec), "gru" (GRU4Rec), "nextitnet" (NextItNet)
     user_layers: int = 4
     user_heads: int = 4
@@ -99,14 +47,27 @@ class ModelConfig:
     kernels: str = "auto"  # "auto" | "triton" | "torch" for every fused op
     temperature: float = 1.0  # content softmax: logits = user . item / temperature
     learn_temperature: bool = False  # train log(1 / temperature) with the model
-    text_attention: str = "sdpa"  # the text encoder's attention: "sdpa" (fused / flash where available) | "eager"
-    channels_last: bool = False  # the CNN's inputs and activations in channels-last format (GPU convolutions)
-    # cuDNN's per-shape algorithm search for the CNN (CUDA): pays where image batches repeat their shape; every new
-    # number of unique images in a step is a new shape, searched once
-    cudnn_benchmark: bool = False
     compile: str = "none"  # torch.compile of the per-step modules: none | user_encoder | towers | all (compiled.py)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not code-generated; debugging)
+    # each registered modality's own settings, `model.<modality>.<field>` (trainer/modalities.py), read as
+    # `cfg.<modality>`; written to JSON as "model": {..., "<modality>": {...}}
+    sections: dict[str, object] = field(default_factory=default_sections)
+
+    def __getattr__(self, name: str):
+        """A modality's section, `cfg.text` (only names that are not fields come here)."""
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"ModelConfig has no setting or modality section {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        """Only the model's own settings can be set: a modality's is set in its section (`cfg.text.encoder = ...`),
+        and a flat name of before the sections (`cfg.text_encoder`) is refused instead of silently doing nothing."""
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise AttributeError(f"ModelConfig has no setting {name!r}: a modality's settings live in its section "
+                                 f"(model.<modality>.<setting>; modalities: {', '.join(self.sections)})")
+        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
         check_values(self, "model", {"d": 1, "user_layers": 1, "user_heads": 1, "dropout": 0})
@@ -120,12 +81,13 @@ class ModelConfig:
             raise ValueError("user_encoder must be transformer, gru or nextitnet")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
-        one_of("model.text_attention", self.text_attention, ("sdpa", "eager"))
         one_of("model.compile", self.compile, PARTS)
         one_of("model.compile_mode", self.compile_mode, MODES)
-        one_of("model.image_backbone", self.image_backbone, tuple(IMAGE_BACKBONES))
-        if self.image_size < 32 or self.max_tokens < 4 or self.max_len < 3:
-            raise ValueError("image_size must be >= 32, max_tokens >= 4, max_len >= 3")
+        if self.max_len < 3:
+            raise ValueError(f"model.max_len must be >= 3, not {self.max_len!r}")
+        missing = set(default_sections()) - set(self.sections)
+        if missing:
+            raise ValueError(f"model: no settings for the registered modalities {sorted(missing)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.sequence_input_scale <= 0:
@@ -371,6 +333,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if key in RENAMED:
             *more, key = RENAMED[key].split(".")
             parents += more
+        if parents == ["model"] and key in legacy_model_keys():  # model.image_size is model.image.size
+            section, key = legacy_model_keys()[key]
+            parents = ["model", section]
         if len(parents) >= 2 and isinstance(getattr(_section(cfg, parents[:-1], item), parents[-1], None), dict):
             section = _section(cfg, parents[:-1], item)
             mapping = dict(getattr(section, parents[-1]))
@@ -433,8 +398,41 @@ def _parse(raw: str, current, item: str, optional: bool = False):
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    """The configuration as plain data (run_config.json's "config"); from_dict reads it back."""
-    return dataclasses.asdict(cfg)
+    """The configuration as plain data (run_config.json's "config"); from_dict reads it back. Each modality's section
+    is written under the model as "<modality>": {...}."""
+    d = dataclasses.asdict(cfg)
+    d["model"] = model_to_dict(d["model"])
+    return d
+
+
+def model_to_dict(model: dict | ModelConfig) -> dict:
+    """A ModelConfig (or asdict's dict of one) as plain data, its modality sections under their names."""
+    d = dataclasses.asdict(model) if isinstance(model, ModelConfig) else dict(model)
+    d.update(d.pop("sections"))
+    return d
+
+
+def model_from_dict(d: dict) -> ModelConfig:
+    """A ModelConfig from model_to_dict's output, or from a record of before the modality sections (a run config or an
+    export's config.json), whose flat names (model.image_size, ...) are moved into their sections. A section of a
+    modality that is not registered: ValueError naming it."""
+    d, sections = dict(d), {}
+    for old, (name, key) in legacy_model_keys().items():
+        if old in d:
+            sections.setdefault(name, {})[key] = d.pop(old)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name in [k for k in d if k not in fields]:
+        if name not in MODALITIES or not isinstance(d[name], dict):
+            raise ValueError(f"model.{name}: not a setting of the model nor a registered modality's section "
+                             f"(modalities: {', '.join(MODALITIES)}); register the modality before loading its runs")
+        sections.setdefault(name, {}).update(d.pop(name))
+    built = default_sections()
+    for name, values in sections.items():
+        try:
+            built[name] = type(built[name])(**values)
+        except TypeError as e:
+            raise ValueError(f"model.{name}: {e}") from None
+    return ModelConfig(**d, sections=built)
 
 
 RETIRED_STAGE_FIELDS = ("eval_every",)  # in older run records; never read (validation runs every epoch)
@@ -453,7 +451,7 @@ def from_dict(d: dict) -> RunConfig:
                 section, key = new.split(".")
                 fields.setdefault(section, {})[key] = fields.pop(old)
     return RunConfig(
-        model=ModelConfig(**d["model"]),
+        model=model_from_dict(d["model"]),
         stage1=Stage1Config(**stage["stage1"]),
         stage2=Stage2Config(**stage["stage2"]),
         eval=EvalConfig(**ev),

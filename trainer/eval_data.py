@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from transrec.data_shards import shard_io
 
@@ -187,6 +189,23 @@ class SplitSummary:
         sequence shards. Ranks' summaries add up to the whole folder's (`merge`)."""
         num_items = shard_io.load_manifest(Path(shard_dir))["num_items"]
         return cls.from_records(rank_records(shard_dir, rank, world), num_items)
+
+    @classmethod
+    def of_all_ranks(cls, shard_dir, rank: int, world: int, device: torch.device) -> SplitSummary:
+        """The whole folder's summary on every rank, each rank reading only the users it owns (rank_records): the
+        counts per item added up by one all-reduce, the evaluated users and targets (a few numbers per user)
+        gathered."""
+        part = cls.read(shard_dir, rank, world)
+        if world == 1:
+            return part
+        counts = {}
+        for name, c in part.counts.items():
+            total = torch.from_numpy(c).to(device)
+            dist.all_reduce(total)
+            counts[name] = total.cpu().numpy()
+        parts: list = [None] * world
+        dist.all_gather_object(parts, cls({}, part.users, part.targets))
+        return cls.merge(parts, counts=counts)
 
     @classmethod
     def merge(cls, parts: Sequence[SplitSummary], counts: dict[str, np.ndarray] | None = None) -> SplitSummary:

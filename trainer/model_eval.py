@@ -121,7 +121,7 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     export_dir, shards, device = Path(export_dir), Path(shards), torch.device(device)
     meta, cfg = read_export_config(export_dir)  # its files verified against their hashes, its settings valid
     if meta.get("text_encoder_files"):  # the export's own backbone shape and tokenizer, not the training machine's
-        cfg.text_encoder = str(export_dir / meta["text_encoder_files"])
+        cfg.text.encoder = str(export_dir / meta["text_encoder_files"])
     if cfg.item_encoder != "content":
         raise ValueError(f"{export_dir}: an ID model's export has no item table (catalogue-specific); it cannot score "
                          "items by content")
@@ -129,7 +129,7 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
         raise ValueError(f"{export_dir}: trained with side features, whose modules are catalogue-specific and not "
                          "exported; evaluate it inside its run (metrics.json) instead")
     manifest = load_manifest(shards)
-    check_vocabulary(manifest, cfg.text_encoder)
+    check_vocabulary(manifest, cfg.text.encoder)
     trained_vocab = meta.get("text", {}).get("tokenizer", {}).get("vocab_hash")
     if trained_vocab and trained_vocab != manifest["text"]["tokenizer"]["vocab_hash"]:
         raise ValueError(f"{shards} was tokenized with another vocabulary than the one {export_dir} was trained with "
@@ -148,9 +148,9 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     for name, tower in model.towers.items():
         tower.set_trainable(trainable.get(name, 0))
     model.eval()
-    decoder = ImageDecoder(backend="auto", size=cfg.image_size, device=device)
+    decoder = ImageDecoder(backend="auto", size=cfg.image.size, device=device)
     if build_cache:
-        model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.max_tokens, device,
+        model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.text.max_tokens, device,
                                          show_progress=show_progress, store_dir=feature_store)
-    return ModelRanker(model, store, store.modality, sequences, [], cfg.max_tokens, lambda: decoder, device,
+    return ModelRanker(model, store, store.modality, sequences, [], cfg.text.max_tokens, lambda: decoder, device,
                        source=f"the export {export_dir}")

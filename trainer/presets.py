@@ -2,12 +2,14 @@
 
 - cpu-small: sized for 2 CPU cores (~10 minutes for both stages on MovieLens-100k), the default;
 - paper: the paper's settings (BERT-base shape, ResNet-18 at 224 px, batch 512), for GPUs;
+  (each registered modality adds its own settings to each preset: trainer/modalities.py)
 - tiny: seconds per stage, for tests.
 """
 
 from __future__ import annotations
 
-from transrec.trainer.config import EvalConfig, ModelConfig, RunConfig, Stage1Config, Stage2Config
+from transrec.trainer.config import EvalConfig, ModelConfig, RunConfig, Stage1Config, Stage2Config, apply_overrides
+from transrec.trainer.modalities import preset_overrides
 
 
 def cpu_small() -> RunConfig:
@@ -16,22 +18,17 @@ def cpu_small() -> RunConfig:
     # non-overlapping (stride = window), so every training position is a target once per epoch. Higher
     # learning rates than the paper for the short schedule.
     return RunConfig(
-        # Image backbone chosen by measurement on the bundled MovieLens data (RESULTS.md): EfficientNet-Lite0
-        # with its real ImageNet weights, validation NDCG@10 0.102 against 0.085 for random-init ResNet-18.
         # The content softmax's temperature is learned: on the bundled MovieLens, stage-1 validation NDCG@10 0.1197
-        # and 0.1212 in two runs, against 0.1103-0.1138 in six runs with it fixed at 1 (RESULTS.md).
-        # Images at 128 px: at 64 px the user vectors of H&M image only collapse even from scratch (validation
-        # 0.0063 against 0.0147 at 128 px); on the bundled MovieLens, validation 0.1192 / 0.1238 (seeds 0 / 1)
-        # against 0.1180-0.1212 / 0.1139 at 64 px (RESULTS.md).
-        model=ModelConfig(d=256, image_backbone="efficientnet-lite0", image_size=128, max_tokens=32, user_layers=2,
-                          user_heads=4, max_len=25, learn_temperature=True),
+        # and 0.1212 in two runs, against 0.1103-0.1138 in six runs with it fixed at 1 (RESULTS.md). The towers'
+        # settings (the image backbone and size, text length, trainable blocks) are the modalities' own presets
+        # (trainer/modalities.py).
+        model=ModelConfig(d=256, user_layers=2, user_heads=4, max_len=25, learn_temperature=True),
         stage1=Stage1Config(epochs=10, lr=1e-3, micro_batch=128, warmup_steps=20, stride=25),
         stage2=Stage2Config(
             epochs=1,
             lr=3e-4,
             tower_lr=3e-5,
             micro_batch=128,
-            trainable={"text": 1, "image": 1},
             n_history=20,
             n_continuation=5,
             negatives=256,
@@ -48,9 +45,6 @@ def paper() -> RunConfig:
     return RunConfig(
         model=ModelConfig(
             d=256,
-            text_encoder="bert-base-random-init",
-            image_size=224,
-            max_tokens=32,
             user_layers=4,
             user_heads=4,
             max_len=25,
@@ -62,7 +56,6 @@ def paper() -> RunConfig:
             lr=1e-4,
             tower_lr=1e-5,
             micro_batch=512,
-            trainable={"text": 2, "image": 2},
             n_history=20,
             n_continuation=5,
             negatives=4096,
@@ -76,14 +69,13 @@ def paper() -> RunConfig:
 def tiny() -> RunConfig:
     # For tests: seconds per stage.
     return RunConfig(
-        model=ModelConfig(d=32, image_size=32, max_tokens=16, user_layers=1, user_heads=2, max_len=8, dropout=0.0),
+        model=ModelConfig(d=32, user_layers=1, user_heads=2, max_len=8, dropout=0.0),
         stage1=Stage1Config(epochs=1, lr=1e-3, micro_batch=16, warmup_steps=2, max_steps=6, stride=4),
         stage2=Stage2Config(
             epochs=1,
             lr=1e-3,
             tower_lr=1e-3,
             micro_batch=8,
-            trainable={"text": 1, "image": 1},
             n_history=5,
             n_continuation=2,
             negatives=16,
@@ -102,6 +94,7 @@ PRESETS = {"cpu-small": cpu_small, "paper": paper, "tiny": tiny}
 
 
 def preset(name: str) -> RunConfig:
+    """The preset's configuration, with what each registered modality adds to it (its section, trainable blocks)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return apply_overrides(PRESETS[name](), preset_overrides(name))

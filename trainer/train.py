@@ -7,20 +7,17 @@ with each stage's best model and with the overall best, which is exported.
 
 from __future__ import annotations
 
-import json
 import math
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.modalities import ContentOptions, content_kind
-from transrec.data_shards.shard_io import ItemStore, load_manifest
+from transrec.data_shards.shard_io import ItemStore, item_feature_tables, load_manifest
 from transrec.kernels import ops as kernels
 from transrec.trainer import ranking as ev
 from transrec.trainer.checkpoint import (
@@ -41,7 +38,7 @@ from transrec.trainer.device_prefetch import prefetched, resolve_ahead
 from transrec.trainer.feature_cache import FeatureCache, resolve_store
 from transrec.trainer.losses import Objective, build_objective, item_share
 from transrec.trainer.metric_log import RunLog
-from transrec.trainer.modalities import MODALITIES
+from transrec.trainer.modalities import MODALITIES, export_preprocessing
 from transrec.trainer.model import TransRec, count_parameters, optimizer_param_groups
 from transrec.trainer.model_eval import ModelRanker
 from transrec.trainer.report import record_scoring, write_run_results
@@ -59,37 +56,6 @@ from transrec.trainer.run_stats import write_ranks
 from transrec.trainer.text_vocab import check_vocabulary
 
 
-def _item_feature_tables(shard_dir: Path, num_items: int) -> dict[str, np.ndarray]:
-    """Per item, the first value index of each categorical feature (for side features)."""
-    manifest = load_manifest(shard_dir)
-    names = sorted(manifest["feature_vocabularies"]["item"])
-    tables = {n: np.zeros(num_items, dtype=np.int64) for n in names}
-    for shard in manifest["shards"]["items"]:
-        with tarfile.open(shard_dir / shard) as tar:
-            for m in tar:
-                if m.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(m).read())
-                    for n in names:
-                        tables[n][meta["item"]] = meta["features"][n][0]
-    return tables
-
-
-def summary_of_all_ranks(shards: Path, rank: int, world: int, device: torch.device) -> ev.SplitSummary:
-    """The shards' SplitSummary, each rank reading only the users it owns (eval_data.rank_records): the counts per
-    item added up by one all-reduce, the evaluated users and targets (a few numbers per user) gathered."""
-    part = ev.SplitSummary.read(shards, rank, world)
-    if world == 1:
-        return part
-    counts = {}
-    for name, c in part.counts.items():
-        total = torch.from_numpy(c).to(device)
-        dist.all_reduce(total)
-        counts[name] = total.cpu().numpy()
-    parts: list = [None] * world
-    dist.all_gather_object(parts, ev.SplitSummary({}, part.users, part.targets))
-    return ev.SplitSummary.merge(parts, counts=counts)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str, resume_state: dict | None = None):
         self.cfg = cfg
@@ -104,12 +70,12 @@ class Trainer:
         self.shards = Path(cfg.data.shards)
         self.manifest = load_manifest(self.shards)
         if cfg.model.item_encoder == "content":
-            check_vocabulary(self.manifest, cfg.model.text_encoder)
+            check_vocabulary(self.manifest, cfg.model.text.encoder)
         self.store = ItemStore(self.shards)
         # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass
         # split over the ranks: no user's sequence is kept; each rank streams its own evaluated users from the shards
         # when it evaluates
-        self.summary = summary_of_all_ranks(self.shards, self.rank, self.world, self.device)
+        self.summary = ev.SplitSummary.of_all_ranks(self.shards, self.rank, self.world, self.device)
         self.num_items = self.store.num_items
         self.modality = self.store.modality.copy()
         if cfg.data.modality_override:
@@ -122,7 +88,7 @@ class Trainer:
         LOG.info(f"run directory: {self.run_dir}")
         user_vocab = {n: len(v) for n, v in self.manifest["feature_vocabularies"]["user"].items()}
         self.user_feature_names = list(user_vocab)
-        item_feats = _item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
+        item_feats = item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
         self.model = TransRec(
             cfg.model, self.num_items, self.modality, {}, user_vocab, item_feats, self.store.modality_names
         ).to(self.device)
@@ -141,7 +107,7 @@ class Trainer:
             source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
                       f"{tower.weights_source})") if from_export else tower.weights_source
             LOG.info(f"{name} tower weights: {source}")
-        torch.backends.cudnn.benchmark = cfg.model.cudnn_benchmark  # CUDA only; nothing else reads it
+        torch.backends.cudnn.benchmark = cfg.model.image.cudnn_benchmark  # CUDA only; nothing else reads it
         if cfg.model.compile != "none":
             zero = self.ds_base.get("zero_optimization", {}).get("stage", 0)
             parts = set_compiled(self.model, cfg.model.compile, cfg.model.compile_mode, cfg.model.compile_backend, zero)
@@ -167,7 +133,7 @@ class Trainer:
     def image_decoder(self):
         if self.decoder is None:
             self.decoder = ImageDecoder(
-                backend=self.cfg.data.decoder, size=self.cfg.model.image_size, device=self.device
+                backend=self.cfg.data.decoder, size=self.cfg.model.image.size, device=self.device
             )
         return self.decoder
 
@@ -199,7 +165,7 @@ class Trainer:
                     self.store,
                     self.modality,
                     self.image_decoder(),
-                    self.cfg.model.max_tokens,
+                    self.cfg.model.text.max_tokens,
                     self.device,
                     chunk=self.cfg.eval.item_batch,
                     show_progress=self.rank == 0,
@@ -244,9 +210,9 @@ class Trainer:
             num_negatives=obj.negatives,
             load_content=self.needs_content(),
             decode_in_loader=self.device.type == "cpu",
-            image_size=m.image_size,
+            image_size=m.image.size,
             decoder=self.cfg.data.decoder,
-            max_tokens=m.max_tokens,
+            max_tokens=m.text.max_tokens,
             user_fraction=self.cfg.data.user_fraction,
             pin_memory=self.device.type == "cuda",
             split=self.cfg.data.split,
@@ -279,7 +245,7 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------------
     def ranker(self) -> ModelRanker:
         return ModelRanker(self.model, self.store, self.modality, None, self.user_feature_names,
-                           self.cfg.model.max_tokens, self.image_decoder, self.device, self.cfg.eval.item_batch,
+                           self.cfg.model.text.max_tokens, self.image_decoder, self.device, self.cfg.eval.item_batch,
                            self.cfg.eval.user_batch, self.cfg.eval.precision, nonfinite="worst",
                            source="the model in training")
 
@@ -393,7 +359,7 @@ class Trainer:
         pending = {} if c is None else {name: batch.unique_items[c.rows[name]].numpy() for name in c.payloads}
         batch = batch.to(self.device)  # non-blocking from pinned memory on CUDA
         if pending:
-            options = ContentOptions(max_tokens=self.cfg.model.max_tokens, decoder=self.image_decoder())
+            options = ContentOptions(max_tokens=self.cfg.model.text.max_tokens, decoder=self.image_decoder())
             for name, items in pending.items():
                 batch.content.inputs[name] = content_kind(name).collate(batch.content.payloads.pop(name), items,
                                                                         options)
@@ -500,7 +466,7 @@ class Trainer:
             self.cfg.model,
             self.run_dir / "export",
             {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"],
-             "trainable": self.stage_trainable(int(best_stage)), **export_preprocessing(self.manifest, self.cfg)},
+             "trainable": self.stage_trainable(int(best_stage)), **export_preprocessing(self.manifest, self.cfg.model)},
             write=self.rank == 0,
         )
         result = None
@@ -525,15 +491,3 @@ def adamw_implementation(choice: str, device: torch.device) -> dict:
     if choice == "auto":
         return {"fused": True} if device.type == "cuda" else {}
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[choice]
-
-
-def export_preprocessing(manifest: dict, cfg: RunConfig) -> dict:
-    """What serving needs to turn a new item's content into the towers' input as training did: the tokenizer's
-    identity and vocabulary hash, token lengths, the image geometry and normalisation, the modality rule."""
-    from transrec.data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD
-
-    return {"text": {"tokenizer": manifest["text"]["tokenizer"], "shard_max_tokens": manifest["text"]["max_tokens"],
-                     "model_max_tokens": cfg.model.max_tokens},
-            "image": {"size": cfg.model.image_size, "geometry": "resize shorter side, centre crop (data_shards.decode)",
-                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "scale": "pixels / 255"},
-            "modality_rule": manifest["modality_rule"]}

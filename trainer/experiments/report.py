@@ -22,6 +22,7 @@ import torch
 
 from transrec.data_shards.shard_io import read_sequences
 from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF, TABLE_SETTINGS
+from transrec.trainer.experiments.run_keys import flat_model_settings
 from transrec.trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-exported for the runner)
     METRICS,
     MIN_JUDGED_USERS,
@@ -119,7 +120,7 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
     spec = next((s for r in plan.rows for s in r.specs if s.content), None)
     if spec is None:
         return []
-    cfg = json.loads((suite.run_dir(spec) / "run_config.json").read_text())["config"]
+    cfg = flat_model_settings(json.loads((suite.run_dir(spec) / "run_config.json").read_text())["config"])
     m, s1, s2 = cfg["model"], cfg["stage1"], cfg["stage2"]
     text = m["text_encoder"]
     text_origin = {"minilm": "all-MiniLM-L6-v2, pretrained (its generic weights)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from transrec.trainer.config import TransferConfig
+from transrec.trainer.modalities import MODALITIES, legacy_model_keys
 
 CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history",
                             "popularity_correction")
@@ -34,11 +35,30 @@ def default_transfer_settings() -> dict:
     return asdict(TransferConfig())
 
 
+def flat_model_settings(cfg: dict) -> dict:
+    """A run configuration (to_dict's form, or an older record's) with each modality section's fields under the flat
+    model names they had before the sections existed (model.image_size, ...): the form run keys hash, so cached runs
+    keep their keys, and the form the reports read. A field with no flat name stays in its section."""
+    model = dict(cfg["model"])
+    flat = {}
+    for old, (name, key) in legacy_model_keys().items():
+        if isinstance(model.get(name), dict) and key in model[name]:
+            flat[old] = model[name][key]
+    for name in MODALITIES:
+        if isinstance(model.get(name), dict):
+            rest = {k: v for k, v in model.pop(name).items() if k not in MODALITIES[name].legacy_keys.values()}
+            if rest:
+                model[name] = rest
+    return {**cfg, "model": {**model, **flat}}
+
+
 def drop_settings_that_change_nothing(cfg: dict) -> dict:
     """A run key covers the settings that change the run, so runs keep the keys (and cached results) they had
     before a setting existed when it changes nothing for them: a setting of ADDED_AT_OLD_BEHAVIOUR at its old
     behaviour; for a run with the paper's objectives (free stage-1 head, CPC), the content-softmax settings, which it
-    never reads, and the objective choices themselves."""
+    never reads, and the objective choices themselves. The modalities' sections are keyed under their flat names
+    (flat_model_settings)."""
+    cfg = flat_model_settings(cfg)
     for section, name, old in ADDED_AT_OLD_BEHAVIOUR:
         where = cfg if section is None else cfg[section]
         if name in where and where[name] == old:

@@ -83,7 +83,7 @@ from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: th
     RunSpec,
     TablePlan,
 )
-from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing
+from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing, flat_model_settings
 from transrec.trainer.experiments.views import DS_CONFIG, evaluate_view
 from transrec.trainer.presets import PRESETS, preset
 from transrec.trainer.run import train
@@ -228,7 +228,7 @@ class Suite:
     def resolved_config(self, spec: RunSpec) -> dict:
         """The run's full configuration (preset + overrides), paths left out: a preset whose defaults change gives new
         run keys, so a cached run is reused only when it was trained with exactly these settings."""
-        cfg = to_dict(apply_overrides(preset(self.preset), self.overrides(spec)))
+        cfg = flat_model_settings(to_dict(apply_overrides(preset(self.preset), self.overrides(spec))))
         paths = (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), (None, "run_dir"),
                  (None, "init_from"), (None, "resume"))
         for section, key in paths:

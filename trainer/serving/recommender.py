@@ -281,7 +281,7 @@ class Recommender:
             payload = data[start:]
         elif tower == "text":
             if self._tokenizer is None:
-                self._tokenizer = load_tokenizer(tokenizer_dir(self.model.cfg.text_encoder))[0]
+                self._tokenizer = load_tokenizer(tokenizer_dir(self.model.cfg.text.encoder))[0]
             # as the catalogue's items: tokenized at the shards' length, then cut to the model's (trainer loader)
             ids = self._tokenizer(text, truncation=True, max_length=self.manifest["text"]["max_tokens"])["input_ids"]
             payload = np.asarray(ids, dtype="<i4").tobytes()
@@ -289,8 +289,8 @@ class Recommender:
             payload = image_jpeg
         decoder = None  # only an image is decoded
         if tower == "image":
-            decoder = ImageDecoder(backend="pil", size=self.model.cfg.image_size, num_threads=1)
-        options = ContentOptions(max_tokens=self.model.cfg.max_tokens, decoder=decoder)
+            decoder = ImageDecoder(backend="pil", size=self.model.cfg.image.size, num_threads=1)
+        options = ContentOptions(max_tokens=self.model.cfg.text.max_tokens, decoder=decoder)
         model_tower = self.model.towers[tower]
         try:
             inputs = content_kind(tower).collate([payload], np.array([len(self.item_ids)]), options)
