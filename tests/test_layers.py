@@ -16,6 +16,7 @@ Each rule is also run on a small designed package, where it must catch what it i
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ COMMANDS = {  # documented commands: argument parsing, one call into the library
 }
 COMMAND_HELPERS = {"transrec.trainer.command_args"}  # the commands' shared argument parsing
 COMMAND_FUNCTIONS = {"main", "parse_args", "format_report"}
+# the modules that may name a modality: the registry with the built-in modalities, their towers, the text vocabulary
+MODALITY_MODULES = {"transrec.trainer.modalities", "transrec.trainer.towers", "transrec.trainer.text_vocab"}
+BUILT_IN = ("text", "image")
 COMMAND_MAX_LINES = 140
 
 
@@ -259,6 +263,28 @@ def private_reaches(modules: dict[str, Path], root: Path = REPO) -> list[str]:
     return bad
 
 
+def modality_names_in_core(modules: dict[str, Path], root: Path = REPO) -> list[str]:
+    """A built-in modality named by a core module outside MODALITY_MODULES: in a string (docstrings and comments
+    aside) or as an attribute (`cfg.image`, `.text_encoder`). Such a module would need an edit for a new modality."""
+    word = re.compile(rf"\b({'|'.join(BUILT_IN)})\b")
+    attribute = re.compile(rf"^({'|'.join(BUILT_IN)})(_|$)")
+    bad = []
+    for m, path in modules.items():
+        if layer(m) != "core" or m in MODALITY_MODULES:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings \
+                    and word.search(n.value):
+                bad.append(f"{path.relative_to(root)}:{n.lineno} names a modality: {n.value[:50]!r}")
+            elif isinstance(n, ast.Attribute) and attribute.match(n.attr):
+                bad.append(f"{path.relative_to(root)}:{n.lineno} names a modality: .{n.attr}")
+    return bad
+
+
 # -- the rules on this repository ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def modules() -> dict[str, Path]:
@@ -286,6 +312,10 @@ def test_no_private_reaches_across_modules(modules):
     assert private_reaches(modules) == []
 
 
+def test_the_core_names_no_modality(modules):
+    assert modality_names_in_core(modules) == []
+
+
 # -- the rules on a designed package: each catches what it is meant to ----------------------------------------------
 def write_package(root: Path, files: dict[str, str]) -> dict[str, Path]:
     for rel, text in files.items():
@@ -305,6 +335,9 @@ def test_the_rules_catch_a_designed_package(tmp_path):
                         "def h():\n    try:\n        import fcntl\n    except ImportError:\n        fcntl = None\n"
                         "    import matplotlib\n    return fcntl, matplotlib\n",
         "trainer/f.py": "from transrec.trainer.e import E\n\ndef peek(e: E):\n    return e._state\n",
+        "trainer/h.py": '"""Routes text and image items."""\n\ndef size(cfg, towers):\n    """The image size."""\n'
+                        '    return cfg.image.size, towers["text"], cfg.image_size, cfg.max_len\n',
+        "trainer/modalities.py": 'def tower(cfg):\n    return cfg.text.encoder, "image"\n',
         "trainer/serving/x.py": "from transrec.trainer.evaluate import main\ny = main\n",
         "trainer/evaluate.py": "def main():\n    pass\n\ndef helper():\n    pass\n",
         "kernels/k.py": "from transrec.trainer.e import E\n",
@@ -330,3 +363,6 @@ def test_the_rules_catch_a_designed_package(tmp_path):
         'trainer/evaluate.py is listed as a command but has no `if __name__ == "__main__"`',
         "trainer/g.py is a library module with a command inside (`__main__`)",
     ]  # data_shards/s.py: the data layer's commands (the shard builder) are its own
+    assert sorted(modality_names_in_core(modules, tmp_path)) == [  # docstrings, the modality modules may name them
+        "trainer/h.py:5 names a modality: 'text'", "trainer/h.py:5 names a modality: .image",
+        "trainer/h.py:5 names a modality: .image_size"]

@@ -26,8 +26,7 @@ from safetensors.torch import load_file, save_file
 from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.tables import file_sha256
 from transrec.trainer.config import ModelConfig, model_from_dict, model_to_dict
-from transrec.trainer.modalities import MODALITIES, legacy_model_keys
-from transrec.trainer.text_vocab import tokenizer_dir
+from transrec.trainer.modalities import MODALITIES, legacy_model_keys, write_export_files
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.
 CATALOGUE_SPECIFIC = ("head.", "id_embedding.", "item_features.", "item_side_proj.", "logit_scale")
@@ -56,28 +55,13 @@ def save_export(model, model_cfg: ModelConfig, out_dir: Path, extra: dict | None
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(state, str(tmp / "model.safetensors"))
     meta = {"model": model_to_dict(model_cfg), "format": "transrec-export-1", **(extra or {})}
-    if "text" in getattr(model, "towers", {}):  # the text backbone's shape and tokenizer: the export stands alone
-        meta["text_encoder_files"] = _write_text_encoder_files(model, model_cfg, tmp / "text_encoder")
+    meta.update(write_export_files(getattr(model, "towers", {}), model_cfg, tmp))  # e.g. a tokenizer's files
     (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=str))
     write_checkpoint_hashes(tmp)  # every loader verifies the files against these before reading them
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
-
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _write_text_encoder_files(model, model_cfg: ModelConfig, out: Path) -> str:
-    """config.json of the text backbone (its weights are in model.safetensors) and its tokenizer's files."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.towers["text"].bert.config.to_json_file(str(out / "config.json"))
-    source = Path(tokenizer_dir(model_cfg.text.encoder))
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copyfile(source / name, out / name)
-    return "text_encoder"
 
 
 class ExportError(ValueError):

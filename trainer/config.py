@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transrec.data_shards.decode import BACKENDS
+from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
 from transrec.trainer.choices import STAGE1_HEADS, STAGE2_LOSSES, STAGES, ObjectiveName
 from transrec.trainer.compiled import MODES, PARTS
 from transrec.trainer.config_checks import check_values, one_of
@@ -227,7 +228,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_values(self, "data", {"num_workers": 0, "shuffle_buffer": 0})
         if self.modality_override is not None and not self.modality_override.isidentifier():
-            raise ValueError(f"modality_override must be a modality name (text, image, ...) or none, "
+            raise ValueError(f"modality_override must be a modality name ({', '.join(MODALITIES)}) or none, "
                              f"not {self.modality_override!r}")
         if not 0 < self.user_fraction <= 1:
             raise ValueError("user_fraction must be in (0, 1]")
@@ -316,8 +317,9 @@ class RunConfig:
 
 # A section's main setting named by the section alone on the command line.
 SHORTHANDS = {"transfer": "transfer.mode"}
-# Former names of settings, still accepted on the command line: the per-modality trainable depth.
-RENAMED = {"text_trainable": "trainable.text", "image_trainable": "trainable.image"}
+# Former names of settings, still accepted on the command line: the built-in modalities' trainable depth, stage
+# fields (<modality>_trainable) before it became a map.
+RENAMED = {f"{name}_trainable": f"trainable.{name}" for name in BUILT_IN_MODALITIES}
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:

@@ -17,14 +17,19 @@ model.image.backbone).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from torch import nn
 
-from transrec.data_shards.modalities import CONTENT, ContentKind, content_kind, register_content
+from transrec.data_shards.decode import ImageDecoder
+from transrec.data_shards.modalities import CONTENT, ContentKind, ContentOptions, content_kind, register_content
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
 from transrec.trainer.config_checks import check_values, one_of
+from transrec.trainer.text_vocab import check_vocabulary, tokenizer_dir
 from transrec.trainer.towers import IMAGE_BACKBONES, ImageTower, TextTower, Tower
 
 
@@ -45,6 +50,13 @@ class Modality:
     # what serving needs to turn a new item's content into the tower's input as training did, written into exports:
     # preprocessing(shards_manifest, model_config) -> dict
     preprocessing: Callable[[dict, object], dict] | None = None
+    # shards that fit the model: check_shards(shards_manifest, model_config, export_meta or None); ValueError if not
+    check_shards: Callable[[dict, object, dict | None], None] | None = None
+    # files an export needs beside its weights: export_files(tower, model_config, export_folder) -> entries of the
+    # export's config.json; use_export_files(model_config, export_folder, export_meta) points the config at them
+    export_files: Callable[[nn.Module, object, Path], dict] | None = None
+    use_export_files: Callable[[object, Path, dict], None] | None = None
+    backend_settings: Callable[[object], None] | None = None  # process-wide settings the section asks for
 
     @property
     def name(self) -> str:
@@ -94,6 +106,47 @@ def export_preprocessing(manifest: dict, cfg) -> dict:
     """Each registered modality's preprocessing record (Modality.preprocessing) and the shards' modality rule."""
     return {**{name: m.preprocessing(manifest, cfg) for name, m in MODALITIES.items() if m.preprocessing},
             "modality_rule": manifest["modality_rule"]}
+
+
+def check_shards(manifest: dict, cfg, export_meta: dict | None = None) -> None:
+    """Every registered modality's check that shards fit the model (a tokenizer's vocabulary, ...)."""
+    for m in MODALITIES.values():
+        if m.check_shards:
+            m.check_shards(manifest, cfg, export_meta)
+
+
+def write_export_files(towers: nn.ModuleDict, cfg, folder: Path) -> dict:
+    """Each tower's extra export files (Modality.export_files), written into `folder`; their config.json entries."""
+    entries = {}
+    for name, tower in towers.items():
+        if name in MODALITIES and MODALITIES[name].export_files:
+            entries.update(MODALITIES[name].export_files(tower, cfg, folder))
+    return entries
+
+
+def use_export_files(cfg, folder: Path, meta: dict) -> None:
+    """Point `cfg` (an export's model settings) at the export's own files (Modality.use_export_files)."""
+    for m in MODALITIES.values():
+        if m.use_export_files:
+            m.use_export_files(cfg, folder, meta)
+
+
+def apply_backend_settings(cfg) -> None:
+    for m in MODALITIES.values():
+        if m.backend_settings:
+            m.backend_settings(cfg)
+
+
+def content_options(cfg, backend: str, device) -> ContentOptions:
+    """What collating the built-in modalities' content needs under the model's settings: the text token budget and an
+    image decoder (`backend`: data.decoder's choice, on `device`)."""
+    return ContentOptions(max_tokens=cfg.text.max_tokens, decoder=ImageDecoder(backend=backend, size=cfg.image.size,
+                                                                              device=device))
+
+
+def loader_settings(cfg) -> dict:
+    """The training loader's content settings (data_shards.loader.LoaderConfig) under the model's settings."""
+    return {"image_size": cfg.image.size, "max_tokens": cfg.text.max_tokens}
 
 
 def build_towers(cfg, trainable: dict[str, int], names: tuple[str, ...]) -> nn.ModuleDict:
@@ -146,6 +199,41 @@ def _image_tower(cfg, trainable: int) -> ImageTower:
     return tower
 
 
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TEXT_ENCODER_FILES = "text_encoder"  # the export's folder of the text backbone's config and tokenizer
+
+
+def _text_check_shards(manifest: dict, cfg, export_meta: dict | None) -> None:
+    """The shards were tokenized with the text encoder's vocabulary (and, for an export, the one it was trained on)."""
+    check_vocabulary(manifest, cfg.text.encoder)
+    trained = (export_meta or {}).get("text", {}).get("tokenizer", {})
+    if trained.get("vocab_hash") and trained["vocab_hash"] != manifest["text"]["tokenizer"]["vocab_hash"]:
+        raise ValueError(f"these shards were tokenized with another vocabulary than the one the export was trained "
+                         f"with ({trained.get('path_name')}): rebuild the shards with that tokenizer")
+
+
+def _text_export_files(tower: nn.Module, cfg, folder: Path) -> dict:
+    """config.json of the text backbone (its weights are in model.safetensors) and its tokenizer's files: the export
+    stands alone."""
+    out = Path(folder) / TEXT_ENCODER_FILES
+    out.mkdir(parents=True, exist_ok=True)
+    tower.bert.config.to_json_file(str(out / "config.json"))
+    source = Path(tokenizer_dir(cfg.text.encoder))
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copyfile(source / name, out / name)
+    return {"text_encoder_files": TEXT_ENCODER_FILES}
+
+
+def _text_use_export_files(cfg, folder: Path, meta: dict) -> None:
+    if meta.get("text_encoder_files"):  # the export's own backbone shape and tokenizer, not the training machine's
+        cfg.text.encoder = str(Path(folder) / meta["text_encoder_files"])
+
+
+def _image_backend_settings(cfg) -> None:
+    torch.backends.cudnn.benchmark = cfg.image.cudnn_benchmark  # CUDA only; nothing else reads it
+
+
 def _text_preprocessing(manifest: dict, cfg) -> dict:
     """The tokenizer's identity and vocabulary hash, token lengths."""
     return {"tokenizer": manifest["text"]["tokenizer"], "shard_max_tokens": manifest["text"]["max_tokens"],
@@ -161,7 +249,8 @@ def _image_preprocessing(manifest: dict, cfg) -> dict:
 
 
 register(Modality(
-    content_kind("text"), _text_tower, TextConfig, preprocessing=_text_preprocessing,
+    content_kind("text"), _text_tower, TextConfig, preprocessing=_text_preprocessing, check_shards=_text_check_shards,
+    export_files=_text_export_files, use_export_files=_text_use_export_files,
     legacy_keys={"text_encoder": "encoder", "max_tokens": "max_tokens", "text_attention": "attention"},
     presets={"cpu-small": ("model.text.max_tokens=32", "stage2.trainable.text=1"),
              "paper": ("model.text.encoder=bert-base-random-init", "model.text.max_tokens=32",
@@ -170,6 +259,7 @@ register(Modality(
 ))
 register(Modality(
     content_kind("image"), _image_tower, ImageConfig, preprocessing=_image_preprocessing,
+    backend_settings=_image_backend_settings,
     legacy_keys={"image_backbone": "backbone", "image_weights": "weights", "image_size": "size",
                  "channels_last": "channels_last", "cudnn_benchmark": "cudnn_benchmark"},
     architecture=("backbone",),

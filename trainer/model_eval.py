@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.modalities import ContentOptions
 from transrec.data_shards.sequence_table import SequenceTable
 from transrec.data_shards.shard_io import ItemStore, load_manifest
 from transrec.trainer import ranking as ev
 from transrec.trainer.checkpoint import DOMAIN_SPECIFIC, read_export_config, read_weights
 from transrec.trainer.choices import Scorer
 from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.modalities import check_shards, content_options, use_export_files
 from transrec.trainer.model import TransRec
-from transrec.trainer.text_vocab import check_vocabulary
 
 
 class ModelRanker:
@@ -31,11 +31,11 @@ class ModelRanker:
     (the trainer's validation) records them as the worst rank."""
 
     def __init__(self, model, store, modality: np.ndarray, sequences, user_feature_names: list[str],
-                 max_tokens: int, image_decoder: Callable[[], object], device: torch.device, item_batch: int = 256,
+                 content_options: Callable[[], ContentOptions], device: torch.device, item_batch: int = 256,
                  user_batch: int = 256, precision: str = "fp32", nonfinite: str = "raise", source: str = "the model"):
         self.model, self.store, self.modality, self.sequences = model, store, modality, sequences
         self.user_feature_names = user_feature_names
-        self.max_tokens, self.image_decoder, self.device = max_tokens, image_decoder, device
+        self.content_options, self.device = content_options, device  # options made on first use (a decoder)
         self.item_batch, self.user_batch, self.precision = item_batch, user_batch, precision
         self.nonfinite, self.source = nonfinite, source
 
@@ -51,7 +51,8 @@ class ModelRanker:
             items = np.arange(start, min(start + self.item_batch, self.store.num_items))
             content = None
             if self.model.towers and self.needs_content():
-                content = load_item_content(self.store, items, self.max_tokens, self.image_decoder(),
+                options = self.content_options()
+                content = load_item_content(self.store, items, options.max_tokens, options.decoder,
                                             modality=self.modality)
                 content = content.to(self.device, non_blocking=False)
             chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
@@ -120,8 +121,7 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     vectors come from an index; `feature_store`: the folder of frozen-block outputs shared with training runs)."""
     export_dir, shards, device = Path(export_dir), Path(shards), torch.device(device)
     meta, cfg = read_export_config(export_dir)  # its files verified against their hashes, its settings valid
-    if meta.get("text_encoder_files"):  # the export's own backbone shape and tokenizer, not the training machine's
-        cfg.text.encoder = str(export_dir / meta["text_encoder_files"])
+    use_export_files(cfg, export_dir, meta)  # the export's own files (a tokenizer, ...), not the training machine's
     if cfg.item_encoder != "content":
         raise ValueError(f"{export_dir}: an ID model's export has no item table (catalogue-specific); it cannot score "
                          "items by content")
@@ -129,11 +129,10 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
         raise ValueError(f"{export_dir}: trained with side features, whose modules are catalogue-specific and not "
                          "exported; evaluate it inside its run (metrics.json) instead")
     manifest = load_manifest(shards)
-    check_vocabulary(manifest, cfg.text.encoder)
-    trained_vocab = meta.get("text", {}).get("tokenizer", {}).get("vocab_hash")
-    if trained_vocab and trained_vocab != manifest["text"]["tokenizer"]["vocab_hash"]:
-        raise ValueError(f"{shards} was tokenized with another vocabulary than the one {export_dir} was trained with "
-                         f"({meta['text']['tokenizer'].get('path_name')}): rebuild the shards with that tokenizer")
+    try:
+        check_shards(manifest, cfg, meta)
+    except ValueError as e:
+        raise ValueError(f"{shards} for {export_dir}: {e}") from None
     store, sequences = ItemStore(shards), SequenceTable(shards)
     trainable = meta.get("trainable", {})  # the selected stage's split of each tower (absent: 0)
     model = TransRec(cfg, store.num_items, store.modality.copy(), trainable,
@@ -148,9 +147,9 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     for name, tower in model.towers.items():
         tower.set_trainable(trainable.get(name, 0))
     model.eval()
-    decoder = ImageDecoder(backend="auto", size=cfg.image.size, device=device)
+    options = content_options(cfg, "auto", device)
     if build_cache:
-        model.cache = FeatureCache.build(model, store, store.modality, decoder, cfg.text.max_tokens, device,
+        model.cache = FeatureCache.build(model, store, store.modality, options.decoder, options.max_tokens, device,
                                          show_progress=show_progress, store_dir=feature_store)
-    return ModelRanker(model, store, store.modality, sequences, [], cfg.text.max_tokens, lambda: decoder, device,
+    return ModelRanker(model, store, store.modality, sequences, [], lambda: options, device,
                        source=f"the export {export_dir}")

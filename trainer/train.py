@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore, item_feature_tables, load_manifest
@@ -38,7 +37,14 @@ from transrec.trainer.device_prefetch import prefetched, resolve_ahead
 from transrec.trainer.feature_cache import FeatureCache, resolve_store
 from transrec.trainer.losses import Objective, build_objective, item_share
 from transrec.trainer.metric_log import RunLog
-from transrec.trainer.modalities import MODALITIES, export_preprocessing
+from transrec.trainer.modalities import (
+    MODALITIES,
+    apply_backend_settings,
+    check_shards,
+    content_options,
+    export_preprocessing,
+    loader_settings,
+)
 from transrec.trainer.model import TransRec, count_parameters, optimizer_param_groups
 from transrec.trainer.model_eval import ModelRanker
 from transrec.trainer.report import record_scoring, write_run_results
@@ -53,7 +59,6 @@ from transrec.trainer.run_setup import (
     write_run_record,
 )
 from transrec.trainer.run_stats import write_ranks
-from transrec.trainer.text_vocab import check_vocabulary
 
 
 class Trainer:
@@ -70,7 +75,7 @@ class Trainer:
         self.shards = Path(cfg.data.shards)
         self.manifest = load_manifest(self.shards)
         if cfg.model.item_encoder == "content":
-            check_vocabulary(self.manifest, cfg.model.text.encoder)
+            check_shards(self.manifest, cfg.model)
         self.store = ItemStore(self.shards)
         # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass
         # split over the ranks: no user's sequence is kept; each rank streams its own evaluated users from the shards
@@ -107,7 +112,7 @@ class Trainer:
             source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
                       f"{tower.weights_source})") if from_export else tower.weights_source
             LOG.info(f"{name} tower weights: {source}")
-        torch.backends.cudnn.benchmark = cfg.model.image.cudnn_benchmark  # CUDA only; nothing else reads it
+        apply_backend_settings(cfg.model)
         if cfg.model.compile != "none":
             zero = self.ds_base.get("zero_optimization", {}).get("stage", 0)
             parts = set_compiled(self.model, cfg.model.compile, cfg.model.compile_mode, cfg.model.compile_backend, zero)
@@ -118,7 +123,7 @@ class Trainer:
             f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {self.manifest['num_users']} users; "
             f"world size {self.world} on {self.device}"
         )
-        self.decoder = None
+        self.options: ContentOptions | None = None  # content_options(), made on first use
         self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
         write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
         self.item_share = item_share(self.summary.counts["train"])  # the in-batch sampler's log-q
@@ -130,12 +135,11 @@ class Trainer:
         self.global_step = self.state.get("global_step", 0)  # optimizer steps of the finished stages (TensorBoard x)
 
     # -- helpers ------------------------------------------------------------------------------------------
-    def image_decoder(self):
-        if self.decoder is None:
-            self.decoder = ImageDecoder(
-                backend=self.cfg.data.decoder, size=self.cfg.model.image.size, device=self.device
-            )
-        return self.decoder
+    def content_options(self) -> ContentOptions:
+        """What collating items' content needs (made on first use: it holds a decoder)."""
+        if self.options is None:
+            self.options = content_options(self.cfg.model, self.cfg.data.decoder, self.device)
+        return self.options
 
     def stage_trainable(self, stage: int) -> dict[str, int]:
         """Top blocks of each tower that train in `stage`, by modality (stage 2's `trainable`; none in stage 1, in
@@ -164,8 +168,8 @@ class Trainer:
                     self.model,
                     self.store,
                     self.modality,
-                    self.image_decoder(),
-                    self.cfg.model.text.max_tokens,
+                    self.content_options().decoder,
+                    self.content_options().max_tokens,
                     self.device,
                     chunk=self.cfg.eval.item_batch,
                     show_progress=self.rank == 0,
@@ -210,9 +214,8 @@ class Trainer:
             num_negatives=obj.negatives,
             load_content=self.needs_content(),
             decode_in_loader=self.device.type == "cpu",
-            image_size=m.image.size,
             decoder=self.cfg.data.decoder,
-            max_tokens=m.text.max_tokens,
+            **loader_settings(m),
             user_fraction=self.cfg.data.user_fraction,
             pin_memory=self.device.type == "cuda",
             split=self.cfg.data.split,
@@ -245,7 +248,7 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------------------
     def ranker(self) -> ModelRanker:
         return ModelRanker(self.model, self.store, self.modality, None, self.user_feature_names,
-                           self.cfg.model.text.max_tokens, self.image_decoder, self.device, self.cfg.eval.item_batch,
+                           self.content_options, self.device, self.cfg.eval.item_batch,
                            self.cfg.eval.user_batch, self.cfg.eval.precision, nonfinite="worst",
                            source="the model in training")
 
@@ -359,7 +362,7 @@ class Trainer:
         pending = {} if c is None else {name: batch.unique_items[c.rows[name]].numpy() for name in c.payloads}
         batch = batch.to(self.device)  # non-blocking from pinned memory on CUDA
         if pending:
-            options = ContentOptions(max_tokens=self.cfg.model.text.max_tokens, decoder=self.image_decoder())
+            options = self.content_options()
             for name, items in pending.items():
                 batch.content.inputs[name] = content_kind(name).collate(batch.content.payloads.pop(name), items,
                                                                         options)
