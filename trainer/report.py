@@ -11,12 +11,14 @@ import numpy as np
 
 from transrec.trainer.choices import Scorer
 from transrec.trainer.ranking import metrics_from_ranks, paired_bootstrap, per_user_gain
+from transrec.trainer.run_curves import CURVES_FILE, write_curves
 
 
 def write_run_results(run_dir: Path, state: dict, best_stage: str, test_ranks: np.ndarray, pop_valid: np.ndarray,
                       pop_test: np.ndarray, cold: np.ndarray, eval_cfg, log: Callable[[str], None] = print) -> dict:
-    """metrics.json and results.md of a finished run; prints the table and logs a warning when the selected model
-    does not beat popularity. `state` is the trainer's record of each stage's best model on validation."""
+    """metrics.json, results.md and curves.png (trainer/run_curves.py) of a finished run; prints the table and logs
+    a warning when the selected model does not beat popularity. `state` is the trainer's record of each stage's best
+    model on validation."""
     ks = eval_cfg.ks
     best = state["stage_best"][best_stage]
     metrics = {
@@ -35,7 +37,8 @@ def write_run_results(run_dir: Path, state: dict, best_stage: str, test_ranks: n
     table, intervals = results_table(run_dir, metrics, pop_test, eval_cfg.bootstrap)
     metrics["vs_popularity"] = intervals
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (run_dir / "results.md").write_text(table + "\n")
+    write_curves(run_dir)  # from the records just written: loss per stage, validation per epoch, popularity
+    (run_dir / "results.md").write_text(f"{table}\n\n![training loss and validation NDCG@10]({CURVES_FILE})\n")
     print(table, flush=True)
     verdict = popularity_verdict(intervals[f"stage{best_stage}"]["ndcg@10"])
     if verdict:
