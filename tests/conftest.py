@@ -141,3 +141,19 @@ def source_run(tmp_path_factory, ml_shards, tiny_bert_dir) -> Path:
     )
     assert metrics is not None
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory, tiny_bert_dir) -> Path:
+    """A small catalogue of text and image items (test_serving.build_catalogue), one per test module."""
+    from test_serving import build_catalogue
+
+    return build_catalogue(tmp_path_factory.mktemp("catalogue"), tiny_bert_dir)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tiny_bert_dir) -> Path:
+    """An export of a tiny model with seeded random weights (test_serving.build_export), one per test module."""
+    from test_serving import build_export
+
+    return build_export(tmp_path_factory.mktemp("export") / "export", tiny_bert_dir)

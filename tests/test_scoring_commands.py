@@ -13,22 +13,12 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_serving import _histories, build_catalogue, build_export
+from test_serving import _histories
 
 from transrec.data_shards.integrity import IntegrityError
 from transrec.trainer.ranking import NonFiniteScores
 from transrec.trainer.scoring import BETA_GRID, Scoring, write_scoring
 from transrec.trainer.serving.recommender import Recommender
-
-
-@pytest.fixture(scope="module")
-def catalogue(tmp_path_factory, tiny_bert_dir) -> Path:
-    return build_catalogue(tmp_path_factory.mktemp("catalogue"), tiny_bert_dir)
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, tiny_bert_dir) -> Path:
-    return build_export(tmp_path_factory.mktemp("export") / "export", tiny_bert_dir)
 
 
 @pytest.fixture(scope="module")

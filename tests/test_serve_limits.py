@@ -23,7 +23,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_serving import PICS, build_catalogue, build_export, running
+from test_serving import PICS, build_export, running
 
 from transrec.trainer.serving.app import create_app
 from transrec.trainer.serving.limits import is_loopback
@@ -31,16 +31,6 @@ from transrec.trainer.serving.recommender import Recommender
 
 KEY = "test-key-0123456789abcdef"
 NORMAL = {"history": ["a", "b"], "k": 2}
-
-
-@pytest.fixture(scope="module")
-def catalogue(tmp_path_factory, tiny_bert_dir) -> Path:
-    return build_catalogue(tmp_path_factory.mktemp("limits-catalogue"), tiny_bert_dir)
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, tiny_bert_dir) -> Path:
-    return build_export(tmp_path_factory.mktemp("limits-export") / "export", tiny_bert_dir)
 
 
 def fresh(export: Path, catalogue: Path) -> Recommender:

@@ -102,16 +102,6 @@ def running(app) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory, tiny_bert_dir) -> Path:
-    return build_catalogue(tmp_path_factory.mktemp("catalogue"), tiny_bert_dir)
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, tiny_bert_dir) -> Path:
-    return build_export(tmp_path_factory.mktemp("export") / "export", tiny_bert_dir)
-
-
-@pytest.fixture(scope="module")
 def rec(export, catalogue) -> Recommender:
     return Recommender.from_export(export, catalogue, show_progress=False)
 
