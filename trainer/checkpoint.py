@@ -160,8 +160,8 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
     export_dir = Path(export_dir)
     _, exported = read_export_config(export_dir)  # verified against its hashes, its settings valid
     weights = export_dir / "model.safetensors"
-    diffs = {k: (architecture(exported)[k], v) for k, v in architecture(model_cfg).items()
-             if architecture(exported)[k] != v}
+    source = architecture(exported)
+    diffs = {k: (source[k], v) for k, v in architecture(model_cfg).items() if source[k] != v}
     if diffs:
         raise ValueError(
             f"--init-from {export_dir}: architecture differs from this run: {diffs}; "

@@ -86,7 +86,7 @@ class ModelConfig:
         one_of("model.compile_mode", self.compile_mode, MODES)
         if self.max_len < 3:
             raise ValueError(f"model.max_len must be >= 3, not {self.max_len!r}")
-        missing = set(default_sections()) - set(self.sections)
+        missing = {name for name, m in MODALITIES.items() if m.config is not None} - set(self.sections)
         if missing:
             raise ValueError(f"model: no settings for the registered modalities {sorted(missing)}")
         if self.temperature <= 0:
@@ -335,8 +335,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if key in RENAMED:
             *more, key = RENAMED[key].split(".")
             parents += more
-        if parents == ["model"] and key in legacy_model_keys():  # model.image_size is model.image.size
-            section, key = legacy_model_keys()[key]
+        legacy = legacy_model_keys() if parents == ["model"] else {}
+        if key in legacy:  # model.image_size is model.image.size
+            section, key = legacy[key]
             parents = ["model", section]
         if len(parents) >= 2 and isinstance(getattr(_section(cfg, parents[:-1], item), parents[-1], None), dict):
             section = _section(cfg, parents[:-1], item)

@@ -162,14 +162,14 @@ class Trainer:
                 tower.requires_grad_(False)
         self.model.cache = None
         if self.model.towers:
-            t0 = time.time()
+            t0, options = time.time(), self.content_options()
             with gathered(self.model):  # ZeRO-3: lower blocks read outside the engine need full weights
                 self.model.cache = FeatureCache.build(
                     self.model,
                     self.store,
                     self.modality,
-                    self.content_options().decoder,
-                    self.content_options().max_tokens,
+                    options.decoder,
+                    options.max_tokens,
                     self.device,
                     chunk=self.cfg.eval.item_batch,
                     show_progress=self.rank == 0,
