@@ -138,7 +138,7 @@ def test_a_checkpoint_inside_a_logging_window_carries_its_unlogged_losses(tmp_pa
         log = RunLog(run, rank=0, world=1, device=torch.device("cpu"), log_every=2)
         meter = log.epoch(1, 0, 4, 0, 4, estimate=False)
         for step, loss in enumerate(losses, start=1):
-            meter.step_done(loss, step - 1, step, step, boundary=True, lr=lambda: 0.1)
+            meter.step_done(loss, step - 1, step, step, boundary=True, lrs=lambda: [0.1])
             if step == stop_after:  # the checkpoint, then a kill: a new process resumes the window
                 saved = meter.unlogged()
                 meter = log.epoch(1, 0, 4, step, 4, estimate=False)

@@ -10,8 +10,15 @@ user vector is taken from) after the user encoder's input normalisation and afte
 - mean pairwise cosine: 1 when every user gets the same vector. A user encoder transferred to a domain it was not
   trained on can map every history to nearly one vector, and fine-tuning can drive it further toward 1;
 - mean share: |mean state|^2 / mean |state|^2, the part of every user's state that is the same for all users;
-and the spread of scores: the standard deviation of a user's scores over the catalogue (averaged over users) and of
-an item's scores over the users (averaged over items). A collapsed encoder ranks every user's items alike.
+and of the user vectors:
+- effective rank: exp of the entropy of the normalised singular values of the centred user vectors (Roy & Vetterli
+  2007), about 1 when they lie on a line and the dimension when they spread evenly;
+- same top-10 share: the share of users whose top-10 list (ordered, equal scores broken by item index) is the most
+  common one, 1 when every user is shown the same list;
+- the spread of scores: the standard deviation of a user's scores over the catalogue (averaged over users) and of
+  an item's scores over the users (averaged over items). A collapsed encoder ranks every user's items alike.
+The user vectors count as collapsed from a mean pairwise cosine of collapse_diagnostics.COLLAPSE_COSINE (0.85) or a
+same top-10 share of COLLAPSE_SAME_TOP10 (0.5) on (collapse_diagnostics.collapse_warning).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ def format_report(report: dict) -> str:
              "| state of the last position | mean pairwise cosine | mean share | mean norm |", "|---|---|---|---|"]
     for name, r in [*report["layers"].items(), ("item vectors (catalogue)", report["item_vectors"])]:
         lines.append(f"| {name} | {r['mean_pairwise_cosine']:.3f} | {r['mean_share']:.3f} | {r['mean_norm']:.3f} |")
+    lines.append(f"user vectors: effective rank {report['effective_rank']:.2f}; share of users shown the most "
+                 f"common top-10 list {report['same_top10_share']:.3f}")
     lines.append(f"score spread: std over items per user {report['score_std_over_items']:.3f}; std over users per "
                  f"item {report['score_std_over_users']:.3f}")
     return "\n".join(lines)

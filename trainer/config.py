@@ -281,6 +281,23 @@ class TransferConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """What a run records for watching it (TensorBoard, docs/monitoring.md). Nothing here changes what trains: runs
+    differing only here train the same model (run keys leave the section out)."""
+
+    grad_norms: bool = True  # the gradient norm of each part of the model, on logging steps
+    health_users: int = 500  # validation users whose user vectors are checked for collapse at each validation (0: off)
+    projector: bool = True  # the selected model's item vectors and a sample of user vectors for the projector
+    projector_items: int = 5000  # items written at most (a seeded sample beyond it)
+    projector_users: int = 1000  # user vectors written at most
+
+    def __post_init__(self) -> None:
+        check_values(self, "monitor", {"health_users": 0, "projector_items": 1, "projector_users": 1})
+        if self.health_users == 1:
+            raise ValueError("monitor.health_users compares users with each other: use 2 or more, or 0 (off)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -288,6 +305,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     stages: str = "all"  # "1", "2", "all", or "none" (no training: evaluate the initial model, e.g. zero-shot)
     seed: int = 0
     run_dir: str | None = None
@@ -460,7 +478,8 @@ def from_dict(d: dict) -> RunConfig:
         eval=EvalConfig(**ev),
         data=DataConfig(**d["data"]),
         transfer=TransferConfig(**d.get("transfer", {})),  # records from before transfer=auto have none
-        **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data", "transfer")},
+        monitor=MonitorConfig(**d.get("monitor", {})),  # records from before the monitor section have none
+        **{k: v for k, v in d.items() if k not in ("model", "stage1", "stage2", "eval", "data", "transfer", "monitor")},
     )
 
 

@@ -1,19 +1,22 @@
 """Metric logging of a run: TensorBoard, the loss and validation CSVs, progress and the log lines of training.
 
     log = RunLog(run_dir, rank, world, device)
-    meter = log.epoch(stage, epoch, steps_per_epoch, first_batch, steps_total, estimate=True)
-    for b, batch in enumerate(loader, start=first_batch):
+    meter = log.epoch(stage, epoch, steps_per_epoch, first_batch, steps_total, estimate=True, cache_hits=...)
+    for b, batch in enumerate(meter.timer.loader(loader), start=first_batch):
         meter.batch_in(batch)                 # host counts, read before the batch goes to the device
-        ... step ...
-        meter.step_done(loss, b, optimizer_steps, run_step, boundary, lr)
+        ... step, its phases timed with meter.timer.span(...) (trainer/step_timing.py) ...
+        meter.note_grad_norms(norms)          # before the optimizer step of a logging step
+        meter.step_done(loss, b, optimizer_steps, run_step, boundary, lrs)
     meter.close()                             # the epoch's losses were finite, or TrainingDiverged
-    log.validation(stage, epoch, metrics, run_step)
+    log.validation(stage, epoch, metrics, run_step, reference=popularity, health=user_vector_health)
+    log.run_summary(settings, figures)       # the HParams tab's row of this run
 
 On --resume, `log.rewind(stage, stage_step, epoch, run_step)` (before anything is logged) cuts the CSV logs back to
 the checkpoint and opens TensorBoard with `purge_step`, so no row or event after the checkpoint appears twice.
 
 Losses stay on the device between logging steps: one host read (and one all-reduce over ranks) per `log_every`
-optimizer steps. Only rank 0 writes files; without a terminal a log line stands in for the progress bar.
+optimizer steps; the step timer's events and the gradient norms are read at that point too. Only rank 0 writes files;
+without a terminal a log line stands in for the progress bar. docs/monitoring.md lists the tags.
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from transrec.trainer.collapse_diagnostics import collapse_warning
+from transrec.trainer.model import PARAM_GROUP_NAMES
 from transrec.trainer.run_setup import LOG, peak_memory_gib
+from transrec.trainer.step_timing import PHASES, StepTimer
+from transrec.trainer.tensorboard_summaries import run_summary, write_layout
 
 ETA_AFTER_STEPS = 5  # steps timed before the estimated time per epoch is logged
 
@@ -106,6 +114,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
+            write_layout(self._writer)  # the Custom Scalars tab's charts (a step-0 event: a resume keeps it)
         return self._writer
 
     def rewind(self, stage: int, stage_step: int, epoch: int, run_step: int) -> None:
@@ -130,15 +139,28 @@ class RunLog:
                 self.writer.add_scalar(k, v, step)
 
     def epoch(self, stage: int, epoch: int, steps_per_epoch: int, first_batch: int, steps_total: int,
-              estimate: bool) -> EpochMeter:
-        return EpochMeter(self, stage, epoch, steps_per_epoch, first_batch, steps_total, estimate)
+              estimate: bool, cache_hits: Callable[[np.ndarray], int] | None = None) -> EpochMeter:
+        """`cache_hits(items)`: how many of a batch's unique items have their frozen lower blocks read from the
+        feature cache (None: no cache)."""
+        return EpochMeter(self, stage, epoch, steps_per_epoch, first_batch, steps_total, estimate, cache_hits)
 
-    def validation(self, stage: int, epoch: int, metrics: dict, step: int) -> None:
+    def validation(self, stage: int, epoch: int, metrics: dict, step: int, reference: dict | None = None,
+                   health: dict | None = None) -> None:
         """TensorBoard (eval/stageN/<metric>, at the run's optimizer step `step`), the log line and a row of
-        valid_curve.csv for one validation."""
+        valid_curve.csv for one validation; `reference`: popularity's validation metrics, drawn at the same step
+        (eval/popularity/<metric>: a flat line beside each stage's curve); `health`: the user vectors' collapse
+        diagnostics (collapse_diagnostics.user_vector_health, health/stageN/<figure>), with a warning in the log
+        when they cross the collapse thresholds."""
         shown = {k: v for k, v in metrics.items() if "@" in k}
         self.scalars({f"eval/stage{stage}/{k}": v for k, v in shown.items()}, step)
+        if reference is not None:
+            self.scalars({f"eval/popularity/{k}": v for k, v in reference.items() if "@" in k}, step)
         LOG.info(f"stage {stage} epoch {epoch} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        if health is not None:
+            self.scalars({f"health/stage{stage}/{k}": v for k, v in health.items() if k != "users"}, step)
+            warning = collapse_warning(health)
+            if warning:
+                LOG.warning(f"stage {stage} epoch {epoch}: {warning}")
         if self.rank == 0:
             curve = self.run_dir / VALID_LOG
             with open(curve, "a") as f:
@@ -153,6 +175,12 @@ class RunLog:
                 f.write("step,loss\n" if new else "")
                 f.write(f"{step},{loss:.8f}\n")
 
+    def run_summary(self, settings: dict, figures: dict[str, float], step: int) -> None:
+        """The run's row in TensorBoard's HParams tab: its resolved settings and its final figures (also written as
+        scalars, hparams/<figure>, at the run's last optimizer step `step`, which is where the tab reads them)."""
+        if self.writer is not None:
+            run_summary(self.writer, settings, figures, step)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -164,25 +192,38 @@ class EpochMeter:
     of the time per epoch, and the divergence checks."""
 
     def __init__(self, log: RunLog, stage: int, epoch: int, steps_per_epoch: int, first_batch: int,
-                 steps_total: int, estimate: bool):
-        self.log, self.stage, self.epoch = log, stage, epoch
+                 steps_total: int, estimate: bool, cache_hits: Callable[[np.ndarray], int] | None = None):
+        self.log, self.stage, self.epoch, self.cache_hits = log, stage, epoch, cache_hits
+        self.timer = StepTimer(log.device)
         self.steps_per_epoch, self.first_batch, self.steps_total = steps_per_epoch, first_batch, steps_total
         self.estimate = estimate
         self.bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"stage {stage} epoch {epoch}",
                         disable=log.rank != 0 or not sys.stderr.isatty(),  # carriage returns only on a terminal
                         unit="step", leave=False)
         self.t_start = self.t_last = time.time()
-        self.sequences, self.items, self.losses = 0.0, 0, []
+        self.losses: list[torch.Tensor] = []
+        self.grad_norms: dict[str, torch.Tensor] = {}
+        self.reset_window()
+
+    def reset_window(self) -> None:
+        self.sequences, self.items, self.cached_items, self.optimizer_steps = 0.0, 0, 0, 0
 
     def batch_in(self, batch) -> None:
         self.sequences += batch.num_real  # host values, read before the batch goes to the device
         self.items += int(batch.unique_items.numel())
+        if self.cache_hits is not None:
+            self.cached_items += self.cache_hits(batch.unique_items.numpy())
+
+    def note_grad_norms(self, norms: dict[str, torch.Tensor]) -> None:
+        """The parts' gradient norms of the optimizer step about to be taken (a logging step), logged with it."""
+        self.grad_norms = norms
 
     def step_done(self, loss: torch.Tensor, batch_index: int, optimizer_steps: int, run_step: int, boundary: bool,
-                  lr) -> None:
+                  lrs: Callable[[], list[float]]) -> None:
         """After a micro-batch: `boundary` when it ended an optimizer step (`optimizer_steps` of this stage,
-        `run_step` of the run: TensorBoard's x); `lr` gives the current learning rate."""
+        `run_step` of the run: TensorBoard's x); `lrs` gives the parameter groups' current learning rates."""
         self.losses.append(loss.detach())
+        self.optimizer_steps += boundary
         self.bar.update(1)
         if self.estimate and batch_index == self.first_batch + ETA_AFTER_STEPS - 1:
             per_step = (time.time() - self.t_start) / ETA_AFTER_STEPS
@@ -202,14 +243,33 @@ class EpochMeter:
             )
         dt = time.time() - self.t_last
         rate = self.sequences * log.world / dt
-        log.scalars({f"train/stage{stage}_loss": mean_loss, "train/lr": lr(), "perf/sequences_per_s": rate,
-                     "perf/items_encoded_per_s": self.items * log.world / dt,
-                     "mem/peak_gib": peak_memory_gib(log.device)}, run_step)
+        learning_rates = lrs()
+        log.scalars({f"train/stage{stage}_loss": mean_loss, "train/lr": learning_rates[0],
+                     **{f"lr/{PARAM_GROUP_NAMES[g]}": v for g, v in enumerate(learning_rates)},
+                     "perf/sequences_per_s": rate, "perf/items_encoded_per_s": self.items * log.world / dt,
+                     **self.window_figures(dt), "mem/peak_gib": peak_memory_gib(log.device)}, run_step)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", seq_s=f"{rate:.0f}")
         if self.bar.disable:  # no progress bar (not a terminal): a log line per logging step instead
             LOG.info(f"stage {stage} epoch {self.epoch} step {batch_index + 1}/{self.steps_per_epoch}: loss "
                      f"{mean_loss:.4f}, {rate:.0f} sequences/s")
-        self.t_last, self.sequences, self.items, self.losses = time.time(), 0.0, 0, []
+        self.t_last, self.losses, self.grad_norms = time.time(), [], {}
+        self.reset_window()
+
+    def window_figures(self, seconds: float) -> dict[str, float]:
+        """Per optimizer step of the window that ends now (`seconds` of wall time): the step time and its phases
+        (trainer/step_timing.py; `time/accounted_share`: their sum over the step time), items encoded and the share
+        of them read from the feature cache; the gradient norm of each part."""
+        steps = max(1, self.optimizer_steps)
+        phases = self.timer.read()  # CUDA: waits for the window's timing events (this step's host read came first)
+        out = {"time/step_s": seconds / steps, **{f"time/{p}_s": phases[p] / steps for p in PHASES},
+               "time/accounted_share": sum(phases.values()) / seconds if seconds > 0 else 0.0,
+               "perf/items_per_step": self.items / steps}
+        if self.cache_hits is not None:
+            out["perf/cache_hit_share"] = self.cached_items / self.items if self.items else 0.0
+        if self.grad_norms:
+            values = torch.stack(list(self.grad_norms.values())).float().cpu().tolist()
+            out.update({f"grad_norm/{part}": v for part, v in zip(self.grad_norms, values, strict=True)})
+        return out
 
     def unlogged(self) -> torch.Tensor:
         """The losses since the last logging step, on the host (a resume point saves them; a host sync, taken at

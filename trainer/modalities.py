@@ -17,17 +17,22 @@ model.image.backbone).
 
 from __future__ import annotations
 
+import functools
+import io
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from transrec.data_shards.decode import ImageDecoder
+from transrec.data_shards.decode import ImageDecoder, center_offset, resized_hw
 from transrec.data_shards.modalities import CONTENT, ContentKind, ContentOptions, content_kind, register_content
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
+from transrec.data_shards.tokenizer import load_tokenizer
 from transrec.trainer.config_checks import check_values, one_of
 from transrec.trainer.text_vocab import check_vocabulary, tokenizer_dir
 from transrec.trainer.towers import IMAGE_BACKBONES, ImageTower, TextTower, Tower
@@ -57,6 +62,11 @@ class Modality:
     export_files: Callable[[nn.Module, object, Path], dict] | None = None
     use_export_files: Callable[[object, Path, dict], None] | None = None
     backend_settings: Callable[[object], None] | None = None  # process-wide settings the section asks for
+    # a short human label of an item from its payload, for the embedding projector: describe(payload, model_config)
+    describe: Callable[[bytes, object], str] | None = None
+    # a picture of an item from its payload, for the projector's sprite: thumbnail(payload, side) -> uint8 [side,
+    # side, 3]
+    thumbnail: Callable[[bytes, int], np.ndarray] | None = None
 
     @property
     def name(self) -> str:
@@ -240,6 +250,32 @@ def _text_preprocessing(manifest: dict, cfg) -> dict:
             "model_max_tokens": cfg.text.max_tokens}
 
 
+DESCRIBE_CHARS = 60  # characters of an item's text in its projector label
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str):
+    return load_tokenizer(path)[0]
+
+
+def _text_describe(payload: bytes, cfg) -> str:
+    """The item's token ids decoded with the text encoder's tokenizer (special tokens left out), the first
+    DESCRIBE_CHARS characters."""
+    tokens = np.frombuffer(payload, dtype="<i4").tolist()
+    return _cached_tokenizer(tokenizer_dir(cfg.text.encoder)).decode(tokens, skip_special_tokens=True)[:DESCRIBE_CHARS]
+
+
+def _image_thumbnail(payload: bytes, side: int) -> np.ndarray:
+    """The JPEG as uint8 [side, side, 3] RGB: shorter side resized to `side` (bilinear), centre crop, the geometry of
+    the image tower's input (data_shards/decode.py)."""
+    with Image.open(io.BytesIO(payload)) as im:
+        im = im.convert("RGB")
+    h, w = resized_hw(im.height, im.width, side)
+    im = im.resize((w, h), Image.Resampling.BILINEAR)
+    top, left = center_offset(h, side), center_offset(w, side)
+    return np.array(im.crop((left, top, left + side, top + side)), dtype=np.uint8)
+
+
 def _image_preprocessing(manifest: dict, cfg) -> dict:
     """The image geometry and normalisation."""
     from transrec.data_shards.decode_dali import IMAGENET_MEAN, IMAGENET_STD  # optional: DALI's module, lazily
@@ -250,7 +286,7 @@ def _image_preprocessing(manifest: dict, cfg) -> dict:
 
 register(Modality(
     content_kind("text"), _text_tower, TextConfig, preprocessing=_text_preprocessing, check_shards=_text_check_shards,
-    export_files=_text_export_files, use_export_files=_text_use_export_files,
+    export_files=_text_export_files, use_export_files=_text_use_export_files, describe=_text_describe,
     legacy_keys={"text_encoder": "encoder", "max_tokens": "max_tokens", "text_attention": "attention"},
     presets={"cpu-small": ("model.text.max_tokens=32", "stage2.trainable.text=1"),
              "paper": ("model.text.encoder=bert-base-random-init", "model.text.max_tokens=32",
@@ -259,7 +295,7 @@ register(Modality(
 ))
 register(Modality(
     content_kind("image"), _image_tower, ImageConfig, preprocessing=_image_preprocessing,
-    backend_settings=_image_backend_settings,
+    backend_settings=_image_backend_settings, thumbnail=_image_thumbnail,
     legacy_keys={"image_backbone": "backbone", "image_weights": "weights", "image_size": "size",
                  "channels_last": "channels_last", "cudnn_benchmark": "cudnn_benchmark"},
     architecture=("backbone",),

@@ -320,6 +320,9 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+PARAM_GROUP_NAMES = ("main", "tower_backbones")  # optimizer_param_groups' groups, in order (TensorBoard's lr/<name>)
+
+
 def optimizer_param_groups(model: nn.Module, lr: float, tower_lr: float) -> list[dict]:
     """AdamW groups of the trainable parameters: everything at `lr`, the towers' backbones (each tower says which
     module is its backbone: `tower.backbone()`) at `tower_lr`; the backbone group is left out when nothing in it

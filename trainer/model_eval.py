@@ -6,6 +6,7 @@ whole catalogue (trainer/ranking.py). Used by the trainer after each epoch and b
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +83,29 @@ class ModelRanker:
         feats = None if chunk is None else self.user_feature_batch(chunk)
         return self.model.user_vector(vecs, mask, feats).float()
 
+    @contextmanager
+    def eval_mode(self):
+        """The model in eval mode inside the block (dropout off), in its former mode after."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
     @torch.no_grad()
     def ranks(self, data: ev.EvalUsers | ev.EvalStream, scoring: str, exclude_seen: bool) -> np.ndarray:
         """Ranks of `data`'s targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
         user . item vector (the towers' content vectors, or the ID table's)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.eval_mode():
             return self.ranks_in_eval_mode(data, scoring, exclude_seen)
-        finally:
-            self.model.train(was_training)
 
-    def ranks_in_eval_mode(self, data: ev.EvalUsers | ev.EvalStream, scoring: str, exclude_seen: bool) -> np.ndarray:
+    def ranks_in_eval_mode(self, data: ev.EvalUsers | ev.EvalStream, scoring: str, exclude_seen: bool,
+                           item_vectors: torch.Tensor | None = None) -> np.ndarray:
+        """ranks() with the model already in eval mode; `item_vectors`: this model's item_vectors(), when the caller
+        has them already (else computed here)."""
         model, settle = self.model, {"nonfinite": self.nonfinite, "what": self.source}
-        iv = self.item_vectors()
+        iv = self.item_vectors() if item_vectors is None else item_vectors
         if scoring == Scorer.FREE_HEAD:
             dtype = next(model.user_encoder.parameters()).dtype
 

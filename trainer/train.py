@@ -32,9 +32,10 @@ from transrec.trainer.checkpoint import (
 )
 from transrec.trainer.choices import STAGES, Scorer
 from transrec.trainer.compiled import set_compiled
-from transrec.trainer.config import RunConfig, StageConfig
+from transrec.trainer.config import RunConfig, StageConfig, to_dict
 from transrec.trainer.device_prefetch import prefetched, resolve_ahead
 from transrec.trainer.feature_cache import FeatureCache, resolve_store
+from transrec.trainer.grad_norms import part_grad_norms, trainable_parts
 from transrec.trainer.losses import Objective, build_objective, item_share
 from transrec.trainer.metric_log import RunLog
 from transrec.trainer.modalities import (
@@ -47,7 +48,9 @@ from transrec.trainer.modalities import (
 )
 from transrec.trainer.model import TransRec, count_parameters, optimizer_param_groups
 from transrec.trainer.model_eval import ModelRanker
+from transrec.trainer.projector import THUMBNAIL_PX, check_sprite_fits
 from transrec.trainer.report import record_scoring, write_run_results
+from transrec.trainer.run_monitoring import cache_hit_counter, run_figures, validation_health, write_run_projector
 from transrec.trainer.run_setup import (
     LOG,
     fill_ds_config,
@@ -124,6 +127,8 @@ class Trainer:
             f"world size {self.world} on {self.device}"
         )
         self.options: ContentOptions | None = None  # content_options(), made on first use
+        if cfg.monitor.projector:
+            check_sprite_fits(cfg.monitor.projector_items, THUMBNAIL_PX)  # now, not at the end of the run
         self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
         write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
         self.item_share = item_share(self.summary.counts["train"])  # the in-batch sampler's log-q
@@ -131,6 +136,7 @@ class Trainer:
             ev.EvalStream(self.shards, split, cfg.model.max_len, self.summary.users[split], self.summary.targets[split],
                           self.user_feature_names, self.rank, self.world)
             for split in ("valid", "test"))
+        self.popularity_valid: np.ndarray | None = None  # popularity's validation ranks, computed on first use
         self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
         self.global_step = self.state.get("global_step", 0)  # optimizer steps of the finished stages (TensorBoard x)
 
@@ -263,6 +269,25 @@ class Trainer:
         with gathered(self.model):  # ZeRO-3: evaluation reads weights outside module forwards
             return self.ranker().ranks(data, scoring, self.cfg.eval.exclude_seen)
 
+    @torch.no_grad()
+    def validation_ranks(self, scoring: str) -> tuple[np.ndarray, dict | None]:
+        """evaluate("valid", scoring) and, from the same item vectors, the user vectors' collapse diagnostics of the
+        first monitor.health_users validation users (None when off)."""
+        with gathered(self.model):
+            ranker = self.ranker()
+            with ranker.eval_mode():
+                iv = ranker.item_vectors()
+                ranks = ranker.ranks_in_eval_mode(self.valid_users, scoring, self.cfg.eval.exclude_seen, iv)
+                health = validation_health(ranker, iv, self.valid_users, self.cfg.monitor.health_users)
+        return ranks, health
+
+    def popularity_valid_ranks(self) -> np.ndarray:
+        """Popularity's validation ranks: the reference line of validation, and the baseline of the report."""
+        if self.popularity_valid is None:
+            self.popularity_valid = ev.popularity_ranks(self.summary.counts["valid"], self.valid_users,
+                                                        self.cfg.eval.exclude_seen)
+        return self.popularity_valid
+
     def write_ranks(self, name: str, data: ev.EvalStream, ranks: np.ndarray) -> None:
         if self.rank != 0:
             return
@@ -299,24 +324,34 @@ class Trainer:
         stage_best = self.state["stage_best"].get(str(stage))
         steps_done = engine.global_steps
         ahead = resolve_ahead(self.cfg.data.device_prefetch, self.device)  # batches made ready before their step
+        grad_parts = trainable_parts(self.model) if self.cfg.monitor.grad_norms else {}
+        cache_hits = cache_hit_counter(self.model.cache, self.store.modality_names, self.modality)
         for epoch in range(start_epoch, sc.epochs):
             loader.set_epoch(epoch)
             loader.skip_batches(skip)
-            meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch)
+            meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch,
+                                   cache_hits)
             if unlogged is not None and epoch == start_epoch:
                 meter.carry(unlogged.to(self.device))  # the losses of the steps before the checkpoint, not yet logged
-            for b_idx, (host, batch) in enumerate(prefetched(loader, self.prepare_batch, self.device, ahead),
-                                                  start=skip):
+            timer = meter.timer  # the phases of each step (trainer/step_timing.py), read on logging steps
+            batches = prefetched(timer.loader(loader), timer.timed(self.prepare_batch, "to_device"), self.device,
+                                 ahead)
+            for b_idx, (host, batch) in enumerate(batches, start=skip):
                 meter.batch_in(host)
-                loss = engine(batch, objective=obj)
-                engine.backward(loss)
-                engine.step()
+                boundary = (b_idx + 1) % sc.grad_accum == 0  # an optimizer step ends with this micro-batch
+                with timer.span("forward"):
+                    loss = engine(batch, objective=obj)
+                with timer.span("backward"):
+                    engine.backward(loss)
+                if grad_parts and boundary and (engine.global_steps + 1) % self.cfg.log_every == 0:
+                    meter.note_grad_norms(part_grad_norms(grad_parts))  # a logging step: before the step uses them
+                with timer.span("optimizer"):
+                    engine.step()
                 steps_done = engine.global_steps
-                boundary = (b_idx + 1) % sc.grad_accum == 0  # an optimizer step ended with this micro-batch
-                meter.step_done(loss, b_idx, steps_done, self.global_step + steps_done, boundary,
-                                lambda: engine.get_lr()[0])
+                meter.step_done(loss, b_idx, steps_done, self.global_step + steps_done, boundary, engine.get_lr)
                 if boundary and steps_done % self.cfg.save_every_steps == 0:
-                    self.save_resume_point(engine, stage, epoch, b_idx + 1, stale, meter.unlogged())
+                    with timer.span("checkpoint"):
+                        self.save_resume_point(engine, stage, epoch, b_idx + 1, stale, meter.unlogged())
                 if sc.max_steps and steps_done >= sc.max_steps:
                     break
             meter.close()
@@ -372,9 +407,10 @@ class Trainer:
         """Rank the validation split; keep the stage's best model by `eval.select`; early stopping's count.
         `run_step`: the run's optimizer steps so far, the x at which TensorBoard shows this validation (the x of the
         training scalars of the same step)."""
-        ranks = self.evaluate("valid", scoring)
+        ranks, health = self.validation_ranks(scoring)
         metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
-        self.log.validation(stage, epoch, metrics, run_step)
+        reference = ev.metrics_from_ranks(self.popularity_valid_ranks(), self.cfg.eval.ks)
+        self.log.validation(stage, epoch, metrics, run_step, reference=reference, health=health)
         record = {"stage": stage, "epoch": epoch, "valid": metrics, "scoring": scoring}
         select = self.cfg.eval.select
         if stage_best is None or metrics[select] > stage_best["valid"][select]:
@@ -461,7 +497,7 @@ class Trainer:
             LOG.warning(f"no content-scoring model was trained: selecting stage {best_stage} "
                         f"({record_scoring(sb[best_stage])}), which cannot rank items never seen in training")
         load_model_state(self.model, self.run_dir / f"best_stage{best_stage}.safetensors")
-        pop_valid = ev.popularity_ranks(self.summary.counts["valid"], self.valid_users, self.cfg.eval.exclude_seen)
+        pop_valid = self.popularity_valid_ranks()
         pop_test = ev.popularity_ranks(self.summary.counts["test"], self.test_users, self.cfg.eval.exclude_seen)
         test_ranks = np.load(self.run_dir / f"test_ranks_stage{best_stage}.npy") if self.rank == 0 else None
         save_export(
@@ -477,10 +513,27 @@ class Trainer:
             self.write_ranks("test_ranks", self.test_users, test_ranks)
             self.write_ranks("test_ranks_popularity", self.test_users, pop_test)
             result = self.report(best_stage, test_ranks, pop_valid, pop_test)
+        if self.cfg.monitor.projector:  # after the report: the run's results are on disk whatever happens here
+            self.write_projector()
+        if self.rank == 0:
+            self.log.run_summary(to_dict(self.cfg), run_figures(result, self.cfg.eval.select), self.global_step)
             LOG.info(f"export written to {self.run_dir / 'export'}; run directory: {self.run_dir}")
             self.log.close()
         barrier()
         return result
+
+    @torch.no_grad()
+    def write_projector(self) -> None:
+        """The selected model's item vectors and a sample of user vectors for TensorBoard's projector (rank 0 writes;
+        every rank computes, as ZeRO-3 gathers the weights on all)."""
+        with gathered(self.model):
+            ranker = self.ranker()
+            with ranker.eval_mode():
+                iv = ranker.item_vectors()
+                if self.rank == 0:
+                    written = write_run_projector(self.log.writer, self, ranker, iv)
+                    LOG.info("projector: " + ", ".join(f"{tag} {w['written']} of {w['total']}"
+                                                       for tag, w in written.items() if isinstance(w, dict)))
 
     def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion

@@ -63,6 +63,7 @@ def drop_settings_that_change_nothing(cfg: dict) -> dict:
         where = cfg if section is None else cfg[section]
         if name in where and where[name] == old:
             where.pop(name)
+    cfg.pop("monitor", None)  # what a run records for watching it: never what it trains
     if cfg.get("transfer") == default_transfer_settings():  # plain fine-tuning: what every run did before transfer=auto
         cfg.pop("transfer")
     for section, name, old in RETIRED_IN_KEY:
