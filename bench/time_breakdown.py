@@ -20,13 +20,13 @@ except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__)
 
+from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
 from transrec.trainer.step_timing import PHASES
 
 
 def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} of the run's event files (a resume's purged events dropped)."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
     board = run_dir / "tensorboard"
     if not any(board.glob("events.out.tfevents.*")):
         raise SystemExit(f"error: no TensorBoard event file in {board}: give a run directory of the trainer")

@@ -160,3 +160,19 @@ def serve_tensorboard(logdir: Path, timeout: float = 60, expect_run: str | None 
             yield url
         finally:
             _stop(process)
+
+
+def hparams_summaries(board: Path) -> dict:
+    """The HParams plugin's summaries in the event files of `board`, by kind (experiment, session start, session
+    end)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    found = {}
+    for path in sorted(board.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    found[data.WhichOneof("data")] = data
+    return found

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from transrec.trainer.grad_norms import part_grad_norms, part_of, trainable_parts
-from transrec.trainer.run_monitoring import cache_hit_counter, run_figures
+from transrec.trainer.run_monitoring import cache_hit_counter
 from transrec.trainer.step_timing import PHASES, StepTimer
-from transrec.trainer.tensorboard_summaries import flat_settings
+from transrec.trainer.tensorboard_summaries import flat_settings, run_figures
 
 
 def test_step_timer_phases_on_cpu_are_the_wall_time_of_each_block():

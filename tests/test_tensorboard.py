@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
-from tensorboard_server import TensorBoardURL, port_answers, runs, scalar_series, scalar_tags, serve_tensorboard
+from tensorboard_server import (
+    TensorBoardURL,
+    hparams_summaries,
+    port_answers,
+    runs,
+    scalar_series,
+    scalar_tags,
+    serve_tensorboard,
+)
 
 RUN = "tensorboard"  # the run name of <run_dir>/tensorboard/events.* under --logdir <run_dir>
 
@@ -141,25 +149,10 @@ def test_logging_steps_carry_the_time_breakdown_and_model_health(event_file_scal
         assert 0.5 < share.value <= 1.0
 
 
-def hparams_summaries(run_dir: Path) -> dict:
-    """The HParams plugin's summaries in the run's event files, by kind (experiment, session start, session end)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    found = {}
-    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "hparams":
-                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-                    found[data.WhichOneof("data")] = data
-    return found
-
-
 def test_the_run_writes_its_hparams_row(source_run):
     from transrec.trainer.config import read_run_config
 
-    found = hparams_summaries(source_run)
+    found = hparams_summaries(source_run / "tensorboard")
     assert set(found) == {"experiment", "session_start_info", "session_end_info"}
     start = found["session_start_info"].session_start_info.hparams
     cfg = read_run_config(source_run)

@@ -247,3 +247,20 @@ def test_the_table4_auto_row_chooses_on_validation(tmp_path):
     run("t0-again", "transfer", 0, 0.30, [50] * users)  # two runs of one row, seed and settings: which one is meant?
     with pytest.raises(SystemExit, match="t0 and t0-again are both transfer on hm-b-mixed, seed 0"):
         grouped_runs(tmp_path)
+
+
+def test_every_candidate_is_a_run_of_the_hparams_tab(auto_run):
+    """tensorboard --logdir RUN_DIR: each finished candidate's folder holds an HParams row named by the candidate
+    (the trained ones from their own runs, the training-free ones written at the selection) with its figures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard_server import hparams_summaries
+
+    run_dir, metrics, _ = auto_run
+    assert {r["status"] for r in metrics["candidates"].values()} == {"done"}
+    for name, record in metrics["candidates"].items():
+        board = run_dir / "candidates" / name / "tensorboard"
+        start = hparams_summaries(board)["session_start_info"].session_start_info.hparams
+        assert start["run"].string_value == name
+        acc = EventAccumulator(str(board))
+        acc.Reload()
+        assert acc.Scalars("hparams/valid_ndcg@10")[-1].value == pytest.approx(record["valid"]["ndcg@10"])

@@ -48,17 +48,6 @@ def validation_health(ranker, item_vectors: torch.Tensor, data: EvalStream, user
     return user_vector_health(user_vectors(ranker, item_vectors, sample), item_vectors)
 
 
-def run_figures(metrics: dict, select: str) -> dict[str, float]:
-    """The selected model's figures for the HParams tab (metrics.json: validation, test, popularity's test)."""
-    names = dict.fromkeys([select, "ndcg@10", "hr@10"])
-    figures = {f"hparams/{split}_{k}": float(metrics[split][k]) for split in ("valid", "test") for k in names
-               if k in metrics.get(split, {})}
-    if "ndcg@10" in metrics.get("popularity_test", {}):
-        figures["hparams/popularity_test_ndcg@10"] = float(metrics["popularity_test"]["ndcg@10"])
-    figures["hparams/best_stage"] = float(metrics["best"]["stage"])
-    return figures
-
-
 def write_run_projector(writer, trainer, ranker, item_vectors: torch.Tensor) -> dict:
     """The selected model's item vectors (with id, label, modality, training count; posters as the sprite) and the
     user vectors of the first validation users (with their history length) for TensorBoard's projector, capped by

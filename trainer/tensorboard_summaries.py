@@ -11,8 +11,7 @@
 from __future__ import annotations
 
 import json
-
-from torch.utils.tensorboard.summary import hparams
+from pathlib import Path
 
 from transrec.trainer.step_timing import PHASES
 
@@ -59,12 +58,34 @@ def flat_settings(settings: dict, prefix: str = "") -> dict:
     return out
 
 
+def run_figures(metrics: dict, select: str) -> dict[str, float]:
+    """The selected model's figures for the HParams tab (metrics.json: validation, test, popularity's test)."""
+    names = dict.fromkeys([select, "ndcg@10", "hr@10"])
+    figures = {f"hparams/{split}_{k}": float(metrics[split][k]) for split in ("valid", "test") for k in names
+               if k in metrics.get(split, {})}
+    if "ndcg@10" in metrics.get("popularity_test", {}):
+        figures["hparams/popularity_test_ndcg@10"] = float(metrics["popularity_test"]["ndcg@10"])
+    figures["hparams/best_stage"] = float(metrics["best"]["stage"])
+    return figures
+
+
 def run_summary(writer, settings: dict, figures: dict[str, float], step: int = 0) -> None:
     """`settings`: the run's resolved configuration (config.to_dict), flattened to one column each; `figures`: tag ->
     value (e.g. "hparams/valid_ndcg@10"), written as scalars at `step` as well, where the HParams tab reads them."""
+    from torch.utils.tensorboard.summary import hparams  # optional: imports tensorboard, lazily (rank 0 only)
+
     experiment, start, end = hparams(flat_settings(settings), figures)
     for summary in (experiment, start, end):
         writer.file_writer.add_summary(summary, step)
     for tag, value in figures.items():
         writer.add_scalar(tag, value, step)
     writer.flush()
+
+
+def write_row(board: Path, settings: dict, figures: dict[str, float]) -> None:
+    """A run that trained nothing (a training-free transfer candidate) as a row of the HParams tab: an event file of
+    its own in `board` holding run_summary's row at step 0."""
+    from torch.utils.tensorboard import SummaryWriter  # optional: imports tensorboard, lazily
+
+    with SummaryWriter(str(board)) as writer:
+        run_summary(writer, settings, figures)

@@ -50,7 +50,7 @@ from transrec.trainer.model import TransRec, count_parameters, optimizer_param_g
 from transrec.trainer.model_eval import ModelRanker
 from transrec.trainer.projector import THUMBNAIL_PX, check_sprite_fits
 from transrec.trainer.report import record_scoring, write_run_results
-from transrec.trainer.run_monitoring import cache_hit_counter, run_figures, validation_health, write_run_projector
+from transrec.trainer.run_monitoring import cache_hit_counter, validation_health, write_run_projector
 from transrec.trainer.run_setup import (
     LOG,
     fill_ds_config,
@@ -62,6 +62,7 @@ from transrec.trainer.run_setup import (
     write_run_record,
 )
 from transrec.trainer.run_stats import write_ranks
+from transrec.trainer.tensorboard_summaries import run_figures
 
 
 class Trainer:
@@ -127,8 +128,11 @@ class Trainer:
             f"world size {self.world} on {self.device}"
         )
         self.options: ContentOptions | None = None  # content_options(), made on first use
-        if cfg.monitor.projector:
-            check_sprite_fits(cfg.monitor.projector_items, THUMBNAIL_PX)  # now, not at the end of the run
+        if cfg.monitor.projector:  # checked now, not at the end of the run
+            try:
+                check_sprite_fits(cfg.monitor.projector_items, THUMBNAIL_PX)
+            except ValueError as e:
+                raise ValueError(f"monitor.projector_items={cfg.monitor.projector_items}: {e}") from None
         self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
         write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
         self.item_share = item_share(self.summary.counts["train"])  # the in-batch sampler's log-q
@@ -516,7 +520,8 @@ class Trainer:
         if self.cfg.monitor.projector:  # after the report: the run's results are on disk whatever happens here
             self.write_projector()
         if self.rank == 0:
-            self.log.run_summary(to_dict(self.cfg), run_figures(result, self.cfg.eval.select), self.global_step)
+            self.log.run_summary({"run": self.run_dir.name, **to_dict(self.cfg)},
+                                 run_figures(result, self.cfg.eval.select), self.global_step)
             LOG.info(f"export written to {self.run_dir / 'export'}; run directory: {self.run_dir}")
             self.log.close()
         barrier()

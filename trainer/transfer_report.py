@@ -13,6 +13,7 @@ from transrec.trainer.config import RunConfig
 from transrec.trainer.ranking import metrics_from_ranks
 from transrec.trainer.run_setup import LOG
 from transrec.trainer.run_stats import read_ranks
+from transrec.trainer.tensorboard_summaries import run_figures, write_row
 from transrec.trainer.transfer_plan import Candidate, judge
 
 # the chosen candidate's files that make RUN_DIR read as a finished run (trainer.compare, trainer.evaluate)
@@ -93,6 +94,7 @@ def write_selection(run_dir: Path, cfg: RunConfig, plan: list[Candidate]) -> dic
             raise ValueError("transfer=auto: the scratch candidate ranked other test users than the chosen one")
         intervals["scratch"] = {m: judge(ranks, s_ranks, m, n_boot) for m in ("hr@10", "ndcg@10")}
     judged = verdict(run_dir, records, metric, n_boot)
+    write_training_free_rows(run_dir, cfg, records, metric)
     metrics = json.loads((src / "metrics.json").read_text())
     metrics["candidates"] = records
     metrics["transfer"] = {"mode": "auto", "selected": chosen, "select": metric, "verdict": judged,
@@ -105,6 +107,19 @@ def write_selection(run_dir: Path, cfg: RunConfig, plan: list[Candidate]) -> dic
     LOG.info(f"[transfer] selected {chosen} ({records[chosen]['label']}) on validation; {judged['line']}; export "
              f"written to {run_dir / 'export'}")
     return metrics
+
+
+def write_training_free_rows(run_dir: Path, cfg: RunConfig, records: dict[str, dict], metric: str) -> None:
+    """Each finished candidate that trained nothing (no TensorBoard folder of its own: the training-free ones) gets
+    an HParams row in candidates/<name>/tensorboard, so `tensorboard --logdir RUN_DIR` compares every candidate in
+    the HParams tab, the trained ones by the rows their runs wrote."""
+    for name, record in records.items():
+        board = run_dir / "candidates" / name / "tensorboard"
+        if record["status"] != "done" or board.exists():
+            continue
+        metrics = json.loads((board.parent / "metrics.json").read_text())
+        write_row(board, {"run": name, "candidate": record["label"], "init_from": cfg.init_from, "trains": False},
+                  run_figures(metrics, metric))
 
 
 def _cell(iv: dict | None) -> str:
