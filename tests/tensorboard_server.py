@@ -71,6 +71,14 @@ def get_json(base: str, path: str, params: dict | None = None, data: dict | None
         return json.load(response)
 
 
+def post_json(base: str, path: str, payload: dict):
+    """The decoded JSON answer of a POST of `payload` as JSON to base + path (the HParams plugin's requests)."""
+    request = urllib.request.Request(base.rstrip("/") + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with _OPENER.open(request, timeout=_REQUEST_TIMEOUT) as response:
+        return json.load(response)
+
+
 def runs(base: str) -> list[str]:
     """/data/runs: the names of the runs that the server has found under its logdir."""
     return get_json(base, "/data/runs")

@@ -19,8 +19,10 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard_server import (
     TensorBoardURL,
+    get_json,
     hparams_summaries,
     port_answers,
+    post_json,
     runs,
     scalar_series,
     scalar_tags,
@@ -92,6 +94,17 @@ def test_served_stage1_loss_is_the_loss_csv(tensorboard, source_run):
     assert rows
     assert [step for step, _ in served] == [step for step, _ in rows]
     assert [value for _, value in served] == pytest.approx([loss for _, loss in rows], abs=1e-6)
+
+
+def test_the_hparams_layout_and_projector_are_served(tensorboard):
+    """The HParams tab's experiment (the run's settings and metric columns), the Custom Scalars layout and the
+    projector's run, as the real backend serves them to the browser."""
+    experiment = post_json(tensorboard, "/data/plugin/hparams/experiment", {"experimentName": ""})
+    assert "stage1.lr" in {h["name"] for h in experiment["hparamInfos"]}
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} >= {"hparams/valid_ndcg@10", "hparams/test_ndcg@10"}
+    layout = get_json(tensorboard, "/data/plugin/custom_scalars/layout")
+    assert [c["title"] for c in layout["category"]][0] == "validation"
+    assert RUN in get_json(tensorboard, "/data/plugin/projector/runs")
 
 
 def test_the_server_is_gone_after_the_block(source_run):
