@@ -292,6 +292,23 @@ def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
     # popularity comes from the per-item counts, which each rank counts over its own users and all-reduces
     p1, p2 = (json.loads((d / "metrics.json").read_text())["popularity_test"] for d in (one, two))
     assert p1 == p2 and p1["users"] == 943
+    # the parts' gradient norms: two ranks hold half of ZeRO-2's gradient partitions each, and the norms gathered from
+    # them are those of one rank's whole gradient (trainer/grad_norms.py)
+    norms = [grad_norms(d) for d in (one, two)]
+    assert set(norms[0]) == set(norms[1]) >= {"grad_norm/user_encoder", "grad_norm/towers.text"}
+    for tag, points in norms[0].items():
+        assert [s for s, _ in points] == [s for s, _ in norms[1][tag]] == [1, 2, 3, 4]
+        assert [v for _, v in norms[1][tag]] == pytest.approx([v for _, v in points], rel=1e-3), tag
+
+
+def grad_norms(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{grad_norm/<part>: [(step, norm)]} of the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag.startswith("grad_norm/")}
 
 
 def test_two_nodes_match_one_node_with_two_ranks(ml_shards, tiny_bert_dir, tmp_path):
