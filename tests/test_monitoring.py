@@ -164,3 +164,37 @@ def test_time_breakdown_weighs_each_window_by_its_steps():
     assert b["accounted_share"] == pytest.approx(0.9 / 1.5)
     assert b["worst_window_share"] == 0.45 and b["windows"] == 3
     assert stage_breakdown(scalars, 2) is None
+
+
+def test_an_epochs_end_hands_its_part_of_the_window_to_the_next_epoch(tmp_path, monkeypatch):
+    """log_every 4 over epochs of 3 steps: the window logged at step 4 holds epoch 0's steps 1-3 and epoch 1's step 4
+    (their time, items and cache hits), not the pause between the epochs (validation); its loss is epoch 1's alone."""
+    from types import SimpleNamespace
+
+    from transrec.trainer.metric_log import RunLog
+
+    log = RunLog(tmp_path, rank=0, world=1, device=torch.device("cpu"), log_every=4)
+    logged = []
+    monkeypatch.setattr(log, "scalars", lambda values, step: logged.append((step, values)))
+    batch = SimpleNamespace(num_real=2, unique_items=torch.tensor([0, 1, 2]))
+
+    def train(meter, steps, first_step, loss):
+        for b in range(steps):
+            meter.batch_in(batch)
+            with meter.timer.span("forward"):
+                time.sleep(0.02)
+            meter.step_done(torch.tensor(loss), b, first_step + b, first_step + b, True, lambda: [0.1])
+
+    meter = log.epoch(1, 0, 3, 0, 6, estimate=False, cache_hits=lambda items: 1)
+    train(meter, 3, 1, loss=1.0)
+    window = meter.close()
+    assert (window.optimizer_steps, window.items, window.cached_items) == (3, 9, 3) and not logged
+    time.sleep(0.2)  # the validation between the epochs
+    meter = log.epoch(1, 1, 3, 0, 6, estimate=False, cache_hits=lambda items: 1, window=window)
+    train(meter, 1, 4, loss=2.0)
+    [(step, values)] = logged
+    assert step == 4 and values["train/stage1_loss"] == 2.0
+    assert values["perf/items_per_step"] == 3.0 and values["perf/cache_hit_share"] == pytest.approx(1 / 3)
+    assert values["time/forward_s"] == pytest.approx(0.02, abs=0.01)
+    assert values["time/step_s"] < 0.02 + 0.2 / 4  # the pause is in no window
+    assert values["time/accounted_share"] > 0.8

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +140,13 @@ class RunLog:
                 self.writer.add_scalar(k, v, step)
 
     def epoch(self, stage: int, epoch: int, steps_per_epoch: int, first_batch: int, steps_total: int,
-              estimate: bool, cache_hits: Callable[[np.ndarray], int] | None = None) -> EpochMeter:
+              estimate: bool, cache_hits: Callable[[np.ndarray], int] | None = None,
+              window: Window | None = None) -> EpochMeter:
         """`cache_hits(items)`: how many of a batch's unique items have their frozen lower blocks read from the
-        feature cache (None: no cache)."""
-        return EpochMeter(self, stage, epoch, steps_per_epoch, first_batch, steps_total, estimate, cache_hits)
+        feature cache (None: no cache); `window`: what the previous epoch of the stage left of a logging window
+        (EpochMeter.close)."""
+        return EpochMeter(self, stage, epoch, steps_per_epoch, first_batch, steps_total, estimate, cache_hits,
+                          window)
 
     def validation(self, stage: int, epoch: int, metrics: dict, step: int, reference: dict | None = None,
                    health: dict | None = None) -> None:
@@ -187,12 +191,28 @@ class RunLog:
             self._writer = None
 
 
+@dataclass
+class Window:
+    """What the time and throughput figures of a logging window have counted: the steps since the last logging step.
+    An epoch that ends between two logging steps hands its part of the window to the next epoch of the stage
+    (EpochMeter.close), so every step's time is in a window, and the validation between them in none."""
+
+    seconds: float = 0.0  # wall time of the window's steps before the current epoch's meter started
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # the same, per phase
+    optimizer_steps: int = 0
+    sequences: float = 0.0
+    items: int = 0
+    cached_items: int = 0
+
+
 class EpochMeter:
     """One epoch's progress: the bar (or its log lines), throughput, the loss on logging steps, the first estimate
     of the time per epoch, and the divergence checks."""
 
     def __init__(self, log: RunLog, stage: int, epoch: int, steps_per_epoch: int, first_batch: int,
-                 steps_total: int, estimate: bool, cache_hits: Callable[[np.ndarray], int] | None = None):
+                 steps_total: int, estimate: bool, cache_hits: Callable[[np.ndarray], int] | None = None,
+                 window: Window | None = None):
+        """`window`: the part of a logging window the stage's previous epoch ended in (its close())."""
         self.log, self.stage, self.epoch, self.cache_hits = log, stage, epoch, cache_hits
         self.timer = StepTimer(log.device)
         self.steps_per_epoch, self.first_batch, self.steps_total = steps_per_epoch, first_batch, steps_total
@@ -203,16 +223,14 @@ class EpochMeter:
         self.t_start = self.t_last = time.time()
         self.losses: list[torch.Tensor] = []
         self.grad_norms: dict[str, torch.Tensor] = {}
-        self.reset_window()
-
-    def reset_window(self) -> None:
-        self.sequences, self.items, self.cached_items, self.optimizer_steps = 0.0, 0, 0, 0
+        self.window = window or Window()
 
     def batch_in(self, batch) -> None:
-        self.sequences += batch.num_real  # host values, read before the batch goes to the device
-        self.items += int(batch.unique_items.numel())
+        w = self.window
+        w.sequences += batch.num_real  # host values, read before the batch goes to the device
+        w.items += int(batch.unique_items.numel())
         if self.cache_hits is not None:
-            self.cached_items += self.cache_hits(batch.unique_items.numpy())
+            w.cached_items += self.cache_hits(batch.unique_items.numpy())
 
     def note_grad_norms(self, norms: dict[str, torch.Tensor]) -> None:
         """The parts' gradient norms of the optimizer step about to be taken (a logging step), logged with it."""
@@ -223,7 +241,7 @@ class EpochMeter:
         """After a micro-batch: `boundary` when it ended an optimizer step (`optimizer_steps` of this stage,
         `run_step` of the run: TensorBoard's x); `lrs` gives the parameter groups' current learning rates."""
         self.losses.append(loss.detach())
-        self.optimizer_steps += boundary
+        self.window.optimizer_steps += boundary
         self.bar.update(1)
         if self.estimate and batch_index == self.first_batch + ETA_AFTER_STEPS - 1:
             per_step = (time.time() - self.t_start) / ETA_AFTER_STEPS
@@ -241,31 +259,32 @@ class EpochMeter:
                 f"in {log.run_dir / 'checkpoints'} is intact. Lower the learning rate (stage{stage}.lr) "
                 "or check the input data."
             )
-        dt = time.time() - self.t_last
-        rate = self.sequences * log.world / dt
+        dt = self.window.seconds + time.time() - self.t_last
+        rate = self.window.sequences * log.world / dt
         learning_rates = lrs()
         log.scalars({f"train/stage{stage}_loss": mean_loss, "train/lr": learning_rates[0],
                      **{f"lr/{PARAM_GROUP_NAMES[g]}": v for g, v in enumerate(learning_rates)},
-                     "perf/sequences_per_s": rate, "perf/items_encoded_per_s": self.items * log.world / dt,
+                     "perf/sequences_per_s": rate, "perf/items_encoded_per_s": self.window.items * log.world / dt,
                      **self.window_figures(dt), "mem/peak_gib": peak_memory_gib(log.device)}, run_step)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", seq_s=f"{rate:.0f}")
         if self.bar.disable:  # no progress bar (not a terminal): a log line per logging step instead
             LOG.info(f"stage {stage} epoch {self.epoch} step {batch_index + 1}/{self.steps_per_epoch}: loss "
                      f"{mean_loss:.4f}, {rate:.0f} sequences/s")
-        self.t_last, self.losses, self.grad_norms = time.time(), [], {}
-        self.reset_window()
+        self.t_last, self.losses, self.grad_norms, self.window = time.time(), [], {}, Window()
 
     def window_figures(self, seconds: float) -> dict[str, float]:
         """Per optimizer step of the window that ends now (`seconds` of wall time): the step time and its phases
         (trainer/step_timing.py; `time/accounted_share`: their sum over the step time), items encoded and the share
         of them read from the feature cache; the gradient norm of each part."""
-        steps = max(1, self.optimizer_steps)
-        phases = self.timer.read()  # CUDA: waits for the window's timing events (this step's host read came first)
+        w = self.window
+        steps = max(1, w.optimizer_steps)
+        timed = self.timer.read()  # CUDA: waits for the window's timing events (this step's host read came first)
+        phases = {p: w.phases[p] + timed[p] for p in PHASES}
         out = {"time/step_s": seconds / steps, **{f"time/{p}_s": phases[p] / steps for p in PHASES},
                "time/accounted_share": sum(phases.values()) / seconds if seconds > 0 else 0.0,
-               "perf/items_per_step": self.items / steps}
+               "perf/items_per_step": w.items / steps}
         if self.cache_hits is not None:
-            out["perf/cache_hit_share"] = self.cached_items / self.items if self.items else 0.0
+            out["perf/cache_hit_share"] = w.cached_items / w.items if w.items else 0.0
         if self.grad_norms:
             values = torch.stack(list(self.grad_norms.values())).float().cpu().tolist()
             out.update({f"grad_norm/{part}": v for part, v in zip(self.grad_norms, values, strict=True)})
@@ -280,14 +299,21 @@ class EpochMeter:
         """Continue a window from a resume point: `losses` (unlogged() of the run before) enter the next logged mean."""
         self.losses = [*losses.unbind(), *self.losses]
 
-    def close(self) -> None:
-        """End of the epoch: the losses since the last logging step must be finite."""
+    def close(self) -> Window:
+        """End of the epoch: the losses since the last logging step must be finite. Returns the window the epoch
+        ended in (its steps since the last logging step, their time and counts), for the stage's next epoch to
+        continue; the losses of those steps are not carried (a window's loss is of one epoch)."""
         self.bar.close()
         if self.losses and not math.isfinite(float(torch.stack(self.losses).float().mean())):
             raise TrainingDiverged(
                 f"stage {self.stage} epoch {self.epoch}: loss is not finite; the last good checkpoint "
                 f"in {self.log.run_dir / 'checkpoints'} is intact. Lower stage{self.stage}.lr."
             )
+        w = self.window
+        w.seconds += time.time() - self.t_last
+        timed = self.timer.read()  # CUDA: waits for the epoch's last timing events; validation follows and syncs
+        w.phases = {p: w.phases[p] + timed[p] for p in PHASES}
+        return w
 
     def _mean_across_ranks(self) -> float:
         total = torch.stack(self.losses).float().mean().reshape(1)

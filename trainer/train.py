@@ -330,11 +330,12 @@ class Trainer:
         ahead = resolve_ahead(self.cfg.data.device_prefetch, self.device)  # batches made ready before their step
         grad_parts = trainable_parts(self.model) if self.cfg.monitor.grad_norms else {}
         cache_hits = cache_hit_counter(self.model.cache, self.store.modality_names, self.modality)
+        window = None  # the logging window an epoch's end cut, continued by the next epoch (time figures)
         for epoch in range(start_epoch, sc.epochs):
             loader.set_epoch(epoch)
             loader.skip_batches(skip)
             meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch,
-                                   cache_hits)
+                                   cache_hits, window)
             if unlogged is not None and epoch == start_epoch:
                 meter.carry(unlogged.to(self.device))  # the losses of the steps before the checkpoint, not yet logged
             timer = meter.timer  # the phases of each step (trainer/step_timing.py), read on logging steps
@@ -358,7 +359,7 @@ class Trainer:
                         self.save_resume_point(engine, stage, epoch, b_idx + 1, stale, meter.unlogged())
                 if sc.max_steps and steps_done >= sc.max_steps:
                     break
-            meter.close()
+            window = meter.close()
             skip = 0
             stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best, scoring,
                                                     self.global_step + steps_done)
