@@ -164,7 +164,8 @@ class RunLog:
             self.scalars({f"health/stage{stage}/{k}": v for k, v in health.items() if k != "users"}, step)
             warning = collapse_warning(health)
             if warning:
-                LOG.warning(f"stage {stage} epoch {epoch}: {warning}")
+                early = " (a stage's first epoch often starts there: it is a failure when later epochs stay)"
+                LOG.warning(f"stage {stage} epoch {epoch}: {warning}{early if epoch == 0 else ''}")
         if self.rank == 0:
             curve = self.run_dir / VALID_LOG
             with open(curve, "a") as f:
