@@ -192,9 +192,34 @@ def test_an_epochs_end_hands_its_part_of_the_window_to_the_next_epoch(tmp_path, 
     time.sleep(0.2)  # the validation between the epochs
     meter = log.epoch(1, 1, 3, 0, 6, estimate=False, cache_hits=lambda items: 1, window=window)
     train(meter, 1, 4, loss=2.0)
+    log.close()
     [(step, values)] = logged
     assert step == 4 and values["train/stage1_loss"] == 2.0
     assert values["perf/items_per_step"] == 3.0 and values["perf/cache_hit_share"] == pytest.approx(1 / 3)
     assert values["time/forward_s"] == pytest.approx(0.02, abs=0.01)
     assert values["time/step_s"] < 0.02 + 0.2 / 4  # the pause is in no window
     assert values["time/accounted_share"] > 0.8
+
+
+def test_validation_logs_health_and_warns_when_it_crosses_the_threshold(tmp_path, monkeypatch):
+    from transrec.trainer import metric_log
+    from transrec.trainer.metric_log import RunLog
+
+    log = RunLog(tmp_path, rank=0, world=1, device=torch.device("cpu"), log_every=1)
+    logged, warnings = [], []
+    monkeypatch.setattr(log, "scalars", lambda values, step: logged.append((step, values)))
+    monkeypatch.setattr(metric_log.LOG, "warning", warnings.append)
+    healthy = {"users": 500, "mean_pairwise_cosine": 0.3, "same_top10_share": 0.1, "effective_rank": 20.0}
+    collapsed = {**healthy, "mean_pairwise_cosine": 0.93}
+    log.validation(1, 0, {"ndcg@10": 0.1}, 40, reference={"ndcg@10": 0.03}, health=healthy)
+    assert logged == [(40, {"eval/stage1/ndcg@10": 0.1}), (40, {"eval/popularity/ndcg@10": 0.03}),
+                      (40, {"health/stage1/mean_pairwise_cosine": 0.3, "health/stage1/same_top10_share": 0.1,
+                            "health/stage1/effective_rank": 20.0})]
+    assert warnings == []
+    log.validation(2, 3, {"ndcg@10": 0.1}, 80, health=collapsed)
+    [warning] = warnings
+    assert warning.startswith("stage 2 epoch 3: user vectors look collapsed: mean pairwise cosine 0.93 >= 0.85")
+    assert "first epoch" not in warning
+    log.validation(2, 0, {"ndcg@10": 0.1}, 90, health=collapsed)
+    log.close()
+    assert "a stage's first epoch often starts there" in warnings[-1]
