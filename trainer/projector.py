@@ -14,8 +14,9 @@ writes `<tag>/tensors.tsv`, `metadata.tsv` and `sprite.png` under the writer's l
 
 Caps: at most ITEM_CAP items and USER_CAP users are written; beyond a cap a seeded uniform sample without replacement
 is written, in index order, and the returned summary says so (`{"written", "total", "sampled", "cap"}` per tag).
-The tensors are plain text (about 10 bytes per value) and the projector loads and lays out every row in the browser:
-a few thousand rows stay a few MB and open in seconds, a full catalogue of 100k items would not. The sprite is one
+The tensors are plain text (about 20 bytes per value: 1,682 items of 256 values take 8.7 MB) and the projector
+loads and lays out every row in the browser: a few thousand rows open in seconds, a full catalogue of 100k items
+would not. The sprite is one
 PNG of ceil(sqrt(rows)) tiles a side, and the projector takes at most SPRITE_MAX_PX a side: the item cap and the tile
 size must fit it (checked).
 
