@@ -133,48 +133,61 @@ def score_target(export: Path, target_shards: Path, source_shards: Path, feature
     best = max(names, key=lambda n: (out["rows"][n]["valid"][metric], -names.index(n)))
     out["rows"]["training-free auto"] = {**out["rows"][best], "chose": best}
 
-    # -- diagnosis -------------------------------------------------------------------------------------------
-    d = out["diagnosis"]
+    out["diagnosis"] = {**target_diagnosis(ranker, user, iv, valid, test, counts_valid),
+                        **source_diagnosis(export, source_shards, feature_store, max_len, n_items, exclude_seen)}
+    return out
+
+
+def target_diagnosis(ranker, user, iv, valid: ev.EvalUsers, test: ev.EvalUsers, counts_valid: np.ndarray) -> dict:
+    """The target's side of the diagnosis: its test targets by modality, and how the export's item-vector norms and
+    mean zero-shot scores follow the target's popularity."""
+    n_items = ranker.store.num_items
     modality = np.asarray(ranker.store.modality)[test.targets]
-    d["target_modality"] = {ranker.store.modality_names[int(m)]: int((modality == m).sum())
-                            for m in np.unique(modality)}
-    d["test_target_modality"] = modality.tolist()
-    d["modality_names"] = list(ranker.store.modality_names)
     scores_t = mean_scores(user, iv, valid)
     top = np.argsort(-counts_valid, kind="stable")[:10]
-    d["target"] = {
-        "items": n_items,
-        "spearman_norm_vs_target_count": spearman(iv.norm(dim=1).numpy(), counts_valid),
-        "spearman_mean_score_vs_target_count": spearman(scores_t, counts_valid),
-        # the mean zero-shot score's percentile (0 = lowest, 1 = highest) of the 10 items most popular in the
-        # target's training portion
-        "top10_popular_score_percentile": float(np.mean([(scores_t < scores_t[i]).mean() for i in top])),
+    return {
+        "target_modality": {ranker.store.modality_names[int(m)]: int((modality == m).sum())
+                            for m in np.unique(modality)},
+        "test_target_modality": modality.tolist(),
+        "modality_names": list(ranker.store.modality_names),
+        "target": {
+            "items": n_items,
+            "spearman_norm_vs_target_count": spearman(iv.norm(dim=1).numpy(), counts_valid),
+            "spearman_mean_score_vs_target_count": spearman(scores_t, counts_valid),
+            # the mean zero-shot score's percentile (0 = lowest, 1 = highest) of the 10 items most popular in the
+            # target's training portion
+            "top10_popular_score_percentile": float(np.mean([(scores_t < scores_t[i]).mean() for i in top])),
+        },
     }
+
+
+def source_diagnosis(export: Path, source_shards: Path, feature_store: Path, max_len: int, target_items: int,
+                     exclude_seen: bool) -> dict:
+    """The source's side: the same popularity correlations on the source catalogue, and the export on the source's
+    own test split, whole and with its catalogue cut to the target's size (a seeded random cut)."""
     src = ranker_from_export(export, source_shards, show_progress=False, feature_store=feature_store)
     iv_s = src.item_vectors()
     n_src = src.store.num_items
     counts_src = ev.SplitSummary.from_records(src.sequences, n_src).counts
-    counts_s = counts_src["valid"]
+    counts_s, counts_s_test = counts_src["valid"], counts_src["test"]
     valid_s = ev.eval_users(src.sequences, "valid", max_len)
     test_s = ev.eval_users(src.sequences, "test", max_len)
     user_s = model_user_fn(src, iv_s)
-    d["source"] = {"items": n_src,
-                   "spearman_norm_vs_source_count": spearman(iv_s.norm(dim=1).numpy(), counts_s),
-                   "spearman_mean_score_vs_source_count": spearman(mean_scores(user_s, iv_s, valid_s), counts_s)}
-    # the source model on its own test split, its catalogue cut to the target's size (a seeded random cut)
-    counts_s_test = counts_src["test"]
-    if n_src > n_items:
-        drop = np.random.default_rng(0).choice(n_src, n_src - n_items, replace=False)
+    d = {"source": {"items": n_src,
+                    "spearman_norm_vs_source_count": spearman(iv_s.norm(dim=1).numpy(), counts_s),
+                    "spearman_mean_score_vs_source_count": spearman(mean_scores(user_s, iv_s, valid_s), counts_s)}}
+    if n_src > target_items:
+        drop = np.random.default_rng(0).choice(n_src, n_src - target_items, replace=False)
         cut = with_excluded(test_s, drop)
         own = scoring_ranks(user_s, iv_s, cut, Scoring("model"), counts_s_test, exclude_seen)
         own_pop = ev.popularity_ranks(counts_s_test, cut, exclude_seen)
-        d["source_at_target_size"] = {"items": n_items, "model": ev.metrics_from_ranks(own),
+        d["source_at_target_size"] = {"items": target_items, "model": ev.metrics_from_ranks(own),
                                       "popularity": ev.metrics_from_ranks(own_pop)}
     own_full = scoring_ranks(user_s, iv_s, test_s, Scoring("model"), counts_s_test, exclude_seen)
     d["source_own_test"] = {"items": n_src, "model": ev.metrics_from_ranks(own_full),
                             "popularity": ev.metrics_from_ranks(ev.popularity_ranks(counts_s_test, test_s,
                                                                                     exclude_seen))}
-    return out
+    return d
 
 
 def run(suite, split: str, source_model: str, seeds: list[int], metric: str) -> list[dict]:
