@@ -125,17 +125,14 @@ def spread_report(ranker, split: str = "valid", users: int = 500, seed: int = 0)
     """The layer-by-layer cosines and shares, and the user vectors' effective rank, same-top-10 share and score
     spreads (user_vector_health), of `ranker`'s model (trainer.model_eval) on a seeded sample of `users` of the
     split's evaluated users (all of them when fewer)."""
-    model = ranker.model
-    was_training = model.training
-    model.eval()
-    data = eval_users(ranker.sequences, split, model.cfg.max_len)
+    data = eval_users(ranker.sequences, split, ranker.model.cfg.max_len)
     if len(data) < 2:
         raise ValueError(f"the {split} split has {len(data)} evaluated users: at least 2 are needed")
     take = np.sort(np.random.default_rng(seed).choice(len(data), min(users, len(data)), replace=False))
     sample = data.take(take)
-    items = ranker.item_vectors()
-    states = last_position_states(ranker, items, torch.as_tensor(sample.histories, device=items.device))
-    model.train(was_training)
+    with ranker.eval_mode():
+        items = ranker.item_vectors()
+        states = last_position_states(ranker, items, torch.as_tensor(sample.histories, device=items.device))
     health = user_vector_health(states["user vector"], items)
     return {
         "split": split,

@@ -30,20 +30,20 @@ def trainable_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return parts
 
 
-def full_grad(p: nn.Parameter) -> torch.Tensor | None:
-    """The parameter's whole gradient under any ZeRO stage (DeepSpeed's accessor), or its .grad without DeepSpeed."""
+def full_grad_reader():
+    """p -> p's whole gradient under any ZeRO stage (DeepSpeed's accessor), or p.grad without DeepSpeed."""
     try:
         from deepspeed.utils import safe_get_full_grad  # optional: DeepSpeed's module, lazily
     except ImportError:  # pragma: no cover - the trainer always has DeepSpeed
-        return p.grad
-    return safe_get_full_grad(p)
+        return lambda p: p.grad
+    return safe_get_full_grad
 
 
 @torch.no_grad()
 def part_grad_norms(parts: dict[str, list[nn.Parameter]]) -> dict[str, torch.Tensor]:
     """{part: L2 norm of its gradient} as 0-d device tensors; a part none of whose parameters has a gradient (not
     reached by this step's loss) is left out."""
-    norms = {}
+    full_grad, norms = full_grad_reader(), {}
     for part, params in parts.items():
         squares = [g.float().pow(2).sum() for g in map(full_grad, params) if g is not None]
         if squares:

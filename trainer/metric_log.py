@@ -9,7 +9,7 @@
         meter.step_done(loss, b, optimizer_steps, run_step, boundary, lrs)
     meter.close()                             # the epoch's losses were finite, or TrainingDiverged
     log.validation(stage, epoch, metrics, run_step, reference=popularity, health=user_vector_health)
-    log.run_summary(settings, figures)       # the HParams tab's row of this run
+    log.run_summary(settings, figures, run_step)  # the HParams tab's row of this run
 
 On --resume, `log.rewind(stage, stage_step, epoch, run_step)` (before anything is logged) cuts the CSV logs back to
 the checkpoint and opens TensorBoard with `purge_step`, so no row or event after the checkpoint appears twice.

@@ -29,7 +29,7 @@ def cache_hit_counter(cache, modality_names: tuple[str, ...], modality: np.ndarr
 
 def first_users(data: EvalStream, users: int) -> EvalUsers | None:
     """This rank's first `users` evaluated users of the split (the same users at every validation, so the curves
-    compare like with like); None when there are none."""
+    compare like with like); None when there are none (a chunk of the stream is never empty)."""
     return next(data.chunks(users), None) if users else None
 
 
@@ -53,14 +53,13 @@ def write_run_projector(writer, trainer, ranker, item_vectors: torch.Tensor) -> 
     user vectors of the first validation users (with their history length) for TensorBoard's projector, capped by
     monitor.projector_items / projector_users (trainer/projector.py)."""
     monitor = trainer.cfg.monitor
-    sample = first_users(trainer.valid_users, monitor.projector_users)
-    users = sample if sample is not None and len(sample) else None
+    users = first_users(trainer.valid_users, monitor.projector_users)  # None when this rank evaluates no user
     vectors = (user_vectors(ranker, item_vectors, users) if users is not None
                else torch.zeros(0, item_vectors.shape[1]))
     ids = read_id_maps(trainer.shards)
     return write_projector(
-        writer, trainer.store, trainer.modality, trainer.cfg.model, item_vectors.cpu().numpy(),
-        trainer.summary.counts["train"], ids["items"], vectors.cpu().numpy(),
+        writer, trainer.store, trainer.modality, trainer.cfg.model, item_vectors,
+        trainer.summary.counts["train"], ids["items"], vectors,
         [] if users is None else [ids["users"][u] for u in users.users],
         np.zeros(0, np.int64) if users is None else (users.histories >= 0).sum(1),
         item_cap=monitor.projector_items, user_cap=monitor.projector_users, seed=trainer.cfg.seed)
