@@ -9,12 +9,12 @@
 # benches at paper scale and bench/throughput.py at the paper preset. Results land in ${OUT:-bench/results}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WORK=/tmp/gpu_work LOG_NAME=gpu_summary.log
+WORK=.cache/gpu_work LOG_NAME=gpu_summary.log
 source bench/gpu_env.sh
 
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
-export PYTHONPATH="/tmp/site"
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || log "editable install failed (the transrec wheel in .whl/ is in /tmp/site)"
+python3 -m pip install -q --no-index --no-deps --no-compile --target .cache/gpu_site .whl/*.whl 2>&1 | tail -3
+export PYTHONPATH="$PWD/.cache/gpu_site"
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 || log "editable install failed (the transrec wheel in .whl/ is in .cache/gpu_site)"
 "$PY" -c "import torch, triton, deepspeed, webdataset; print('torch', torch.__version__, 'triton', triton.__version__, \
 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
 

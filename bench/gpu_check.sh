@@ -33,8 +33,8 @@ step() {
 }
 
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target .cache/gpu_site .whl/*.whl
+  export PYTHONPATH="$PWD/.cache/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # --no-build-isolation: the GPU machine reaches no package index, so build with its own setuptools.
 TAIL_LINES=3 step install 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e .

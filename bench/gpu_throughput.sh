@@ -15,19 +15,19 @@
 # shards' vocabulary check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WORK=/tmp/gpu_throughput LOG_NAME=throughput_gpu.log
+WORK=.cache/gpu_throughput LOG_NAME=throughput_gpu.log
 source bench/gpu_env.sh
 LIMIT_S="${LIMIT_S:-$([ -n "${SHARDS:-}" ] && echo 190 || echo 290)}"
 : >"$LOG"
 
 if ! "$PY" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
   if [ -d .whl ]; then
-    log "installing .whl/ into /tmp/site"
-    timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
+    log "installing .whl/ into .cache/gpu_site"
+    timeout 90 python3 -m pip install -q --no-index --no-deps --no-compile --target .cache/gpu_site .whl/*.whl 2>&1 | tail -3
   fi
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$PWD/.cache/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
   timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 \
-    || log "editable install failed (the transrec wheel in .whl/ is in /tmp/site): $(tail -2 "$WORK/install.log")"
+    || log "editable install failed (the transrec wheel in .whl/ is in .cache/gpu_site): $(tail -2 "$WORK/install.log")"
 fi
 "$PY" -c "import torch, triton, deepspeed; print('torch', torch.__version__, '| triton', triton.__version__, \
 '| deepspeed', deepspeed.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')" \

@@ -13,12 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def recorded_command(prog: str, args: list[str]) -> str:
     """The command as reports record it: paths inside the repository relative to it, other absolute paths as
-    SCRATCH (a machine's own folder means nothing elsewhere)."""
-    def token(a: str) -> str:
+    SCRATCH (a machine's own folder means nothing elsewhere), also as the value of a setting (`data.shards=/x`)."""
+    def path(a: str) -> str:
         if not a.startswith("/"):
             return a
-        path = Path(a).resolve()
-        return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else "SCRATCH"
+        resolved = Path(a).resolve()
+        return os.path.relpath(resolved, ROOT) if resolved.is_relative_to(ROOT) else "SCRATCH"
+
+    def token(a: str) -> str:
+        key, eq, value = a.partition("=")
+        return f"{key}={path(value)}" if eq and not a.startswith("/") else path(a)
 
     return " ".join([prog, *(token(a) for a in args)])
 
