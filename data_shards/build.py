@@ -41,6 +41,8 @@ from transrec.data_shards.tables import (
     load_hm,
     load_movielens,
 )
+from transrec.data_shards.tables_amazon import load_amazon
+from transrec.data_shards.tables_ml1m import load_movielens_1m
 from transrec.data_shards.tokenizer import load_tokenizer
 
 ORDER_RULE = "stable sort of each user's interactions by (timestamp, source row)"
@@ -48,6 +50,8 @@ SPLIT_RULE = (
     "leave-one-out: last = test, second-last = validation, rest = train; users with < min_interactions are train-only"
 )
 TOKENIZE_BATCH = 512
+DATASETS = ("movielens-100k-mm", "hm-fashion", "movielens-1m", "amazon-office", "generic")
+TEXT_ONLY_DATASETS = ("movielens-1m", "amazon-office")  # movielens-1m gets images only with --posters-from
 
 
 @dataclass
@@ -67,6 +71,7 @@ class BuildOptions:
     workers: int = 4
     generic: GenericColumns | None = None
     provenance: dict | None = None  # recorded in the manifest as is (e.g. data_shards.synth: declared synthetic)
+    posters_from: Path | None = None  # movielens-1m: a movielens-100k-mm folder whose posters/overviews join by title
 
     def __post_init__(self) -> None:
         if self.modality not in ("mixed", "text", "image"):
@@ -79,6 +84,11 @@ class BuildOptions:
             )
         if self.max_tokens < 4:
             raise ValueError("--max-tokens must be >= 4")
+        if self.posters_from is not None and self.dataset != "movielens-1m":
+            raise ValueError("--posters-from applies to --dataset movielens-1m only: drop it or change --dataset")
+        if self.modality == "image" and self.dataset in TEXT_ONLY_DATASETS and self.posters_from is None:
+            posters = " or add --posters-from a movielens-100k-mm folder" if self.dataset == "movielens-1m" else ""
+            raise ValueError(f"--modality image: {self.dataset} has no images: build --modality text{posters}")
 
 
 @dataclass
@@ -97,9 +107,16 @@ def load_domain(opts: BuildOptions) -> RawDomain:
         return load_movielens(opts.source)
     if opts.dataset == "hm-fashion":
         return load_hm(opts.source)
+    if opts.dataset == "movielens-1m":
+        if opts.posters_from is not None and not opts.posters_from.is_dir():
+            raise FileNotFoundError(f"--posters-from {opts.posters_from} is not a folder: "
+                                    "point it at a movielens-100k-mm folder")
+        return load_movielens_1m(opts.source, opts.posters_from)
+    if opts.dataset == "amazon-office":
+        return load_amazon(opts.source)
     if opts.dataset == "generic":
         return load_generic(opts.source, opts.generic or GenericColumns())
-    raise ValueError(f"--dataset must be movielens-100k-mm, hm-fashion or generic, not {opts.dataset!r}")
+    raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, not {opts.dataset!r}")
 
 
 def feature_vocab(values_by_key: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
@@ -133,6 +150,8 @@ def build(opts: BuildOptions) -> dict:
     publish(tmp, opts.out, manifest, domain.problems)
     print(report.statistics_table(manifest))
     print(report.problem_summary(domain.problems))
+    for name, note in domain.notes.items():  # what the adapter declares (e.g. the poster join's counts and rule)
+        print(f"{name}: " + (", ".join(f"{k}={v}" for k, v in note.items()) if isinstance(note, dict) else note))
     print(f"shards written to {opts.out}")
     return manifest
 
@@ -312,6 +331,8 @@ def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histor
     }
     if opts.provenance:
         manifest["provenance"] = opts.provenance
+    if domain.notes:  # only when an adapter declares something, so other datasets' manifests stay as they were
+        manifest["source_notes"] = domain.notes
     note = dedup_note(opts.dedup, domain.has_time_column)
     if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
         manifest["policies"]["dedup_note"] = note
@@ -349,7 +370,7 @@ def dedup_note(dedup: str, has_time: bool) -> str:
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     """The options of every build (BuildOptions)."""
-    p.add_argument("--dataset", required=True, choices=["movielens-100k-mm", "hm-fashion", "generic"])
+    p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--source", type=Path, required=True, help="folder of the raw tables")
     p.add_argument("--modality", default="mixed", choices=["mixed", "text", "image"])
     p.add_argument("--out", type=Path, required=True, help="shard folder to create (replaced when complete)")
@@ -367,6 +388,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--items-per-shard", type=int, default=2000)
     p.add_argument("--users-per-shard", type=int, default=1000)
+    p.add_argument("--posters-from", type=Path, default=None,
+                   help="movielens-1m: a movielens-100k-mm folder; films matched by title and year get its poster "
+                   "and overview (the rule: data_shards/tables_ml1m.py FILM_KEY_RULE); without it ML-1M is text only")
 
 
 def add_generic_arguments(p: argparse.ArgumentParser) -> None:
@@ -434,6 +458,7 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             items_per_shard=a.items_per_shard,
             users_per_shard=a.users_per_shard,
             generic=generic_columns(a),
+            posters_from=a.posters_from,
         )
     except ValueError as e:
         p.error(str(e))

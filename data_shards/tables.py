@@ -1,7 +1,8 @@
 """Raw tables -> one in-memory domain: interactions, item content, side features, and every problem found.
 
 Three adapters read the raw files: `movielens-100k-mm`, `hm-fashion` (the layouts of the real datasets
-bundled under data/) and `generic` (column names given by flags). Nothing is dropped here: rows that cannot
+bundled under data/) and `generic` (column names given by flags); `movielens-1m` and `amazon-office` have modules of
+their own (tables_ml1m.py, tables_amazon.py). Nothing is dropped here: rows that cannot
 be parsed are recorded in `Problems` with their file and line, and the builder decides what to do with
 them (and reports them).
 """
@@ -74,6 +75,7 @@ class RawDomain:
     problems: Problems
     has_image_column: bool = True  # False: a text-only catalogue by declaration (no image is a finding)
     has_time_column: bool = True  # False: file order is the order (time = line number)
+    notes: dict = field(default_factory=dict)  # what an adapter declares (a join's counts): manifest source_notes
 
 
 def file_sha256(path: Path) -> str:
