@@ -1,8 +1,8 @@
 """Command: the HTTP recommendation service over an export and a catalogue (FastAPI + uvicorn, loopback by default).
 
     python -m transrec.trainer.serve --export DIR --shards DIR [--index DIR] [--host 127.0.0.1] [--port 8000]
-        [--api-key KEY | env TRANSREC_API_KEY] [--max-body-bytes 8388608] [--items-journal FILE] [--no-batching]
-        [--scoring export|model|mean|popularity] [--prior-beta X]
+        [--api-key KEY | env TRANSREC_API_KEY] [--max-body-bytes 8388608] [--no-batching]
+        [--items-journal FILE [--items-journal-set-aside]] [--scoring export|model|mean|popularity] [--prior-beta X]
 
     POST /recommend {"history": ["raw id", ...], "k": 10, "exclude_seen": true} -> {"items": [...], "scores": [...],
                                                                                     "ignored": [...], "note": ""}
@@ -25,7 +25,10 @@ content that does not fit its tower. A model giving NaN or infinite vectors or s
 /recommend requests arriving within 2 ms share one model pass (`--no-batching`: one pass each), and items added by
 POST /items are recommendable at once (cold start, no retraining). Added items are kept across restarts only with
 --items-journal FILE (each accepted item written and fsynced there before its 200, replayed at start); without it
-they are lost when the service stops. docs/recommend.md ("Security") says what is exposed and what is not protected.
+they are lost when the service stops. A damaged journal line stops the start, naming it (nothing is changed);
+--items-journal-set-aside moves damaged lines to FILE.damaged instead. At start the lines of items the catalogue
+already holds are moved to FILE.archived (serving/journal.py). docs/recommend.md ("Security") says what is exposed
+and what is not protected.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> ServiceOptions:
     p.add_argument("--items-journal", default=None,
                    help="file that keeps items added by POST /items across restarts (appended and fsynced before "
                         "each 200, replayed at start); default: none, added items are lost when the service stops")
+    p.add_argument("--items-journal-set-aside", action="store_true",
+                   help="start although lines of the items journal are damaged: they are moved, byte for byte, to "
+                        "FILE.damaged (default: the service does not start and names the line)")
     p.add_argument("--no-batching", action="store_true", help="one model pass per request")
     add_scoring_args(p)
     a = p.parse_args(argv)
@@ -77,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> ServiceOptions:
     source = "--api-key"
     if a.api_key is None and API_KEY_ENV in os.environ:
         a.api_key, source = os.environ[API_KEY_ENV], API_KEY_ENV
+    if a.items_journal_set_aside and not a.items_journal:
+        raise SystemExit("error: --items-journal-set-aside applies to the items journal: give --items-journal FILE")
     if a.api_key is not None:
         if not a.api_key:
             raise SystemExit(f"error: {source} is empty: give a key (e.g. python -c 'import secrets; "
@@ -84,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> ServiceOptions:
         if not (a.api_key.isascii() and a.api_key.isprintable() and " " not in a.api_key):
             raise SystemExit(f"error: {source} must be printable ASCII without spaces (it travels in an HTTP header)")
     return ServiceOptions(a.export, a.shards, a.device, a.index, a.host, a.port, a.api_key, a.max_body_bytes,
-                          a.items_journal, not a.no_batching, a.scoring, a.prior_beta)
+                          a.items_journal, a.items_journal_set_aside, not a.no_batching, a.scoring, a.prior_beta)
 
 
 def main(argv: list[str] | None = None) -> None:

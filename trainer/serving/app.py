@@ -25,11 +25,10 @@ from transrec.data_shards.integrity import IntegrityError
 from transrec.trainer.ranking import NonFiniteScores
 from transrec.trainer.scoring import read_scoring, resolve_scoring
 from transrec.trainer.serving.item_index import recommender_from_index
+from transrec.trainer.serving.journal import ARCHIVED, DAMAGED, ItemJournal, JournalError
 from transrec.trainer.serving.limits import (
     API_KEY_ENV,
     DEFAULT_MAX_BODY_BYTES,
-    ItemJournal,
-    JournalError,
     RequestGuard,
     bounded,
     check_image_pixels,
@@ -132,14 +131,15 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
 
     @app.get("/health")
     def health() -> JSONResponse:
-        usable = rec.unusable is None
+        reason = rec.unusable or rec.check_model()  # checked again: item vectors and the user encoder, now
+        usable = reason is None
         body: dict[str, Any] = {
             "status": "ok" if usable else "unusable", "model_usable": usable, "items": len(rec.item_ids),
             "items_added": len(rec.item_ids) - rec.loaded_items, "nonfinite_requests": rec.nonfinite_requests,
             "writes_need_api_key": bool(api_key), "added_items_persist": journal is not None,
             "max_body_bytes": max_body_bytes, "scoring": rec.scoring.label, **(info or {})}
         if not usable:
-            body["reason"] = rec.unusable
+            body["reason"] = reason
         return JSONResponse(status_code=200 if usable else 503, content=body)
 
     @app.post("/recommend")
@@ -175,6 +175,7 @@ class ServiceOptions:
     api_key: str | None = None  # None: POST /items is open
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     items_journal: str | None = None  # None: items added over HTTP are kept in memory only
+    journal_set_aside: bool = False  # damaged journal lines are moved to FILE.damaged instead of stopping the start
     batching: bool = True
     scoring: str = "export"  # scoring.SCORING_CHOICES
     prior_beta: float | None = None  # None: the export's (scoring.requested_scoring)
@@ -198,7 +199,7 @@ def open_service(a: ServiceOptions, show_progress: bool = True) -> Service:
     """The Recommender of `a`'s export and catalogue, the journal's items replayed, and the app; SystemExit with one
     line `error: ...` when any of it cannot be loaded."""
     try:  # opened and locked first: a journal in use by another service stops the start before the model loads
-        journal = ItemJournal(Path(a.items_journal)) if a.items_journal else None
+        journal = ItemJournal(Path(a.items_journal), a.journal_set_aside) if a.items_journal else None
     except JournalError as e:
         raise SystemExit(f"error: {e}") from None
     try:
@@ -238,28 +239,42 @@ def open_service(a: ServiceOptions, show_progress: bool = True) -> Service:
 
 
 def _replay(rec: Recommender, journal: ItemJournal) -> int:
-    """Add the journal's items in order; returns how many. An entry that cannot be added: JournalError naming the
-    file and line. Ids already in the catalogue (e.g. the shards rebuilt with them) are skipped and counted."""
-    restored, present = 0, 0
+    """Add the journal's items in order, then compact it; returns how many were added. A damaged line, or an entry
+    that is not an item: JournalError naming the file and line, nothing changed (moved to FILE.damaged with
+    set_aside). An entry the model cannot encode: JournalError. Entries whose ids the catalogue already holds (the
+    shards rebuilt with them) are not added again: their lines are moved to FILE.archived."""
+    restored, present, aside = 0, [], []
     for number, entry in journal.entries():
         where = f"{journal.path} line {number}"
         try:
             req = ItemRequest.model_validate(entry)
         except ValidationError as e:
-            raise JournalError(f"{where} is not an item ({_problem(e.errors()[0], '/items')}): repair or remove that "
-                               "line, then start again") from None
+            if journal.set_aside:
+                aside.append(number)
+                continue
+            raise journal.damage(number, f"is not an item ({_problem(e.errors()[0], '/items')})") from None
         try:
             add_from_request(rec, req)
         except DuplicateItem:
-            present += 1
+            present.append(number)
             continue
         except ValueError as e:  # NonFiniteScores, content the model cannot encode
             raise JournalError(f"{where}: {bounded(e, 300)}; start with the export the journal was written for, or "
                                "remove that line") from None
         restored += 1
-    if present:
-        print(f"warning: {present} items of {journal.path} are already in the catalogue (shards rebuilt with them?): "
-              "skipped", file=sys.stderr)
+    try:
+        moved = journal.compact(archive=present, aside=aside)
+    except OSError as e:
+        raise JournalError(f"{journal.path} could not be compacted ({e.strerror or e}): no line was lost; free disk "
+                           "space or fix the folder's permissions, then start again") from None
+    name = journal.path.name
+    if moved.get(DAMAGED):
+        print(f"warning: {moved[DAMAGED]} damaged lines of {journal.path} moved to {name}{DAMAGED} (byte for byte; "
+              "repair them and append them to the journal to restore their items)", file=sys.stderr)
+    if moved.get(ARCHIVED):
+        print(f"warning: {moved[ARCHIVED]} items of {journal.path} are already in the catalogue (shards rebuilt with "
+              f"them?): not added again; their lines moved to {name}{ARCHIVED} (append them to the journal to "
+              "restore them with another catalogue)", file=sys.stderr)
     return restored
 
 

@@ -1,4 +1,4 @@
-"""What the recommendation service (trainer/serve.py) accepts from a caller and what it keeps.
+"""What the recommendation service (trainer/serve.py) accepts from a caller.
 
 - RequestGuard: ASGI middleware in front of the app. Requests to a protected path (POST /items) without the API key
   get 401; a body over the limit gets 413. Both are decided before the app reads the body: a Content-Length over the
@@ -7,8 +7,8 @@
 - bounded(): error details are cut to a short prefix, so that no error echoes a caller's megabytes back.
 - check_image_pixels(): an image's declared size, read from its header before it is decoded (a small JPEG can declare
   a picture that takes gigabytes to decode).
-- ItemJournal: the append-only file of the items added over HTTP (one JSON line per accepted request, written and
-  fsynced before the 200), replayed in order at start.
+
+The items journal (items added over HTTP, kept across restarts) is serving/journal.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,8 @@ import hmac
 import io
 import ipaddress
 import json
-import os
 import socket
-import sys
-import threading
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 from PIL import Image
 from starlette.datastructures import Headers
@@ -163,110 +158,3 @@ class RequestGuard:
             await send(message)
 
         await self.app(scope, counted, guarded_send)
-
-
-# -- the journal of added items ------------------------------------------------------------------------------------
-class JournalError(Exception):
-    """The journal cannot be read, locked or written; the message names the file (and line) and what to do."""
-
-
-class ItemJournal:
-    """An append-only file of JSON lines, one per item accepted by POST /items (the request's content, as sent).
-
-    `entries()` reads it at start: a damaged last line (an interrupted write: its item was never confirmed) is
-    reported in one line on stderr and cut off, so that the next item starts a clean line; a damaged line before
-    other lines stops the start (JournalError naming the file and line). `append()` writes and fsyncs a line
-    before the item is inserted (and its 200 sent); a failed write is undone. The file is locked while the service
-    runs: two services cannot write one journal."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        if not self.path.parent.is_dir():
-            raise JournalError(f"--items-journal {self.path}: the folder {self.path.parent} does not exist: create "
-                               "it, or give a file in an existing folder")
-        created = not self.path.exists()
-        try:
-            self._file = open(self.path, "a+b")  # noqa: SIM115 - held open (and locked) while the service runs
-        except OSError as e:
-            raise JournalError(f"--items-journal {self.path} cannot be opened ({e.strerror or e}): give a file the "
-                               "service can write") from None
-        try:
-            import fcntl
-
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no advisory locks on this system
-            pass
-        except OSError:
-            self._file.close()
-            raise JournalError(f"--items-journal {self.path} is in use by another running service: stop it, or give "
-                               "this service its own journal") from None
-        if created:
-            _fsync_dir(self.path.parent)
-
-    def entries(self) -> Iterator[tuple[int, dict]]:
-        """(line number, entry) of every line, in order; a damaged last line is reported and removed."""
-        self._file.seek(0)
-        data = self._file.read()
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        offset = 0
-        for number, raw in enumerate(lines, 1):
-            try:
-                entry = json.loads(raw)
-                if not isinstance(entry, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-                if number < len(lines):
-                    raise JournalError(f"{self.path} line {number} is damaged ({bounded(e, 120)}) and lines after it "
-                                       "hold accepted items: repair or remove that line, then start again") from None
-                print(f"warning: {self.path} line {number} is damaged ({bounded(e, 120)}), probably a write "
-                      "interrupted before its item was confirmed: removed; the items of the lines before it are "
-                      "restored", file=sys.stderr)
-                self._file.truncate(offset)
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                return
-            yield number, entry
-            offset += len(raw) + 1
-        if data and not data.endswith(b"\n"):  # a complete last entry whose newline was lost: end it
-            self._file.write(b"\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def append(self, entry: dict) -> None:
-        """Write one entry and fsync it; on failure the file is left as it was and JournalError says why."""
-        line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        with self._lock:
-            self._file.seek(0, os.SEEK_END)
-            size = self._file.tell()
-            try:
-                self._file.write(line)
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            except OSError as e:
-                try:
-                    self._file.truncate(size)
-                    self._file.flush()
-                except OSError:
-                    pass
-                raise JournalError(f"the item could not be written to the items journal ({e.strerror or e}): not "
-                                   "added; free disk space or fix the file's permissions, then send it again") from None
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a new file's directory entry durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -85,7 +85,7 @@ class Recommender:
         self.batcher: MicroBatcher | None = None  # set by the service: concurrent requests share one pass
         self.loaded_items = len(self.item_ids)  # the catalogue's own; the rest were added by add_item
         self.nonfinite_requests = 0  # recommend() calls stopped by NonFiniteScores (the service's /health shows it)
-        self.unusable: str | None = self._check_model()  # why the model cannot rank, or None
+        self.unusable: str | None = self.check_model()  # why the model cannot rank (at load), or None
 
     @classmethod
     def from_export(cls, export_dir: str | Path, catalogue: str | Path, device: str = "cpu",
@@ -95,15 +95,18 @@ class Recommender:
         ranker = ranker_from_export(Path(export_dir), Path(catalogue), device, show_progress=show_progress)
         return cls(ranker, ranker.item_vectors(), read_scoring(Path(export_dir)) if scoring is None else scoring)
 
-    def _check_model(self) -> str | None:
-        """Once, at load: the reason the model cannot rank (NaN or infinite item vectors, or a user vector of a
-        one-item history), or None."""
-        n = len(self.item_vectors)
-        bad = int(count_nonfinite(self.item_vectors)) if n else 0
+    def check_model(self) -> str | None:
+        """The reason the model cannot rank now, or None: NaN or infinite item vectors (the catalogue's and those
+        added since), or a NaN or infinite user vector of a probe history (one item; the first max_len items). Run at
+        load and by the service's /health."""
+        with self._lock:
+            iv = self.item_vectors
+        n = len(iv)
+        bad = int(count_nonfinite(iv)) if n else 0
         if bad:
             return f"the model gives NaN or infinite vectors to {bad} of {n} catalogue items: it cannot rank ({REMEDY})"
-        if n and int(count_nonfinite(self.user_vectors([[0]]))):
-            return f"the model gives a NaN or infinite user vector to a one-item history: it cannot rank ({REMEDY})"
+        if n and int(count_nonfinite(self.user_vectors([[0], list(range(min(n, self.max_len)))], iv))):
+            return f"the model gives a NaN or infinite user vector to a probe history: it cannot rank ({REMEDY})"
         return None
 
     # -- users ----------------------------------------------------------------------------------------------
@@ -274,6 +277,8 @@ class Recommender:
                              f"{', '.join(self.model.towers)})")
         device = self.item_vectors.device
         if content:
+            if tower == "text":  # raw token ids: checked here, as the tokenizer's own are by construction
+                value = self._token_ids(raw_id, value)
             try:
                 data, start = content_kind(tower).pack(value)
             except (ValueError, TypeError) as e:
@@ -302,6 +307,19 @@ class Recommender:
             raise ValueError(f"item {shown(raw_id)}: its {tower} content does not fit the {tower} tower: "
                              f"{e}") from None
         return vec, tower
+
+    def _token_ids(self, raw_id: str, value: object) -> list[int]:
+        """`content.text` as token ids: a non-empty list of whole numbers within the text encoder's vocabulary, or
+        ValueError (422) saying what to send."""
+        bert = getattr(self.model.towers["text"], "bert", None)
+        vocab = int(bert.config.vocab_size) if bert is not None else 2**31
+        ok = (isinstance(value, list) and value
+              and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in value))
+        if not ok:
+            raise ValueError(f"item {shown(raw_id)}: content.text must be a non-empty list of token ids, whole numbers "
+                             f"from 0 to {vocab - 1} (the text encoder's vocabulary); or send the text itself as "
+                             "\"text\"")
+        return value
 
     def _as_cached(self, tower: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The frozen blocks' output rounded as the catalogue's feature cache stores it (half precision), so that a
