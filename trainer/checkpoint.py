@@ -278,10 +278,11 @@ def restore_rng(saved) -> None:
 
 
 CHECKPOINT_HASHES = "files.sha256.json"
+HASH_FILES = (CHECKPOINT_HASHES, f".{CHECKPOINT_HASHES}.partial")  # the list itself, and its write in progress
 
 
 def write_checkpoint_hashes(folder: Path) -> None:
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != CHECKPOINT_HASHES)
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in HASH_FILES)
     hashes = {str(f.relative_to(folder)): file_sha256(f) for f in files}
     tmp = folder / f".{CHECKPOINT_HASHES}.partial"
     tmp.write_text(json.dumps(hashes, indent=1))
@@ -296,7 +297,8 @@ def verify_checkpoint(folder: Path) -> None:
 
 def verify_hashes(folder: Path, kind: str, remedy: str, older: str = "written by an older version") -> None:
     """Every file `folder`/files.sha256.json lists against its recorded sha256: IntegrityError in one line naming
-    the first missing or differing file, then `remedy`. A folder without the list (`older`: written before it
+    the first missing or differing file, a file the list does not cover (it would be read unverified), or a list that
+    is empty or not a map of names to hashes, then `remedy`. A folder without the list (`older`: written before it
     existed) loads with a one-line warning that it is unverified."""
     listed = folder / CHECKPOINT_HASHES
     if not listed.exists():
@@ -306,6 +308,16 @@ def verify_hashes(folder: Path, kind: str, remedy: str, older: str = "written by
         hashes = json.loads(listed.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise IntegrityError(f"{listed} is damaged (not the JSON of file hashes): {remedy}") from None
+    if not isinstance(hashes, dict) or not hashes or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        what = "lists no file" if hashes in ({}, []) or hashes is None else "is not a map of file names to sha256"
+        raise IntegrityError(f"{listed} {what}, so nothing could be verified: {remedy}")
+    unlisted = sorted(str(f.relative_to(folder)) for f in folder.rglob("*")
+                      if f.is_file() and f.name not in HASH_FILES and str(f.relative_to(folder)) not in hashes)
+    if unlisted:  # a file added after the hashes were written (e.g. a tokenizer's added_tokens.json) would be read
+        raise IntegrityError(f"{kind} file {folder / unlisted[0]} is not listed in {listed} (added after the {kind} "
+                             f"was written{f'; {len(unlisted) - 1} more' if len(unlisted) > 1 else ''}): remove it, "
+                             f"or {remedy}")
     for name, digest in hashes.items():
         f = folder / name
         if not f.is_file():
