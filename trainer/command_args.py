@@ -6,7 +6,7 @@ trainer/scoring.py `Scoring` they rank with.
     --scoring model        the model's user vector
     --scoring mean         the mean of the history's unit item vectors, by cosine (no user encoder)
     --scoring popularity   popularity alone (no content)
-    --prior-beta X         the popularity prior's weight, X >= 0 (score + X * log(1 + the item's interactions));
+    --prior-beta X         the popularity prior's weight, 0 <= X <= 1e6 (score + X * log(1 + the item's interactions));
                            default: the export's when it scores with the same user vector, else 0 (popularity: 1);
                            evaluate also takes `auto`: chosen on the shards' validation split (scoring.choose_prior)
 
@@ -20,7 +20,11 @@ import math
 
 import torch
 
-from transrec.trainer.scoring import FLOAT32_MAX, SCORING_CHOICES, Scoring, resolve_scoring
+from transrec.trainer.scoring import SCORING_CHOICES, Scoring, resolve_scoring
+
+# --prior-beta's largest value: the prior is X * log(1 + count), log(1 + count) < 30 for any catalogue, so scores stay
+# far inside float32 (3.4e38; 1e38 overflowed them and the error blamed the export)
+MAX_PRIOR_BETA = 1e6
 
 
 def export_cli(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -41,9 +45,10 @@ def prior_beta_type(auto: bool):
             value = float(text)
         except ValueError:
             value = math.nan
-        if not (0 <= value <= FLOAT32_MAX):  # NaN too; the scores are float32
+        if not (0 <= value <= MAX_PRIOR_BETA):  # NaN too
             raise argparse.ArgumentTypeError(f"must be a number >= 0{' or auto' if auto else ''} (the popularity "
-                                             f"prior's weight, at most {FLOAT32_MAX:.3g}), got {text[:40]!r}")
+                                             f"prior's weight, at most {MAX_PRIOR_BETA:g}: beyond it the prior alone "
+                                             "ranks, which --scoring popularity does), got " + repr(text[:40]))
         return value
 
     return parse

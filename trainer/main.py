@@ -26,15 +26,26 @@ run_as_script(__file__, offline=True)
 from transrec.data_shards.integrity import IntegrityError  # noqa: E402
 from transrec.trainer.checkpoint import ExportError  # noqa: E402
 from transrec.trainer.config import RunConfig, apply_overrides, read_run_config  # noqa: E402
+from transrec.trainer.launcher_echo import repeat_after_launcher  # noqa: E402
+from transrec.trainer.metric_log import TrainingDiverged  # noqa: E402
 from transrec.trainer.presets import PRESETS, preset  # noqa: E402
 from transrec.trainer.ranking import NonFiniteScores  # noqa: E402
 from transrec.trainer.run import RunInputError, RunResult, train  # noqa: E402
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, keeping the message it exits with (`exit_message`), which the launcher repeat needs."""
+
+    exit_message = ""
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            Parser.exit_message = message
+        super().exit(status, message)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(
-        prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--ds_config",
         "--ds-config",
@@ -44,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
         "ds_configs/zero2.json, or with --resume the run's own ds_config.json",
     )
     p.add_argument("--shards", default=None, help="shard folder from data_shards.build")
-    p.add_argument("--preset", default="cpu-small", choices=list(PRESETS))
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: cpu-small")
     p.add_argument("--stage", default=None, choices=["1", "2", "all", "none"],
                    help="1, 2 or all (default: all); none: no training, evaluate the initial model by content "
                         "(with --init-from: zero-shot transfer)")
@@ -71,12 +82,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     a = p.parse_args(argv)
 
     if a.resume:
-        record = Path(a.resume) / "run_config.json"
-        if not record.exists():
-            p.error(f"--resume {a.resume}: no run_config.json there; is it a run directory?")
-        return read_run_config(a.resume), a
+        return resumed_config(p, a), a
     try:
-        cfg = preset(a.preset)
+        cfg = preset(a.preset or "cpu-small")
         direct = {
             "model.text_encoder": a.text_encoder,
             "model.image_backbone": a.image_backbone,
@@ -95,14 +103,44 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     return cfg, a
 
 
+# The flags that set a run's settings: a resumed run keeps the ones it recorded, so with --resume each is refused.
+SETTING_FLAGS = ("preset", "shards", "stage", "run_dir", "overwrite", "init_from", "text_encoder", "image_backbone",
+                 "image_weights", "item_encoder", "seed", "set")
+
+
+def resumed_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunConfig:
+    """The settings the run in --resume recorded; a setting flag given with it (it would be ignored) or a record that
+    cannot be read is one line (exit 2)."""
+    given = [f"--{name.replace('_', '-')}" for name in SETTING_FLAGS if getattr(a, name) not in (None, False, [])]
+    if given:
+        p.exit(2, f"error: --resume {a.resume} continues the run with the settings it recorded: {', '.join(given)} "
+                  "would be ignored; drop it (to train with other settings, start a new run, e.g. with --init-from "
+                  f"{Path(a.resume) / 'export'} when the run has one)\n")
+    record = Path(a.resume) / "run_config.json"
+    if not record.exists():
+        p.exit(2, f"error: --resume {a.resume}: no run_config.json there; is it a run directory?\n")
+    try:
+        return read_run_config(a.resume)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        what = f"no {e} section" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        p.exit(2, f"error: --resume {a.resume}: {record} cannot be used ({what}): it was altered or written by "
+                  "another version; restore it, or start a new run\n")
+
+
 def main(argv: list[str] | None = None) -> RunResult | None:
     cfg, args = parse_args(argv)
     command = None if argv is None else ["trainer/main.py", *argv]
     try:
         return train(cfg, args.ds_config, overwrite=args.overwrite, command=command)
-    except (RunInputError, IntegrityError, ExportError, NonFiniteScores) as e:  # bad input, a broken model: one line
+    except (RunInputError, IntegrityError, ExportError, NonFiniteScores, TrainingDiverged) as e:  # one line
         raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # one line `error: ...`; under the deepspeed launcher, printed again after its own lines
+        message = e.code if isinstance(e.code, str) else Parser.exit_message if e.code else ""
+        if message.strip():
+            repeat_after_launcher(message.strip().splitlines()[-1])
+        raise

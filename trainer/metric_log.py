@@ -47,6 +47,16 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def diverged_remedy(run_dir: Path, stage: int) -> str:
+    """What a diverged run leaves and what to do: its checkpoint only when it saved one (resume.json names it)."""
+    if (Path(run_dir) / "resume.json").exists():
+        left = (f"the last good checkpoint in {Path(run_dir) / 'checkpoints'} is intact, but --resume continues with "
+                "the same settings")
+    else:
+        left = "the run saved no checkpoint before it diverged"
+    return f"{left}: start a new run with a lower stage{stage}.lr, or check the input data"
+
+
 # the files a run appends rows to (rank 0): what a resume cuts back to its checkpoint (truncate_logs)
 LOSS_LOG = "loss_stage{stage}.csv"  # step,loss: the stage's optimizer step
 VALID_LOG = "valid_curve.csv"  # stage,epoch,metrics...: one row per validation, after the epoch
@@ -255,11 +265,8 @@ class EpochMeter:
         mean_loss = self._mean_across_ranks()  # host sync on logging steps only
         log.append_loss(stage, optimizer_steps, mean_loss)
         if not math.isfinite(mean_loss):
-            raise TrainingDiverged(
-                f"stage {stage} epoch {self.epoch} step {batch_index}: loss is {mean_loss}; the last good checkpoint "
-                f"in {log.run_dir / 'checkpoints'} is intact. Lower the learning rate (stage{stage}.lr) "
-                "or check the input data."
-            )
+            raise TrainingDiverged(f"stage {stage} epoch {self.epoch} step {batch_index}: loss is {mean_loss}; "
+                                   f"{diverged_remedy(log.run_dir, stage)}")
         dt = self.window.seconds + time.time() - self.t_last
         rate = self.window.sequences * log.world / dt
         learning_rates = lrs()
@@ -306,10 +313,8 @@ class EpochMeter:
         continue; the losses of those steps are not carried (a window's loss is of one epoch)."""
         self.bar.close()
         if self.losses and not math.isfinite(float(torch.stack(self.losses).float().mean())):
-            raise TrainingDiverged(
-                f"stage {self.stage} epoch {self.epoch}: loss is not finite; the last good checkpoint "
-                f"in {self.log.run_dir / 'checkpoints'} is intact. Lower stage{self.stage}.lr."
-            )
+            raise TrainingDiverged(f"stage {self.stage} epoch {self.epoch}: loss is not finite; "
+                                   f"{diverged_remedy(self.log.run_dir, self.stage)}")
         w = self.window
         w.seconds += time.time() - self.t_last
         timed = self.timer.read()  # CUDA: waits for the epoch's last timing events; validation follows and syncs

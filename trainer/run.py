@@ -20,7 +20,7 @@ from transrec.trainer.checkpoint import read_export_config
 from transrec.trainer.choices import Scorer
 from transrec.trainer.config import RunConfig
 from transrec.trainer.run_lock import claim_run_dir, releasing_run_dir_locks
-from transrec.trainer.run_setup import default_run_dir, setup_distributed
+from transrec.trainer.run_setup import default_run_dir, load_ds_config, setup_distributed
 from transrec.trainer.train import Trainer
 from transrec.trainer.transfer import run_auto
 
@@ -73,9 +73,13 @@ def train(cfg: RunConfig, ds_config: str | None = None, *, overwrite: bool = Fal
     resume_point = read_resume_point(Path(cfg.resume)) if cfg.resume and not auto else None  # ... on its own
     if cfg.init_from:  # before anything trains: a folder that is not an export, or a damaged one, is named now
         read_export_config(Path(cfg.init_from))
-    claim(cfg, overwrite, command)
     if ds_config is None:
         ds_config = str(Path(cfg.resume) / "ds_config.json") if cfg.resume else DEFAULT_DS_CONFIG
+    try:  # checked before the run directory is touched; the stages load it again
+        load_ds_config(ds_config)
+    except (FileNotFoundError, ValueError) as e:
+        raise RunInputError(str(e)) from None
+    claim(cfg, overwrite, command)
     if auto:
         done = run_auto(cfg, ds_config)
     else:

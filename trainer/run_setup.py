@@ -166,11 +166,32 @@ def make_run_dir(cfg: RunConfig, rank: int) -> Path:
     return path
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
 def load_ds_config(path: str) -> dict:
+    """The DeepSpeed engine config at `path`, checked: FileNotFoundError or ValueError in one line naming the file
+    (missing, not JSON, not an object, a ZeRO stage other than 0-3, or a key the trainer fills in)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"DeepSpeed config {path} not found: pick one of ds_configs/*.json")
-    ds = json.loads(p.read_text())
+    try:
+        ds = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"DeepSpeed config {path} cannot be read ({getattr(e, 'strerror', None) or e}): give a JSON "
+                         "file such as ds_configs/zero2.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({e}): fix it, or start from "
+                         "ds_configs/zero2.json") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object, not {type(ds).__name__}: start from "
+                         "ds_configs/zero2.json")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if not isinstance(zero, dict) or isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise ValueError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, not "
+                         f"{repr(stage if isinstance(zero, dict) else zero)[:40]} (ds_configs/zero*.json hold one of "
+                         "each)")
     owned = [k for k in DS_OWNED_BY_TRAINER if k in ds]
     if owned:
         raise ValueError(
