@@ -4,15 +4,19 @@ The launcher (deepspeed.launcher.launch) notices a failed rank a second later an
 rank killed, `[ERROR] ... exits with return code = 1`) after the rank's one-line error, so a user would read the
 launcher's line, not the trainer's. `repeat_after_launcher(line)` starts a small detached process that waits until
 the launcher has exited and then writes the line again to the same stderr: the error is the last line printed.
-Outside the launcher it does nothing.
+Outside the launcher it does nothing. A command wraps its work in `error_line_last()` and parses with `LineParser`
+(whose usage errors it repeats as well).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 WAIT_S = 120  # the launcher gives the other ranks 30 s to end, then kills them: it has exited well before this
@@ -76,3 +80,27 @@ def repeat_after_launcher(line: str) -> bool:
         marker.unlink(missing_ok=True)
         return False
     return True
+
+
+class LineParser(argparse.ArgumentParser):
+    """argparse, keeping the message it exits with (`exit_message`), for error_line_last to repeat."""
+
+    exit_message = ""
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            LineParser.exit_message = message
+        super().exit(status, message)
+
+
+@contextlib.contextmanager
+def error_line_last() -> Iterator[None]:
+    """A command's body: when it exits with an error (`SystemExit("error: ...")`, or a LineParser's exit), the
+    message's last line is repeated after the launcher's lines (repeat_after_launcher)."""
+    try:
+        yield
+    except SystemExit as e:
+        message = e.code if isinstance(e.code, str) else LineParser.exit_message if e.code else ""
+        if message.strip():
+            repeat_after_launcher(message.strip().splitlines()[-1])
+        raise

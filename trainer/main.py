@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 # `deepspeed trainer/main.py` puts trainer/ first on sys.path, where its module names (config, model, index, ...)
 # would shadow any dependency's of that name: run_as_script takes it off. The project imports as `transrec.*`.
@@ -25,27 +24,16 @@ run_as_script(__file__, offline=True)
 
 from transrec.data_shards.integrity import IntegrityError  # noqa: E402
 from transrec.trainer.checkpoint import ExportError  # noqa: E402
-from transrec.trainer.config import RunConfig, apply_overrides, read_run_config  # noqa: E402
-from transrec.trainer.launcher_echo import repeat_after_launcher  # noqa: E402
+from transrec.trainer.config import RunConfig, apply_overrides  # noqa: E402
+from transrec.trainer.launcher_echo import LineParser, error_line_last  # noqa: E402
 from transrec.trainer.metric_log import TrainingDiverged  # noqa: E402
 from transrec.trainer.presets import PRESETS, preset  # noqa: E402
 from transrec.trainer.ranking import NonFiniteScores  # noqa: E402
-from transrec.trainer.run import RunInputError, RunResult, train  # noqa: E402
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, keeping the message it exits with (`exit_message`), which the launcher repeat needs."""
-
-    exit_message = ""
-
-    def exit(self, status: int = 0, message: str | None = None):
-        if message:
-            Parser.exit_message = message
-        super().exit(status, message)
+from transrec.trainer.run import RunInputError, RunResult, resumed_config, train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
-    p = Parser(prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = LineParser(prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--ds_config",
         "--ds-config",
@@ -82,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     a = p.parse_args(argv)
 
     if a.resume:
-        return resumed_config(p, a), a
+        given = [f"--{name.replace('_', '-')}" for name in SETTING_FLAGS if getattr(a, name) not in (None, False, [])]
+        try:
+            return resumed_config(a.resume, given), a
+        except RunInputError as e:
+            p.exit(2, f"error: {e}\n")
     try:
         cfg = preset(a.preset or "cpu-small")
         direct = {
@@ -108,25 +100,6 @@ SETTING_FLAGS = ("preset", "shards", "stage", "run_dir", "overwrite", "init_from
                  "image_weights", "item_encoder", "seed", "set")
 
 
-def resumed_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunConfig:
-    """The settings the run in --resume recorded; a setting flag given with it (it would be ignored) or a record that
-    cannot be read is one line (exit 2)."""
-    given = [f"--{name.replace('_', '-')}" for name in SETTING_FLAGS if getattr(a, name) not in (None, False, [])]
-    if given:
-        p.exit(2, f"error: --resume {a.resume} continues the run with the settings it recorded: {', '.join(given)} "
-                  "would be ignored; drop it (to train with other settings, start a new run, e.g. with --init-from "
-                  f"{Path(a.resume) / 'export'} when the run has one)\n")
-    record = Path(a.resume) / "run_config.json"
-    if not record.exists():
-        p.exit(2, f"error: --resume {a.resume}: no run_config.json there; is it a run directory?\n")
-    try:
-        return read_run_config(a.resume)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-        what = f"no {e} section" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
-        p.exit(2, f"error: --resume {a.resume}: {record} cannot be used ({what}): it was altered or written by "
-                  "another version; restore it, or start a new run\n")
-
-
 def main(argv: list[str] | None = None) -> RunResult | None:
     cfg, args = parse_args(argv)
     command = None if argv is None else ["trainer/main.py", *argv]
@@ -137,10 +110,5 @@ def main(argv: list[str] | None = None) -> RunResult | None:
 
 
 if __name__ == "__main__":
-    try:
+    with error_line_last():  # under the deepspeed launcher, the `error: ...` line is printed again after its own
         main()
-    except SystemExit as e:  # one line `error: ...`; under the deepspeed launcher, printed again after its own lines
-        message = e.code if isinstance(e.code, str) else Parser.exit_message if e.code else ""
-        if message.strip():
-            repeat_after_launcher(message.strip().splitlines()[-1])
-        raise

@@ -18,7 +18,7 @@ from pathlib import Path
 from transrec.data_shards.remote import local_shards
 from transrec.trainer.checkpoint import read_export_config
 from transrec.trainer.choices import Scorer
-from transrec.trainer.config import RunConfig
+from transrec.trainer.config import RunConfig, read_run_config
 from transrec.trainer.run_lock import claim_run_dir, releasing_run_dir_locks
 from transrec.trainer.run_setup import default_run_dir, load_ds_config, setup_distributed
 from transrec.trainer.train import Trainer
@@ -86,6 +86,24 @@ def train(cfg: RunConfig, ds_config: str | None = None, *, overwrite: bool = Fal
         trainer = Trainer(cfg, ds_config, resume_state=resume_point["state"] if resume_point else None)
         done = trainer.run(resume_point)
     return None if done is None else RunResult.read(cfg.run_dir)
+
+
+def resumed_config(run_dir: str, given: list[str] = ()) -> RunConfig:
+    """The settings the run in `run_dir` recorded, to continue it. RunInputError in one line when setting flags were
+    `given` with it (they would be ignored) or the record cannot be read."""
+    if given:
+        raise RunInputError(f"--resume {run_dir} continues the run with the settings it recorded: {', '.join(given)} "
+                            "would be ignored; drop it (to train with other settings, start a new run, e.g. with "
+                            f"--init-from {Path(run_dir) / 'export'} when the run has one)")
+    record = Path(run_dir) / "run_config.json"
+    if not record.exists():
+        raise RunInputError(f"--resume {run_dir}: no run_config.json there; is it a run directory?")
+    try:
+        return read_run_config(run_dir)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        what = f"no {e} section" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RunInputError(f"--resume {run_dir}: {record} cannot be used ({what}): it was altered or written by "
+                            "another version; restore it, or start a new run") from None
 
 
 def read_resume_point(run_dir: Path) -> dict:
