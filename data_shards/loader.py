@@ -34,6 +34,12 @@ sha256 (data_shards/integrity.py), and checks them again at the start of every e
 any worker starts and in each worker (a `stat` per file; a file changed since is hashed again): a damaged file is
 one IntegrityError line naming it, also when a worker finds it.
 
+Mixtures (data_shards/mixture.py). On a folder of several catalogues every batch holds the windows of ONE catalogue,
+so a loss scores them against that catalogue's items only (`batch.span`) and shared negatives are drawn from it. The
+windows still come in the one shuffled order above; each catalogue's windows fill that catalogue's batch, which is
+yielded when full, so catalogues are mixed in proportion to their windows. In "samples" split the j-th window of a
+catalogue belongs to rank j % world_size; `steps_per_epoch` sums the catalogues' batches of the largest share.
+
 Host-side step plan. What the step would otherwise read back from the device is computed here, on the CPU, while
 the previous step runs: the routing of the unique items to their modality's tower (`routing`), the flat indices of
 the (position, next item) pairs that enter a dense loss (`keep`) and the number of real sequences (`num_real`).
@@ -53,6 +59,7 @@ import webdataset as wds
 
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.integrity import IntegrityError, one_line, verify_shards
+from transrec.data_shards.mixture import catalogue_bounds, user_bounds
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore, load_manifest, sequence_records
 
@@ -126,6 +133,9 @@ class SequenceBatch:
     routing: list[torch.Tensor] | None = None  # per modality index: rows of unique_items routed to its tower
     keep: torch.Tensor | None = None  # [K] flat indices into [B, W - 1]: position t has a real next item, weight > 0
     num_real: float = 0.0  # real (weight > 0) sequences in the batch
+    # A mixture's batch holds one catalogue's sequences: its number and item range [lo, hi) (None: one catalogue)
+    catalogue: int = 0
+    span: tuple[int, int] | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> SequenceBatch:
         def mv(t):
@@ -240,20 +250,29 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.urls = [str(self.shard_dir / n) for n in names]
         fraction = cfg.user_fraction
         self.users = None if fraction >= 1 else set(chosen_users(self.manifest["num_users"], fraction, cfg.seed))
+        self.bounds = catalogue_bounds(self.manifest)  # [C + 1] item offsets of a mixture's catalogues, or None
+        self.user_bounds = user_bounds(self.manifest)
         windows = self._windows_per_shard(names)
         self.num_samples = sum(windows.values())
         if self.num_samples == 0:
             raise ValueError(f"no training windows in {shard_dir} (min_len={cfg.min_len}): histories too short")
         auto = "shards" if world_size > 1 and len(names) >= 4 * world_size else "samples"
         self.split = auto if cfg.split == "auto" else cfg.split
+        self.catalogue_windows = [self.num_samples]  # training windows per catalogue (all ranks')
+        if self.bounds is not None:
+            self.catalogue_windows = [sum(w for n, w in windows.items() if self.shard_catalogue(n) == c)
+                                      for c in range(len(self.bounds) - 1)]
         if self.split == "shards":
             owned = assign_shards(windows, world_size)
             self.own_urls = [str(self.shard_dir / n) for n in names if n in set(owned[rank])]
-            per_rank = max(sum(windows[n] for n in mine) for mine in owned)
+            shares = [[sum(windows[n] for n in mine)] for mine in owned]
+            if self.bounds is not None:  # per rank, the windows of each catalogue (a mixture's tars hold one each)
+                shares = [[sum(windows[n] for n in mine if self.shard_catalogue(n) == c)
+                           for c in range(len(self.bounds) - 1)] for mine in owned]
         else:
             self.own_urls = self.urls
-            per_rank = -(-self.num_samples // world_size)
-        self.steps_per_epoch = -(-per_rank // cfg.batch_size)
+            shares = [[-(-t // world_size) for t in self.catalogue_windows]]
+        self.steps_per_epoch = max(sum(-(-w // cfg.batch_size) for w in share) for share in shares)
         self.epoch = 0
         self.first_batch = 0
         self.store: ItemStore | None = None
@@ -261,6 +280,16 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.first_batch = epoch, 0
+
+    def shard_catalogue(self, name: str) -> int:
+        """The catalogue whose users a mixture's sequence tar holds (one per tar)."""
+        for c, entry in enumerate(self.manifest["catalogues"]):
+            if name in entry["sequence_shards"]:
+                return c
+        raise ValueError(f"{self.shard_dir}: {name} is in no catalogue of manifest['catalogues']: rebuild the mixture")
+
+    def user_catalogue(self, user: int) -> int:
+        return 0 if self.user_bounds is None else int(np.searchsorted(self.user_bounds, user, side="right") - 1)
 
     def skip_batches(self, k: int) -> None:
         """Resume: the next iteration starts at batch k of the current epoch."""
@@ -302,6 +331,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def rank_batches(self):
         """This rank's batches as lists of (user, end, items, weight, features), padded to steps_per_epoch."""
+        if self.bounds is not None:
+            yield from self._catalogue_batches()
+            return
         bs = self.cfg.batch_size
         current: list = []
         produced = 0
@@ -323,6 +355,32 @@ class TrainStream(torch.utils.data.IterableDataset):
             produced += 1
             current = []
 
+    def _catalogue_batches(self):
+        """rank_batches of a mixture: each batch one catalogue's windows; a catalogue's last batch and the batches
+        that pad a short share are zero-weight copies of that catalogue's first window."""
+        bs, world = self.cfg.batch_size, self.world_size
+        count = [0] * (len(self.bounds) - 1)  # windows of each catalogue seen so far (all ranks')
+        current: list[list] = [[] for _ in count]
+        produced = 0
+        for user, end, items, features in self._samples():
+            c = self.user_catalogue(user)
+            j, count[c] = count[c], count[c] + 1
+            if self.split != "shards" and j % world != self.rank:
+                continue
+            current[c].append((user, end, items, 1.0, features))
+            if len(current[c]) == bs:
+                yield current[c]
+                produced += 1
+                current[c] = []
+        for part in current:
+            if part:
+                yield part + [(*part[0][:3], 0.0, part[0][4])] * (bs - len(part))
+                produced += 1
+        filler = (self.manifest["catalogues"][0]["users"][0], 0, [int(self.bounds[0])], 0.0, {})  # catalogue 0's
+        while produced < self.steps_per_epoch:
+            yield [filler] * bs
+            produced += 1
+
     # -- building a batch ---------------------------------------------------------------------------------
     def _decoder_for_worker(self):
         if self._decoder is None and self.cfg.decode_in_loader:
@@ -337,10 +395,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         items = np.full((len(samples), W), -1, dtype=np.int64)
         for r, (_, _, its, _, _) in enumerate(samples):
             items[r, W - len(its) :] = its
+        catalogue, span = 0, None
+        if self.bounds is not None:
+            catalogue = self.user_catalogue(samples[0][0])
+            span = (int(self.bounds[catalogue]), int(self.bounds[catalogue + 1]))
+        lo, hi = span or (0, self.store.num_items)
         negatives = np.zeros(0, dtype=np.int64)
         if cfg.num_negatives:
             rng = np.random.default_rng([cfg.seed, self.epoch, index, self.rank, 7])
-            negatives = rng.integers(0, self.store.num_items, size=cfg.num_negatives)
+            negatives = rng.integers(lo, hi, size=cfg.num_negatives)
         present = items[items >= 0]
         unique, inverse = np.unique(np.concatenate([present, negatives]), return_inverse=True)
         slots = np.full_like(items, -1)
@@ -362,6 +425,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             negative_slots=torch.from_numpy(inverse[len(present) :].astype(np.int64)),
             batch_index=index,
             user_features=feats,
+            catalogue=catalogue,
+            span=span,
         )
         modality = self.store.modality if self.item_modality is None else self.item_modality
         attach_step_plan(batch, modality, len(self.store.modality_names))

@@ -51,6 +51,9 @@ class ModelConfig:
     compile: str = "none"  # torch.compile of the per-step modules: none | user_encoder | towers | all (compiled.py)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not code-generated; debugging)
+    # the user state (model.py): "encoder" (the user encoder's last hidden state, the paper's) or "mean_residual"
+    # (the mean of the history's item vectors + a learned gate, starting at 0, times the encoder's state)
+    user_state: str = "encoder"
     # each registered modality's own settings, `model.<modality>.<field>` (trainer/modalities.py), read as
     # `cfg.<modality>`; written to JSON as "model": {..., "<modality>": {...}}
     sections: dict[str, object] = field(default_factory=default_sections)
@@ -83,6 +86,7 @@ class ModelConfig:
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
         one_of("model.compile", self.compile, PARTS)
+        one_of("model.user_state", self.user_state, ("encoder", "mean_residual"))
         one_of("model.compile_mode", self.compile_mode, MODES)
         if self.max_len < 3:
             raise ValueError(f"model.max_len must be >= 3, not {self.max_len!r}")
@@ -198,8 +202,12 @@ class EvalConfig:
     # with --init-from: the starting model, scored by content before any training, is a candidate for selection
     # (stage 0), so fine-tuning never ships a model that validates worse than the one it started from
     initial_candidate: bool = False
+    # a mixture of catalogues (trainer/catalogues.py): selection reads each metric's mean over catalogues ("macro") or
+    # its value over all validation users ("pooled")
+    across_catalogues: str = "macro"
 
     def __post_init__(self) -> None:
+        one_of("eval.across_catalogues", self.across_catalogues, ("macro", "pooled"))
         check_values(self, "eval", {"item_batch": 1, "user_batch": 1, "patience": 0, "bootstrap": 1})
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"eval.ks must be one or more cut-offs >= 1, not {self.ks!r}")
@@ -224,9 +232,14 @@ class DataConfig:
     # Batches made ready on the device (copied, decoded) ahead of their step, on a side CUDA stream while the current
     # step runs (trainer/device_prefetch.py): -1 = auto (1 on CUDA, 0 elsewhere), 0 = each batch when its turn comes.
     device_prefetch: int = -1
+    # a mixture of catalogues (trainer/catalogues.py): catalogue c's share of the training signal is proportional to
+    # its training windows to this power (1: every window the same; 0: every catalogue the same)
+    mixing_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         check_values(self, "data", {"num_workers": 0, "shuffle_buffer": 0})
+        if not 0 <= self.mixing_alpha <= 1:
+            raise ValueError(f"data.mixing_alpha must be in [0, 1], not {self.mixing_alpha!r}")
         if self.modality_override is not None and not self.modality_override.isidentifier():
             raise ValueError(f"modality_override must be a modality name ({', '.join(MODALITIES)}) or none, "
                              f"not {self.modality_override!r}")

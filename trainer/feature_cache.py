@@ -31,9 +31,18 @@ import torch
 from tqdm import tqdm
 
 from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.mixture import catalogue_bounds
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore
 from transrec.trainer.instrumentation import span
+
+
+def catalogue_chunks(items: np.ndarray, bounds: np.ndarray | None, chunk: int) -> list[tuple[int, int]]:
+    """(start, stop) positions in the sorted `items` of chunks of at most `chunk`; a mixture's catalogues (`bounds`)
+    each start a chunk, so that each catalogue's items are batched as in its own shards (the same padding, the same
+    features bit for bit)."""
+    cuts = [0, len(items)] if bounds is None else [0, *np.searchsorted(items, bounds[1:-1]).tolist(), len(items)]
+    return [(s, min(s + chunk, b)) for a, b in zip(cuts[:-1], cuts[1:]) for s in range(a, b, chunk)]
 
 
 class FeatureCache:
@@ -107,10 +116,10 @@ class FeatureCache:
             tower_dtype = next(tower.parameters()).dtype
             no_bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
             progress = _ProgressLog(f"caching {name} features", len(items), log if show_progress and no_bar else None)
-            for start in tqdm(range(0, len(items), chunk), desc=f"caching {name} features", unit="chunk",
-                              disable=no_bar):
+            for start, stop in tqdm(catalogue_chunks(items, catalogue_bounds(store.manifest), chunk),
+                                    desc=f"caching {name} features", unit="chunk", disable=no_bar):
                 progress.update(start)
-                part = items[start : start + chunk]
+                part = items[start:stop]
                 content = load_item_content(store, part, max_tokens, decoder, modality=np.full(store.num_items, m))
                 inputs = {k: v.to(device, tower_dtype) if v.is_floating_point() else v.to(device)
                           for k, v in content.inputs[name].items()}

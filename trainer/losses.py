@@ -41,6 +41,14 @@ class Objective:
     dense: bool  # True: every position predicts its next item (windows of max_len + 1)
     negatives: int = 0  # shared negatives the loader samples per batch
     trains_free_head: bool = False  # the model's catalogue head W^U trains (only the free-head softmax reads it)
+    # A mixture's loss multiplier per catalogue (the mixing rule, trainer/catalogues.py); None: every batch weighs 1
+    catalogue_weights: tuple[float, ...] | None = None
+
+    def weighted(self, loss: torch.Tensor, batch) -> torch.Tensor:
+        """The loss of `batch` times its catalogue's weight (a mixture's batches each hold one catalogue)."""
+        if self.catalogue_weights is None:
+            return loss
+        return loss * self.catalogue_weights[getattr(batch, "catalogue", 0)]
 
     def __call__(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
@@ -93,10 +101,27 @@ def popularity_bias(counts: np.ndarray, tau: float) -> np.ndarray:
     return tau * np.log((counts + 1.0) / (counts.sum() + len(counts)))
 
 
-def item_share(counts: np.ndarray) -> np.ndarray:
+def item_share(counts: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
     """Each item's share of the training interactions (the in-batch sampler's distribution), floor 0; `counts`:
-    training interactions per item (evaluate.interaction_counts, or SplitSummary.counts["train"])."""
-    return counts / max(1.0, counts.sum())
+    training interactions per item (evaluate.interaction_counts, or SplitSummary.counts["train"]). With a mixture's
+    catalogue `bounds`, the share within the item's own catalogue (a batch holds one catalogue's windows)."""
+    if bounds is None:
+        return counts / max(1.0, counts.sum())
+    out = np.zeros(len(counts), dtype=np.float64)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out[lo:hi] = counts[lo:hi] / max(1.0, counts[lo:hi].sum())
+    return out
+
+
+def batch_columns(batch, num_items: int) -> tuple[int, int]:
+    """(lo, hi): the item range a batch is scored against: its catalogue's in a mixture, else the whole catalogue."""
+    item_range = getattr(batch, "span", None)
+    return (0, num_items) if item_range is None else item_range
+
+
+def shifted(ids: torch.Tensor, lo: int) -> torch.Tensor:
+    """Item ids as columns of a range starting at `lo` (-1 padding stays -1)."""
+    return ids if lo == 0 else torch.where(ids >= 0, ids - lo, ids)
 
 
 def log_inclusion_probability(log_share: torch.Tensor, slots_filled: torch.Tensor, negatives: int,
@@ -127,9 +152,11 @@ def free_head_loss(model, batch) -> torch.Tensor:
     keep = kept_positions(batch, mask)
     if keep.numel() == 0:  # a rank's batch of zero-weight padding: a zero loss that still reaches every weight
         return h.sum() * 0.0 + head.weight.sum() * 0.0 + head.bias.sum() * 0.0
-    rows, targets = h.flatten(0, 1)[keep], batch.items[:, 1:].flatten()[keep]
+    lo, hi = batch_columns(batch, model.num_items)
+    rows, targets = h.flatten(0, 1)[keep], shifted(batch.items[:, 1:], lo).flatten()[keep]
     with span(model, "loss"):
-        return kernels.catalog_cross_entropy(rows, head.weight, head.bias, targets, relu=model.cfg.stage1_relu)
+        return kernels.catalog_cross_entropy(rows, head.weight[lo:hi], head.bias[lo:hi], targets,
+                                             relu=model.cfg.stage1_relu)
 
 
 def cpc_loss(model, batch, n_continuation: int) -> torch.Tensor:
@@ -158,16 +185,17 @@ def cpc_loss(model, batch, n_continuation: int) -> torch.Tensor:
 
 def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     item_vecs, h, mask = model.position_states(batch)  # [U, d] (batch items + negatives), [B, L, d], [B, L + 1]
+    lo, hi = batch_columns(batch, model.num_items)  # a mixture's batch: its own catalogue's items only
     if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no log-q correction
-        weight = model.encode_catalogue()
-        columns = batch.items
-        bias = None if obj.popularity_bias is None else obj.popularity_bias.to(weight.dtype)
+        weight = model.encode_catalogue(getattr(batch, "span", None))
+        columns = shifted(batch.items, lo)
+        bias = None if obj.popularity_bias is None else obj.popularity_bias[lo:hi].to(weight.dtype)
     else:
         weight, columns = item_vecs, batch.slots
         bias = None
         if obj.log_item_share is not None:
             bias = -log_inclusion_probability(obj.log_item_share[batch.unique_items], mask.sum(), obj.negatives,
-                                              model.num_items).to(weight.dtype)
+                                              hi - lo).to(weight.dtype)
         if obj.popularity_bias is not None:
             adjust = obj.popularity_bias[batch.unique_items].to(weight.dtype)
             bias = adjust if bias is None else bias + adjust

@@ -147,6 +147,9 @@ class TransRec(nn.Module):
             nn.init.normal_(tower.proj[-1].weight, std=0.02)
             nn.init.zeros_(tower.proj[-1].bias)
         self.user_encoder = build_user_encoder(cfg)
+        # model.user_state=mean_residual: user state = mean of the history's item vectors + gate x encoder state. The
+        # gate starts at 0, so an untrained (or a zero-shot) encoder scores as the content baseline does; shape [1].
+        self.user_gate = nn.Parameter(torch.zeros(1)) if cfg.user_state == "mean_residual" else None
         # Stage-1 head W^U [V, d] + b: catalogue-specific, never exported.
         self.head = nn.Linear(d, num_items)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -207,15 +210,30 @@ class TransRec(nn.Module):
             vecs = self.item_side_proj(torch.cat([vecs, self.item_features(feats).to(vecs.dtype)], dim=-1))
         return vecs
 
-    def encode_catalogue(self) -> torch.Tensor:
-        """Vectors [V, d] of every catalogue item (rows = item ids), routed by the routing computed at start."""
+    def encode_catalogue(self, item_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Vectors [V, d] of every catalogue item (rows = item ids), routed by the routing computed at start; with
+        `item_range` (lo, hi), of a mixture's catalogue holding items [lo, hi) only (rows = item id - lo)."""
         device = self.item_modality.device
+        if item_range is not None and tuple(item_range) != (0, self.num_items):
+            lo, hi = item_range
+            items = torch.arange(lo, hi, device=device)
+            return self.encode_items(items, routing=self._span_routing(lo, hi, device))
         items = torch.arange(self.num_items, device=device)
         if self.id_embedding is not None:
             return self.encode_items(items)
         if self._catalogue_routing[0].device != device:
             self._catalogue_routing = [r.to(device) for r in self._catalogue_routing]
         return self.encode_items(items, routing=self._catalogue_routing)
+
+    def _span_routing(self, lo: int, hi: int, device: torch.device) -> list[torch.Tensor] | None:
+        """The routing of items [lo, hi), computed on the host once per span and kept on the device."""
+        if self.id_embedding is not None:
+            return None
+        cache = self.__dict__.setdefault("_span_routings", {})
+        if (lo, hi, device) not in cache:
+            cache[(lo, hi, device)] = [(r[(r >= lo) & (r < hi)] - lo).to(device) for r in
+                                       (g.cpu() for g in self._catalogue_routing)]
+        return cache[(lo, hi, device)]
 
     def _tower_vectors(self, name: str, items: torch.Tensor, rows: torch.Tensor, content,
                        host_routed: bool = False) -> torch.Tensor:
@@ -243,11 +261,16 @@ class TransRec(nn.Module):
 
     # -- users --------------------------------------------------------------------------------------------
     def encode_sequence(self, vecs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The user state at every position [B, L, d] (causal): the user encoder's hidden states, or, with
+        `model.user_state=mean_residual`, the mean of the item vectors so far plus the gated encoder states."""
         with span(self, "user encoder"):
-            return self.user_encoder(vecs, mask)
+            h = self.user_encoder(vecs, mask)
+        if self.user_gate is None:
+            return h
+        return history_means(vecs, mask) + self.user_gate.to(h.dtype) * h
 
     def user_vector(self, vecs: torch.Tensor, mask: torch.Tensor, user_feats: dict | None = None) -> torch.Tensor:
-        """THE user vector (stage 2 and evaluation): the last position's final hidden state [B, d]."""
+        """THE user vector (stage 2 and evaluation): the last position's state [B, d] (encode_sequence)."""
         u = self.encode_sequence(vecs, mask)[:, -1]
         return self.with_user_features(u, user_feats)
 
@@ -273,8 +296,11 @@ class TransRec(nn.Module):
         return item_vecs, h, mask
 
     def forward(self, batch, objective) -> torch.Tensor:
-        """The training loss of `objective`, a component from trainer/losses.py (chosen by config)."""
-        return objective(self, batch)
+        """The training loss of `objective`, a component from trainer/losses.py (chosen by config), times its
+        catalogue's weight in a mixture (the mixing rule)."""
+        loss = objective(self, batch)
+        weighted = getattr(objective, "weighted", None)
+        return loss if weighted is None else weighted(loss, batch)
 
     def stage1_scores(self, h: torch.Tensor) -> torch.Tensor:
         z = h @ self.head.weight.T + self.head.bias
@@ -284,6 +310,14 @@ class TransRec(nn.Module):
         """Towers + user encoder (+ side projections), without catalogue-specific parts."""
         skip = ("head.", "id_embedding.", "item_features.", "item_side_proj.", "logit_scale")
         return {k: v for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+
+def history_means(vecs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, d]: at each position, the mean of the real item vectors up to it (left padding: zero vectors, not
+    counted); a position with none so far gets zeros."""
+    m = mask.to(vecs.dtype)[..., None]
+    total = (vecs * m).cumsum(1)
+    return total / m.cumsum(1).clamp(min=1)
 
 
 def kept_positions(batch, mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from transrec.data_shards.shard_io import ItemStore, load_manifest
 from transrec.trainer import ranking as ev
 from transrec.trainer.checkpoint import DOMAIN_SPECIFIC, read_export_config, read_weights
 from transrec.trainer.choices import Scorer
-from transrec.trainer.feature_cache import FeatureCache
+from transrec.trainer.feature_cache import FeatureCache, catalogue_chunks
 from transrec.trainer.modalities import check_shards, content_options, use_export_files
 from transrec.trainer.model import TransRec
 
@@ -33,12 +33,14 @@ class ModelRanker:
 
     def __init__(self, model, store, modality: np.ndarray, sequences, user_feature_names: list[str],
                  content_options: Callable[[], ContentOptions], device: torch.device, item_batch: int = 256,
-                 user_batch: int = 256, precision: str = "fp32", nonfinite: str = "raise", source: str = "the model"):
+                 user_batch: int = 256, precision: str = "fp32", nonfinite: str = "raise", source: str = "the model",
+                 bounds: np.ndarray | None = None):
         self.model, self.store, self.modality, self.sequences = model, store, modality, sequences
         self.user_feature_names = user_feature_names
         self.content_options, self.device = content_options, device  # options made on first use (a decoder)
         self.item_batch, self.user_batch, self.precision = item_batch, user_batch, precision
         self.nonfinite, self.source = nonfinite, source
+        self.bounds = bounds  # a mixture's catalogue item offsets: each user ranked among its own catalogue's items
 
     def needs_content(self) -> bool:
         cache = self.model.cache
@@ -46,10 +48,13 @@ class ModelRanker:
 
     @torch.no_grad()
     def item_vectors(self) -> torch.Tensor:
-        """[V, d] fp32: every catalogue item through its tower (cached lower blocks where the cache covers)."""
+        """[V, d] fp32: every catalogue item through its tower (cached lower blocks where the cache covers). A
+        mixture's catalogues are encoded one after the other, in the chunks each would have alone, so that their
+        vectors are those of the catalogue's own shards, bit for bit."""
         chunks = []
-        for start in range(0, self.store.num_items, self.item_batch):
-            items = np.arange(start, min(start + self.item_batch, self.store.num_items))
+        all_items = np.arange(self.store.num_items)
+        for start, stop in catalogue_chunks(all_items, self.bounds, self.item_batch):
+            items = all_items[start:stop]
             content = None
             if self.model.towers and self.needs_content():
                 options = self.content_options()
@@ -104,7 +109,7 @@ class ModelRanker:
                            item_vectors: torch.Tensor | None = None) -> np.ndarray:
         """ranks() with the model already in eval mode; `item_vectors`: this model's item_vectors(), when the caller
         has them already (else computed here)."""
-        model, settle = self.model, {"nonfinite": self.nonfinite, "what": self.source}
+        model, settle = self.model, {"nonfinite": self.nonfinite, "what": self.source, "bounds": self.bounds}
         iv = self.item_vectors() if item_vectors is None else item_vectors
         if scoring == Scorer.FREE_HEAD:
             dtype = next(model.user_encoder.parameters()).dtype
@@ -139,6 +144,10 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
         raise ValueError(f"{export_dir}: trained with side features, whose modules are catalogue-specific and not "
                          "exported; evaluate it inside its run (metrics.json) instead")
     manifest = load_manifest(shards)
+    if manifest.get("catalogues"):
+        names = ", ".join(c["source"] for c in manifest["catalogues"])
+        raise ValueError(f"{shards} is a mixture of catalogues: score each catalogue's own shard folder ({names}); "
+                         "a mixture run's figures per catalogue are in its catalogues.json")
     try:
         check_shards(manifest, cfg, meta)
     except ValueError as e:

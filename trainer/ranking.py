@@ -67,6 +67,7 @@ def ranks_from_scores(
     target_scores: torch.Tensor,
     pairs: tuple[torch.Tensor, torch.Tensor],
     chunk: int = 65536,
+    ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """1 + #{items v not excluded : s_v >= s_target}, counted over item chunks (no sort, O(B x chunk) memory).
 
@@ -74,7 +75,8 @@ def ranks_from_scores(
     the count never depends on recomputing a score in another way. A user whose target score or any item score is
     NaN or infinite gets rank num_items + 1 (after every real rank: never a hit), since no comparison with a
     NaN is true and its count would otherwise say rank 1; rank_with_vectors / rank_with_scores then stop or record
-    the worst rank (their `nonfinite`)."""
+    the worst rank (their `nonfinite`). `ranges` (lo [B], hi [B]): user b is ranked among items [lo_b, hi_b) only
+    (its own catalogue in a mixture; its target and seen items lie there)."""
     rows, items = pairs
     count = torch.zeros(len(target_scores), dtype=torch.long, device=target_scores.device)
     bad = ~torch.isfinite(target_scores)
@@ -82,11 +84,30 @@ def ranks_from_scores(
         stop = min(start + chunk, num_items)
         s = score_chunk(slice(start, stop))  # [B, C]
         bad |= ~torch.isfinite(s).all(1)  # elementwise like the count itself: no host sync
-        count += (s >= target_scores[:, None]).sum(1)
+        above = s >= target_scores[:, None]
+        if ranges is not None:
+            cols = torch.arange(start, stop, device=s.device)
+            above &= (cols >= ranges[0][:, None]) & (cols < ranges[1][:, None])
+        count += above.sum(1)
         sel = (items >= start) & (items < stop)
         r, v = rows[sel], items[sel] - start
         count.index_add_(0, r, -(s[r, v] >= target_scores[r]).long())
     return torch.where(bad, num_items + 1, count + 1)
+
+
+def catalogue_ranges(targets: torch.Tensor, bounds: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(lo [B], hi [B]): the item range of each target's catalogue in a mixture (`bounds` [C + 1] item offsets);
+    None for one catalogue."""
+    if bounds is None:
+        return None
+    b = torch.as_tensor(bounds, device=targets.device)
+    c = torch.searchsorted(b, targets, right=True) - 1
+    return b[c], b[c + 1]
+
+
+def catalogue_of(items: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Each item's catalogue number in a mixture."""
+    return np.searchsorted(bounds, items, side="right") - 1
 
 
 def settle_nonfinite(ranks: np.ndarray, num_items: int, nonfinite: str, what: str = "the model") -> np.ndarray:
@@ -207,12 +228,13 @@ def rank_with_vectors(
     precision: str = "fp32",
     nonfinite: str = "raise",
     what: str = "the model",
+    bounds: np.ndarray | None = None,
 ) -> np.ndarray:
     """Ranks of every user's target by dot product with all item vectors [V, d] (exact in fp32; `precision`
     "tf32": the score matmuls on CUDA's TF32 tensor cores); user_vec_fn(histories, chunk) gives the chunk's user
     vectors [B, d]. Users with NaN or infinite scores: NonFiniteScores, or the worst rank (settle_nonfinite)."""
     with matmul_precision(precision, item_vectors.device):
-        ranks = _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device)
+        ranks = _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device, bounds)
     if (ranks > len(item_vectors)).any():
         bad_items = int(count_nonfinite(item_vectors))
         if bad_items:
@@ -220,7 +242,7 @@ def rank_with_vectors(
     return settle_nonfinite(ranks, len(item_vectors), nonfinite, what)
 
 
-def _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device) -> np.ndarray:
+def _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch, device, bounds=None) -> np.ndarray:
     device = device or item_vectors.device
     ranks, mine = np.zeros(len(data), dtype=np.int64), np.zeros(len(data), dtype=bool)  # allocated once: no
     for pos, chunk in _local_chunks(data, user_batch):  # small array per batch left between the large ones
@@ -229,7 +251,8 @@ def _rank_with_vectors(user_vec_fn, item_vectors, data, exclude_seen, user_batch
         tg = torch.as_tensor(chunk.targets, device=device)
         ts = (u * item_vectors[tg].to(u.dtype)).sum(-1)
         pairs = excluded_pairs(tg, chunk.seen, exclude_seen)
-        r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), ts, pairs)
+        r = ranks_from_scores(lambda sl: u @ item_vectors[sl].to(u.dtype).T, len(item_vectors), ts, pairs,
+                              ranges=catalogue_ranges(tg, bounds))
         ranks[pos], mine[pos] = r.cpu().numpy(), True
     return _gather(ranks, mine)
 
@@ -244,6 +267,7 @@ def rank_with_scores(
     device="cpu",
     nonfinite: str = "raise",
     what: str = "the model",
+    bounds: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exact ranks when a model scores every item directly (stage-1 head, popularity): score_fn(histories, chunk).
     Users with NaN or infinite scores: NonFiniteScores, or the worst rank (settle_nonfinite)."""
@@ -254,19 +278,27 @@ def rank_with_scores(
         tg = torch.as_tensor(chunk.targets, device=device)
         ts = full.gather(1, tg[:, None])[:, 0]
         pairs = excluded_pairs(tg, chunk.seen, exclude_seen)
-        r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs)
+        r = ranks_from_scores(lambda sl: full[:, sl], num_items, ts, pairs, ranges=catalogue_ranges(tg, bounds))
         ranks[pos], mine[pos] = r.cpu().numpy(), True
     return settle_nonfinite(_gather(ranks, mine), num_items, nonfinite, what)
 
 
-def popularity_scores(counts: np.ndarray, seed: int = 0) -> torch.Tensor:
+def popularity_scores(counts: np.ndarray, seed: int = 0, bounds: np.ndarray | None = None) -> torch.Tensor:
     """Interaction counts over the items available before the evaluated target (interaction_counts: train, + valid
-    for test), plus a tiny seeded jitter below 1 that breaks count ties at random instead of against the target."""
-    jitter = np.random.default_rng(seed).random(len(counts)) * 0.5
+    for test), plus a tiny seeded jitter below 1 that breaks count ties at random instead of against the target. A
+    mixture's catalogues (`bounds`) each draw the jitter their own shards would: the same ties broken the same way."""
+    if bounds is None:
+        jitter = np.random.default_rng(seed).random(len(counts)) * 0.5
+    else:
+        jitter = np.concatenate([np.random.default_rng(seed).random(int(hi - lo)) * 0.5
+                                 for lo, hi in zip(bounds[:-1], bounds[1:])])
     return torch.as_tensor(counts + jitter, dtype=torch.float64)
 
 
-def popularity_ranks(counts: np.ndarray, data: EvalUsers | EvalStream, exclude_seen: bool) -> np.ndarray:
-    """Ranks by popularity; `counts`: interaction_counts(sequences, num_items, split) of the evaluated split."""
-    pop = popularity_scores(counts)
-    return rank_with_scores(lambda hist, chunk: pop[None].expand(len(hist), -1), len(counts), data, exclude_seen)
+def popularity_ranks(counts: np.ndarray, data: EvalUsers | EvalStream, exclude_seen: bool,
+                     bounds: np.ndarray | None = None) -> np.ndarray:
+    """Ranks by popularity; `counts`: interaction_counts(sequences, num_items, split) of the evaluated split; a
+    mixture's users (`bounds`) among their own catalogue's items."""
+    pop = popularity_scores(counts, bounds=bounds)
+    return rank_with_scores(lambda hist, chunk: pop[None].expand(len(hist), -1), len(counts), data, exclude_seen,
+                            bounds=bounds)

@@ -7,6 +7,7 @@ with each stage's best model and with the overall best, which is exported.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.mixture import catalogue_bounds, catalogue_names
 from transrec.data_shards.modalities import ContentOptions, content_kind
 from transrec.data_shards.shard_io import ItemStore, item_feature_tables, load_manifest
 from transrec.kernels import ops as kernels
 from transrec.trainer import ranking as ev
+from transrec.trainer.catalogues import across_catalogues, catalogue_results, metrics_by_catalogue, mixing_weights
 from transrec.trainer.checkpoint import (
     barrier,
     gathered,
@@ -81,6 +84,11 @@ class Trainer:
         if cfg.model.item_encoder == "content":
             check_shards(self.manifest, cfg.model)
         self.store = ItemStore(self.shards)
+        # a mixture of catalogues (data_shards/mixture.py): item offsets [C + 1] and names; None for one catalogue
+        self.bounds, self.catalogues = catalogue_bounds(self.manifest), catalogue_names(self.manifest)
+        if self.bounds is not None and cfg.model.side_features:
+            raise ValueError("model.side_features: a mixture of catalogues carries no side features (each catalogue "
+                             "has its own vocabularies); train without them")
         # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass
         # split over the ranks: no user's sequence is kept; each rank streams its own evaluated users from the shards
         # when it evaluates
@@ -135,7 +143,7 @@ class Trainer:
                 raise ValueError(f"monitor.projector_items={cfg.monitor.projector_items}: {e}") from None
         self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
         write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
-        self.item_share = item_share(self.summary.counts["train"])  # the in-batch sampler's log-q
+        self.item_share = item_share(self.summary.counts["train"], self.bounds)  # the in-batch sampler's log-q
         self.valid_users, self.test_users = (
             ev.EvalStream(self.shards, split, cfg.model.max_len, self.summary.users[split], self.summary.targets[split],
                           self.user_feature_names, self.rank, self.world)
@@ -201,10 +209,20 @@ class Trainer:
         every tower's lower blocks cached)."""
         sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
         cached = not self.needs_content()
-        obj = build_objective(sc, self.num_items, cached, self.item_share, self.device,
-                              counts=self.summary.counts["train"])
+        # a mixture's batch is scored against one catalogue: the largest decides whether the full softmax fits
+        scored = self.num_items if self.bounds is None else int(np.diff(self.bounds).max())
+        obj = build_objective(sc, scored, cached, self.item_share, self.device, counts=self.summary.counts["train"])
         self.model.head.requires_grad_(obj.trains_free_head)
         return obj
+
+    def mix(self, obj: Objective, loader) -> None:
+        """A mixture's mixing rule (data.mixing_alpha) as the objective's loss multiplier per catalogue."""
+        if self.bounds is None:
+            return
+        obj.catalogue_weights = mixing_weights(loader.stream.catalogue_windows, self.cfg.data.mixing_alpha)
+        LOG.info("catalogues (training windows, loss weight): " + ", ".join(
+            f"{name} ({n}, {1.0 if obj.catalogue_weights is None else obj.catalogue_weights[c]:.3f})"
+            for c, (name, n) in enumerate(zip(self.catalogues, loader.stream.catalogue_windows))))
 
     def scoring(self, obj: Objective) -> Scorer:
         return obj.scorer(self.cfg.model.item_encoder)
@@ -260,7 +278,7 @@ class Trainer:
         return ModelRanker(self.model, self.store, self.modality, None, self.user_feature_names,
                            self.content_options, self.device, self.cfg.eval.item_batch,
                            self.cfg.eval.user_batch, self.cfg.eval.precision, nonfinite="worst",
-                           source="the model in training")
+                           source="the model in training", bounds=self.bounds)
 
     def item_vectors(self) -> torch.Tensor:
         return self.ranker().item_vectors()
@@ -289,7 +307,7 @@ class Trainer:
         """Popularity's validation ranks: the reference line of validation, and the baseline of the report."""
         if self.popularity_valid is None:
             self.popularity_valid = ev.popularity_ranks(self.summary.counts["valid"], self.valid_users,
-                                                        self.cfg.eval.exclude_seen)
+                                                        self.cfg.eval.exclude_seen, self.bounds)
         return self.popularity_valid
 
     def write_ranks(self, name: str, data: ev.EvalStream, ranks: np.ndarray) -> None:
@@ -303,6 +321,7 @@ class Trainer:
         obj = self.objective(stage)
         scoring = self.scoring(obj)
         loader = self.make_loader(stage, sc, obj)
+        self.mix(obj, loader)
         steps_total = sc.epochs * loader.steps_per_epoch // sc.grad_accum
         if sc.max_steps:
             steps_total = min(steps_total, sc.max_steps)
@@ -378,6 +397,7 @@ class Trainer:
         sc = self.set_stage(stage)
         obj = self.objective(stage)
         loader = self.make_loader(stage, sc, obj)
+        self.mix(obj, loader)
         engine = self.make_engine(sc, steps + 1)
         loader.set_epoch(0)
         times = []
@@ -413,10 +433,14 @@ class Trainer:
         `run_step`: the run's optimizer steps so far, the x at which TensorBoard shows this validation (the x of the
         training scalars of the same step)."""
         ranks, health = self.validation_ranks(scoring)
-        metrics = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
-        reference = ev.metrics_from_ranks(self.popularity_valid_ranks(), self.cfg.eval.ks)
+        metrics = self.valid_metrics(ranks)
+        reference = self.valid_metrics(self.popularity_valid_ranks())
         self.log.validation(stage, epoch, metrics, run_step, reference=reference, health=health)
         record = {"stage": stage, "epoch": epoch, "valid": metrics, "scoring": scoring}
+        if self.bounds is not None:
+            record["valid_by_catalogue"] = self.by_catalogue(ranks, self.valid_users)
+            self.log.scalars({f"eval/stage{stage}/{name}/{k}": v for name, m in record["valid_by_catalogue"].items()
+                              for k, v in m.items() if "@" in k}, run_step)
         select = self.cfg.eval.select
         if stage_best is None or metrics[select] > stage_best["valid"][select]:
             stage_best, stale = record, 0
@@ -427,6 +451,17 @@ class Trainer:
             stale += 1
         patience = self.cfg.eval.patience
         return stale, stage_best, bool(patience and stale >= patience)
+
+    def by_catalogue(self, ranks: np.ndarray, data: ev.EvalStream) -> dict[str, dict]:
+        return metrics_by_catalogue(ranks, data.targets, self.bounds, self.catalogues, self.cfg.eval.ks)
+
+    def valid_metrics(self, ranks: np.ndarray) -> dict:
+        """The validation figures selection reads: over all users, or a mixture's rule over its catalogues
+        (eval.across_catalogues, trainer/catalogues.py)."""
+        pooled = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
+        if self.bounds is None:
+            return pooled
+        return across_catalogues(self.by_catalogue(ranks, self.valid_users), pooled, self.cfg.eval.across_catalogues)
 
     def save_valid_ranks(self, stage: int, ranks: np.ndarray) -> None:
         """The stage's best model's per-user validation ranks (valid_ranks_stageN.npy, in `valid_users` order): a
@@ -503,7 +538,8 @@ class Trainer:
                         f"({record_scoring(sb[best_stage])}), which cannot rank items never seen in training")
         load_model_state(self.model, self.run_dir / f"best_stage{best_stage}.safetensors")
         pop_valid = self.popularity_valid_ranks()
-        pop_test = ev.popularity_ranks(self.summary.counts["test"], self.test_users, self.cfg.eval.exclude_seen)
+        pop_test = ev.popularity_ranks(self.summary.counts["test"], self.test_users, self.cfg.eval.exclude_seen,
+                                       self.bounds)
         test_ranks = np.load(self.run_dir / f"test_ranks_stage{best_stage}.npy") if self.rank == 0 else None
         save_export(
             self.model,
@@ -518,6 +554,8 @@ class Trainer:
             self.write_ranks("test_ranks", self.test_users, test_ranks)
             self.write_ranks("test_ranks_popularity", self.test_users, pop_test)
             result = self.report(best_stage, test_ranks, pop_valid, pop_test)
+            if self.bounds is not None:
+                self.write_catalogue_results(best_stage, test_ranks, pop_valid, pop_test)
         if self.cfg.monitor.projector:  # after the report: the run's results are on disk whatever happens here
             self.write_projector()
         if self.rank == 0:
@@ -527,6 +565,17 @@ class Trainer:
             self.log.close()
         barrier()
         return result
+
+    def write_catalogue_results(self, best_stage: str, test_ranks, pop_valid, pop_test) -> None:
+        """catalogues.json: a mixture's selected model and popularity per catalogue (trainer/catalogues.py)."""
+        out = catalogue_results(self.cfg, self.state["stage_best"][str(best_stage)], self.manifest["catalogues"],
+                                {"valid_popularity": self.by_catalogue(pop_valid, self.valid_users),
+                                 "test": self.by_catalogue(test_ranks, self.test_users),
+                                 "test_popularity": self.by_catalogue(pop_test, self.test_users)})
+        (self.run_dir / "catalogues.json").write_text(json.dumps(out, indent=1))
+        LOG.info(f"test {self.cfg.eval.select} per catalogue (model / popularity): " + ", ".join(
+            f"{name} {out['test'][name][self.cfg.eval.select]:.4f} / "
+            f"{out['test_popularity'][name][self.cfg.eval.select]:.4f}" for name in self.catalogues))
 
     @torch.no_grad()
     def write_projector(self) -> None:
