@@ -34,6 +34,7 @@ from transrec.data_shards.tables import (
     GenericColumns,
     Interaction,
     ItemRecord,
+    MissingColumn,
     Problems,
     RawDomain,
     file_sha256,
@@ -315,7 +316,7 @@ def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histor
         "policies": {
             "dedup": opts.dedup,
             "duplicate_interactions": histories.duplicates,
-            "duplicates_removed": histories.duplicates if opts.dedup != "keep" else 0,
+            "duplicates_removed": histories.removed,
             "min_interactions": opts.min_interactions,
             "users_below_min": len(histories.users) - sequences.evaluated,
         },
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--source {opts.source} is not a folder: point it at the dataset's raw tables")
     try:
         build(opts)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, MissingColumn) as e:
         raise SystemExit(f"error: {e}") from None
 
 

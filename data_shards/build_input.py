@@ -44,9 +44,10 @@ class Histories:
 
     per_user: dict[str, list[Interaction]]
     users: list[str]  # raw user ids in shard order (a user's index is its position)
-    duplicates: int
+    duplicates: int  # repeats found (order_and_dedup), removed or not
     dropped_no_content: int  # interactions naming an item without usable content
     unparseable: int  # unparseable rows of the interactions table (other tables' rows are not interactions)
+    removed: int = 0  # repeats removed by --dedup
 
 
 def sort_key(raw: str):
@@ -137,7 +138,7 @@ def user_histories(domain: RawDomain, item_index: dict[str, int], dedup: str) ->
     """Histories of the users with at least one interaction left; SystemExit when no user has one, as shards with
     no users would look like a build that worked."""
     per_user, dropped_no_content = interactions_by_user(domain, item_index)
-    duplicates = order_and_dedup(per_user, dedup)
+    duplicates, removed = order_and_dedup(per_user, dedup, domain.has_time_column)
     inter_file = next(iter(domain.input_files))  # the interactions table (the first input file)
     problems = domain.problems
     unparseable = sum(1 for x in problems.found["unparseable_row"] if x.get("file") == inter_file)
@@ -152,7 +153,7 @@ def user_histories(domain: RawDomain, item_index: dict[str, int], dedup: str) ->
     for u in users:
         if u not in domain.user_features and domain.user_features:
             problems.add("unknown_user_features", user=u)
-    return Histories(per_user, users, duplicates, dropped_no_content, unparseable)
+    return Histories(per_user, users, duplicates, dropped_no_content, unparseable, removed)
 
 
 def interactions_by_user(domain: RawDomain, item_index: dict[str, int]) -> tuple[dict[str, list[Interaction]], int]:
@@ -171,20 +172,24 @@ def interactions_by_user(domain: RawDomain, item_index: dict[str, int]) -> tuple
     return per_user, dropped_no_content
 
 
-def order_and_dedup(per_user: dict[str, list[Interaction]], dedup: str) -> int:
+def order_and_dedup(per_user: dict[str, list[Interaction]], dedup: str, has_time: bool = True) -> tuple[int, int]:
     """Stably sort each history by (time, source row) and, unless --dedup keep, drop repeats (same item and time;
-    under `first`, same item); returns the number of repeats found, removed or not."""
-    duplicates = 0
+    under `first`, same item). Returns (repeats found, removed): a repeat is an interaction whose (user, item, time)
+    came before, or whose (user, item) did under `first` or without a time column (time = line number: never equal).
+    """
+    found = removed = 0
     for user, its in per_user.items():
         its.sort(key=lambda x: (x.time, x.row))
-        seen, kept = set(), []
+        seen, kept, pairs = set(), [], set()
         for x in its:
             key = x.item if dedup == "first" else (x.item, x.time)
-            if key in seen:
-                duplicates += 1
-                if dedup != "keep":
-                    continue
+            repeat = (x.item, x.time) if has_time and dedup != "first" else x.item
+            found += repeat in pairs
+            pairs.add(repeat)
+            if key in seen and dedup != "keep":
+                removed += 1
+                continue
             seen.add(key)
             kept.append(x)
         per_user[user] = kept
-    return duplicates
+    return found, removed

@@ -238,7 +238,47 @@ class GenericColumns:
     user_feature_cols: tuple[str, ...] = ()
 
 
+class MissingColumn(ValueError):
+    """A column named by a flag (or its default) is not in the table's header: the build stops before reading rows."""
+
+
+def csv_columns(path: Path) -> list[str]:
+    """The header of a CSV file (FileNotFoundError as _read_csv words it)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: check --source (and the dataset layout in data_shards/README)")
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def check_generic_columns(source: Path, cols: GenericColumns) -> None:
+    """Every column the flags name is in its file's header: MissingColumn in one line naming the file, the column
+    and the flag to pass, before a row is read (a missing image or time column would otherwise read as one bad row or
+    one missing image per line)."""
+    fields = [text_field(f)[0] for f in cols.text_fields]
+    wanted = {cols.interactions: [(cols.user_col, "--user-col"), (cols.item_col, "--item-col")]
+              + ([(cols.time_col, "--time-col")] if cols.time_col else []),
+              cols.items: [(cols.item_id_col, "--item-id-col"), *((f, "--text-fields") for f in fields)]
+              + ([(cols.image_col, "--image-col")] if cols.image_col else [])
+              + [(c, "--item-feature-cols") for c in cols.item_feature_cols]
+              + ([(cols.description_field, "the description field")] if cols.description_field else [])}
+    if cols.users:
+        wanted[cols.users] = [(cols.user_id_col, "--user-id-col"), *((c, "--user-feature-cols")
+                                                                      for c in cols.user_feature_cols)]
+    for name, needed in wanted.items():
+        have = csv_columns(source / name)
+        for column, flag in needed:
+            if column in have:
+                continue
+            fix = {"--time-col": "name the time column with --time-col NAME, or pass --time-col '' to take each "
+                                 "user's interactions in file order",
+                   "--image-col": "name the image column with --image-col NAME, or pass --image-col '' for a "
+                                  "catalogue without images"}.get(flag, f"name the right column with {flag}")
+            raise MissingColumn(f"{source / name} has no column {column!r} (its columns: "
+                                f"{', '.join(have) or 'none, the file is empty'}): {fix}")
+
+
 def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
+    check_generic_columns(source, cols)
     problems = Problems()
     interactions = read_interactions(source / cols.interactions, cols.user_col, cols.item_col, cols.time_col, problems)
     fields = [text_field(f) for f in cols.text_fields]
