@@ -116,7 +116,9 @@ def test_auto_prints_a_cost_estimate_and_progress(auto_run):
     estimate = [m for m in records if "cost estimate" in m]
     assert len(estimate) == 1 and "timed on start's model" in estimate[0]
     assert "still to run: popularity, content, prior, finetune, lowlr, towers, scratch" in estimate[0]
-    assert sum("[transfer] candidate" in m and "estimated at most" in m for m in records) == 7
+    assert sum("[transfer] candidate" in m and "estimated" in m and "at most" in m for m in records) == 7
+    # after the first candidate that trains (finetune), the later ones are expected to take as long as it did
+    assert sum("min as finetune took, at most" in m for m in records) == 3
     summary = [m for m in records if "training-free candidates, validation ndcg@10" in m]
     assert len(summary) == 1 and all(n in summary[0] for n in ("start", "popularity", "content", "prior"))
 

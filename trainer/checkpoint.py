@@ -207,13 +207,25 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
         model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     log(
         f"init-from {export_dir} ({parts}" + (f", reset {list(reset)}" if reset else "")
-        + f"): loaded {len(loaded)} tensors; newly created {len(created)}: "
-        f"{sorted({k.split('.')[0] for k in created})}; mismatched 0"
+        + f"): loaded {len(loaded)} tensors; newly created {len(created)}: {tensor_names(created)}; mismatched 0"
         + (f"; towers this catalogue does not use, skipped: {skipped}" if skipped else "")
         + (f"; towers the export lacks, from their backbones: {[t.split('.')[1] for t in new_towers]}"
            if new_towers else "")
     )
     return {"loaded": loaded, "created": created, "mismatched": mismatched}
+
+
+def tensor_names(names: list[str], listed: int = 8) -> str:
+    """Every tensor of `names`, counted: each name when there are at most `listed`, else the groups they fall in
+    (their first two name components) with each group's count, the counts adding up to len(names)."""
+    if len(names) <= listed:
+        return "[" + ", ".join(sorted(names)) + "]"
+    groups: dict[str, int] = {}
+    for n in names:
+        g = ".".join(n.split(".")[:2])
+        groups[g] = groups.get(g, 0) + 1
+    return "[" + ", ".join(f"{g}{'.* x' + str(c) if c > 1 or g not in names else ''}"
+                           for g, c in sorted(groups.items())) + "]"
 
 
 def gathered(model, modifier_rank: int | None = None):

@@ -279,10 +279,10 @@ class TransferConfig:
                 raise ValueError(f"transfer.low_lr={self.low_lr!r}: give a rate such as 0.0001, or none") from None
         check_values(self, "transfer")
         names = self.named_candidates()
-        unknown = [c for c in names if c not in TRANSFER_CANDIDATES]
+        unknown = [c for c in names if c not in (*TRANSFER_CANDIDATES, "scratch")]
         if unknown or not names:
-            raise ValueError(f"transfer.candidates={self.candidates!r}: name one or more of {TRANSFER_CANDIDATES} "
-                             "(scratch: transfer.include_scratch=true)")
+            raise ValueError(f"transfer.candidates={self.candidates!r}: name one or more of "
+                             f"{(*TRANSFER_CANDIDATES, 'scratch')}")
         if self.low_lr is not None and self.low_lr <= 0:
             raise ValueError(f"transfer.low_lr must be > 0 (or none: a tenth of each stage's rate), not {self.low_lr}")
 
@@ -290,7 +290,9 @@ class TransferConfig:
         return [c.strip() for c in self.candidates.split(",") if c.strip()]
 
     def candidate_names(self) -> list[str]:
-        return self.named_candidates() + (["scratch"] if self.include_scratch else [])
+        """The candidates named, each once, then scratch when include_scratch and not named already."""
+        names = list(dict.fromkeys(self.named_candidates()))
+        return names + (["scratch"] if self.include_scratch and "scratch" not in names else [])
 
 
 @dataclass

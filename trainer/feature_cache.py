@@ -49,8 +49,10 @@ class FeatureCache:
     """Per cached tower (modality name), its lower blocks' features of every item routed to it: named tensors whose
     rows are the items in id order (`rows` maps an item id to its row in its modality's tables)."""
 
-    def __init__(self, features: dict[str, dict[str, torch.Tensor]], rows: torch.Tensor, covered: set[str]):
+    def __init__(self, features: dict[str, dict[str, torch.Tensor]], rows: torch.Tensor, covered: set[str],
+                 computed_s: float = 0.0):
         self._features, self._rows, self._covered = features, rows, covered
+        self.computed_s = computed_s  # seconds spent computing features (0 when every table came from the store)
         stored = [t for f in features.values() for t in f.values() if t.is_floating_point()]
         self.dtype = stored[0].dtype if stored else torch.float16  # precision of the stored features
 
@@ -92,6 +94,7 @@ class FeatureCache:
             return None
         rows = torch.full((store.num_items,), -1, dtype=torch.long)
         features: dict[str, dict[str, torch.Tensor]] = {}
+        computed_s = 0.0
         was_training = model.training
         model.eval()
         for m, name in enumerate(model.modality_names):
@@ -112,6 +115,7 @@ class FeatureCache:
                     if log is not None:
                         log(f"{name} features: reused {path}")
                     continue
+            t0 = time.perf_counter()
             chunks = []
             tower_dtype = next(tower.parameters()).dtype
             no_bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
@@ -127,6 +131,7 @@ class FeatureCache:
                     lower = tower.lower(inputs)
                 chunks.append({k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in lower.items()})
             features[name] = tower.stack(chunks)
+            computed_s += time.perf_counter() - t0
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -137,7 +142,7 @@ class FeatureCache:
         model.train(was_training)
         # Kept on the training device (GPU gathers are cheap); on CPU this is a no-op.
         features = {n: {k: t.to(device) for k, t in f.items()} for n, f in features.items()}
-        return cls(features, rows.to(device), covered)
+        return cls(features, rows.to(device), covered, computed_s)
 
 
 def resolve_store(setting: str | None, shards: str | Path) -> Path | None:

@@ -115,6 +115,7 @@ class RunLog:
     def __init__(self, run_dir: Path, rank: int, world: int, device: torch.device, log_every: int):
         self.run_dir, self.rank, self.world, self.device, self.log_every = run_dir, rank, world, device, log_every
         self._writer = None  # TensorBoard's; a resume's rewind() reopens it with purge_step
+        self._cosines: dict[int, list[tuple[int, float]]] = {}  # stage -> [(epoch, mean pairwise cosine)] validated
         self.purge_step: int | None = None
         self.writer  # noqa: B018  opened before training starts, so that no training step waits for it
 
@@ -174,13 +175,30 @@ class RunLog:
             self.scalars({f"health/stage{stage}/{k}": v for k, v in health.items() if k != "users"}, step)
             warning = collapse_warning(health)
             if warning:
-                early = " (a stage's first epoch often starts there: it is a failure when later epochs stay)"
-                LOG.warning(f"stage {stage} epoch {epoch}: {warning}{early if epoch == 0 else ''}")
+                LOG.warning(f"stage {stage} epoch {epoch}: {warning}{self._collapse_context(stage, epoch, health)}")
+            self._cosines.setdefault(stage, []).append((epoch, health["mean_pairwise_cosine"]))
         if self.rank == 0:
             curve = self.run_dir / VALID_LOG
             with open(curve, "a") as f:
                 f.write("" if curve.exists() and curve.stat().st_size else "stage,epoch," + ",".join(shown) + "\n")
                 f.write(f"{stage},{epoch}," + ",".join(f"{v:.6f}" for v in shown.values()) + "\n")
+
+    def _collapse_context(self, stage: int, epoch: int, health: dict) -> str:
+        """Whether a collapse warning is the expected start of a stage (user vectors from an export or a new user
+        encoder begin alike, then spread) or a failure, against the stage's earlier validations in this process."""
+        now = health["mean_pairwise_cosine"]
+        if epoch == 0:
+            return (" (a stage's first epoch often starts there, e.g. fine-tuning from an export: expected at the "
+                    "start of fine-tuning if the cosine falls in the next epochs, a failure if it stays)")
+        if not self._cosines.get(stage):
+            return ""
+        (first_epoch, first), (last_epoch, last) = self._cosines[stage][0], self._cosines[stage][-1]
+        if now < last - 0.01:
+            return (f" (falling: {first:.2f} at epoch {first_epoch}, {last:.2f} at epoch {last_epoch}, {now:.2f} now: "
+                    "expected at the start of fine-tuning while the user vectors spread; a failure if it stops "
+                    "falling above the threshold)")
+        return (f" (not falling since epoch {last_epoch} ({last:.2f}; {first:.2f} at epoch {first_epoch}): not the "
+                "start of fine-tuning but a failure)")
 
     def append_loss(self, stage: int, step: int, loss: float) -> None:
         if self.rank == 0:

@@ -73,20 +73,36 @@ def run_candidate(cfg: RunConfig, ds_config: str, rank: int):
 
 
 def estimate_minutes(trainer, cfg: RunConfig, setup_s: float) -> dict[str, float]:
-    """Minutes for a candidate that trains, at most (every epoch; early stopping ends sooner): `setup_s` (the first
-    candidate's set-up, evaluations included), each stage's micro-batches per epoch at the timed rate, a validation
-    per epoch and a test evaluation per stage; and for the start, `setup_s`. Times one validation and a few batches
-    of each stage on `trainer`, whose run is done."""
+    """Minutes for a candidate that trains, at most (every epoch; early stopping ends sooner), from the start's run
+    on `trainer` (done; `setup_s` its wall time): one validation and a few batches of each stage are timed on it, and
+    its one-off frozen-block pass (later candidates read the feature store) is taken out of its set-up."""
+    cache = getattr(getattr(trainer, "model", None), "cache", None)
+    cache_s = getattr(cache, "computed_s", 0.0)  # read before time_steps replaces the cache
     t0 = time.perf_counter()
     trainer.evaluate("valid", Scorer.CONTENT)
     eval_s = time.perf_counter() - t0
-    stages = STAGES[cfg.stages]
-    train_s = setup_s
-    for stage in stages:
+    stages = []
+    for stage in STAGES[cfg.stages]:
         per_batch, batches = trainer.time_steps(stage)
-        epochs = (cfg.stage1 if stage == 1 else cfg.stage2).epochs
-        train_s += epochs * (batches * per_batch + eval_s) + eval_s
-    return {"train": train_s / 60, "start": setup_s / 60}
+        stages.append(((cfg.stage1 if stage == 1 else cfg.stage2).epochs, batches, per_batch))
+    return plan_estimate(setup_s, cache_s, eval_s, stages)
+
+
+def plan_estimate(setup_s: float, cache_s: float, eval_s: float,
+                  stages: list[tuple[int, int, float]]) -> dict[str, float]:
+    """Minutes: "train", a candidate that trains, at most: the set-up (the start's wall time `setup_s` less its
+    frozen-block pass `cache_s` and its own validation and test evaluations, 2 x `eval_s`), then per stage (epochs,
+    micro-batches per epoch, seconds per micro-batch) every epoch's batches and validation and the stage's test
+    evaluation; "setup", that set-up; "start", the start's time."""
+    setup = max(setup_s - cache_s - 2 * eval_s, 0.0)
+    train = setup + sum(epochs * (batches * per_batch + eval_s) + eval_s for epochs, batches, per_batch in stages)
+    return {"train": train / 60, "setup": setup / 60, "start": setup_s / 60}
+
+
+def measured_estimate(estimate: dict[str, float], name: str, minutes: float) -> dict[str, float]:
+    """The estimate once the first candidate that trains has finished in `minutes`: the others train as long (same
+    catalogue and stages, the feature store warm), early stopping included; the bound stays as timed."""
+    return {**estimate, "typical": minutes, "typical_from": name}
 
 
 def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
@@ -107,8 +123,10 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
         if i > 1 and cand.trains and not ordered[i - 2].trains and rank == 0:
             LOG.info(training_free_summary(run_dir, [c for c in ordered if not c.trains], cfg.eval.select))
         if estimate:
-            left = sum(estimate["train" if c.trains else "start"] for c in still_to_run(ordered, run_dir))
-            LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}; estimated at most "
+            left = sum(_minutes(estimate, c) for c in still_to_run(ordered, run_dir))
+            typical = (f"about {estimate['typical']:.1f} min as {estimate['typical_from']} took, "
+                       if "typical" in estimate and cand.trains else "")
+            LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}; estimated {typical}at most "
                      f"{estimate['train' if cand.trains else 'start']:.1f} min, {left:.1f} min of candidates left")
         else:
             LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}")
@@ -132,9 +150,13 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
                 _record(d, {"status": "done", "minutes": round(minutes, 2)}, rank)
                 LOG.info(f"[transfer] {cand.name} done in {minutes:.1f} min: validation {cfg.eval.select} "
                          f"{_valid(d, cfg):.4f}")
-            if estimate is None and trainer is not None:
-                estimate = estimate_minutes(trainer, cfg, setup_s=time.perf_counter() - t0)
+            if estimate is None and trainer is not None:  # a trained candidate's time is no set-up: it is measured
+                estimate = estimate_minutes(trainer, cfg, setup_s=0.0 if cand.trains else time.perf_counter() - t0)
+                if cand.trains:
+                    estimate = measured_estimate(estimate, cand.name, minutes)
                 _print_estimate(estimate, ordered, run_dir, timed_on=cand.name)
+            elif estimate is not None and trainer is not None and cand.trains and "typical" not in estimate:
+                estimate = measured_estimate(estimate, cand.name, minutes)
         except Exception as e:  # noqa: BLE001  a candidate's failure is reported; the others still run
             _record(d, {"status": "failed", "error": f"{type(e).__name__}: {e}",
                         "traceback": traceback.format_exc()}, rank)
@@ -173,12 +195,18 @@ def still_to_run(ordered: list[Candidate], run_dir: Path) -> list[Candidate]:
     return [c for c in ordered if not (run_dir / "candidates" / c.name / "metrics.json").exists()]
 
 
+def _minutes(estimate: dict, c: Candidate) -> float:
+    """A candidate's expected minutes: as the first trained one took once one has, else the bound."""
+    return estimate.get("typical", estimate["train"]) if c.trains else estimate["start"]
+
+
 def _print_estimate(estimate: dict[str, float], ordered: list[Candidate], run_dir: Path, timed_on: str) -> None:
     todo = still_to_run(ordered, run_dir)
     total = sum(estimate["train" if c.trains else "start"] for c in todo)
     LOG.info(f"[transfer] cost estimate (timed on {timed_on}'s model): at most {estimate['train']:.1f} min per "
-             f"candidate that trains; still to run: {', '.join(c.name for c in todo) or 'none'}, at most "
-             f"{total:.1f} min in all (early stopping ends sooner)")
+             f"candidate that trains (set-up {estimate['setup']:.1f} min, then every epoch of each stage); still to "
+             f"run: {', '.join(c.name for c in todo) or 'none'}, at most {total:.1f} min in all (early stopping ends "
+             "sooner; once the first of them has trained, the lines below say how long it took)")
 
 
 def _record(d: Path, record: dict, rank: int) -> None:
