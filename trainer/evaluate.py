@@ -4,11 +4,16 @@
         [--include-seen] [--device cpu|cuda] [--scoring export|model|mean|popularity] [--prior-beta X|auto]
 
 evaluates an export by content on any shards (its own run's: the run's test figures; another catalogue's: zero-shot
-transfer) without a Trainer, DeepSpeed or TensorBoard; prints the metrics against popularity and writes them (with
-the per-user ranks beside, FILE.ranks.tsv) to FILE as JSON. Items are scored as the export's scoring.json says
-(absent: the model's user vector), or as --scoring and --prior-beta say (trainer/scoring.py); `--prior-beta auto`
-chooses the popularity prior's weight on the shards' validation split, then evaluates the split asked for with it.
-Ranks are exact over the whole catalogue (trainer/ranking.py); the work is trainer/export_evaluation.py.
+transfer) without a Trainer, DeepSpeed or TensorBoard; prints the metrics against popularity and writes them to FILE
+as JSON, with the per-user ranks beside it: FILE's suffix replaced by .ranks.tsv (the export's, e.g. x.json ->
+x.ranks.tsv) and by .popularity.ranks.tsv (popularity's on the same users), both `user, target_item, rank` as a run's
+test_ranks*.tsv, for paired comparisons from files. Items are scored as the export's scoring.json says (absent: the
+model's user vector), or as --scoring and --prior-beta say (trainer/scoring.py); `--prior-beta auto` chooses the
+popularity prior's weight on the shards' validation split, then evaluates the split asked for with it. Ranks are exact
+over the whole catalogue (trainer/ranking.py); the work is trainer/export_evaluation.py.
+
+The catalogue's item vectors are encoded once, with progress lines on standard error, and kept for later calls of the
+same export on the same shards (--vector-cache; trainer/item_vector_cache.py); --scoring popularity encodes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ from transrec.trainer.scoring import Scoring
 def main(argv: list[str] | None = None) -> dict:
     p = export_cli("python -m transrec.trainer.evaluate", __doc__)
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--out", default=None, help="write the metrics as JSON here (ranks beside, .ranks.tsv)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON to FILE, and the per-user ranks beside it: "
+                   "FILE's suffix replaced by .ranks.tsv (the export's) and .popularity.ranks.tsv (popularity's)")
+    p.add_argument("--vector-cache", default="auto", metavar="auto|none|DIR",
+                   help="where the catalogue's item vectors are kept between calls (auto: .feature_cache/ beside the "
+                   "shards; none: encode every time)")
     p.add_argument("--include-seen", action="store_true", help="keep the user's earlier items in the ranking")
     add_scoring_args(p, auto=True)
     a = p.parse_args(argv)
@@ -37,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: no shards at {a.shards}: build them with `python -m transrec.data_shards.build`")
     try:  # a damaged export or shard, invalid settings, a model giving NaN: one line, exit 1
         done = evaluate_export(Path(a.export), Path(a.shards), a.split, not a.include_seen, a.scoring, a.prior_beta,
-                               a.device)
+                               a.device, a.vector_cache)
     except (FileNotFoundError, ValueError, IntegrityError) as e:
         raise SystemExit(f"error: {e}") from None
     result, scoring = done.result, done.scoring
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         out = Path(a.out)
         out.write_text(json.dumps(result, indent=1))
         write_ranks(out.with_suffix(".ranks.tsv"), done.users.users, done.users.targets, done.ranks)
+        write_ranks(out.with_suffix(".popularity.ranks.tsv"), done.users.users, done.users.targets,
+                    done.popularity_ranks)
     return result
 
 

@@ -5,6 +5,9 @@ Items are scored as the export's scoring.json says (absent: the model's user vec
 (trainer/scoring.py); a prior beta of "auto" chooses the popularity prior's weight on the shards' validation split,
 then evaluates the split asked for with it. The result compares the export with popularity on the same users
 (paired bootstrap).
+
+The catalogue's item vectors are encoded once per export and shards and kept (trainer/item_vector_cache.py), with
+progress lines on standard error; popularity alone encodes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transrec.trainer.item_vector_cache import cached_item_vectors, stderr_line
 from transrec.trainer.model_eval import ranker_from_export
 from transrec.trainer.ranking import (
     EvalUsers,
@@ -43,20 +47,26 @@ class ExportEvaluation:
     scoring: Scoring
     prior_choice: PriorChoice | None  # the validation table when the prior beta was "auto"
     num_items: int  # the catalogue's size
+    popularity_ranks: np.ndarray | None = None  # [users] popularity's rank of each user's target, same order
 
 
 def evaluate_export(export: Path, shards: Path, split: str = "test", exclude_seen: bool = True,
                     scoring: str = "export", prior_beta: float | str | None = None,
-                    device: str = "cpu") -> ExportEvaluation:
+                    device: str = "cpu", vector_cache: str | None = "auto", log=stderr_line) -> ExportEvaluation:
     """`split`'s users of `shards` ranked by the export over the whole catalogue. `scoring`: one of
-    scoring.SCORING_CHOICES; `prior_beta`: a weight, "auto" (chosen on validation) or None (the export's)."""
-    ranker = ranker_from_export(Path(export), Path(shards), device)
+    scoring.SCORING_CHOICES; `prior_beta`: a weight, "auto" (chosen on validation) or None (the export's);
+    `vector_cache`: where the item vectors are kept ("auto": beside the shards; None or "none": not kept)."""
+    ranker = ranker_from_export(Path(export), Path(shards), device, build_cache=False)  # encoded only if needed
     export_scoring = read_scoring(Path(export))  # the export (its scoring.json included) verified by now
     user, beta = requested_scoring(scoring, prior_beta, export_scoring)
     max_len = ranker.model.cfg.max_len
     data = eval_users(ranker.sequences, split, max_len, ranker.user_feature_names)
     counts = interaction_counts(ranker.sequences, ranker.store.num_items, split)
-    vectors = None if beta != "auto" else ranker.item_vectors()  # otherwise encoded only where needed
+
+    def item_vectors():
+        return cached_item_vectors(ranker, Path(export), Path(shards), vector_cache, log)
+
+    vectors = None if beta != "auto" else item_vectors()  # otherwise encoded only where needed
 
     def model_user(hist, chunk):
         return ranker.user_vectors(vectors, hist, chunk)
@@ -73,10 +83,12 @@ def evaluate_export(export: Path, shards: Path, split: str = "test", exclude_see
     else:
         chosen = resolve_scoring(scoring, prior_beta, export_scoring)
     if chosen == Scoring():  # the model's user vector as the trainer ranks it
-        ranks = ranker.ranks(data, "content", exclude_seen=exclude_seen)
+        vectors = item_vectors() if vectors is None else vectors
+        with ranker.eval_mode():
+            ranks = ranker.ranks_in_eval_mode(data, "content", exclude_seen, item_vectors=vectors)
     else:
         if vectors is None and chosen.user != "none":
-            vectors = ranker.item_vectors()
+            vectors = item_vectors()
         ranks = scoring_ranks(model_user, vectors, data, chosen, counts, exclude_seen, ranker.user_batch,
                               ranker.source)
     pop = popularity_ranks(counts, data, exclude_seen)
@@ -87,4 +99,4 @@ def evaluate_export(export: Path, shards: Path, split: str = "test", exclude_see
                                 for m in ("hr@10", "ndcg@10")}}
     if choice is not None:
         result["prior_choice"] = choice.table
-    return ExportEvaluation(result, data, ranks, chosen, choice, ranker.store.num_items)
+    return ExportEvaluation(result, data, ranks, chosen, choice, ranker.store.num_items, pop)

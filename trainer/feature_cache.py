@@ -14,7 +14,8 @@ The default, `data.feature_store=auto`, is `.feature_cache/` beside the shard fo
 the pass costs time linear in the catalogue (about 7 ms an item on 2 CPU cores), so a second run, or the same
 stage of another seed, on a large catalogue starts at once. `none` turns the store off.
 
-Without a terminal the pass logs its progress and the time left every 30 seconds.
+Given a log, the pass logs its progress (items, rate, time left) every 30 seconds, on a terminal (beside the bar) or
+not.
 """
 
 from __future__ import annotations
@@ -86,8 +87,10 @@ class FeatureCache:
         show_progress: bool = True,
         store_dir: str | Path | None = None,
         log=None,
+        progress_every: float = 30.0,
     ) -> FeatureCache | None:
-        """Lower-block outputs for every item of each cached tower (rows indexed per modality)."""
+        """Lower-block outputs for every item of each cached tower (rows indexed per modality); with `show_progress`,
+        a bar on a terminal and, given `log`, a progress line every `progress_every` seconds on any stream."""
         towers = model.towers
         covered = {name for name, t in towers.items() if t.trainable < t.num_blocks}
         if not covered:
@@ -119,7 +122,8 @@ class FeatureCache:
             chunks = []
             tower_dtype = next(tower.parameters()).dtype
             no_bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
-            progress = _ProgressLog(f"caching {name} features", len(items), log if show_progress and no_bar else None)
+            progress = ProgressLog(f"caching {name} features", len(items), log if show_progress else None,
+                                   every=progress_every)
             for start, stop in tqdm(catalogue_chunks(items, catalogue_bounds(store.manifest), chunk),
                                     desc=f"caching {name} features", unit="chunk", disable=no_bar):
                 progress.update(start)
@@ -163,8 +167,9 @@ def resolve_store(setting: str | None, shards: str | Path) -> Path | None:
     return folder
 
 
-class _ProgressLog:
-    """A log line every `every` seconds with items done and the time left (the tqdm bar's stand-in in log files)."""
+class ProgressLog:
+    """A log line every `every` seconds with the items done, their rate and the time left, on a terminal or not (in
+    log files, the tqdm bar's stand-in)."""
 
     def __init__(self, what: str, total: int, log, every: float = 30.0):
         self.what, self.total, self.log, self.every = what, total, log, every
@@ -176,7 +181,11 @@ class _ProgressLog:
             return
         self.last = now
         left = (now - self.t0) / done * (self.total - done)
-        self.log(f"{self.what}: {done}/{self.total} items, {now - self.t0:.0f} s, about {left / 60:.1f} min left")
+        self.log(f"{self.what}: {done}/{self.total} items, {now - self.t0:.0f} s, {done / (now - self.t0):.0f} "
+                 f"items/s, about {left / 60:.1f} min left")
+
+
+_ProgressLog = ProgressLog  # its former name
 
 
 def feature_key(tower, store: ItemStore, items: np.ndarray, size, decoder_backend, dtype: torch.dtype) -> str:

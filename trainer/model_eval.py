@@ -47,10 +47,11 @@ class ModelRanker:
         return any(not (cache and cache.covers(n)) for n in self.model.towers)
 
     @torch.no_grad()
-    def item_vectors(self) -> torch.Tensor:
+    def item_vectors(self, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """[V, d] fp32: every catalogue item through its tower (cached lower blocks where the cache covers). A
         mixture's catalogues are encoded one after the other, in the chunks each would have alone, so that their
-        vectors are those of the catalogue's own shards, bit for bit."""
+        vectors are those of the catalogue's own shards, bit for bit. `progress(items done)`: called after each
+        chunk."""
         chunks = []
         all_items = np.arange(self.store.num_items)
         for start, stop in catalogue_chunks(all_items, self.bounds, self.item_batch):
@@ -62,6 +63,8 @@ class ModelRanker:
                                             modality=self.modality)
                 content = content.to(self.device, non_blocking=False)
             chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
+            if progress is not None:
+                progress(stop)
         return torch.cat(chunks)
 
     def user_feature_batch(self, chunk: ev.EvalUsers) -> dict[str, torch.Tensor] | None:
@@ -128,9 +131,19 @@ class ModelRanker:
 
 
 # -- the standalone evaluator ---------------------------------------------------------------------------------
+def cache_frozen_blocks(ranker: ModelRanker, show_progress: bool = True, feature_store: str | Path | None = None,
+                        log=None, every: float = 30.0) -> None:
+    """The ranker's model's frozen lower blocks cached over its catalogue, as the run that made the export cached
+    them (what makes its item vectors those of the run, bit for bit); progress lines through `log` when given."""
+    options = ranker.content_options()
+    ranker.model.cache = FeatureCache.build(ranker.model, ranker.store, ranker.store.modality, options.decoder,
+                                            options.max_tokens, ranker.device, show_progress=show_progress,
+                                            store_dir=feature_store, log=log, progress_every=every)
+
+
 def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | str = "cpu",
                        show_progress: bool = True, build_cache: bool = True,
-                       feature_store: str | Path | None = None) -> ModelRanker:
+                       feature_store: str | Path | None = None, log=None) -> ModelRanker:
     """Rebuild the exported towers and user encoder (safetensors + JSON only) on `shards`' catalogue, its frozen
     blocks cached as the run that made the export cached them (`build_cache=False`: no cache, e.g. when the item
     vectors come from an index; `feature_store`: the folder of frozen-block outputs shared with training runs)."""
@@ -167,8 +180,8 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
         tower.set_trainable(trainable.get(name, 0))
     model.eval()
     options = content_options(cfg, "auto", device)
+    ranker = ModelRanker(model, store, store.modality, sequences, [], lambda: options, device,
+                         source=f"the export {export_dir}")
     if build_cache:
-        model.cache = FeatureCache.build(model, store, store.modality, options.decoder, options.max_tokens, device,
-                                         show_progress=show_progress, store_dir=feature_store)
-    return ModelRanker(model, store, store.modality, sequences, [], lambda: options, device,
-                       source=f"the export {export_dir}")
+        cache_frozen_blocks(ranker, show_progress, feature_store, log)
+    return ranker
