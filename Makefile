@@ -1,6 +1,7 @@
 # Two commands for a new user on a fresh machine (see README.md):
 #   make train   set up, build the default shards if missing, train on the bundled MovieLens data
 #   make test    set up, then run the whole test suite
+#   make pretrain  train the shipped pre-trained model on every catalogue (needs ../shared/datasets), export under runs/
 #   make lock    re-resolve the newest versions setup.py allows, run the tests on them, rewrite requirements.lock
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: train test install shards lint lock
+.PHONY: train test install shards lint lock pretrain
 
 install: $(STAMP)
 
@@ -39,6 +40,11 @@ shards: $(SHARDS)/manifest.json
 
 train: $(STAMP) $(SHARDS)/manifest.json
 	$(VENV)/bin/deepspeed trainer/main.py --ds_config $(DS_CONFIG) --shards $(SHARDS) $(TRAIN_ARGS)
+
+# The pre-trained model over every catalogue (MovieLens-100k and -1M, Amazon Office, H&M; trainer/experiments/pretrain.py):
+# its export lands in runs/pretrained-all/export, to start your own catalogue from (--init-from it, transfer=auto).
+pretrain: $(STAMP)
+	$(PY) -m transrec.trainer.experiments.pretrain --run-dir runs/pretrained-all
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests

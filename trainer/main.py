@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
         help="DeepSpeed engine config (ZeRO stage, bf16, communication only); default "
         "ds_configs/zero2.json, or with --resume the run's own ds_config.json",
     )
-    p.add_argument("--shards", default=None, help="shard folder from data_shards.build")
+    p.add_argument("--shards", default=None, nargs="+", help="shard folder from data_shards.build, or a mixture of "
+                   "several catalogues from data_shards.mixture")
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: cpu-small")
     p.add_argument("--stage", default=None, choices=["1", "2", "all", "none"],
                    help="1, 2 or all (default: all); none: no training, evaluate the initial model by content "
@@ -68,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
         "--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS
     )
     a = p.parse_args(argv)
+    if a.shards is not None and len(a.shards) > 1:
+        p.exit(2, f"error: --shards names {len(a.shards)} folders: mix them into one first (python -m "
+                  f"transrec.data_shards.mixture --out shards/mix {' '.join(a.shards)}), then train with --shards "
+                  "shards/mix\n")
+    a.shards = a.shards[0] if a.shards else None
 
     if a.resume:
         given = [f"--{name.replace('_', '-')}" for name in SETTING_FLAGS if getattr(a, name) not in (None, False, [])]

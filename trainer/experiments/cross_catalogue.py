@@ -91,10 +91,11 @@ def model_user_fn(ranker, iv):
     return lambda hist, chunk: ranker.user_vectors(iv, hist, chunk)
 
 
-def score_target(export: Path, target_shards: Path, source_shards: Path, feature_store: Path, metric: str,
+def score_target(export: Path, target_shards: Path, source_shards: Path | None, feature_store: Path, metric: str,
                  exclude_seen: bool = True) -> dict:
     """Every training-free way of scoring `target_shards` with `export`, and the diagnosis. Returns per row: the
-    validation metric, the chosen prior, the test ranks; plus the diagnosis figures."""
+    validation metric, the chosen prior, the test ranks; plus the diagnosis figures (the source's own only with
+    `source_shards`, a single catalogue's folder)."""
     out: dict = {"rows": {}, "diagnosis": {}}
     ranker = ranker_from_export(export, target_shards, show_progress=False, feature_store=feature_store)
     iv = ranker.item_vectors()
@@ -133,8 +134,9 @@ def score_target(export: Path, target_shards: Path, source_shards: Path, feature
     best = max(names, key=lambda n: (out["rows"][n]["valid"][metric], -names.index(n)))
     out["rows"]["training-free auto"] = {**out["rows"][best], "chose": best}
 
-    out["diagnosis"] = {**target_diagnosis(ranker, user, iv, valid, test, counts_valid),
-                        **source_diagnosis(export, source_shards, feature_store, max_len, n_items, exclude_seen)}
+    out["diagnosis"] = target_diagnosis(ranker, user, iv, valid, test, counts_valid)
+    if source_shards is not None:
+        out["diagnosis"].update(source_diagnosis(export, source_shards, feature_store, max_len, n_items, exclude_seen))
     return out
 
 

@@ -1,0 +1,172 @@
+"""Leave-one-catalogue-out: a source pre-trained on every other catalogue, scored on a target it never saw.
+
+    python -m transrec.trainer.experiments.leave_one_out --targets ml-new,office,hm-b \
+        [--user-states encoder,mean_residual] [--seeds 0] [--epochs 3] [--work .cache/study] [--out reports]
+
+The catalogues (built once under --work from ../shared/datasets and data/, each a shard folder):
+
+| name | what | users / items |
+|---|---|---|
+| ml-old | MovieLens-100k films up to 1995 (data_shards/split_by_release.py), mixed | 516 / 959 |
+| ml-new | MovieLens-100k films after 1995, mixed: the "newer films" target | 427 / 616 |
+| ml100k | MovieLens-100k whole, mixed (shares users and films with ml-old and ml-new) | 943 / 1,682 |
+| ml1m | MovieLens-1M's first 2,999 users, mixed (100k posters and overviews joined by title + year) | 2,999 / 3,883 |
+| office | Amazon Office, text | 4,905 / 2,420 |
+| hm-a, hm-b | H&M halves sharing no customer and no article (data_shards/split_disjoint.py), mixed | 679, 630 |
+
+A target's source is a mixture (data_shards/mixture.py) of the catalogues that share no user with it (ml-old and
+ml-new are ml100k cut in two: ml-new's source holds ml-old, every other source ml100k whole), with every MovieLens
+film of the target dropped from every MovieLens source by the declared join
+(data_shards/tables_ml1m.movielens_film_key: title + year). The source trains stage 1 of the `cpu-small` preset for
+--epochs epochs (the content softmax, each sequence against its own catalogue's items, catalogues mixed in proportion
+to their windows; selection: the mean NDCG@10 over catalogues). On the target,
+with no target training: popularity, the source's user encoder ("zero-shot") and the training-free content baseline
+(the mean of the history's item vectors), each with and without the target's popularity prior (beta chosen on the
+target's validation split), as trainer/experiments/cross_catalogue.py scores them. Source runs and scores are cached
+under --work; the report is written by leave_one_out_report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+from transrec.data_shards.build import BuildOptions, build
+from transrec.data_shards.mixture import Catalogue, mix
+from transrec.data_shards.shard_io import read_id_maps
+from transrec.data_shards.split_by_release import split_by_release
+from transrec.data_shards.split_disjoint import split_disjoint
+from transrec.data_shards.tables import Problems
+from transrec.data_shards.tables_ml1m import movielens_film_key, read_movies
+from transrec.trainer.config import RunConfig
+from transrec.trainer.experiments.cross_catalogue import score_target
+from transrec.trainer.experiments.leave_one_out_report import write_report
+from transrec.trainer.presets import preset
+from transrec.trainer.run import train
+
+REPO = Path(__file__).resolve().parents[2]
+DATASETS = REPO.parent / "shared" / "datasets"
+ML100K = REPO / "data" / "movielens-100k-mm"
+# the catalogues: raw folder (relative to --work for the splits), builder dataset, modality, extra build options
+CATALOGUES = {
+    "ml-old": ("ml-release/source", "movielens-100k-mm", "mixed", {}),
+    "ml-new": ("ml-release/target", "movielens-100k-mm", "mixed", {}),
+    "ml100k": (str(ML100K), "movielens-100k-mm", "mixed", {}),
+    "ml1m": (str(DATASETS / "movielens-1m-part"), "movielens-1m", "mixed", {"posters_from": ML100K}),
+    "office": (str(DATASETS / "amazon-office"), "amazon-office", "text", {}),
+    "hm-a": ("hm-split/a", "hm-fashion", "mixed", {"dedup": "collapse"}),
+    "hm-b": ("hm-split/b", "hm-fashion", "mixed", {"dedup": "collapse"}),
+}
+SAME_USERS = {"ml-old": {"ml100k"}, "ml-new": {"ml100k"}}  # a target's users: never in its source
+MOVIELENS = ("ml-old", "ml-new", "ml100k", "ml1m")
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    """Every catalogue's shard folder under work/shards (split and built once)."""
+    if not (work / "ml-release" / "split_report.json").exists():
+        split_by_release(ML100K, work / "ml-release")
+    if not (work / "hm-split" / "split_report.json").exists():
+        split_disjoint(DATASETS / "hm-fashion", work / "hm-split")
+    out = {}
+    for name, (raw, dataset, modality, extra) in CATALOGUES.items():
+        folder = work / "shards" / name
+        if not (folder / "manifest.json").exists():
+            source = Path(raw) if Path(raw).is_absolute() else work / raw
+            build(BuildOptions(dataset=dataset, source=source, out=folder, modality=modality, **extra))
+        out[name] = folder
+    return out
+
+
+def film_keys(name: str, work: Path) -> dict[str, str]:
+    """{raw film id: join key} of a MovieLens catalogue (its raw table's titles and years)."""
+    raw = CATALOGUES[name][0]
+    folder = Path(raw) if Path(raw).is_absolute() else work / raw
+    if name == "ml1m":
+        return {k: movielens_film_key(r.fields["title"]) for k, r in read_movies(folder / "movies.dat",
+                                                                                 Problems()).items()}
+    with open(folder / "items.csv", newline="") as f:
+        return {r["movie_id"]: movielens_film_key(r["title"], r["year"]) for r in csv.DictReader(f)}
+
+
+def source_catalogues(target: str, shards: dict[str, Path], work: Path) -> list[Catalogue]:
+    """The target's source catalogues: every other catalogue sharing no user with it, the target's films dropped
+    from the MovieLens ones."""
+    halves = ("ml-old", "ml-new")  # ml100k cut in two: a source holds either the halves or the whole, never both
+    names = [n for n in CATALOGUES if n != target and n not in SAME_USERS.get(target, set())
+             and (target in halves or n not in halves)]
+    cats = []
+    target_films = set(film_keys(target, work).values()) if target in MOVIELENS else set()
+    for n in names:
+        drop = set()
+        if target_films and n in MOVIELENS:
+            present = set(read_id_maps(shards[n])["items"])
+            drop = {raw for raw, key in film_keys(n, work).items() if key in target_films and raw in present}
+        cats.append(Catalogue(shards[n], n, drop))
+    return cats
+
+
+def source_config(mixture: Path, run_dir: Path, user_state: str, seed: int, epochs: int) -> RunConfig:
+    """A source run: stage 1 of `cpu-small` over the mixture for `epochs` epochs, every epoch validated."""
+    cfg = preset("cpu-small")
+    cfg.data.shards, cfg.run_dir, cfg.seed, cfg.stages = str(mixture), str(run_dir), seed, "1"
+    cfg.stage1.epochs, cfg.eval.patience = epochs, 0
+    cfg.model.user_state = user_state
+    cfg.monitor.projector = False
+    return cfg
+
+
+def source_run(target: str, user_state: str, seed: int, epochs: int, shards: dict[str, Path], work: Path) -> Path:
+    """The target's source, trained once (its run folder under work/runs, reused when it finished)."""
+    run_dir = work / "runs" / f"source-for-{target}-{user_state}-e{epochs}-s{seed}"
+    if (run_dir / "export" / "config.json").exists() and (run_dir / "metrics.json").exists():
+        return run_dir
+    mixture = work / "mixtures" / f"without-{target}"
+    if not (mixture / "manifest.json").exists():
+        mix(source_catalogues(target, shards, work), mixture)
+    train(source_config(mixture, run_dir, user_state, seed, epochs), overwrite=True)
+    return run_dir
+
+
+def score(target: str, user_state: str, seed: int, epochs: int, shards: dict[str, Path], work: Path) -> dict:
+    """The target's training-free rows from its source (cached beside the source run)."""
+    run_dir = source_run(target, user_state, seed, epochs, shards, work)
+    cache = run_dir / f"on-{target}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    t0 = time.time()
+    res = score_target(run_dir / "export", shards[target], None, work / "features", "ndcg@10")
+    source = json.loads((run_dir / "catalogues.json").read_text())
+    res.update(target=target, user_state=user_state, seed=seed, epochs=epochs, source_run=run_dir.name,
+               source_catalogues=[{k: c[k] for k in ("name", "items", "users", "num_interactions", "dropped")}
+                                  for c in source["catalogues"]],
+               source_valid=source["valid"], source_valid_popularity=source["valid_popularity"],
+               wall_s=round(time.time() - t0, 1))
+    cache.write_text(json.dumps(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m transrec.trainer.experiments.leave_one_out",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--targets", default="ml-new,office,hm-b")
+    p.add_argument("--user-states", default="encoder,mean_residual")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--work", type=Path, default=REPO / ".cache" / "study")
+    p.add_argument("--out", type=Path, default=REPO / "reports")
+    a = p.parse_args(argv)
+    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in CATALOGUES]
+    if unknown:
+        p.error(f"--targets {unknown}: choose from {', '.join(CATALOGUES)}")
+    shards = prepare(a.work)
+    results = [score(t, s.strip(), int(seed), a.epochs, shards, a.work) for t in targets
+               for s in a.user_states.split(",") for seed in a.seeds.split(",")]
+    return write_report(results, a.out, argv)
+
+
+if __name__ == "__main__":
+    main()
