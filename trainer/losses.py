@@ -187,7 +187,8 @@ def content_softmax_loss(model, batch, obj: ContentSoftmax) -> torch.Tensor:
     item_vecs, h, mask = model.position_states(batch)  # [U, d] (batch items + negatives), [B, L, d], [B, L + 1]
     lo, hi = batch_columns(batch, model.num_items)  # a mixture's batch: its own catalogue's items only
     if obj.full_catalogue:  # candidates = every item, columns = item ids; exact softmax, no log-q correction
-        weight = model.encode_catalogue(getattr(batch, "span", None))
+        item_range = getattr(batch, "span", None)
+        weight = model.encode_catalogue() if item_range is None else model.encode_catalogue(item_range)
         columns = shifted(batch.items, lo)
         bias = None if obj.popularity_bias is None else obj.popularity_bias[lo:hi].to(weight.dtype)
     else:
