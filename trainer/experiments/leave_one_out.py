@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -157,15 +158,21 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--work", type=Path, default=REPO / ".cache" / "study")
     p.add_argument("--out", type=Path, default=REPO / "reports")
+    p.add_argument("--cached-only", action="store_true",
+                   help="report the (target, user state, seed) combinations already scored; train nothing")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in CATALOGUES]
     if unknown:
         p.error(f"--targets {unknown}: choose from {', '.join(CATALOGUES)}")
     shards = prepare(a.work)
-    results = [score(t, s.strip(), int(seed), a.epochs, shards, a.work) for t in targets
-               for s in a.user_states.split(",") for seed in a.seeds.split(",")]
-    return write_report(results, a.out, argv)
+    combos = [(t, s.strip(), int(seed)) for t in targets for s in a.user_states.split(",")
+              for seed in a.seeds.split(",")]
+    if a.cached_only:
+        combos = [c for c in combos if (a.work / "runs" / f"source-for-{c[0]}-{c[1]}-e{a.epochs}-s{c[2]}" /
+                                        f"on-{c[0]}.json").exists()]
+    results = [score(t, s, seed, a.epochs, shards, a.work) for t, s, seed in combos]
+    return write_report(results, a.out, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

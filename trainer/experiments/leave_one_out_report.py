@@ -91,6 +91,7 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
                     a, b = by_state[(states[1], seed)]["rows"][row], by_state[(states[0], seed)]["rows"][row]
                     ivs = {m: interval(a["test_ranks"], b["test_ranks"], m) for m in METRICS}
                     lines.append(f"| {row} | {seed} | {fmt(ivs['hr@10'])} | {fmt(ivs['ndcg@10'])} |")
+    lines += seed_pooled(results, summary)
     lines += ["", "Source validation (NDCG@10 per source catalogue, the selected epoch; popularity in brackets):", ""]
     for r in results:
         per = ", ".join(f"{k} {v['ndcg@10']:.4f} ({r['source_valid_popularity'][k]['ndcg@10']:.4f})"
@@ -98,6 +99,33 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
         lines.append(f"- {r['user_state']}, seed {r['seed']} (`{r['source_run']}`): {per}")
     lines.append("")
     return lines, summary
+
+
+def seed_pooled(results: list[dict], summary: dict) -> list[str]:
+    """Per user state with several seeds: each row's mean test figures over the seeds, and the paired intervals of the
+    per-user gains averaged over the seeds (the users are the same in every seed)."""
+    lines = []
+    for state in sorted({r["user_state"] for r in results}):
+        runs = [r for r in results if r["user_state"] == state]
+        if len(runs) < 2:
+            continue
+        seeds = sorted(r["seed"] for r in runs)
+        gain = {(row, m): np.mean([ev.per_user_gain(np.asarray(r["rows"][row]["test_ranks"]), m) for r in runs], 0)
+                for row in ROWS for m in METRICS}
+        lines += ["", f"`{state}` over seeds {seeds} (test, mean over seeds; differences of the per-user gains "
+                  "averaged over the seeds, 95% paired bootstrap):", "", "| row | HR@10 | NDCG@10 |", "|---|---|---|"]
+        lines += [f"| {row} | {gain[(row, 'hr@10')].mean():.4f} | {gain[(row, 'ndcg@10')].mean():.4f} |"
+                  for row in ROWS]
+        lines += ["", "| a − b | HR@10 | NDCG@10 |", "|---|---|---|"]
+        pooled = {}
+        for a, b in PAIRS:
+            ivs = {m: ev.paired_bootstrap(gain[(a, m)], gain[(b, m)]) for m in METRICS}
+            pooled[f"{a} - {b}"] = ivs
+            lines.append(f"| {a} − {b} | {fmt(ivs['hr@10'])} | {fmt(ivs['ndcg@10'])} |")
+        summary.setdefault("over_seeds", {})[state] = {"seeds": seeds, "intervals": pooled,
+                                                      "test_ndcg@10": {row: float(gain[(row, "ndcg@10")].mean())
+                                                                       for row in ROWS}}
+    return lines
 
 
 def write_report(results: list[dict], out: Path, argv: list[str] | None) -> Path:
