@@ -1,7 +1,7 @@
 """Leave-one-catalogue-out: a source pre-trained on every other catalogue, scored on a target it never saw.
 
     python -m transrec.trainer.experiments.leave_one_out --targets ml-new,office,hm-b \
-        [--user-states encoder,mean_residual] [--seeds 0] [--epochs 3] [--work .cache/study] [--out reports]
+        [--user-states encoder,mean_residual] [--seeds 0] [--epochs 2] [--work .cache/study] [--out reports]
 
 The catalogues (built once under --work from ../shared/datasets and data/, each a shard folder):
 
@@ -42,9 +42,12 @@ from transrec.data_shards.split_by_release import split_by_release
 from transrec.data_shards.split_disjoint import split_disjoint
 from transrec.data_shards.tables import Problems
 from transrec.data_shards.tables_ml1m import movielens_film_key, read_movies
+from transrec.trainer import ranking as ev
 from transrec.trainer.config import RunConfig
 from transrec.trainer.experiments.cross_catalogue import score_target
 from transrec.trainer.experiments.leave_one_out_report import write_report
+from transrec.trainer.experiments.recent_popularity import recent_rows
+from transrec.trainer.model_eval import ranker_from_export
 from transrec.trainer.presets import preset
 from transrec.trainer.run import train
 
@@ -131,14 +134,32 @@ def source_run(target: str, user_state: str, seed: int, epochs: int, shards: dic
     return run_dir
 
 
+def with_recent_rows(res: dict, export: Path, target_shards: Path, work: Path) -> dict:
+    """The recent-popularity rows (trainer/experiments/recent_popularity.py) added to a target's scores."""
+    ranker = ranker_from_export(export, target_shards, show_progress=False, feature_store=work / "features")
+    iv = ranker.item_vectors()
+    seqs = list(ranker.sequences)
+    max_len = ranker.model.cfg.max_len
+    valid, test = ev.eval_users(seqs, "valid", max_len), ev.eval_users(seqs, "test", max_len)
+    counts = ev.SplitSummary.from_records(seqs, len(iv)).counts
+    user = lambda hist, chunk: ranker.user_vectors(iv, hist, chunk)  # noqa: E731
+    with ranker.eval_mode():
+        res["rows"].update(recent_rows(user, iv, seqs, valid, test, counts["valid"], counts["test"]))
+    return res
+
+
 def score(target: str, user_state: str, seed: int, epochs: int, shards: dict[str, Path], work: Path) -> dict:
     """The target's training-free rows from its source (cached beside the source run)."""
     run_dir = source_run(target, user_state, seed, epochs, shards, work)
     cache = run_dir / f"on-{target}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        res = json.loads(cache.read_text())
+        if "recent popularity" not in res["rows"]:  # scored before the recent-popularity rows existed
+            cache.write_text(json.dumps(with_recent_rows(res, run_dir / "export", shards[target], work)))
+        return res
     t0 = time.time()
     res = score_target(run_dir / "export", shards[target], None, work / "features", "ndcg@10")
+    res = with_recent_rows(res, run_dir / "export", shards[target], work)
     source = json.loads((run_dir / "catalogues.json").read_text())
     res.update(target=target, user_state=user_state, seed=seed, epochs=epochs, source_run=run_dir.name,
                source_catalogues=[{k: c[k] for k in ("name", "items", "users", "num_interactions", "dropped")}
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--targets", default="ml-new,office,hm-b")
     p.add_argument("--user-states", default="encoder,mean_residual")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--work", type=Path, default=REPO / ".cache" / "study")
     p.add_argument("--out", type=Path, default=REPO / "reports")
     p.add_argument("--cached-only", action="store_true",

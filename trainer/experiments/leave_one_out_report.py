@@ -15,11 +15,13 @@ import torch
 from transrec.trainer import ranking as ev
 
 ROWS = ("popularity", "zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
-        "training-free auto")
+        "training-free auto", "recent popularity", "zero-shot + recent prior", "content baseline + recent prior")
 # (a, b) pairs whose test difference gets a paired interval, within one source (user state, seed)
 PAIRS = (("zero-shot", "popularity"), ("zero-shot + prior", "popularity"), ("zero-shot", "content baseline"),
          ("zero-shot + prior", "content baseline + prior"), ("content baseline", "popularity"),
-         ("content baseline + prior", "popularity"), ("training-free auto", "popularity"))
+         ("content baseline + prior", "popularity"), ("training-free auto", "popularity"),
+         ("recent popularity", "popularity"), ("zero-shot + recent prior", "recent popularity"),
+         ("zero-shot + recent prior", "content baseline + recent prior"), ("zero-shot + recent prior", "popularity"))
 METRICS = ("hr@10", "ndcg@10")
 
 
@@ -65,6 +67,8 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
         for row in ROWS:
             x = r["rows"][row]
             chose = f" (chose: {x['chose']})" if "chose" in x else ""
+            if "window_days" in x:
+                chose = f" (window {x['window_days']} days, g {x['g']})"
             lines.append(f"| {r['user_state']} | {r['seed']} | {row}{chose} | {x['valid']['ndcg@10']:.4f} | "
                          f"{x['test']['hr@10']:.4f} | {x['test']['ndcg@10']:.4f} |")
     lines += ["", "Paired differences on test (a − b, 95% paired bootstrap over the target's test users, 1000 "
