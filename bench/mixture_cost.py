@@ -28,14 +28,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+try:  # before any other import: this folder off sys.path (trainer/script_path.py)
+    from transrec.trainer.script_path import run_as_script
+except ModuleNotFoundError:
+    raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
+run_as_script(__file__, offline=True)
+
+from transrec.data_shards.mixture import Catalogue, mix  # noqa: E402
+from transrec.data_shards.synth import main as synth  # noqa: E402
+from transrec.trainer.config import apply_overrides  # noqa: E402
+from transrec.trainer.experiments.runner import make_tiny_bert  # noqa: E402
+from transrec.trainer.presets import preset  # noqa: E402
+from transrec.trainer.train import Trainer  # noqa: E402
 
 
 def one(shards: Path, text_encoder: Path, run_dir: Path) -> dict:
     """In this process: a Trainer on `shards`, 5 timed stage-1 steps."""
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.presets import preset
-    from transrec.trainer.train import Trainer
-
     cfg = apply_overrides(preset("cpu-small"), [
         f"data.shards={shards}", f"model.text.encoder={text_encoder}", f"run_dir={run_dir}",
         "data.modality_override=text", "stage1.full_catalogue_max=100000", "stage1.candidates=full",
@@ -57,10 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     if a.one:
         print("RESULT " + json.dumps(one(*a.one)))
         return
-    from transrec.data_shards.mixture import Catalogue, mix
-    from transrec.data_shards.synth import main as synth
-    from transrec.trainer.experiments.runner import make_tiny_bert
-
     a.work.mkdir(parents=True, exist_ok=True)
     bert = a.work / "tiny_bert"
     if not (bert / "config.json").exists():

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 from transrec.data_shards.integrity import IntegrityError
 from transrec.trainer.checkpoint import CHECKPOINT_HASHES, TENSORS_SHA256, read_weights, tensors_sha256
-from transrec.trainer.feature_cache import _ProgressLog, resolve_store
+from transrec.trainer.feature_cache import ProgressLog, resolve_store
+from transrec.trainer.model_eval import cache_frozen_blocks
 
 VECTORS_FORMAT = 1
 KEY = "transrec_item_vectors_key"  # safetensors metadata: the key the vectors were stored under
@@ -96,13 +97,12 @@ def write_vectors(path: Path, key: str, vectors: torch.Tensor, log=stderr_line) 
 def encode_with_progress(ranker, log=stderr_line, every: float = 10.0) -> torch.Tensor:
     """ranker.item_vectors() (frozen blocks cached first, as the run that made the export cached them), with a line
     at the start, one every `every` seconds (items encoded, rate, time left) and one at the end, on any stream."""
-    from transrec.trainer.model_eval import cache_frozen_blocks
 
     n = ranker.store.num_items
     log(f"encoding the catalogue's {n} items (once: later evaluations of this export on these shards read them)")
     t0 = time.perf_counter()
     cache_frozen_blocks(ranker, log=log, every=every)
-    progress = _ProgressLog("item vectors", n, log, every=every)
+    progress = ProgressLog("item vectors", n, log, every=every)
     with ranker.eval_mode():
         vectors = ranker.item_vectors(progress=progress.update)
     seconds = time.perf_counter() - t0
