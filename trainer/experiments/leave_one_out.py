@@ -46,6 +46,7 @@ from transrec.trainer import ranking as ev
 from transrec.trainer.config import RunConfig
 from transrec.trainer.experiments.cross_catalogue import score_target
 from transrec.trainer.experiments.leave_one_out_report import write_report
+from transrec.trainer.experiments.leave_one_out_trained import check_same_popularity, target_run, trained_rows
 from transrec.trainer.experiments.recent_popularity import recent_rows
 from transrec.trainer.model_eval import ranker_from_export
 from transrec.trainer.presets import preset
@@ -95,15 +96,28 @@ def film_keys(name: str, work: Path) -> dict[str, str]:
         return {r["movie_id"]: movielens_film_key(r["title"], r["year"]) for r in csv.DictReader(f)}
 
 
-def source_catalogues(target: str, shards: dict[str, Path], work: Path) -> list[Catalogue]:
-    """The target's source catalogues: every other catalogue sharing no user with it, the target's films dropped
-    from the MovieLens ones."""
+def source_names(target: str, only: list[str] | None = None) -> list[str]:
+    """The catalogues of the target's source: every other catalogue sharing no user with it (ml100k and its halves
+    ml-old / ml-new never together), or the subset `only` of them (a smaller source, for the curve of quality against
+    source interactions)."""
     halves = ("ml-old", "ml-new")  # ml100k cut in two: a source holds either the halves or the whole, never both
     names = [n for n in CATALOGUES if n != target and n not in SAME_USERS.get(target, set())
              and (target in halves or n not in halves)]
+    if only is None:
+        return names
+    bad = [n for n in only if n not in names]
+    if bad or not only:
+        raise ValueError(f"{bad or only} cannot make {target}'s source (the target itself, or it shares users with "
+                         f"it): choose among {', '.join(names)}")
+    return [n for n in names if n in only]
+
+
+def source_catalogues(target: str, shards: dict[str, Path], work: Path,
+                      only: list[str] | None = None) -> list[Catalogue]:
+    """The target's source catalogues (source_names), the target's films dropped from the MovieLens ones."""
     cats = []
     target_films = set(film_keys(target, work).values()) if target in MOVIELENS else set()
-    for n in names:
+    for n in source_names(target, only):
         drop = set()
         if target_films and n in MOVIELENS:
             present = set(read_id_maps(shards[n])["items"])
@@ -122,14 +136,21 @@ def source_config(mixture: Path, run_dir: Path, user_state: str, seed: int, epoc
     return cfg
 
 
-def source_run(target: str, user_state: str, seed: int, epochs: int, shards: dict[str, Path], work: Path) -> Path:
+def source_tag(only: list[str] | None) -> str:
+    """The part of a source's folder names that says which catalogues it holds ("" for every other one)."""
+    return "" if only is None else "-from-" + "+".join(only)
+
+
+def source_run(target: str, user_state: str, seed: int, epochs: int, shards: dict[str, Path], work: Path,
+               only: list[str] | None = None) -> Path:
     """The target's source, trained once (its run folder under work/runs, reused when it finished)."""
-    run_dir = work / "runs" / f"source-for-{target}-{user_state}-e{epochs}-s{seed}"
+    tag = source_tag(only)
+    run_dir = work / "runs" / f"source-for-{target}{tag}-{user_state}-e{epochs}-s{seed}"
     if (run_dir / "export" / "config.json").exists() and (run_dir / "metrics.json").exists():
         return run_dir
-    mixture = work / "mixtures" / f"without-{target}"
+    mixture = work / "mixtures" / f"without-{target}{tag}"
     if not (mixture / "manifest.json").exists():
-        mix(source_catalogues(target, shards, work), mixture)
+        mix(source_catalogues(target, shards, work, only), mixture)
     train(source_config(mixture, run_dir, user_state, seed, epochs), overwrite=True)
     return run_dir
 
@@ -148,15 +169,16 @@ def with_recent_rows(res: dict, export: Path, target_shards: Path, work: Path) -
     return res
 
 
-def score(target: str, user_state: str, seed: int, epochs: int, shards: dict[str, Path], work: Path) -> dict:
+def score(target: str, user_state: str, seed: int, epochs: int, shards: dict[str, Path], work: Path,
+          only: list[str] | None = None) -> dict:
     """The target's training-free rows from its source (cached beside the source run)."""
-    run_dir = source_run(target, user_state, seed, epochs, shards, work)
+    run_dir = source_run(target, user_state, seed, epochs, shards, work, only)
     cache = run_dir / f"on-{target}.json"
     if cache.exists():
         res = json.loads(cache.read_text())
         if "recent popularity" not in res["rows"]:  # scored before the recent-popularity rows existed
             cache.write_text(json.dumps(with_recent_rows(res, run_dir / "export", shards[target], work)))
-        return res
+        return with_source_set(res, only, run_dir)
     t0 = time.time()
     res = score_target(run_dir / "export", shards[target], None, work / "features", "ndcg@10")
     res = with_recent_rows(res, run_dir / "export", shards[target], work)
@@ -167,7 +189,42 @@ def score(target: str, user_state: str, seed: int, epochs: int, shards: dict[str
                source_valid=source["valid"], source_valid_popularity=source["valid_popularity"],
                wall_s=round(time.time() - t0, 1))
     cache.write_text(json.dumps(res))
+    return with_source_set(res, only, run_dir)
+
+
+def run_wall_s(run_dir: Path) -> float:
+    """A finished run's wall time: from its run_config.json (written first) to its metrics.json (written last)."""
+    return round((run_dir / "metrics.json").stat().st_mtime - (run_dir / "run_config.json").stat().st_mtime, 1)
+
+
+def with_source_set(res: dict, only: list[str] | None, run_dir: Path) -> dict:
+    res["source_wall_s"] = run_wall_s(run_dir)
+    res["source_set"] = "all" if only is None else "+".join(only)
+    res["source_interactions"] = sum(c["num_interactions"] for c in res["source_catalogues"])
     return res
+
+
+def with_trained_rows(res: dict, shards: dict[str, Path], work: Path, train_if_missing: bool) -> dict:
+    """The rows that train on the target (trainer/experiments/leave_one_out_trained.py) added to a source's
+    training-free rows, when its target run exists or `train_if_missing`."""
+    target, seed = res["target"], res["seed"]
+    run_dir = work / "runs" / f"target-{target}-from-{res['source_run'].removeprefix('source-for-' + target + '-')}"
+    if not (run_dir / "metrics.json").exists() and not train_if_missing:
+        return res
+    target_run(shards[target], work / "runs" / res["source_run"] / "export", run_dir, seed)
+    rows = trained_rows(run_dir, res["users"], res["targets"])
+    check_same_popularity(rows, res["rows"]["popularity"]["test_ranks"], run_dir)
+    res["rows"].update(rows)
+    res["target_run"] = run_dir.name
+    candidates = json.loads((run_dir / "metrics.json").read_text())["candidates"]
+    res["target_wall_s"] = round(60 * sum(c.get("minutes") or 0 for c in candidates.values()), 1)
+    return res
+
+
+def nested_sources(nested: str) -> list[list[str] | None]:
+    """--nested A,B: the sources [A], [A, B] and every other catalogue (None); none given: every other only."""
+    names = [n.strip() for n in nested.split(",") if n.strip()]
+    return [names[:k] for k in range(1, len(names) + 1)] + [None]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -179,6 +236,13 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--work", type=Path, default=REPO / ".cache" / "study")
     p.add_argument("--out", type=Path, default=REPO / "reports")
+    p.add_argument("--nested", default="",
+                   help="smaller sources for the curve of quality against source interactions: A,B trains sources "
+                        "of [A], [A, B] as well as of every other catalogue (e.g. ml-old,ml1m)")
+    p.add_argument("--train-on-target", action="store_true",
+                   help="also train on the target: scratch, the export fine-tuned, towers with a new user encoder "
+                        "and transfer=auto's choice (one transfer=auto run per source; sources of every other "
+                        "catalogue only)")
     p.add_argument("--cached-only", action="store_true",
                    help="report the (target, user state, seed) combinations already scored; train nothing")
     a = p.parse_args(argv)
@@ -186,13 +250,22 @@ def main(argv: list[str] | None = None) -> Path:
     unknown = [t for t in targets if t not in CATALOGUES]
     if unknown:
         p.error(f"--targets {unknown}: choose from {', '.join(CATALOGUES)}")
+    sets = nested_sources(a.nested)
+    for t in targets:
+        for only in sets[:-1]:
+            try:
+                source_names(t, only)
+            except ValueError as e:
+                p.error(f"--nested: {e}")
     shards = prepare(a.work)
-    combos = [(t, s.strip(), int(seed)) for t in targets for s in a.user_states.split(",")
-              for seed in a.seeds.split(",")]
+    combos = [(t, s.strip(), int(seed), only) for t in targets for s in a.user_states.split(",")
+              for seed in a.seeds.split(",") for only in sets]
     if a.cached_only:
-        combos = [c for c in combos if (a.work / "runs" / f"source-for-{c[0]}-{c[1]}-e{a.epochs}-s{c[2]}" /
-                                        f"on-{c[0]}.json").exists()]
-    results = [score(t, s, seed, a.epochs, shards, a.work) for t, s, seed in combos]
+        combos = [c for c in combos if (a.work / "runs" / f"source-for-{c[0]}{source_tag(c[3])}-{c[1]}-e{a.epochs}-"
+                                        f"s{c[2]}" / f"on-{c[0]}.json").exists()]
+    results = [score(t, s, seed, a.epochs, shards, a.work, only) for t, s, seed, only in combos]
+    results = [with_trained_rows(r, shards, a.work, a.train_on_target and not a.cached_only)
+               if r["source_set"] == "all" else r for r in results]
     return write_report(results, a.out, sys.argv[1:] if argv is None else argv)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from transrec.trainer import ranking as ev
+from transrec.trainer.experiments.leave_one_out_curve import source_size_curves, study_cost
 
 ROWS = ("popularity", "zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
         "training-free auto", "recent popularity", "zero-shot + recent prior", "content baseline + recent prior")
@@ -22,7 +23,18 @@ PAIRS = (("zero-shot", "popularity"), ("zero-shot + prior", "popularity"), ("zer
          ("content baseline + prior", "popularity"), ("training-free auto", "popularity"),
          ("recent popularity", "popularity"), ("zero-shot + recent prior", "recent popularity"),
          ("zero-shot + recent prior", "content baseline + recent prior"), ("zero-shot + recent prior", "popularity"))
+# with --train-on-target: the rows that train on the target (trainer/experiments/leave_one_out_trained.py)
+TRAINED_ROWS = ("scratch", "fine-tuned", "towers + new user encoder", "transfer=auto")
+TRAINED_PAIRS = (("scratch", "popularity"), ("fine-tuned", "scratch"), ("towers + new user encoder", "scratch"),
+                 ("transfer=auto", "scratch"), ("transfer=auto", "popularity"), ("zero-shot + prior", "scratch"))
 METRICS = ("hr@10", "ndcg@10")
+
+
+def rows_and_pairs(results: list[dict]) -> tuple[tuple, tuple]:
+    """The rows (and pairs) every result of a target has: the trained ones only where each source has them."""
+    if all("scratch" in r["rows"] for r in results):
+        return ROWS + TRAINED_ROWS, PAIRS + TRAINED_PAIRS
+    return ROWS, PAIRS
 
 
 def verdict(iv: dict) -> str:
@@ -63,8 +75,9 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
               "| source user state | seed | row | valid NDCG@10 | test HR@10 | test NDCG@10 |",
               "|---|---|---|---|---|---|"]
     summary: dict = {"target": target, "test_users": users, "sources": []}
+    rows, pairs = rows_and_pairs(results)
     for r in results:
-        for row in ROWS:
+        for row in rows:
             x = r["rows"][row]
             chose = f" (chose: {x['chose']})" if "chose" in x else ""
             if "window_days" in x:
@@ -75,10 +88,10 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
               "resamples):", "", "| source user state | seed | a − b | HR@10 | NDCG@10 |", "|---|---|---|---|---|"]
     for r in results:
         entry = {"user_state": r["user_state"], "seed": r["seed"], "source_run": r["source_run"],
-                 "test": {row: r["rows"][row]["test"] for row in ROWS},
+                 "test": {row: r["rows"][row]["test"] for row in rows},
                  "source_valid": r["source_valid"], "source_valid_popularity": r["source_valid_popularity"],
                  "intervals": {}}
-        for a, b in PAIRS:
+        for a, b in pairs:
             ivs = {m: interval(r["rows"][a]["test_ranks"], r["rows"][b]["test_ranks"], m) for m in METRICS}
             entry["intervals"][f"{a} - {b}"] = ivs
             lines.append(f"| {r['user_state']} | {r['seed']} | {a} − {b} | {fmt(ivs['hr@10'])} | "
@@ -95,7 +108,7 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
                     a, b = by_state[(states[1], seed)]["rows"][row], by_state[(states[0], seed)]["rows"][row]
                     ivs = {m: interval(a["test_ranks"], b["test_ranks"], m) for m in METRICS}
                     lines.append(f"| {row} | {seed} | {fmt(ivs['hr@10'])} | {fmt(ivs['ndcg@10'])} |")
-    lines += seed_pooled(results, summary)
+    lines += seed_pooled(results, summary, rows, pairs)
     lines += ["", "Source validation (NDCG@10 per source catalogue, the selected epoch; popularity in brackets):", ""]
     for r in results:
         per = ", ".join(f"{k} {v['ndcg@10']:.4f} ({r['source_valid_popularity'][k]['ndcg@10']:.4f})"
@@ -105,7 +118,7 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def seed_pooled(results: list[dict], summary: dict) -> list[str]:
+def seed_pooled(results: list[dict], summary: dict, rows: tuple = ROWS, pairs: tuple = PAIRS) -> list[str]:
     """Per user state with several seeds: each row's mean test figures over the seeds, and the paired intervals of the
     per-user gains averaged over the seeds (the users are the same in every seed)."""
     lines = []
@@ -115,21 +128,47 @@ def seed_pooled(results: list[dict], summary: dict) -> list[str]:
             continue
         seeds = sorted(r["seed"] for r in runs)
         gain = {(row, m): np.mean([ev.per_user_gain(np.asarray(r["rows"][row]["test_ranks"]), m) for r in runs], 0)
-                for row in ROWS for m in METRICS}
+                for row in rows for m in METRICS}
         lines += ["", f"`{state}` over seeds {seeds} (test, mean over seeds; differences of the per-user gains "
                   "averaged over the seeds, 95% paired bootstrap):", "", "| row | HR@10 | NDCG@10 |", "|---|---|---|"]
         lines += [f"| {row} | {gain[(row, 'hr@10')].mean():.4f} | {gain[(row, 'ndcg@10')].mean():.4f} |"
-                  for row in ROWS]
+                  for row in rows]
         lines += ["", "| a − b | HR@10 | NDCG@10 |", "|---|---|---|"]
         pooled = {}
-        for a, b in PAIRS:
+        for a, b in pairs:
             ivs = {m: ev.paired_bootstrap(gain[(a, m)], gain[(b, m)]) for m in METRICS}
             pooled[f"{a} - {b}"] = ivs
             lines.append(f"| {a} − {b} | {fmt(ivs['hr@10'])} | {fmt(ivs['ndcg@10'])} |")
         summary.setdefault("over_seeds", {})[state] = {"seeds": seeds, "intervals": pooled,
                                                       "test_ndcg@10": {row: float(gain[(row, "ndcg@10")].mean())
-                                                                       for row in ROWS}}
+                                                                       for row in rows}}
     return lines
+
+
+VERDICT_PAIRS = (("zero-shot + prior", "popularity"), ("zero-shot + prior", "content baseline + prior"),
+                 ("zero-shot + recent prior", "popularity"),
+                 ("zero-shot + recent prior", "content baseline + recent prior"))
+
+
+def verdict_table(summaries: list[dict], state: str = "encoder") -> list[str]:
+    """The question of the study, one line per target: does the source's user encoder (with the target's static or
+    recent popularity prior) beat popularity and the training-free content baseline? Test NDCG@10, seeds pooled
+    where there are several."""
+    lines = ["## Verdicts", "",
+             f"Source user state `{state}`; test NDCG@10, a − b with its 95% paired interval (several seeds: the "
+             "per-user gains averaged over the seeds first).", "",
+             "| target | seeds | " + " | ".join(f"{a} − {b}" for a, b in VERDICT_PAIRS) + " |",
+             "|---|---|" + "---|" * len(VERDICT_PAIRS)]
+    for sm in summaries:
+        own = [e for e in sm["sources"] if e["user_state"] == state]
+        if not own:
+            continue
+        pooled = sm.get("over_seeds", {}).get(state)
+        ivs = pooled["intervals"] if pooled else own[0]["intervals"]
+        seeds = pooled["seeds"] if pooled else [own[0]["seed"]]
+        cells = [fmt(ivs[f"{a} - {b}"]["ndcg@10"]) for a, b in VERDICT_PAIRS]
+        lines.append(f"| {sm['target']} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(results: list[dict], out: Path, argv: list[str] | None) -> Path:
@@ -141,17 +180,24 @@ def write_report(results: list[dict], out: Path, argv: list[str] | None) -> Path
              f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU; torch {torch.__version__}",
              "- each source: stage 1 of `cpu-small` over a mixture of catalogues (data_shards/mixture.py), every "
              "sequence scored against its own catalogue's items, catalogues mixed in proportion to their training "
-             "windows, the epoch chosen by the mean validation NDCG@10 over the source catalogues; no target "
-             "training: every row is training-free on the target (trainer/experiments/leave_one_out.py)",
+             "windows, the epoch chosen by the mean validation NDCG@10 over the source catalogues; the rows up to "
+             "`content baseline + recent prior` are training-free on the target (trainer/experiments/"
+             "leave_one_out.py); scratch, fine-tuned, towers + new user encoder and transfer=auto train on the "
+             "target (`cpu-small`, both stages; trainer/experiments/leave_one_out_trained.py)",
              "- the prior: beta x log(1 + target count), beta chosen on the target's validation split, never on test",
              ""]
-    summaries = []
-    for target in dict.fromkeys(r["target"] for r in results):
-        section, summary = target_section(target, [r for r in results if r["target"] == target])
-        lines += section
+    main = [r for r in results if r.get("source_set", "all") == "all"]
+    summaries, sections = [], []
+    for target in dict.fromkeys(r["target"] for r in main):
+        section, summary = target_section(target, [r for r in main if r["target"] == target])
+        sections += section
         summaries.append(summary)
+    lines += verdict_table(summaries) + study_cost(results) + sections
+    curves = source_size_curves(results, out)
+    lines += curves["lines"]
     path = out / "leave_one_out.md"
     path.write_text("\n".join(lines))
-    (out / "leave_one_out.json").write_text(json.dumps({"command": command, "targets": summaries}, indent=1))
+    (out / "leave_one_out.json").write_text(json.dumps({"command": command, "targets": summaries,
+                                                        "source_size": curves["data"]}, indent=1))
     print(f"report written to {path}")
     return path

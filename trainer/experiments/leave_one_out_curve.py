@@ -1,0 +1,94 @@
+"""Two parts of reports/leave_one_out.md: quality against the source's size (the paper's claim 7 at this scale: a
+target scored from sources of one, two and every other catalogue) and what the study cost in wall time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transrec.trainer import ranking as ev  # noqa: E402
+
+CURVE_ROWS = ("zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
+              "zero-shot + recent prior")
+CURVE_PAIRS = (("zero-shot", "content baseline"), ("zero-shot + prior", "popularity"),
+               ("zero-shot + recent prior", "recent popularity"))
+
+
+def _fmt(iv: dict) -> str:
+    word = "no clear difference" if not iv["excludes_zero"] else ("win" if iv["diff"] > 0 else "loss")
+    return f"{iv['diff']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] {word}"
+
+
+def _gains(runs: list[dict], row: str) -> np.ndarray:
+    """Per-user NDCG@10 gains of a row, averaged over the runs (seeds) given: the same users in every run."""
+    return np.mean([ev.per_user_gain(np.asarray(r["rows"][row]["test_ranks"]), "ndcg@10") for r in runs], 0)
+
+
+def source_size_curves(results: list[dict], out: Path) -> dict:
+    """For each (target, user state) scored from more than one source set: a table and a PNG of test NDCG@10 against
+    the source's interactions."""
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for r in results:
+        groups.setdefault((r["target"], r["user_state"]), {}).setdefault(r.get("source_set", "all"), []).append(r)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return {"lines": [], "data": []}
+    lines = ["## Quality against the source's size", "",
+             "The same target scored from sources of one, two and every other catalogue (each smaller source is a "
+             "mixture of the named catalogues only, built and trained as the full one). Test NDCG@10, mean over the "
+             "seeds; intervals of the per-user gains averaged over the seeds (95% paired bootstrap).", ""]
+    data = []
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, ((target, state), sets) in zip(axes[0], sorted(groups.items())):
+        ordered = sorted(sets.items(), key=lambda kv: kv[1][0]["source_interactions"])
+        lines += [f"### Target `{target}`, user state `{state}`", "",
+                  "| source | interactions | seeds | popularity | " + " | ".join(CURVE_ROWS) + " | "
+                  + " | ".join(f"{a} − {b}" for a, b in CURVE_PAIRS) + " |",
+                  "|---|---|---|---|" + "---|" * (len(CURVE_ROWS) + len(CURVE_PAIRS))]
+        xs, ys = [], {row: [] for row in ("popularity", *CURVE_ROWS)}
+        for name, runs in ordered:
+            n = runs[0]["source_interactions"]
+            means = {row: float(_gains(runs, row).mean()) for row in ("popularity", *CURVE_ROWS)}
+            ivs = {f"{a} - {b}": ev.paired_bootstrap(_gains(runs, a), _gains(runs, b)) for a, b in CURVE_PAIRS}
+            seeds = sorted(r["seed"] for r in runs)
+            lines.append(f"| {name} | {n:,} | {', '.join(map(str, seeds))} | {means['popularity']:.4f} | "
+                         + " | ".join(f"{means[row]:.4f}" for row in CURVE_ROWS) + " | "
+                         + " | ".join(_fmt(ivs[f"{a} - {b}"]) for a, b in CURVE_PAIRS) + " |")
+            data.append({"target": target, "user_state": state, "source": name, "interactions": n, "seeds": seeds,
+                         "test_ndcg@10": means, "intervals": ivs})
+            xs.append(n)
+            for row in ys:
+                ys[row].append(means[row])
+        for row, v in ys.items():
+            ax.plot(xs, v, "k--" if row == "popularity" else "o-", label=row)
+        ax.set_xscale("log")
+        ax.set_xlabel("source interactions")
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title(f"{target} ({state})")
+        ax.legend(fontsize=7)
+        lines.append("")
+    fig.tight_layout()
+    png = out / "leave_one_out_source_size.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    lines += [f"![quality against source interactions]({png.name})", ""]
+    return {"lines": lines, "data": data}
+
+
+def study_cost(results: list[dict]) -> list[str]:
+    """The study's wall time: each source run (from its folder's first to last file) and each target run (the sum
+    of its candidates' minutes)."""
+    src = {r["source_run"]: r.get("source_wall_s") for r in results}
+    tgt = {r["target_run"]: r.get("target_wall_s") for r in results if "target_run" in r}
+    known = [v for v in (*src.values(), *tgt.values()) if v is not None]
+    if not known:
+        return []
+    return ["## What it cost", "",
+            f"{len(src)} source runs, {sum(v for v in src.values() if v) / 3600:.2f} h; {len(tgt)} target runs, "
+            f"{sum(v for v in tgt.values() if v) / 3600:.2f} h; scoring a target from a source adds about a minute. "
+            "Wall time on this 2-core machine, at times shared with other jobs (so an upper bound on each).", ""]
