@@ -38,6 +38,7 @@ setup(
         "efficientnet-lite-pytorch==0.1.0",
         "numpy>=1.26",
         "pandas>=2.0",
+        "duckdb>=1.1",  # data_shards/history_engine.py: out-of-core grouping, ordering and dedup of the log
         "pillow>=10",
         "tqdm>=4.66",
         "matplotlib>=3.8",

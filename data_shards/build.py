@@ -27,12 +27,21 @@ import numpy as np
 from tqdm import tqdm
 
 from transrec.data_shards import integrity, report
-from transrec.data_shards.build_input import Histories, ItemPlan, plan_items, user_histories
+from transrec.data_shards.build_histories import (
+    ENGINES,
+    BuildTimer,
+    HistoryStage,
+    Progress,
+    log_header_for,
+    stage_histories,
+    write_id_maps,
+)
+from transrec.data_shards.build_input import ItemPlan, plan_items
+from transrec.data_shards.log_reader import FORMATS, LogError, log_format
 from transrec.data_shards.modalities import MODALITY_RULE, content_kind
 from transrec.data_shards.shard_io import FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
 from transrec.data_shards.tables import (
     GenericColumns,
-    Interaction,
     ItemRecord,
     MissingColumn,
     Problems,
@@ -73,6 +82,9 @@ class BuildOptions:
     generic: GenericColumns | None = None
     provenance: dict | None = None  # recorded in the manifest as is (e.g. data_shards.synth: declared synthetic)
     posters_from: Path | None = None  # movielens-1m: a movielens-100k-mm folder whose posters/overviews join by title
+    engine: str = "duckdb"  # histories out of core (data_shards/history_engine.py) or "memory" (the reference)
+    memory_limit: str | None = None  # the engine's cap, e.g. "4GB" (default: a quarter of this machine's memory)
+    input_format: str | None = None  # generic log: csv, csv.gz or parquet (default: from the file names)
 
     def __post_init__(self) -> None:
         if self.modality not in ("mixed", "text", "image"):
@@ -87,6 +99,13 @@ class BuildOptions:
             raise ValueError("--max-tokens must be >= 4")
         if self.posters_from is not None and self.dataset != "movielens-1m":
             raise ValueError("--posters-from applies to --dataset movielens-1m only: drop it or change --dataset")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be {' or '.join(ENGINES)}, not {self.engine!r}")
+        if self.input_format is not None and self.input_format not in FORMATS:
+            raise ValueError(f"--input-format must be one of {', '.join(FORMATS)}, not {self.input_format!r}")
+        if self.input_format is not None and self.dataset != "generic":
+            raise ValueError("--input-format applies to --dataset generic only (named datasets read their own "
+                             "files): drop it")
         if self.modality == "image" and self.dataset in TEXT_ONLY_DATASETS and self.posters_from is None:
             posters = " or add --posters-from a movielens-100k-mm folder" if self.dataset == "movielens-1m" else ""
             raise ValueError(f"--modality image: {self.dataset} has no images: build --modality text{posters}")
@@ -97,7 +116,7 @@ class SequenceShards:
     """The sequence tars written, and what the manifest says of their users."""
 
     names: list[str] = field(default_factory=list)
-    records: list[dict] = field(default_factory=list)  # every user's sample, for the manifest's statistics
+    statistics: dict = field(default_factory=dict)  # users and interactions by history form (report.HistoryForms)
     train_lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # per shard: histogram of num_train
     evaluated: int = 0
     interactions: int = 0
@@ -116,7 +135,14 @@ def load_domain(opts: BuildOptions) -> RawDomain:
     if opts.dataset == "amazon-office":
         return load_amazon(opts.source)
     if opts.dataset == "generic":
-        return load_generic(opts.source, opts.generic or GenericColumns())
+        cols = opts.generic or GenericColumns()
+        if opts.engine == "memory":
+            log = opts.source / cols.interactions
+            if log.is_dir() or log_format(log, opts.input_format) != "csv":
+                raise LogError(f"{log}: --engine memory reads a single CSV log only: drop --engine memory (the "
+                               "default engine reads gzip'ed CSV, Parquet and folders of part files)")
+            return load_generic(opts.source, cols)
+        return load_generic(opts.source, cols, log_header_for(opts.source, cols, opts.input_format))
     raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, not {opts.dataset!r}")
 
 
@@ -136,19 +162,29 @@ def build(opts: BuildOptions) -> dict:
 
     Every input check (data_shards/build_input.py) runs before the first shard file is written; the files go to a
     `.partial` folder that replaces --out only once complete, so a failed build never leaves half a shard folder."""
+    timer = BuildTimer()
     domain = load_domain(opts)
     tokenizer, tok_info = load_tokenizer(opts.tokenizer)
     plan = plan_items(domain, opts.modality, opts.seed, opts.workers)
-    histories = user_histories(domain, plan.index, opts.dedup)
-    stop_if_strict(opts, domain.problems)
-    vocab = feature_vocabularies(domain, plan, histories)
-    token_ids = tokenize_texts(tokenizer, [plan.texts[raw] for raw in plan.usable], opts.max_tokens)
-    tmp = fresh_partial_folder(opts.out)
-    item_shards = write_item_shards(tmp, domain, plan, token_ids, vocab["item"], opts.items_per_shard)
-    sequences = write_sequence_shards(tmp, domain, plan.index, histories, vocab["user"], opts)
-    (tmp / "id_maps.json").write_text(json.dumps({"items": plan.usable, "users": histories.users}))
+    timer.done("tables read, items checked", f" ({len(plan.usable):,} usable items)")
+    histories = stage_histories(domain, plan, opts.dedup, opts.engine, opts.generic or GenericColumns(),
+                                opts.memory_limit, opts.out.resolve().parent, opts.input_format)
+    timer.done(f"histories ({opts.engine})", f" ({histories.num_users:,} users)")
+    try:
+        stop_if_strict(opts, domain.problems)
+        vocab = feature_vocabularies(domain, plan, histories)
+        token_ids = tokenize_texts(tokenizer, [plan.texts[raw] for raw in plan.usable], opts.max_tokens)
+        tmp = fresh_partial_folder(opts.out)
+        item_shards = write_item_shards(tmp, domain, plan, token_ids, vocab["item"], opts.items_per_shard)
+        timer.done("item shards")
+        sequences = write_sequence_shards(tmp, domain, plan, histories, vocab["user"], opts)
+        write_id_maps(tmp / "id_maps.json", plan.usable, histories.raw_users())
+        timer.done("sequence shards", f" ({sequences.interactions:,} interactions)")
+    finally:
+        histories.close()
     manifest = describe_build(opts, domain, plan, histories, sequences, tok_info, vocab, item_shards)
     publish(tmp, opts.out, manifest, domain.problems)
+    timer.done("manifest and hashes")
     print(report.statistics_table(manifest))
     print(report.problem_summary(domain.problems))
     for name, note in domain.notes.items():  # what the adapter declares (e.g. the poster join's counts and rule)
@@ -173,9 +209,11 @@ def stop_if_strict(opts: BuildOptions, problems: Problems) -> None:
     )
 
 
-def feature_vocabularies(domain: RawDomain, plan: ItemPlan, histories: Histories) -> dict[str, dict[str, list[str]]]:
+def feature_vocabularies(domain: RawDomain, plan: ItemPlan,
+                         histories: HistoryStage) -> dict[str, dict[str, list[str]]]:
     """The categorical feature values of the items and users that reach the shards (value 0: unknown)."""
-    return {"user": feature_vocab({u: domain.user_features.get(u, {}) for u in histories.users}),
+    users = histories.users_with_features(domain.user_features)
+    return {"user": feature_vocab({u: domain.user_features[u] for u in users}),
             "item": feature_vocab({r: domain.items[r].features for r in plan.usable})}
 
 
@@ -241,40 +279,47 @@ def write_item(writer: DeterministicTarWriter, i: int, rec: ItemRecord, plan: It
         index[i][f"{kind.name}_size"] = len(data) - payload_start
 
 
-def write_sequence_shards(tmp: Path, domain: RawDomain, item_index: dict[str, int], histories: Histories,
+def write_sequence_shards(tmp: Path, domain: RawDomain, plan: ItemPlan, histories: HistoryStage,
                           user_vocab: dict[str, list[str]], opts: BuildOptions) -> SequenceShards:
     """sequences-NNNNNN.tar, one JSON sample per user, and each tar's histogram of training lengths (the loader plans
-    its batches from it without reading the tars)."""
+    its batches from it without reading the tars). Users arrive one at a time, in shard order."""
     out = SequenceShards()
-    users = histories.users
-    for first in range(0, len(users), opts.users_per_shard):
-        name = f"sequences-{len(out.names):06d}.tar"
-        writer = DeterministicTarWriter(tmp / name)
-        histogram = out.train_lengths.setdefault(name, {})
-        for u in range(first, min(first + opts.users_per_shard, len(users))):
-            sample = user_sample(u, users[u], histories.per_user[users[u]], item_index,
-                                 encode_features(domain.user_features.get(users[u], {}), user_vocab),
-                                 opts.min_interactions)
-            writer.add(f"{u:08d}.json", json.dumps(sample, sort_keys=True).encode())
-            histogram[str(sample["num_train"])] = histogram.get(str(sample["num_train"]), 0) + 1
-            out.evaluated += sample["evaluated"]
-            out.interactions += len(sample["items"])
-            out.records.append(sample)
+    item_mod = np.array([plan.modality[r] for r in plan.usable], dtype=np.int64)
+    forms = report.HistoryForms(item_mod, plan.names)
+    writer, histogram = None, {}
+    progress = Progress("users written", histories.num_users)
+    for u, (raw, items, times) in enumerate(histories.histories()):
+        progress(u)
+        if u % opts.users_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            name = f"sequences-{len(out.names):06d}.tar"
+            writer = DeterministicTarWriter(tmp / name)
+            histogram = out.train_lengths.setdefault(name, {})
+            out.names.append(name)
+        sample = user_sample(u, raw, items, times, encode_features(domain.user_features.get(raw, {}), user_vocab),
+                             opts.min_interactions)
+        writer.add(f"{u:08d}.json", json.dumps(sample, sort_keys=True).encode())
+        histogram[str(sample["num_train"])] = histogram.get(str(sample["num_train"]), 0) + 1
+        out.evaluated += sample["evaluated"]
+        out.interactions += len(items)
+        forms.add(items)
+    if writer is not None:
         writer.close()
-        out.names.append(name)
+    out.statistics = forms.result()
     return out
 
 
-def user_sample(u: int, raw: str, its: list[Interaction], item_index: dict[str, int], features: dict[str, list[int]],
+def user_sample(u: int, raw: str, items: list[int], times: list[float], features: dict[str, list[int]],
                 min_interactions: int) -> dict:
     """User u's sample: the history by item index, and how much of it is training (SPLIT_RULE)."""
-    is_eval = len(its) >= min_interactions
+    is_eval = len(items) >= min_interactions
     return {
         "user": u,
         "raw_id": raw,
-        "items": [item_index[x.item] for x in its],
-        "timestamps": [x.time for x in its],
-        "num_train": len(its) - 2 if is_eval else len(its),
+        "items": items,
+        "timestamps": times,
+        "num_train": len(items) - 2 if is_eval else len(items),
         "evaluated": is_eval,
         "features": features,
     }
@@ -289,7 +334,7 @@ def modality_rule(domain: RawDomain, opts: BuildOptions, names: list[str]) -> st
     return f"every item {opts.modality}, fallback when it has none"
 
 
-def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histories: Histories,
+def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histories: HistoryStage,
                    sequences: SequenceShards, tok_info: dict, vocab: dict, item_shards: list[str]) -> dict:
     """The manifest but for `file_sha256`: what was built, by which rules, from which input, and what was dropped."""
     counts = domain.problems.counts()
@@ -300,7 +345,7 @@ def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histor
         "dataset": domain.name,
         "modality": opts.modality,
         "seed": opts.seed,
-        "num_users": len(histories.users),
+        "num_users": histories.num_users,
         "num_users_evaluated": sequences.evaluated,
         "num_items": len(plan.usable),
         "num_interactions": sequences.interactions,
@@ -318,7 +363,7 @@ def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histor
             "duplicate_interactions": histories.duplicates,
             "duplicates_removed": histories.removed,
             "min_interactions": opts.min_interactions,
-            "users_below_min": len(histories.users) - sequences.evaluated,
+            "users_below_min": histories.num_users - sequences.evaluated,
         },
         "dropped_interactions": {
             "unknown_item": counts["unknown_item"],
@@ -337,7 +382,7 @@ def describe_build(opts: BuildOptions, domain: RawDomain, plan: ItemPlan, histor
     note = dedup_note(opts.dedup, domain.has_time_column)
     if note:  # only when it says something: manifests (and the experiments' run keys) stay as they were otherwise
         manifest["policies"]["dedup_note"] = note
-    manifest["statistics"] = report.statistics(sequences.records, item_mod, plan.names)
+    manifest["statistics"] = sequences.statistics
     return manifest
 
 
@@ -389,6 +434,15 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--items-per-shard", type=int, default=2000)
     p.add_argument("--users-per-shard", type=int, default=1000)
+    p.add_argument("--engine", default="duckdb", choices=list(ENGINES),
+                   help="duckdb (default): group, order and dedup the log out of core under --memory-limit; memory: "
+                   "the in-memory reference (a single CSV log; memory grows with the log)")
+    p.add_argument("--memory-limit", default=None,
+                   help="the engine's memory cap, e.g. 4GB (default: a quarter of this machine's memory); past it "
+                   "the engine spills to a scratch folder beside --out")
+    p.add_argument("--input-format", default=None, choices=list(FORMATS),
+                   help="generic: the interactions log's format (default: from its name: .csv, .csv.gz, .parquet; "
+                   "a folder: its part files')")
     p.add_argument("--posters-from", type=Path, default=None,
                    help="movielens-1m: a movielens-100k-mm folder; films matched by title and year get its poster "
                    "and overview (the rule: data_shards/tables_ml1m.py FILM_KEY_RULE); without it ML-1M is text only")
@@ -460,6 +514,9 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             users_per_shard=a.users_per_shard,
             generic=generic_columns(a),
             posters_from=a.posters_from,
+            engine=a.engine,
+            memory_limit=a.memory_limit,
+            input_format=a.input_format,
         )
     except ValueError as e:
         p.error(str(e))
@@ -471,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--source {opts.source} is not a folder: point it at the dataset's raw tables")
     try:
         build(opts)
-    except (FileNotFoundError, MissingColumn) as e:
+    except (FileNotFoundError, MissingColumn, LogError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

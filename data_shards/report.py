@@ -7,22 +7,37 @@ import numpy as np
 from transrec.data_shards.tables import Problems
 
 
+class HistoryForms:
+    """Users and interactions by history form (text-only, image-only, ..., mixed) and interactions by item modality,
+    counted one history at a time (the builder streams its users)."""
+
+    def __init__(self, item_modality: np.ndarray, names=("text", "image")):
+        self.item_modality, self.names = item_modality, list(names)
+        self.forms = {**{f"{n}-only": [0, 0] for n in names}, "mixed": [0, 0]}  # users, interactions
+        self.inter_by_mod = np.zeros(len(self.names), dtype=np.int64)
+
+    def add(self, items) -> None:
+        mods = self.item_modality[np.asarray(items, dtype=np.int64)]
+        self.inter_by_mod += np.bincount(mods, minlength=len(self.names))
+        present = np.unique(mods)
+        form = f"{self.names[present[0]]}-only" if len(present) == 1 else "mixed"
+        self.forms[form][0] += 1
+        self.forms[form][1] += len(mods)
+
+    def result(self) -> dict:
+        return {
+            "users_by_history_form": {k: v[0] for k, v in self.forms.items()},
+            "interactions_by_history_form": {k: v[1] for k, v in self.forms.items()},
+            "interactions_by_item_modality": {n: int(c) for n, c in zip(self.names, self.inter_by_mod)},
+        }
+
+
 def statistics(user_records: list[dict], item_modality: np.ndarray, names=("text", "image")) -> dict:
     """Users, items and interactions per modality form (users: by the modalities in their history)."""
-    forms = {**{f"{n}-only": [0, 0] for n in names}, "mixed": [0, 0]}  # users, interactions
-    inter_by_mod = np.zeros(len(names), dtype=np.int64)
+    forms = HistoryForms(item_modality, names)
     for rec in user_records:
-        mods = item_modality[np.asarray(rec["items"], dtype=np.int64)]
-        inter_by_mod += np.bincount(mods, minlength=len(names))
-        present = np.unique(mods)
-        form = f"{names[present[0]]}-only" if len(present) == 1 else "mixed"
-        forms[form][0] += 1
-        forms[form][1] += len(mods)
-    return {
-        "users_by_history_form": {k: v[0] for k, v in forms.items()},
-        "interactions_by_history_form": {k: v[1] for k, v in forms.items()},
-        "interactions_by_item_modality": {n: int(c) for n, c in zip(names, inter_by_mod)},
-    }
+        forms.add(rec["items"])
+    return forms.result()
 
 
 def statistics_table(manifest: dict) -> str:

@@ -76,6 +76,7 @@ class RawDomain:
     has_image_column: bool = True  # False: a text-only catalogue by declaration (no image is a finding)
     has_time_column: bool = True  # False: file order is the order (time = line number)
     notes: dict = field(default_factory=dict)  # what an adapter declares (a join's counts): manifest source_notes
+    log_path: Path | None = None  # an interactions log still to be read (streamed), `interactions` then empty
 
 
 def file_sha256(path: Path) -> str:
@@ -115,7 +116,7 @@ def _read_csv(path: Path):
         yield from enumerate(reader, start=1)
 
 
-def _parse_time(value: str) -> float:
+def parse_time(value: str) -> float:
     """A number (seconds) or an ISO date/time; naive times are UTC, explicit offsets are honoured."""
     value = value.strip()
     try:
@@ -141,7 +142,7 @@ def read_interactions(
         try:
             if not user or not item or raw_time is None:
                 raise ValueError("empty user, item or time")
-            time = _parse_time(raw_time)
+            time = parse_time(raw_time)
         except ValueError as e:
             problems.add("unparseable_row", file=path.name, line=line, reason=str(e), row=dict(row))
             continue
@@ -250,10 +251,11 @@ def csv_columns(path: Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
-def check_generic_columns(source: Path, cols: GenericColumns) -> None:
+def check_generic_columns(source: Path, cols: GenericColumns, log_header: list[str] | None = None) -> None:
     """Every column the flags name is in its file's header: MissingColumn in one line naming the file, the column
     and the flag to pass, before a row is read (a missing image or time column would otherwise read as one bad row or
-    one missing image per line)."""
+    one missing image per line). `log_header`: the interactions log's columns when it is read by
+    data_shards/log_reader.py (gzip'ed CSV, Parquet, a folder of parts) rather than as one CSV file here."""
     fields = [text_field(f)[0] for f in cols.text_fields]
     wanted = {cols.interactions: [(cols.user_col, "--user-col"), (cols.item_col, "--item-col")]
               + ([(cols.time_col, "--time-col")] if cols.time_col else []),
@@ -265,7 +267,7 @@ def check_generic_columns(source: Path, cols: GenericColumns) -> None:
         wanted[cols.users] = [(cols.user_id_col, "--user-id-col"), *((c, "--user-feature-cols")
                                                                       for c in cols.user_feature_cols)]
     for name, needed in wanted.items():
-        have = csv_columns(source / name)
+        have = log_header if name == cols.interactions and log_header is not None else csv_columns(source / name)
         for column, flag in needed:
             if column in have:
                 continue
@@ -277,10 +279,13 @@ def check_generic_columns(source: Path, cols: GenericColumns) -> None:
                                 f"{', '.join(have) or 'none, the file is empty'}): {fix}")
 
 
-def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
-    check_generic_columns(source, cols)
+def load_generic(source: Path, cols: GenericColumns, log_header: list[str] | None = None) -> RawDomain:
+    """The generic tables. With `log_header` (the interactions log's columns) the log is not read here: the domain
+    names it in `log_path` and data_shards/build_histories.py streams it (any size, CSV / gzip'ed CSV / Parquet)."""
+    check_generic_columns(source, cols, log_header)
     problems = Problems()
-    interactions = read_interactions(source / cols.interactions, cols.user_col, cols.item_col, cols.time_col, problems)
+    interactions = [] if log_header is not None else read_interactions(
+        source / cols.interactions, cols.user_col, cols.item_col, cols.time_col, problems)
     fields = [text_field(f) for f in cols.text_fields]
     names = [n for n, _ in fields]
     description = cols.description_field or names[-1]
@@ -311,7 +316,8 @@ def load_generic(source: Path, cols: GenericColumns) -> RawDomain:
             users[(row.get(cols.user_id_col) or "").strip()] = {c: [row.get(c) or ""] for c in cols.user_feature_cols}
     template = " | ".join((f"{label}: " if label else "") + "{" + c + "}." for c, label in fields)
     return RawDomain("generic", interactions, items, users, template, files, problems,
-                     has_image_column=cols.image_col is not None, has_time_column=cols.time_col is not None)
+                     has_image_column=cols.image_col is not None, has_time_column=cols.time_col is not None,
+                     log_path=source / cols.interactions if log_header is not None else None)
 
 
 def text_field(spec: str) -> tuple[str, str]:
