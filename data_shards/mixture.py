@@ -160,9 +160,10 @@ def resplit(items: list[int], timestamps: list[float], min_interactions: int) ->
 
 
 def mix(cats: list[Catalogue], out: Path) -> dict:
-    """Write the mixture folder `out` (replaced only once complete); returns its manifest."""
-    if len(cats) < 2:
-        raise ValueError("a mixture needs two or more catalogues")
+    """Write the mixture folder `out` (replaced only once complete); returns its manifest. One catalogue is allowed:
+    the catalogue with its drops applied, trained and validated as any mixture (a smaller source of a study)."""
+    if not cats:
+        raise ValueError("a mixture needs one or more catalogues")
     manifests = [load_manifest(c.path) for c in cats]
     _check_compatible(manifests, cats)
     stores = [ItemStore(c.path) for c in cats]

@@ -70,8 +70,10 @@ def test_drop_removes_items_and_splits_again(tmp_path, ml_shards, hm_shards):
 
 
 def test_mixture_refuses_what_it_cannot_mix(tmp_path, ml_shards, hm_shards, mixture, capsys):
-    with pytest.raises(ValueError, match="two or more"):
-        mix([Catalogue(ml_shards, "ml")], tmp_path / "a")
+    with pytest.raises(ValueError, match="one or more"):
+        mix([], tmp_path / "a")
+    alone = mix([Catalogue(ml_shards, "ml", {read_id_maps(ml_shards)["items"][0]})], tmp_path / "alone")
+    assert [c["name"] for c in alone["catalogues"]] == ["ml"] and alone["catalogues"][0]["dropped"]["items"] == 1
     with pytest.raises(ValueError, match="names must differ"):
         mix([Catalogue(ml_shards, "x"), Catalogue(hm_shards, "x")], tmp_path / "b")
     with pytest.raises(ValueError, match="a mixture already"):
