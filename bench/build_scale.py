@@ -109,34 +109,45 @@ def main(argv: list[str] | None = None) -> None:
             print(f"building {raw} with --engine {engine}", file=sys.stderr, flush=True)
             res = run_one(engine, raw, out, a.memory_limit)
             digests[engine] = digest(out)
-            rows.append({"users": users, "engine": engine, "log_mib": log_mib, **res})
+            rows.append({"users": users, "engine": engine, "log_mib": log_mib, "commit": git_hash(),
+                         "load_1min": round(os.getloadavg()[0], 1), "memory_limit": a.memory_limit, **res})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if len(digests) == 2:
             for r in rows:
                 if r["users"] == users and "skipped" not in r:
                     r["same_shards_as_other_engine"] = len(set(digests.values())) == 1
-    write(a, rows)
+    write(a, kept_rows(a.out.with_suffix(".json"), rows) + rows)
+
+
+def kept_rows(path: Path, new: list[dict]) -> list[dict]:
+    """The rows of an earlier report for (users, engine) pairs this invocation did not run."""
+    if not path.exists():
+        return []
+    ran = {(r["users"], r["engine"]) for r in new}
+    return [r for r in json.loads(path.read_text())["rows"] if (r["users"], r["engine"]) not in ran]
 
 
 def write(a: argparse.Namespace, rows: list[dict]) -> None:
     limit = a.memory_limit or "default (a quarter of RAM)"
     lines = ["# The shard builder at scale (CPU, synthetic logs)", "",
-             f"Command: `{recorded_command('python bench/build_scale.py', sys.argv[1:])}` (commit {git_hash()}, "
-             f"1-min load {os.getloadavg()[0]:.1f} when written; {os.cpu_count()} cores). Memory limit of the "
-             f"engine: {limit}.", "",
+             f"Command: `{recorded_command('python bench/build_scale.py', sys.argv[1:])}` (commit {git_hash()}; "
+             f"{os.cpu_count()} cores; each row records its own commit, 1-min load when it started and the engine's "
+             f"memory limit, this invocation's: {limit}); rows of sizes not rerun are kept from the earlier "
+             "report.", "",
              "| users | engine | interactions | log MiB | wall s | tables, items s | histories s | item shards s | "
-             "sequence shards s | manifest s | peak RSS GiB | shards MiB | same shards |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sequence shards s | manifest s | peak RSS GiB | shards MiB | same shards | commit, load, limit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['users']:,} | {r['engine']} | skipped: {r['skipped']} |" + " |" * 10)
+            lines.append(f"| {r['users']:,} | {r['engine']} | skipped: {r['skipped']} |" + " |" * 11)
             continue
         st = r["stages_s"]
         hist = next((v for k, v in st.items() if k.startswith("histories")), float("nan"))
         lines.append(f"| {r['users']:,} | {r['engine']} | {r['interactions']:,} | {r['log_mib']} | {r['wall_s']} | "
                      f"{st.get('tables read, items checked', float('nan'))} | {hist} | {st.get('item shards')} | "
                      f"{st.get('sequence shards')} | {st.get('manifest and hashes')} | {r['peak_rss_gib']} | "
-                     f"{r['shard_mib']} | {r.get('same_shards_as_other_engine', '-')} |")
+                     f"{r['shard_mib']} | {r.get('same_shards_as_other_engine', '-')} | {r.get('commit', '?')}, "
+                     f"{r.get('load_1min', '?')}, {r.get('memory_limit') or 'default'} |")
     write_reports(a.out.with_suffix(".md"), "\n".join(lines) + "\n", a.out.with_suffix(".json"), {"rows": rows})
 
 
