@@ -36,19 +36,53 @@ run_as_script(__file__, offline=True)
 from transrec.bench.run_record import recorded_command, write_reports  # noqa: E402
 from transrec.data_shards.build import BuildOptions, build  # noqa: E402
 from transrec.data_shards.synth import write_raw  # noqa: E402
+from transrec.data_shards.tables import GenericColumns  # noqa: E402
 from transrec.trainer.run_setup import git_hash  # noqa: E402
 
+PARTS = "parts"  # the dask engine's input: the log cut into this many part files under raw/parts/
+N_PARTS = 16
 STAGE = re.compile(r"^\[build\] (.+?): ([0-9.]+) s")
 
 
 def one(engine: str, raw: Path, out: Path, memory_limit: str | None) -> dict:
-    """In this process: one build; its peak RSS from the kernel."""
+    """In this process: one build; its peak RSS from the kernel. `dask:N`: the dask engine on N local processes over
+    the log cut into part files."""
     t0 = time.perf_counter()
-    manifest = build(BuildOptions(dataset="generic", source=raw, out=out, engine=engine, memory_limit=memory_limit,
-                                  users_per_shard=10_000, items_per_shard=2000))
+    name, _, workers = engine.partition(":")
+    cols = GenericColumns(interactions=PARTS if name == "dask" else GenericColumns().interactions)
+    manifest = build(BuildOptions(dataset="generic", source=raw, out=out, engine=name, memory_limit=memory_limit,
+                                  users_per_shard=10_000, items_per_shard=2000, generic=cols,
+                                  workers=int(workers or 4)))
     return {"wall_s": round(time.perf_counter() - t0, 1), "users": manifest["num_users"],
             "interactions": manifest["num_interactions"],
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_worker_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)}
+
+
+def cut_into_parts(raw: Path, n: int = N_PARTS) -> None:
+    """raw/interactions.csv as n part files of whole users (the synthetic log lists each user's rows together),
+    each with the header: the partitioned log the dask engine reads."""
+    folder = raw / PARTS
+    if (folder / "_SUCCESS").exists():
+        return
+    folder.mkdir(exist_ok=True)
+    size = (raw / "interactions.csv").stat().st_size
+    with open(raw / "interactions.csv") as f:
+        header = f.readline()
+        k, out, last_user, done = 0, None, None, len(header)
+        for line in f:
+            user = line.split(",", 1)[0]
+            done += len(line)  # the synthetic log is ASCII: characters are bytes
+            if out is None or (user != last_user and done > size * (k + 1) / n and k < n - 1):
+                if out is not None:
+                    out.close()
+                    k += 1
+                out = open(folder / f"part-{k:03d}.csv", "w")
+                out.write(header)
+            out.write(line)
+            last_user = user
+        out.close()
+    (folder / "_SUCCESS").write_text(str(k + 1))  # a marker the log reader skips, as Spark writes it
 
 
 def run_one(engine: str, raw: Path, out: Path, memory_limit: str | None) -> dict:
@@ -80,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", default="1000000,10000000")
     p.add_argument("--items", type=int, default=10_000)
-    p.add_argument("--engines", default="duckdb,memory")
+    p.add_argument("--engines", default="duckdb,memory",
+                   help="duckdb, memory, dask:N (the dask engine on N local processes over the log in 16 parts)")
     p.add_argument("--memory-limit", default=None)
     p.add_argument("--memory-users-max", type=int, default=1_000_000)
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench_build")
@@ -105,17 +140,19 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"users": users, "engine": engine, "skipped": f"over --memory-users-max "
                              f"{a.memory_users_max:,}: the in-memory builder needs about 7.8 GB per 1M users"})
                 continue
-            out = a.work / f"shards-u{users}-{engine}"
+            if engine.startswith("dask"):
+                cut_into_parts(raw)
+            out = a.work / f"shards-u{users}-{engine.replace(':', '-')}"
             print(f"building {raw} with --engine {engine}", file=sys.stderr, flush=True)
             res = run_one(engine, raw, out, a.memory_limit)
             digests[engine] = digest(out)
             rows.append({"users": users, "engine": engine, "log_mib": log_mib, "commit": git_hash(),
                          "load_1min": round(os.getloadavg()[0], 1), "memory_limit": a.memory_limit, **res})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        if len(digests) == 2:
+        if len(digests) >= 2:
             for r in rows:
                 if r["users"] == users and "skipped" not in r:
-                    r["same_shards_as_other_engine"] = len(set(digests.values())) == 1
+                    r["same_shards_as_other_engines"] = len(set(digests.values())) == 1
     write(a, kept_rows(a.out.with_suffix(".json"), rows) + rows)
 
 
@@ -135,18 +172,21 @@ def write(a: argparse.Namespace, rows: list[dict]) -> None:
              f"memory limit, this invocation's: {limit}); rows of sizes not rerun are kept from the earlier "
              "report.", "",
              "| users | engine | interactions | log MiB | wall s | tables, items s | histories s | item shards s | "
-             "sequence shards s | manifest s | peak RSS GiB | shards MiB | same shards | commit, load, limit |",
+             "sequence shards s | manifest s | peak RSS GiB (largest worker) | shards MiB | same shards | "
+             "commit, load, limit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['users']:,} | {r['engine']} | skipped: {r['skipped']} |" + " |" * 11)
             continue
         st = r["stages_s"]
+        workers = f" ({r['peak_worker_rss_gib']})" if r.get("peak_worker_rss_gib") else ""
+        same = r.get("same_shards_as_other_engines", r.get("same_shards_as_other_engine", "-"))
         hist = next((v for k, v in st.items() if k.startswith("histories")), float("nan"))
         lines.append(f"| {r['users']:,} | {r['engine']} | {r['interactions']:,} | {r['log_mib']} | {r['wall_s']} | "
                      f"{st.get('tables read, items checked', float('nan'))} | {hist} | {st.get('item shards')} | "
-                     f"{st.get('sequence shards')} | {st.get('manifest and hashes')} | {r['peak_rss_gib']} | "
-                     f"{r['shard_mib']} | {r.get('same_shards_as_other_engine', '-')} | {r.get('commit', '?')}, "
+                     f"{st.get('sequence shards')} | {st.get('manifest and hashes')} | {r['peak_rss_gib']}{workers} | "
+                     f"{r['shard_mib']} | {same} | {r.get('commit', '?')}, "
                      f"{r.get('load_1min', '?')}, {r.get('memory_limit') or 'default'} |")
     write_reports(a.out.with_suffix(".md"), "\n".join(lines) + "\n", a.out.with_suffix(".json"), {"rows": rows})
 
