@@ -110,9 +110,30 @@ def _row_dict(fields: list[str], values: list) -> dict:
     return d
 
 
+def _clean_chunk(file: str, lines: list[int], raw: list[list[str]], ui: int, ii: int,
+                 ti: int | None) -> LogChunk | None:
+    """A chunk of CSV text rows whose every row parses, converted column-wise; None when any row does not (the
+    caller then checks row by row). Numbers convert as float() converts them (numpy calls it on text), so the times
+    are the row-by-row path's to the bit; ISO dates and bad rows take that path."""
+    try:
+        users = [v[ui].strip() for v in raw]
+        items = [v[ii].strip() for v in raw]
+        times = np.array([v[ti] for v in raw] if ti is not None else lines, dtype=np.float64)
+    except (IndexError, AttributeError, ValueError, TypeError):
+        return None
+    if not (all(users) and all(items) and np.isfinite(times).all()):
+        return None
+    return LogChunk(np.asarray(lines, dtype=np.int64), users, items, times, file)
+
+
 def _chunk_of(file: str, fields: list[str], lines: list[int], raw: list[list], ui: int, ii: int, ti: int | None,
-              problems: Problems) -> LogChunk:
-    """Parse and check one chunk of raw rows; bad rows go to `problems` in row order."""
+              problems: Problems, text_rows: bool = False) -> LogChunk:
+    """Parse and check one chunk of raw rows; bad rows go to `problems` in row order. `text_rows`: every cell is
+    text (CSV), so the column-wise path may be tried first."""
+    if text_rows:
+        clean = _clean_chunk(file, lines, raw, ui, ii, ti)
+        if clean is not None:
+            return clean
     rows, users, items, times = [], [], [], []
     for line, values in zip(lines, raw):
         n = len(values)
@@ -161,7 +182,7 @@ def read_log(path: Path, user_col: str, item_col: str, time_col: str | None, pro
         ui, ii = fields.index(user_col), fields.index(item_col)
         ti = fields.index(time_col) if time_col else None
         for lines, raw in reader:
-            yield _chunk_of(part.name, fields, lines, raw, ui, ii, ti, problems)
+            yield _chunk_of(part.name, fields, lines, raw, ui, ii, ti, problems, text_rows=kind != "parquet")
 
 
 def _csv_rows(path: Path, kind: str, chunk_rows: int):

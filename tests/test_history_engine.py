@@ -222,3 +222,20 @@ def test_the_dask_engine_refuses_a_named_dataset_and_a_stray_scheduler(tmp_path)
     with pytest.raises(SystemExit):
         main(["--dataset", "generic", "--source", str(tmp_path), "--dask-scheduler", "tcp://x:1",
               "--out", str(tmp_path / "out")])
+
+
+def test_the_column_wise_check_of_clean_csv_rows_gives_the_row_by_row_result():
+    from transrec.data_shards.log_reader import _chunk_of
+    from transrec.data_shards.tables import Problems
+
+    times = ["0.1", " 7 ", "1e-320", "9007199254740993", "1_0", "-0.0", ".5", "1600000000", "2.2250738585072011e-308"]
+    raw = [[f" u{k} ", f"i{k % 3}", t] for k, t in enumerate(times)]
+    lines = list(range(1, len(raw) + 1))
+    fast = _chunk_of("f.csv", ["user_id", "item_id", "timestamp"], lines, raw, 0, 1, 2, Problems(), text_rows=True)
+    slow = _chunk_of("f.csv", ["user_id", "item_id", "timestamp"], lines, raw, 0, 1, 2, Problems())
+    assert fast.users == slow.users == [f"u{k}" for k in range(len(times))] and fast.items == slow.items
+    assert fast.times.tobytes() == slow.times.tobytes() and fast.rows.tolist() == slow.rows.tolist()
+    problems = Problems()  # one bad row: the whole chunk is checked row by row, the bad row reported
+    bad = _chunk_of("f.csv", ["user_id", "item_id", "timestamp"], lines + [10], raw + [["u", "i", "nan"]], 0, 1, 2,
+                    problems, text_rows=True)
+    assert len(bad.users) == len(times) and problems.counts()["unparseable_row"] == 1
