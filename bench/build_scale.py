@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> None:
                 cut_into_parts(raw)
             out = a.work / f"shards-u{users}-{engine.replace(':', '-')}"
             print(f"building {raw} with --engine {engine}", file=sys.stderr, flush=True)
+            commit, load = git_hash(), round(os.getloadavg()[0], 1)  # the code and load this build starts with
             res = run_one(engine, raw, out, a.memory_limit)
             digests[engine] = digest(out)
-            rows.append({"users": users, "engine": engine, "log_mib": log_mib, "commit": git_hash(),
-                         "load_1min": round(os.getloadavg()[0], 1), "memory_limit": a.memory_limit, **res})
+            rows.append({"users": users, "engine": engine, "log_mib": log_mib, "commit": commit, "load_1min": load,
+                         "memory_limit": a.memory_limit, **res})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if len(digests) >= 2:
             for r in rows:
