@@ -66,7 +66,9 @@ def test_trained_rows_read_each_candidate_and_the_choice(tmp_path):
 def result(source_set, n, seed, ranks):
     rows = {row: {"test_ranks": r} for row, r in ranks.items()}
     return {"target": "t", "user_state": "encoder", "seed": seed, "source_set": source_set,
-            "source_interactions": n, "rows": rows, "source_run": f"s-{source_set}-{seed}"}
+            "source_interactions": n, "rows": rows, "source_run": f"s-{source_set}-{seed}",
+            "source_valid": {"a": {"ndcg@10": 0.1 * (seed + 1)}, "b": {"ndcg@10": 0.3}},
+            "source_valid_popularity": {"a": {"ndcg@10": 0.05}, "b": {"ndcg@10": 0.05}}}
 
 
 def test_the_source_size_curve_gives_each_sources_mean_over_seeds(tmp_path):
@@ -81,6 +83,7 @@ def test_the_source_size_curve_gives_each_sources_mean_over_seeds(tmp_path):
     want = np.mean([ev.per_user_gain(np.asarray(r["rows"]["zero-shot"]["test_ranks"]), "ndcg@10") for r in small])
     assert got["data"][0]["test_ndcg@10"]["zero-shot"] == pytest.approx(want)
     assert got["data"][0]["seeds"] == [0, 1]
+    assert got["data"][0]["source_valid_ndcg@10"] == pytest.approx((0.2 + 0.25) / 2)  # catalogues, then seeds
     assert (tmp_path / "leave_one_out_source_size.png").stat().st_size > 1000
     assert source_size_curves([r for r in results if r["source_set"] == "all"], tmp_path)["lines"] == []
 

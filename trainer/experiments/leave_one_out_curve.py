@@ -47,19 +47,22 @@ def source_size_curves(results: list[dict], out: Path) -> dict:
     for ax, ((target, state), sets) in zip(axes[0], sorted(groups.items())):
         ordered = sorted(sets.items(), key=lambda kv: kv[1][0]["source_interactions"])
         lines += [f"### Target `{target}`, user state `{state}`", "",
-                  "| source | interactions | seeds | popularity | " + " | ".join(CURVE_ROWS) + " | "
-                  + " | ".join(f"{a} − {b}" for a, b in CURVE_PAIRS) + " |",
-                  "|---|---|---|---|" + "---|" * (len(CURVE_ROWS) + len(CURVE_PAIRS))]
+                  "| source | interactions | seeds | source valid NDCG@10 (its popularity) | popularity | "
+                  + " | ".join(CURVE_ROWS) + " | " + " | ".join(f"{a} − {b}" for a, b in CURVE_PAIRS) + " |",
+                  "|---|---|---|---|---|" + "---|" * (len(CURVE_ROWS) + len(CURVE_PAIRS))]
         xs, ys = [], {row: [] for row in ("popularity", *CURVE_ROWS)}
         for name, runs in ordered:
             n = runs[0]["source_interactions"]
             means = {row: float(_gains(runs, row).mean()) for row in ("popularity", *CURVE_ROWS)}
             ivs = {f"{a} - {b}": ev.paired_bootstrap(_gains(runs, a), _gains(runs, b)) for a, b in CURVE_PAIRS}
             seeds = sorted(r["seed"] for r in runs)
-            lines.append(f"| {name} | {n:,} | {', '.join(map(str, seeds))} | {means['popularity']:.4f} | "
+            own = _source_valid(runs)
+            lines.append(f"| {name} | {n:,} | {', '.join(map(str, seeds))} | {own[0]:.4f} ({own[1]:.4f}) | "
+                         f"{means['popularity']:.4f} | "
                          + " | ".join(f"{means[row]:.4f}" for row in CURVE_ROWS) + " | "
                          + " | ".join(_fmt(ivs[f"{a} - {b}"]) for a, b in CURVE_PAIRS) + " |")
             data.append({"target": target, "user_state": state, "source": name, "interactions": n, "seeds": seeds,
+                         "source_valid_ndcg@10": own[0], "source_valid_popularity_ndcg@10": own[1],
                          "test_ndcg@10": means, "intervals": ivs})
             xs.append(n)
             for row in ys:
@@ -78,6 +81,13 @@ def source_size_curves(results: list[dict], out: Path) -> dict:
     plt.close(fig)
     lines += [f"![quality against source interactions]({png.name})", ""]
     return {"lines": lines, "data": data}
+
+
+def _source_valid(runs: list[dict]) -> tuple[float, float]:
+    """The sources' own validation NDCG@10 (the mean over their catalogues, then over seeds) and popularity's."""
+    def mean_of(key: str) -> float:
+        return float(np.mean([np.mean([v["ndcg@10"] for v in r[key].values()]) for r in runs]))
+    return mean_of("source_valid"), mean_of("source_valid_popularity")
 
 
 def study_cost(results: list[dict]) -> list[str]:
