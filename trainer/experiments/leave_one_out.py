@@ -221,6 +221,22 @@ def with_trained_rows(res: dict, shards: dict[str, Path], work: Path, train_if_m
     return res
 
 
+def _can_source(target: str, only: list[str]) -> bool:
+    try:
+        source_names(target, only)
+    except ValueError:
+        return False
+    return True
+
+
+def source_error(target: str, only: list[str]) -> str:
+    try:
+        source_names(target, only)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def nested_sources(nested: str) -> list[list[str] | None]:
     """--nested A,B: the sources [A], [A, B] and every other catalogue (None); none given: every other only."""
     names = [n.strip() for n in nested.split(",") if n.strip()]
@@ -251,15 +267,16 @@ def main(argv: list[str] | None = None) -> Path:
     if unknown:
         p.error(f"--targets {unknown}: choose from {', '.join(CATALOGUES)}")
     sets = nested_sources(a.nested)
-    for t in targets:
-        for only in sets[:-1]:
-            try:
-                source_names(t, only)
-            except ValueError as e:
-                p.error(f"--nested: {e}")
+    curve_targets = [t for t in targets if all(_can_source(t, only) for only in sets[:-1])]
+    if a.nested and not curve_targets:
+        p.error(f"--nested {a.nested}: no target among {targets} can take these sources "
+                f"({source_error(targets[0], sets[-2])})")
+    if a.nested and len(curve_targets) < len(targets):
+        print(f"--nested {a.nested}: smaller sources for {', '.join(curve_targets)} only (these catalogues cannot make "
+              "the others' sources)", file=sys.stderr)
     shards = prepare(a.work)
     combos = [(t, s.strip(), int(seed), only) for t in targets for s in a.user_states.split(",")
-              for seed in a.seeds.split(",") for only in sets]
+              for seed in a.seeds.split(",") for only in (sets if t in curve_targets else [None])]
     if a.cached_only:
         combos = [c for c in combos if (a.work / "runs" / f"source-for-{c[0]}{source_tag(c[3])}-{c[1]}-e{a.epochs}-"
                                         f"s{c[2]}" / f"on-{c[0]}.json").exists()]

@@ -75,9 +75,8 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
               "| source user state | seed | row | valid NDCG@10 | test HR@10 | test NDCG@10 |",
               "|---|---|---|---|---|---|"]
     summary: dict = {"target": target, "test_users": users, "sources": []}
-    rows, pairs = rows_and_pairs(results)
     for r in results:
-        for row in rows:
+        for row in rows_and_pairs([r])[0]:
             x = r["rows"][row]
             chose = f" (chose: {x['chose']})" if "chose" in x else ""
             if "window_days" in x:
@@ -88,10 +87,10 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
               "resamples):", "", "| source user state | seed | a − b | HR@10 | NDCG@10 |", "|---|---|---|---|---|"]
     for r in results:
         entry = {"user_state": r["user_state"], "seed": r["seed"], "source_run": r["source_run"],
-                 "test": {row: r["rows"][row]["test"] for row in rows},
+                 "test": {row: r["rows"][row]["test"] for row in rows_and_pairs([r])[0]},
                  "source_valid": r["source_valid"], "source_valid_popularity": r["source_valid_popularity"],
                  "intervals": {}}
-        for a, b in pairs:
+        for a, b in rows_and_pairs([r])[1]:
             ivs = {m: interval(r["rows"][a]["test_ranks"], r["rows"][b]["test_ranks"], m) for m in METRICS}
             entry["intervals"][f"{a} - {b}"] = ivs
             lines.append(f"| {r['user_state']} | {r['seed']} | {a} − {b} | {fmt(ivs['hr@10'])} | "
@@ -108,7 +107,7 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
                     a, b = by_state[(states[1], seed)]["rows"][row], by_state[(states[0], seed)]["rows"][row]
                     ivs = {m: interval(a["test_ranks"], b["test_ranks"], m) for m in METRICS}
                     lines.append(f"| {row} | {seed} | {fmt(ivs['hr@10'])} | {fmt(ivs['ndcg@10'])} |")
-    lines += seed_pooled(results, summary, rows, pairs)
+    lines += seed_pooled(results, summary)
     lines += ["", "Source validation (NDCG@10 per source catalogue, the selected epoch; popularity in brackets):", ""]
     for r in results:
         per = ", ".join(f"{k} {v['ndcg@10']:.4f} ({r['source_valid_popularity'][k]['ndcg@10']:.4f})"
@@ -118,12 +117,13 @@ def target_section(target: str, results: list[dict]) -> tuple[list[str], dict]:
     return lines, summary
 
 
-def seed_pooled(results: list[dict], summary: dict, rows: tuple = ROWS, pairs: tuple = PAIRS) -> list[str]:
+def seed_pooled(results: list[dict], summary: dict) -> list[str]:
     """Per user state with several seeds: each row's mean test figures over the seeds, and the paired intervals of the
     per-user gains averaged over the seeds (the users are the same in every seed)."""
     lines = []
     for state in sorted({r["user_state"] for r in results}):
         runs = [r for r in results if r["user_state"] == state]
+        rows, pairs = rows_and_pairs(runs)  # the trained rows only where every seed has them
         if len(runs) < 2:
             continue
         seeds = sorted(r["seed"] for r in runs)
