@@ -173,10 +173,11 @@ def write(a: argparse.Namespace, rows: list[dict]) -> None:
              f"memory limit, this invocation's: {limit}); rows of sizes not rerun are kept from the earlier "
              "report.", "",
              "| users | engine | interactions | log MiB | wall s | tables, items s | histories s | item shards s | "
-             "sequence shards s | manifest s | peak RSS GiB (largest worker) | shards MiB | same shards | "
+             "sequence shards s | manifest s | peak RSS GiB (largest child process) | shards MiB | same shards | "
              "commit, load, limit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    order = {"memory": 0, "duckdb": 1}
+    for r in sorted(rows, key=lambda r: (r["users"], order.get(r["engine"], 2), r["engine"])):
         if "skipped" in r:
             lines.append(f"| {r['users']:,} | {r['engine']} | skipped: {r['skipped']} |" + " |" * 11)
             continue
