@@ -152,6 +152,8 @@ def dask_histories(log: Path, fmt: str | None, cols: tuple[str, str, str | None]
     (tcp://host:8786), or None for this machine's processes (`workers` of them)."""
     import dask  # optional: only --engine dask needs it (setup.py's "distributed" extra)
 
+    if scratch_parent is not None:  # the folder --out will be written into may not exist yet
+        scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".history-dask-", dir=scratch_parent))
     (scratch / "map").mkdir()
     (scratch / "sorted").mkdir()

@@ -121,6 +121,8 @@ def engine_histories(chunks: Iterable[LogChunk], item_index: dict[str, int], all
     `item_index`: usable raw item -> index; `all_items`: every item of the item table (an item there but not usable is
     counted as without content, one not there is an `unknown_item` problem naming `problem_file` or the part file).
     `progress(rows)` is called after each chunk."""
+    if scratch_parent is not None:  # the folder --out will be written into may not exist yet
+        scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".history-engine-", dir=scratch_parent))
     con = duckdb.connect(str(scratch / "log.duckdb"), config={
         "memory_limit": memory_limit or default_memory_limit(), "temp_directory": str(scratch / "spill"),

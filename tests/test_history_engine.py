@@ -239,3 +239,14 @@ def test_the_column_wise_check_of_clean_csv_rows_gives_the_row_by_row_result():
     bad = _chunk_of("f.csv", ["user_id", "item_id", "timestamp"], lines + [10], raw + [["u", "i", "nan"]], 0, 1, 2,
                     problems, text_rows=True)
     assert len(bad.users) == len(times) and problems.counts()["unparseable_row"] == 1
+
+
+def test_an_out_folder_under_missing_folders_is_built_by_every_engine(tmp_path):
+    root = tmp_path / "raw"
+    write_generic(root, clean_log(4))
+    for engine in ("duckdb", "dask", "memory"):
+        out = tmp_path / engine / "not" / "there" / "shards"
+        build(BuildOptions(dataset="generic", source=root, out=out, modality="text", max_tokens=16, engine=engine,
+                           workers=1, generic=generic_columns()))
+        assert (out / "manifest.json").exists()
+        assert not list(out.parent.glob(".history-*"))  # the scratch folder is gone
