@@ -39,7 +39,7 @@ import torch
 
 import transrec.bench.throughput as tp
 from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
-from transrec.data_shards.synth import main as synth_main
+from transrec.data_shards.synth import synthesize
 from transrec.trainer.config import apply_overrides
 from transrec.trainer.feature_cache import resolve_store
 from transrec.trainer.presets import preset
@@ -54,7 +54,7 @@ def synth_shards(work: Path, users: int, items: int, mean_length: float) -> tupl
     if (out / "manifest.json").exists():
         return out, float("nan")
     t0 = time.perf_counter()
-    synth_main(["--users", str(users), "--items", str(items), "--mean-length", str(mean_length), "--out", str(out)])
+    synthesize(out, users, items, mean_length)
     return out, time.perf_counter() - t0
 
 

@@ -35,7 +35,7 @@ except ModuleNotFoundError:
 run_as_script(__file__, offline=True)
 
 from transrec.data_shards.mixture import Catalogue, mix  # noqa: E402
-from transrec.data_shards.synth import main as synth  # noqa: E402
+from transrec.data_shards.synth import synthesize  # noqa: E402
 from transrec.trainer.config import apply_overrides  # noqa: E402
 from transrec.trainer.experiments.runner import make_tiny_bert  # noqa: E402
 from transrec.trainer.presets import preset  # noqa: E402
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     for k in range(4):
         out = a.work / f"cat{k}"
         if not (out / "manifest.json").exists():
-            synth(["--users", str(a.users), "--items", str(a.items), "--seed", str(k), "--out", str(out)])
+            synthesize(out, a.users, a.items, seed=k)
         cats.append(out)
     large = a.work / "large"
     if not (large / "manifest.json").exists():
-        synth(["--users", str(4 * a.users), "--items", str(4 * a.items), "--seed", "9", "--out", str(large)])
+        synthesize(large, 4 * a.users, 4 * a.items, seed=9)
     configs = {"one catalogue": cats[0]}
     for n in (2, 4):
         folder = a.work / f"mix{n}"

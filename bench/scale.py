@@ -37,7 +37,7 @@ import torch
 from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import load_manifest
-from transrec.data_shards.synth import main as synth_main
+from transrec.data_shards.synth import synthesize
 from transrec.trainer import ranking as ev
 from transrec.trainer.run_setup import git_hash
 
@@ -46,8 +46,7 @@ def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path,
     out = work / f"synth-u{users}-i{items}-l{mean_length:g}"
     t0, built = time.perf_counter(), False
     if not (out / "manifest.json").exists():
-        synth_main(["--users", str(users), "--items", str(items), "--mean-length", str(mean_length),
-                    "--out", str(out)])
+        synthesize(out, users, items, mean_length)
         built = True
     seconds = time.perf_counter() - t0 if built else float("nan")
     return out, seconds, sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

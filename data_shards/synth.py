@@ -84,6 +84,23 @@ def write_raw(root: Path, users: int, items: int, mean_length: float, zipf: floa
     return total
 
 
+def synthesize(out: Path, users: int, items: int, mean_length: float = 20.0, zipf: float = 1.1, images: int = 64,
+               seed: int = 0, tokenizer: str | None = None, keep_raw: bool = False) -> dict:
+    """Write the synthetic tables beside `out` (OUT.raw), build them into shards at `out`; returns the manifest."""
+    if users < 1 or items < 2 or mean_length < 3 or images < 1:
+        raise ValueError("need users >= 1, items >= 2, mean_length >= 3 and images >= 1")
+    raw = out.with_name(out.name + ".raw")
+    params = {"users": users, "items": items, "mean_length": mean_length, "zipf": zipf, "images": images, "seed": seed}
+    interactions = write_raw(raw, users, items, mean_length, zipf, images, seed)
+    manifest = build(BuildOptions(dataset="generic", source=raw, out=out, tokenizer=tokenizer,
+                                  items_per_shard=max(2000, items // 64), users_per_shard=max(1000, users // 64),
+                                  provenance={"kind": "synthetic", "generator": "data_shards.synth", **params,
+                                              "interactions_drawn": interactions}))
+    if not keep_raw:
+        shutil.rmtree(raw)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m transrec.data_shards.synth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,17 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.users < 1 or a.items < 2 or a.mean_length < 3 or a.images < 1:
         p.error("need --users >= 1, --items >= 2, --mean-length >= 3 and --images >= 1")
-    raw = a.out.with_name(a.out.name + ".raw")
-    params = {"users": a.users, "items": a.items, "mean_length": a.mean_length, "zipf": a.zipf, "images": a.images,
-              "seed": a.seed}
-    interactions = write_raw(raw, a.users, a.items, a.mean_length, a.zipf, a.images, a.seed)
-    manifest = build(BuildOptions(dataset="generic", source=raw, out=a.out, tokenizer=a.tokenizer,
-                                  items_per_shard=max(2000, a.items // 64), users_per_shard=max(1000, a.users // 64),
-                                  provenance={"kind": "synthetic", "generator": "data_shards.synth", **params,
-                                              "interactions_drawn": interactions}))
-    if not a.keep_raw:
-        shutil.rmtree(raw)
-    return manifest
+    return synthesize(a.out, a.users, a.items, a.mean_length, a.zipf, a.images, a.seed, a.tokenizer, a.keep_raw)
 
 
 if __name__ == "__main__":
