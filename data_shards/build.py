@@ -32,12 +32,11 @@ from transrec.data_shards.build_histories import (
     BuildTimer,
     HistoryStage,
     Progress,
-    log_header_for,
     stage_histories,
     write_id_maps,
 )
 from transrec.data_shards.build_input import ItemPlan, plan_items
-from transrec.data_shards.log_reader import FORMATS, LogError, log_format
+from transrec.data_shards.log_reader import FORMATS, LogError, log_columns, log_format
 from transrec.data_shards.modalities import MODALITY_RULE, content_kind
 from transrec.data_shards.shard_io import FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
 from transrec.data_shards.tables import (
@@ -145,7 +144,7 @@ def load_domain(opts: BuildOptions) -> RawDomain:
                 raise LogError(f"{log}: --engine memory reads a single CSV log only: drop --engine memory (the "
                                "default engine reads gzip'ed CSV, Parquet and folders of part files)")
             return load_generic(opts.source, cols)
-        return load_generic(opts.source, cols, log_header_for(opts.source, cols, opts.input_format))
+        return load_generic(opts.source, cols, log_columns(opts.source / cols.interactions, opts.input_format))
     raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, not {opts.dataset!r}")
 
 

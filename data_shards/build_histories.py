@@ -16,7 +16,7 @@ from transrec.data_shards import report
 from transrec.data_shards.build_input import Histories, ItemPlan, user_histories
 from transrec.data_shards.history_dask import DaskHistories, dask_histories
 from transrec.data_shards.history_engine import EngineHistories, chunks_of_interactions, engine_histories
-from transrec.data_shards.log_reader import LogError, log_columns, log_files, log_format, read_log
+from transrec.data_shards.log_reader import LogError, log_files, log_format, read_log
 from transrec.data_shards.tables import GenericColumns, RawDomain
 
 ENGINES = ("duckdb", "memory", "dask")
@@ -94,11 +94,6 @@ class BuildTimer:
         print(f"[build] {stage}: {self.stages[stage]:.1f} s{detail}", file=self.stream, flush=True)
 
 
-def log_header_for(source: Path, cols: GenericColumns, fmt: str | None) -> list[str]:
-    """The interactions log's columns (the first part's, for a folder), for the column check before any row."""
-    return log_columns(source / cols.interactions, fmt)
-
-
 def stage_histories(domain: RawDomain, plan: ItemPlan, dedup: str, engine: str, cols: GenericColumns | None,
                     memory_limit: str | None, scratch_parent: Path, input_format: str | None = None,
                     dask_scheduler: str | None = None, workers: int | None = None) -> HistoryStage:
@@ -118,14 +113,14 @@ def stage_histories(domain: RawDomain, plan: ItemPlan, dedup: str, engine: str, 
                              plan.index, domain.items, dedup, domain.has_time_column, problems, first_file,
                              scratch_parent, scheduler=dask_scheduler, workers=workers)
     elif domain.log_path is not None:
-        chunks = read_log(domain.log_path, cols.user_col, cols.item_col, cols.time_col, problems, input_format)
-        problem_file = first_file if not domain.log_path.is_dir() else None
-        progress = Progress(f"rows read from {domain.log_path.name} ({log_format(domain.log_path, input_format)})")
+        eng = engine_histories(
+            read_log(domain.log_path, cols.user_col, cols.item_col, cols.time_col, problems, input_format),
+            plan.index, domain.items, dedup, domain.has_time_column, problems,
+            None if domain.log_path.is_dir() else first_file, memory_limit, scratch_parent,
+            progress=Progress(f"rows read from {domain.log_path.name} ({log_format(domain.log_path, input_format)})"))
     else:
-        chunks, problem_file, progress = chunks_of_interactions(domain.interactions, first_file), first_file, None
-    if engine != "dask":
-        eng = engine_histories(chunks, plan.index, domain.items, dedup, domain.has_time_column, problems,
-                               problem_file, memory_limit, scratch_parent, progress=progress)
+        eng = engine_histories(chunks_of_interactions(domain.interactions, first_file), plan.index, domain.items,
+                               dedup, domain.has_time_column, problems, first_file, memory_limit, scratch_parent)
     if domain.log_path is not None:
         found = problems.found["unparseable_row"]  # the log's rows first, as when the log is read before the items
         problems.found["unparseable_row"] = found[before:] + found[:before]

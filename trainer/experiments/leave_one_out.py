@@ -221,15 +221,8 @@ def with_trained_rows(res: dict, shards: dict[str, Path], work: Path, train_if_m
     return res
 
 
-def _can_source(target: str, only: list[str]) -> bool:
-    try:
-        source_names(target, only)
-    except ValueError:
-        return False
-    return True
-
-
 def source_error(target: str, only: list[str]) -> str:
+    """Why `only` cannot make the target's source ("" when it can)."""
     try:
         source_names(target, only)
     except ValueError as e:
@@ -267,7 +260,7 @@ def main(argv: list[str] | None = None) -> Path:
     if unknown:
         p.error(f"--targets {unknown}: choose from {', '.join(CATALOGUES)}")
     sets = nested_sources(a.nested)
-    curve_targets = [t for t in targets if all(_can_source(t, only) for only in sets[:-1])]
+    curve_targets = [t for t in targets if not any(source_error(t, only) for only in sets[:-1])]
     if a.nested and not curve_targets:
         p.error(f"--nested {a.nested}: no target among {targets} can take these sources "
                 f"({source_error(targets[0], sets[-2])})")

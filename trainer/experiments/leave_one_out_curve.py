@@ -19,9 +19,15 @@ CURVE_PAIRS = (("zero-shot", "content baseline"), ("zero-shot + prior", "popular
                ("zero-shot + recent prior", "recent popularity"))
 
 
-def _fmt(iv: dict) -> str:
-    word = "no clear difference" if not iv["excludes_zero"] else ("win" if iv["diff"] > 0 else "loss")
-    return f"{iv['diff']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] {word}"
+def verdict(iv: dict) -> str:
+    if not iv["excludes_zero"]:
+        return "no clear difference"
+    return "win" if iv["diff"] > 0 else "loss"
+
+
+def fmt(iv: dict) -> str:
+    """A paired interval as the study's tables show it: difference [low, high] verdict."""
+    return f"{iv['diff']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] {verdict(iv)}"
 
 
 def _gains(runs: list[dict], row: str) -> np.ndarray:
@@ -60,7 +66,7 @@ def source_size_curves(results: list[dict], out: Path) -> dict:
             lines.append(f"| {name} | {n:,} | {', '.join(map(str, seeds))} | {own[0]:.4f} ({own[1]:.4f}) | "
                          f"{means['popularity']:.4f} | "
                          + " | ".join(f"{means[row]:.4f}" for row in CURVE_ROWS) + " | "
-                         + " | ".join(_fmt(ivs[f"{a} - {b}"]) for a, b in CURVE_PAIRS) + " |")
+                         + " | ".join(fmt(ivs[f"{a} - {b}"]) for a, b in CURVE_PAIRS) + " |")
             data.append({"target": target, "user_state": state, "source": name, "interactions": n, "seeds": seeds,
                          "source_valid_ndcg@10": own[0], "source_valid_popularity_ndcg@10": own[1],
                          "test_ndcg@10": means, "intervals": ivs})

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from transrec.trainer import ranking as ev
-from transrec.trainer.experiments.leave_one_out_curve import source_size_curves, study_cost
+from transrec.trainer.experiments.leave_one_out_curve import fmt, source_size_curves, study_cost
 
 ROWS = ("popularity", "zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
         "training-free auto", "recent popularity", "zero-shot + recent prior", "content baseline + recent prior")
@@ -37,19 +37,9 @@ def rows_and_pairs(results: list[dict]) -> tuple[tuple, tuple]:
     return ROWS, PAIRS
 
 
-def verdict(iv: dict) -> str:
-    if not iv["excludes_zero"]:
-        return "no clear difference"
-    return "win" if iv["diff"] > 0 else "loss"
-
-
 def interval(a: list[int], b: list[int], metric: str, n: int = 1000) -> dict:
     ga, gb = (ev.per_user_gain(np.asarray(r), metric) for r in (a, b))
     return ev.paired_bootstrap(ga, gb, n=n)
-
-
-def fmt(iv: dict) -> str:
-    return f"{iv['diff']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}] {verdict(iv)}"
 
 
 def git_commit() -> str:
