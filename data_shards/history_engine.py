@@ -57,7 +57,6 @@ class EngineHistories:
     num_users: int = 0
     duplicates: int = 0
     dropped_no_content: int = 0
-    unparseable: int = 0
     removed: int = 0
     rows_read: int = 0  # parsed rows of the log
     files: list[str] = field(default_factory=list)
