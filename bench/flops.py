@@ -116,7 +116,7 @@ def mlp(n: int, d_in: int, d: int, trainable: bool, input_grad: bool) -> tuple[f
 
 
 def text_tower(tower: nn.Module, n: int, T: int, cached: bool) -> tuple[float, float]:
-    """TextTower (trainer/towers.py): frozen lower layers (only without cache), trainable top, pool, MLP."""
+    """TextTower (trainer/core/towers.py): frozen lower layers (only without cache), trainable top, pool, MLP."""
     if n == 0:
         return 0.0, 0.0
     cfg = tower.bert.config
@@ -195,7 +195,7 @@ def image_tower(tower: nn.Module, n: int, image_size: int, cached: bool) -> tupl
 
 
 def user_encoder(enc: nn.Module, B: int, L: int) -> tuple[float, float]:
-    """Post-LN transformer user encoder (trainer/model.py UserEncoder): B sequences of L positions.
+    """Post-LN transformer user encoder (trainer/core/model.py UserEncoder): B sequences of L positions.
 
     Its input LN(x + position embedding) always needs a gradient (the position table trains), so the
     backward is twice the forward for every layer."""

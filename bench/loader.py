@@ -7,7 +7,7 @@
    one warm-up batch (pipeline build, imports). On CUDA the clock stops after a synchronisation.
 2. Loader: when data_shards.loader exposes make_train_loader, sequences/s over --batches batches (after one
    warm-up batch) for each --workers count. On CPU the workers decode (decode_in_loader); on CUDA the
-   loader hands JPEG bytes over and the main process decodes on the GPU, as trainer/train.py does.
+   loader hands JPEG bytes over and the main process decodes on the GPU, as trainer/training/loop.py does.
 
 Prints a Markdown table and writes the rows as JSON (--json): decoder, backend, device, workers,
 images_decoded, images_per_s, sequences_per_s (workers and sequences_per_s are null for decode-only rows).
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__, offline=True)

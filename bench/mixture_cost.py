@@ -28,18 +28,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__, offline=True)
 
 from transrec.data_shards.mixture import Catalogue, mix  # noqa: E402
 from transrec.data_shards.synth import synthesize  # noqa: E402
-from transrec.trainer.config import apply_overrides  # noqa: E402
+from transrec.trainer.core.overrides import apply_overrides  # noqa: E402
+from transrec.trainer.core.presets import preset  # noqa: E402
 from transrec.trainer.experiments.runner import make_tiny_bert  # noqa: E402
-from transrec.trainer.presets import preset  # noqa: E402
-from transrec.trainer.train import Trainer  # noqa: E402
+from transrec.trainer.training.loop import Trainer  # noqa: E402
 
 
 def one(shards: Path, text_encoder: Path, run_dir: Path) -> dict:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from transrec.data_shards.loader import ItemContent, SequenceBatch
 from transrec.kernels.pytorch.pt_cpc_loss import pt_cpc_loss
-from transrec.trainer.model import in_tower_dtype, optimizer_param_groups
+from transrec.trainer.core.model import in_tower_dtype, optimizer_param_groups
 
 Span = Callable[[str], AbstractContextManager]
 
@@ -121,7 +121,7 @@ class ReferencePath:
             real = batch.weights > 0
             pos_mask = mask[:, -n_continuation:] & real[:, None]
             neg_mask = (batch.negatives[None, :, None] != batch.items[:, None, :]).all(-1) & real[:, None]
-            # As trainer/model.py: scores u.v / sqrt(d); positives and negatives averaged separately, then added.
+            # As trainer/core/model.py: scores u.v / sqrt(d); positives and negatives averaged separately, then added.
             u, pos = user * self.model.cfg.d**-0.5, vecs[:, -n_continuation:]
             none_pos, none_neg = torch.zeros_like(pos_mask), torch.zeros_like(neg_mask)
             return pt_cpc_loss(u, pos, neg, pos_mask, none_neg) + pt_cpc_loss(u, pos, neg, none_pos, neg_mask)

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__, offline=True)
@@ -38,8 +38,8 @@ from transrec.bench.run_record import peak_rss_mib, recorded_command, write_repo
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import load_manifest
 from transrec.data_shards.synth import synthesize
-from transrec.trainer import ranking as ev
-from transrec.trainer.run_setup import git_hash
+from transrec.trainer.core.run_setup import git_hash
+from transrec.trainer.evaluation import ranking as ev
 
 
 def build(work: Path, users: int, items: int, mean_length: float) -> tuple[Path, float, int]:

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__)
@@ -29,7 +29,7 @@ import time
 from transrec.bench.run_record import peak_rss_mib, recorded_command, write_reports  # noqa: E402
 from transrec.data_shards.sequence_table import SequenceTable
 from transrec.data_shards.shard_io import load_manifest, read_sequences
-from transrec.trainer.ranking import eval_users
+from transrec.trainer.evaluation.ranking import eval_users
 
 READERS = ("dicts", "table")
 

@@ -3,9 +3,9 @@
     python bench/serve_load.py --export RUN_DIR/export --shards DIR [--index DIR] [--requests 300]
         [--concurrency 1,8,32] [--seconds 60] [--out bench/results/serve_cpu]
 
-Starts `trainer.serve` in this process on a free 127.0.0.1 port (uvicorn, one worker), then for each concurrency
-sends up to --requests POST /recommend requests (k = 10, the history of a random user of the shards, seen items
-excluded) from that many client threads, stopping early after --seconds. Writes OUT.md and OUT.json.
+Starts `trainer.commands.serve` in this process on a free 127.0.0.1 port (uvicorn, one worker), then for each
+concurrency sends up to --requests POST /recommend requests (k = 10, the history of a random user of the shards, seen
+items excluded) from that many client threads, stopping early after --seconds. Writes OUT.md and OUT.json.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__)

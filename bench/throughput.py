@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__, offline=True)
@@ -49,13 +49,13 @@ from transrec.bench.reference_path import ReferenceTrainer, expand_slots, refere
 from transrec.bench.run_record import recorded_command
 from transrec.bench.throughput_report import NOTES, Report, TrainResult
 from transrec.kernels import ops as kernels
-from transrec.trainer import ranking as ev
-from transrec.trainer.compiled import set_compiled
-from transrec.trainer.config import apply_overrides
-from transrec.trainer.device_prefetch import prefetched, resolve_ahead
-from transrec.trainer.presets import PRESETS, preset
-from transrec.trainer.run_setup import git_hash
-from transrec.trainer.train import Trainer
+from transrec.trainer.core.compiled import set_compiled
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import PRESETS, preset
+from transrec.trainer.core.run_setup import git_hash
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.training.device_prefetch import prefetched, resolve_ahead
+from transrec.trainer.training.loop import Trainer
 
 LOAD = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())  # the load average: is the machine shared?
 
@@ -162,7 +162,7 @@ class Switches:
     attention: str = "sdpa"  # model.text_attention
     channels_last: bool = False  # model.channels_last
     optimizer: str = "auto"  # optimizer (AdamW implementation)
-    compile: str = "none"  # model.compile (trainer/compiled.py; inductor, dynamic shapes)
+    compile: str = "none"  # model.compile (trainer/core/compiled.py; inductor, dynamic shapes)
     cudnn_benchmark: bool = False  # model.cudnn_benchmark
     device_prefetch: int = -1  # data.device_prefetch (auto: the next batch prepared on a side stream on CUDA)
 
@@ -191,8 +191,8 @@ def timed_steps(t, stage: int, sc, res: TrainResult, steps: int, warmup: int, sp
                 transform=None, warm_fn=None, count_ops: bool = False, ahead: int = 0) -> TrainResult:
     """`warmup` steps (warm_fn, or step_fn), then `steps` timed steps on the live loader (epoch 0); with
     `count_ops`, one more step under the profiler counts its operator calls and host read-backs. `ahead` batches are
-    prepared on the device ahead of their step (trainer/device_prefetch.py): the "input" span then times only what
-    is left to wait for."""
+    prepared on the device ahead of their step (trainer/training/device_prefetch.py): the "input" span then times only
+    what is left to wait for."""
     # a fresh loader: epoch 0, the same batches for every row
     it = prefetched(t.make_loader(stage, sc), t.prepare_batch, t.device, ahead)
     cached = {n: bool(t.model.cache and t.model.cache.covers(n)) for n in t.model.towers}

@@ -2,7 +2,7 @@
 
     python bench/time_breakdown.py RUN_DIR [--md FILE]
 
-For each stage, over its logging windows: seconds per optimizer step of each phase (trainer/step_timing.py:
+For each stage, over its logging windows: seconds per optimizer step of each phase (trainer/monitoring/step_timing.py:
 loader wait, to device, forward, backward, optimizer, checkpoint), the measured step time (wall time of the windows
 over their steps), and the accounted share (the phases' sum over the step time). Each window is weighted by its
 steps, so the table's figures are totals over the stage divided by its steps. A share near 1 means the phases
@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-try:  # before any other import: this folder off sys.path (trainer/script_path.py)
-    from transrec.trainer.script_path import run_as_script
+try:  # before any other import: this folder off sys.path (trainer/commands/script_path.py)
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: transrec is not installed in this Python: `make install` or `pip install -e .`") from None
 run_as_script(__file__)
 
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-from transrec.trainer.step_timing import PHASES
+from transrec.trainer.monitoring.step_timing import PHASES
 
 
 def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:

@@ -7,7 +7,7 @@ The mixture is an ordinary shard folder (same format, verified by the same hashe
 feature cache, ZeRO and exact resume work on it unchanged. What makes it a mixture is `manifest["catalogues"]`: each
 catalogue's items are one contiguous range of item indices and its users one contiguous range of user indices, in the
 order given. The trainer reads those ranges (`catalogue_bounds`) to score every training sequence against its own
-catalogue's items only and to validate each catalogue on its own (trainer/catalogues.py).
+catalogue's items only and to validate each catalogue on its own (trainer/training/catalogue_mixture.py).
 
 Item and user raw ids become `NAME/raw id`. Side features are not carried (each catalogue has its own vocabularies;
 `feature_vocabularies` is empty). The text tokenizer must be the same in every catalogue (the towers are shared).

@@ -3,7 +3,7 @@
 A `ContentKind` says how one modality's content is stored and loaded: the member suffix of its payload in the item
 tars, how a value becomes that payload at build time (`pack`), and how a batch of payloads becomes the tower's input
 tensors (`collate`). The model half (the tower, its cacheable blocks, its trainable depth) lives in
-trainer/modalities.py, which registers both halves with one call; data knows no model.
+trainer/core/modalities.py, which registers both halves with one call; data knows no model.
 
     register_content(ContentKind("signal", member="signal.f32", collate=my_collate, from_item=my_hook))
 
@@ -99,7 +99,7 @@ def register_content(kind: ContentKind) -> None:
 def content_kind(name: str) -> ContentKind:
     if name not in CONTENT:
         raise KeyError(f"no modality {name!r} is registered (known: {', '.join(CONTENT)}); register its content "
-                       "kind (trainer.modalities.register) before reading shards that use it")
+                       "kind (trainer.core.modalities.register) before reading shards that use it")
     return CONTENT[name]
 
 

@@ -41,7 +41,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     from transformers import BertConfig, BertModel
 
-    from transrec.trainer.towers import minilm_path
+    from transrec.trainer.core.towers import minilm_path
 
     out = tmp_path_factory.mktemp("tiny_bert")
     torch.manual_seed(0)
@@ -100,8 +100,8 @@ def pytest_report_header(config) -> str:
 
 def small_model_config(text_encoder: Path, **settings):
     """A 16-wide model over the tiny BERT (16 tokens) and 32-px images, `settings` on top (d, dropout, kernels, ...)."""
-    from transrec.trainer.config import ModelConfig
-    from transrec.trainer.modalities import ImageConfig, TextConfig
+    from transrec.trainer.core.config import ModelConfig
+    from transrec.trainer.core.modalities import ImageConfig, TextConfig
 
     base = {"d": 16, "user_layers": 2, "user_heads": 2, "max_len": 8}
     return ModelConfig(**{**base, **settings}, sections={"text": TextConfig(encoder=str(text_encoder), max_tokens=16),
@@ -110,9 +110,9 @@ def small_model_config(text_encoder: Path, **settings):
 
 def tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
     """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.presets import preset
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
+    from transrec.trainer.training.loop import Trainer
 
     base = [f"data.shards={shards}", f"model.text_encoder={text_encoder}", f"run_dir={run_dir}"]
     cfg = apply_overrides(preset("tiny"), [*base, *overrides])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer.collapse import main
-from transrec.trainer.collapse_diagnostics import (
+from transrec.trainer.commands.collapse import main
+from transrec.trainer.evaluation.collapse_diagnostics import (
     COLLAPSE_COSINE,
     COLLAPSE_SAME_TOP10,
     collapse_warning,
@@ -98,7 +98,7 @@ def test_collapse_warning_names_the_figure_past_its_threshold():
     assert collapse_warning(healthy) is None
     cosine = collapse_warning({**healthy, "mean_pairwise_cosine": 0.93})
     assert "mean pairwise cosine 0.93 >= 0.85" in cosine and "same top-10" not in cosine
-    assert "init_reset" in cosine and "python -m transrec.trainer.collapse" in cosine
+    assert "init_reset" in cosine and "python -m transrec.trainer.commands.collapse" in cosine
     same_list = collapse_warning({**healthy, "same_top10_share": 0.8})
     assert "same top-10 list 0.80 >= 0.5" in same_list and "cosine" not in same_list
     at_both = collapse_warning({"mean_pairwise_cosine": COLLAPSE_COSINE, "same_top10_share": COLLAPSE_SAME_TOP10})
@@ -108,8 +108,8 @@ def test_collapse_warning_names_the_figure_past_its_threshold():
 def test_spread_report_matches_the_model_user_vectors(source_run, ml_shards, tmp_path, capsys):
     """The report's last block equals the user vector (no side features), and every figure equals a recount from
     the ranker's own user and item vectors for the same seeded users."""
-    from transrec.trainer.eval_data import eval_users
-    from transrec.trainer.model_eval import ranker_from_export
+    from transrec.trainer.evaluation.eval_users import eval_users
+    from transrec.trainer.evaluation.model_ranker import ranker_from_export
 
     ranker = ranker_from_export(source_run / "export", ml_shards, "cpu", show_progress=False)
     report = spread_report(ranker, "valid", users=40, seed=3)

@@ -1,4 +1,5 @@
-"""`python -m transrec.trainer.compare`: two runs' metrics and their paired difference, overall, warm and cold."""
+"""`python -m transrec.trainer.commands.compare`: two runs' metrics and their paired difference, overall, warm and
+cold."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 from transrec.data_shards.shard_io import read_sequences
-from transrec.trainer import compare
-from transrec.trainer.ranking import eval_users, per_user_gain
-from transrec.trainer.run_stats import cold_mask, training_items
+from transrec.trainer.commands import compare
+from transrec.trainer.evaluation.ranking import eval_users, per_user_gain
+from transrec.trainer.evaluation.run_stats import cold_mask, training_items
 
 
 def _fake_run(d: Path, shards: Path, ranks: dict[str, np.ndarray], users: np.ndarray, targets: np.ndarray) -> Path:

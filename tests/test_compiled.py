@@ -1,4 +1,4 @@
-"""model.compile (trainer/compiled.py): the compiled user encoder and tower tops give the eager step's loss and
+"""model.compile (trainer/core/compiled.py): the compiled user encoder and tower tops give the eager step's loss and
 gradients, over steps whose unique-item counts differ, without a recompilation per count; "none" restores eager;
 ZeRO-3 and unknown settings are refused."""
 
@@ -13,12 +13,13 @@ from torch._dynamo.utils import counters
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
-from transrec.trainer.compiled import is_compiled, set_compiled
-from transrec.trainer.config import Stage1Config, apply_overrides
-from transrec.trainer.feature_cache import FeatureCache
-from transrec.trainer.losses import build_objective, item_share
-from transrec.trainer.model import TransRec
-from transrec.trainer.presets import preset
+from transrec.trainer.core.compiled import is_compiled, set_compiled
+from transrec.trainer.core.config import Stage1Config
+from transrec.trainer.core.feature_cache import FeatureCache
+from transrec.trainer.core.losses import build_objective, item_share
+from transrec.trainer.core.model import TransRec
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import preset
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import json
 
 import pytest
 
-from transrec.trainer.config import EvalConfig, apply_overrides, to_dict
-from transrec.trainer.config import from_dict as _config_from_dict
+from transrec.trainer.core.config import EvalConfig, to_dict
+from transrec.trainer.core.config import from_dict as _config_from_dict
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import preset
 from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing
-from transrec.trainer.presets import preset
 
 
 def test_select_must_name_a_computed_metric():
@@ -75,8 +76,8 @@ def test_run_records_with_the_former_trainable_fields_load_and_keep_their_keys()
 
 
 def test_modality_settings_live_in_their_sections_and_the_flat_names_still_read():
-    """model.text.* / model.image.* (each modality's own section, trainer/modalities.py); the flat names of before the
-    sections are still read from the command line and from old run configs and exports, and keyed as before."""
+    """model.text.* / model.image.* (each modality's own section, trainer/core/modalities.py); the flat names of before
+    the sections are still read from the command line and from old run configs and exports, and keyed as before."""
     cfg = apply_overrides(preset("tiny"), ["model.image.size=48", "model.text_encoder=local-bert",
                                            "model.image_backbone=efficientnet-lite0"])
     assert (cfg.model.image.size, cfg.model.text.encoder, cfg.model.image.backbone) == (48, "local-bert",

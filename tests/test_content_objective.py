@@ -1,4 +1,4 @@
-"""The content softmax (trainer/losses.py): against a materialised reference written independently, every gradient
+"""The content softmax (trainer/core/losses.py): against a materialised reference written independently, every gradient
 (tower weights included); log-q; accidental hits; the full-catalogue case; objectives chosen by config."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
 from transrec.kernels import ops as kernels
-from transrec.trainer import losses
-from transrec.trainer.config import Stage1Config, Stage2Config
-from transrec.trainer.feature_cache import FeatureCache
-from transrec.trainer.model import TransRec
+from transrec.trainer.core import losses
+from transrec.trainer.core.config import Stage1Config, Stage2Config
+from transrec.trainer.core.feature_cache import FeatureCache
+from transrec.trainer.core.model import TransRec
 
 NEGATIVES = 12
 

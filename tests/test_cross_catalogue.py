@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer import ranking as ev
+from transrec.trainer.evaluation import ranking as ev
 from transrec.trainer.experiments.cross_catalogue import mean_user_vector, spearman, with_excluded
 
 

@@ -1,4 +1,5 @@
-"""trainer.device_prefetch: batches prepared ahead of their step, in the loader's order, with bounded lookahead.
+"""trainer.training.device_prefetch: batches prepared ahead of their step, in the loader's order, with bounded
+lookahead.
 
 The side-stream overlap itself needs CUDA; here the one-ahead order runs inline, and
 tests/test_training_runs.py checks that training through it is unchanged.
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from transrec.data_shards.loader import ItemContent, SequenceBatch
-from transrec.trainer.config import DataConfig
-from transrec.trainer.device_prefetch import prefetched, resolve_ahead, tensors_of
+from transrec.trainer.core.config import DataConfig
+from transrec.trainer.training.device_prefetch import prefetched, resolve_ahead, tensors_of
 
 CPU = torch.device("cpu")
 

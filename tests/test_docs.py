@@ -27,7 +27,8 @@ FORBIDDEN = {
         r"(?<![\w.~/-])(/(?:work|home|Users|root|mnt|tmp|private|opt/pypi)/[\w.-]+|[A-Z]:\\\\?Users)"),
 }
 # the modules whose strings become reports (tables, results.md, transfer verdicts, benches' Markdown)
-REPORT_GENERATORS = ("trainer/report.py", "trainer/transfer_report.py", "trainer/transfer.py",
+REPORT_GENERATORS = ("trainer/monitoring/run_results.py", "trainer/transfer/selection.py",
+                     "trainer/training/transfer_auto.py",
                      "trainer/experiments/report.py", "trainer/experiments/auto_row.py",
                      "trainer/experiments/runner.py", "trainer/experiments/plans.py", "bench/throughput.py",
                      "bench/serve_load.py")
@@ -121,7 +122,8 @@ def test_the_word_list_catches_what_it_should():
     assert [h.split(":")[0] for h in hits] == ["a session", "a tool or model that wrote it",
                                                "a machine's absolute path", "a machine's absolute path",
                                                "a machine's absolute path"]
-    assert not forbidden_in("data_shards/README.md, reports/runs/ab12/, `python -m transrec.trainer.evaluate`, "
+    assert not forbidden_in("data_shards/README.md, reports/runs/ab12/, "
+                            "`python -m transrec.trainer.commands.evaluate`, "
                             "sessionless, possession, a path like runs/x/export or ../shared/datasets")
     assert strings_of('x = f"in session {n}"\n"""Doc."""\n') == ["Doc.", "in session "]
 
@@ -182,8 +184,8 @@ def test_results_page_starts_with_the_claims_table():
 
 def test_readme_first_screen_trains_evaluates_recommends_and_summarises():
     first_screen = "\n".join((REPO / "README.md").read_text().splitlines()[:70])
-    for needed in ("make train", "make test", "transrec.trainer.recommend", "transrec.trainer.compare",
-                   "RESULTS.md"):
+    for needed in ("make train", "make test", "transrec.trainer.commands.recommend",
+                   "transrec.trainer.commands.compare", "RESULTS.md"):
         assert needed in first_screen, f"README.md's first 70 lines lack {needed!r}"
     summary = re.search(r"^## Results.*?$(.*?)^## ", first_screen + "\n## ", re.M | re.S)
     assert summary, "README.md's first screen has no '## Results' summary"

@@ -1,6 +1,6 @@
 """trainer/main.py is the training command (`deepspeed trainer/main.py`), not a library: no module of the package
 imports it, function-local imports included (an AST walk over every file). Config reading lives beside config
-writing in trainer/config.py (from_dict, read_run_config) and shard URLs are localised by data_shards/remote.py."""
+writing in trainer/core/config.py (from_dict, read_run_config) and shard URLs are localised by data_shards/remote.py."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def test_the_ast_walk_sees_function_local_imports(tmp_path):
 
 
 def test_config_reads_what_it_writes():
-    from transrec.trainer.config import apply_overrides, from_dict, to_dict
-    from transrec.trainer.presets import preset
+    from transrec.trainer.core.config import from_dict, to_dict
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
 
     cfg = apply_overrides(preset("cpu-small"), ["stage1.popularity_correction=0.5", "transfer.candidates=start,prior",
                                                 "eval.ks=5,10", "model.d=128"])

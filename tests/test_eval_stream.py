@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transrec.data_shards.shard_io import load_manifest, read_sequences
-from transrec.trainer import ranking as ev
+from transrec.trainer.evaluation import ranking as ev
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,8 @@ def test_ragged_rows_gathered_without_a_loop_equal_row_by_row():
 
 def test_precision_is_checked_and_fp32_elsewhere_than_cuda(hm_shards):
     """eval.precision: "tf32" changes nothing off CUDA (the ranks are fp32's, exactly); anything else is refused."""
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.presets import preset
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
 
     summary = ev.SplitSummary.read(hm_shards)
     held = ev.eval_users(read_sequences(hm_shards), "test", 6)

@@ -1,6 +1,6 @@
 """`evaluate` on a new user's catalogue (issue 45): the item vectors are encoded once per export and shards, kept
-verified between calls (trainer/item_vector_cache.py), never encoded for popularity alone, with progress lines on
-any stream; popularity's per-user ranks are written beside the model's."""
+verified between calls (trainer/evaluation/item_vector_cache.py), never encoded for popularity alone, with progress
+lines on any stream; popularity's per-user ranks are written beside the model's."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from transrec.trainer.export_evaluation import evaluate_export
-from transrec.trainer.model_eval import ModelRanker
+from transrec.trainer.evaluation.export_on_catalogue import evaluate_export
+from transrec.trainer.evaluation.model_ranker import ModelRanker
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_a_second_evaluate_reads_the_stored_vectors_and_ranks_the_same(export, c
 
 
 def test_an_altered_or_foreign_vector_file_is_refused_and_written_again(export, catalogue, tmp_path, encodes):
-    from transrec.trainer.item_vector_cache import read_vectors, vectors_key
+    from transrec.trainer.evaluation.item_vector_cache import read_vectors, vectors_key
 
     store, lines = tmp_path / "store", []
     want = evaluate_export(export, catalogue, vector_cache=str(store), log=lines.append)
@@ -79,7 +79,7 @@ def test_an_altered_or_foreign_vector_file_is_refused_and_written_again(export, 
 
 
 def test_popularity_alone_encodes_nothing(export, catalogue, tmp_path, monkeypatch, encodes):
-    from transrec.trainer.feature_cache import FeatureCache
+    from transrec.trainer.core.feature_cache import FeatureCache
 
     def refuse(*args, **kwargs):
         raise AssertionError("popularity encoded the catalogue")
@@ -91,10 +91,10 @@ def test_popularity_alone_encodes_nothing(export, catalogue, tmp_path, monkeypat
 
 
 def test_progress_lines_come_whether_or_not_stderr_is_a_terminal(export, catalogue, tmp_path, capsys):
-    from transrec.trainer import evaluate
-    from transrec.trainer.feature_cache import ProgressLog
-    from transrec.trainer.item_vector_cache import encode_with_progress
-    from transrec.trainer.model_eval import ranker_from_export
+    from transrec.trainer.commands import evaluate
+    from transrec.trainer.core.feature_cache import ProgressLog
+    from transrec.trainer.evaluation.item_vector_cache import encode_with_progress
+    from transrec.trainer.evaluation.model_ranker import ranker_from_export
 
     evaluate.main(["--export", str(export), "--shards", str(catalogue), "--vector-cache", str(tmp_path / "s")])
     err = capsys.readouterr().err  # captured: not a terminal
@@ -110,9 +110,9 @@ def test_progress_lines_come_whether_or_not_stderr_is_a_terminal(export, catalog
 
 
 def test_popularity_ranks_are_written_beside_the_models(export, catalogue, tmp_path, capsys):
-    from transrec.trainer import evaluate
-    from transrec.trainer.ranking import metrics_from_ranks
-    from transrec.trainer.run_stats import read_ranks
+    from transrec.trainer.commands import evaluate
+    from transrec.trainer.evaluation.ranking import metrics_from_ranks
+    from transrec.trainer.evaluation.run_stats import read_ranks
 
     out = tmp_path / "x.json"
     result = evaluate.main(["--export", str(export), "--shards", str(catalogue), "--out", str(out),

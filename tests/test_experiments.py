@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transrec.trainer.baselines import GRUEncoder, NextItNetEncoder
+from transrec.trainer.core.id_encoders import GRUEncoder, NextItNetEncoder
 from transrec.trainer.experiments.report import claim_lines, cold_mask, compare, seed_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,8 +164,8 @@ def _runs(out: Path) -> dict[tuple, Path]:
 
 def _fresh_model_state(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """The initial weights of a run: a Trainer built from its run_config.json (same seed), before training."""
-    from transrec.trainer.config import from_dict as _config_from_dict
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.core.config import from_dict as _config_from_dict
+    from transrec.trainer.training.loop import Trainer
 
     cfg = _config_from_dict(json.loads((run_dir / "run_config.json").read_text())["config"])
     cfg.run_dir = str(tmp_path / f"init-{run_dir.name}")
@@ -251,7 +251,7 @@ def test_frozen_towers_never_update(quick, tmp_path):
 
 
 def test_id_baselines_train_and_share_the_evaluator(quick, tmp_path):
-    from transrec.trainer.ranking import metrics_from_ranks
+    from transrec.trainer.evaluation.ranking import metrics_from_ranks
 
     out, _ = quick
     runs = _runs(out)
@@ -334,7 +334,7 @@ def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
             "--hm", str(data / "hm-fashion-fixture")]
     spec = RunSpec("ml-mixed", "scratch")
     before = Suite(parse_args(argv)).key(spec)
-    original = runner.preset  # the runner's preset reader (trainer/presets.py)
+    original = runner.preset  # the runner's preset reader (trainer/core/presets.py)
 
     def changed(name):
         cfg = original(name)
@@ -361,7 +361,10 @@ def test_target_overrides_and_model_rows(tmp_path):
     target, source = RunSpec("hm-mixed", "transfer"), plain.source_spec(RunSpec("hm-mixed", "transfer"))
     assert targeted.key(source) == plain.key(source)
     assert targeted.key(target) != plain.key(target)
-    assert "eval.patience=0" in targeted.overrides(target) and "eval.patience=0" not in targeted.overrides(source)
+    assert targeted.command_line_settings(target) == ["eval.patience=0"]
+    assert targeted.command_line_settings(source) == []
+    assert targeted.resolved_config(target)["eval"]["patience"] == 0
+    assert targeted.resolved_config(source)["eval"]["patience"] == plain.resolved_config(source)["eval"]["patience"] > 0
 
     plan = table_plan(targeted, "table4")
     assert {s.model for r in plan.rows for s in r.specs} == {"scratch", "transfer", "transfer-towers"}
@@ -398,14 +401,16 @@ def test_table6_has_a_towers_only_row_per_target_fraction(tmp_path):
 
 def test_tables_keep_the_settings_they_were_run_with(tmp_path):
     """The cpu-small preset now learns the temperature and takes 128-px images; the tables' runs keep the fixed
-    temperature and the 64 px they were run with (TABLE_SETTINGS), and --set gives them the new default, with its own
+    temperature and the 64 px they were run with (table_settings), and --set gives them the new default, with its own
     key."""
-    from transrec.trainer.experiments.plans import TABLE_SETTINGS
+    from transrec.trainer.core.config import changed
+    from transrec.trainer.core.presets import preset
+    from transrec.trainer.experiments.plans import table_settings
     from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args
-    from transrec.trainer.presets import preset
 
     assert preset("cpu-small").model.learn_temperature is True and preset("cpu-small").model.image.size == 128
-    assert "model.learn_temperature=false" in TABLE_SETTINGS and "model.image_size=64" in TABLE_SETTINGS
+    table_cfg = changed(preset("cpu-small"), table_settings)
+    assert table_cfg.model.learn_temperature is False and table_cfg.model.image.size == 64
     data = REPO / "data"
     argv = ["table2", "--out", str(tmp_path), "--movielens", str(data / "movielens-100k-mm"),
             "--hm", str(data / "hm-fashion-fixture")]
@@ -436,7 +441,8 @@ def test_opt_in_rows_only_when_named(tmp_path):
     plan = table_plan(named, "table4")
     [row] = [r for r in plan.rows if r.label == "transfer, start kept as a candidate"]
     spec = row.specs[0]
-    assert "eval.initial_candidate=true" in named.overrides(spec)
+    assert named.config(spec).eval.initial_candidate is True
+    assert named.config(named.source_spec(spec)).eval.initial_candidate is False
     assert named.source_spec(spec) == named.source_spec(RunSpec("hm-mixed", "transfer"))
     assert ("H&M mixed (from MovieLens mixed)", row.label, "TransRec (zero-shot)") in plan.headlines
     assert all(r.label != "transfer, low learning rate" for r in plan.rows)  # named rows only
@@ -448,4 +454,4 @@ def test_opt_in_rows_only_when_named(tmp_path):
     assert (cfg["stage1"]["lr"], cfg["stage2"]["lr"]) == (1e-4, 1e-4)
     assert plain_cfg["stage1"]["lr"] != 1e-4 and gentle.key(spec) != gentle.key(plain_spec)
     assert gentle.source_spec(spec) == gentle.source_spec(plain_spec)
-    assert "init_from=" + str(gentle.run_dir(gentle.source_spec(spec)) / "export") in gentle.argv(spec)
+    assert gentle.config(spec).init_from == str(gentle.run_dir(gentle.source_spec(spec)) / "export")

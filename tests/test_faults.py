@@ -21,9 +21,9 @@ from conftest import REPO, tiny_trainer
 from safetensors.torch import load_file, save_file
 
 from transrec.data_shards.integrity import IntegrityError
-from transrec.trainer import ranking as ev
-from transrec.trainer.checkpoint import CHECKPOINT_HASHES, ExportError, read_export_config, write_checkpoint_hashes
-from transrec.trainer.evaluate import main as evaluate_main
+from transrec.trainer.commands.evaluate import main as evaluate_main
+from transrec.trainer.core.checkpoint import CHECKPOINT_HASHES, ExportError, read_export_config, write_checkpoint_hashes
+from transrec.trainer.evaluation import ranking as ev
 
 
 # -- non-finite scores ------------------------------------------------------------------------------------------
@@ -125,8 +125,9 @@ def test_an_export_lists_the_hash_of_every_file(export):
 def test_a_flipped_low_bit_in_an_export_weight_is_named_by_the_evaluator(export, ml_shards):
     """A subprocess, as a user runs it: exit 1, one line on stderr naming model.safetensors."""
     _flip(export / "model.safetensors")
-    out = subprocess.run([sys.executable, "-m", "transrec.trainer.evaluate", "--export", str(export), "--shards",
-                          str(ml_shards), "--device", "cpu"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "transrec.trainer.commands.evaluate", "--export", str(export),
+                          "--shards", str(ml_shards), "--device", "cpu"], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: export file ") and "model.safetensors differs" in lines[0]
@@ -153,7 +154,7 @@ def test_an_export_written_before_hashes_loads_with_a_notice_and_a_truncated_one
     with caplog.at_level(logging.WARNING, logger="transrec"):
         read_export_config(export)
     assert f"{export} has no {CHECKPOINT_HASHES} (exported by an older version): loading it unverified" in caplog.text
-    from transrec.trainer.checkpoint import read_weights
+    from transrec.trainer.core.checkpoint import read_weights
 
     (export / "model.safetensors").write_bytes(b"")
     with pytest.raises(IntegrityError, match=r"model.safetensors cannot be read as safetensors .*truncated or damaged"):
@@ -232,7 +233,7 @@ def test_init_from_a_folder_that_is_not_an_export_is_one_line(capsys, ml_shards,
 def test_a_best_model_file_carries_its_hash_and_a_flipped_bit_is_named(tmp_path):
     """best_stageN.safetensors (selection, resume, stage 2's start): the hash of its tensors is stored inside the
     file, written in the same rename, so a kill can never leave a file and its hash disagreeing."""
-    from transrec.trainer.checkpoint import load_model_state, save_model_state
+    from transrec.trainer.core.checkpoint import load_model_state, save_model_state
 
     torch.manual_seed(0)
     model, path = torch.nn.Linear(64, 32), tmp_path / "best_stage1.safetensors"

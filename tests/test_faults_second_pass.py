@@ -18,7 +18,7 @@ from conftest import REPO
 from fastapi.testclient import TestClient
 
 from transrec.data_shards.integrity import IntegrityError
-from transrec.trainer.checkpoint import (
+from transrec.trainer.core.checkpoint import (
     CHECKPOINT_HASHES,
     read_export_config,
     verify_checkpoint,
@@ -30,7 +30,7 @@ from transrec.trainer.serving.recommender import Recommender
 
 # -- 1. the items journal: every confirmed item kept, compaction moves lines, never deletes them -------------------
 def _service(export: Path, catalogue: Path, journal: Path, *extra: str):
-    from transrec.trainer.serve import parse_args
+    from transrec.trainer.commands.serve import parse_args
     from transrec.trainer.serving.app import open_service
 
     argv = ["--export", str(export), "--shards", str(catalogue), "--items-journal", str(journal), "--no-batching"]
@@ -154,7 +154,7 @@ def own_export(export, tmp_path) -> Path:
 
 
 def _evaluate_error(export: Path, catalogue: Path) -> str:
-    from transrec.trainer.evaluate import main as evaluate_main
+    from transrec.trainer.commands.evaluate import main as evaluate_main
 
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--export", str(export), "--shards", str(catalogue), "--device", "cpu"])
@@ -228,8 +228,8 @@ def test_a_seed_out_of_range_is_one_line(capsys, tmp_path):
 
 @pytest.fixture()
 def recorded_run(tmp_path) -> Path:
-    from transrec.trainer.config import to_dict
-    from transrec.trainer.presets import preset
+    from transrec.trainer.core.config import to_dict
+    from transrec.trainer.core.presets import preset
 
     run = tmp_path / "run"
     run.mkdir()
@@ -284,7 +284,7 @@ def test_a_bad_ds_config_is_one_line_before_the_run_directory_is_touched(capsys,
 
 def test_a_diverged_run_is_one_line_that_says_whether_it_has_a_checkpoint(capsys, catalogue, tmp_path, monkeypatch):
     import transrec.trainer.main as main_module
-    from transrec.trainer.metric_log import TrainingDiverged, diverged_remedy
+    from transrec.trainer.monitoring.metric_log import TrainingDiverged, diverged_remedy
 
     assert diverged_remedy(tmp_path, 1) == ("the run saved no checkpoint before it diverged: start a new run with a "
                                             "lower stage1.lr, or check the input data")
@@ -302,7 +302,7 @@ def test_a_diverged_run_is_one_line_that_says_whether_it_has_a_checkpoint(capsys
 
 def test_evaluate_prior_beta_that_overflows_float32_scores_is_a_usage_error(capsys, export, catalogue):
     """Before: 1e38 was accepted, the scores overflowed and the error blamed the export."""
-    from transrec.trainer.evaluate import main as evaluate_main
+    from transrec.trainer.commands.evaluate import main as evaluate_main
 
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--export", str(export), "--shards", str(catalogue), "--prior-beta", "1e38"])

@@ -16,10 +16,10 @@ from transrec.bench.op_counts import count_ops, host_syncs, step_counts
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
-from transrec.trainer.config import Stage1Config, Stage2Config
-from transrec.trainer.feature_cache import FeatureCache
-from transrec.trainer.losses import build_objective, item_share
-from transrec.trainer.model import TransRec
+from transrec.trainer.core.config import Stage1Config, Stage2Config
+from transrec.trainer.core.feature_cache import FeatureCache
+from transrec.trainer.core.losses import build_objective, item_share
+from transrec.trainer.core.model import TransRec
 
 OBJECTIVES = {  # name -> (stage, stage config)
     "free_head": (1, Stage1Config(head="free")),

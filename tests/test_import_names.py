@@ -99,7 +99,7 @@ def test_the_text_tower_builds_through_transformers_from_the_repository_root():
     code = (
         "import sys, kernels, transformers\n"
         "assert sys.path[0] in ('', '.'), sys.path[:2]\n"
-        "from transrec.trainer.towers import TextTower\n"
+        "from transrec.trainer.core.towers import TextTower\n"
         "import torch\n"
         "tower = TextTower('minilm', d=8, trainable=0, max_tokens=8)\n"
         "ids = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0]])\n"

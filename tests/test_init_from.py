@@ -57,7 +57,7 @@ def test_init_reset_keeps_named_parts_new(source_run, hm_shards, tiny_bert_dir, 
     assert len(fresh) == 13  # the block's 12 tensors and the position table
     assert all(torch.equal(state[k], scratch[k]) for k in fresh)
     assert any(not torch.equal(scratch[k], exported[k]) for k in fresh)  # the two starts do differ there
-    from transrec.trainer.checkpoint import DOMAIN_SPECIFIC
+    from transrec.trainer.core.checkpoint import DOMAIN_SPECIFIC
 
     kept = [k for k in exported if not k.startswith(reset) and not k.startswith(DOMAIN_SPECIFIC)]
     assert kept and all(torch.equal(state[k], exported[k]) for k in kept)
@@ -142,7 +142,7 @@ def test_an_export_written_before_the_modality_sections_loads(source_run, hm_sha
     import json
     import shutil
 
-    from transrec.trainer.checkpoint import read_export_config, write_checkpoint_hashes
+    from transrec.trainer.core.checkpoint import read_export_config, write_checkpoint_hashes
 
     old = tmp_path / "old_export"
     shutil.copytree(source_run / "export", old)

@@ -1,12 +1,13 @@
 """The package's layers hold (docs/layout.md), read from the code's syntax trees (imports inside functions included;
 `if TYPE_CHECKING:` blocks, which never run, left out):
 
+- every trainer module lives in a package by concern (trainer/main.py, the training script, aside);
 - no import cycle among the package's modules;
 - an import inside a function only for an optional heavy dependency named in LAZY with its reason, or as a probe
   (`try: import x` / `except ImportError`);
-- kernels imports nothing of ours outside kernels; data_shards imports no trainer, kernels or bench; the core imports
-  no command, serving, experiments or bench module; serving imports no command, experiments or bench module; only
-  commands import the commands' argument helpers, and no module imports a command;
+- each layer imports only the layers ALLOWED below it (kernels and data_shards nothing of ours; core the data and the
+  kernels; evaluation the core; monitoring evaluation; transfer monitoring; training transfer; serving evaluation;
+  experiments training and serving; commands anything but bench), and only commands and bench import a command;
 - commands are thin: argument parsing, one call into the library, printing;
 - no module reaches into another module's `_private` names.
 
@@ -48,15 +49,30 @@ LAZY = {
 }
 
 COMMANDS = {  # documented commands: argument parsing, one call into the library, printing
-    "transrec.trainer.main", "transrec.trainer.evaluate", "transrec.trainer.compare", "transrec.trainer.recommend",
-    "transrec.trainer.index", "transrec.trainer.serve", "transrec.trainer.collapse",
+    "transrec.trainer.main", *(f"transrec.trainer.commands.{c}" for c in
+                               ("evaluate", "compare", "recommend", "index", "serve", "collapse")),
 }
-COMMAND_HELPERS = {"transrec.trainer.command_args"}  # the commands' shared argument parsing
 COMMAND_FUNCTIONS = {"main", "parse_args", "format_report"}
 # the modules that may name a modality: the registry with the built-in modalities, their towers, the text vocabulary
-MODALITY_MODULES = {"transrec.trainer.modalities", "transrec.trainer.towers", "transrec.trainer.text_vocab"}
+MODALITY_MODULES = {f"transrec.trainer.core.{m}" for m in ("modalities", "towers", "text_vocab")}
 BUILT_IN = ("text", "image")
 COMMAND_MAX_LINES = 140
+# the trainer's library packages, lowest first
+LIBRARY = ("core", "evaluation", "monitoring", "transfer", "training")
+# layer -> the layers it may import (besides itself)
+ALLOWED = {
+    "kernels": set(),
+    "data": set(),
+    "core": {"data", "kernels"},
+    "evaluation": {"core", "data", "kernels"},
+    "monitoring": {"evaluation", "core", "data", "kernels"},
+    "transfer": {"monitoring", "evaluation", "core", "data", "kernels"},
+    "training": {"transfer", "monitoring", "evaluation", "core", "data", "kernels"},
+    "serving": {"evaluation", "core", "data", "kernels"},
+    "experiments": {"training", "transfer", "monitoring", "evaluation", "core", "serving", "data", "kernels"},
+    "command": {"training", "transfer", "monitoring", "evaluation", "core", "serving", "experiments", "data",
+                "kernels"},
+}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -184,28 +200,24 @@ def misplaced_local_imports(modules: dict[str, Path], root: Path = REPO) -> list
 
 
 def layer(module: str) -> str:
-    if module in COMMANDS or module in COMMAND_HELPERS:
+    """The module's layer: a trainer package's name, "command" (trainer/main.py and trainer/commands/), "kernels",
+    "data", "bench"; "unplaced" for a trainer module outside every package."""
+    if module == "transrec.trainer.main" or module.startswith("transrec.trainer.commands"):
         return "command"
     for prefix, name in (("transrec.kernels", "kernels"), ("transrec.data_shards", "data"), ("transrec.bench", "bench"),
-                         ("transrec.trainer.experiments", "experiments"), ("transrec.trainer.serving", "serving")):
+                         *((f"transrec.trainer.{p}", p) for p in (*LIBRARY, "experiments", "serving"))):
         if module == prefix or module.startswith(prefix + "."):
             return name
-    return "core"
+    return "unplaced"
 
 
-# layer -> the layers it must never import
-FORBIDDEN = {
-    "kernels": {"data", "core", "serving", "command", "experiments", "bench"},
-    "data": {"kernels", "core", "serving", "command", "experiments", "bench"},
-    "core": {"serving", "command", "experiments", "bench"},
-    "serving": {"command", "experiments", "bench"},
-    "experiments": {"command", "bench"},
-}
+def unplaced_modules(modules: dict[str, Path]) -> list[str]:
+    return sorted(m for m in modules if layer(m) == "unplaced")
 
 
 def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     bad = [f"{m} ({layer(m)}) imports {t} ({layer(t)})" for m, targets in graph.items() for t in sorted(targets)
-           if layer(t) in FORBIDDEN.get(layer(m), set())]
+           if layer(m) in ALLOWED and layer(t) != layer(m) and layer(t) not in ALLOWED[layer(m)]]
     bad += [f"{m} imports the command {t}" for m, targets in graph.items() for t in sorted(targets)
             if t in COMMANDS and layer(m) != "bench"]
     return bad
@@ -230,7 +242,7 @@ def command_problems(path: Path, root: Path = REPO) -> list[str]:
 def fat_commands(modules: dict[str, Path], root: Path = REPO) -> list[str]:
     bad = [line for m in sorted(COMMANDS) if m in modules for line in command_problems(modules[m], root)]
     bad += [f"{path.relative_to(root)} is a library module with a command inside (`__main__`)"
-            for m, path in modules.items() if layer(m) == "core" and 'if __name__ == "__main__"' in path.read_text()]
+            for m, path in modules.items() if layer(m) in LIBRARY and 'if __name__ == "__main__"' in path.read_text()]
     return bad
 
 
@@ -271,7 +283,7 @@ def modality_names_in_core(modules: dict[str, Path], root: Path = REPO) -> list[
     attribute = re.compile(rf"^({'|'.join(BUILT_IN)})(_|$)")
     bad = []
     for m, path in modules.items():
-        if layer(m) != "core" or m in MODALITY_MODULES:
+        if layer(m) not in LIBRARY or m in MODALITY_MODULES:
             continue
         tree = ast.parse(path.read_text())
         docstrings = {id(n.body[0].value) for n in ast.walk(tree)
@@ -290,6 +302,10 @@ def modality_names_in_core(modules: dict[str, Path], root: Path = REPO) -> list[
 @pytest.fixture(scope="module")
 def modules() -> dict[str, Path]:
     return package_files()
+
+
+def test_every_trainer_module_is_in_a_package(modules):
+    assert unplaced_modules(modules) == []
 
 
 def test_no_import_cycle(modules):
@@ -327,43 +343,53 @@ def write_package(root: Path, files: dict[str, str]) -> dict[str, Path]:
 
 def test_the_rules_catch_a_designed_package(tmp_path):
     modules = write_package(tmp_path, {
-        "trainer/a.py": "def f():\n    from transrec.trainer.b import g\n    return g\n",  # a cycle through a function
-        "trainer/b.py": "from transrec.trainer.a import f\n\ndef g():\n    import json\n    return json\n",
-        "trainer/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from transrec.trainer.d import D\n",
-        "trainer/d.py": "from transrec.trainer.c import TYPE_CHECKING\nfrom transrec.trainer.serving.x import y\n"
-                        "from transrec.trainer.e import _hidden\n",
-        "trainer/e.py": "_hidden = 1\nclass E:\n    def __init__(self):\n        self._state = 0\n"
-                        "def h():\n    try:\n        import fcntl\n    except ImportError:\n        fcntl = None\n"
-                        "    import matplotlib\n    return fcntl, matplotlib\n",
-        "trainer/f.py": "from transrec.trainer.e import E\n\ndef peek(e: E):\n    return e._state\n",
-        "trainer/h.py": '"""Routes text and image items."""\n\ndef size(cfg, towers):\n    """The image size."""\n'
-                        '    return cfg.image.size, towers["text"], cfg.image_size, cfg.max_len\n',
-        "trainer/modalities.py": 'def tower(cfg):\n    return cfg.text.encoder, "image"\n',
-        "trainer/serving/x.py": "from transrec.trainer.evaluate import main\ny = main\n",
-        "trainer/evaluate.py": "def main():\n    pass\n\ndef helper():\n    pass\n",
-        "kernels/k.py": "from transrec.trainer.e import E\n",
-        "trainer/g.py": 'def run():\n    pass\n\n\nif __name__ == "__main__":\n    run()\n',
+        # a cycle through a function
+        "trainer/core/a.py": "def f():\n    from transrec.trainer.core.b import g\n    return g\n",
+        "trainer/core/b.py": "from transrec.trainer.core.a import f\n\ndef g():\n    import json\n    return json\n",
+        "trainer/core/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                             "    from transrec.trainer.core.d import D\n",
+        "trainer/core/d.py": "from transrec.trainer.core.c import TYPE_CHECKING\n"
+                             "from transrec.trainer.serving.x import y\n"
+                             "from transrec.trainer.core.e import _hidden\n",
+        "trainer/core/e.py": "_hidden = 1\nclass E:\n    def __init__(self):\n        self._state = 0\n"
+                             "def h():\n    try:\n        import fcntl\n    except ImportError:\n        fcntl = None\n"
+                             "    import matplotlib\n    return fcntl, matplotlib\n",
+        "trainer/core/f.py": "from transrec.trainer.core.e import E\n\ndef peek(e: E):\n    return e._state\n",
+        "trainer/evaluation/h.py": '"""Routes text and image items."""\n\ndef size(cfg, towers):\n'
+                                   '    """The image size."""\n'
+                                   '    return cfg.image.size, towers["text"], cfg.image_size, cfg.max_len\n',
+        "trainer/evaluation/up.py": "from transrec.trainer.training.loop import Trainer\n",  # upwards
+        "trainer/training/loop.py": "from transrec.trainer.evaluation.h import size\nTrainer = size\n",  # downwards
+        "trainer/core/modalities.py": 'def tower(cfg):\n    return cfg.text.encoder, "image"\n',
+        "trainer/serving/x.py": "from transrec.trainer.commands.evaluate import main\ny = main\n",
+        "trainer/commands/evaluate.py": "def main():\n    pass\n\ndef helper():\n    pass\n",
+        "trainer/loose.py": "x = 1\n",  # in no package
+        "kernels/k.py": "from transrec.trainer.core.e import E\n",
+        "trainer/monitoring/g.py": 'def run():\n    pass\n\n\nif __name__ == "__main__":\n    run()\n',
         "data_shards/s.py": 'if __name__ == "__main__":\n    pass\n',
     })
     graph = import_graph(modules)
-    assert cycles(graph) == [["transrec.trainer.a", "transrec.trainer.b"]]  # c <-> d only under TYPE_CHECKING
+    # c <-> d only under TYPE_CHECKING
+    assert cycles(graph) == [["transrec.trainer.core.a", "transrec.trainer.core.b"]]
+    assert unplaced_modules(modules) == ["transrec.trainer.loose"]
     assert misplaced_local_imports(modules, tmp_path) == [
-        "trainer/a.py:2 imports transrec.trainer.b inside a function",
-        "trainer/b.py:4 imports json inside a function",
+        "trainer/core/a.py:2 imports transrec.trainer.core.b inside a function",
+        "trainer/core/b.py:4 imports json inside a function",
     ]  # fcntl is probed, matplotlib is in LAZY
     assert sorted(layer_violations(graph)) == [
-        "transrec.kernels.k (kernels) imports transrec.trainer.e (core)",
-        "transrec.trainer.d (core) imports transrec.trainer.serving.x (serving)",
-        "transrec.trainer.serving.x (serving) imports transrec.trainer.evaluate (command)",
-        "transrec.trainer.serving.x imports the command transrec.trainer.evaluate",
+        "transrec.kernels.k (kernels) imports transrec.trainer.core.e (core)",
+        "transrec.trainer.core.d (core) imports transrec.trainer.serving.x (serving)",
+        "transrec.trainer.evaluation.up (evaluation) imports transrec.trainer.training.loop (training)",
+        "transrec.trainer.serving.x (serving) imports transrec.trainer.commands.evaluate (command)",
+        "transrec.trainer.serving.x imports the command transrec.trainer.commands.evaluate",
     ]
-    assert sorted(private_reaches(modules, tmp_path)) == ["trainer/d.py:3 imports _hidden from transrec.trainer.e",
-                                                          "trainer/f.py:4 reads e._state"]
+    assert sorted(private_reaches(modules, tmp_path)) == [
+        "trainer/core/d.py:3 imports _hidden from transrec.trainer.core.e", "trainer/core/f.py:4 reads e._state"]
     assert fat_commands(modules, tmp_path) == [
-        "trainer/evaluate.py defines ['helper']: library code, which belongs in the library",
-        'trainer/evaluate.py is listed as a command but has no `if __name__ == "__main__"`',
-        "trainer/g.py is a library module with a command inside (`__main__`)",
+        "trainer/commands/evaluate.py defines ['helper']: library code, which belongs in the library",
+        'trainer/commands/evaluate.py is listed as a command but has no `if __name__ == "__main__"`',
+        "trainer/monitoring/g.py is a library module with a command inside (`__main__`)",
     ]  # data_shards/s.py: the data layer's commands (the shard builder) are its own
     assert sorted(modality_names_in_core(modules, tmp_path)) == [  # docstrings, the modality modules may name them
-        "trainer/h.py:5 names a modality: 'text'", "trainer/h.py:5 names a modality: .image",
-        "trainer/h.py:5 names a modality: .image_size"]
+        "trainer/evaluation/h.py:5 names a modality: 'text'", "trainer/evaluation/h.py:5 names a modality: .image",
+        "trainer/evaluation/h.py:5 names a modality: .image_size"]

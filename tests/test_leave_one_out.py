@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from transrec.trainer import ranking as ev
+from transrec.trainer.evaluation import ranking as ev
 from transrec.trainer.experiments.leave_one_out import nested_sources, source_names, source_tag
 from transrec.trainer.experiments.leave_one_out_curve import source_size_curves
-from transrec.trainer.experiments.leave_one_out_report import verdict_table
+from transrec.trainer.experiments.leave_one_out_report import AUTO_ROW, verdict_table
 from transrec.trainer.experiments.leave_one_out_trained import check_same_popularity, ranks_in_order, trained_rows
 
 
@@ -56,7 +56,7 @@ def test_trained_rows_read_each_candidate_and_the_choice(tmp_path):
     rows = trained_rows(tmp_path, users, targets)
     assert rows["scratch"]["test_ranks"] == [3, 40] and rows["fine-tuned"]["test_ranks"] == [1, 2]
     assert rows["towers + new user encoder"]["valid"] == {"ndcg@10": 0.07}
-    assert rows["transfer=auto"]["chose"] == "prior" and rows["transfer=auto"]["test_ranks"] == [4, 4]
+    assert rows[AUTO_ROW]["chose"] == "prior" and rows[AUTO_ROW]["test_ranks"] == [4, 4]
     with pytest.raises(ValueError, match="popularity ranks differ"):
         check_same_popularity(dict(rows), [9, 8], tmp_path)
     check_same_popularity(rows, [9, 9], tmp_path)

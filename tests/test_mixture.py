@@ -11,8 +11,8 @@ import pytest
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.mixture import Catalogue, catalogue_bounds, main, mix, resplit
 from transrec.data_shards.shard_io import ItemStore, read_id_maps, read_sequences
-from transrec.trainer import ranking as ev
-from transrec.trainer.catalogues import across_catalogues, metrics_by_catalogue, mixing_weights
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.training.catalogue_mixture import across_catalogues, metrics_by_catalogue, mixing_weights
 
 
 @pytest.fixture(scope="module")

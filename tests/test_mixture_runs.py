@@ -41,7 +41,7 @@ def _ranks(path: Path) -> dict[int, tuple[int, int]]:
 
 def test_two_rank_mixture_run_scores_each_catalogue_as_its_export_does_alone(mixture, ml_shards, hm_shards,
                                                                              tiny_bert_dir, tmp_path):
-    from transrec.trainer.evaluate import main as evaluate_main
+    from transrec.trainer.commands.evaluate import main as evaluate_main
 
     run = tmp_path / "run"
     out = _run_main([*_common(mixture, tiny_bert_dir, "data.mixing_alpha=0.5"), "--run-dir", str(run)], ranks=2)
@@ -99,7 +99,7 @@ def test_mixture_resume_after_sigkill_reaches_the_same_metrics(mixture, tiny_ber
 def test_mean_residual_user_state_starts_as_the_history_mean(tiny_bert_dir):
     from conftest import small_model_config
 
-    from transrec.trainer.model import TransRec, history_means
+    from transrec.trainer.core.model import TransRec, history_means
 
     torch.manual_seed(0)
     vecs = torch.randn(3, 5, 16)

@@ -11,11 +11,11 @@ from conftest import small_model_config
 
 from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.shard_io import ItemStore
-from transrec.trainer import losses
-from transrec.trainer import ranking as ev
-from transrec.trainer.config import ModelConfig
-from transrec.trainer.feature_cache import FeatureCache
-from transrec.trainer.model import TransRec
+from transrec.trainer.core import losses
+from transrec.trainer.core.config import ModelConfig
+from transrec.trainer.core.feature_cache import FeatureCache
+from transrec.trainer.core.model import TransRec
+from transrec.trainer.evaluation import ranking as ev
 
 
 def brute_force_rank(scores: np.ndarray, target: int, seen: np.ndarray, exclude_seen: bool) -> int:
@@ -271,7 +271,7 @@ def test_activation_checkpointing_lowers_saved_memory_at_equal_loss(small_model)
 
 
 def test_feature_store_auto_is_beside_the_shards_and_off_when_not_writable(tmp_path):
-    from transrec.trainer.feature_cache import resolve_store
+    from transrec.trainer.core.feature_cache import resolve_store
 
     shards = tmp_path / "data" / "my-shards"
     shards.mkdir(parents=True)
@@ -286,7 +286,7 @@ def test_feature_store_auto_is_beside_the_shards_and_off_when_not_writable(tmp_p
 
 def test_backbone_parameters_get_the_tower_learning_rate(ml_shards, tiny_bert_dir):
     """Each tower names its backbone; the optimizer's lower-rate group is exactly the trainable backbone weights."""
-    from transrec.trainer.model import optimizer_param_groups
+    from transrec.trainer.core.model import optimizer_param_groups
 
     store = ItemStore(ml_shards)
     cfg = small_model_config(tiny_bert_dir)
@@ -302,7 +302,7 @@ def test_backbone_parameters_get_the_tower_learning_rate(ml_shards, tiny_bert_di
 
 
 def test_sequence_input_scale_multiplies_the_item_vectors_before_positions():
-    from transrec.trainer.model import UserEncoder
+    from transrec.trainer.core.model import UserEncoder
 
     torch.manual_seed(0)
     plain = UserEncoder(16, 1, 2, 6, 0.0)
@@ -319,7 +319,7 @@ def test_sequence_input_scale_multiplies_the_item_vectors_before_positions():
 
 
 def test_spans_hook_times_each_part_and_changes_nothing(small_model):
-    """TransRec.spans (trainer/instrumentation.py) opens one span per tower call, the user encoder and each tower's
+    """TransRec.spans (trainer/core/timing_hook.py) opens one span per tower call, the user encoder and each tower's
     lower blocks while the feature cache builds, with the names the benches print; the outputs are unchanged."""
     model, store, decoder = small_model
     items = np.arange(0, 40)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from transrec.trainer.grad_norms import part_grad_norms, part_of, trainable_parts
-from transrec.trainer.run_monitoring import cache_hit_counter
-from transrec.trainer.step_timing import PHASES, StepTimer
-from transrec.trainer.tensorboard_summaries import flat_settings, run_figures
+from transrec.trainer.monitoring.grad_norms import part_grad_norms, part_of, trainable_parts
+from transrec.trainer.monitoring.run_monitoring import cache_hit_counter
+from transrec.trainer.monitoring.step_timing import PHASES, StepTimer
+from transrec.trainer.monitoring.tensorboard_summaries import flat_settings, run_figures
 
 
 def test_step_timer_phases_on_cpu_are_the_wall_time_of_each_block():
@@ -171,7 +171,7 @@ def test_an_epochs_end_hands_its_part_of_the_window_to_the_next_epoch(tmp_path, 
     (their time, items and cache hits), not the pause between the epochs (validation); its loss is epoch 1's alone."""
     from types import SimpleNamespace
 
-    from transrec.trainer.metric_log import RunLog
+    from transrec.trainer.monitoring.metric_log import RunLog
 
     log = RunLog(tmp_path, rank=0, world=1, device=torch.device("cpu"), log_every=4)
     logged = []
@@ -202,8 +202,8 @@ def test_an_epochs_end_hands_its_part_of_the_window_to_the_next_epoch(tmp_path, 
 
 
 def test_validation_logs_health_and_warns_when_it_crosses_the_threshold(tmp_path, monkeypatch):
-    from transrec.trainer import metric_log
-    from transrec.trainer.metric_log import RunLog
+    from transrec.trainer.monitoring import metric_log
+    from transrec.trainer.monitoring.metric_log import RunLog
 
     log = RunLog(tmp_path, rank=0, world=1, device=torch.device("cpu"), log_every=1)
     logged, warnings = [], []

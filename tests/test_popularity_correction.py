@@ -1,6 +1,6 @@
-"""The popularity-corrected content softmax (`stage.popularity_correction`, trainer/losses.py): the logit adjustment
-tau * log(smoothed share), its place in the objective built from config, and the loss itself on a stub model and
-batch against a cross-entropy written here one (user, position) at a time, gradients included."""
+"""The popularity-corrected content softmax (`stage.popularity_correction`, trainer/core/losses.py): the logit
+adjustment tau * log(smoothed share), its place in the objective built from config, and the loss itself on a stub model
+and batch against a cross-entropy written here one (user, position) at a time, gradients included."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transrec.trainer import losses
-from transrec.trainer.config import Stage1Config, Stage2Config, apply_overrides
-from transrec.trainer.presets import preset
+from transrec.trainer.core import losses
+from transrec.trainer.core.config import Stage1Config, Stage2Config
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import preset
 
 V, D = 12, 5
 # three windows of 6 slots (-1: padding): the first left-padded, with its item 2 consumed again as a later target
@@ -210,7 +211,7 @@ def test_sampled_loss(logq, mask_history):
 def test_correction_needs_the_content_softmax():
     """The correction adjusts the content softmax's logits; with the free head or CPC it would be ignored, so the
     config refuses it."""
-    from transrec.trainer.config import Stage1Config, Stage2Config
+    from transrec.trainer.core.config import Stage1Config, Stage2Config
 
     with pytest.raises(ValueError, match="stage1.head=content"):
         Stage1Config(head="free", popularity_correction=1.0)

@@ -1,5 +1,5 @@
-"""The embedding projector of a finished run (trainer/projector.py): the files torch's SummaryWriter writes for the
-items and users, read back and compared with the inputs, the shards' content and the modalities' hooks."""
+"""The embedding projector of a finished run (trainer/monitoring/projector.py): the files torch's SummaryWriter writes
+for the items and users, read back and compared with the inputs, the shards' content and the modalities' hooks."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from torch.utils.tensorboard import SummaryWriter
 from transrec.data_shards.decode import ImageDecoder, normalize
 from transrec.data_shards.shard_io import ItemStore, read_id_maps
 from transrec.data_shards.tokenizer import load_tokenizer
-from transrec.trainer.modalities import DESCRIBE_CHARS, MODALITIES
-from transrec.trainer.projector import GREY, SPRITE_MAX_PX, add_table, item_label, write_projector
+from transrec.trainer.core.modalities import DESCRIBE_CHARS, MODALITIES
+from transrec.trainer.monitoring.projector import GREY, SPRITE_MAX_PX, add_table, item_label, write_projector
 
 DIM = 8
 USERS = 30

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer.checkpoint import (
+from transrec.trainer.core.checkpoint import (
     CHECKPOINT_HASHES,
     restore_rng,
     rng_state,

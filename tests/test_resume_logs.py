@@ -1,5 +1,6 @@
-"""--resume cuts the logs back to the checkpoint (trainer/metric_log.py): the loss and validation CSVs of a resumed run
-hold exactly the rows of a run never interrupted, and TensorBoard drops the events logged after the checkpoint."""
+"""--resume cuts the logs back to the checkpoint (trainer/monitoring/metric_log.py): the loss and validation CSVs of a
+resumed run hold exactly the rows of a run never interrupted, and TensorBoard drops the events logged after the
+checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from transrec.trainer.metric_log import RunLog, truncate_logs
+from transrec.trainer.monitoring.metric_log import RunLog, truncate_logs
 
 HEADER = "stage,epoch,hr@10,ndcg@10\n"
 
@@ -83,7 +84,7 @@ def test_a_resumed_run_logs_each_step_and_validation_once(ml_shards, tiny_bert_d
     resumed run's loss_stage1.csv and valid_curve.csv equal, byte for byte, those of the same run never interrupted:
     no row twice, no step or validation past the stage's end; TensorBoard purges from each checkpoint's step + 1."""
     from transrec.trainer.main import main
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.training.loop import Trainer
 
     common = ["--preset", "tiny", "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--ds_config",
               str(REPO / "ds_configs" / "zero2.json"), "--stage", "1", "--set", "log_every=1", "save_every_steps=3",

@@ -1,5 +1,5 @@
 """curves.png: every finished run draws its training loss and validation NDCG@10 from its own records, popularity's
-line and the selected model marked, and links it from results.md (trainer/run_curves.py)."""
+line and the selected model marked, and links it from results.md (trainer/monitoring/run_curves.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from transrec.trainer.run_curves import CURVES_FILE, read_curves, write_curves
+from transrec.trainer.monitoring.run_curves import CURVES_FILE, read_curves, write_curves
 
 
 def designed_run(folder: Path) -> Path:

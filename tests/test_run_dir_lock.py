@@ -1,6 +1,6 @@
-"""One writer per run directory (trainer/run_lock.py): a second run into a locked folder is refused naming the holder,
-a lock left by a killed process locks nothing, main() releases its lock when it returns; and a busy master port is
-one line."""
+"""One writer per run directory (trainer/training/run_lock.py): a second run into a locked folder is refused naming the
+holder, a lock left by a killed process locks nothing, main() releases its lock when it returns; and a busy master port
+is one line."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from transrec.trainer import run_lock
-from transrec.trainer.run_lock import LOCK_NAME, acquire, lock_run_dir
+from transrec.trainer.training import run_lock
+from transrec.trainer.training.run_lock import LOCK_NAME, acquire, lock_run_dir
 
 TAIL = ": wait for it to finish, or choose another --run-dir"
 # a process that takes the lock on argv[1] as a run would, says so, and waits to be killed
-HOLDER = ("import sys, time; from pathlib import Path; from transrec.trainer.run_lock import acquire; "
+HOLDER = ("import sys, time; from pathlib import Path; from transrec.trainer.training.run_lock import acquire; "
           "acquire(Path(sys.argv[1]), 'trainer/main.py --run-dir elsewhere'); print('locked', flush=True); "
           "time.sleep(600)")
 
@@ -109,7 +109,7 @@ def test_main_holds_the_lock_while_it_runs_and_releases_it(ml_shards, tiny_bert_
     another process can lock it; while that process holds it, --resume, --overwrite and a new run are refused with
     one line naming it (nothing deleted); once it is killed with SIGKILL, --resume works, and returns the lock."""
     from transrec.trainer.main import main
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.training.loop import Trainer
 
     run = tmp_path / "run"
     argv = ["--preset", "tiny", "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--run-dir",
@@ -154,7 +154,7 @@ def test_a_busy_master_port_is_one_line(tmp_path):
         port = busy.getsockname()[1]
         env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
-        out = subprocess.run([sys.executable, "-c", "from transrec.trainer.run_setup import setup_distributed; "
+        out = subprocess.run([sys.executable, "-c", "from transrec.trainer.core.run_setup import setup_distributed; "
                               "setup_distributed()"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr[-3000:]
     assert out.stderr.strip().splitlines() == [

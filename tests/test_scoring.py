@@ -1,5 +1,5 @@
-"""Scoring an export's item vectors (trainer/scoring.py): the user side (model / mean of history / none) and the
-popularity prior against scores computed independently in numpy; exact ranks against a brute-force count; the
+"""Scoring an export's item vectors (trainer/evaluation/scoring.py): the user side (model / mean of history / none) and
+the popularity prior against scores computed independently in numpy; exact ranks against a brute-force count; the
 prior's beta chosen on validation; the Scoring record's validation and its file in an export."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer import ranking as ev
-from transrec.trainer import scoring as sc
-from transrec.trainer.checkpoint import CHECKPOINT_HASHES, IntegrityError, verify_hashes
-from transrec.trainer.eval_data import EvalUsers, Ragged
+from transrec.trainer.core.checkpoint import CHECKPOINT_HASHES, IntegrityError, verify_hashes
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.evaluation import scoring as sc
+from transrec.trainer.evaluation.eval_users import EvalUsers, Ragged
 
 V, D, L = 30, 6, 5
 
@@ -310,7 +310,7 @@ def test_read_scoring_rejects_bad_files(tmp_path):
 def test_a_scoring_file_added_after_the_export_is_refused(tmp_path):
     """scoring.json changes the ranking: one copied into an export by hand (not in its files.sha256.json) is refused."""
     from transrec.data_shards.integrity import IntegrityError
-    from transrec.trainer.checkpoint import write_checkpoint_hashes
+    from transrec.trainer.core.checkpoint import write_checkpoint_hashes
 
     (tmp_path / "config.json").write_text("{}")
     write_checkpoint_hashes(tmp_path)

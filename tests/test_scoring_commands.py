@@ -1,6 +1,6 @@
-"""The commands rank as the export's scoring says (trainer/scoring.py): the Recommender (user vector, popularity prior,
-popularity alone), the batch command, the service's /health and the standalone evaluator, with `--scoring` and
-`--prior-beta` overriding the export's scoring.json, which is verified with the export's other files."""
+"""The commands rank as the export's scoring says (trainer/evaluation/scoring.py): the Recommender (user vector,
+popularity prior, popularity alone), the batch command, the service's /health and the standalone evaluator, with
+`--scoring` and `--prior-beta` overriding the export's scoring.json, which is verified with the export's other files."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from test_serving import _histories
 
 from transrec.data_shards.integrity import IntegrityError
-from transrec.trainer.ranking import NonFiniteScores
-from transrec.trainer.scoring import BETA_GRID, Scoring, write_scoring
+from transrec.trainer.evaluation.ranking import NonFiniteScores
+from transrec.trainer.evaluation.scoring import BETA_GRID, Scoring, write_scoring
 from transrec.trainer.serving.recommender import Recommender
 
 
@@ -146,8 +146,8 @@ def test_nonfinite_checks_hold_under_every_scoring(rec, histories):
 
 # -- (d) scoring.json: read, verified, used by the batch command and the service ------------------------------------
 def test_the_exports_scoring_json_is_verified_and_used(rec, export, catalogue, tmp_path, capsys):
-    from transrec.trainer.recommend import main as batch_main
-    from transrec.trainer.serve import parse_args
+    from transrec.trainer.commands.recommend import main as batch_main
+    from transrec.trainer.commands.serve import parse_args
     from transrec.trainer.serving.app import open_service
 
     scoring = Scoring("mean", 0.7)
@@ -191,7 +191,7 @@ def test_the_exports_scoring_json_is_verified_and_used(rec, export, catalogue, t
 
 
 def test_health_of_an_export_without_scoring_json(export, catalogue):
-    from transrec.trainer.serve import parse_args
+    from transrec.trainer.commands.serve import parse_args
     from transrec.trainer.serving.app import open_service
 
     svc = open_service(parse_args(["--export", str(export), "--shards", str(catalogue)]), show_progress=False)
@@ -205,7 +205,7 @@ def test_health_of_an_export_without_scoring_json(export, catalogue):
 # -- (e) the evaluator -----------------------------------------------------------------------------------------------
 def test_evaluator_chooses_the_prior_on_validation_and_scores_popularity_exactly(export, catalogue, tmp_path,
                                                                                 capsys):
-    from transrec.trainer.evaluate import main as evaluate_main
+    from transrec.trainer.commands.evaluate import main as evaluate_main
 
     plain = evaluate_main(["--export", str(export), "--shards", str(catalogue)])
     assert plain["scoring"] == {"user": "model", "prior_beta": 0.0, "label": Scoring().label}
@@ -267,7 +267,7 @@ def test_an_item_added_later_scores_with_a_zero_count(export, catalogue):
 ])
 @pytest.mark.parametrize("command", ["recommend", "serve", "evaluate"])
 def test_bad_scoring_options_are_usage_errors(command, options, says, capsys, tmp_path):
-    from transrec.trainer import evaluate, recommend, serve
+    from transrec.trainer.commands import evaluate, recommend, serve
 
     run = {"recommend": recommend.main, "serve": serve.parse_args, "evaluate": evaluate.main}[command]
     with pytest.raises(SystemExit) as e:
@@ -277,7 +277,7 @@ def test_bad_scoring_options_are_usage_errors(command, options, says, capsys, tm
 
 
 def test_auto_is_for_the_evaluator_only(capsys, tmp_path):
-    from transrec.trainer import evaluate, recommend
+    from transrec.trainer.commands import evaluate, recommend
 
     for run in (recommend.main, evaluate.main):
         with pytest.raises(SystemExit) as e:

@@ -1,4 +1,4 @@
-"""One way to run a file of bench/ or trainer/ by its path: trainer/script_path.py's `run_as_script`.
+"""One way to run a file of bench/ or trainer/ by its path: trainer/commands/script_path.py's `run_as_script`.
 
 Python puts a script's folder first on sys.path, where bench/'s and trainer/'s module names (loader, scale, config,
 model, ...) would shadow a dependency's. Every script takes its folder off through the helper, before any import
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from transrec.trainer.script_path import run_as_script
+from transrec.trainer.commands.script_path import run_as_script
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = ("bench", "trainer")
-HELPER = REPO / "trainer" / "script_path.py"
+HELPER = REPO / "trainer" / "commands" / "script_path.py"
 NOT_INSTALLED = "error: transrec is not installed in this Python"
 
 
@@ -60,17 +60,18 @@ def test_no_file_edits_sys_path_but_the_helper():
             lines = sys_path_edits(ast.parse(p.read_text(), str(p)))
             if lines:
                 found[str(p.relative_to(REPO))] = lines
-    assert found == {}, f"sys.path edited outside trainer/script_path.py (use run_as_script(__file__)): {found}"
+    assert found == {}, (f"sys.path edited outside trainer/commands/script_path.py (use run_as_script(__file__)): "
+                         f"{found}")
     assert sys_path_edits(ast.parse(HELPER.read_text())), "the check no longer sees the helper's own edit"
 
 
 def _is_helper_import(node: ast.stmt) -> bool:
-    """`try: from transrec.trainer.script_path import run_as_script` / `except ModuleNotFoundError: raise
+    """`try: from transrec.trainer.commands.script_path import run_as_script` / `except ModuleNotFoundError: raise
     SystemExit(...)`: the import that fails, with the message, when transrec is not installed."""
     if not (isinstance(node, ast.Try) and len(node.body) == 1 and len(node.handlers) == 1):
         return False
     imp, handler = node.body[0], node.handlers[0]
-    return (isinstance(imp, ast.ImportFrom) and imp.module == "transrec.trainer.script_path"
+    return (isinstance(imp, ast.ImportFrom) and imp.module == "transrec.trainer.commands.script_path"
             and [a.name for a in imp.names] == ["run_as_script"]
             and isinstance(handler.type, ast.Name) and handler.type.id == "ModuleNotFoundError"
             and isinstance(handler.body[0], ast.Raise) and "SystemExit" in ast.unparse(handler.body[0]))
@@ -146,7 +147,7 @@ def test_a_script_folder_that_shadows_a_dependency(tmp_path):
     folder = tmp_path / "scripts"
     folder.mkdir()
     (folder / "numpy.py").write_text("raise ImportError('the script folder shadowed numpy')\n")
-    helper = ("try:\n    from transrec.trainer.script_path import run_as_script\n"
+    helper = ("try:\n    from transrec.trainer.commands.script_path import run_as_script\n"
               "except ModuleNotFoundError:\n    raise SystemExit('not installed') from None\n"
               "run_as_script(__file__)\n")
     probe = "import numpy, sys\nprint(numpy.__file__)\n"

@@ -66,7 +66,7 @@ def test_a_missing_user_is_refused(ml_shards, tmp_path):
 
 
 def test_evaluation_users_from_the_table_equal_those_from_the_dicts(ml_shards):
-    from transrec.trainer.ranking import Ragged, eval_users
+    from transrec.trainer.evaluation.ranking import Ragged, eval_users
 
     for split in ("valid", "test"):
         a, b = eval_users(SequenceTable(ml_shards), split, 8), eval_users(read_sequences(ml_shards), split, 8)

@@ -203,7 +203,7 @@ def test_an_image_declaring_a_huge_picture_is_refused_before_decoding(open_url):
 
 # -- 5. /health -------------------------------------------------------------------------------------------------------
 def test_health_shows_no_paths_and_what_a_user_needs(export, catalogue, tmp_path):
-    from transrec.trainer.serve import parse_args
+    from transrec.trainer.commands.serve import parse_args
     from transrec.trainer.serving.app import open_service
 
     svc = open_service(parse_args(["--export", str(export), "--shards", str(catalogue)]), show_progress=False)
@@ -245,7 +245,7 @@ def test_api_key_guards_post_items_only(keyed_url, monkeypatch):
 
 
 def test_api_key_from_the_environment_and_bad_settings(monkeypatch):
-    from transrec.trainer.serve import parse_args
+    from transrec.trainer.commands.serve import parse_args
 
     base = ["--export", "x", "--shards", "y"]
     monkeypatch.setenv("TRANSREC_API_KEY", KEY)
@@ -265,10 +265,10 @@ def test_api_key_from_the_environment_and_bad_settings(monkeypatch):
 
 
 def test_port_errors_are_one_line(tmp_path):
-    from transrec.trainer.serve import main
+    from transrec.trainer.commands.serve import main
 
-    r = subprocess.run([sys.executable, "-m", "transrec.trainer.serve", "--export", "x", "--shards", "y", "--port",
-                        "70000"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "transrec.trainer.commands.serve", "--export", "x", "--shards", "y",
+                        "--port", "70000"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["error: --port must be a whole number from 1 to 65535, got '70000'"]
     with socket.socket() as busy:
@@ -282,7 +282,7 @@ def test_port_errors_are_one_line(tmp_path):
 
 
 def test_non_loopback_without_a_key_warns_in_one_line(export, catalogue, monkeypatch, capsys):
-    from transrec.trainer import serve
+    from transrec.trainer.commands import serve
 
     served = []
     monkeypatch.setattr(serve, "serve_forever", lambda app, sock, log_level: served.append(sock.getsockname()))
@@ -317,7 +317,7 @@ def test_without_a_journal_added_items_are_said_to_be_lost_on_restart(open_url):
 
 
 def test_items_journal_restores_added_items_after_a_restart(export, catalogue, tmp_path, monkeypatch, capsys):
-    from transrec.trainer.serve import parse_args
+    from transrec.trainer.commands.serve import parse_args
     from transrec.trainer.serving.app import open_service
 
     journal = tmp_path / "items.jsonl"
@@ -375,8 +375,8 @@ def test_items_journal_restores_added_items_after_a_restart(export, catalogue, t
 
 # -- 8. non-finite scores --------------------------------------------------------------------------------------------
 def test_nonfinite_item_vectors_make_the_model_unusable(export, catalogue):
-    from transrec.trainer.model_eval import ranker_from_export
-    from transrec.trainer.ranking import NonFiniteScores
+    from transrec.trainer.evaluation.model_ranker import ranker_from_export
+    from transrec.trainer.evaluation.ranking import NonFiniteScores
 
     ranker = ranker_from_export(export, catalogue, show_progress=False)
     with torch.no_grad():
@@ -400,7 +400,7 @@ def test_nonfinite_item_vectors_make_the_model_unusable(export, catalogue):
 
 
 def test_nonfinite_user_vectors_answer_500(export, catalogue):
-    from transrec.trainer.ranking import NonFiniteScores
+    from transrec.trainer.evaluation.ranking import NonFiniteScores
 
     rec = fresh(export, catalogue)
     assert rec.unusable is None
@@ -417,7 +417,7 @@ def test_nonfinite_user_vectors_answer_500(export, catalogue):
 
 
 def test_micro_batcher_fails_only_the_requests_with_nonfinite_scores(export, catalogue, monkeypatch):
-    from transrec.trainer.ranking import NonFiniteScores
+    from transrec.trainer.evaluation.ranking import NonFiniteScores
     from transrec.trainer.serving.recommender import MicroBatcher
 
     alone = fresh(export, catalogue)
@@ -451,7 +451,7 @@ def test_micro_batcher_fails_only_the_requests_with_nonfinite_scores(export, cat
 
 
 def test_batch_command_stops_in_one_line_on_nonfinite_vectors(catalogue, tiny_bert_dir, tmp_path):
-    from transrec.trainer.recommend import main as batch_main
+    from transrec.trainer.commands.recommend import main as batch_main
 
     nan_export = build_export(tmp_path / "export", tiny_bert_dir, nan_tower="text")
     out = tmp_path / "recs.jsonl"

@@ -26,10 +26,10 @@ import torch
 from transrec.data_shards.build import BuildOptions, build
 from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.tables import GenericColumns, render_text
-from transrec.trainer.checkpoint import save_export
-from transrec.trainer.model import TransRec
-from transrec.trainer.presets import preset
-from transrec.trainer.ranking import eval_users
+from transrec.trainer.core.checkpoint import save_export
+from transrec.trainer.core.model import TransRec
+from transrec.trainer.core.presets import preset
+from transrec.trainer.evaluation.ranking import eval_users
 from transrec.trainer.serving.recommender import Recommender, UnknownItems
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def _histories(catalogue: Path) -> dict[str, list[str]]:
 
 
 def test_api_batch_and_service_agree(rec, server, export, catalogue, tmp_path):
-    from transrec.trainer.recommend import main as batch_main
+    from transrec.trainer.commands.recommend import main as batch_main
 
     out = tmp_path / "recs.jsonl"
     assert batch_main(["--export", str(export), "--shards", str(catalogue), "--k", "2", "--out", str(out)]) == 4
@@ -142,7 +142,7 @@ def test_api_batch_and_service_agree(rec, server, export, catalogue, tmp_path):
 
 def test_batch_over_two_ranks_equals_one(export, catalogue, tmp_path):
     """Under the deepspeed launcher (2 ranks on CPU) the parts are joined into the single-rank output."""
-    from transrec.trainer.recommend import main as batch_main
+    from transrec.trainer.commands.recommend import main as batch_main
 
     one = tmp_path / "one.jsonl"
     batch_main(["--export", str(export), "--shards", str(catalogue), "--k", "3", "--out", str(one)])
@@ -152,8 +152,8 @@ def test_batch_over_two_ranks_equals_one(export, catalogue, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                        str(port), "--module", "transrec.trainer.recommend", "--export", str(export), "--shards",
-                        str(catalogue), "--k", "3", "--out", str(two), "--device", "cpu"],
+                        str(port), "--module", "transrec.trainer.commands.recommend", "--export", str(export),
+                        "--shards", str(catalogue), "--k", "3", "--out", str(two), "--device", "cpu"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = ([json.loads(line) for line in f.read_text().splitlines()] for f in (one, two))
@@ -221,8 +221,8 @@ def test_service_bad_requests_get_4xx_and_it_keeps_running(server):
 
 
 def test_index_recall_and_exact_search_equals_the_evaluator(rec, export, catalogue, tmp_path):
-    from transrec.trainer.index import main as index_main
-    from transrec.trainer.model_eval import ranker_from_export
+    from transrec.trainer.commands.index import main as index_main
+    from transrec.trainer.evaluation.model_ranker import ranker_from_export
     from transrec.trainer.serving.item_index import recommender_from_index
 
     meta = index_main(["--export", str(export), "--shards", str(catalogue), "--out", str(tmp_path / "idx"), "--k", "3"])

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from transrec.trainer.run_setup import SHM_PREFIX, shm_buffer, stale_shm_buffers
+from transrec.trainer.core.run_setup import SHM_PREFIX, shm_buffer, stale_shm_buffers
 
 
 def test_only_this_users_unmapped_old_segments_are_stale(tmp_path, monkeypatch):

@@ -9,11 +9,12 @@ import copy
 import pytest
 import torch
 
-from transrec.trainer.config import RunConfig, apply_overrides, to_dict
+from transrec.trainer.core.config import RunConfig, to_dict
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import preset
+from transrec.trainer.core.towers import ImageTower, TextTower
 from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing
-from transrec.trainer.presets import preset
-from transrec.trainer.towers import ImageTower, TextTower
-from transrec.trainer.train import adamw_implementation
+from transrec.trainer.training.loop import adamw_implementation
 
 
 def test_eager_and_sdpa_attention_agree(tiny_bert_dir):

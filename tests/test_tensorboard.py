@@ -32,7 +32,7 @@ from tensorboard_server import (
 RUN = "tensorboard"  # the run name of <run_dir>/tensorboard/events.* under --logdir <run_dir>
 
 PHASES = ["loader_wait", "to_device", "forward", "backward", "optimizer", "checkpoint"]
-# Tags logged on training logging steps by the tiny preset's two-stage run (trainer/metric_log.py).
+# Tags logged on training logging steps by the tiny preset's two-stage run (trainer/monitoring/metric_log.py).
 TRAINING_TAGS = [
     "train/stage1_loss", "train/stage2_loss", "train/lr", "lr/main", "lr/tower_backbones",
     "perf/sequences_per_s", "perf/items_encoded_per_s", "perf/items_per_step", "perf/cache_hit_share", "mem/peak_gib",
@@ -163,7 +163,7 @@ def test_logging_steps_carry_the_time_breakdown_and_model_health(event_file_scal
 
 
 def test_the_run_writes_its_hparams_row(source_run):
-    from transrec.trainer.config import read_run_config
+    from transrec.trainer.core.config import read_run_config
 
     found = hparams_summaries(source_run / "tensorboard")
     assert set(found) == {"experiment", "session_start_info", "session_end_info"}

@@ -18,7 +18,7 @@ def test_a_resumed_run_has_one_point_per_step(tmp_path, monkeypatch, ml_shards, 
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     from transrec.trainer.main import main
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.training.loop import Trainer
 
     run = tmp_path / "run"
     common = ["--preset", "tiny", "--shards", str(ml_shards), "--text-encoder", str(tiny_bert_dir), "--ds_config",

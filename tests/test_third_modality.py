@@ -1,4 +1,4 @@
-"""A third modality added through the registry alone (trainer.modalities.register): a numeric signal per item with
+"""A third modality added through the registry alone (trainer.core.modalities.register): a numeric signal per item with
 a small tower of its own, written by a builder hook. Nothing outside this file knows it: shards are built with it,
 mixed sequences of the three modalities route to their towers, the trainer caches its frozen block, trains it end to
 end in stage 2 and evaluates, and serving adds a new item of the modality by its content."""
@@ -20,8 +20,8 @@ from transrec.data_shards.build import BuildOptions, build
 from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.modalities import ContentKind
 from transrec.data_shards.shard_io import ItemStore
-from transrec.trainer import modalities
-from transrec.trainer.towers import Tower
+from transrec.trainer.core import modalities
+from transrec.trainer.core.towers import Tower
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTH = 12  # samples per signal
@@ -125,9 +125,9 @@ def test_shards_store_the_third_modality(signal_shards):
 
 def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards, tiny_bert_dir):
     from transrec.data_shards.decode import ImageDecoder
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.model import TransRec
-    from transrec.trainer.presets import preset
+    from transrec.trainer.core.model import TransRec
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
 
     store = ItemStore(signal_shards)
     cfg = apply_overrides(preset("tiny"), [f"model.text_encoder={tiny_bert_dir}"]).model
@@ -148,9 +148,9 @@ def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards
 
 
 def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny_bert_dir, tmp_path):
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.presets import preset
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
+    from transrec.trainer.training.loop import Trainer
 
     cfg = apply_overrides(preset("tiny"), [f"data.shards={signal_shards}", f"model.text_encoder={tiny_bert_dir}",
                                            f"run_dir={tmp_path / 'run'}", "stage1.max_steps=2", "stage2.max_steps=2",
@@ -199,10 +199,10 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
 
 def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_path):
     """Shards that use a modality this process has not registered, or a config naming one, fail with what to do."""
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.model import TransRec
-    from transrec.trainer.presets import preset
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.core.model import TransRec
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
+    from transrec.trainer.training.loop import Trainer
 
     store = ItemStore(signal_shards)
     signal_items = np.flatnonzero(store.modality == 2)[:3]

@@ -23,10 +23,10 @@ from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore, read_sequences
 from transrec.kernels import ops as kernels
-from transrec.trainer import losses
-from transrec.trainer import ranking as ev
-from transrec.trainer.feature_cache import FeatureCache
-from transrec.trainer.model import TransRec
+from transrec.trainer.core import losses
+from transrec.trainer.core.feature_cache import FeatureCache
+from transrec.trainer.core.model import TransRec
+from transrec.trainer.evaluation import ranking as ev
 
 L_CONT = 2  # continuation positions in stage 2
 

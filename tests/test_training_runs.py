@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_trainer
 from safetensors.torch import load_file
 
-from transrec.trainer.run_setup import SHM_DIR, SHM_PREFIX
+from transrec.trainer.core.run_setup import SHM_DIR, SHM_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,8 +100,8 @@ def test_two_stage_run_writes_metrics_events_ranks_and_export(source_run):
     for key in ("valid", "test", "popularity_test", "best", "stages", "vs_popularity"):
         assert key in metrics
     assert set(metrics["stages"]) == {"1", "2"}
-    from transrec.trainer.ranking import metrics_from_ranks
-    from transrec.trainer.run_stats import read_ranks
+    from transrec.trainer.evaluation.ranking import metrics_from_ranks
+    from transrec.trainer.evaluation.run_stats import read_ranks
 
     assert metrics["test"] == metrics_from_ranks(read_ranks(source_run / "test_ranks.tsv")[2])
     assert metrics["test"]["users"] == 943
@@ -151,7 +151,7 @@ def test_free_head_run_still_selects_the_content_model(ml_shards, tiny_bert_dir,
 def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, tiny_bert_dir, tmp_path, capsys):
     """`--stage none` with --init-from: no training, content scoring. Items that were never a training interaction
     get finite ranks, equal to a recount from user . item content vectors."""
-    from transrec.trainer import ranking as ev
+    from transrec.trainer.evaluation import ranking as ev
 
     trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "zs", "stages=none",
                             f"init_from={source_run / 'export'}")
@@ -182,11 +182,11 @@ def test_zero_shot_ranks_never_trained_items_by_content(source_run, ml_shards, t
 
 def test_standalone_evaluator_reproduces_the_run_and_scores_another_catalogue(source_run, ml_shards, hm_shards,
                                                                           tmp_path):
-    """`python -m transrec.trainer.evaluate` rebuilds the model from the export alone: the run's own test ranks,
-    exactly;
+    """`python -m transrec.trainer.commands.evaluate` rebuilds the model from the export alone: the run's own test
+    ranks, exactly;
     and a catalogue it never saw (zero-shot), with clear errors for what is not an export."""
-    from transrec.trainer.checkpoint import write_checkpoint_hashes
-    from transrec.trainer.evaluate import main as evaluate_main
+    from transrec.trainer.commands.evaluate import main as evaluate_main
+    from transrec.trainer.core.checkpoint import write_checkpoint_hashes
 
     metrics = json.loads((source_run / "metrics.json").read_text())
     out = tmp_path / "eval.json"
@@ -293,7 +293,7 @@ def test_two_ranks_zero2_match_one_rank(ml_shards, tiny_bert_dir, tmp_path):
     p1, p2 = (json.loads((d / "metrics.json").read_text())["popularity_test"] for d in (one, two))
     assert p1 == p2 and p1["users"] == 943
     # the parts' gradient norms: two ranks hold half of ZeRO-2's gradient partitions each, and the norms gathered from
-    # them are those of one rank's whole gradient (trainer/grad_norms.py)
+    # them are those of one rank's whole gradient (trainer/monitoring/grad_norms.py)
     norms = [grad_norms(d) for d in (one, two)]
     assert set(norms[0]) == set(norms[1]) >= {"grad_norm/user_encoder", "grad_norm/towers.text"}
     for tag, points in norms[0].items():
@@ -391,9 +391,9 @@ def test_resume_after_sigkill_reaches_the_same_metrics(ml_shards, tiny_bert_dir,
 
 
 def test_clear_errors_for_bad_config_ds_config_and_missing_shards(tmp_path, ml_shards):
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.presets import preset
-    from transrec.trainer.run_setup import load_ds_config
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
+    from transrec.trainer.core.run_setup import load_ds_config
 
     with pytest.raises(ValueError, match="stage1 has no field|has no field"):
         apply_overrides(preset("tiny"), ["stage1.epoch=3"])
@@ -441,7 +441,7 @@ def test_speed_levers_train_under_deepspeed(ml_shards, tiny_bert_dir, tmp_path, 
 
 
 def test_nan_loss_stops_with_a_clear_message(ml_shards, tiny_bert_dir, tmp_path, monkeypatch):
-    from transrec.trainer.metric_log import TrainingDiverged
+    from transrec.trainer.monitoring.metric_log import TrainingDiverged
 
     trainer = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path, "stages=1", "log_every=1")
     original = trainer.model.forward

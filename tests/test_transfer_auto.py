@@ -1,5 +1,5 @@
-"""transfer=auto (trainer/transfer.py): the candidates trained from one export, the choice on validation, the
-reports, the cost estimate, a failing candidate, and --resume in the middle of the candidates."""
+"""transfer=auto (trainer/training/transfer_auto.py): the candidates trained from one export, the choice on validation,
+the reports, the cost estimate, a failing candidate, and --resume in the middle of the candidates."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def auto_run(source_run, hm_shards, tiny_bert_dir, tmp_path_factory):
 
 
 def test_the_config_reads_transfer_auto_and_checks_it():
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.presets import preset
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
 
     cfg = apply_overrides(preset("tiny"), ["init_from=x", "transfer=auto", "transfer.include_scratch=true"])
     assert cfg.transfer.mode == "auto"
@@ -55,9 +55,9 @@ def test_the_config_reads_transfer_auto_and_checks_it():
 
 
 def test_candidate_configs():
-    from transrec.trainer.config import apply_overrides
-    from transrec.trainer.presets import preset
-    from transrec.trainer.transfer_plan import candidate_config, candidate_plan
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
+    from transrec.trainer.transfer.candidates import candidate_config, candidate_plan
 
     cfg = apply_overrides(preset("cpu-small"), ["init_from=EXPORT", "transfer=auto", "transfer.include_scratch=true",
                                                  "eval.initial_candidate=true"])
@@ -124,7 +124,7 @@ def test_auto_prints_a_cost_estimate_and_progress(auto_run):
 
 
 def test_compare_and_evaluate_read_the_auto_run(auto_run, hm_shards):
-    from transrec.trainer import compare, evaluate
+    from transrec.trainer.commands import compare, evaluate
 
     run_dir, metrics, _ = auto_run
     out = compare.main([str(run_dir), f"{run_dir}:popularity"])
@@ -151,8 +151,8 @@ def test_a_failing_candidate_is_reported_and_the_others_finish(source_run, hm_sh
 def test_resume_in_the_middle_of_the_candidates_continues(source_run, hm_shards, tiny_bert_dir, tmp_path,
                                                           monkeypatch):
     """Stopped while the second candidate trains: --resume keeps the first (not trained again) and finishes the rest."""
-    from transrec.trainer import transfer
     from transrec.trainer.main import main
+    from transrec.trainer.training import transfer_auto as transfer
 
     run_dir = tmp_path / "run"
     started = []
@@ -182,11 +182,11 @@ def test_resume_in_the_middle_of_the_candidates_continues(source_run, hm_shards,
 
 def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_shards, tiny_bert_dir, tmp_path):
     """A candidate killed after a checkpoint (resume.json, no metrics.json) continues from it on --resume."""
-    from transrec.trainer import transfer_plan
-    from transrec.trainer.config import apply_overrides
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
     from transrec.trainer.main import main
-    from transrec.trainer.presets import preset
-    from transrec.trainer.train import Trainer
+    from transrec.trainer.training.loop import Trainer
+    from transrec.trainer.transfer import candidates as transfer_plan
 
     run_dir = tmp_path / "run"
     argv = auto_argv(source_run, hm_shards, tiny_bert_dir, run_dir, "transfer.candidates=finetune")
@@ -199,7 +199,7 @@ def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_sha
     del trainer
     point = json.loads((run_dir / "candidates" / "finetune" / "resume.json").read_text())
     assert point["stage"] == 1 and not (run_dir / "candidates" / "finetune" / "metrics.json").exists()
-    from transrec.trainer.run_setup import write_run_record
+    from transrec.trainer.core.run_setup import write_run_record
 
     write_run_record(run_dir, cfg, json.loads(Path(DS).read_text()), {})
     assert argv  # the same command would start it; --resume continues it
@@ -211,20 +211,24 @@ def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_sha
 def test_the_table4_auto_row_chooses_on_validation(tmp_path):
     """trainer/experiments/auto_row.py: per seed, the cached candidate run with the best validation NDCG@10 (not the
     best test), compared with scratch over the same users."""
-    from transrec.trainer.experiments.auto_row import auto_rows, grouped_runs
+    from transrec.trainer.core.config import changed, to_dict
+    from transrec.trainer.core.presets import preset
+    from transrec.trainer.experiments.auto_row import auto_rows, grouped_runs, shown_settings
     from transrec.trainer.experiments.auto_row import main as auto_main
+    from transrec.trainer.experiments.plans import MODEL_CHANGES, table_settings
 
-    def run(key: str, model: str, seed: int, valid: float, ranks: list[int], head: str = "content") -> None:
+    def no_early_stopping(c):
+        c.eval.patience = 0
+
+    def run(key: str, model: str, seed: int, valid: float, ranks: list[int], content_head: bool = True) -> None:
         d = tmp_path / key
         d.mkdir()
-        stages = {"stage1": {"head": head}, "stage2": {"loss": "sampled_softmax"}} if head == "content" else {}
-        (d / "run_config.json").write_text(json.dumps({"config": stages}))
-        argv = ["--preset", "cpu-small", "--set", "model.side_features=false", f"seed={seed}", "eval.patience=0"]
-        from transrec.trainer.experiments.plans import MODEL_OVERRIDES
-
-        argv += MODEL_OVERRIDES[model]
-        (d / "runner.json").write_text(json.dumps({"spec": {"domain": "hm-b-mixed", "model": model, "seed": seed},
-                                                   "argv": argv}))
+        config = to_dict(changed(preset("cpu-small"), table_settings, *MODEL_CHANGES[model], no_early_stopping))
+        config["seed"] = seed
+        if not content_head:  # a record of before the content softmax: no objective settings at all
+            del config["stage1"]["head"], config["stage2"]["loss"]
+        (d / "run_config.json").write_text(json.dumps({"config": config}))
+        (d / "runner.json").write_text(json.dumps({"spec": {"domain": "hm-b-mixed", "model": model, "seed": seed}}))
         (d / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": valid}}))
         (d / "test_ranks.tsv").write_text("user\ttarget_item\trank\n" +
                                           "".join(f"{u}\t{u}\t{r}\n" for u, r in enumerate(ranks)))
@@ -236,7 +240,7 @@ def test_the_table4_auto_row_chooses_on_validation(tmp_path):
         run(f"s{seed}", "scratch", seed, 0.20, [5] * users)
     run("z0", "zeroshot", 0, 0.20, [1] * users)
     # a run made while the paper's objectives were the default: recorded as 'transfer', no content head; ignored
-    run("old", "transfer", 1, 0.99, [1] * users, head="")
+    run("old", "transfer", 1, 0.99, [1] * users, content_head=False)
     (row,) = auto_rows(grouped_runs(tmp_path))
     assert row["chosen"] == ["transfer", "zeroshot", "transfer"]
     assert row["best_row"] == "zeroshot"  # best on test, which auto does not see
@@ -247,8 +251,17 @@ def test_the_table4_auto_row_chooses_on_validation(tmp_path):
                       "--figure", str(tmp_path / "auto.png")])
     assert (tmp_path / "auto.png").read_bytes()[:4] == b"\x89PNG" and "![transfer minus scratch]" in text
     run("t0-again", "transfer", 0, 0.30, [50] * users)  # two runs of one row, seed and settings: which one is meant?
-    with pytest.raises(SystemExit, match="t0 and t0-again are both transfer on hm-b-mixed, seed 0"):
+    with pytest.raises(SystemExit, match=r"t0 and t0-again are both transfer on hm-b-mixed, seed 0, with the same "
+                                         r"settings \(eval.patience: 0\)"):
         grouped_runs(tmp_path)
+    # a run whose configuration differs beyond the rows' own settings is a group of its own
+    (tmp_path / "t0-again").rename(tmp_path / "t0-128px")
+    config = json.loads((tmp_path / "t0-128px" / "run_config.json").read_text())
+    config["config"]["model"]["image"]["size"] = 128
+    (tmp_path / "t0-128px" / "run_config.json").write_text(json.dumps(config))
+    groups = grouped_runs(tmp_path)
+    assert sorted(map(shown_settings, (settings for _, settings in groups))) == [
+        [("eval", "patience", 0)], [("eval", "patience", 0), ("model", "image_size", 128)]]
 
 
 def test_every_candidate_is_a_run_of_the_hparams_tab(auto_run):

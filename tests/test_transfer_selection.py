@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from transrec.trainer import ranking as ev
-from transrec.trainer.config import TRANSFER_CANDIDATES
-from transrec.trainer.transfer_free import score_candidate
-from transrec.trainer.transfer_report import select
+from transrec.trainer.core.config import TRANSFER_CANDIDATES
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.transfer.selection import select
+from transrec.trainer.transfer.training_free import score_candidate
 
 V, D, USERS, L = 80, 8, 120, 6
 FREE = [c for c in TRANSFER_CANDIDATES if c in ("start", "popularity", "content", "prior")]

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 from test_serving import build_export
 
-from transrec.trainer.config import apply_overrides
-from transrec.trainer.presets import preset
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import preset
 
 
 def test_scratch_is_accepted_as_a_named_candidate():
-    from transrec.trainer.transfer_plan import candidate_plan
+    from transrec.trainer.transfer.candidates import candidate_plan
 
     cfg = apply_overrides(preset("tiny"), ["init_from=x", "transfer=auto", "transfer.candidates=finetune,scratch"])
     assert cfg.transfer.candidate_names() == ["finetune", "scratch"]
@@ -55,7 +55,7 @@ def test_the_cost_estimate_counts_the_set_up_once_and_not_the_one_off_cache_pass
     evaluation of 30 s each, 120 s of set-up. A candidate that trains runs both stages, 4 epochs of 50 batches at
     1.2 s, a 30 s validation per epoch and a 30 s test per stage: 120 + 2 x (4 x (60 + 30) + 30) = 900 s (the
     estimate before counted the whole 300 s as set-up: 1080 s)."""
-    from transrec.trainer import transfer
+    from transrec.trainer.training import transfer_auto as transfer
 
     clock = _Clock()
     monkeypatch.setattr(transfer, "time", clock)
@@ -77,8 +77,8 @@ def test_the_init_log_names_every_tensor_it_creates(tiny_bert_dir, tmp_path):
     """Count and names agree: each created tensor is named (or, past eight, counted in its group)."""
     import numpy as np
 
-    from transrec.trainer.checkpoint import load_export
-    from transrec.trainer.model import TransRec
+    from transrec.trainer.core.checkpoint import load_export
+    from transrec.trainer.core.model import TransRec
 
     export = build_export(tmp_path / "export", tiny_bert_dir)
     cfg = preset("tiny").model
@@ -103,8 +103,8 @@ def test_the_collapse_warning_says_whether_it_is_the_start_of_fine_tuning(tmp_pa
     """The issue's run: cosine 0.98 at epoch 0 falling to 0.86 by epoch 5, then a stage that stays collapsed."""
     import torch
 
-    from transrec.trainer import metric_log
-    from transrec.trainer.metric_log import RunLog
+    from transrec.trainer.monitoring import metric_log
+    from transrec.trainer.monitoring.metric_log import RunLog
 
     log = RunLog(tmp_path, rank=0, world=1, device=torch.device("cpu"), log_every=1)
     monkeypatch.setattr(log, "scalars", lambda values, step: None)

@@ -1,4 +1,4 @@
-"""Command: TransRec training (`deepspeed trainer/main.py`); the work is `trainer/run.py:train`.
+"""Command: TransRec training (`deepspeed trainer/main.py`); the work is `trainer/training/run.py:train`.
 
     deepspeed trainer/main.py --ds_config ds_configs/zero2.json [--shards DIR] [--preset cpu-small]
         [--stage {1,2,all}] [--run-dir DIR] [--resume RUN_DIR] [--init-from EXPORT_DIR]
@@ -16,20 +16,21 @@ import os
 # `deepspeed trainer/main.py` puts trainer/ first on sys.path, where its module names (config, model, index, ...)
 # would shadow any dependency's of that name: run_as_script takes it off. The project imports as `transrec.*`.
 try:
-    from transrec.trainer.script_path import run_as_script
+    from transrec.trainer.commands.script_path import run_as_script
 except ModuleNotFoundError:
     raise SystemExit("error: the transrec package is not installed in this Python: run `make install` (creates .venv) "
                      "or `pip install -e .` from the repository root, then use that environment's deepspeed") from None
 run_as_script(__file__, offline=True)
 
 from transrec.data_shards.integrity import IntegrityError  # noqa: E402
-from transrec.trainer.checkpoint import ExportError  # noqa: E402
-from transrec.trainer.config import RunConfig, apply_overrides  # noqa: E402
-from transrec.trainer.launcher_echo import LineParser, error_line_last  # noqa: E402
-from transrec.trainer.metric_log import TrainingDiverged  # noqa: E402
-from transrec.trainer.presets import PRESETS, preset  # noqa: E402
-from transrec.trainer.ranking import NonFiniteScores  # noqa: E402
-from transrec.trainer.run import RunInputError, RunResult, resumed_config, train  # noqa: E402
+from transrec.trainer.commands.launcher_echo import LineParser, error_line_last  # noqa: E402
+from transrec.trainer.core.checkpoint import ExportError  # noqa: E402
+from transrec.trainer.core.config import RunConfig  # noqa: E402
+from transrec.trainer.core.overrides import apply_overrides  # noqa: E402
+from transrec.trainer.core.presets import PRESETS, preset  # noqa: E402
+from transrec.trainer.evaluation.ranking import NonFiniteScores  # noqa: E402
+from transrec.trainer.monitoring.metric_log import TrainingDiverged  # noqa: E402
+from transrec.trainer.training.run import RunInputError, RunResult, resumed_config, train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:

@@ -1,6 +1,7 @@
 """Table 4's "auto" row from the cached runs: per target and seed, the transfer=auto choice among the rows it chooses
 between (the start = zero-shot, plain fine-tuning, the low rate, towers only: whichever the target has, trained with
-the same settings), made on validation NDCG@10 exactly as `trainer/transfer.py` chooses among its candidates.
+the same settings), made on validation NDCG@10 exactly as `trainer/training/transfer_auto.py` chooses among its
+candidates.
 
     python -m transrec.trainer.experiments.auto_row [--runs reports/runs] [--out reports/table4_auto.md]
         [--figure reports/transfer_vs_scratch.png]
@@ -17,26 +18,64 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 
-from transrec.trainer.experiments.plans import DOMAINS, MODEL_OVERRIDES, SOURCE_OF
+from transrec.trainer.core.config import changed, to_dict
+from transrec.trainer.core.presets import preset
+from transrec.trainer.evaluation.ranking import per_user_gain
+from transrec.trainer.evaluation.run_stats import compare, read_ranks
+from transrec.trainer.experiments.plans import DOMAINS, MODEL_CHANGES, SOURCE_OF, table_settings
 from transrec.trainer.experiments.report import save_figure
-from transrec.trainer.ranking import per_user_gain
-from transrec.trainer.run_stats import compare, read_ranks
+from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing
 
 CANDIDATE_ROWS = {"zeroshot": "start (zero-shot)", "transfer": "fine-tuned", "transfer-lowlr": "low rate",
                   "transfer-towers": "towers only"}
-PATH_SETTINGS = ("seed=", "init_from=", "data.feature_store=", "model.text_encoder=")
 # targets that share their scratch runs with another target (the same shards and settings)
 SCRATCH_OF = {"hm-b-image-from-a-image": "hm-b-image", "hm-b-text-side-from-a-text": "hm-b-text-side"}
 SEEDS = (0, 1, 2)
+# what a run's configuration holds that never tells a group apart: where it ran, its seed, the domain's side features
+NOT_SETTINGS = (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), ("", "run_dir"),
+                ("", "init_from"), ("", "resume"), ("", "seed"), ("model", "side_features"), ("", "preset"))
+# the settings in words, where a figure's label has room for them
+WORDS = {("eval", "patience", 0): "no early stopping", ("model", "image_size", 128): "128 px",
+         ("model", "image_size", 64): "64 px", ("model", "learn_temperature", True): "learned temperature"}
 
 
-def grouped_runs(runs: Path) -> dict[tuple[str, tuple[str, ...]], dict[str, dict[int, Path]]]:
-    """(target, its settings without the model's own and the paths) -> model -> seed -> run folder."""
+def flat_settings(config: dict) -> dict[tuple[str, str], str]:
+    """A run configuration (run_config.json's, of any age) as {(section or "", name): value as JSON}, in run keys'
+    form (trainer/experiments/run_keys.py), less NOT_SETTINGS."""
+    cfg = drop_settings_that_change_nothing(copy.deepcopy(config))
+    flat = {}
+    for name, value in cfg.items():
+        for key, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            flat[(name, key) if key is not None else ("", name)] = json.dumps(v, sort_keys=True)
+    return {k: v for k, v in flat.items() if k not in NOT_SETTINGS}
+
+
+@functools.cache
+def row_fields() -> frozenset:
+    """The settings the rows auto chooses among set for themselves (zero-shot's stages, the low rates, ...)."""
+    base = flat_settings(to_dict(changed(preset("cpu-small"))))
+    fields = set()
+    for model in CANDIDATE_ROWS:
+        own = flat_settings(to_dict(changed(preset("cpu-small"), *MODEL_CHANGES[model])))
+        fields |= {k for k in base.keys() | own.keys() if base.get(k) != own.get(k)}
+    return frozenset(fields)
+
+
+def group_settings(run: Path) -> tuple[tuple[tuple[str, str], str], ...]:
+    """The run's settings that tell its group apart: its configuration less the rows' own settings."""
+    flat = flat_settings(json.loads((run / "run_config.json").read_text())["config"])
+    return tuple(sorted((k, v) for k, v in flat.items() if k not in row_fields()))
+
+
+def grouped_runs(runs: Path) -> dict[tuple[str, tuple], dict[str, dict[int, Path]]]:
+    """(target, its settings: group_settings) -> model -> seed -> run folder."""
     groups: dict = collections.defaultdict(lambda: collections.defaultdict(dict))
     for rec_file in sorted(runs.glob("*/runner.json")):
         rec = json.loads(rec_file.read_text())
@@ -47,15 +86,13 @@ def grouped_runs(runs: Path) -> dict[tuple[str, tuple[str, ...]], dict[str, dict
             continue
         if not content_objective(rec_file.parent):
             continue
-        sets = rec["argv"][rec["argv"].index("--set") + 1:]
-        own = set(MODEL_OVERRIDES[spec["model"]])
-        settings = tuple(sorted(s for s in sets if s not in own and not s.startswith(PATH_SETTINGS)
-                                and not s.startswith("model.side_features=")))
+        settings = group_settings(rec_file.parent)
         seeds = groups[(spec["domain"], settings)][spec["model"]]
         if spec["seed"] in seeds:
+            shown = ", ".join(map(setting_text, shown_settings(settings))) or "the table settings"
             raise SystemExit(f"error: runs {seeds[spec['seed']].name} and {rec_file.parent.name} are both "
                              f"{spec['model']} on {spec['domain']}, seed {spec['seed']}, with the same settings "
-                             f"{list(settings)}; keep one (the table reports list the runs they use)")
+                             f"({shown}); keep one (the table reports list the runs they use)")
         seeds[spec["seed"]] = rec_file.parent
     return groups
 
@@ -68,13 +105,17 @@ def content_objective(run: Path) -> bool:
     return cfg.get("stage1", {}).get("head") == "content" and cfg.get("stage2", {}).get("loss", "cpc") != "cpc"
 
 
-def shown_settings(settings: tuple[str, ...]) -> list[str]:
-    """The settings that tell a group apart (the table settings and defaults left out; 128 px overrides 64)."""
-    hidden = ("model.learn_temperature=false", "data.user_fraction=1.0", "model.frozen_towers=false")
-    shown = [s for s in settings if s not in hidden]
-    if "model.image_size=128" in shown:
-        shown.remove("model.image_size=64")
-    return shown
+def shown_settings(settings: tuple) -> list[tuple[str, str, object]]:
+    """The settings where a group differs from the tables' configuration (cpu-small with the table settings):
+    (section or "", name, value)."""
+    table = flat_settings(to_dict(changed(preset("cpu-small"), table_settings)))
+    return [(section, name, json.loads(value)) for (section, name), value in settings
+            if (section, name) in table and table[(section, name)] != value]
+
+
+def setting_text(setting: tuple[str, str, object]) -> str:
+    section, name, value = setting
+    return f"{section + '.' if section else ''}{name}: {json.dumps(value)}"
 
 
 def _valid(run: Path) -> float:
@@ -145,7 +186,7 @@ def report(rows: list[dict], command: str) -> str:
         spread = r["rows"][r["best_row"]]
         vs, vb, vf = r["vs_scratch"], r["vs_best"], r["finetuned_vs_scratch"]
         lines.append(
-            f"| {r['target']} ({', '.join(r['settings']) or 'table settings'}) | "
+            f"| {r['target']} ({', '.join(map(setting_text, r['settings'])) or 'table settings'}) | "
             f"{', '.join(CANDIDATE_ROWS[c] for c in r['candidates'])} | "
             f"{', '.join(CANDIDATE_ROWS[c] for c in r['chosen'])} | {r['auto'].mean():.4f} "
             f"({r['auto'].min():.4f}-{r['auto'].max():.4f}) | {r['scratch'].mean():.4f} | {vs['diff']:+.4f} "
@@ -168,10 +209,8 @@ def report(rows: list[dict], command: str) -> str:
 def group_label(row: dict) -> str:
     """'H&M half B image only <- H&M half A image only (128 px, no early stopping)' for the figure."""
     target, source = DOMAINS[row["target"]].label, DOMAINS[SOURCE_OF[row["target"]]].label
-    words = {"eval.patience=0": "no early stopping", "model.image_size=128": "128 px",
-             "model.image_size=64": "64 px", "model.learn_temperature=true": "learned temperature"}
-    shown = [words.get(s, s) for s in row["settings"] if s != "model.image_size=64" or len(row["settings"]) == 1]
-    return f"{target} <- {source}" + (f" ({', '.join(shown)})" if shown else "")
+    words = [WORDS.get(setting, setting_text(setting)) for setting in row["settings"]]
+    return f"{target} <- {source}" + (f" ({', '.join(words)})" if words else "")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -182,7 +221,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series = (("finetuned_vs_scratch", "fine-tuned from the export (the paper's transfer)", "tab:gray", "o"),
-              ("vs_scratch", "transfer=auto (chosen on validation)", "tab:blue", "D"))
+              ("vs_scratch", "chosen on validation (transfer=auto)", "tab:blue", "D"))
     fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 2.2))
     y = np.arange(len(rows))[::-1]
     for i, (key, label, colour, marker) in enumerate(series):

@@ -10,7 +10,7 @@ Two source -> target pairs that share no item and no user:
 - hm: H&M half A -> half B (data_shards/split_disjoint.py), the same platform: the control where zero-shot worked.
 
 For each source seed (the source run is trained by the experiments runner, cached in OUT/runs/ and kept with its
-export) the export is scored on the target with no target training, in every way trainer/scoring.py offers:
+export) the export is scored on the target with no target training, in every way trainer/evaluation/scoring.py offers:
 its user encoder ("zero-shot"), the training-free content baseline (the mean of the history's item vectors, cosine),
 each with and without the target popularity prior (beta chosen on the target's validation split), and popularity.
 "training-free auto" is the one of these that validates best: what transfer=auto's training-free candidates give.
@@ -35,16 +35,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.trainer import ranking as ev
+from transrec.trainer.core.config import RunConfig
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.evaluation.model_ranker import ranker_from_export
+from transrec.trainer.evaluation.scoring import Scoring, choose_prior, scoring_ranks
 from transrec.trainer.experiments.cross_catalogue_report import write_report
 from transrec.trainer.experiments.plans import SOURCE_OF, RunSpec
 from transrec.trainer.experiments.runner import Suite, parse_args
-from transrec.trainer.model_eval import ranker_from_export
-from transrec.trainer.scoring import Scoring, choose_prior, scoring_ranks
 
 SPLITS = {"ml": "ml-new-mixed", "hm": "hm-b-mixed"}  # split -> target domain (its source: plans.SOURCE_OF)
 # the settings of the H&M same-platform study whose zero-shot win this report keeps as its control
-REPORT_SETTINGS = ("model.image_size=128", "eval.patience=0")
+REPORT_SETTINGS_TEXT = "128-px images, no early stopping"
+
+
+def report_settings(c: RunConfig) -> None:
+    c.model.image.size, c.eval.patience = 128, 0
 RESULT_VERSION = 2
 
 
@@ -237,19 +242,19 @@ def main(argv: list[str] | None = None) -> Path:
     if bad or not splits:
         raise SystemExit(f"--splits: unknown {bad}; choose from {list(SPLITS)}")
     sources = [s.strip() for s in a.sources.split(",") if s.strip()]
-    runner_argv = ["table4", "--set", *REPORT_SETTINGS, *a.set]
+    runner_argv = ["table4", "--set", *a.set]
     if a.out:
         runner_argv += ["--out", a.out]
     if a.data_root:
         runner_argv += ["--data-root", a.data_root]
     if a.quick:
         runner_argv.append("--quick")
-    suite = Suite(parse_args(runner_argv))
+    suite = Suite(parse_args(runner_argv), changes=[report_settings])
     results = {(split, src): run(suite, split, src, list(range(a.seeds)), "ndcg@10")
                for split in splits for src in sources}
     command = "python -m transrec.trainer.experiments.cross_catalogue " + " ".join(
         sys.argv[1:] if argv is None else argv)
-    path = write_report(suite, results, command, settings=[*REPORT_SETTINGS, *a.set])
+    path = write_report(suite, results, command, settings=[REPORT_SETTINGS_TEXT, *a.set])
     print(f"[cross_catalogue] report: {path}")
     return path
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transrec.trainer.evaluation.run_stats import compare
 from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF
 from transrec.trainer.experiments.report import hardware, relative_path
-from transrec.trainer.run_stats import compare
 
 ROWS = ("popularity", "zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
         "training-free auto", "zero-shot, centred", "zero-shot, centred + prior")
@@ -212,7 +212,7 @@ def write_report(suite, results: dict[tuple[str, str], list[dict]], command: str
     lines = ["# Cross-catalogue transfer: a source export on a catalogue it never saw, with no target training", "",
              f"- command: `{relative_path(command)}`",
              f"- date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; hardware: {hardware()}",
-             f"- preset `{suite.preset}` with `{' '.join(settings)}` for every source run (the settings of "
+             f"- preset `{suite.preset}` with {', '.join(settings)} for every source run (the settings of "
              "[same_platform/table4_hm_split_128px.md](same_platform/table4_hm_split_128px.md), whose zero-shot win "
              "is the control); bootstrap: 1000 paired resamples of test users, 95% interval",
              "- leave-one-out, whole-catalogue ranking, the user's seen items excluded; beta of every prior chosen on "

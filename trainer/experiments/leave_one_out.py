@@ -42,15 +42,15 @@ from transrec.data_shards.split_by_release import split_by_release
 from transrec.data_shards.split_disjoint import split_disjoint
 from transrec.data_shards.tables import Problems
 from transrec.data_shards.tables_ml1m import movielens_film_key, read_movies
-from transrec.trainer import ranking as ev
-from transrec.trainer.config import RunConfig
+from transrec.trainer.core.config import RunConfig
+from transrec.trainer.core.presets import preset
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.evaluation.model_ranker import ranker_from_export
 from transrec.trainer.experiments.cross_catalogue import score_target
 from transrec.trainer.experiments.leave_one_out_report import write_report
 from transrec.trainer.experiments.leave_one_out_trained import check_same_popularity, target_run, trained_rows
 from transrec.trainer.experiments.recent_popularity import recent_rows
-from transrec.trainer.model_eval import ranker_from_export
-from transrec.trainer.presets import preset
-from transrec.trainer.run import train
+from transrec.trainer.training.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = REPO.parent / "shared" / "datasets"

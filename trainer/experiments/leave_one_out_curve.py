@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transrec.trainer import ranking as ev  # noqa: E402
+from transrec.trainer.evaluation import ranking as ev  # noqa: E402
 
 CURVE_ROWS = ("zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
               "zero-shot + recent prior")

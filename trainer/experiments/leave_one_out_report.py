@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.trainer import ranking as ev
+from transrec.trainer.evaluation import ranking as ev
 from transrec.trainer.experiments.leave_one_out_curve import fmt, source_size_curves, study_cost
 
 ROWS = ("popularity", "zero-shot", "zero-shot + prior", "content baseline", "content baseline + prior",
@@ -24,9 +24,10 @@ PAIRS = (("zero-shot", "popularity"), ("zero-shot + prior", "popularity"), ("zer
          ("recent popularity", "popularity"), ("zero-shot + recent prior", "recent popularity"),
          ("zero-shot + recent prior", "content baseline + recent prior"), ("zero-shot + recent prior", "popularity"))
 # with --train-on-target: the rows that train on the target (trainer/experiments/leave_one_out_trained.py)
-TRAINED_ROWS = ("scratch", "fine-tuned", "towers + new user encoder", "transfer=auto")
+AUTO_ROW = "auto choice"  # the candidate transfer=auto keeps on the target's validation split
+TRAINED_ROWS = ("scratch", "fine-tuned", "towers + new user encoder", AUTO_ROW)
 TRAINED_PAIRS = (("scratch", "popularity"), ("fine-tuned", "scratch"), ("towers + new user encoder", "scratch"),
-                 ("transfer=auto", "scratch"), ("transfer=auto", "popularity"), ("zero-shot + prior", "scratch"))
+                 (AUTO_ROW, "scratch"), (AUTO_ROW, "popularity"), ("zero-shot + prior", "scratch"))
 METRICS = ("hr@10", "ndcg@10")
 
 
@@ -172,8 +173,8 @@ def write_report(results: list[dict], out: Path, argv: list[str] | None) -> Path
              "sequence scored against its own catalogue's items, catalogues mixed in proportion to their training "
              "windows, the epoch chosen by the mean validation NDCG@10 over the source catalogues; the rows up to "
              "`content baseline + recent prior` are training-free on the target (trainer/experiments/"
-             "leave_one_out.py); scratch, fine-tuned, towers + new user encoder and transfer=auto train on the "
-             "target (`cpu-small`, both stages; trainer/experiments/leave_one_out_trained.py)",
+             "leave_one_out.py); scratch, fine-tuned, towers + new user encoder and the auto choice (transfer=auto) "
+             "train on the target (`cpu-small`, both stages; trainer/experiments/leave_one_out_trained.py)",
              "- the prior: beta x log(1 + target count), beta chosen on the target's validation split, never on test",
              ""]
     main = [r for r in results if r.get("source_set", "all") == "all"]

@@ -1,13 +1,13 @@
 """The leave-one-catalogue-out study's rows that train on the target: scratch, and the source's export fine-tuned.
 
 One run per (target, source, seed): `transfer=auto` from the source's export with scratch included
-(trainer/transfer.py), so a single run trains every candidate on the target's training split, under the same preset
-(`cpu-small`, both stages) and seed:
+(trainer/training/transfer_auto.py), so a single run trains every candidate on the target's training split, under the
+same preset (`cpu-small`, both stages) and seed:
 
 - scratch: a model trained on the target alone (the source is not used);
 - fine-tuned: the export, both stages on the target;
 - towers + new user encoder: the export's item towers, the user encoder started afresh;
-- transfer=auto: the candidate transfer=auto keeps on the target's validation split (training-free ones included).
+- auto choice: the candidate transfer=auto keeps on the target's validation split (training-free ones included).
 
 Each row's per-user test ranks come from the candidate's test_ranks.tsv, put in the order of the study's test users,
 so that they pair with the training-free rows (trainer/experiments/leave_one_out_report.py).
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.trainer.config import RunConfig
-from transrec.trainer.presets import preset
-from transrec.trainer.run import train
-from transrec.trainer.run_stats import read_ranks
+from transrec.trainer.core.config import RunConfig
+from transrec.trainer.core.presets import preset
+from transrec.trainer.evaluation.run_stats import read_ranks
+from transrec.trainer.experiments.leave_one_out_report import AUTO_ROW
+from transrec.trainer.training.run import train
 
 # report row -> the transfer=auto candidate it reads
 TRAINED_ROWS = {"scratch": "scratch", "fine-tuned": "finetune", "towers + new user encoder": "towers"}
@@ -75,7 +76,7 @@ def trained_rows(run_dir: Path, users: list[int], targets: list[int]) -> dict[st
     chosen = metrics["transfer"]["selected"]
     d = run_dir / "candidates" / chosen
     m = json.loads((d / "metrics.json").read_text())
-    rows["transfer=auto"] = {"valid": m["valid"], "test": m["test"], "chose": chosen,
+    rows[AUTO_ROW] = {"valid": m["valid"], "test": m["test"], "chose": chosen,
                              "test_ranks": ranks_in_order(d / "test_ranks.tsv", users, targets)}
     return rows
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from transrec.trainer.core.config import Change, RunConfig
+from transrec.trainer.transfer.candidates import at_rates, evaluate_only, towers_only
+
 RELEASE_YEAR = 1995  # the MovieLens cross-catalogue split: films up to this year are the source's
 
 
@@ -59,28 +62,63 @@ ID_DOMAIN_OF = {"hm-image": "hm-mixed", "hm-b-image": "hm-b-mixed", "hm-b-image-
 # Settings whose preset default changed after the tables were run: the tables keep the value they were run with,
 # so that their cached runs stay theirs and re-running a report's command reproduces it. Every run gets these before
 # --set / --set-target, which can give the new default (e.g. `--set model.learn_temperature=true`).
-TABLE_SETTINGS = ("model.learn_temperature=false", "model.image_size=64")
+TABLE_SETTINGS_TEXT = "the softmax temperature fixed (not learned), images at 64 px"
+
+
+def table_settings(c: RunConfig) -> None:
+    c.model.learn_temperature = False
+    c.model.image.size = 64
+
+
 SOURCE_OF = {"hm-mixed": "ml-mixed", "hm-image": "ml-mixed", "hm-text-side": "ml-mixed", "ml-mixed": "hm-mixed",
              **{t: "hm-a-mixed" for t in SPLIT_TARGETS}, "hm-b-image-from-a-image": "hm-a-image",
              "hm-b-text-side-from-a-text": "hm-a-text", "ml-new-mixed": "ml-old-mixed"}
 SOURCE_SEED = 0
 # The paper's objectives: stage 1 through a free catalogue head, stage 2 CPC (Eq. 9). The ID baselines keep them (an
 # ID model's free head is one more ID table); "-paper" rows train TransRec with them, beside the content-softmax
-# default (trainer/losses.py), so that the change of objective is visible in every table.
-PAPER_OBJECTIVES = ["stage1.head=free", "stage2.loss=cpc"]
-MODEL_OVERRIDES = {"idrec": ["model.item_encoder=id", "model.user_encoder=transformer", *PAPER_OBJECTIVES],
-                   "idgru": ["model.item_encoder=id", "model.user_encoder=gru", *PAPER_OBJECTIVES],
-                   "idnext": ["model.item_encoder=id", "model.user_encoder=nextitnet", *PAPER_OBJECTIVES],
-                   "scratch": [], "transfer": [], "transrec-": ["stages=2"], "zeroshot": ["stages=none"],
-                   "scratch-paper": PAPER_OBJECTIVES, "transfer-paper": PAPER_OBJECTIVES,
-                   "transrec--paper": ["stages=2", *PAPER_OBJECTIVES],
-                   "transfer-towers": ["init_parts=towers"], "transfer-initial": ["eval.initial_candidate=true"],
-                   "transfer-lowlr": ["stage1.lr=0.0001", "stage2.lr=0.0001"],
-                   # a source whose content softmax leaves its catalogue's popularity out (logit adjustment, tau 1):
-                   # cross_catalogue.py's source-model change
-                   "scratch-popcorr": ["stage1.popularity_correction=1.0", "stage2.popularity_correction=1.0"],
-                   # a source with the learned softmax temperature (the cpu-small preset's default since the tables)
-                   "scratch-temperature": ["model.learn_temperature=true"]}
+# default (trainer/core/losses.py), so that the change of objective is visible in every table.
+def paper_objectives(c: RunConfig) -> None:
+    c.stage1.head, c.stage2.loss = "free", "cpc"
+
+
+def id_baseline(user_encoder: str) -> Change:
+    """An ID baseline: the ID table as item encoder and `user_encoder` over it, with the paper's objectives."""
+
+    def change(c: RunConfig) -> None:
+        c.model.item_encoder, c.model.user_encoder = "id", user_encoder
+        paper_objectives(c)
+
+    return change
+
+
+def stage2_only(c: RunConfig) -> None:  # TransRec-: no stage-1 pre-training of the user encoder
+    c.stages = "2"
+
+
+def initial_candidate(c: RunConfig) -> None:  # the source's model before fine-tuning competes on validation
+    c.eval.initial_candidate = True
+
+
+def popularity_corrected(c: RunConfig) -> None:  # logit adjustment (tau 1) in both stages' content softmax
+    c.stage1.popularity_correction = c.stage2.popularity_correction = 1.0
+
+
+def learned_temperature(c: RunConfig) -> None:
+    c.model.learn_temperature = True
+
+
+# model -> what it sets over the preset and the table settings, in order
+MODEL_CHANGES: dict[str, tuple[Change, ...]] = {
+    "idrec": (id_baseline("transformer"),), "idgru": (id_baseline("gru"),), "idnext": (id_baseline("nextitnet"),),
+    "scratch": (), "transfer": (), "transrec-": (stage2_only,), "zeroshot": (evaluate_only,),
+    "scratch-paper": (paper_objectives,), "transfer-paper": (paper_objectives,),
+    "transrec--paper": (stage2_only, paper_objectives),
+    "transfer-towers": (towers_only,), "transfer-initial": (initial_candidate,),
+    "transfer-lowlr": (at_rates(1e-4, 1e-4),),
+    # a source whose content softmax leaves its catalogue's popularity out: cross_catalogue.py's source-model change
+    "scratch-popcorr": (popularity_corrected,),
+    # a source with the learned softmax temperature (the cpu-small preset's default since the tables)
+    "scratch-temperature": (learned_temperature,)}
 # models that start from a source run's export ("transfer-towers": only its towers; the user encoder starts new;
 # "transfer-initial": the source's model, before fine-tuning, is a candidate for selection; "transfer-lowlr":
 # fine-tuned gently at fixed rates, stage1.lr=1e-4 and stage2.lr=1e-4: a tenth and a third of cpu-small's)
@@ -93,7 +131,7 @@ TOWERS_ONLY_TARGETS = ("hm-mixed", "hm-image", "hm-text-side")
 # 10.7% of the test targets would be the validation item again, a "repeat the last item" shortcut that ID tables
 # learn and that says nothing about recommendation. The experiments collapse them (one interaction per user,
 # article and day; the count is in the manifest's policies).
-BUILD_OPTIONS = {"hm-fashion": ["--dedup", "collapse"]}
+BUILD_OPTIONS = {"hm-fashion": {"dedup": "collapse"}}  # dataset -> BuildOptions fields beyond the domain's own
 SOURCE_FRACTIONS = (0.2, 0.5, 1.0)
 TARGET_FRACTIONS = (0.2, 0.6, 1.0)
 
@@ -101,7 +139,7 @@ TARGET_FRACTIONS = (0.2, 0.6, 1.0)
 @dataclass(frozen=True)
 class RunSpec:
     domain: str
-    model: str  # a MODEL_OVERRIDES key
+    model: str  # a MODEL_CHANGES key
     seed: int = 0
     fraction: float = 1.0  # data.user_fraction of this run's training users
     frozen: bool = False

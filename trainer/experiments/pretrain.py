@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transrec.data_shards.mixture import Catalogue, mix
 from transrec.trainer.experiments.leave_one_out import REPO, prepare, source_config
-from transrec.trainer.run import train
+from transrec.trainer.training.run import train
 
 ALL = ("ml100k", "ml1m", "office", "hm-a", "hm-b")  # ml-old and ml-new are ml100k cut in two: the whole is used
 

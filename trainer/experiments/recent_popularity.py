@@ -19,13 +19,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from transrec.trainer import ranking as ev
-from transrec.trainer.eval_data import known_before
-from transrec.trainer.scoring import BETA_GRID, mean_history_vector, unit
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.evaluation.eval_users import known_before
+from transrec.trainer.evaluation.scoring import BETA_GRID, mean_history_vector, unit
 
 DAY = 86400.0
 WINDOWS = (7, 30, 90, 365)  # days
-GRID = BETA_GRID  # the static prior's grid (trainer/scoring.py)
+GRID = BETA_GRID  # the static prior's grid (trainer/evaluation/scoring.py)
 
 
 class RecentCounts:

@@ -21,9 +21,7 @@ import numpy as np
 import torch
 
 from transrec.data_shards.shard_io import read_sequences
-from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF, TABLE_SETTINGS
-from transrec.trainer.experiments.run_keys import flat_model_settings
-from transrec.trainer.run_stats import (  # noqa: F401  (the reports' statistics; re-exported for the runner)
+from transrec.trainer.evaluation.run_stats import (  # noqa: F401  (the reports' statistics; re-exported for the runner)
     METRICS,
     MIN_JUDGED_USERS,
     NOT_JUDGED,
@@ -35,6 +33,8 @@ from transrec.trainer.run_stats import (  # noqa: F401  (the reports' statistics
     subset_mask,
     training_items,
 )
+from transrec.trainer.experiments.plans import DOMAINS, SOURCE_OF, TABLE_SETTINGS_TEXT
+from transrec.trainer.experiments.run_keys import flat_model_settings
 
 if TYPE_CHECKING:
     from transrec.trainer.experiments.plans import RowPlan, TablePlan
@@ -134,7 +134,7 @@ def settings_lines(suite: Suite, plan: TablePlan) -> list[str]:
         f"`{' '.join(suite.extra) or 'none'}`"
         + (f"; on the target domains' runs only: `{' '.join(suite.target_extra)}`" if suite.target_extra else "")
         + (f"; rows of models {', '.join(suite.models)} only" if suite.models else "")
-        + f"; kept at the tables' setting where the preset's default has since changed: `{' '.join(TABLE_SETTINGS)}`"
+        + f"; kept at the tables' setting where the preset's default has since changed: {TABLE_SETTINGS_TEXT}"
         + "; the paper-scale settings are `--preset paper`."),
         (f"- model: d={m['d']}, user encoder {m['user_encoder']} ({m['user_layers']} layers, {m['user_heads']} heads), "
         f"window {m['max_len']}, images {m['image_size']} px, {m['max_tokens']} text tokens, dropout {m['dropout']}."),
@@ -172,7 +172,7 @@ def data_lines(suite: Suite, plan: TablePlan, results: dict) -> list[str]:
         policies = suite.manifest(d).get("policies", {})
         collapsed = (f"; {policies['duplicates_removed']} same-day repeats of an article collapsed (see BUILD_OPTIONS "
                      "in trainer/experiments/plans.py)" if policies.get("duplicates_removed") else "")
-        argv = " ".join(relative_path(x) for x in suite.build_argv(d, suite.shards(d)))
+        argv = " ".join(relative_path(x) for x in suite.build_command(d))
         lines.append(f"- {d}: `python -m transrec.data_shards.build {argv}`{collapsed}")
     cold = {}
     for res in results.values():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from transrec.trainer.config import TransferConfig
-from transrec.trainer.modalities import MODALITIES, legacy_model_keys
+from transrec.trainer.core.config import TransferConfig
+from transrec.trainer.core.modalities import MODALITIES, legacy_model_keys
 
 CONTENT_SOFTMAX_SETTINGS = ("candidates", "full_catalogue_max", "logq_correction", "mask_history",
                             "popularity_correction")
@@ -69,7 +69,9 @@ def drop_settings_that_change_nothing(cfg: dict) -> dict:
     for section, name, old in RETIRED_IN_KEY:
         cfg[section].setdefault(name, old)
     for stage in ("stage1", "stage2"):
-        trainable = cfg[stage].get("trainable", {})
+        if "trainable" not in cfg[stage]:  # a record of before the map: already text_trainable / image_trainable
+            continue
+        trainable = cfg[stage]["trainable"]
         if set(trainable) <= {"text", "image"}:
             cfg[stage].pop("trainable", None)
             cfg[stage].update(text_trainable=trainable.get("text", 0), image_trainable=trainable.get("image", 0))

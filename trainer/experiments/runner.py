@@ -19,7 +19,7 @@ GRU4Rec / NextItNet user encoder; train-from-scratch = TransRec from the towers'
 the same with `--init-from` the source run's export (source seed 0, fine-tuned with the same schedule);
 zero-shot = the source export evaluated on the target by content with no target training (`--stage none`);
 TransRec- = `--stage 2` only; frozen = `model.frozen_towers=true`. TransRec trains with the content softmax
-(trainer/losses.py) by default; "-paper" models (e.g. `scratch-paper`) with the paper's objectives (free stage-1
+(trainer/core/losses.py) by default; "-paper" models (e.g. `scratch-paper`) with the paper's objectives (free stage-1
 head, CPC), which the ID baselines keep. A run is cached in OUT/runs/<config hash>/ (the hash covers the resolved
 configuration, the data's input hashes, the text encoder and the source run; a new config field gives every run that
 reads it a new key; run_keys.py leaves out the settings a run never reads or that sit at the value reproducing the
@@ -45,26 +45,25 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from transrec.data_shards.build import main as build_main
+from transrec.data_shards.build import BuildOptions, build
 from transrec.data_shards.split_by_release import split_by_release
 from transrec.data_shards.split_disjoint import split_disjoint
-from transrec.trainer.config import (
-    RunConfig,
-    apply_overrides,
-    read_run_config,
-    to_dict,
-)
+from transrec.trainer.core.config import Change, RunConfig, changed, read_run_config, to_dict
+from transrec.trainer.core.overrides import apply_overrides
+from transrec.trainer.core.presets import PRESETS, preset
+from transrec.trainer.core.towers import minilm_path
 from transrec.trainer.experiments import report as er
 from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: the runner's public names)
     BUILD_OPTIONS,
     DOMAINS,
-    MODEL_OVERRIDES,
+    MODEL_CHANGES,
     OPT_IN_MODELS,
     PLANS,
     RELEASE_YEAR,
@@ -74,7 +73,7 @@ from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: th
     SPLIT_SEED,
     SPLIT_TARGETS,
     SPLITS,
-    TABLE_SETTINGS,
+    TABLE_SETTINGS_TEXT,
     TARGET_FRACTIONS,
     TARGETS,
     TRANSFERS,
@@ -82,21 +81,28 @@ from transrec.trainer.experiments.plans import (  # noqa: F401  (re-exported: th
     RowPlan,
     RunSpec,
     TablePlan,
+    table_settings,
 )
 from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing, flat_model_settings
 from transrec.trainer.experiments.views import DS_CONFIG, evaluate_view
-from transrec.trainer.presets import PRESETS, preset
-from transrec.trainer.run import train
-from transrec.trainer.towers import minilm_path
+from transrec.trainer.training.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = ("table2", "table4", "table5", "table6", "table7")
 
 
+def build_flags(options: dict) -> list[str]:
+    """BuildOptions fields as the builder's command-line flags: what a report shows, and what a shard folder's tag
+    hashes (the form the experiments first gave them in, so shards built before keep their folders)."""
+    return [x for name, value in options.items() for x in (f"--{name.replace('_', '-')}", str(value))]
+
+
 class Suite:
     """Settings shared by every run of one invocation, the shard and run caches, and run execution."""
 
-    def __init__(self, a: argparse.Namespace):
+    def __init__(self, a: argparse.Namespace, changes: Sequence[Change] = ()):
+        """`a`: the invocation's arguments (parse_args); `changes`: what a study sets for every run beyond the
+        tables' settings, applied before the command line's --set."""
         self.quick = a.quick
         self.preset = a.preset or ("tiny" if a.quick else "cpu-small")
         default_out = REPO / "reports" / ("quick" if a.quick else "")
@@ -107,6 +113,7 @@ class Suite:
                     "hm-fashion": Path(a.hm or hm_default).resolve()}
         self.text_encoder = a.text_encoder or ("tiny-random" if a.quick else None)
         self.image_backbone = a.image_backbone
+        self.study_changes = list(changes)
         self.extra = list(a.set or [])
         self.target_extra = list(a.set_target or [])  # target runs only: a transfer's source run keeps its settings
         self.models = [m.strip() for m in a.models.split(",")] if a.models else None
@@ -160,17 +167,23 @@ class Suite:
     def shards(self, domain: str) -> Path:
         d = DOMAINS[domain]
         src = self.raw_folder(domain)
-        tag = hashlib.sha256(json.dumps([str(src), BUILD_OPTIONS.get(d.dataset, [])]).encode()).hexdigest()[:8]
+        tag = hashlib.sha256(json.dumps([str(src), build_flags(BUILD_OPTIONS.get(d.dataset, {}))]).encode()
+                             ).hexdigest()[:8]
         out = self.out / "shards" / f"{d.raw or d.dataset}-{d.modality}-{tag}"
         if not (out / "manifest.json").exists():
-            self.raw_folder(domain, make=True)
-            build_main(self.build_argv(domain, out))
+            build(self.build_options(domain, out))
         return out
 
-    def build_argv(self, domain: str, out: Path) -> list[str]:
+    def build_options(self, domain: str, out: Path) -> BuildOptions:
+        d = DOMAINS[domain]
+        return BuildOptions(dataset=d.dataset, source=self.raw_folder(domain, make=True), out=out,
+                            modality=d.modality, **BUILD_OPTIONS.get(d.dataset, {}))
+
+    def build_command(self, domain: str) -> list[str]:
+        """`python -m transrec.data_shards.build`'s flags that build the domain's shards (for the reports)."""
         d = DOMAINS[domain]
         return ["--dataset", d.dataset, "--source", str(self.raw_folder(domain)), "--modality", d.modality,
-                "--out", str(out), *BUILD_OPTIONS.get(d.dataset, [])]
+                "--out", str(self.shards(domain)), *build_flags(BUILD_OPTIONS.get(d.dataset, {}))]
 
     def manifest(self, domain: str) -> dict:
         if domain not in self._manifests:
@@ -200,17 +213,27 @@ class Suite:
     def source_spec(self, spec: RunSpec) -> RunSpec:
         return RunSpec(SOURCE_OF[spec.domain], spec.source_model, SOURCE_SEED, spec.source_fraction)
 
-    def overrides(self, spec: RunSpec) -> list[str]:
-        """The run's config overrides, paths excluded (init_from, text encoder: see `argv`)."""
-        o = list(MODEL_OVERRIDES[spec.model])
-        o.append(f"model.side_features={str(DOMAINS[spec.domain].side_features).lower()}")
-        o.append(f"data.user_fraction={spec.fraction}")
-        o.append(f"seed={spec.seed}")
-        if spec.content:
-            o.append(f"model.frozen_towers={str(spec.frozen).lower()}")
-            if self.image_backbone:
-                o.append(f"model.image_backbone={self.image_backbone}")
-        return [*TABLE_SETTINGS, *o, *self.extra, *(self.target_extra if spec.domain in self.targets else [])]
+    def changes(self, spec: RunSpec) -> list[Change]:
+        """What the run sets over the preset, paths excluded (init_from, text encoder: see `path_settings`): the
+        table settings, the model's own, the run's data and seed, a study's changes, then the command line's --set
+        (and --set-target on a target domain's runs)."""
+        side_features = DOMAINS[spec.domain].side_features
+
+        def run_settings(c: RunConfig) -> None:
+            c.model.side_features, c.data.user_fraction, c.seed = side_features, spec.fraction, spec.seed
+            if spec.content:
+                c.model.frozen_towers = spec.frozen
+                if self.image_backbone:
+                    c.model.image.backbone = self.image_backbone
+
+        def command_line(c: RunConfig) -> None:
+            apply_overrides(c, self.command_line_settings(spec))
+
+        return [table_settings, *MODEL_CHANGES[spec.model], run_settings, *self.study_changes, command_line]
+
+    def command_line_settings(self, spec: RunSpec) -> list[str]:
+        """The invocation's `--set` strings for this run, and its `--set-target` ones on a target domain's runs."""
+        return [*self.extra, *(self.target_extra if spec.domain in self.targets else [])]
 
     def key(self, spec: RunSpec) -> str:
         if spec not in self._keys:
@@ -228,7 +251,7 @@ class Suite:
     def resolved_config(self, spec: RunSpec) -> dict:
         """The run's full configuration (preset + overrides), paths left out: a preset whose defaults change gives new
         run keys, so a cached run is reused only when it was trained with exactly these settings."""
-        cfg = flat_model_settings(to_dict(apply_overrides(preset(self.preset), self.overrides(spec))))
+        cfg = flat_model_settings(to_dict(changed(preset(self.preset), *self.changes(spec))))
         paths = (("data", "shards"), ("data", "feature_store"), ("model", "text_encoder"), (None, "run_dir"),
                  (None, "init_from"), (None, "resume"))
         for section, key in paths:
@@ -242,27 +265,24 @@ class Suite:
         rec = self.run_dir(spec) / "runner.json"
         return rec.exists() and json.loads(rec.read_text()).get("status") == "done"
 
-    def path_settings(self, spec: RunSpec) -> list[str]:
+    def path_settings(self, spec: RunSpec) -> Change:
         """The run's settings that name paths on this machine (left out of its key)."""
-        sets = []
-        if spec.content and self.text_encoder_path():
-            sets.append(f"model.text_encoder={self.text_encoder_path()}")
-        if spec.content:  # frozen lower-block outputs, shared by the runs whose frozen weights are equal
-            sets.append(f"data.feature_store={self.out / 'cache' / 'features'}")
-        if spec.model in TRANSFERS:
-            sets.append(f"init_from={self.run_dir(self.source_spec(spec)) / 'export'}")
-        return sets
+        text_encoder = self.text_encoder_path() if spec.content else None
+        source_export = self.run_dir(self.source_spec(spec)) / "export" if spec.model in TRANSFERS else None
+
+        def change(c: RunConfig) -> None:
+            c.data.shards, c.run_dir = str(self.shards(spec.domain)), str(self.run_dir(spec))
+            if text_encoder:
+                c.model.text.encoder = text_encoder
+            if spec.content:  # frozen lower-block outputs, shared by the runs whose frozen weights are equal
+                c.data.feature_store = str(self.out / "cache" / "features")
+            if source_export is not None:
+                c.init_from = str(source_export)
+
+        return change
 
     def config(self, spec: RunSpec) -> RunConfig:
-        return apply_overrides(preset(self.preset), [f"data.shards={self.shards(spec.domain)}",
-                                                     f"run_dir={self.run_dir(spec)}", *self.overrides(spec),
-                                                     *self.path_settings(spec)])
-
-    def argv(self, spec: RunSpec) -> list[str]:
-        """The training command's flags that give `config(spec)` (recorded in runner.json, to reproduce a run)."""
-        return ["--preset", self.preset, "--shards", str(self.shards(spec.domain)), "--run-dir",
-                str(self.run_dir(spec)), "--ds_config", str(DS_CONFIG), "--set", *self.overrides(spec),
-                *self.path_settings(spec)]
+        return changed(preset(self.preset), *self.changes(spec), self.path_settings(spec))
 
     def ensure(self, spec: RunSpec, export: bool = False) -> Path:
         """Train the run unless it is cached (resume it when an earlier invocation was interrupted). `export`: the
@@ -277,18 +297,19 @@ class Suite:
             return d
         if spec.model in TRANSFERS:
             self.ensure(self.source_spec(spec), export=True)
-        argv = self.argv(spec)
         resumed = (d / "resume.json").exists() and not (d / "metrics.json").exists()
         print(f"[experiments] {'resuming' if resumed else 'training'} run {key}: {spec}", flush=True)
         t0 = time.time()
         if resumed:
-            train(read_run_config(d), command=["trainer/main.py", "--resume", str(d)])  # its own config, ds_config
+            train(read_run_config(d))  # its own config and ds_config; the lock records this process's argv
         else:
             shutil.rmtree(d, ignore_errors=True)
-            train(self.config(spec), str(DS_CONFIG), command=["trainer/main.py", *argv])
+            train(self.config(spec), str(DS_CONFIG))
         wall = time.time() - t0
         prune(d)
-        record = {"status": "done", "key": key, "spec": spec.__dict__, "argv": argv, "resumed": resumed,
+        # the run's configuration is its run_config.json; the record adds how the runner planned it
+        record = {"status": "done", "key": key, "spec": spec.__dict__, "preset": self.preset,
+                  "command_line_settings": self.command_line_settings(spec), "resumed": resumed,
                   "wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "source_run": self.key(self.source_spec(spec)) if spec.model in TRANSFERS else None}
         (d / "runner.json").write_text(json.dumps(record, indent=1))
@@ -387,7 +408,7 @@ def table_plan(suite: Suite, name: str) -> TablePlan:
     if suite.models is None:
         rows = [r for r in plan.rows if not any(s.model in OPT_IN_MODELS for s in r.specs)]
     else:
-        known = sorted(set(MODEL_OVERRIDES))
+        known = sorted(set(MODEL_CHANGES))
         unknown = [m for m in suite.models if m not in known]
         if unknown:
             raise SystemExit(f"--models: unknown {unknown}; choose from {known}")

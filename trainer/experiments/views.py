@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 from transrec.data_shards.shard_io import read_id_maps, read_sequences
-from transrec.trainer import ranking as ev
-from transrec.trainer.checkpoint import load_model_state
-from transrec.trainer.config import from_dict
-from transrec.trainer.report import record_scoring
-from transrec.trainer.train import Trainer
+from transrec.trainer.core.checkpoint import load_model_state
+from transrec.trainer.core.choices import record_scoring
+from transrec.trainer.core.config import from_dict
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.training.loop import Trainer
 
 DS_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json"  # the experiments' engine config
 

@@ -1,6 +1,6 @@
 """The HTTP recommendation service's app (FastAPI), over a Recommender: request models, error answers, the
 start-up (`open_service`: the export and catalogue loaded, the items journal replayed) and the listening socket.
-The command that runs it, its endpoints and its answers are described in trainer/serve.py.
+The command that runs it, its endpoints and its answers are described in trainer/commands/serve.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transrec.data_shards.integrity import IntegrityError
-from transrec.trainer.ranking import NonFiniteScores
-from transrec.trainer.scoring import read_scoring, resolve_scoring
+from transrec.trainer.evaluation.ranking import NonFiniteScores
+from transrec.trainer.evaluation.scoring import read_scoring, resolve_scoring
 from transrec.trainer.serving.item_index import recommender_from_index
 from transrec.trainer.serving.journal import ARCHIVED, DAMAGED, ItemJournal, JournalError
 from transrec.trainer.serving.limits import (
@@ -95,7 +95,7 @@ def _problem(e: dict, path: str) -> str:
 
 def create_app(rec: Recommender, info: dict | None = None, batching: bool = True, *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, journal: ItemJournal | None = None) -> FastAPI:
-    """The service; with `batching`, concurrent /recommend requests share model passes (trainer/recommend.py).
+    """The service; with `batching`, concurrent /recommend requests share model passes (trainer/commands/recommend.py).
     `info`: extra /health fields (names, never paths); `api_key`: required by POST /items; `journal`: where added
     items are kept across restarts."""
     if batching and rec.batcher is None:
@@ -164,7 +164,7 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    """A service's settings, checked (the serve command's flags: trainer/serve.py)."""
+    """A service's settings, checked (the serve command's flags: trainer/commands/serve.py)."""
 
     export: str
     shards: str

@@ -1,4 +1,5 @@
-"""Recommendations for many users at once, one JSON line per user (the work of `python -m transrec.trainer.recommend`).
+"""Recommendations for many users at once, one JSON line per user (the work of `python -m
+transrec.trainer.commands.recommend`).
 
 Each user's whole history is the query. Under several ranks each rank takes every WORLD_SIZE-th user and writes
 FILE.rankN; rank 0 then joins the parts into FILE in user order. Memory stays flat in the number of users: users are
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from transrec.trainer.ranking import NonFiniteScores
+from transrec.trainer.evaluation.ranking import NonFiniteScores
 from transrec.trainer.serving.recommender import Recommender
 
 

@@ -1,12 +1,12 @@
 """An item index of a catalogue: content vectors (safetensors) + raw ids, and an approximate index when FAISS is
 installed, with its recall@K against exact search measured and recorded.
 
-Written by `python -m transrec.trainer.index --export DIR --shards DIR --out DIR` (trainer/index.py):
+Written by `python -m transrec.trainer.commands.index --export DIR --shards DIR --out DIR` (trainer/commands/index.py):
 OUT/item_vectors.safetensors ("vectors" [V, d] fp32), OUT/index.json (raw ids, the export and shards it was made
 from, the approximate index's kind and recall@K), OUT/faiss.index (FAISS HNSW over inner products) when FAISS is
 importable, and OUT/files.sha256.json (each file's sha256, checked before the index is read).
-`python -m transrec.trainer.serve --index OUT` serves from it without encoding the catalogue again; exact search
-(one matrix product) is the fallback and the reference the recall is measured against.
+`python -m transrec.trainer.commands.serve --index OUT` serves from it without encoding the catalogue again; exact
+search (one matrix product) is the fallback and the reference the recall is measured against.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from transrec.trainer.checkpoint import read_weights, verify_hashes, write_checkpoint_hashes
-from transrec.trainer.model_eval import ranker_from_export
-from transrec.trainer.ranking import eval_users
+from transrec.trainer.core.checkpoint import read_weights, verify_hashes, write_checkpoint_hashes
+from transrec.trainer.evaluation.model_ranker import ranker_from_export
+from transrec.trainer.evaluation.ranking import eval_users
 from transrec.trainer.serving.recommender import Recommender
 
 
@@ -76,15 +76,15 @@ def recommender_from_index(index_dir: Path, export: Path, shards: Path, device: 
     files are verified against the hashes written with it first."""
     if not (index_dir / "index.json").is_file():
         raise FileNotFoundError(f"{index_dir} is not an index (no index.json): build one with "
-                                "`python -m transrec.trainer.index`")
-    verify_hashes(index_dir, "index", "rebuild it with `python -m transrec.trainer.index`")
+                                "`python -m transrec.trainer.commands.index`")
+    verify_hashes(index_dir, "index", "rebuild it with `python -m transrec.trainer.commands.index`")
     meta = json.loads((index_dir / "index.json").read_text())
     ranker = ranker_from_export(export, shards, device, show_progress=False, build_cache=False)
     vectors = read_weights(index_dir / "item_vectors.safetensors")["vectors"].to(ranker.device)
     rec = Recommender(ranker, vectors)
     if meta["items"] != rec.item_ids or meta["shards_inputs"] != rec.manifest["input_files"]:
         raise ValueError(f"the index {index_dir} was made from other shards than {shards}: rebuild it with "
-                         "`python -m transrec.trainer.index`")
+                         "`python -m transrec.trainer.commands.index`")
     faiss = faiss_or_none()
     if faiss is not None and (index_dir / "faiss.index").exists():
         rec.ann = faiss.read_index(str(index_dir / "faiss.index"))

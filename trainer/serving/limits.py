@@ -1,4 +1,4 @@
-"""What the recommendation service (trainer/serve.py) accepts from a caller.
+"""What the recommendation service (trainer/commands/serve.py) accepts from a caller.
 
 - RequestGuard: ASGI middleware in front of the app. Requests to a protected path (POST /items) without the API key
   get 401; a body over the limit gets 413. Both are decided before the app reads the body: a Content-Length over the

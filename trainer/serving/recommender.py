@@ -4,12 +4,13 @@
     rec.recommend(["raw item id", ...], k=10)          # {"items": [...], "scores": [...], "ignored": [], "note": ""}
     rec.add_item("new-id", text="A red leather shoe")  # recommendable at once (cold start)
 
-Items are scored as the export's scoring.json says (trainer/scoring.py: the model's user vector, or the mean of the
-history's item vectors, plus a popularity prior); absent, by the model's user vector alone; `rec.scoring` sets
+Items are scored as the export's scoring.json says (trainer/evaluation/scoring.py: the model's user vector, or the mean
+of the history's item vectors, plus a popularity prior); absent, by the model's user vector alone; `rec.scoring` sets
 another. A model giving NaN or infinite vectors cannot rank: the Recommender checks the catalogue's item vectors when
 it loads (and each item added later) and every request's user vectors and scores, and raises ranking.NonFiniteScores
 naming how many items or users are affected. serving/batch.py writes one JSON line per user (the batch command,
-`python -m transrec.trainer.recommend`); MicroBatcher lets concurrent requests share one model pass (the service).
+`python -m transrec.trainer.commands.recommend`); MicroBatcher lets concurrent requests share one model pass (the
+service).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.modalities import ContentOptions, content_kind, modality_choice
 from transrec.data_shards.shard_io import read_id_maps
 from transrec.data_shards.tokenizer import load_tokenizer
-from transrec.trainer.model_eval import ModelRanker, ranker_from_export
-from transrec.trainer.ranking import NonFiniteScores, count_nonfinite, interaction_counts
-from transrec.trainer.scoring import Scoring, read_scoring, scored_items, user_side
-from transrec.trainer.text_vocab import tokenizer_dir
+from transrec.trainer.core.text_vocab import tokenizer_dir
+from transrec.trainer.evaluation.model_ranker import ModelRanker, ranker_from_export
+from transrec.trainer.evaluation.ranking import NonFiniteScores, count_nonfinite, interaction_counts
+from transrec.trainer.evaluation.scoring import Scoring, read_scoring, scored_items, user_side
 
 REMEDY = "diverged or damaged weights: retrain the model or use an earlier export"
 PLAIN = Scoring()  # the model's user vector, no prior: the only scoring an approximate index (self.ann) serves
@@ -65,7 +66,7 @@ class DuplicateItem(ValueError):
 class Recommender:
     """`ranker`'s model over its catalogue (raw ids, training popularity and manifest read from its shards), with
     the catalogue's item vectors [V, d] (encoded by the ranker, or read from an index), scored as `scoring` says
-    (trainer/scoring.py; its prior counts: the training interactions, 0 for items added later)."""
+    (trainer/evaluation/scoring.py; its prior counts: the training interactions, 0 for items added later)."""
 
     def __init__(self, ranker: ModelRanker, item_vectors: torch.Tensor, scoring: Scoring | None = None):
         self.ranker, self.model = ranker, ranker.model
@@ -81,7 +82,7 @@ class Recommender:
         self._adding: set[str] = set()  # ids add_item is encoding now (under _lock): one call per id wins
         self._insert_lock = threading.Lock()  # add_item's commit (e.g. a journal write) and insert, in one order
         self._tokenizer = None
-        self.ann = None  # an approximate index over item_vectors (trainer/index.py); exact search without it
+        self.ann = None  # an approximate index over item_vectors (trainer/commands/index.py); exact search without it
         self.batcher: MicroBatcher | None = None  # set by the service: concurrent requests share one pass
         self.loaded_items = len(self.item_ids)  # the catalogue's own; the rest were added by add_item
         self.nonfinite_requests = 0  # recommend() calls stopped by NonFiniteScores (the service's /health shows it)
@@ -181,7 +182,7 @@ class Recommender:
         bad = int((~np.isfinite(dist[idx >= 0])).sum())
         if bad:
             raise NonFiniteScores(f"the approximate index gives {bad} NaN or infinite scores: it cannot rank "
-                                  "(rebuild it with `python -m transrec.trainer.index`)")
+                                  "(rebuild it with `python -m transrec.trainer.commands.index`)")
         scores = torch.full((len(histories), k), float("-inf"))
         items = torch.zeros((len(histories), k), dtype=torch.long)
         for r, h in enumerate(histories):

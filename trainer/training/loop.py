@@ -1,0 +1,610 @@
+"""The two-stage TransRec trainer on DeepSpeed: stage 1 (catalogue softmax), stage 2 (CPC), evaluation.
+
+One DeepSpeed engine per stage wraps the same model; the trainable parameters differ between stages.
+Validation after each epoch picks the best model across both stages (NDCG@10); the test split is evaluated
+with each stage's best model and with the overall best, which is exported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.mixture import catalogue_bounds, catalogue_names
+from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.shard_io import ItemStore, item_feature_tables, load_manifest
+from transrec.kernels import ops as kernels
+from transrec.trainer.core.checkpoint import (
+    barrier,
+    gathered,
+    load_export,
+    load_model_state,
+    load_resume_point,
+    reset_prefixes,
+    save_export,
+    save_model_state,
+    save_resume_point,
+)
+from transrec.trainer.core.choices import STAGES, Scorer, record_scoring
+from transrec.trainer.core.compiled import set_compiled
+from transrec.trainer.core.config import RunConfig, StageConfig, to_dict
+from transrec.trainer.core.feature_cache import FeatureCache, resolve_store
+from transrec.trainer.core.losses import Objective, build_objective, item_share
+from transrec.trainer.core.modalities import (
+    MODALITIES,
+    apply_backend_settings,
+    check_shards,
+    content_options,
+    export_preprocessing,
+    loader_settings,
+)
+from transrec.trainer.core.model import TransRec, count_parameters, optimizer_param_groups
+from transrec.trainer.core.run_setup import (
+    LOG,
+    fill_ds_config,
+    load_ds_config,
+    make_run_dir,
+    release_shm_buffers,
+    setup_distributed,
+    setup_logging,
+    write_run_record,
+)
+from transrec.trainer.evaluation import ranking as ev
+from transrec.trainer.evaluation.model_ranker import ModelRanker
+from transrec.trainer.evaluation.run_stats import write_ranks
+from transrec.trainer.monitoring.grad_norms import part_grad_norms, trainable_parts
+from transrec.trainer.monitoring.metric_log import RunLog
+from transrec.trainer.monitoring.projector import THUMBNAIL_PX, check_sprite_fits
+from transrec.trainer.monitoring.run_monitoring import cache_hit_counter, validation_health, write_run_projector
+from transrec.trainer.monitoring.run_results import write_run_results
+from transrec.trainer.monitoring.tensorboard_summaries import run_figures
+from transrec.trainer.training.catalogue_mixture import (
+    across_catalogues,
+    catalogue_results,
+    metrics_by_catalogue,
+    mixing_weights,
+)
+from transrec.trainer.training.device_prefetch import prefetched, resolve_ahead
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config_path: str, resume_state: dict | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed()
+        setup_logging(self.rank)
+        if self.world > 1 and self.device.type == "cpu":
+            release_shm_buffers(self.rank)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        kernels.set_default_impl(cfg.model.kernels)
+        self.ds_base = load_ds_config(ds_config_path)
+        self.shards = Path(cfg.data.shards)
+        self.manifest = load_manifest(self.shards)
+        if cfg.model.item_encoder == "content":
+            check_shards(self.manifest, cfg.model)
+        self.store = ItemStore(self.shards)
+        # a mixture of catalogues (data_shards/mixture.py): item offsets [C + 1] and names; None for one catalogue
+        self.bounds, self.catalogues = catalogue_bounds(self.manifest), catalogue_names(self.manifest)
+        if self.bounds is not None and cfg.model.side_features:
+            raise ValueError("model.side_features: a mixture of catalogues carries no side features (each catalogue "
+                             "has its own vocabularies); train without them")
+        # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass
+        # split over the ranks: no user's sequence is kept; each rank streams its own evaluated users from the shards
+        # when it evaluates
+        self.summary = ev.SplitSummary.of_all_ranks(self.shards, self.rank, self.world, self.device)
+        self.num_items = self.store.num_items
+        self.modality = self.store.modality.copy()
+        if cfg.data.modality_override:
+            name = cfg.data.modality_override
+            self.modality[:] = self.store.modality_code(name)
+            missing = int((~self.store.has(np.arange(self.num_items), name)).sum())
+            if missing:
+                raise ValueError(f"modality_override={name}: {missing} items have no {name} content in these shards")
+        self.run_dir = make_run_dir(cfg, self.rank)
+        LOG.info(f"run directory: {self.run_dir}")
+        user_vocab = {n: len(v) for n, v in self.manifest["feature_vocabularies"]["user"].items()}
+        self.user_feature_names = list(user_vocab)
+        item_feats = item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
+        self.model = TransRec(
+            cfg.model, self.num_items, self.modality, {}, user_vocab, item_feats, self.store.modality_names
+        ).to(self.device)
+        loaded = []
+        if cfg.init_reset and not cfg.init_from:
+            raise ValueError(f"init_reset={cfg.init_reset!r} resets parts of an export: give the export with "
+                             "--init-from (or init_from=), or drop init_reset")
+        if cfg.eval.initial_candidate and not cfg.init_from:
+            raise ValueError("eval.initial_candidate makes the starting model a candidate for selection: give the "
+                             "export to start from with --init-from (or init_from=), or drop it")
+        if cfg.init_from:
+            loaded = load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info,
+                                 parts=cfg.init_parts, reset=reset_prefixes(cfg.init_reset))["loaded"]
+        for name, tower in self.model.towers.items():
+            from_export = [k for k in loaded if k.startswith(f"towers.{name}.")]
+            source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
+                      f"{tower.weights_source})") if from_export else tower.weights_source
+            LOG.info(f"{name} tower weights: {source}")
+        apply_backend_settings(cfg.model)
+        if cfg.model.compile != "none":
+            zero = self.ds_base.get("zero_optimization", {}).get("stage", 0)
+            parts = set_compiled(self.model, cfg.model.compile, cfg.model.compile_mode, cfg.model.compile_backend, zero)
+            LOG.info(f"compiled ({cfg.model.compile_backend}, mode {cfg.model.compile_mode}, dynamic shapes): "
+                     f"{', '.join(parts)}")
+        total, _ = count_parameters(self.model)
+        LOG.info(
+            f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {self.manifest['num_users']} users; "
+            f"world size {self.world} on {self.device}"
+        )
+        self.options: ContentOptions | None = None  # content_options(), made on first use
+        if cfg.monitor.projector:  # checked now, not at the end of the run
+            try:
+                check_sprite_fits(cfg.monitor.projector_items, THUMBNAIL_PX)
+            except ValueError as e:
+                raise ValueError(f"monitor.projector_items={cfg.monitor.projector_items}: {e}") from None
+        self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
+        write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
+        self.item_share = item_share(self.summary.counts["train"], self.bounds)  # the in-batch sampler's log-q
+        self.valid_users, self.test_users = (
+            ev.EvalStream(self.shards, split, cfg.model.max_len, self.summary.users[split], self.summary.targets[split],
+                          self.user_feature_names, self.rank, self.world)
+            for split in ("valid", "test"))
+        self.popularity_valid: np.ndarray | None = None  # popularity's validation ranks, computed on first use
+        self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
+        self.global_step = self.state.get("global_step", 0)  # optimizer steps of the finished stages (TensorBoard x)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def content_options(self) -> ContentOptions:
+        """What collating items' content needs (made on first use: it holds a decoder)."""
+        if self.options is None:
+            self.options = content_options(self.cfg.model, self.cfg.data.decoder, self.device)
+        return self.options
+
+    def stage_trainable(self, stage: int) -> dict[str, int]:
+        """Top blocks of each tower that train in `stage`, by modality (stage 2's `trainable`; none in stage 1, in
+        frozen mode, and untrained: stage 0)."""
+        trainable = self.cfg.stage2.trainable
+        unknown = sorted(set(trainable) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"stage2.trainable names {unknown}, which are no registered modality "
+                             f"(known: {', '.join(MODALITIES)})")
+        if stage != 2 or self.cfg.model.frozen_towers:
+            return {}
+        return dict(trainable)
+
+    def set_stage(self, stage: int) -> StageConfig:
+        sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
+        trainable = self.stage_trainable(stage)
+        for name, tower in self.model.towers.items():
+            tower.set_trainable(trainable.get(name, 0))
+            if self.cfg.model.frozen_towers:
+                tower.requires_grad_(False)
+        self.model.cache = None
+        if self.model.towers:
+            t0, options = time.time(), self.content_options()
+            with gathered(self.model):  # ZeRO-3: lower blocks read outside the engine need full weights
+                self.model.cache = FeatureCache.build(
+                    self.model,
+                    self.store,
+                    self.modality,
+                    options.decoder,
+                    options.max_tokens,
+                    self.device,
+                    chunk=self.cfg.eval.item_batch,
+                    show_progress=self.rank == 0,
+                    store_dir=resolve_store(self.cfg.data.feature_store, self.shards),
+                    log=LOG.info,
+                )
+            if self.model.cache is not None:
+                LOG.info(
+                    f"stage {stage}: cached frozen lower blocks of {sorted(self.model.cache.covered)} "
+                    f"({self.model.cache.nbytes() / 2**20:.0f} MiB) in {time.time() - t0:.1f} s"
+                )
+        return sc
+
+    def needs_content(self) -> bool:
+        return any(not (self.model.cache and self.model.cache.covers(n)) for n in self.model.towers)
+
+    def objective(self, stage: int) -> Objective:
+        """The stage's loss component (trainer/core/losses.py); call after set_stage (full-catalogue candidates need
+        every tower's lower blocks cached)."""
+        sc = self.cfg.stage1 if stage == 1 else self.cfg.stage2
+        cached = not self.needs_content()
+        # a mixture's batch is scored against one catalogue: the largest decides whether the full softmax fits
+        scored = self.num_items if self.bounds is None else int(np.diff(self.bounds).max())
+        obj = build_objective(sc, scored, cached, self.item_share, self.device, counts=self.summary.counts["train"])
+        self.model.head.requires_grad_(obj.trains_free_head)
+        return obj
+
+    def mix(self, obj: Objective, loader) -> None:
+        """A mixture's mixing rule (data.mixing_alpha) as the objective's loss multiplier per catalogue."""
+        if self.bounds is None:
+            return
+        obj.catalogue_weights = mixing_weights(loader.stream.catalogue_windows, self.cfg.data.mixing_alpha)
+        LOG.info("catalogues (training windows, loss weight): " + ", ".join(
+            f"{name} ({n}, {1.0 if obj.catalogue_weights is None else obj.catalogue_weights[c]:.3f})"
+            for c, (name, n) in enumerate(zip(self.catalogues, loader.stream.catalogue_windows))))
+
+    def scoring(self, obj: Objective) -> Scorer:
+        return obj.scorer(self.cfg.model.item_encoder)
+
+    def make_loader(self, stage: int, sc: StageConfig, obj: Objective | None = None):
+        m = self.cfg.model
+        obj = obj or self.objective(stage)
+        window, min_len = obj.loader_window(m.max_len, sc)
+        lc = LoaderConfig(
+            window=window,
+            batch_size=sc.micro_batch,
+            stride=sc.stride,
+            min_len=min_len,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            seed=self.cfg.seed,
+            num_workers=self.cfg.data.num_workers,
+            num_negatives=obj.negatives,
+            load_content=self.needs_content(),
+            decode_in_loader=self.device.type == "cpu",
+            decoder=self.cfg.data.decoder,
+            **loader_settings(m),
+            user_fraction=self.cfg.data.user_fraction,
+            pin_memory=self.device.type == "cuda",
+            split=self.cfg.data.split,
+        )
+        return make_train_loader(self.shards, lc, self.rank, self.world, item_modality=self.modality)
+
+    def make_engine(self, sc: StageConfig, steps_total: int):
+        import deepspeed
+
+        groups = optimizer_param_groups(self.model, sc.lr, sc.tower_lr)
+        opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay,
+                                **adamw_implementation(self.cfg.optimizer, self.device))
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+            if step < sc.warmup_steps:
+                return (step + 1) / sc.warmup_steps
+            progress = min(1.0, (step - sc.warmup_steps) / max(1, steps_total - sc.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        ds = fill_ds_config(self.ds_base, sc, self.world)
+        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            # The stage-1 head's weights are read directly in TransRec.forward (the fused loss), not by a forward
+            # of their own module: ZeRO-3 must gather them with the parent's.
+            for p in self.model.head.parameters():
+                deepspeed.zero.register_external_parameter(self.model, p)
+        engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=sched, config=ds)
+        return engine
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def ranker(self) -> ModelRanker:
+        return ModelRanker(self.model, self.store, self.modality, None, self.user_feature_names,
+                           self.content_options, self.device, self.cfg.eval.item_batch,
+                           self.cfg.eval.user_batch, self.cfg.eval.precision, nonfinite="worst",
+                           source="the model in training", bounds=self.bounds)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.ranker().item_vectors()
+
+    @torch.no_grad()
+    def evaluate(self, split: str, scoring: str) -> np.ndarray:
+        """Ranks of the split's targets; `scoring` "free_head" ranks with stage 1's head, "content" / "id" with
+        user . item vector (the tower's content vectors, or the ID table's)."""
+        data = self.valid_users if split == "valid" else self.test_users
+        with gathered(self.model):  # ZeRO-3: evaluation reads weights outside module forwards
+            return self.ranker().ranks(data, scoring, self.cfg.eval.exclude_seen)
+
+    @torch.no_grad()
+    def validation_ranks(self, scoring: str) -> tuple[np.ndarray, dict | None]:
+        """evaluate("valid", scoring) and, from the same item vectors, the user vectors' collapse diagnostics of the
+        first monitor.health_users validation users (None when off)."""
+        with gathered(self.model):
+            ranker = self.ranker()
+            with ranker.eval_mode():
+                iv = ranker.item_vectors()
+                ranks = ranker.ranks_in_eval_mode(self.valid_users, scoring, self.cfg.eval.exclude_seen, iv)
+                health = validation_health(ranker, iv, self.valid_users, self.cfg.monitor.health_users)
+        return ranks, health
+
+    def popularity_valid_ranks(self) -> np.ndarray:
+        """Popularity's validation ranks: the reference line of validation, and the baseline of the report."""
+        if self.popularity_valid is None:
+            self.popularity_valid = ev.popularity_ranks(self.summary.counts["valid"], self.valid_users,
+                                                        self.cfg.eval.exclude_seen, self.bounds)
+        return self.popularity_valid
+
+    def write_ranks(self, name: str, data: ev.EvalStream, ranks: np.ndarray) -> None:
+        if self.rank != 0:
+            return
+        write_ranks(self.run_dir / f"{name}.tsv", data.users, data.targets, ranks)
+
+    # -- a stage ------------------------------------------------------------------------------------------
+    def run_stage(self, stage: int, resume: dict | None = None) -> None:
+        sc = self.set_stage(stage)
+        obj = self.objective(stage)
+        scoring = self.scoring(obj)
+        loader = self.make_loader(stage, sc, obj)
+        self.mix(obj, loader)
+        steps_total = sc.epochs * loader.steps_per_epoch // sc.grad_accum
+        if sc.max_steps:
+            steps_total = min(steps_total, sc.max_steps)
+        engine = self.make_engine(sc, steps_total)
+        start_epoch, skip, stale, unlogged = 0, 0, 0, None
+        if resume is not None:
+            unlogged = load_resume_point(engine, self.run_dir, resume["tag"], self.rank).get("unlogged_losses")
+            start_epoch, skip, stale = resume["epoch"], resume["batches_done"], resume.get("stale", 0)
+            self.log.rewind(stage, engine.global_steps, start_epoch, self.global_step + engine.global_steps)
+            patience = self.cfg.eval.patience
+            if (sc.max_steps and engine.global_steps >= sc.max_steps) or (patience and stale >= patience):
+                # saved after the stage's last step (or its early stop): no batch is left; an epoch cut there
+                # still validates, as it did in a run never interrupted
+                start_epoch, skip = (start_epoch, loader.steps_per_epoch) if skip else (sc.epochs, 0)
+            LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip} (optimizer step "
+                     f"{self.global_step + engine.global_steps} of the run)")
+        LOG.info(
+            f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
+            f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}; objective "
+            f"{obj.name}{' over the full catalogue' if getattr(obj, 'full_catalogue', False) else ''}, "
+            f"{obj.negatives} shared negatives, scored by {scoring}"
+        )
+        stage_best = self.state["stage_best"].get(str(stage))
+        steps_done = engine.global_steps
+        ahead = resolve_ahead(self.cfg.data.device_prefetch, self.device)  # batches made ready before their step
+        grad_parts = trainable_parts(self.model) if self.cfg.monitor.grad_norms else {}
+        cache_hits = cache_hit_counter(self.model.cache, self.store.modality_names, self.modality)
+        window = None  # the logging window an epoch's end cut, continued by the next epoch (time figures)
+        for epoch in range(start_epoch, sc.epochs):
+            loader.set_epoch(epoch)
+            loader.skip_batches(skip)
+            meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch,
+                                   cache_hits, window)
+            if unlogged is not None and epoch == start_epoch:
+                meter.carry(unlogged.to(self.device))  # the losses of the steps before the checkpoint, not yet logged
+            timer = meter.timer  # the phases of each step (trainer/monitoring/step_timing.py), read on logging steps
+            batches = prefetched(timer.loader(loader), timer.timed(self.prepare_batch, "to_device"), self.device,
+                                 ahead)
+            for b_idx, (host, batch) in enumerate(batches, start=skip):
+                meter.batch_in(host)
+                boundary = (b_idx + 1) % sc.grad_accum == 0  # an optimizer step ends with this micro-batch
+                with timer.span("forward"):
+                    loss = engine(batch, objective=obj)
+                with timer.span("backward"):
+                    engine.backward(loss)
+                if grad_parts and boundary and (engine.global_steps + 1) % self.cfg.log_every == 0:
+                    meter.note_grad_norms(part_grad_norms(grad_parts))  # a logging step: before the step uses them
+                with timer.span("optimizer"):
+                    engine.step()
+                steps_done = engine.global_steps
+                meter.step_done(loss, b_idx, steps_done, self.global_step + steps_done, boundary, engine.get_lr)
+                if boundary and steps_done % self.cfg.save_every_steps == 0:
+                    with timer.span("checkpoint"):
+                        self.save_resume_point(engine, stage, epoch, b_idx + 1, stale, meter.unlogged())
+                if sc.max_steps and steps_done >= sc.max_steps:
+                    break
+            window = meter.close()
+            skip = 0
+            stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best, scoring,
+                                                    self.global_step + steps_done)
+            self.save_resume_point(engine, stage, epoch + 1, 0, stale)
+            if stop or (sc.max_steps and steps_done >= sc.max_steps):
+                break
+        self.global_step += steps_done
+        self.state["global_step"] = self.global_step
+        engine.destroy()  # removes its ZeRO gradient hooks: the next stage's engine wraps the same parameters
+        self.finish_stage(stage, scoring)
+
+    def time_steps(self, stage: int, steps: int = 3) -> tuple[float, int]:
+        """(seconds per micro-batch of `stage`, the median of `steps` timed after one warm-up batch; micro-batches per
+        epoch): what a cost estimate needs before a run trains (trainer/training/transfer_auto.py). It trains those
+        batches, so it changes the model: call it on a Trainer whose results are already written."""
+        sc = self.set_stage(stage)
+        obj = self.objective(stage)
+        loader = self.make_loader(stage, sc, obj)
+        self.mix(obj, loader)
+        engine = self.make_engine(sc, steps + 1)
+        loader.set_epoch(0)
+        times = []
+        for k, (_, batch) in enumerate(prefetched(loader, self.prepare_batch, self.device, 0)):
+            t0 = time.perf_counter()
+            loss = engine(batch, objective=obj)
+            engine.backward(loss)
+            engine.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if k >= steps:
+                break
+        engine.destroy()
+        timed = times[1:] or times  # a one-batch epoch: its only (warm-up) time
+        return (float(np.median(timed)) if timed else 0.0), loader.steps_per_epoch
+
+    def prepare_batch(self, batch):
+        """The loader's (host) batch on the device; payloads left to the main process (JPEGs) are decoded here, on
+        the training device, by their modality's content kind."""
+        c = batch.content
+        pending = {} if c is None else {name: batch.unique_items[c.rows[name]].numpy() for name in c.payloads}
+        batch = batch.to(self.device)  # non-blocking from pinned memory on CUDA
+        if pending:
+            options = self.content_options()
+            for name, items in pending.items():
+                batch.content.inputs[name] = content_kind(name).collate(batch.content.payloads.pop(name), items,
+                                                                        options)
+        return batch
+
+    def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str, run_step: int):
+        """Rank the validation split; keep the stage's best model by `eval.select`; early stopping's count.
+        `run_step`: the run's optimizer steps so far, the x at which TensorBoard shows this validation (the x of the
+        training scalars of the same step)."""
+        ranks, health = self.validation_ranks(scoring)
+        metrics = self.valid_metrics(ranks)
+        reference = self.valid_metrics(self.popularity_valid_ranks())
+        self.log.validation(stage, epoch, metrics, run_step, reference=reference, health=health)
+        record = {"stage": stage, "epoch": epoch, "valid": metrics, "scoring": scoring}
+        if self.bounds is not None:
+            record["valid_by_catalogue"] = self.by_catalogue(ranks, self.valid_users)
+            self.log.scalars({f"eval/stage{stage}/{name}/{k}": v for name, m in record["valid_by_catalogue"].items()
+                              for k, v in m.items() if "@" in k}, run_step)
+        select = self.cfg.eval.select
+        if stage_best is None or metrics[select] > stage_best["valid"][select]:
+            stage_best, stale = record, 0
+            save_model_state(self.model, self.run_dir / f"best_stage{stage}.safetensors", write=self.rank == 0)
+            self.save_valid_ranks(stage, ranks)
+            self.state["stage_best"][str(stage)] = record
+        else:
+            stale += 1
+        patience = self.cfg.eval.patience
+        return stale, stage_best, bool(patience and stale >= patience)
+
+    def by_catalogue(self, ranks: np.ndarray, data: ev.EvalStream) -> dict[str, dict]:
+        return metrics_by_catalogue(ranks, data.targets, self.bounds, self.catalogues, self.cfg.eval.ks)
+
+    def valid_metrics(self, ranks: np.ndarray) -> dict:
+        """The validation figures selection reads: over all users, or a mixture's rule over its catalogues
+        (eval.across_catalogues, trainer/training/catalogue_mixture.py)."""
+        pooled = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
+        if self.bounds is None:
+            return pooled
+        return across_catalogues(self.by_catalogue(ranks, self.valid_users), pooled, self.cfg.eval.across_catalogues)
+
+    def save_valid_ranks(self, stage: int, ranks: np.ndarray) -> None:
+        """The stage's best model's per-user validation ranks (valid_ranks_stageN.npy, in `valid_users` order): a
+        choice between runs on validation (transfer=auto) is judged with a paired interval over these users."""
+        if self.rank == 0:
+            np.save(self.run_dir / f"valid_ranks_stage{stage}.npy", ranks)
+
+    def save_resume_point(self, engine, stage: int, epoch: int, batches_done: int, stale: int,
+                          unlogged: torch.Tensor | None = None) -> None:
+        """`unlogged`: this rank's losses since its last logging step (mid-epoch), so that the resumed run logs the
+        same window means as a run never interrupted."""
+        save_resume_point(engine, self.run_dir, self.rank, {"stage": stage, "epoch": epoch,
+                                                            "batches_done": batches_done, "stale": stale,
+                                                            "state": self.state},
+                          None if unlogged is None else {"unlogged_losses": unlogged})
+
+    def finish_stage(self, stage: int, scoring: str) -> None:
+        """Test with this stage's best model (the table's 'after stage N' row)."""
+        barrier()
+        best_file = self.run_dir / f"best_stage{stage}.safetensors"
+        load_model_state(self.model, best_file)
+        ranks = self.evaluate("test", scoring)
+        self.write_ranks(f"test_ranks_stage{stage}", self.test_users, ranks)
+        self.state["test"][str(stage)] = ev.metrics_from_ranks(ranks, self.cfg.eval.ks)
+        self.state["done_stages"].append(stage)
+        if self.rank == 0:
+            np.save(self.run_dir / f"test_ranks_stage{stage}.npy", ranks)
+
+    # -- the whole run ------------------------------------------------------------------------------------
+    def run(self, resume_point: dict | None = None) -> dict:
+        if self.cfg.stages == "none":
+            self.evaluate_untrained()
+            return self.finish()
+        stages = STAGES[self.cfg.stages]
+        if self.cfg.eval.initial_candidate and 0 not in self.state["done_stages"]:
+            self.evaluate_untrained()  # the starting model competes with the fine-tuned ones (stage 0)
+        for stage in stages:
+            if stage in self.state["done_stages"]:
+                continue
+            resume = resume_point if resume_point and resume_point["stage"] == stage else None
+            if stage == 2 and 1 in self.state["done_stages"]:
+                load_model_state(
+                    self.model, self.run_dir / "best_stage1.safetensors"
+                )  # stage 2 starts from stage 1's best
+            self.run_stage(stage, resume)
+        return self.finish()
+
+    def evaluate_untrained(self) -> None:
+        """`--stage none`, or `eval.initial_candidate`: the initial model (e.g. a source export given by --init-from:
+        zero-shot transfer) scored by content on this catalogue, recorded as stage 0."""
+        if self.cfg.model.item_encoder != "content":
+            raise ValueError("--stage none and eval.initial_candidate evaluate a content model without training; an "
+                             "ID model would be random: drop them for an ID model")
+        if not self.cfg.init_from:
+            LOG.warning("--stage none without --init-from: evaluating randomly initialised upper blocks")
+        self.set_stage(1)  # every tower's frozen blocks cached; nothing trains
+        ranks = self.evaluate("valid", Scorer.CONTENT)
+        record = {"stage": 0, "epoch": 0, "valid": ev.metrics_from_ranks(ranks, self.cfg.eval.ks),
+                  "scoring": Scorer.CONTENT}
+        self.state["stage_best"]["0"] = record
+        save_model_state(self.model, self.run_dir / "best_stage0.safetensors", write=self.rank == 0)
+        self.save_valid_ranks(0, ranks)
+        LOG.info(f"untrained model (stage 0) validation NDCG@10 {record['valid']['ndcg@10']:.4f}")
+        self.finish_stage(0, Scorer.CONTENT)
+
+    def finish(self) -> dict:
+        """Select, export and report the best content-scoring model on validation (the model that transfers and
+        ranks cold items); a run without one (ID baselines, a free-head-only stage 1) selects its best model."""
+        sb = self.state["stage_best"]
+        content = [s for s in sb if record_scoring(sb[s]) == Scorer.CONTENT]
+        best_stage = max(content or list(sb), key=lambda s: sb[s]["valid"][self.cfg.eval.select])
+        if not content:
+            LOG.warning(f"no content-scoring model was trained: selecting stage {best_stage} "
+                        f"({record_scoring(sb[best_stage])}), which cannot rank items never seen in training")
+        load_model_state(self.model, self.run_dir / f"best_stage{best_stage}.safetensors")
+        pop_valid = self.popularity_valid_ranks()
+        pop_test = ev.popularity_ranks(self.summary.counts["test"], self.test_users, self.cfg.eval.exclude_seen,
+                                       self.bounds)
+        test_ranks = np.load(self.run_dir / f"test_ranks_stage{best_stage}.npy") if self.rank == 0 else None
+        save_export(
+            self.model,
+            self.cfg.model,
+            self.run_dir / "export",
+            {"best_stage": int(best_stage), "shards_manifest_inputs": self.manifest["input_files"],
+             "trainable": self.stage_trainable(int(best_stage)), **export_preprocessing(self.manifest, self.cfg.model)},
+            write=self.rank == 0,
+        )
+        result = None
+        if self.rank == 0:
+            self.write_ranks("test_ranks", self.test_users, test_ranks)
+            self.write_ranks("test_ranks_popularity", self.test_users, pop_test)
+            result = self.report(best_stage, test_ranks, pop_valid, pop_test)
+            if self.bounds is not None:
+                self.write_catalogue_results(best_stage, test_ranks, pop_valid, pop_test)
+        if self.cfg.monitor.projector:  # after the report: the run's results are on disk whatever happens here
+            self.write_projector()
+        if self.rank == 0:
+            self.log.run_summary({"run": self.run_dir.name, **to_dict(self.cfg)},
+                                 run_figures(result, self.cfg.eval.select), self.global_step)
+            LOG.info(f"export written to {self.run_dir / 'export'}; run directory: {self.run_dir}")
+            self.log.close()
+        barrier()
+        return result
+
+    def write_catalogue_results(self, best_stage: str, test_ranks, pop_valid, pop_test) -> None:
+        """catalogues.json: a mixture's selected model and popularity per catalogue
+        (trainer/training/catalogue_mixture.py)."""
+        out = catalogue_results(self.cfg, self.state["stage_best"][str(best_stage)], self.manifest["catalogues"],
+                                {"valid_popularity": self.by_catalogue(pop_valid, self.valid_users),
+                                 "test": self.by_catalogue(test_ranks, self.test_users),
+                                 "test_popularity": self.by_catalogue(pop_test, self.test_users)})
+        (self.run_dir / "catalogues.json").write_text(json.dumps(out, indent=1))
+        LOG.info(f"test {self.cfg.eval.select} per catalogue (model / popularity): " + ", ".join(
+            f"{name} {out['test'][name][self.cfg.eval.select]:.4f} / "
+            f"{out['test_popularity'][name][self.cfg.eval.select]:.4f}" for name in self.catalogues))
+
+    @torch.no_grad()
+    def write_projector(self) -> None:
+        """The selected model's item vectors and a sample of user vectors for TensorBoard's projector (rank 0 writes;
+        every rank computes, as ZeRO-3 gathers the weights on all)."""
+        with gathered(self.model):
+            ranker = self.ranker()
+            with ranker.eval_mode():
+                iv = ranker.item_vectors()
+                if self.rank == 0:
+                    written = write_run_projector(self.log.writer, self, ranker, iv)
+                    LOG.info("projector: " + ", ".join(f"{tag} {w['written']} of {w['total']}"
+                                                       for tag, w in written.items() if isinstance(w, dict)))
+
+    def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
+        cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
+        return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
+                                 self.cfg.eval, log=LOG.warning)
+
+
+def adamw_implementation(choice: str, device: torch.device) -> dict:
+    """torch.optim.AdamW's implementation flags for `optimizer` (config): "auto" = one fused kernel on CUDA, torch's
+    own default elsewhere."""
+    if choice == "auto":
+        return {"fused": True} if device.type == "cuda" else {}
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "plain": {"foreach": False}}[choice]
