@@ -60,7 +60,9 @@ def synth_shards(work: Path, users: int, items: int, mean_length: float) -> tupl
 
 def measure_one(shards: Path, head: str, steps: int, extra: list[str]) -> dict:
     """One (catalogue, head) measurement in this process."""
-    cfg = apply_overrides(preset("cpu-small"), [f"data.shards={shards}", f"stage1.head={head}", *extra])
+    cfg = preset("cpu-small")
+    cfg.data.shards, cfg.stage1.head = str(shards), head
+    cfg = apply_overrides(cfg, extra)  # the command line's --set
     tmp = tempfile.TemporaryDirectory(prefix="catalogue-scale-")
     cfg.run_dir = tmp.name
     t0 = time.perf_counter()

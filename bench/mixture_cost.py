@@ -36,7 +36,7 @@ run_as_script(__file__, offline=True)
 
 from transrec.data_shards.mixture import Catalogue, mix  # noqa: E402
 from transrec.data_shards.synth import synthesize  # noqa: E402
-from transrec.trainer.core.overrides import apply_overrides  # noqa: E402
+from transrec.trainer.core.config import changed  # noqa: E402
 from transrec.trainer.core.presets import preset  # noqa: E402
 from transrec.trainer.experiments.runner import make_tiny_bert  # noqa: E402
 from transrec.trainer.training.loop import Trainer  # noqa: E402
@@ -44,10 +44,12 @@ from transrec.trainer.training.loop import Trainer  # noqa: E402
 
 def one(shards: Path, text_encoder: Path, run_dir: Path) -> dict:
     """In this process: a Trainer on `shards`, 5 timed stage-1 steps."""
-    cfg = apply_overrides(preset("cpu-small"), [
-        f"data.shards={shards}", f"model.text.encoder={text_encoder}", f"run_dir={run_dir}",
-        "data.modality_override=text", "stage1.full_catalogue_max=100000", "stage1.candidates=full",
-        "monitor.projector=false", "data.feature_store=none"])
+    def text_only_full_softmax(c) -> None:
+        c.data.shards, c.model.text.encoder, c.run_dir = str(shards), str(text_encoder), str(run_dir)
+        c.data.modality_override, c.data.feature_store, c.monitor.projector = "text", None, False
+        c.stage1.full_catalogue_max, c.stage1.candidates = 100000, "full"
+
+    cfg = changed(preset("cpu-small"), text_only_full_softmax)
     trainer = Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
     step_s, steps = trainer.time_steps(1, steps=5)
     return {"step_s": step_s, "steps_per_epoch": steps, "epoch_s": step_s * steps,

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from transrec.trainer.core.config import EvalConfig, to_dict
-from transrec.trainer.core.config import from_dict as _config_from_dict
+from transrec.trainer.core.config import EvalConfig
+from transrec.trainer.core.config_records import from_dict as _config_from_dict
+from transrec.trainer.core.config_records import to_dict
 from transrec.trainer.core.overrides import apply_overrides
 from transrec.trainer.core.presets import preset
 from transrec.trainer.experiments.run_keys import drop_settings_that_change_nothing

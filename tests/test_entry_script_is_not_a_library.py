@@ -40,7 +40,7 @@ def test_the_ast_walk_sees_function_local_imports(tmp_path):
 
 
 def test_config_reads_what_it_writes():
-    from transrec.trainer.core.config import from_dict, to_dict
+    from transrec.trainer.core.config_records import from_dict, to_dict
     from transrec.trainer.core.overrides import apply_overrides
     from transrec.trainer.core.presets import preset
 

@@ -164,7 +164,7 @@ def _runs(out: Path) -> dict[tuple, Path]:
 
 def _fresh_model_state(run_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """The initial weights of a run: a Trainer built from its run_config.json (same seed), before training."""
-    from transrec.trainer.core.config import from_dict as _config_from_dict
+    from transrec.trainer.core.config_records import from_dict as _config_from_dict
     from transrec.trainer.training.loop import Trainer
 
     cfg = _config_from_dict(json.loads((run_dir / "run_config.json").read_text())["config"])

@@ -228,7 +228,7 @@ def test_a_seed_out_of_range_is_one_line(capsys, tmp_path):
 
 @pytest.fixture()
 def recorded_run(tmp_path) -> Path:
-    from transrec.trainer.core.config import to_dict
+    from transrec.trainer.core.config_records import to_dict
     from transrec.trainer.core.presets import preset
 
     run = tmp_path / "run"

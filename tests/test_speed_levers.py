@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 
-from transrec.trainer.core.config import RunConfig, to_dict
+from transrec.trainer.core.config import RunConfig
+from transrec.trainer.core.config_records import to_dict
 from transrec.trainer.core.overrides import apply_overrides
 from transrec.trainer.core.presets import preset
 from transrec.trainer.core.towers import ImageTower, TextTower

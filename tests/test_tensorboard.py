@@ -163,7 +163,7 @@ def test_logging_steps_carry_the_time_breakdown_and_model_health(event_file_scal
 
 
 def test_the_run_writes_its_hparams_row(source_run):
-    from transrec.trainer.core.config import read_run_config
+    from transrec.trainer.core.config_records import read_run_config
 
     found = hparams_summaries(source_run / "tensorboard")
     assert set(found) == {"experiment", "session_start_info", "session_end_info"}

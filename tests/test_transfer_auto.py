@@ -211,7 +211,8 @@ def test_an_interrupted_candidate_resumes_from_its_checkpoint(source_run, hm_sha
 def test_the_table4_auto_row_chooses_on_validation(tmp_path):
     """trainer/experiments/auto_row.py: per seed, the cached candidate run with the best validation NDCG@10 (not the
     best test), compared with scratch over the same users."""
-    from transrec.trainer.core.config import changed, to_dict
+    from transrec.trainer.core.config import changed
+    from transrec.trainer.core.config_records import to_dict
     from transrec.trainer.core.presets import preset
     from transrec.trainer.experiments.auto_row import auto_rows, grouped_runs, shown_settings
     from transrec.trainer.experiments.auto_row import main as auto_main

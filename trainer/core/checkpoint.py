@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from transrec.data_shards.integrity import IntegrityError
 from transrec.data_shards.tables import file_sha256
-from transrec.trainer.core.config import ModelConfig, model_from_dict, model_to_dict
+from transrec.trainer.core.config import ModelConfig
+from transrec.trainer.core.config_records import model_from_dict, model_to_dict
 from transrec.trainer.core.modalities import MODALITIES, legacy_model_keys, write_export_files
 
 # Keys an export may lack in a new run without it being a mismatch: catalogue-specific parts.

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from transrec.trainer.core.config import RENAMED, RunConfig
+from transrec.trainer.core.config import RunConfig
+from transrec.trainer.core.config_records import RENAMED
 from transrec.trainer.core.modalities import legacy_model_keys
 
 # A section's main setting named by the section alone on the command line.

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from transrec.trainer.core.config import DS_OWNED_BY_TRAINER, RunConfig, StageConfig, to_dict
+from transrec.trainer.core.config import DS_OWNED_BY_TRAINER, RunConfig, StageConfig
+from transrec.trainer.core.config_records import to_dict
 
 LOG = logging.getLogger("transrec")
 # DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) gives each rank of a one-machine multi-rank run a ~66 MB

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transrec.trainer.core.config import changed, to_dict
+from transrec.trainer.core.config import changed
+from transrec.trainer.core.config_records import to_dict
 from transrec.trainer.core.presets import preset
 from transrec.trainer.evaluation.ranking import per_user_gain
 from transrec.trainer.evaluation.run_stats import compare, read_ranks

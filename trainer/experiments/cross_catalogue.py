@@ -41,7 +41,7 @@ from transrec.trainer.evaluation.model_ranker import ranker_from_export
 from transrec.trainer.evaluation.scoring import Scoring, choose_prior, scoring_ranks
 from transrec.trainer.experiments.cross_catalogue_report import write_report
 from transrec.trainer.experiments.plans import SOURCE_OF, RunSpec
-from transrec.trainer.experiments.runner import Suite, parse_args
+from transrec.trainer.experiments.runner import Suite, SuiteOptions
 
 SPLITS = {"ml": "ml-new-mixed", "hm": "hm-b-mixed"}  # split -> target domain (its source: plans.SOURCE_OF)
 # the settings of the H&M same-platform study whose zero-shot win this report keeps as its control
@@ -242,14 +242,8 @@ def main(argv: list[str] | None = None) -> Path:
     if bad or not splits:
         raise SystemExit(f"--splits: unknown {bad}; choose from {list(SPLITS)}")
     sources = [s.strip() for s in a.sources.split(",") if s.strip()]
-    runner_argv = ["table4", "--set", *a.set]
-    if a.out:
-        runner_argv += ["--out", a.out]
-    if a.data_root:
-        runner_argv += ["--data-root", a.data_root]
-    if a.quick:
-        runner_argv.append("--quick")
-    suite = Suite(parse_args(runner_argv), changes=[report_settings])
+    suite = Suite(SuiteOptions(table="table4", quick=a.quick, out=a.out, data_root=a.data_root, set=list(a.set)),
+                  changes=[report_settings])
     results = {(split, src): run(suite, split, src, list(range(a.seeds)), "ndcg@10")
                for split in splits for src in sources}
     command = "python -m transrec.trainer.experiments.cross_catalogue " + " ".join(

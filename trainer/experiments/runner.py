@@ -46,7 +46,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,8 @@ import torch
 from transrec.data_shards.build import BuildOptions, build
 from transrec.data_shards.split_by_release import split_by_release
 from transrec.data_shards.split_disjoint import split_disjoint
-from transrec.trainer.core.config import Change, RunConfig, changed, read_run_config, to_dict
+from transrec.trainer.core.config import Change, RunConfig, changed
+from transrec.trainer.core.config_records import read_run_config, to_dict
 from transrec.trainer.core.overrides import apply_overrides
 from transrec.trainer.core.presets import PRESETS, preset
 from transrec.trainer.core.towers import minilm_path
@@ -91,6 +92,40 @@ REPO = Path(__file__).resolve().parents[2]
 TABLES = ("table2", "table4", "table5", "table6", "table7")
 
 
+@dataclass(frozen=True)
+class SuiteOptions:
+    """An invocation of the experiments (the command line's flags, parse_args; a study builds one directly)."""
+
+    table: str = "all"
+    quick: bool = False
+    seeds: int | None = None  # seeds per row (None: 3 for table4, 1 otherwise)
+    out: str | None = None
+    data_root: str | None = None
+    movielens: str | None = None
+    hm: str | None = None
+    preset: str | None = None
+    text_encoder: str | None = None
+    image_backbone: str | None = None
+    targets: str | None = None  # comma-separated
+    scaling_target: str = "hm-mixed"
+    set: list[str] = field(default_factory=list)  # the command line's --set strings
+    set_target: list[str] = field(default_factory=list)
+    models: str | None = None  # comma-separated
+    report_suffix: str = ""
+    study: str = ""
+    plan: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None and self.seeds < 1:
+            raise ValueError("--seeds must be >= 1")
+        if self.report_suffix and not all(c.isalnum() or c in "_-." for c in self.report_suffix):
+            raise ValueError(f"--report-suffix {self.report_suffix!r}: use letters, digits, '_', '-' or '.' only")
+        if self.study and not (all(c.isalnum() or c in "_-" for c in self.study)
+                               and self.study not in ("runs", "shards", "raw")):
+            raise ValueError(f"--study {self.study!r}: a folder name of letters, digits, '_' or '-', not runs, "
+                             "shards or raw")
+
+
 def build_flags(options: dict) -> list[str]:
     """BuildOptions fields as the builder's command-line flags: what a report shows, and what a shard folder's tag
     hashes (the form the experiments first gave them in, so shards built before keep their folders)."""
@@ -100,8 +135,8 @@ def build_flags(options: dict) -> list[str]:
 class Suite:
     """Settings shared by every run of one invocation, the shard and run caches, and run execution."""
 
-    def __init__(self, a: argparse.Namespace, changes: Sequence[Change] = ()):
-        """`a`: the invocation's arguments (parse_args); `changes`: what a study sets for every run beyond the
+    def __init__(self, a: SuiteOptions, changes: Sequence[Change] = ()):
+        """`a`: the invocation (parse_args, or a study's own); `changes`: what a study sets for every run beyond the
         tables' settings, applied before the command line's --set."""
         self.quick = a.quick
         self.preset = a.preset or ("tiny" if a.quick else "cpu-small")
@@ -450,7 +485,7 @@ def print_plan(suite: Suite, name: str) -> None:
         print(f"  {'cached ' if suite.is_done(s) else 'TO RUN '} {suite.key(s)}  {s}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> SuiteOptions:
     p = argparse.ArgumentParser(prog="python -m transrec.trainer.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=[*TABLES, "all"])
@@ -484,14 +519,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reports together; reports/README.md indexes them); runs and shards stay in OUT")
     p.add_argument("--plan", action="store_true",
                    help="list the runs each table needs and which are cached; train nothing")
-    a = p.parse_args(argv)
-    if a.seeds is not None and a.seeds < 1:
-        p.error("--seeds must be >= 1")
-    if a.report_suffix and not all(c.isalnum() or c in "_-." for c in a.report_suffix):
-        p.error(f"--report-suffix {a.report_suffix!r}: use letters, digits, '_', '-' or '.' only")
-    if a.study and not (all(c.isalnum() or c in "_-" for c in a.study) and a.study not in ("runs", "shards", "raw")):
-        p.error(f"--study {a.study!r}: a folder name of letters, digits, '_' or '-', not runs, shards or raw")
-    return a
+    try:
+        return SuiteOptions(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

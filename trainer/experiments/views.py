@@ -11,7 +11,7 @@ from pathlib import Path
 from transrec.data_shards.shard_io import read_id_maps, read_sequences
 from transrec.trainer.core.checkpoint import load_model_state
 from transrec.trainer.core.choices import record_scoring
-from transrec.trainer.core.config import from_dict
+from transrec.trainer.core.config_records import from_dict
 from transrec.trainer.evaluation import ranking as ev
 from transrec.trainer.training.loop import Trainer
 

@@ -7,60 +7,45 @@ with each stage's best model and with the overall best, which is exported.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
-from transrec.data_shards.mixture import catalogue_bounds, catalogue_names
 from transrec.data_shards.modalities import ContentOptions, content_kind
-from transrec.data_shards.shard_io import ItemStore, item_feature_tables, load_manifest
-from transrec.kernels import ops as kernels
 from transrec.trainer.core.checkpoint import (
     barrier,
     gathered,
-    load_export,
     load_model_state,
     load_resume_point,
-    reset_prefixes,
     save_export,
     save_model_state,
     save_resume_point,
 )
 from transrec.trainer.core.choices import STAGES, Scorer, record_scoring
-from transrec.trainer.core.compiled import set_compiled
-from transrec.trainer.core.config import RunConfig, StageConfig, to_dict
+from transrec.trainer.core.config import RunConfig, StageConfig
+from transrec.trainer.core.config_records import to_dict
 from transrec.trainer.core.feature_cache import FeatureCache, resolve_store
-from transrec.trainer.core.losses import Objective, build_objective, item_share
+from transrec.trainer.core.losses import Objective, build_objective
 from transrec.trainer.core.modalities import (
     MODALITIES,
-    apply_backend_settings,
-    check_shards,
     content_options,
     export_preprocessing,
     loader_settings,
 )
-from transrec.trainer.core.model import TransRec, count_parameters, optimizer_param_groups
+from transrec.trainer.core.model import optimizer_param_groups
 from transrec.trainer.core.run_setup import (
     LOG,
     fill_ds_config,
-    load_ds_config,
-    make_run_dir,
-    release_shm_buffers,
-    setup_distributed,
-    setup_logging,
-    write_run_record,
 )
 from transrec.trainer.evaluation import ranking as ev
 from transrec.trainer.evaluation.model_ranker import ModelRanker
 from transrec.trainer.evaluation.run_stats import write_ranks
 from transrec.trainer.monitoring.grad_norms import part_grad_norms, trainable_parts
-from transrec.trainer.monitoring.metric_log import RunLog
-from transrec.trainer.monitoring.projector import THUMBNAIL_PX, check_sprite_fits
 from transrec.trainer.monitoring.run_monitoring import cache_hit_counter, validation_health, write_run_projector
 from transrec.trainer.monitoring.run_results import write_run_results
 from transrec.trainer.monitoring.tensorboard_summaries import run_figures
@@ -71,88 +56,20 @@ from transrec.trainer.training.catalogue_mixture import (
     mixing_weights,
 )
 from transrec.trainer.training.device_prefetch import prefetched, resolve_ahead
+from transrec.trainer.training.parts import build_parts
+from transrec.trainer.training.schedule import lr_factor
 
 
 class Trainer:
+    """The two-stage loop over a run's parts (trainer/training/parts.py: the model, the shards, the evaluated users,
+    the run directory and its log): `run()` trains the stages the configuration names and returns the results."""
+
     def __init__(self, cfg: RunConfig, ds_config_path: str, resume_state: dict | None = None):
         self.cfg = cfg
-        self.rank, self.world, self.device = setup_distributed()
-        setup_logging(self.rank)
-        if self.world > 1 and self.device.type == "cpu":
-            release_shm_buffers(self.rank)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        kernels.set_default_impl(cfg.model.kernels)
-        self.ds_base = load_ds_config(ds_config_path)
-        self.shards = Path(cfg.data.shards)
-        self.manifest = load_manifest(self.shards)
-        if cfg.model.item_encoder == "content":
-            check_shards(self.manifest, cfg.model)
-        self.store = ItemStore(self.shards)
-        # a mixture of catalogues (data_shards/mixture.py): item offsets [C + 1] and names; None for one catalogue
-        self.bounds, self.catalogues = catalogue_bounds(self.manifest), catalogue_names(self.manifest)
-        if self.bounds is not None and cfg.model.side_features:
-            raise ValueError("model.side_features: a mixture of catalogues carries no side features (each catalogue "
-                             "has its own vocabularies); train without them")
-        # what evaluation needs of every user (counts per item, evaluated users and targets), in one streaming pass
-        # split over the ranks: no user's sequence is kept; each rank streams its own evaluated users from the shards
-        # when it evaluates
-        self.summary = ev.SplitSummary.of_all_ranks(self.shards, self.rank, self.world, self.device)
-        self.num_items = self.store.num_items
-        self.modality = self.store.modality.copy()
-        if cfg.data.modality_override:
-            name = cfg.data.modality_override
-            self.modality[:] = self.store.modality_code(name)
-            missing = int((~self.store.has(np.arange(self.num_items), name)).sum())
-            if missing:
-                raise ValueError(f"modality_override={name}: {missing} items have no {name} content in these shards")
-        self.run_dir = make_run_dir(cfg, self.rank)
-        LOG.info(f"run directory: {self.run_dir}")
-        user_vocab = {n: len(v) for n, v in self.manifest["feature_vocabularies"]["user"].items()}
-        self.user_feature_names = list(user_vocab)
-        item_feats = item_feature_tables(self.shards, self.num_items) if cfg.model.side_features else None
-        self.model = TransRec(
-            cfg.model, self.num_items, self.modality, {}, user_vocab, item_feats, self.store.modality_names
-        ).to(self.device)
-        loaded = []
-        if cfg.init_reset and not cfg.init_from:
-            raise ValueError(f"init_reset={cfg.init_reset!r} resets parts of an export: give the export with "
-                             "--init-from (or init_from=), or drop init_reset")
-        if cfg.eval.initial_candidate and not cfg.init_from:
-            raise ValueError("eval.initial_candidate makes the starting model a candidate for selection: give the "
-                             "export to start from with --init-from (or init_from=), or drop it")
-        if cfg.init_from:
-            loaded = load_export(self.model, cfg.model, Path(cfg.init_from), log=LOG.info,
-                                 parts=cfg.init_parts, reset=reset_prefixes(cfg.init_reset))["loaded"]
-        for name, tower in self.model.towers.items():
-            from_export = [k for k in loaded if k.startswith(f"towers.{name}.")]
-            source = (f"{len(from_export)} tensors from --init-from {cfg.init_from} (its backbone came from: "
-                      f"{tower.weights_source})") if from_export else tower.weights_source
-            LOG.info(f"{name} tower weights: {source}")
-        apply_backend_settings(cfg.model)
-        if cfg.model.compile != "none":
-            zero = self.ds_base.get("zero_optimization", {}).get("stage", 0)
-            parts = set_compiled(self.model, cfg.model.compile, cfg.model.compile_mode, cfg.model.compile_backend, zero)
-            LOG.info(f"compiled ({cfg.model.compile_backend}, mode {cfg.model.compile_mode}, dynamic shapes): "
-                     f"{', '.join(parts)}")
-        total, _ = count_parameters(self.model)
-        LOG.info(
-            f"model: {total / 1e6:.1f} M parameters; {self.num_items} items; {self.manifest['num_users']} users; "
-            f"world size {self.world} on {self.device}"
-        )
+        parts = build_parts(cfg, ds_config_path)
+        for f in dataclasses.fields(parts):  # self.model, self.store, self.valid_users, ... (TrainingParts' fields)
+            setattr(self, f.name, getattr(parts, f.name))
         self.options: ContentOptions | None = None  # content_options(), made on first use
-        if cfg.monitor.projector:  # checked now, not at the end of the run
-            try:
-                check_sprite_fits(cfg.monitor.projector_items, THUMBNAIL_PX)
-            except ValueError as e:
-                raise ValueError(f"monitor.projector_items={cfg.monitor.projector_items}: {e}") from None
-        self.log = RunLog(self.run_dir, self.rank, self.world, self.device, cfg.log_every)
-        write_run_record(self.run_dir, cfg, self.ds_base, {"world_size": self.world}) if self.rank == 0 else None
-        self.item_share = item_share(self.summary.counts["train"], self.bounds)  # the in-batch sampler's log-q
-        self.valid_users, self.test_users = (
-            ev.EvalStream(self.shards, split, cfg.model.max_len, self.summary.users[split], self.summary.targets[split],
-                          self.user_feature_names, self.rank, self.world)
-            for split in ("valid", "test"))
         self.popularity_valid: np.ndarray | None = None  # popularity's validation ranks, computed on first use
         self.state = resume_state or {"best": None, "stage_best": {}, "done_stages": [], "test": {}}
         self.global_step = self.state.get("global_step", 0)  # optimizer steps of the finished stages (TensorBoard x)
@@ -262,13 +179,8 @@ class Trainer:
         opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay,
                                 **adamw_implementation(self.cfg.optimizer, self.device))
 
-        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-            if step < sc.warmup_steps:
-                return (step + 1) / sc.warmup_steps
-            progress = min(1.0, (step - sc.warmup_steps) / max(1, steps_total - sc.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, warmup_steps=sc.warmup_steps,
+                                                                          steps_total=steps_total))
         ds = fill_ds_config(self.ds_base, sc, self.world)
         if ds.get("zero_optimization", {}).get("stage", 0) == 3:
             # The stage-1 head's weights are read directly in TransRec.forward (the fused loss), not by a forward
@@ -322,87 +234,102 @@ class Trainer:
 
     # -- a stage ------------------------------------------------------------------------------------------
     def run_stage(self, stage: int, resume: dict | None = None) -> None:
-        sc = self.set_stage(stage)
-        obj = self.objective(stage)
+        """Train `stage` epoch by epoch (from `resume`, a resume point of this stage, when given), validating after
+        each epoch and stopping early by eval.patience; then test with the stage's best model."""
+        sc, obj, loader = self.stage_parts(stage)
         scoring = self.scoring(obj)
-        loader = self.make_loader(stage, sc, obj)
-        self.mix(obj, loader)
-        steps_total = sc.epochs * loader.steps_per_epoch // sc.grad_accum
-        if sc.max_steps:
-            steps_total = min(steps_total, sc.max_steps)
+        steps_total = stage_steps(sc, loader.steps_per_epoch)
         engine = self.make_engine(sc, steps_total)
-        start_epoch, skip, stale, unlogged = 0, 0, 0, None
-        if resume is not None:
-            unlogged = load_resume_point(engine, self.run_dir, resume["tag"], self.rank).get("unlogged_losses")
-            start_epoch, skip, stale = resume["epoch"], resume["batches_done"], resume.get("stale", 0)
-            self.log.rewind(stage, engine.global_steps, start_epoch, self.global_step + engine.global_steps)
-            patience = self.cfg.eval.patience
-            if (sc.max_steps and engine.global_steps >= sc.max_steps) or (patience and stale >= patience):
-                # saved after the stage's last step (or its early stop): no batch is left; an epoch cut there
-                # still validates, as it did in a run never interrupted
-                start_epoch, skip = (start_epoch, loader.steps_per_epoch) if skip else (sc.epochs, 0)
-            LOG.info(f"resumed stage {stage} at epoch {start_epoch}, batch {skip} (optimizer step "
-                     f"{self.global_step + engine.global_steps} of the run)")
-        LOG.info(
-            f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
-            f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}; objective "
-            f"{obj.name}{' over the full catalogue' if getattr(obj, 'full_catalogue', False) else ''}, "
-            f"{obj.negatives} shared negatives, scored by {scoring}"
-        )
+        at = self.resume_stage(stage, sc, engine, loader, resume)
+        LOG.info(f"stage {stage}: {loader.steps_per_epoch} steps/epoch/rank x {sc.epochs} epochs, "
+                 f"{loader.stream.num_samples} windows, micro batch {sc.micro_batch}, world {self.world}; objective "
+                 f"{obj.name}{' over the full catalogue' if getattr(obj, 'full_catalogue', False) else ''}, "
+                 f"{obj.negatives} shared negatives, scored by {scoring}")
         stage_best = self.state["stage_best"].get(str(stage))
-        steps_done = engine.global_steps
-        ahead = resolve_ahead(self.cfg.data.device_prefetch, self.device)  # batches made ready before their step
-        grad_parts = trainable_parts(self.model) if self.cfg.monitor.grad_norms else {}
-        cache_hits = cache_hit_counter(self.model.cache, self.store.modality_names, self.modality)
-        window = None  # the logging window an epoch's end cut, continued by the next epoch (time figures)
-        for epoch in range(start_epoch, sc.epochs):
-            loader.set_epoch(epoch)
-            loader.skip_batches(skip)
-            meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, skip, steps_total, epoch == start_epoch,
-                                   cache_hits, window)
-            if unlogged is not None and epoch == start_epoch:
-                meter.carry(unlogged.to(self.device))  # the losses of the steps before the checkpoint, not yet logged
-            timer = meter.timer  # the phases of each step (trainer/monitoring/step_timing.py), read on logging steps
-            batches = prefetched(timer.loader(loader), timer.timed(self.prepare_batch, "to_device"), self.device,
-                                 ahead)
-            for b_idx, (host, batch) in enumerate(batches, start=skip):
-                meter.batch_in(host)
-                boundary = (b_idx + 1) % sc.grad_accum == 0  # an optimizer step ends with this micro-batch
-                with timer.span("forward"):
-                    loss = engine(batch, objective=obj)
-                with timer.span("backward"):
-                    engine.backward(loss)
-                if grad_parts and boundary and (engine.global_steps + 1) % self.cfg.log_every == 0:
-                    meter.note_grad_norms(part_grad_norms(grad_parts))  # a logging step: before the step uses them
-                with timer.span("optimizer"):
-                    engine.step()
-                steps_done = engine.global_steps
-                meter.step_done(loss, b_idx, steps_done, self.global_step + steps_done, boundary, engine.get_lr)
-                if boundary and steps_done % self.cfg.save_every_steps == 0:
-                    with timer.span("checkpoint"):
-                        self.save_resume_point(engine, stage, epoch, b_idx + 1, stale, meter.unlogged())
-                if sc.max_steps and steps_done >= sc.max_steps:
-                    break
-            window = meter.close()
-            skip = 0
-            stale, stage_best, stop = self.validate(stage, epoch, stale, stage_best, scoring,
-                                                    self.global_step + steps_done)
-            self.save_resume_point(engine, stage, epoch + 1, 0, stale)
+        watch = self.step_watch()
+        for epoch in range(at.epoch, sc.epochs):
+            steps_done = self.train_epoch(stage, epoch, sc, obj, loader, engine, at, steps_total, watch)
+            at.stale, stage_best, stop = self.validate(stage, epoch, at.stale, stage_best, scoring,
+                                                       self.global_step + steps_done)
+            self.save_resume_point(engine, stage, epoch + 1, 0, at.stale)
             if stop or (sc.max_steps and steps_done >= sc.max_steps):
                 break
-        self.global_step += steps_done
+        self.global_step += engine.global_steps
         self.state["global_step"] = self.global_step
         engine.destroy()  # removes its ZeRO gradient hooks: the next stage's engine wraps the same parameters
         self.finish_stage(stage, scoring)
+
+    def stage_parts(self, stage: int):
+        """The stage's settings (towers set trainable, frozen blocks cached), objective and loader."""
+        sc = self.set_stage(stage)
+        obj = self.objective(stage)
+        loader = self.make_loader(stage, sc, obj)
+        self.mix(obj, loader)
+        return sc, obj, loader
+
+    def resume_stage(self, stage: int, sc: StageConfig, engine, loader, resume: dict | None) -> StagePosition:
+        """Where the stage starts: its beginning, or a resume point's epoch and batch (the engine's state loaded)."""
+        if resume is None:
+            return StagePosition()
+        unlogged = load_resume_point(engine, self.run_dir, resume["tag"], self.rank).get("unlogged_losses")
+        at = StagePosition(resume["epoch"], resume["batches_done"], resume.get("stale", 0), unlogged)
+        self.log.rewind(stage, engine.global_steps, at.epoch, self.global_step + engine.global_steps)
+        patience = self.cfg.eval.patience
+        if (sc.max_steps and engine.global_steps >= sc.max_steps) or (patience and at.stale >= patience):
+            # saved after the stage's last step (or its early stop): no batch is left; an epoch cut there still
+            # validates, as it did in a run never interrupted
+            at.epoch, at.skip = (at.epoch, loader.steps_per_epoch) if at.skip else (sc.epochs, 0)
+        at.first_epoch = at.epoch
+        LOG.info(f"resumed stage {stage} at epoch {at.epoch}, batch {at.skip} (optimizer step "
+                 f"{self.global_step + engine.global_steps} of the run)")
+        return at
+
+    def step_watch(self) -> StepWatch:
+        return StepWatch(resolve_ahead(self.cfg.data.device_prefetch, self.device),
+                         trainable_parts(self.model) if self.cfg.monitor.grad_norms else {},
+                         cache_hit_counter(self.model.cache, self.store.modality_names, self.modality))
+
+    def train_epoch(self, stage: int, epoch: int, sc: StageConfig, obj: Objective, loader, engine,
+                    at: StagePosition, steps_total: int, watch: StepWatch) -> int:
+        """One epoch's steps (from batch `at.skip` of a resumed epoch), logged and checkpointed; returns the stage's
+        optimizer steps so far."""
+        loader.set_epoch(epoch)
+        loader.skip_batches(at.skip)
+        meter = self.log.epoch(stage, epoch, loader.steps_per_epoch, at.skip, steps_total, epoch == at.first_epoch,
+                               watch.cache_hits, watch.window)
+        if at.unlogged is not None and epoch == at.first_epoch:
+            meter.carry(at.unlogged.to(self.device))  # the losses of the steps before the checkpoint, not yet logged
+        timer = meter.timer  # the phases of each step (trainer/monitoring/step_timing.py), read on logging steps
+        batches = prefetched(timer.loader(loader), timer.timed(self.prepare_batch, "to_device"), self.device,
+                             watch.ahead)
+        steps_done = engine.global_steps
+        for b_idx, (host, batch) in enumerate(batches, start=at.skip):
+            meter.batch_in(host)
+            boundary = (b_idx + 1) % sc.grad_accum == 0  # an optimizer step ends with this micro-batch
+            with timer.span("forward"):
+                loss = engine(batch, objective=obj)
+            with timer.span("backward"):
+                engine.backward(loss)
+            if watch.grad_parts and boundary and (engine.global_steps + 1) % self.cfg.log_every == 0:
+                meter.note_grad_norms(part_grad_norms(watch.grad_parts))  # a logging step: before the step uses them
+            with timer.span("optimizer"):
+                engine.step()
+            steps_done = engine.global_steps
+            meter.step_done(loss, b_idx, steps_done, self.global_step + steps_done, boundary, engine.get_lr)
+            if boundary and steps_done % self.cfg.save_every_steps == 0:
+                with timer.span("checkpoint"):
+                    self.save_resume_point(engine, stage, epoch, b_idx + 1, at.stale, meter.unlogged())
+            if sc.max_steps and steps_done >= sc.max_steps:
+                break
+        watch.window = meter.close()  # the logging window the epoch's end cut, continued by the next epoch
+        at.skip = 0
+        return steps_done
 
     def time_steps(self, stage: int, steps: int = 3) -> tuple[float, int]:
         """(seconds per micro-batch of `stage`, the median of `steps` timed after one warm-up batch; micro-batches per
         epoch): what a cost estimate needs before a run trains (trainer/training/transfer_auto.py). It trains those
         batches, so it changes the model: call it on a Trainer whose results are already written."""
-        sc = self.set_stage(stage)
-        obj = self.objective(stage)
-        loader = self.make_loader(stage, sc, obj)
-        self.mix(obj, loader)
+        sc, obj, loader = self.stage_parts(stage)
         engine = self.make_engine(sc, steps + 1)
         loader.set_epoch(0)
         times = []
@@ -600,6 +527,35 @@ class Trainer:
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
         return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
                                  self.cfg.eval, log=LOG.warning)
+
+
+@dataclasses.dataclass
+class StagePosition:
+    """Where a stage's training stands: the epoch and batch it (re)starts from, validations without improvement,
+    and the losses of a resumed epoch's steps not yet logged."""
+
+    epoch: int = 0
+    skip: int = 0
+    stale: int = 0
+    unlogged: torch.Tensor | None = None
+    first_epoch: int = 0  # the epoch the stage (re)starts with
+
+
+@dataclasses.dataclass
+class StepWatch:
+    """What the steps of a stage record beside training: batches made ready ahead, gradient norms' parts, the
+    feature cache's hits, and the logging window an epoch's end cut (continued by the next epoch)."""
+
+    ahead: int
+    grad_parts: dict
+    cache_hits: object
+    window: object = None
+
+
+def stage_steps(sc: StageConfig, batches_per_epoch: int) -> int:
+    """The stage's optimizer steps: its epochs' micro-batches over grad_accum, capped by max_steps."""
+    steps = sc.epochs * batches_per_epoch // sc.grad_accum
+    return min(steps, sc.max_steps) if sc.max_steps else steps
 
 
 def adamw_implementation(choice: str, device: torch.device) -> dict:

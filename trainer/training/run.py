@@ -19,7 +19,8 @@ from pathlib import Path
 from transrec.data_shards.remote import local_shards
 from transrec.trainer.core.checkpoint import read_export_config
 from transrec.trainer.core.choices import Scorer
-from transrec.trainer.core.config import RunConfig, read_run_config
+from transrec.trainer.core.config import RunConfig
+from transrec.trainer.core.config_records import read_run_config
 from transrec.trainer.core.run_setup import default_run_dir, load_ds_config, setup_distributed
 from transrec.trainer.training.loop import Trainer
 from transrec.trainer.training.run_lock import claim_run_dir, releasing_run_dir_locks

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from transrec.trainer.core.checkpoint import barrier
 from transrec.trainer.core.choices import STAGES, Scorer
-from transrec.trainer.core.config import RunConfig, read_run_config
+from transrec.trainer.core.config import RunConfig
+from transrec.trainer.core.config_records import read_run_config
 from transrec.trainer.core.run_setup import (
     LOG,
     load_ds_config,
