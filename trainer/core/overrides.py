@@ -14,6 +14,7 @@ from transrec.trainer.core.modalities import legacy_model_keys
 # A section's main setting named by the section alone on the command line.
 SHORTHANDS = {"transfer": "transfer.mode"}
 
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """`section.key=value` overrides, e.g. `stage1.epochs=3 model.image_backbone=efficientnet-lite0`; a map setting
     takes `section.map.key=value` (`stage2.trainable.text=1`) or `section.map=key:value,key:value`."""
@@ -31,18 +32,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if key in legacy:  # model.image_size is model.image.size
             section, key = legacy[key]
             parents = ["model", section]
-        if len(parents) >= 2 and isinstance(getattr(_section(cfg, parents[:-1], item), parents[-1], None), dict):
-            section = _section(cfg, parents[:-1], item)
+        section = _section(cfg, parents[:-1], item) if len(parents) >= 2 else None
+        if section is not None and isinstance(getattr(section, parents[-1], None), dict):
             mapping = dict(getattr(section, parents[-1]))
             mapping[key] = _parse(raw, 0, item)
             setattr(section, parents[-1], mapping)
             section.__post_init__()
             continue
-        target = cfg
-        for p in parents:
-            target = getattr(target, p, None)
-            if target is None or not dataclasses.is_dataclass(target):
-                raise ValueError(f"override {item!r}: no config section {p!r}")
+        target = _section(cfg, parents, item)
         fields = {f.name: f for f in dataclasses.fields(target)}
         if key not in fields:
             raise ValueError(

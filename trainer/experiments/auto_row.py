@@ -69,6 +69,12 @@ def row_fields() -> frozenset:
     return frozenset(fields)
 
 
+@functools.cache
+def table_flat_settings() -> dict[tuple[str, str], str]:
+    """The tables' configuration (cpu-small with the table settings) in flat_settings' form."""
+    return flat_settings(to_dict(changed(preset("cpu-small"), table_settings)))
+
+
 def group_settings(run: Path) -> tuple[tuple[tuple[str, str], str], ...]:
     """The run's settings that tell its group apart: its configuration less the rows' own settings."""
     flat = flat_settings(json.loads((run / "run_config.json").read_text())["config"])
@@ -109,7 +115,7 @@ def content_objective(run: Path) -> bool:
 def shown_settings(settings: tuple) -> list[tuple[str, str, object]]:
     """The settings where a group differs from the tables' configuration (cpu-small with the table settings):
     (section or "", name, value)."""
-    table = flat_settings(to_dict(changed(preset("cpu-small"), table_settings)))
+    table = table_flat_settings()
     return [(section, name, json.loads(value)) for (section, name), value in settings
             if (section, name) in table and table[(section, name)] != value]
 
