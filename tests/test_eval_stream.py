@@ -172,3 +172,30 @@ def test_tf32_scores_on_cuda_stay_near_fp32():
     fp32 = ev.rank_with_vectors(user_vec, items, data, False, 128)
     tf32 = ev.rank_with_vectors(user_vec, items, data, False, 128, precision="tf32")
     assert np.abs(tf32 - fp32).max() <= 0.01 * 20000 and (tf32 == fp32).mean() > 0.2
+
+
+def test_a_sample_of_users_streams_exactly_those_users_in_both_splits(hm_many_shards):
+    """eval.max_users: a seeded uniform sample of the evaluated users, the same in validation and test; the stream
+    yields exactly those users' records (over any split of ranks), equal to the sample held in memory."""
+    shards = hm_many_shards
+    summary = ev.SplitSummary.read(shards)
+    n = len(summary.users["test"])
+    sample = ev.UserSample(17, seed=3)
+    users, targets = sample.of(summary.users["test"], summary.targets["test"])
+    assert len(users) == 17 and np.all(np.diff(users) > 0) and set(users) <= set(summary.users["test"])
+    assert np.array_equal(targets, summary.targets["test"][np.searchsorted(summary.users["test"], users)])
+    assert np.array_equal(sample.of(summary.users["valid"], summary.targets["valid"])[0], users)  # both splits
+    assert not np.array_equal(ev.UserSample(17, seed=4).of(summary.users["test"], summary.targets["test"])[0], users)
+    everyone = ev.UserSample(n, seed=3).of(summary.users["test"], summary.targets["test"])
+    assert everyone[0] is summary.users["test"]  # a sample as large as the split is the split
+    held = ev.eval_users(read_sequences(shards), "test", 6, sample=sample)
+    assert np.array_equal(held.users, users) and np.array_equal(held.targets, targets)
+    for world in (1, 2, 6):
+        got = []
+        for rank in range(world):
+            stream = ev.EvalStream(shards, "test", 6, summary.users["test"], summary.targets["test"], (), rank, world,
+                                   sample)
+            assert np.array_equal(stream.users, users) and len(stream) == 17
+            got += [c.users for c in stream.chunks(5)]
+        assert np.array_equal(np.sort(np.concatenate(got)), users), world
+    assert sample.record(17, n) == {"evaluated": 17, "of": n, "sampled": True, "seed": 3}

@@ -218,6 +218,34 @@ def test_standalone_evaluator_reproduces_the_run_and_scores_another_catalogue(so
         evaluate_main(["--export", str(source_run / "export"), "--shards", str(tmp_path)])
 
 
+def test_a_sample_of_users_ranks_as_they_rank_among_all(source_run, ml_shards, tiny_bert_dir, tmp_path):
+    """eval.max_users / --max-users: the sampled users' ranks are exactly their ranks when every user is evaluated
+    (a user's rank depends on no other user), and what was sampled is recorded."""
+    from transrec.trainer.commands.evaluate import main as evaluate_main
+    from transrec.trainer.evaluation.run_stats import read_ranks
+
+    all_users, all_targets, all_ranks = read_ranks(source_run / "test_ranks.tsv")
+    out = tmp_path / "sampled.json"
+    result = evaluate_main(["--export", str(source_run / "export"), "--shards", str(ml_shards), "--out", str(out),
+                            "--max-users", "25", "--sample-seed", "7"])
+    users, targets, ranks = read_ranks(out.with_suffix(".ranks.tsv"))
+    assert len(users) == 25 and result["content"]["users"] == 25
+    assert result["evaluated_users"] == {"evaluated": 25, "of": len(all_users), "sampled": True, "seed": 7}
+    at = np.searchsorted(all_users, users)
+    assert np.array_equal(all_users[at], users) and np.array_equal(all_targets[at], targets)
+    assert np.array_equal(all_ranks[at], ranks)
+    with pytest.raises(SystemExit):
+        evaluate_main(["--export", str(source_run / "export"), "--shards", str(ml_shards), "--max-users", "-1"])
+    # the trainer: a sample of 30 in validation and test, recorded in metrics.json and results.md
+    metrics = tiny_trainer(ml_shards, tiny_bert_dir, tmp_path / "run", "eval.max_users=30", "stage1.max_steps=3",
+                           "stage2.max_steps=2").run()
+    assert metrics["evaluated_users"] == {"evaluated": 30, "of": len(all_users), "sampled": True, "seed": 0}
+    assert metrics["test"]["users"] == 30 and metrics["popularity_valid"]["users"] == 30
+    run_users = read_ranks(tmp_path / "run" / "test_ranks.tsv")[0]
+    assert np.array_equal(run_users, np.sort(np.random.default_rng(0).choice(all_users, 30, replace=False)))
+    assert "seeded sample of 30 of the" in (tmp_path / "run" / "results.md").read_text()
+
+
 def test_existing_run_dir_is_refused_unless_overwrite(ml_shards, tiny_bert_dir, tmp_path):
     from transrec.trainer.main import main
 

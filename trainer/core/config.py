@@ -209,10 +209,14 @@ class EvalConfig:
     # catalogues ("macro") or
     # its value over all validation users ("pooled")
     across_catalogues: str = "macro"
+    # evaluate a seeded uniform sample of this many users in each split (the same users in both), 0: every evaluated
+    # user. For catalogues of millions of users, where ranking them all costs hours; metrics.json's
+    # "evaluated_users" records the sample, and every figure and interval is over it.
+    max_users: int = 0
 
     def __post_init__(self) -> None:
         one_of("eval.across_catalogues", self.across_catalogues, ("macro", "pooled"))
-        check_values(self, "eval", {"item_batch": 1, "user_batch": 1, "patience": 0, "bootstrap": 1})
+        check_values(self, "eval", {"item_batch": 1, "user_batch": 1, "patience": 0, "bootstrap": 1, "max_users": 0})
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"eval.ks must be one or more cut-offs >= 1, not {self.ks!r}")
         one_of("eval.precision", self.precision, ("fp32", "tf32"))

@@ -84,6 +84,25 @@ class EvalUsers:
                          {n: r[idx] for n, r in self.features.items()})
 
 
+@dataclass(frozen=True)
+class UserSample:
+    """A seeded uniform sample of a split's evaluated users (`eval.max_users`): for catalogues of millions of users,
+    where ranking every one costs hours. The same seed and size pick the same users in both splits (every evaluated
+    user is evaluated in both). `of` keeps index order; `record` is what metrics.json says of it."""
+
+    size: int
+    seed: int
+
+    def of(self, users: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(users) <= self.size:
+            return users, targets
+        keep = np.sort(np.random.default_rng(self.seed).choice(len(users), self.size, replace=False))
+        return users[keep], targets[keep]
+
+    def record(self, evaluated: int, of: int) -> dict:
+        return {"evaluated": evaluated, "of": of, "sampled": evaluated < of, "seed": self.seed}
+
+
 class _EvalBuilder:
     """Accumulates evaluated users' records into an EvalUsers (one record at a time: any iterable, any length)."""
 
@@ -117,14 +136,28 @@ class _EvalBuilder:
                          Ragged.from_rows(self.seen), {n: Ragged.from_rows(r) for n, r in self.features.items()})
 
 
-def eval_users(sequences, split: str, max_len: int, feature_names=()) -> EvalUsers:
+def eval_users(sequences, split: str, max_len: int, feature_names=(), sample: UserSample | None = None) -> EvalUsers:
     """Validation: history = training items, target = the next; test: history includes the validation item.
     `sequences`: user samples in index order (a SequenceTable, or read_sequences' list), read in one pass;
-    `feature_names`: the user side features to keep (a user lacking one gets padding id 0)."""
+    `feature_names`: the user side features to keep (a user lacking one gets padding id 0); `sample`: only a seeded
+    sample of the evaluated users (the same in both splits)."""
+    kept = None if sample is None else sampled_users(sequences, sample)
     build = _EvalBuilder(split, max_len, feature_names)
     for s in sequences:
-        build.add(s)
+        if kept is None or s["user"] in kept:
+            build.add(s)
     return build.done()
+
+
+def sampled_users(sequences, sample: UserSample) -> frozenset[int]:
+    """The users `sample` keeps of `sequences`' evaluated users (a SequenceTable's flags, or the records')."""
+    flags = getattr(sequences, "evaluated", None)
+    if flags is not None:
+        evaluated = np.flatnonzero(flags)
+    else:
+        evaluated = np.asarray([s["user"] for s in sequences if s["evaluated"]], dtype=np.int64)
+    users, _ = sample.of(evaluated, evaluated)
+    return frozenset(users.tolist())
 
 
 def rank_records(shard_dir, rank: int = 0, world: int = 1) -> Iterator[dict]:
@@ -147,13 +180,16 @@ class EvalStream:
     trainer's memory for evaluation is O(batch), not O(users). With at least as many sequence shards as ranks, a
     rank reads only its own shards (shard i to rank i % world), so a node reads each shard once per evaluation;
     otherwise every rank reads them all and keeps user % world == rank. `users` / `targets`: every evaluated user
-    (all ranks) in index order, for the per-user rank files and the cold-target counts."""
+    (all ranks) in index order, for the per-user rank files and the cold-target counts; with a `sample`, only the
+    sampled ones (the stream skips the others' records)."""
 
     def __init__(self, shard_dir, split: str, max_len: int, users: np.ndarray, targets: np.ndarray,
-                 feature_names=(), rank: int = 0, world: int = 1):
+                 feature_names=(), rank: int = 0, world: int = 1, sample: UserSample | None = None):
         _check_split(split)
         self.shard_dir, self.split, self.max_len, self.feature_names = shard_dir, split, max_len, feature_names
-        self.users, self.targets, self.rank, self.world = users, targets, rank, world
+        self.rank, self.world, self.sample = rank, world, sample
+        self.users, self.targets = (users, targets) if sample is None else sample.of(users, targets)
+        self._kept = None if sample is None else frozenset(self.users.tolist())
 
     def __len__(self) -> int:
         return len(self.users)
@@ -161,6 +197,8 @@ class EvalStream:
     def chunks(self, batch: int) -> Iterator[EvalUsers]:
         build = _EvalBuilder(self.split, self.max_len, self.feature_names)
         for s in rank_records(self.shard_dir, self.rank, self.world):
+            if self._kept is not None and s["user"] not in self._kept:
+                continue
             build.add(s)
             if len(build) == batch:
                 yield build.done()

@@ -21,6 +21,7 @@ from transrec.trainer.evaluation.item_vector_cache import cached_item_vectors, s
 from transrec.trainer.evaluation.model_ranker import ranker_from_export
 from transrec.trainer.evaluation.ranking import (
     EvalUsers,
+    UserSample,
     eval_users,
     interaction_counts,
     metrics_from_ranks,
@@ -52,15 +53,17 @@ class ExportEvaluation:
 
 def evaluate_export(export: Path, shards: Path, split: str = "test", exclude_seen: bool = True,
                     scoring: str = "export", prior_beta: float | str | None = None,
-                    device: str = "cpu", vector_cache: str | None = "auto", log=stderr_line) -> ExportEvaluation:
+                    device: str = "cpu", vector_cache: str | None = "auto", log=stderr_line,
+                    sample: UserSample | None = None) -> ExportEvaluation:
     """`split`'s users of `shards` ranked by the export over the whole catalogue. `scoring`: one of
     scoring.SCORING_CHOICES; `prior_beta`: a weight, "auto" (chosen on validation) or None (the export's);
-    `vector_cache`: where the item vectors are kept ("auto": beside the shards; None or "none": not kept)."""
+    `vector_cache`: where the item vectors are kept ("auto": beside the shards; None or "none": not kept); `sample`:
+    rank only a seeded sample of the evaluated users (the same ones in validation, where the prior is chosen)."""
     ranker = ranker_from_export(Path(export), Path(shards), device, build_cache=False)  # encoded only if needed
     export_scoring = read_scoring(Path(export))  # the export (its scoring.json included) verified by now
     user, beta = requested_scoring(scoring, prior_beta, export_scoring)
     max_len = ranker.model.cfg.max_len
-    data = eval_users(ranker.sequences, split, max_len, ranker.user_feature_names)
+    data = eval_users(ranker.sequences, split, max_len, ranker.user_feature_names, sample)
     counts = interaction_counts(ranker.sequences, ranker.store.num_items, split)
 
     def item_vectors():
@@ -76,7 +79,7 @@ def evaluate_export(export: Path, shards: Path, split: str = "test", exclude_see
         if user == "none":
             raise ValueError("--prior-beta auto chooses the prior for content scoring, and the export scores by "
                              "popularity alone: give --scoring model or mean")
-        valid = eval_users(ranker.sequences, "valid", max_len, ranker.user_feature_names)
+        valid = eval_users(ranker.sequences, "valid", max_len, ranker.user_feature_names, sample)
         choice = choose_prior(model_user, vectors, valid, user,
                               interaction_counts(ranker.sequences, ranker.store.num_items, "valid"), exclude_seen)
         chosen = choice.scoring
@@ -97,6 +100,8 @@ def evaluate_export(export: Path, shards: Path, split: str = "test", exclude_see
               "content": metrics_from_ranks(ranks), "popularity": metrics_from_ranks(pop),
               "vs_popularity": {m: paired_bootstrap(per_user_gain(ranks, m), per_user_gain(pop, m))
                                 for m in ("hr@10", "ndcg@10")}}
+    if sample is not None:
+        result["evaluated_users"] = sample.record(len(data), int(ranker.sequences.evaluated.sum()))
     if choice is not None:
         result["prior_choice"] = choice.table
     return ExportEvaluation(result, data, ranks, chosen, choice, ranker.store.num_items, pop)

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from transrec.trainer.evaluation.eval_users import (  # noqa: F401  (re-exported: evaluation's data types live in eval_data)
+from transrec.trainer.evaluation.eval_users import (  # noqa: F401  (re-exported: evaluation's data types live in eval_users)
     EvalStream,
     EvalUsers,
     Ragged,
     SplitSummary,
+    UserSample,
     eval_users,
     interaction_counts,
 )

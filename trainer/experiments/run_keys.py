@@ -22,7 +22,7 @@ ADDED_AT_OLD_BEHAVIOUR = ((None, "init_parts", "all"), ("model", "text_attention
                           ("model", "cudnn_benchmark", False), ("data", "device_prefetch", -1),
                           (None, "init_reset", ""), ("model", "sequence_input_scale", 1.0),
                           ("eval", "initial_candidate", False), ("stage1", "popularity_correction", 0.0),
-                          ("stage2", "popularity_correction", 0.0))
+                          ("stage2", "popularity_correction", 0.0), ("eval", "max_users", 0))
 
 
 # Settings removed after runs were cached that never changed a run: their old value stays in the key.

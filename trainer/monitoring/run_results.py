@@ -15,10 +15,11 @@ from transrec.trainer.monitoring.run_curves import CURVES_FILE, write_curves
 
 
 def write_run_results(run_dir: Path, state: dict, best_stage: str, test_ranks: np.ndarray, pop_valid: np.ndarray,
-                      pop_test: np.ndarray, cold: np.ndarray, eval_cfg, log: Callable[[str], None] = print) -> dict:
+                      pop_test: np.ndarray, cold: np.ndarray, eval_cfg, log: Callable[[str], None] = print,
+                      evaluated_users: dict | None = None) -> dict:
     """metrics.json, results.md and curves.png (trainer/monitoring/run_curves.py) of a finished run; prints the table
     and logs a warning when the selected model does not beat popularity. `state` is the trainer's record of each stage's
-    best model on validation."""
+    best model on validation; `evaluated_users`: how many test users were ranked of how many (eval.max_users)."""
     ks = eval_cfg.ks
     best = state["stage_best"][best_stage]
     metrics = {
@@ -34,10 +35,15 @@ def write_run_results(run_dir: Path, state: dict, best_stage: str, test_ranks: n
         # cold test targets: items in no user's training portion; only content scoring can rank them
         "cold_test": metrics_from_ranks(test_ranks[cold], ks) if cold.any() else {"users": 0},
     }
+    if evaluated_users is not None:
+        metrics["evaluated_users"] = evaluated_users
     table, intervals = results_table(run_dir, metrics, pop_test, eval_cfg.bootstrap)
     metrics["vs_popularity"] = intervals
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_curves(run_dir)  # from the records just written: loss per stage, validation per epoch, popularity
+    if evaluated_users and evaluated_users.get("sampled"):
+        table += (f"\n\nEvery figure is over a seeded sample of {evaluated_users['evaluated']:,} of the "
+                  f"{evaluated_users['of']:,} evaluated users (eval.max_users, seed {evaluated_users['seed']}).")
     (run_dir / "results.md").write_text(f"{table}\n\n![training loss and validation NDCG@10]({CURVES_FILE})\n")
     print(table, flush=True)
     verdict = popularity_verdict(intervals[f"stage{best_stage}"]["ndcg@10"])

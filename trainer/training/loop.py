@@ -525,8 +525,11 @@ class Trainer:
 
     def report(self, best_stage: str, test_ranks, pop_valid, pop_test) -> dict:
         cold = self.item_share[self.test_users.targets] == 0  # test targets in no user's training portion
+        evaluated = {"evaluated": len(self.test_users), "of": len(self.summary.users["test"]), "sampled": False}
+        if self.test_users.sample is not None:
+            evaluated = self.test_users.sample.record(len(self.test_users), len(self.summary.users["test"]))
         return write_run_results(self.run_dir, self.state, best_stage, test_ranks, pop_valid, pop_test, cold,
-                                 self.cfg.eval, log=LOG.warning)
+                                 self.cfg.eval, log=LOG.warning, evaluated_users=evaluated)
 
 
 @dataclasses.dataclass

@@ -91,10 +91,14 @@ def build_parts(cfg: RunConfig, ds_config_path: str) -> TrainingParts:
     log = RunLog(run_dir, rank, world, device, cfg.log_every)
     if rank == 0:
         write_run_record(run_dir, cfg, ds_base, {"world_size": world})
+    sample = ev.UserSample(cfg.eval.max_users, cfg.seed) if cfg.eval.max_users else None
     valid_users, test_users = (
         ev.EvalStream(shards, split, cfg.model.max_len, summary.users[split], summary.targets[split], list(user_vocab),
-                      rank, world)
+                      rank, world, sample)
         for split in ("valid", "test"))
+    if sample is not None:
+        LOG.info(f"evaluation: a seeded sample of {len(test_users):,} of the {len(summary.users['test']):,} evaluated "
+                 f"users (eval.max_users={cfg.eval.max_users}, seed {cfg.seed})")
     return TrainingParts(rank, world, device, ds_base, shards, manifest, store, bounds, catalogues, summary,
                          store.num_items, modality, run_dir, list(user_vocab), model, log,
                          item_share(summary.counts["train"], bounds), valid_users, test_users)
