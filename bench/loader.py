@@ -35,6 +35,7 @@ import torch
 
 from transrec.data_shards.decode import ImageDecoder, resolve_backend
 from transrec.data_shards.decode_dali import dali_import_error
+from transrec.data_shards.modalities import ContentSettings, ImageSettings
 from transrec.data_shards.shard_io import ItemStore
 
 COLUMNS = ("decoder", "backend", "device", "workers", "images_decoded", "images_per_s", "sequences_per_s")
@@ -81,7 +82,8 @@ def bench_loader(shards: Path, decoder: str, device: torch.device, size: int, wo
     """Sequences/s through data_shards.loader.make_train_loader, images decoded on the way."""
     loader_mod = importlib.import_module("transrec.data_shards.loader")
     on_gpu = device.type == "cuda"
-    cfg = loader_mod.LoaderConfig(batch_size=seq_batch, num_workers=workers, decoder=decoder, image_size=size,
+    content = ContentSettings({"image": ImageSettings(size=size, backend=decoder)})
+    cfg = loader_mod.LoaderConfig(batch_size=seq_batch, num_workers=workers, content=content,
                                   decode_in_loader=not on_gpu)
     loader = loader_mod.make_train_loader(shards, cfg)
     gpu_decoder = ImageDecoder(decoder, size=size, device=device) if on_gpu else None

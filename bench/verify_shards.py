@@ -48,6 +48,7 @@ from transrec.bench.run_record import recorded_command, write_reports  # noqa: E
 from transrec.data_shards import integrity
 from transrec.data_shards.integrity import verify_shards
 from transrec.data_shards.loader import LoaderConfig, make_train_loader
+from transrec.data_shards.modalities import ContentSettings, ImageSettings
 from transrec.data_shards.shard_io import ItemStore
 
 NEW_PROCESS = ("import json, sys, time; from transrec.data_shards.integrity import verify_shards; "
@@ -87,7 +88,7 @@ def synth_shards(work: Path, users: int, items: int) -> tuple[Path, float | None
 
 def loader_epoch(shards: Path, content: bool) -> tuple[float, int]:
     cfg = LoaderConfig(window=26, batch_size=128, stride=25, load_content=content, decode_in_loader=content,
-                       decoder="pil", image_size=64, shuffle_buffer=4096)
+                       content=ContentSettings({"image": ImageSettings(size=64, backend="pil")}), shuffle_buffer=4096)
     t = time.perf_counter()
     loader = make_train_loader(shards, cfg)
     sequences = sum(int(b.weights.sum()) for b in loader)

@@ -343,7 +343,7 @@ class ImageDecoder:
     def _decode_chunk(self, jpegs: list[bytes], ids: list[int], normalized: bool, native: bool):
         size = None if native else self.size
         if self._backend == "pil":
-            run = self._pool.map if self._pool else map
+            run = self._pool.map if len(jpegs) > 1 and self._pool else map  # one image: no thread pool made
             try:
                 images = list(run(lambda b: _pil_one(b, size), jpegs))
             except Exception as e:  # any Pillow failure names its item below

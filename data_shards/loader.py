@@ -57,10 +57,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.integrity import IntegrityError, one_line, verify_shards
 from transrec.data_shards.mixture import catalogue_bounds, user_bounds
-from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.modalities import ContentOptions, ContentSettings, content_kind
 from transrec.data_shards.shard_io import ItemStore, load_manifest, sequence_records
 
 
@@ -77,9 +76,8 @@ class LoaderConfig:
     num_negatives: int = 0  # shared negatives per batch (stage 2)
     load_content: bool = True  # False when the towers read cached features by item id
     decode_in_loader: bool = True  # False: hand JPEG bytes to the main process (GPU decoding)
-    image_size: int = 64
-    decoder: str = "auto"
-    max_tokens: int = 64
+    # each modality's content settings (data_shards/modalities.py: text tokens, image size and decoder, ...)
+    content: ContentSettings = field(default_factory=ContentSettings)
     prefetch: int = 2
     split: str = "auto"  # "samples" | "shards" | "auto" (module docstring)
     pin_memory: bool = False  # page-locked batches (CUDA: asynchronous host-to-device copies)
@@ -210,22 +208,21 @@ def assign_shards(windows: dict[str, int], world_size: int) -> list[list[str]]:
 
 
 def load_item_content(
-    store: ItemStore, unique: np.ndarray, max_tokens: int, decoder=None, modality: np.ndarray | None = None
+    store: ItemStore, unique: np.ndarray, options: ContentOptions, modality: np.ndarray | None = None
 ) -> ItemContent:
-    """The content of items `unique`, grouped by modality and collated by each modality's content kind (tokens for
-    text items; pixels with `decoder`, JPEG bytes without, for image items; ...).
+    """The content of items `unique`, grouped by modality and collated by each modality's content kind with its own
+    options (tokens for text items; pixels with a decoder, JPEG bytes without, for image items; ...).
 
     `modality` overrides the shards' per-item modality codes (e.g. to evaluate an all-text view)."""
     mods = (store.modality if modality is None else modality)[unique]
     content = ItemContent(modality=torch.from_numpy(mods.astype(np.int64)))
-    options = ContentOptions(max_tokens=max_tokens, decoder=decoder)
     for code, name in enumerate(store.modality_names):
         rows = np.flatnonzero(mods == code)
         if len(rows) == 0:
             continue
         payloads = [store.payload(int(unique[r]), name) for r in rows]
         content.rows[name] = torch.from_numpy(rows)
-        inputs = content_kind(name).collate(payloads, unique[rows], options)
+        inputs = content_kind(name).collate(payloads, unique[rows], options.of(name))
         if inputs is None:
             content.payloads[name] = [bytes(p) for p in payloads]
         else:
@@ -276,7 +273,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.first_batch = 0
         self.store: ItemStore | None = None
-        self._decoder = None
+        self._options: ContentOptions | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.first_batch = epoch, 0
@@ -382,10 +379,11 @@ class TrainStream(torch.utils.data.IterableDataset):
             produced += 1
 
     # -- building a batch ---------------------------------------------------------------------------------
-    def _decoder_for_worker(self):
-        if self._decoder is None and self.cfg.decode_in_loader:
-            self._decoder = ImageDecoder(backend=self.cfg.decoder, size=self.cfg.image_size, device="cpu")
-        return self._decoder
+    def _options_for_worker(self) -> ContentOptions:
+        """Each modality's collating options in this worker (made once: they hold decoders)."""
+        if self._options is None:
+            self._options = self.cfg.content.options("cpu", decode=self.cfg.decode_in_loader)
+        return self._options
 
     def make_batch(self, index: int, samples: list) -> SequenceBatch:
         cfg = self.cfg
@@ -431,8 +429,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         modality = self.store.modality if self.item_modality is None else self.item_modality
         attach_step_plan(batch, modality, len(self.store.modality_names))
         if cfg.load_content:
-            batch.content = load_item_content(self.store, unique, cfg.max_tokens, self._decoder_for_worker(),
-                                              modality=modality)
+            batch.content = load_item_content(self.store, unique, self._options_for_worker(), modality=modality)
         return pin(batch) if cfg.pin_memory else batch
 
     def check_files(self) -> None:

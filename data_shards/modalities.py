@@ -5,9 +5,13 @@ tars, how a value becomes that payload at build time (`pack`), and how a batch o
 tensors (`collate`). The model half (the tower, its cacheable blocks, its trainable depth) lives in
 trainer/core/modalities.py, which registers both halves with one call; data knows no model.
 
-    register_content(ContentKind("signal", member="signal.f32", collate=my_collate, from_item=my_hook))
+    register_content(ContentKind("signal", member="signal.f32", collate=my_collate, from_item=my_hook,
+                                 settings=SignalSettings(length=12)))
 
-Built in: "text" (token ids of the rendered item text, `tokens.npy`) and "image" (the item's JPEG, `jpg`). A kind
+Built in: "text" (token ids of the rendered item text, `tokens.npy`; TextSettings: the token budget) and "image" (the
+item's JPEG, `jpg`; ImageSettings: the decoded size and backend). Each kind owns its settings: the loader, the feature
+cache, the ranker and serving pass a `ContentSettings` / `ContentOptions` of every modality's own through without
+looking inside. A kind
 with a `from_item` hook is written by the builder for the items the hook returns a payload for, and those items take
 that modality (under `--modality mixed`; the rule is recorded in the manifest). The shards list their modalities in
 order in `manifest["modalities"]`: an item's modality code is its index there.
@@ -20,12 +24,13 @@ than in the build command.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES, npy_bytes
 
 MODALITY_RULE = (
@@ -35,34 +40,85 @@ MODALITY_RULE = (
 
 
 @dataclass(frozen=True)
-class ContentOptions:
-    """What collating may depend on: the token budget and the image decoder (None: JPEGs stay bytes, decoded later in
-    the main process, e.g. on the GPU)."""
+class TextSettings:
+    """Text content: the token budget (an item's tokens past it are cut); its own run-time options too."""
 
     max_tokens: int = 64
-    decoder: object | None = None
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Image content: the decoded side in pixels and the decoder backend (data_shards/decode.py); at run time, an
+    ImageDecoder of these (or None: the JPEGs stay bytes, decoded later in the main process, e.g. on the GPU)."""
+
+    size: int = 64
+    backend: str = "auto"
 
 
 def _identity_pack(value: bytes) -> tuple[bytes, int]:
     return bytes(value), 0
 
 
+def _settings_are_options(settings, device, decode: bool):
+    return settings
+
+
 @dataclass(frozen=True)
 class ContentKind:
     """One modality's content: `member` (payload suffix in the item tar), `collate(payloads, items, options)` ->
     named input tensors (or None: leave the payloads as bytes for a later decode), `pack(value)` -> (member bytes,
-    offset of the payload inside them), `input_size(options)` (what the inputs' shape depends on: part of the
-    feature-store key), and the builder hook `from_item(raw_id, item_fields)` -> payload value or None."""
+    offset of the payload inside them), and the builder hook `from_item(raw_id, item_fields)` -> payload value or None.
+
+    Its options are its own: `settings`, a picklable value of what collating depends on (the default; a run's come
+    from the modality's configuration section, trainer/core/modalities.py); `options(settings, device, decode)`, what
+    `collate` receives at run time (default: the settings themselves; image: a decoder on `device`, or None when
+    `decode` is False); `identity(options)`, what the collated inputs depend on, as a JSON-able dict (part of the
+    feature-store key)."""
 
     name: str
     member: str
-    collate: Callable[[list, np.ndarray, ContentOptions], dict[str, torch.Tensor] | None]
+    collate: Callable[[list, np.ndarray, object], dict[str, torch.Tensor] | None]
     pack: Callable[[object], tuple[bytes, int]] = _identity_pack
-    input_size: Callable[[ContentOptions], object] = field(default=lambda options: None)
+    settings: object = None
+    options: Callable[[object, object, bool], object] = _settings_are_options
+    identity: Callable[[object], dict] = field(default=lambda options: {})
     from_item: Callable[[str, dict], object | None] | None = None
 
 
-def _collate_tokens(payloads: list, items: np.ndarray, options: ContentOptions) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class ContentSettings:
+    """Every modality's content settings, by name (picklable: loader workers make their options from it); a modality
+    without an entry takes its kind's default `settings`."""
+
+    by_modality: Mapping[str, object] = field(default_factory=dict)
+
+    def of(self, name: str) -> object:
+        return self.by_modality[name] if name in self.by_modality else content_kind(name).settings
+
+    def options(self, device="cpu", decode: bool = True) -> ContentOptions:
+        """Each registered modality's run-time options on `device` (`decode` False: content that is decoded, such as
+        JPEGs, stays bytes)."""
+        return ContentOptions({name: kind.options(self.of(name), device, decode) for name, kind in CONTENT.items()})
+
+
+@dataclass(frozen=True)
+class ContentOptions:
+    """What collating needs at run time, each modality's own, by name (ContentSettings.options makes them)."""
+
+    by_modality: Mapping[str, object]
+
+    def of(self, name: str) -> object:
+        if name not in self.by_modality:
+            raise KeyError(f"no content options for modality {name!r} (have: {', '.join(self.by_modality)}): make "
+                           "them with ContentSettings.options after the modality is registered")
+        return self.by_modality[name]
+
+    def identity(self, name: str) -> dict:
+        """What modality `name`'s collated inputs depend on (ContentKind.identity)."""
+        return content_kind(name).identity(self.of(name))
+
+
+def _collate_tokens(payloads: list, items: np.ndarray, options: TextSettings) -> dict[str, torch.Tensor]:
     """Token ids [N, T] (right padded with 0) and mask [N, T]; T = the longest row, at least 1."""
     rows = [np.frombuffer(p, dtype="<i4")[: options.max_tokens] for p in payloads]
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
@@ -78,10 +134,14 @@ def _pack_tokens(tokens: np.ndarray) -> tuple[bytes, int]:
     return npy_bytes(np.asarray(tokens, dtype="<i4"))
 
 
-def _collate_jpegs(payloads: list, items: np.ndarray, options: ContentOptions) -> dict[str, torch.Tensor] | None:
-    if options.decoder is None:
+def _collate_jpegs(payloads: list, items: np.ndarray, decoder) -> dict[str, torch.Tensor] | None:
+    if decoder is None:
         return None
-    return {"pixels": options.decoder.decode([bytes(p) for p in payloads], [int(i) for i in items])}
+    return {"pixels": decoder.decode([bytes(p) for p in payloads], [int(i) for i in items])}
+
+
+def _image_decoder(settings: ImageSettings, device, decode: bool):
+    return ImageDecoder(backend=settings.backend, size=settings.size, device=device) if decode else None
 
 
 CONTENT: dict[str, ContentKind] = {}
@@ -115,6 +175,8 @@ def extra_kinds() -> list[ContentKind]:
 
 
 register_content(ContentKind("text", member="tokens.npy", collate=_collate_tokens, pack=_pack_tokens,
-                             input_size=lambda options: options.max_tokens))
-register_content(ContentKind("image", member="jpg", collate=_collate_jpegs,
-                             input_size=lambda options: getattr(options.decoder, "size", None)))
+                             settings=TextSettings(), identity=lambda options: {"size": options.max_tokens}))
+register_content(ContentKind("image", member="jpg", collate=_collate_jpegs, settings=ImageSettings(),
+                             options=_image_decoder,
+                             identity=lambda decoder: {"size": getattr(decoder, "size", None),
+                                                       "decoder": getattr(decoder, "backend", None)}))

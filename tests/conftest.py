@@ -108,6 +108,22 @@ def small_model_config(text_encoder: Path, **settings):
                                                           "image": ImageConfig(size=32)})
 
 
+def content_options(max_tokens: int = 16, decoder=None, **others):
+    """Collating options for tests: `max_tokens` text tokens, image pixels from `decoder` (None: JPEG bytes), every
+    other registered modality at its kind's defaults (or as given in `others`, by name)."""
+    from transrec.data_shards.modalities import ContentOptions, ContentSettings, TextSettings
+
+    defaults = ContentSettings().options("cpu", decode=False).by_modality
+    return ContentOptions({**defaults, "text": TextSettings(max_tokens=max_tokens), "image": decoder, **others})
+
+
+def image_content(size: int = 32, backend: str = "pil", max_tokens: int = 16):
+    """A loader's content settings for tests: images of `size` px by `backend`, `max_tokens` text tokens."""
+    from transrec.data_shards.modalities import ContentSettings, ImageSettings, TextSettings
+
+    return ContentSettings({"image": ImageSettings(size=size, backend=backend), "text": TextSettings(max_tokens)})
+
+
 def tiny_trainer(shards: Path, text_encoder: Path, run_dir: Path, *overrides: str):
     """An in-process Trainer of the tiny preset on the given shards, with extra `section.key=value` overrides."""
     from transrec.trainer.core.overrides import apply_overrides

@@ -21,7 +21,7 @@ import webdataset as wds
 
 from transrec.data_shards import shard_io
 from transrec.data_shards.build import BuildOptions, build
-from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.modalities import TextSettings, content_kind
 from transrec.data_shards.shard_io import ItemStore, read_sequences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_movielens_items_text_modality_and_store(ml):
             with pytest.raises(KeyError, match=f"item {i} has no image"):
                 bytes(store.payload(i, "image"))
     tokens = content_kind("text").collate([store.payload(0, "text"), store.payload(5, "text")], np.array([0, 5]),
-                                          ContentOptions(max_tokens=8))
+                                          TextSettings(max_tokens=8))
     assert tokens["token_ids"].shape == (2, 8) and tokens["token_mask"].sum(1).tolist() == [8, 8]
     assert tokens["token_ids"][0].tolist() == expected[0][:8]
 

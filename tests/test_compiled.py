@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import small_model_config
+from conftest import content_options, image_content, small_model_config
 from torch._dynamo.utils import counters
 
 from transrec.data_shards.decode import ImageDecoder
@@ -28,8 +28,9 @@ def cached_model(ml_shards, tiny_bert_dir):
     store = ItemStore(ml_shards)
     cfg = small_model_config(tiny_bert_dir, dropout=0.0, kernels="torch")
     model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1})
-    model.cache = FeatureCache.build(model, store, store.modality, ImageDecoder(backend="pil", size=32),
-                                     cfg.text.max_tokens, torch.device("cpu"), show_progress=False)
+    model.cache = FeatureCache.build(model, store, store.modality,
+                                     content_options(cfg.text.max_tokens, ImageDecoder(backend="pil", size=32)),
+                                     torch.device("cpu"), show_progress=False)
     return model.train(), store  # BatchNorm on batch statistics, as in training; dropout 0: deterministic
 
 
@@ -38,7 +39,7 @@ def _batches(ml_shards, store, objective, sizes):
     out = []
     for b in sizes:
         lc = LoaderConfig(window=9, batch_size=b, stride=5, min_len=2, num_negatives=objective.negatives,
-                          decoder="pil", image_size=32, max_tokens=16, load_content=False)
+                          content=image_content(), load_content=False)
         out.append(next(iter(make_train_loader(ml_shards, lc, item_modality=store.modality))))
     return out
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_model_config
+from conftest import content_options, image_content, small_model_config
 
 from transrec.data_shards.decode import ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
@@ -32,10 +32,10 @@ def setup(ml_shards, tiny_bert_dir):
     model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1}).eval()
     for tower in model.towers.values():  # item vectors of a trained scale, so that logits spread
         torch.nn.init.normal_(tower.proj[-1].weight, std=0.5)
-    model.cache = FeatureCache.build(model, store, store.modality, ImageDecoder(backend="pil", size=32),
-                                     cfg.text.max_tokens, torch.device("cpu"), show_progress=False)
-    lc = LoaderConfig(window=9, batch_size=5, stride=9, min_len=2, num_negatives=NEGATIVES, decoder="pil",
-                      image_size=32, max_tokens=16)
+    model.cache = FeatureCache.build(model, store, store.modality,
+                                     content_options(cfg.text.max_tokens, ImageDecoder(backend="pil", size=32)),
+                                     torch.device("cpu"), show_progress=False)
+    lc = LoaderConfig(window=9, batch_size=5, stride=9, min_len=2, num_negatives=NEGATIVES, content=image_content())
     batch = next(iter(make_train_loader(ml_shards, lc)))
     batch.slots[0, :3], batch.items[0, :3] = -1, -1  # left padding in the first window
     batch.weights[4] = 0.0  # a zero-weight padding sample

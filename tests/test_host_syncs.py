@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import small_model_config
+from conftest import content_options, image_content, small_model_config
 
 from transrec.bench.op_counts import count_ops, host_syncs, step_counts
 from transrec.data_shards.decode import ImageDecoder
@@ -38,14 +38,15 @@ def _model(ml_shards, tiny_bert_dir, cached: bool):
     model = TransRec(cfg, store.num_items, store.modality,
                      {"text": 1 if cached else -1, "image": 1 if cached else -1}).eval()  # BatchNorm stats fixed
     if cached:
-        model.cache = FeatureCache.build(model, store, store.modality, ImageDecoder(backend="pil", size=32),
-                                         cfg.text.max_tokens, torch.device("cpu"), show_progress=False)
+        model.cache = FeatureCache.build(model, store, store.modality,
+                                         content_options(cfg.text.max_tokens, ImageDecoder(backend="pil", size=32)),
+                                         torch.device("cpu"), show_progress=False)
     return model, store
 
 
 def _batch(ml_shards, store, objective, dense: bool, cached: bool):
     lc = LoaderConfig(window=9 if dense else 7, batch_size=6, stride=5, min_len=2 if dense else 3,
-                      num_negatives=objective.negatives, decoder="pil", image_size=32, max_tokens=16,
+                      num_negatives=objective.negatives, content=image_content(),
                       load_content=not cached)
     return next(iter(make_train_loader(ml_shards, lc, item_modality=store.modality)))
 
@@ -88,8 +89,7 @@ def test_plan_matches_the_device_side_rules(ml_shards, tiny_bert_dir):
     """The plan's numbers are the ones the device path computes: routing by modality, kept (position, next item)
     pairs, real sequences; also under a modality override (every item routed to text)."""
     store = ItemStore(ml_shards)
-    lc = LoaderConfig(window=9, batch_size=6, stride=5, min_len=2, num_negatives=4, decoder="pil", image_size=32,
-                      max_tokens=16)
+    lc = LoaderConfig(window=9, batch_size=6, stride=5, min_len=2, num_negatives=4, content=image_content())
     for modality in (store.modality, np.zeros_like(store.modality)):
         batch = next(iter(make_train_loader(ml_shards, lc, item_modality=modality)))
         mods = torch.as_tensor(modality)[batch.unique_items]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import content_options, image_content
 
 from transrec.data_shards.decode import CorruptImageError, ImageDecoder
 from transrec.data_shards.loader import LoaderConfig, load_item_content, make_train_loader, window_ends
@@ -63,7 +64,7 @@ def test_epochs_reshuffle_and_resume_continues_with_the_next_unseen_batches(ml_s
 
 
 def test_unique_item_batch_reconstructs_the_per_position_batch(ml_shards):
-    cfg = LoaderConfig(window=9, batch_size=16, num_negatives=12, decoder="pil", image_size=32, max_tokens=16)
+    cfg = LoaderConfig(window=9, batch_size=16, num_negatives=12, content=image_content())
     batch = next(iter(make_train_loader(ml_shards, cfg)))
     store = ItemStore(ml_shards)
     sequences = {s["user"]: s for s in read_sequences(ml_shards)}
@@ -82,7 +83,8 @@ def test_unique_item_batch_reconstructs_the_per_position_batch(ml_shards):
         tok = np.frombuffer(store.payload(item, "text"), dtype="<i4")[:16]
         assert text["token_ids"][k, : len(tok)].tolist() == tok.tolist()
         assert int(text["token_mask"][k].sum()) == len(tok)
-    single = load_item_content(store, batch.unique_items[c.rows["image"][:3]].numpy(), 16, ImageDecoder("pil", 32))
+    first_images = batch.unique_items[c.rows["image"][:3]].numpy()
+    single = load_item_content(store, first_images, content_options(16, ImageDecoder("pil", 32)))
     torch.testing.assert_close(c.inputs["image"]["pixels"][:3], single.inputs["image"]["pixels"])
     assert set(store.modality[batch.unique_items.numpy()]) == {0, 1}
 
@@ -104,7 +106,7 @@ def test_corrupt_jpeg_inside_a_shard_names_the_item(ml_shards, tmp_path):
     with tarfile.open(shard) as tar:  # still a readable WebDataset shard
         assert any(m.name.endswith(".jpg") for m in tar)
     with pytest.raises(CorruptImageError, match=str(victim)):
-        load_item_content(ItemStore(bad), np.array([victim]), 16, ImageDecoder("pil", 32))
+        load_item_content(ItemStore(bad), np.array([victim]), content_options(16, ImageDecoder("pil", 32)))
 
 
 def test_short_histories_and_bad_config_are_clear(ml_shards):
@@ -210,8 +212,9 @@ def test_a_process_that_stops_a_loader_early_exits_cleanly(ml_shards, tmp_path):
     script = tmp_path / "early.py"
     script.write_text(
         "from transrec.data_shards.loader import LoaderConfig, make_train_loader\n"
+        "from transrec.data_shards.modalities import ContentSettings, ImageSettings\n"
         f"loader = make_train_loader({str(ml_shards)!r}, LoaderConfig(window=9, batch_size=16, load_content=True,"
-        " decoder='pil', image_size=32, max_tokens=16))\n"
+        " content=ContentSettings({'image': ImageSettings(size=32, backend='pil')})))\n"
         "for k, batch in enumerate(loader):\n"
         "    if k == 1:\n"
         "        break\n")

@@ -7,7 +7,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from conftest import small_model_config
+from conftest import content_options, image_content, small_model_config
 
 from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.shard_io import ItemStore
@@ -87,11 +87,11 @@ def test_routing_equals_per_item_loop(small_model):
     model, store, decoder = small_model
     rng = np.random.default_rng(0)
     unique = np.unique(rng.integers(0, store.num_items, size=40))
-    content = load_item_content(store, unique, 16, decoder)
+    content = load_item_content(store, unique, content_options(16, decoder))
     with torch.no_grad():
         routed = model.encode_items(torch.as_tensor(unique), content)
         for row, item in enumerate(unique):  # the naive way: one item at a time through its own tower
-            single = load_item_content(store, np.array([item]), 16, decoder)
+            single = load_item_content(store, np.array([item]), content_options(16, decoder))
             name = store.modality_names[store.modality[item]]
             vec = model.towers[name](single.inputs[name])
             torch.testing.assert_close(routed[row], vec[0], rtol=1e-4, atol=1e-5)
@@ -101,13 +101,13 @@ def test_routing_equals_per_item_loop(small_model):
 def test_cached_lower_blocks_change_nothing(small_model):
     model, store, decoder = small_model
     items = np.arange(0, 60)
-    content = load_item_content(store, items, 16, decoder)
+    content = load_item_content(store, items, content_options(16, decoder))
     with torch.no_grad():
         full = model.encode_items(torch.as_tensor(items), content)
         for tower in model.towers.values():
             tower.set_trainable(1)
         model.cache = FeatureCache.build(
-            model, store, store.modality, decoder, 16, torch.device("cpu"), show_progress=False
+            model, store, store.modality, content_options(16, decoder), torch.device("cpu"), show_progress=False
         )
         cached = model.encode_items(torch.as_tensor(items), None)
     model.cache = None
@@ -122,8 +122,8 @@ def test_feature_store_reuses_equal_frozen_blocks_only(small_model, tmp_path):
     messages = []
 
     def build():
-        return FeatureCache.build(model, store, store.modality, decoder, 16, torch.device("cpu"), show_progress=False,
-                                  store_dir=tmp_path, log=messages.append)
+        return FeatureCache.build(model, store, store.modality, content_options(16, decoder), torch.device("cpu"),
+                                  show_progress=False, store_dir=tmp_path, log=messages.append)
 
     for tower in model.towers.values():
         tower.set_trainable(1)
@@ -182,7 +182,7 @@ def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_
     calls = []
     original = model.user_vector
     monkeypatch.setattr(model, "user_vector", lambda *a, **k: calls.append(1) or original(*a, **k))
-    cfg = LoaderConfig(window=6, batch_size=4, min_len=3, num_negatives=8, decoder="pil", image_size=32, max_tokens=16)
+    cfg = LoaderConfig(window=6, batch_size=4, min_len=3, num_negatives=8, content=image_content())
     batch = next(iter(make_train_loader(ml_shards, cfg)))
     loss = losses.cpc_loss(model, batch, n_continuation=2)
     assert torch.isfinite(loss) and calls == [1]
@@ -194,7 +194,7 @@ def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
     from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
 
     model, _, _ = small_model
-    cfg = LoaderConfig(window=9, batch_size=4, min_len=2, decoder="pil", image_size=32, max_tokens=16)
+    cfg = LoaderConfig(window=9, batch_size=4, min_len=2, content=image_content())
     batch = next(iter(make_train_loader(ml_shards, cfg)))
     batch.slots[0, :4] = -1  # left padding in the first window
     batch.items[0, :4] = -1
@@ -323,7 +323,7 @@ def test_spans_hook_times_each_part_and_changes_nothing(small_model):
     lower blocks while the feature cache builds, with the names the benches print; the outputs are unchanged."""
     model, store, decoder = small_model
     items = np.arange(0, 40)
-    content = load_item_content(store, items, 16, decoder)
+    content = load_item_content(store, items, content_options(16, decoder))
     opened = []
 
     @contextlib.contextmanager
@@ -340,8 +340,8 @@ def test_spans_hook_times_each_part_and_changes_nothing(small_model):
             model.encode_sequence(hooked[:10].view(2, 5, -1), mask)
             for tower in model.towers.values():
                 tower.set_trainable(1)
-            model.cache = FeatureCache.build(model, store, store.modality, decoder, 16, torch.device("cpu"),
-                                             show_progress=False)
+            model.cache = FeatureCache.build(model, store, store.modality, content_options(16, decoder),
+                                             torch.device("cpu"), show_progress=False)
         finally:
             model.spans, model.cache = None, None
             for tower in model.towers.values():

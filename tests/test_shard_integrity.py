@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import image_content
 
 from transrec.data_shards import integrity
 from transrec.data_shards.build import BuildOptions, build
@@ -28,7 +29,8 @@ from transrec.data_shards.shard_io import ItemStore, read_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 HM = REPO / "data" / "hm-fashion-fixture"
-LOADER = LoaderConfig(window=9, batch_size=16, stride=9, load_content=True, decode_in_loader=False, max_tokens=16)
+LOADER = LoaderConfig(window=9, batch_size=16, stride=9, load_content=True, decode_in_loader=False,
+                      content=image_content())
 READERS = {
     "ItemStore": ItemStore,
     "SequenceTable": SequenceTable,
@@ -202,7 +204,7 @@ def test_a_manifest_that_lost_a_hash_is_refused(shards):
 
 def test_a_file_changed_after_the_loader_was_made_is_named_at_its_next_epoch(shards):
     loader = make_train_loader(shards, LoaderConfig(window=9, batch_size=16, stride=9, num_workers=2,
-                                                    load_content=True, decode_in_loader=False, max_tokens=16))
+                                                    load_content=True, decode_in_loader=False, content=image_content()))
     assert sum(1 for _ in loader) == loader.steps_per_epoch
     name = manifest_of(shards)["shards"]["items"][2]
     flip(shards / name, 5000)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import content_options
 from safetensors.torch import load_file
 from torch import nn
 
@@ -36,8 +37,16 @@ def signal_of(raw_id: str) -> np.ndarray | None:
     return np.sin(t * (1 + digest[1] % 5) / 4 + digest[2] / 40).astype("<f4")
 
 
-def collate_signals(payloads, items, options) -> dict[str, torch.Tensor]:
-    return {"signal": torch.from_numpy(np.stack([np.frombuffer(p, dtype="<f4") for p in payloads]).copy())}
+@dataclass(frozen=True)
+class SignalSettings:
+    """The modality's own content settings: what collating its payloads depends on (from model.signal.gain)."""
+
+    gain: float = 1.0
+
+
+def collate_signals(payloads, items, options: SignalSettings) -> dict[str, torch.Tensor]:
+    signals = np.stack([np.frombuffer(p, dtype="<f4") for p in payloads]) * options.gain
+    return {"signal": torch.from_numpy(signals.astype(np.float32))}
 
 
 @dataclass
@@ -45,6 +54,7 @@ class SignalConfig:
     """The modality's own configuration section, model.signal.*: no core file names it."""
 
     hidden: int = 16  # width of the tower's blocks
+    gain: float = 1.0  # the signal's scale as the tower reads it: a content setting, owned by this modality
 
     def __post_init__(self) -> None:
         if self.hidden < 1:
@@ -91,11 +101,12 @@ class SignalTower(Tower):
 def signal_shards(tmp_path_factory):
     """The modality registered (one call), MovieLens built with it; unregistered afterwards."""
     kind = ContentKind("signal", member="signal.f32", collate=collate_signals,
-                       pack=lambda a: (np.asarray(a, dtype="<f4").tobytes(), 0),
+                       pack=lambda a: (np.asarray(a, dtype="<f4").tobytes(), 0), settings=SignalSettings(),
+                       identity=lambda options: {"gain": options.gain},
                        from_item=lambda raw_id, fields: signal_of(raw_id))
     modalities.register(modalities.Modality(
         kind, lambda cfg, trainable: SignalTower(cfg.d, trainable, cfg.signal.hidden), SignalConfig,
-        architecture=("hidden",)))
+        architecture=("hidden",), content_settings=lambda cfg, decoder: SignalSettings(gain=cfg.signal.gain)))
     try:
         out = tmp_path_factory.mktemp("signal") / "shards"
         build(BuildOptions(dataset="movielens-100k-mm", source=REPO / "data" / "movielens-100k-mm", out=out,
@@ -137,13 +148,13 @@ def test_mixed_sequences_of_three_modalities_route_to_their_towers(signal_shards
     assert list(model.towers) == ["text", "image", "signal"]
     items = np.unique(np.random.default_rng(0).integers(0, store.num_items, size=60))
     decoder = ImageDecoder("pil", cfg.image.size)
-    content = load_item_content(store, items, 16, decoder)
+    content = load_item_content(store, items, content_options(16, decoder))
     assert set(content.rows) == {"text", "image", "signal"}
     with torch.no_grad():
         routed = model.encode_items(torch.as_tensor(items), content)
         for row, item in enumerate(items):  # one item at a time through the tower of its own modality
             name = store.modality_names[store.modality[item]]
-            single = load_item_content(store, np.array([item]), 16, decoder)
+            single = load_item_content(store, np.array([item]), content_options(16, decoder))
             torch.testing.assert_close(routed[row], model.towers[name](single.inputs[name])[0], rtol=1e-4, atol=1e-5)
 
 
@@ -154,12 +165,22 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
 
     cfg = apply_overrides(preset("tiny"), [f"data.shards={signal_shards}", f"model.text_encoder={tiny_bert_dir}",
                                            f"run_dir={tmp_path / 'run'}", "stage1.max_steps=2", "stage2.max_steps=2",
-                                           "stage2.trainable=text:1,image:1,signal:1", "model.signal.hidden=24"])
+                                           "stage2.trainable=text:1,image:1,signal:1", "model.signal.hidden=24",
+                                           "model.signal.gain=2.5"])
     trainer = Trainer(cfg, str(REPO / "ds_configs" / "zero2.json"))
     assert trainer.model.towers["signal"].proj[0].in_features == 24  # its own section, set on the command line
     initial = {k: v.clone() for k, v in trainer.model.towers["signal"].state_dict().items()}
     metrics = trainer.run()
     assert trainer.model.cache is not None and trainer.model.cache.covers("signal")
+    # its content setting reached the feature cache: the cached block read the signals at model.signal.gain
+    items = np.flatnonzero(trainer.store.modality == 2)[:6]
+    raw = torch.from_numpy(np.stack([np.frombuffer(trainer.store.payload(int(i), "signal"), dtype="<f4")
+                                     for i in items]))
+    with torch.no_grad():
+        expected = trainer.model.towers["signal"].blocks[0](2.5 * raw)
+    cached = trainer.model.cache.features("signal", torch.as_tensor(items))["features"].float()
+    torch.testing.assert_close(cached, expected, rtol=2e-3, atol=2e-3)  # stored in fp16
+    assert not torch.allclose(cached, trainer.model.towers["signal"].blocks[0](raw).detach(), rtol=2e-3, atol=2e-3)
     stage1, stage2 = (load_file(str(tmp_path / "run" / f"best_stage{s}.safetensors")) for s in (1, 2))
     block = "towers.signal.blocks.{}.0.weight"
     assert torch.equal(stage1[block.format(1)], initial["blocks.1.0.weight"])  # stage 1: the whole backbone frozen
@@ -172,7 +193,7 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     from transrec.trainer.serving.recommender import Recommender
 
     exported = json.loads((tmp_path / "run" / "export" / "config.json").read_text())["model"]
-    assert exported["signal"] == {"hidden": 24}  # written as the model's "signal" section, read back by serving
+    assert exported["signal"] == {"hidden": 24, "gain": 2.5}  # the model's "signal" section, read back by serving
     rec = Recommender.from_export(tmp_path / "run" / "export", signal_shards, show_progress=False)
     assert rec.model.towers["signal"].proj[0].in_features == 24
     item = int(np.flatnonzero(rec.ranker.store.modality == 2)[0])
@@ -197,6 +218,32 @@ def test_the_trainer_trains_and_evaluates_the_third_modality(signal_shards, tiny
     assert client.post("/recommend", json={"history": [rec.item_ids[0]], "k": 5}).status_code == 200
 
 
+def test_the_third_modality_owns_its_content_settings(signal_shards, tiny_bert_dir):
+    """model.signal.gain reaches the loader's collating and the feature-store key through the registry alone: the
+    core passes each modality's settings through without naming them."""
+    from transrec.data_shards.loader import LoaderConfig, make_train_loader
+    from transrec.trainer.core.feature_cache import feature_key
+    from transrec.trainer.core.overrides import apply_overrides
+    from transrec.trainer.core.presets import preset
+
+    store = ItemStore(signal_shards)
+    cfg = apply_overrides(preset("tiny"), [f"model.text_encoder={tiny_bert_dir}", "model.signal.gain=3"]).model
+    settings = modalities.content_settings(cfg, "pil")
+    assert settings.of("signal") == SignalSettings(gain=3.0) and settings.of("text").max_tokens == cfg.text.max_tokens
+    loader = make_train_loader(signal_shards, LoaderConfig(window=9, batch_size=32, stride=5, content=settings))
+    batch = next(b for b in loader if b.content is not None and "signal" in b.content.inputs)
+    rows = batch.unique_items[batch.content.rows["signal"]].numpy()
+    raw = np.stack([np.frombuffer(store.payload(int(i), "signal"), dtype="<f4") for i in rows])
+    assert np.array_equal(batch.content.inputs["signal"]["signal"].numpy(), (raw * 3.0).astype(np.float32))
+    options = settings.options("cpu")
+    assert options.identity("signal") == {"gain": 3.0} and options.identity("text") == {"size": cfg.text.max_tokens}
+    tower, items = SignalTower(8, 1), np.flatnonzero(store.modality == 2)
+    keys = {feature_key(tower, store, items, modalities.content_settings(c, "pil").options("cpu").identity("signal"),
+                        torch.float16)
+            for c in (cfg, apply_overrides(preset("tiny"), ["model.signal.gain=1"]).model)}
+    assert len(keys) == 2  # a changed content setting is a new feature-store key
+
+
 def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_path):
     """Shards that use a modality this process has not registered, or a config naming one, fail with what to do."""
     from transrec.trainer.core.model import TransRec
@@ -210,7 +257,7 @@ def test_an_unregistered_modality_is_named(signal_shards, tiny_bert_dir, tmp_pat
     modalities.unregister("signal")
     try:
         with pytest.raises(KeyError, match="no modality 'signal' is registered.*register"):
-            load_item_content(store, signal_items, 16)
+            load_item_content(store, signal_items, content_options(16))
         with pytest.raises(KeyError, match="no modality 'signal' is registered.*register"):
             TransRec(preset("tiny").model, store.num_items, store.modality, {}, modality_names=store.modality_names)
     finally:

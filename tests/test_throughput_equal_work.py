@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import small_model_config
+from conftest import content_options, image_content, small_model_config
 
 from transrec.bench import flops as fl
 from transrec.bench.reference_path import ReferencePath, expand_slots, reference_ranks
@@ -42,15 +42,15 @@ def setup(ml_shards, tiny_bert_dir):
     cfg = small_model_config(tiny_bert_dir, dropout=0.0)
     model = TransRec(cfg, store.num_items, store.modality, {"text": 1, "image": 1}).eval()
     decoder = ImageDecoder(backend="pil", size=32)
-    cache = FeatureCache.build(model, store, store.modality, decoder, cfg.text.max_tokens, torch.device("cpu"),
-                               show_progress=False)
+    cache = FeatureCache.build(model, store, store.modality, content_options(cfg.text.max_tokens, decoder),
+                               torch.device("cpu"), show_progress=False)
     yield model, cache, decoder
     kernels.set_default_impl(None)
 
 
 def one_batch(shards: Path, window: int, negatives: int, load_content: bool, batch_size: int = 6):
     lc = LoaderConfig(window=window, batch_size=batch_size, stride=window, min_len=3, num_negatives=negatives,
-                      load_content=load_content, image_size=32, decoder="pil", max_tokens=16, shuffle_buffer=64)
+                      load_content=load_content, content=image_content(), shuffle_buffer=64)
     return next(iter(make_train_loader(shards, lc)))
 
 

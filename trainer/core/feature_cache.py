@@ -7,12 +7,13 @@ every block (trainable = -1) is not cached and reads content from the loader.
 
 With a `store_dir` (config `data.feature_store`), each tower's table is also kept on disk and reused by later runs,
 keyed by everything the values depend on: the exact weights of the frozen blocks (hashed), which blocks they are,
-the shards (manifest), the items routed to the tower, the token / pixel size, the image decoder and the storage
-dtype. Runs that share frozen blocks (every scratch seed; transfer, whose lower blocks were never trained in the
-source) skip the pass; any changed weight gives a new key. Files are written atomically (temporary name, rename).
-The default, `data.feature_store=auto`, is `.feature_cache/` beside the shard folder (none if it cannot be written):
-the pass costs time linear in the catalogue (about 7 ms an item on 2 CPU cores), so a second run, or the same
-stage of another seed, on a large catalogue starts at once. `none` turns the store off.
+the shards (manifest), the items routed to the tower, what its modality's collated inputs depend on (its content
+kind's `identity`: the token budget; the pixel size and the image decoder; ...) and the storage dtype. Runs that
+share frozen blocks (every scratch seed; transfer, whose lower blocks were never trained in the source) skip the
+pass; any changed weight gives a new key. Files are written atomically (temporary name, rename). The default,
+`data.feature_store=auto`, is `.feature_cache/` beside the shard folder (none if it cannot be written): the pass
+costs time linear in the catalogue (about 7 ms an item on 2 CPU cores), so a second run, or the same stage of
+another seed, on a large catalogue starts at once. `none` turns the store off.
 
 Given a log, the pass logs its progress (items, rate, time left) every 30 seconds, on a terminal (beside the bar) or
 not.
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.mixture import catalogue_bounds
-from transrec.data_shards.modalities import ContentOptions, content_kind
+from transrec.data_shards.modalities import ContentOptions
 from transrec.data_shards.shard_io import ItemStore
 from transrec.trainer.core.timing_hook import span
 
@@ -79,8 +80,7 @@ class FeatureCache:
         model,
         store: ItemStore,
         modality: np.ndarray,
-        decoder,
-        max_tokens: int,
+        options: ContentOptions,
         device: torch.device,
         chunk: int = 256,
         dtype: torch.dtype = torch.float16,
@@ -110,8 +110,7 @@ class FeatureCache:
             tower = towers[name]
             path = None
             if store_dir is not None:
-                size = content_kind(name).input_size(ContentOptions(max_tokens=max_tokens, decoder=decoder))
-                key = feature_key(tower, store, items, size, getattr(decoder, "backend", None), dtype)
+                key = feature_key(tower, store, items, options.identity(name), dtype)
                 path = Path(store_dir) / f"{name}-{key}.pt"
                 if path.exists():
                     features[name] = torch.load(path, weights_only=True)
@@ -128,7 +127,7 @@ class FeatureCache:
                                     desc=f"caching {name} features", unit="chunk", disable=no_bar):
                 progress.update(start)
                 part = items[start:stop]
-                content = load_item_content(store, part, max_tokens, decoder, modality=np.full(store.num_items, m))
+                content = load_item_content(store, part, options, modality=np.full(store.num_items, m))
                 inputs = {k: v.to(device, tower_dtype) if v.is_floating_point() else v.to(device)
                           for k, v in content.inputs[name].items()}
                 with span(model, f"{name} lower blocks"):
@@ -188,10 +187,11 @@ class ProgressLog:
 _ProgressLog = ProgressLog  # its former name
 
 
-def feature_key(tower, store: ItemStore, items: np.ndarray, size, decoder_backend, dtype: torch.dtype) -> str:
-    """Hash of everything a tower's cached lower-block outputs depend on (see the module docstring)."""
+def feature_key(tower, store: ItemStore, items: np.ndarray, content_identity: dict, dtype: torch.dtype) -> str:
+    """Hash of everything a tower's cached lower-block outputs depend on (see the module docstring);
+    `content_identity`: what its modality's collated inputs depend on (ContentOptions.identity)."""
     h = hashlib.sha256()
-    meta = {"tower": type(tower).__name__, "split": tower.split, "size": size, "decoder": decoder_backend,
+    meta = {"tower": type(tower).__name__, "split": tower.split, **content_identity,
             "dtype": str(dtype), "manifest": json.dumps(store.manifest, sort_keys=True)}
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(np.ascontiguousarray(items, dtype=np.int64).tobytes())

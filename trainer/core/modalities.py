@@ -29,8 +29,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from transrec.data_shards.decode import ImageDecoder, center_offset, resized_hw
-from transrec.data_shards.modalities import CONTENT, ContentKind, ContentOptions, content_kind, register_content
+from transrec.data_shards.decode import center_offset, resized_hw
+from transrec.data_shards.modalities import (
+    CONTENT,
+    ContentKind,
+    ContentOptions,
+    ContentSettings,
+    ImageSettings,
+    TextSettings,
+    content_kind,
+    register_content,
+)
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
 from transrec.data_shards.tokenizer import load_tokenizer
 from transrec.trainer.core.config_checks import check_values, one_of
@@ -68,6 +77,10 @@ class Modality:
     # a picture of an item from its payload, for the projector's sprite: thumbnail(payload, side) -> uint8 [side,
     # side, 3]
     thumbnail: Callable[[bytes, int], np.ndarray] | None = None
+    # the content kind's settings under the model's configuration: content_settings(model_config, decoder) ->
+    # a value of the kind's settings type (`decoder`: the run's data.decoder, for content that is decoded); None:
+    # the kind's default settings
+    content_settings: Callable[[object, str], object] | None = None
 
     @property
     def name(self) -> str:
@@ -159,16 +172,17 @@ def apply_backend_settings(cfg) -> None:
             m.backend_settings(cfg)
 
 
-def content_options(cfg, backend: str, device) -> ContentOptions:
-    """What collating the built-in modalities' content needs under the model's settings: the text token budget and an
-    image decoder (`backend`: data.decoder's choice, on `device`)."""
-    return ContentOptions(max_tokens=cfg.text.max_tokens, decoder=ImageDecoder(backend=backend, size=cfg.image.size,
-                                                                              device=device))
+def content_settings(cfg, decoder: str = "auto") -> ContentSettings:
+    """Every registered modality's content settings under the model's configuration (Modality.content_settings; the
+    loader's, picklable). `decoder`: the run's data.decoder choice, for the modalities whose content is decoded."""
+    return ContentSettings({name: m.content_settings(cfg, decoder) for name, m in MODALITIES.items()
+                            if m.content_settings})
 
 
-def loader_settings(cfg) -> dict:
-    """The training loader's content settings (data_shards.loader.LoaderConfig) under the model's settings."""
-    return {"image_size": cfg.image.size, "max_tokens": cfg.text.max_tokens}
+def content_options(cfg, decoder: str, device) -> ContentOptions:
+    """What collating every modality's content needs at run time under the model's configuration, on `device` (the
+    text token budget, an image decoder, ...)."""
+    return content_settings(cfg, decoder).options(device)
 
 
 def build_towers(cfg, trainable: dict[str, int], names: tuple[str, ...]) -> nn.ModuleDict:
@@ -299,6 +313,7 @@ def _image_preprocessing(manifest: dict, cfg) -> dict:
 register(Modality(
     content_kind("text"), _text_tower, TextConfig, preprocessing=_text_preprocessing, check_shards=_text_check_shards,
     export_files=_text_export_files, use_export_files=_text_use_export_files, describe=_text_describe,
+    content_settings=lambda cfg, decoder: TextSettings(max_tokens=cfg.text.max_tokens),
     legacy_keys={"text_encoder": "encoder", "max_tokens": "max_tokens", "text_attention": "attention"},
     presets={"cpu-small": tower_preset("text", 1, max_tokens=32),
              "paper": tower_preset("text", 2, encoder="bert-base-random-init", max_tokens=32),
@@ -307,6 +322,7 @@ register(Modality(
 register(Modality(
     content_kind("image"), _image_tower, ImageConfig, preprocessing=_image_preprocessing,
     backend_settings=_image_backend_settings, thumbnail=_image_thumbnail,
+    content_settings=lambda cfg, decoder: ImageSettings(size=cfg.image.size, backend=decoder),
     legacy_keys={"image_backbone": "backbone", "image_weights": "weights", "image_size": "size",
                  "channels_last": "channels_last", "cudnn_benchmark": "cudnn_benchmark"},
     architecture=("backbone",),

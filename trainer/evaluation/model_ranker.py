@@ -59,9 +59,7 @@ class ModelRanker:
             items = all_items[start:stop]
             content = None
             if self.model.towers and self.needs_content():
-                options = self.content_options()
-                content = load_item_content(self.store, items, options.max_tokens, options.decoder,
-                                            modality=self.modality)
+                content = load_item_content(self.store, items, self.content_options(), modality=self.modality)
                 content = content.to(self.device, non_blocking=False)
             chunks.append(self.model.encode_items(torch.as_tensor(items, device=self.device), content).float())
             if progress is not None:
@@ -136,10 +134,9 @@ def cache_frozen_blocks(ranker: ModelRanker, show_progress: bool = True, feature
                         log=None, every: float = 30.0) -> None:
     """The ranker's model's frozen lower blocks cached over its catalogue, as the run that made the export cached
     them (what makes its item vectors those of the run, bit for bit); progress lines through `log` when given."""
-    options = ranker.content_options()
-    ranker.model.cache = FeatureCache.build(ranker.model, ranker.store, ranker.store.modality, options.decoder,
-                                            options.max_tokens, ranker.device, show_progress=show_progress,
-                                            store_dir=feature_store, log=log, progress_every=every)
+    ranker.model.cache = FeatureCache.build(ranker.model, ranker.store, ranker.store.modality, ranker.content_options(),
+                                            ranker.device, show_progress=show_progress, store_dir=feature_store,
+                                            log=log, progress_every=every)
 
 
 def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | str = "cpu",

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.data_shards.decode import ImageDecoder
-from transrec.data_shards.modalities import ContentOptions, content_kind, modality_choice
+from transrec.data_shards.modalities import content_kind, modality_choice
 from transrec.data_shards.shard_io import read_id_maps
 from transrec.data_shards.tokenizer import load_tokenizer
+from transrec.trainer.core.modalities import content_settings
 from transrec.trainer.core.text_vocab import tokenizer_dir
 from transrec.trainer.evaluation.model_ranker import ModelRanker, ranker_from_export
 from transrec.trainer.evaluation.ranking import NonFiniteScores, count_nonfinite, interaction_counts
@@ -293,13 +293,11 @@ class Recommender:
             payload = np.asarray(ids, dtype="<i4").tobytes()
         else:
             payload = image_jpeg
-        decoder = None  # only an image is decoded
-        if tower == "image":
-            decoder = ImageDecoder(backend="pil", size=self.model.cfg.image.size, num_threads=1)
-        options = ContentOptions(max_tokens=self.model.cfg.text.max_tokens, decoder=decoder)
+        kind = content_kind(tower)  # its options under the model's settings (an image: a Pillow decoder, on the CPU)
+        options = kind.options(content_settings(self.model.cfg, "pil").of(tower), "cpu", True)
         model_tower = self.model.towers[tower]
         try:
-            inputs = content_kind(tower).collate([payload], np.array([len(self.item_ids)]), options)
+            inputs = kind.collate([payload], np.array([len(self.item_ids)]), options)
             lower = model_tower.lower({k: v.to(device) for k, v in inputs.items()})
             vec = model_tower.upper(self._as_cached(tower, lower))
         except (ValueError, TypeError, RuntimeError) as e:  # content of the wrong shape or kind for its tower

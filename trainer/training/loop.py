@@ -34,8 +34,8 @@ from transrec.trainer.core.losses import Objective, build_objective
 from transrec.trainer.core.modalities import (
     MODALITIES,
     content_options,
+    content_settings,
     export_preprocessing,
-    loader_settings,
 )
 from transrec.trainer.core.model import optimizer_param_groups
 from transrec.trainer.core.run_setup import (
@@ -108,8 +108,7 @@ class Trainer:
                     self.model,
                     self.store,
                     self.modality,
-                    options.decoder,
-                    options.max_tokens,
+                    options,
                     self.device,
                     chunk=self.cfg.eval.item_batch,
                     show_progress=self.rank == 0,
@@ -164,8 +163,7 @@ class Trainer:
             num_negatives=obj.negatives,
             load_content=self.needs_content(),
             decode_in_loader=self.device.type == "cpu",
-            decoder=self.cfg.data.decoder,
-            **loader_settings(m),
+            content=content_settings(m, self.cfg.data.decoder),
             user_fraction=self.cfg.data.user_fraction,
             pin_memory=self.device.type == "cuda",
             split=self.cfg.data.split,
@@ -357,7 +355,7 @@ class Trainer:
             options = self.content_options()
             for name, items in pending.items():
                 batch.content.inputs[name] = content_kind(name).collate(batch.content.payloads.pop(name), items,
-                                                                        options)
+                                                                        options.of(name))
         return batch
 
     def validate(self, stage: int, epoch: int, stale: int, stage_best: dict | None, scoring: str, run_step: int):
