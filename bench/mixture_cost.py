@@ -38,7 +38,7 @@ from transrec.data_shards.mixture import Catalogue, mix  # noqa: E402
 from transrec.data_shards.synth import synthesize  # noqa: E402
 from transrec.trainer.core.config import changed  # noqa: E402
 from transrec.trainer.core.presets import preset  # noqa: E402
-from transrec.trainer.experiments.runner import make_tiny_bert  # noqa: E402
+from transrec.trainer.experiments.suite import make_tiny_bert  # noqa: E402
 from transrec.trainer.training.loop import Trainer  # noqa: E402
 
 

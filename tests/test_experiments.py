@@ -326,7 +326,7 @@ def test_cached_runs_are_skipped(quick):
 
 def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
     """A changed preset default (not only an override) must give a new run key: no stale cache hit."""
-    from transrec.trainer.experiments import runner
+    from transrec.trainer.experiments import suite
     from transrec.trainer.experiments.runner import RunSpec, Suite, parse_args
 
     data = REPO / "data"
@@ -334,16 +334,16 @@ def test_run_key_follows_the_resolved_preset(monkeypatch, tmp_path):
             "--hm", str(data / "hm-fashion-fixture")]
     spec = RunSpec("ml-mixed", "scratch")
     before = Suite(parse_args(argv)).key(spec)
-    original = runner.preset  # the runner's preset reader (trainer/core/presets.py)
+    original = suite.preset  # the suite's preset reader (trainer/core/presets.py)
 
     def changed(name):
         cfg = original(name)
         cfg.stage1.epochs += 1
         return cfg
 
-    monkeypatch.setattr(runner, "preset", changed)
+    monkeypatch.setattr(suite, "preset", changed)
     assert Suite(parse_args(argv)).key(spec) != before
-    monkeypatch.setattr(runner, "preset", original)
+    monkeypatch.setattr(suite, "preset", original)
     assert Suite(parse_args(argv)).key(spec) == before
 
 

@@ -41,7 +41,7 @@ from transrec.trainer.evaluation.model_ranker import ranker_from_export
 from transrec.trainer.evaluation.scoring import Scoring, choose_prior, scoring_ranks
 from transrec.trainer.experiments.cross_catalogue_report import write_report
 from transrec.trainer.experiments.plans import SOURCE_OF, RunSpec
-from transrec.trainer.experiments.runner import Suite, SuiteOptions
+from transrec.trainer.experiments.suite import Suite, SuiteOptions
 
 SPLITS = {"ml": "ml-new-mixed", "hm": "hm-b-mixed"}  # split -> target domain (its source: plans.SOURCE_OF)
 # the settings of the H&M same-platform study whose zero-shot win this report keeps as its control

@@ -38,7 +38,7 @@ from transrec.trainer.experiments.run_keys import flat_model_settings
 
 if TYPE_CHECKING:
     from transrec.trainer.experiments.plans import RowPlan, TablePlan
-    from transrec.trainer.experiments.runner import Suite
+    from transrec.trainer.experiments.suite import Suite
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What a cached run's key covers (trainer/experiments/runner.py: Suite.key): the settings that change the run. A
+"""What a cached run's key covers (trainer/experiments/suite.py: Suite.key): the settings that change the run. A
 setting added after runs were cached stays out of the key at the value that reproduces the behaviour from before it
 existed, a retired one keeps its old value in the key, and a run with the paper's objectives leaves out the settings
 it never reads, so runs keep the keys (and the cached results) they had.
