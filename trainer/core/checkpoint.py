@@ -160,7 +160,6 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
     loaded. Raises on architecture mismatches and on any unexpected missing or extra tensor."""
     export_dir = Path(export_dir)
     _, exported = read_export_config(export_dir)  # verified against its hashes, its settings valid
-    weights = export_dir / "model.safetensors"
     source = architecture(exported)
     diffs = {k: (source[k], v) for k, v in architecture(model_cfg).items() if source[k] != v}
     if diffs:
@@ -168,29 +167,14 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
             f"--init-from {export_dir}: architecture differs from this run: {diffs}; "
             "use the same model settings (model.* overrides) as the source run"
         )
-    state = read_weights(weights)
+    state = read_weights(export_dir / "model.safetensors")
     own = model.state_dict()
     towers = set(getattr(model, "towers", {}))
     exported_towers = {k.split(".")[1] for k in state if k.startswith("towers.")}
     skipped = sorted(exported_towers - towers)  # e.g. an image tower, into a text-only catalogue
     new_towers = tuple(f"towers.{t}." for t in sorted(towers - exported_towers))  # start from their backbones
-    loaded, mismatched = [], []
-    for k, v in state.items():
-        if k.startswith(DOMAIN_SPECIFIC) or k.startswith(tuple(f"towers.{t}." for t in skipped)):
-            continue
-        if k not in own:
-            mismatched.append(f"{k} (not in this model)")
-        elif own[k].shape != v.shape:
-            mismatched.append(f"{k} (export {tuple(v.shape)} vs model {tuple(own[k].shape)})")
-        else:
-            loaded.append(k)
+    loaded = matching_tensors(state, own, export_dir, skipped, new_towers)
     created = [k for k in own if k not in loaded]
-    unexpected_new = [k for k in created if not k.startswith(DOMAIN_SPECIFIC + new_towers)]
-    if mismatched or unexpected_new:
-        raise ValueError(
-            f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
-            f"{len(unexpected_new)} tensors missing from the export {unexpected_new[:5]}"
-        )
     if parts != "all":  # the other parts start as in a run from scratch (checked above all the same)
         kept = [k for k in loaded if k.startswith(f"{parts}.")]
         created += [k for k in loaded if k not in kept]
@@ -213,7 +197,31 @@ def load_export(model, model_cfg: ModelConfig, export_dir: Path, log=print, part
         + (f"; towers the export lacks, from their backbones: {[t.split('.')[1] for t in new_towers]}"
            if new_towers else "")
     )
-    return {"loaded": loaded, "created": created, "mismatched": mismatched}
+    return {"loaded": loaded, "created": created, "mismatched": []}
+
+
+def matching_tensors(state: dict, own: dict, export_dir: Path, skipped: list[str], new_towers: tuple[str, ...]
+                     ) -> list[str]:
+    """The exported tensors that load into the model (`own`: its state dict): every one but the domain-specific
+    ones and the towers it does not use (`skipped`). ValueError when one does not fit, or when a tensor of the model
+    is missing from the export but for the domain-specific ones and the towers the export lacks (`new_towers`)."""
+    loaded, mismatched = [], []
+    for k, v in state.items():
+        if k.startswith(DOMAIN_SPECIFIC) or k.startswith(tuple(f"towers.{t}." for t in skipped)):
+            continue
+        if k not in own:
+            mismatched.append(f"{k} (not in this model)")
+        elif own[k].shape != v.shape:
+            mismatched.append(f"{k} (export {tuple(v.shape)} vs model {tuple(own[k].shape)})")
+        else:
+            loaded.append(k)
+    unexpected_new = [k for k in own if k not in loaded and not k.startswith(DOMAIN_SPECIFIC + new_towers)]
+    if mismatched or unexpected_new:
+        raise ValueError(
+            f"--init-from {export_dir}: {len(mismatched)} mismatched tensors {mismatched[:5]}, "
+            f"{len(unexpected_new)} tensors missing from the export {unexpected_new[:5]}"
+        )
+    return loaded
 
 
 def tensor_names(names: list[str], listed: int = 8) -> str:

@@ -101,16 +101,13 @@ class FeatureCache:
         was_training = model.training
         model.eval()
         for m, name in enumerate(model.modality_names):
-            if name not in covered:
-                continue
             items = np.flatnonzero(modality == m)
-            if len(items) == 0:  # no item routed to this tower (single-modality shards)
+            if name not in covered or len(items) == 0:  # not cached, or no item routed to it (one-modality shards)
                 continue
             rows[torch.from_numpy(items)] = torch.arange(len(items))
-            tower = towers[name]
             path = None
             if store_dir is not None:
-                key = feature_key(tower, store, items, options.identity(name), dtype)
+                key = feature_key(towers[name], store, items, options.identity(name), dtype)
                 path = Path(store_dir) / f"{name}-{key}.pt"
                 if path.exists():
                     features[name] = torch.load(path, weights_only=True)
@@ -118,34 +115,48 @@ class FeatureCache:
                         log(f"{name} features: reused {path}")
                     continue
             t0 = time.perf_counter()
-            chunks = []
-            tower_dtype = next(tower.parameters()).dtype
-            no_bar = not show_progress or not sys.stderr.isatty()  # carriage returns only on a terminal
             progress = ProgressLog(f"caching {name} features", len(items), log if show_progress else None,
                                    every=progress_every)
-            for start, stop in tqdm(catalogue_chunks(items, catalogue_bounds(store.manifest), chunk),
-                                    desc=f"caching {name} features", unit="chunk", disable=no_bar):
-                progress.update(start)
-                part = items[start:stop]
-                content = load_item_content(store, part, options, modality=np.full(store.num_items, m))
-                inputs = {k: v.to(device, tower_dtype) if v.is_floating_point() else v.to(device)
-                          for k, v in content.inputs[name].items()}
-                with span(model, f"{name} lower blocks"):
-                    lower = tower.lower(inputs)
-                chunks.append({k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in lower.items()})
-            features[name] = tower.stack(chunks)
+            features[name] = lower_block_features(model, name, store, items, options, device, chunk, dtype, progress,
+                                                  bar=show_progress and sys.stderr.isatty())
             computed_s += time.perf_counter() - t0
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                torch.save(features[name], tmp)
-                os.replace(tmp, path)
-                if log is not None:
-                    log(f"{name} features: stored {path}")
+                store_features(name, features[name], path, log)
         model.train(was_training)
         # Kept on the training device (GPU gathers are cheap); on CPU this is a no-op.
         features = {n: {k: t.to(device) for k, t in f.items()} for n, f in features.items()}
         return cls(features, rows.to(device), covered, computed_s)
+
+
+def lower_block_features(model, name: str, store: ItemStore, items: np.ndarray, options: ContentOptions,
+                         device: torch.device, chunk: int, dtype: torch.dtype, progress: ProgressLog,
+                         bar: bool) -> dict[str, torch.Tensor]:
+    """The lower blocks' outputs of tower `name` for `items` (sorted ids routed to it), in chunks (a mixture's
+    catalogues each start one: catalogue_chunks), stored in `dtype` on the CPU; `bar`: a tqdm bar (carriage returns
+    only on a terminal)."""
+    tower, code = model.towers[name], model.modality_names.index(name)
+    tower_dtype = next(tower.parameters()).dtype
+    chunks = []
+    for start, stop in tqdm(catalogue_chunks(items, catalogue_bounds(store.manifest), chunk),
+                            desc=f"caching {name} features", unit="chunk", disable=not bar):
+        progress.update(start)
+        content = load_item_content(store, items[start:stop], options, modality=np.full(store.num_items, code))
+        inputs = {k: v.to(device, tower_dtype) if v.is_floating_point() else v.to(device)
+                  for k, v in content.inputs[name].items()}
+        with span(model, f"{name} lower blocks"):
+            lower = tower.lower(inputs)
+        chunks.append({k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in lower.items()})
+    return tower.stack(chunks)
+
+
+def store_features(name: str, features: dict[str, torch.Tensor], path: Path, log=None) -> None:
+    """Tower `name`'s feature table written to the store atomically (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(features, tmp)
+    os.replace(tmp, path)
+    if log is not None:
+        log(f"{name} features: stored {path}")
 
 
 def resolve_store(setting: str | None, shards: str | Path) -> Path | None:

@@ -160,18 +160,24 @@ class TransRec(nn.Module):
         self.logit_scale = nn.Parameter(inverse_temperature, requires_grad=cfg.learn_temperature)
         self.side = cfg.side_features
         if self.side:
-            if not user_vocab or not item_features:
-                raise ValueError("side_features needs user and item feature vocabularies in the shards' manifest")
-            self.user_features = FeatureEmbedding(user_vocab, 32)
-            self.user_side_proj = nn.Linear(d + self.user_features.out_dim, d)
-            self.item_features = FeatureEmbedding({n: int(v.max()) + 1 for n, v in item_features.items()}, 32)
-            self.item_side_proj = nn.Linear(d + self.item_features.out_dim, d)
-            for name, table in item_features.items():
-                self.register_buffer(f"item_feat_{name}", torch.as_tensor(table, dtype=torch.long), persistent=False)
+            self.add_side_features(user_vocab, item_features)
         self.cache = None  # trainer/feature_cache.FeatureCache, set by the trainer
         # Instrumentation (bench/throughput.py): called with a span name around each tower call ("text tower", ...),
         # the user encoder ("user encoder") and the loss ("loss"), it returns the context manager that times it.
         self.spans: Callable[[str], AbstractContextManager] | None = None
+
+    def add_side_features(self, user_vocab: dict[str, int] | None, item_features: dict[str, np.ndarray] | None) -> None:
+        """model.side_features: the users' and items' categorical features, each embedded and projected with the
+        user / item vector to d (catalogue-specific modules, never exported)."""
+        if not user_vocab or not item_features:
+            raise ValueError("side_features needs user and item feature vocabularies in the shards' manifest")
+        d = self.cfg.d
+        self.user_features = FeatureEmbedding(user_vocab, 32)
+        self.user_side_proj = nn.Linear(d + self.user_features.out_dim, d)
+        self.item_features = FeatureEmbedding({n: int(v.max()) + 1 for n, v in item_features.items()}, 32)
+        self.item_side_proj = nn.Linear(d + self.item_features.out_dim, d)
+        for name, table in item_features.items():
+            self.register_buffer(f"item_feat_{name}", torch.as_tensor(table, dtype=torch.long), persistent=False)
 
     # -- items --------------------------------------------------------------------------------------------
     def encode_items(self, items: torch.Tensor, content=None, modality: torch.Tensor | None = None,
