@@ -112,6 +112,8 @@ class DaskHistories:
     removed: int = 0
     dropped_no_content: int = 0
     rows_read: int = 0
+    # users_among's last answer: (the names asked about, the users among them, the others), one merge pass for both
+    _among: tuple[object, list[str], list[str]] | None = None
 
     def _users(self, b: int) -> Iterator[tuple[tuple, str, int, int]]:
         """(order key, raw id, bucket, position in the bucket) of a bucket's users, in order."""
@@ -137,8 +139,14 @@ class DaskHistories:
         return (raw for _key, raw, _b, _k in self._merged())
 
     def users_among(self, names: Iterable[str], present: bool) -> list[str]:
-        names = set(names)
-        return [raw for raw in self.raw_users() if (raw in names) == present]
+        """The shard users (in shard order) that are (present=True) or are not among `names`: both lists from one
+        merge pass over the buckets, kept for the next call with the same `names` (the build asks for both)."""
+        if self._among is None or self._among[0] is not names:
+            named, inside, outside = set(names), [], []
+            for raw in self.raw_users():
+                (inside if raw in named else outside).append(raw)
+            self._among = (names, inside, outside)
+        return list(self._among[1] if present else self._among[2])
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
