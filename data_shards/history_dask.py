@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from transrec.data_shards.bad_input import Problems
 from transrec.data_shards.history_engine import FILE_SHIFT
 from transrec.data_shards.log_reader import log_files, read_log
-from transrec.data_shards.tables import Problems
 
 DEFAULT_BUCKETS = 64
 

@@ -30,8 +30,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from transrec.data_shards.bad_input import Problems
 from transrec.data_shards.log_reader import LogChunk
-from transrec.data_shards.tables import Problems
 
 FILE_SHIFT = 1 << 40  # (file, row) packed into one BIGINT: rows per file below 2^40
 NUMERIC = "regexp_full_match(usr, '[0-9]+')"

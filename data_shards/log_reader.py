@@ -2,9 +2,10 @@
 
 A chunk is four parallel columns (row number, user, item, time in seconds) of the rows that parsed; a row that does
 not (an empty user, item or time, a time that is neither a number nor an ISO date) is reported to `Problems` as
-`unparseable_row` with its file, row number, reason and cells, exactly as data_shards/tables.read_interactions reports
-it, so that a log built in chunks gives the same validation report as one read whole. Row numbers count data rows
-from 1 in each file (blank CSV lines are skipped, as csv.DictReader skips them).
+`unparseable_row` with its file, row number, reason and cells. Every reader of interaction rows goes through here
+(the in-memory tables too: data_shards/tables.read_interactions), so a log gives the same validation report whichever
+engine reads it. Row numbers count data rows from 1 in each file (blank CSV lines are skipped, as csv.DictReader
+skips them).
 
 Formats come from the path (`.csv`, `.csv.gz` / `.gz`, `.parquet`; a folder: its part files of one such format, in
 name order) or from `fmt`. Parquet is read through DuckDB (data_shards/history_engine.py's engine), typed columns
@@ -24,7 +25,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from transrec.data_shards.tables import Problems, parse_time
+from transrec.data_shards.bad_input import Problems, parse_time
 
 FORMATS = ("csv", "csv.gz", "parquet")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transrec.data_shards.tables import Problems
+from transrec.data_shards.bad_input import Problems
 
 
 class HistoryForms:

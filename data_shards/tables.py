@@ -10,41 +10,12 @@ them (and reports them).
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Problem categories that are bad input (counted, listed, fatal under --strict).
-BAD_INPUT = (
-    "unparseable_row",
-    "unknown_item",
-    "unknown_user_features",
-    "missing_image",
-    "corrupt_image",
-    "empty_text",
-    "item_without_content",
-    "duplicate_item_row",
-)
-
-
-@dataclass
-class Problems:
-    """Every bad-input finding, by category, each with enough detail to find the row or file."""
-
-    found: dict[str, list[dict]] = field(default_factory=lambda: {c: [] for c in BAD_INPUT})
-
-    def add(self, category: str, **detail) -> None:
-        if category not in self.found:
-            raise KeyError(f"unknown problem category {category!r}")
-        self.found[category].append(detail)
-
-    def counts(self) -> dict[str, int]:
-        return {c: len(v) for c, v in self.found.items()}
-
-    def total(self) -> int:
-        return sum(len(v) for v in self.found.values())
+from transrec.data_shards.bad_input import Problems
+from transrec.data_shards.log_reader import read_log
 
 
 @dataclass
@@ -116,37 +87,15 @@ def _read_csv(path: Path):
         yield from enumerate(reader, start=1)
 
 
-def parse_time(value: str) -> float:
-    """A number (seconds) or an ISO date/time; naive times are UTC, explicit offsets are honoured."""
-    value = value.strip()
-    try:
-        t = float(value)
-    except ValueError:
-        when = dt.datetime.fromisoformat(value)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
-        t = when.timestamp()
-    if not math.isfinite(t):
-        raise ValueError(f"time {value!r} is not a finite number")
-    return t
-
-
 def read_interactions(
     path: Path, user_col: str, item_col: str, time_col: str | None, problems: Problems
 ) -> list[Interaction]:
-    """Interactions with parsed times; `time_col=None` means file order is the order (time = row)."""
+    """Interactions with parsed times; `time_col=None` means file order is the order (time = row). The rows are the
+    log reader's (data_shards/log_reader.py: the one parser and checker of interaction rows), held in memory."""
     out = []
-    for line, row in _read_csv(path):
-        user, item = (row.get(user_col) or "").strip(), (row.get(item_col) or "").strip()
-        raw_time = row.get(time_col) if time_col else str(line)
-        try:
-            if not user or not item or raw_time is None:
-                raise ValueError("empty user, item or time")
-            time = parse_time(raw_time)
-        except ValueError as e:
-            problems.add("unparseable_row", file=path.name, line=line, reason=str(e), row=dict(row))
-            continue
-        out.append(Interaction(user, item, time, line))
+    for chunk in read_log(path, user_col, item_col, time_col, problems, fmt="csv"):
+        out.extend(Interaction(user, item, float(time), int(line))
+                   for line, user, item, time in zip(chunk.rows, chunk.users, chunk.items, chunk.times))
     return out
 
 

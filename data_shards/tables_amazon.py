@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from transrec.data_shards.tables import Interaction, ItemRecord, Problems, RawDomain
+from transrec.data_shards.bad_input import Problems
+from transrec.data_shards.tables import Interaction, ItemRecord, RawDomain
 
 LOG_FILES = ("train.csv", "dev.csv", "test.csv")
 AMAZON_TEMPLATE = "{text}"

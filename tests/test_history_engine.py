@@ -225,8 +225,8 @@ def test_the_dask_engine_refuses_a_named_dataset_and_a_stray_scheduler(tmp_path)
 
 
 def test_the_column_wise_check_of_clean_csv_rows_gives_the_row_by_row_result():
+    from transrec.data_shards.bad_input import Problems
     from transrec.data_shards.log_reader import _chunk_of
-    from transrec.data_shards.tables import Problems
 
     times = ["0.1", " 7 ", "1e-320", "9007199254740993", "1_0", "-0.0", ".5", "1600000000", "2.2250738585072011e-308"]
     raw = [[f" u{k} ", f"i{k % 3}", t] for k, t in enumerate(times)]

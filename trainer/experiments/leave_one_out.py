@@ -35,12 +35,12 @@ import sys
 import time
 from pathlib import Path
 
+from transrec.data_shards.bad_input import Problems
 from transrec.data_shards.build import BuildOptions, build
 from transrec.data_shards.mixture import Catalogue, mix
 from transrec.data_shards.shard_io import read_id_maps
 from transrec.data_shards.split_by_release import split_by_release
 from transrec.data_shards.split_disjoint import split_disjoint
-from transrec.data_shards.tables import Problems
 from transrec.data_shards.tables_ml1m import movielens_film_key, read_movies
 from transrec.trainer.core.config import RunConfig
 from transrec.trainer.core.presets import preset
