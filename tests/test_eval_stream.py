@@ -199,3 +199,31 @@ def test_a_sample_of_users_streams_exactly_those_users_in_both_splits(hm_many_sh
             got += [c.users for c in stream.chunks(5)]
         assert np.array_equal(np.sort(np.concatenate(got)), users), world
     assert sample.record(17, n) == {"evaluated": 17, "of": n, "sampled": True, "seed": 3}
+
+
+def test_a_sample_is_read_from_the_shards_once_for_both_splits(hm_many_shards, monkeypatch):
+    """The sampled users' records are read in one pass and held: both splits, evaluated again and again, open each
+    shard once; a stream given another sample's held records is refused."""
+    from transrec.data_shards import shard_io
+
+    summary = ev.SplitSummary.read(hm_many_shards)
+    sample = ev.UserSample(11, seed=5)
+    valid = ev.EvalStream(hm_many_shards, "valid", 6, summary.users["valid"], summary.targets["valid"], (), 0, 1,
+                          sample)
+    test = ev.EvalStream(hm_many_shards, "test", 6, summary.users["test"], summary.targets["test"], (), 0, 1, sample,
+                         held=valid.held)
+    opened, original = [], shard_io.sequence_records
+    monkeypatch.setattr(shard_io, "sequence_records", lambda path: (opened.append(path.name), original(path))[1])
+    sequences = read_sequences(hm_many_shards)
+    held = {split: ev.eval_users(sequences, split, 6, sample=sample) for split in ("valid", "test")}
+    opened.clear()
+    for _ in range(2):
+        for split, stream in (("valid", valid), ("test", test)):
+            got = list(stream.chunks(4))
+            assert np.array_equal(np.concatenate([c.users for c in got]), held[split].users)
+            assert np.array_equal(np.concatenate([c.targets for c in got]), held[split].targets)
+            assert np.array_equal(np.concatenate([c.histories for c in got]), held[split].histories)
+    assert sorted(opened) == sorted(load_manifest(hm_many_shards)["shards"]["sequences"])  # each shard once
+    with pytest.raises(ValueError, match="another sample's users"):
+        ev.EvalStream(hm_many_shards, "test", 6, summary.users["test"], summary.targets["test"], (), 0, 1,
+                      ev.UserSample(11, seed=6), held=valid.held)

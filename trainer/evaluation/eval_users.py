@@ -175,30 +175,49 @@ def rank_records(shard_dir, rank: int = 0, world: int = 1) -> Iterator[dict]:
                 yield s
 
 
+class HeldRecords:
+    """The records of a sample's users that one rank owns (rank_records), read from the shards in one pass on first
+    use and held: O(sample) memory, and every later evaluation of the run (both splits, every epoch, popularity)
+    reads them from here instead of the shards again."""
+
+    def __init__(self, shard_dir, users: np.ndarray, rank: int = 0, world: int = 1):
+        self.shard_dir, self.rank, self.world = shard_dir, rank, world
+        self.users = frozenset(users.tolist())
+        self._records: list[dict] | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._records is None:
+            self._records = [s for s in rank_records(self.shard_dir, self.rank, self.world) if s["user"] in self.users]
+        return iter(self._records)
+
+
 class EvalStream:
     """One split's evaluated users streamed from the sequence shards in batches, this rank's users only: the
     trainer's memory for evaluation is O(batch), not O(users). With at least as many sequence shards as ranks, a
     rank reads only its own shards (shard i to rank i % world), so a node reads each shard once per evaluation;
     otherwise every rank reads them all and keeps user % world == rank. `users` / `targets`: every evaluated user
     (all ranks) in index order, for the per-user rank files and the cold-target counts; with a `sample`, only the
-    sampled ones (the stream skips the others' records)."""
+    sampled ones, whose records are read once and held (HeldRecords)."""
 
     def __init__(self, shard_dir, split: str, max_len: int, users: np.ndarray, targets: np.ndarray,
-                 feature_names=(), rank: int = 0, world: int = 1, sample: UserSample | None = None):
+                 feature_names=(), rank: int = 0, world: int = 1, sample: UserSample | None = None,
+                 held: HeldRecords | None = None):
         _check_split(split)
         self.shard_dir, self.split, self.max_len, self.feature_names = shard_dir, split, max_len, feature_names
         self.rank, self.world, self.sample = rank, world, sample
         self.users, self.targets = (users, targets) if sample is None else sample.of(users, targets)
-        self._kept = None if sample is None else frozenset(self.users.tolist())
+        self.held = None  # a sample's records, read once and held (shared with the other split's stream: `held`)
+        if sample is not None:
+            self.held = held if held is not None else HeldRecords(shard_dir, self.users, rank, world)
+            if self.held.users != frozenset(self.users.tolist()):
+                raise ValueError("the held records are another sample's users: give both splits the same sample")
 
     def __len__(self) -> int:
         return len(self.users)
 
     def chunks(self, batch: int) -> Iterator[EvalUsers]:
         build = _EvalBuilder(self.split, self.max_len, self.feature_names)
-        for s in rank_records(self.shard_dir, self.rank, self.world):
-            if self._kept is not None and s["user"] not in self._kept:
-                continue
+        for s in self.held if self.held is not None else rank_records(self.shard_dir, self.rank, self.world):
             build.add(s)
             if len(build) == batch:
                 yield build.done()

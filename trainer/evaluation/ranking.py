@@ -20,6 +20,7 @@ import torch.distributed as dist
 from transrec.trainer.evaluation.eval_users import (  # noqa: F401  (re-exported: evaluation's data types live in eval_users)
     EvalStream,
     EvalUsers,
+    HeldRecords,
     Ragged,
     SplitSummary,
     UserSample,

@@ -92,10 +92,10 @@ def build_parts(cfg: RunConfig, ds_config_path: str) -> TrainingParts:
     if rank == 0:
         write_run_record(run_dir, cfg, ds_base, {"world_size": world})
     sample = ev.UserSample(cfg.eval.max_users, cfg.seed) if cfg.eval.max_users else None
-    valid_users, test_users = (
-        ev.EvalStream(shards, split, cfg.model.max_len, summary.users[split], summary.targets[split], list(user_vocab),
-                      rank, world, sample)
-        for split in ("valid", "test"))
+    valid_users = ev.EvalStream(shards, "valid", cfg.model.max_len, summary.users["valid"], summary.targets["valid"],
+                                list(user_vocab), rank, world, sample)
+    test_users = ev.EvalStream(shards, "test", cfg.model.max_len, summary.users["test"], summary.targets["test"],
+                               list(user_vocab), rank, world, sample, held=valid_users.held)
     if sample is not None:
         LOG.info(f"evaluation: a seeded sample of {len(test_users):,} of the {len(summary.users['test']):,} evaluated "
                  f"users (eval.max_users={cfg.eval.max_users}, seed {cfg.seed})")
