@@ -183,9 +183,8 @@ def mix(cats: list[Catalogue], out: Path) -> dict:
     keeps = [np.flatnonzero([raw not in c.drop_items for raw in m["items"]]) for c, m in zip(cats, id_maps)]
     total = sum(len(k) for k in keeps)
     index = np.zeros(total, dtype=item_index_dtype(names))
-    writers, item_ids, user_ids = _ItemWriters(tmp), [], []
-    seq_names, train_lengths, records = [], {}, []
-    seq_writer, entries = None, []
+    writers, item_ids, tars = _ItemWriters(tmp), [], SequenceTars(tmp)
+    entries = []
     first_item = first_user = 0
     for cat, man, store, keep, ids in zip(cats, manifests, stores, keeps, id_maps):
         print(f"mixing {cat.name}: {len(keep)} of {store.num_items} items", file=sys.stderr)
@@ -193,38 +192,12 @@ def mix(cats: list[Catalogue], out: Path) -> dict:
         item_ids += [f"{cat.name}/{ids['items'][i]}" for i in keep]
         new_of_old = np.full(store.num_items, -1, dtype=np.int64)
         new_of_old[keep] = first_item + np.arange(len(keep))
-        min_inter = man["policies"]["min_interactions"]
-        interactions = kept = dropped_inter = evaluated = 0
-        first_tar = len(seq_names)
-        for s in read_sequences(cat.path):
-            mapped = new_of_old[np.asarray(s["items"], dtype=np.int64)]
-            real = mapped >= 0
-            dropped_inter += int((~real).sum())
-            if not real.any():
-                continue
-            u = first_user + kept
-            items = mapped[real].tolist()
-            times = [t for t, r in zip(s["timestamps"], real) if r]
-            num_train, is_eval = (s["num_train"], s["evaluated"]) if real.all() else resplit(items, times, min_inter)
-            sample = {"user": u, "raw_id": f"{cat.name}/{s['raw_id']}", "items": items, "timestamps": times,
-                      "num_train": num_train, "evaluated": is_eval, "features": {}}
-            if kept % USERS_PER_SHARD == 0:  # a catalogue's users start a tar: each tar holds one catalogue
-                if seq_writer is not None:
-                    seq_writer.close()
-                seq_names.append(f"sequences-{len(seq_names):06d}.tar")
-                seq_writer = DeterministicTarWriter(tmp / seq_names[-1])
-            seq_writer.add(f"{u:08d}.json", json.dumps(sample, sort_keys=True).encode())
-            hist = train_lengths.setdefault(seq_names[-1], {})
-            hist[str(num_train)] = hist.get(str(num_train), 0) + 1
-            records.append({"items": items})
-            user_ids.append(sample["raw_id"])
-            kept += 1
-            evaluated += is_eval
-            interactions += len(items)
+        first_tar = len(tars.names)
+        kept, interactions, dropped_inter, evaluated = mix_users(cat, man, new_of_old, first_user, tars)
         entries.append({
             "name": cat.name, "source": str(cat.path), "dataset": man["dataset"], "modality": man["modality"],
             "items": [first_item, first_item + len(keep)], "users": [first_user, first_user + kept],
-            "sequence_shards": seq_names[first_tar:],
+            "sequence_shards": tars.names[first_tar:],
             "num_interactions": interactions, "num_users_evaluated": evaluated,
             "dropped": {"items": int(store.num_items - len(keep)), "interactions": dropped_inter,
                         "users": man["num_users"] - kept},
@@ -234,12 +207,64 @@ def mix(cats: list[Catalogue], out: Path) -> dict:
         first_item += len(keep)
         first_user += kept
     writers.close()
-    if seq_writer is not None:
-        seq_writer.close()
+    tars.close()
     np.save(tmp / "item_index.npy", index, allow_pickle=False)
-    (tmp / "id_maps.json").write_text(json.dumps({"items": item_ids, "users": user_ids}))
-    manifest = describe(cats, manifests, entries, names, index, writers.names, seq_names, train_lengths, records)
+    (tmp / "id_maps.json").write_text(json.dumps({"items": item_ids, "users": tars.user_ids}))
+    manifest = describe(cats, manifests, entries, names, index, writers.names, tars.names, tars.train_lengths,
+                        tars.records)
     return publish(tmp, out, manifest, manifests, cats)
+
+
+def mix_users(cat: Catalogue, man: dict, new_of_old: np.ndarray, first_user: int, tars: SequenceTars
+              ) -> tuple[int, int, int, int]:
+    """One catalogue's users into the mixture's tars, numbered from `first_user`, their items renumbered by
+    `new_of_old` (-1: a dropped item, left out; a user left with none is dropped; a user who lost items is split
+    again by `resplit`). Returns (users kept, their interactions, interactions dropped, users evaluated)."""
+    min_inter = man["policies"]["min_interactions"]
+    interactions = kept = dropped_inter = evaluated = 0
+    for s in read_sequences(cat.path):
+        mapped = new_of_old[np.asarray(s["items"], dtype=np.int64)]
+        real = mapped >= 0
+        dropped_inter += int((~real).sum())
+        if not real.any():
+            continue
+        items = mapped[real].tolist()
+        times = [t for t, r in zip(s["timestamps"], real) if r]
+        num_train, is_eval = (s["num_train"], s["evaluated"]) if real.all() else resplit(items, times, min_inter)
+        tars.add({"user": first_user + kept, "raw_id": f"{cat.name}/{s['raw_id']}", "items": items,
+                  "timestamps": times, "num_train": num_train, "evaluated": is_eval, "features": {}},
+                 new_tar=kept % USERS_PER_SHARD == 0)  # a catalogue's users start a tar: a tar, one catalogue
+        kept += 1
+        evaluated += is_eval
+        interactions += len(items)
+    return kept, interactions, dropped_inter, evaluated
+
+
+class SequenceTars:
+    """The mixture's sequence tars, written user by user, and what its manifest needs of them: the tar names, each
+    tar's histogram of training lengths, every user's items and raw id."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.names, self.train_lengths = folder, [], {}
+        self.records, self.user_ids = [], []
+        self._writer: DeterministicTarWriter | None = None
+
+    def add(self, sample: dict, new_tar: bool) -> None:
+        """One user's sample, into a new tar when `new_tar` (or when none is open)."""
+        if new_tar or self._writer is None:
+            self.close()
+            self.names.append(f"sequences-{len(self.names):06d}.tar")
+            self._writer = DeterministicTarWriter(self.folder / self.names[-1])
+        self._writer.add(f"{sample['user']:08d}.json", json.dumps(sample, sort_keys=True).encode())
+        hist = self.train_lengths.setdefault(self.names[-1], {})
+        hist[str(sample["num_train"])] = hist.get(str(sample["num_train"]), 0) + 1
+        self.records.append({"items": sample["items"]})
+        self.user_ids.append(sample["raw_id"])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def describe(cats, manifests, entries, names, index, item_tars, seq_tars, train_lengths, records) -> dict:
