@@ -123,14 +123,7 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
         d = Path(c_cfg.run_dir)
         if i > 1 and cand.trains and not ordered[i - 2].trains and rank == 0:
             LOG.info(training_free_summary(run_dir, [c for c in ordered if not c.trains], cfg.eval.select))
-        if estimate:
-            left = sum(_minutes(estimate, c) for c in still_to_run(ordered, run_dir))
-            typical = (f"about {estimate['typical']:.1f} min as {estimate['typical_from']} took, "
-                       if "typical" in estimate and cand.trains else "")
-            LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}; estimated {typical}at most "
-                     f"{estimate['train' if cand.trains else 'start']:.1f} min, {left:.1f} min of candidates left")
-        else:
-            LOG.info(f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}")
+        LOG.info(candidate_line(i, ordered, estimate, run_dir))
         t0 = time.perf_counter()
         trainer = None
         try:
@@ -170,6 +163,20 @@ def run_auto(cfg: RunConfig, ds_config: str) -> dict | None:
     if rank != 0:
         return None
     return write_selection(run_dir, cfg, plan)
+
+
+def candidate_line(i: int, ordered: list[Candidate], estimate: dict[str, float] | None, run_dir: Path) -> str:
+    """The log line that starts candidate i (from 1) of `ordered`: what it is and, once a candidate has been timed,
+    its estimated minutes and the minutes of candidates left."""
+    cand = ordered[i - 1]
+    line = f"[transfer] candidate {i}/{len(ordered)} {cand.name}: {cand.label}"
+    if not estimate:
+        return line
+    left = sum(_minutes(estimate, c) for c in still_to_run(ordered, run_dir))
+    typical = (f"about {estimate['typical']:.1f} min as {estimate['typical_from']} took, "
+               if "typical" in estimate and cand.trains else "")
+    return (f"{line}; estimated {typical}at most {estimate['train' if cand.trains else 'start']:.1f} min, "
+            f"{left:.1f} min of candidates left")
 
 
 def training_free_summary(run_dir: Path, free: list[Candidate], metric: str) -> str:
