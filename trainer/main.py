@@ -33,7 +33,8 @@ from transrec.trainer.monitoring.metric_log import TrainingDiverged  # noqa: E40
 from transrec.trainer.training.run import RunInputError, RunResult, resumed_config, train  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+def build_parser() -> LineParser:
+    """The entry's flags (the design card's `--ds_config`, the run's settings, `--set section.key=value`)."""
     p = LineParser(prog="trainer/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--ds_config",
@@ -69,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS
     )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    """The run's configuration from the command line (the preset, the flags, then `--set`), or a resumed run's own."""
+    p = build_parser()
     a = p.parse_args(argv)
     if a.shards is not None and len(a.shards) > 1:
         p.exit(2, f"error: --shards names {len(a.shards)} folders: mix them into one first (python -m "

@@ -106,28 +106,7 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
             "kept in memory only: lost when the service restarts (start it with --items-journal FILE to keep added "
             "items)")
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
-        if bad_json is not None:
-            why = bounded((bad_json.get("ctx") or {}).get("error", ""), 120)
-            return JSONResponse(status_code=400, content={"detail": f"the body is not valid JSON ({why}): send a JSON "
-                                                          "object with content-type: application/json"})
-        problems = [_problem(e, request.url.path) for e in errors[:MAX_PROBLEMS]]
-        more = f"; and {len(errors) - MAX_PROBLEMS} more problems" if len(errors) > MAX_PROBLEMS else ""
-        detail = f"{'; '.join(problems)}{more} (the fields and their JSON types: GET /docs)"
-        return JSONResponse(status_code=422, content={"detail": bounded(detail)})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": bounded(exc.detail)},
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}): the request "
-                                                      "was not completed; the service's log has the details"})
+    add_error_handlers(app)
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -160,6 +139,34 @@ def create_app(rec: Recommender, info: dict | None = None, batching: bool = True
                 "note": kept}
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON with one `detail` line: 400 for a body that is not JSON, 422 naming the bad fields, the
+    HTTP errors the handlers raise, and 500 for anything else (the service goes on)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if bad_json is not None:
+            why = bounded((bad_json.get("ctx") or {}).get("error", ""), 120)
+            return JSONResponse(status_code=400, content={"detail": f"the body is not valid JSON ({why}): send a JSON "
+                                                          "object with content-type: application/json"})
+        problems = [_problem(e, request.url.path) for e in errors[:MAX_PROBLEMS]]
+        more = f"; and {len(errors) - MAX_PROBLEMS} more problems" if len(errors) > MAX_PROBLEMS else ""
+        detail = f"{'; '.join(problems)}{more} (the fields and their JSON types: GET /docs)"
+        return JSONResponse(status_code=422, content={"detail": bounded(detail)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": bounded(exc.detail)},
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}): the request "
+                                                      "was not completed; the service's log has the details"})
 
 
 @dataclass(frozen=True)
