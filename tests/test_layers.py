@@ -52,7 +52,7 @@ COMMANDS = {  # documented commands: argument parsing, one call into the library
     "transrec.trainer.main", *(f"transrec.trainer.commands.{c}" for c in
                                ("evaluate", "compare", "recommend", "index", "serve", "collapse")),
 }
-COMMAND_FUNCTIONS = {"main", "parse_args", "format_report"}
+COMMAND_FUNCTIONS = {"main", "build_parser", "parse_args", "format_report"}  # parsing, the call, printing
 # the modules that may name a modality: the registry with the built-in modalities, their towers, the text vocabulary
 MODALITY_MODULES = {f"transrec.trainer.core.{m}" for m in ("modalities", "towers", "text_vocab")}
 BUILT_IN = ("text", "image")

@@ -31,11 +31,41 @@ class Scorer(StrEnum):
     POPULARITY = "popularity"  # no model: the catalogue's most frequent items (a training-free transfer candidate)
 
 
+class ItemEncoder(StrEnum):
+    """`model.item_encoder`: how items become vectors."""
+
+    CONTENT = "content"  # the modality towers over each item's content (TransRec)
+    ID = "id"  # an ID embedding table (the IDRec / IDGru / IDNext baselines)
+
+
+class UserEncoderName(StrEnum):
+    """`model.user_encoder`: the sequence encoder over a history's item vectors."""
+
+    TRANSFORMER = "transformer"  # TransRec's (and IDRec's) causal BERT
+    GRU = "gru"  # GRU4Rec
+    NEXTITNET = "nextitnet"  # NextItNet
+
+
+class UserState(StrEnum):
+    """`model.user_state`: what the user vector is."""
+
+    ENCODER = "encoder"  # the encoder's state at the last position
+    MEAN_RESIDUAL = "mean_residual"  # the history's mean item vector + a learned gate x the encoder's state
+
+
+class Candidates(StrEnum):
+    """`stageN.candidates`: the items the content softmax normalises over."""
+
+    FULL = "full"  # the whole catalogue (needs every tower's lower blocks cached)
+    SAMPLED = "sampled"  # the batch's items and the shared negatives
+    AUTO = "auto"  # full when the catalogue fits stageN.full_catalogue_max and the towers are cached, else sampled
+
+
 def scorer_of(objective_uses_free_head: bool, item_encoder: str) -> Scorer:
     """The scorer of a model trained with an objective that does or does not rank with the free head."""
     if objective_uses_free_head:
         return Scorer.FREE_HEAD
-    return Scorer.CONTENT if item_encoder == "content" else Scorer.ID
+    return Scorer.CONTENT if item_encoder == ItemEncoder.CONTENT else Scorer.ID
 
 
 def record_scoring(record: dict) -> Scorer:

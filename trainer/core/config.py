@@ -14,7 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transrec.data_shards.decode import BACKENDS
-from transrec.trainer.core.choices import STAGE1_HEADS, STAGE2_LOSSES, STAGES, ObjectiveName
+from transrec.trainer.core.choices import (
+    STAGE1_HEADS,
+    STAGE2_LOSSES,
+    STAGES,
+    Candidates,
+    ItemEncoder,
+    ObjectiveName,
+    UserEncoderName,
+    UserState,
+)
 from transrec.trainer.core.compiled import MODES, PARTS
 from transrec.trainer.core.config_checks import check_values, one_of
 from transrec.trainer.core.modalities import MODALITIES, default_sections
@@ -81,14 +90,14 @@ class ModelConfig:
             raise ValueError(f"model.dropout must be < 1, not {self.dropout!r}")
         if self.d % self.user_heads:
             raise ValueError(f"d={self.d} must be divisible by user_heads={self.user_heads}")
-        if self.item_encoder not in ("content", "id"):
+        if self.item_encoder not in tuple(ItemEncoder):
             raise ValueError("item_encoder must be 'content' or 'id'")
-        if self.user_encoder not in ("transformer", "gru", "nextitnet"):
+        if self.user_encoder not in tuple(UserEncoderName):
             raise ValueError("user_encoder must be transformer, gru or nextitnet")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError("kernels must be auto, triton or torch")
         one_of("model.compile", self.compile, PARTS)
-        one_of("model.user_state", self.user_state, ("encoder", "mean_residual"))
+        one_of("model.user_state", self.user_state, tuple(UserState))
         one_of("model.compile_mode", self.compile_mode, MODES)
         if self.max_len < 3:
             raise ValueError(f"model.max_len must be >= 3, not {self.max_len!r}")
@@ -99,7 +108,7 @@ class ModelConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.sequence_input_scale <= 0:
             raise ValueError(f"model.sequence_input_scale must be > 0, got {self.sequence_input_scale}")
-        if self.sequence_input_scale != 1.0 and self.user_encoder != "transformer":
+        if self.sequence_input_scale != 1.0 and self.user_encoder != UserEncoderName.TRANSFORMER:
             raise ValueError("model.sequence_input_scale applies to the transformer user encoder only (it scales "
                              f"content against position embeddings); drop it for user_encoder={self.user_encoder}")
 
@@ -143,7 +152,7 @@ class StageConfig:
              "popularity_correction"), 0)})
         if self.lr <= 0:
             raise ValueError(f"{section}.lr must be > 0, not {self.lr!r}")
-        one_of("candidates", self.candidates, ("auto", "full", "sampled"))
+        one_of("candidates", self.candidates, tuple(Candidates))
         for name, blocks in self.trainable.items():
             if not name.isidentifier() or not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < -1:
                 raise ValueError(f"trainable[{name!r}] = {blocks!r}: use a modality name and a block count >= -1")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from transrec.kernels import ops as kernels
-from transrec.trainer.core.choices import ObjectiveName, Scorer, scorer_of
+from transrec.trainer.core.choices import Candidates, ObjectiveName, Scorer, scorer_of
 from transrec.trainer.core.model import kept_positions
 from transrec.trainer.core.timing_hook import span
 
@@ -223,9 +223,9 @@ def build_objective(sc, num_items: int, towers_cached: bool, share: np.ndarray |
     if sc.objective == ObjectiveName.CPC:
         return CPC(ObjectiveName.CPC, False, dense=False, negatives=sc.negatives, n_history=sc.n_history,
                    n_continuation=sc.n_continuation)
-    full = sc.candidates == "full" or (sc.candidates == "auto" and num_items <= sc.full_catalogue_max)
+    full = sc.candidates == Candidates.FULL or (sc.candidates == Candidates.AUTO and num_items <= sc.full_catalogue_max)
     if full and not towers_cached:
-        if sc.candidates == "full":
+        if sc.candidates == Candidates.FULL:
             raise ValueError(
                 f"{sc.section}.candidates=full needs every tower's lower blocks cached (towers that train all their "
                 "blocks read content from the batch only); use candidates=sampled or a smaller trainable depth")

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from transrec.data_shards.shard_io import BUILT_IN_MODALITIES
 from transrec.trainer.core import id_encoders as baselines
+from transrec.trainer.core.choices import ItemEncoder, UserEncoderName, UserState
 from transrec.trainer.core.config import ModelConfig
 from transrec.trainer.core.modalities import build_towers
 from transrec.trainer.core.timing_hook import span
@@ -83,12 +84,12 @@ class UserEncoder(nn.Module):
 
 def build_user_encoder(cfg: ModelConfig) -> nn.Module:
     """Registry of sequence encoders; each maps (item vectors [B, L, d], mask [B, L]) -> causal states [B, L, d]."""
-    if cfg.user_encoder == "transformer":
+    if cfg.user_encoder == UserEncoderName.TRANSFORMER:
         return UserEncoder(
             cfg.d, cfg.user_layers, cfg.user_heads, cfg.max_len, cfg.dropout, cfg.activation_checkpointing,
             cfg.sequence_input_scale,
         )
-    if cfg.user_encoder == "gru":
+    if cfg.user_encoder == UserEncoderName.GRU:
         return baselines.GRUEncoder(cfg.d, cfg.user_layers, cfg.dropout)
     return baselines.NextItNetEncoder(cfg.d, cfg.user_layers, cfg.dropout)
 
@@ -135,7 +136,7 @@ class TransRec(nn.Module):
         # The whole catalogue's routing, computed once on the host (a full-catalogue loss encodes it every step).
         self._catalogue_routing = [torch.from_numpy(np.flatnonzero(codes == m))
                                    for m in range(len(self.modality_names))]
-        if cfg.item_encoder == "content":  # only the towers this catalogue's items are routed to
+        if cfg.item_encoder == ItemEncoder.CONTENT:  # only the towers this catalogue's items are routed to
             used = tuple(self.modality_names[m] for m in np.unique(codes))
             self.towers = build_towers(cfg, trainable, used or self.modality_names)
             self.id_embedding = None
@@ -149,7 +150,7 @@ class TransRec(nn.Module):
         self.user_encoder = build_user_encoder(cfg)
         # model.user_state=mean_residual: user state = mean of the history's item vectors + gate x encoder state. The
         # gate starts at 0, so an untrained (or a zero-shot) encoder scores as the content baseline does; shape [1].
-        self.user_gate = nn.Parameter(torch.zeros(1)) if cfg.user_state == "mean_residual" else None
+        self.user_gate = nn.Parameter(torch.zeros(1)) if cfg.user_state == UserState.MEAN_RESIDUAL else None
         # Stage-1 head W^U [V, d] + b: catalogue-specific, never exported.
         self.head = nn.Linear(d, num_items)
         nn.init.normal_(self.head.weight, std=0.02)

@@ -18,7 +18,7 @@ from transrec.data_shards.modalities import ContentOptions
 from transrec.data_shards.sequence_table import SequenceTable
 from transrec.data_shards.shard_io import ItemStore, load_manifest
 from transrec.trainer.core.checkpoint import DOMAIN_SPECIFIC, read_export_config, read_weights
-from transrec.trainer.core.choices import Scorer
+from transrec.trainer.core.choices import ItemEncoder, Scorer
 from transrec.trainer.core.feature_cache import FeatureCache, catalogue_chunks
 from transrec.trainer.core.modalities import check_shards, content_options, use_export_files
 from transrec.trainer.core.model import TransRec
@@ -148,7 +148,7 @@ def ranker_from_export(export_dir: Path, shards: Path, device: torch.device | st
     export_dir, shards, device = Path(export_dir), Path(shards), torch.device(device)
     meta, cfg = read_export_config(export_dir)  # its files verified against their hashes, its settings valid
     use_export_files(cfg, export_dir, meta)  # the export's own files (a tokenizer, ...), not the training machine's
-    if cfg.item_encoder != "content":
+    if cfg.item_encoder != ItemEncoder.CONTENT:
         raise ValueError(f"{export_dir}: an ID model's export has no item table (catalogue-specific); it cannot score "
                          "items by content")
     if cfg.side_features:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from transrec.trainer.core.checkpoint import barrier, gathered, load_model_state, save_export, save_model_state
-from transrec.trainer.core.choices import Scorer, record_scoring
+from transrec.trainer.core.choices import ItemEncoder, Scorer, record_scoring
 from transrec.trainer.core.config_records import to_dict
 from transrec.trainer.core.modalities import export_preprocessing
 from transrec.trainer.core.run_setup import LOG
@@ -130,7 +130,7 @@ class ModelSelection:
     def evaluate_untrained(self) -> None:
         """`--stage none`, or `eval.initial_candidate`: the initial model (e.g. a source export given by --init-from:
         zero-shot transfer) scored by content on this catalogue, recorded as stage 0."""
-        if self.cfg.model.item_encoder != "content":
+        if self.cfg.model.item_encoder != ItemEncoder.CONTENT:
             raise ValueError("--stage none and eval.initial_candidate evaluate a content model without training; an "
                              "ID model would be random: drop them for an ID model")
         if not self.cfg.init_from:

@@ -16,6 +16,7 @@ from transrec.data_shards.mixture import catalogue_bounds, catalogue_names
 from transrec.data_shards.shard_io import ItemStore, item_feature_tables, load_manifest
 from transrec.kernels import ops as kernels
 from transrec.trainer.core.checkpoint import load_export, reset_prefixes
+from transrec.trainer.core.choices import ItemEncoder
 from transrec.trainer.core.compiled import set_compiled
 from transrec.trainer.core.config import RunConfig
 from transrec.trainer.core.losses import item_share
@@ -72,7 +73,7 @@ def build_parts(cfg: RunConfig, ds_config_path: str) -> TrainingParts:
     ds_base = load_ds_config(ds_config_path)
     shards = Path(cfg.data.shards)
     manifest = load_manifest(shards)
-    if cfg.model.item_encoder == "content":
+    if cfg.model.item_encoder == ItemEncoder.CONTENT:
         check_shards(manifest, cfg.model)
     store = ItemStore(shards)
     bounds, catalogues = catalogue_bounds(manifest), catalogue_names(manifest)
