@@ -38,3 +38,17 @@ def test_no_segments_no_scan(tmp_path):
     missing_proc = tmp_path / "no-proc"
     assert stale_shm_buffers(tmp_path, missing_proc) == []
     assert not Path(missing_proc).exists()
+
+
+def test_a_segment_unlinked_during_the_sweep_is_not_an_error(tmp_path):
+    """A rank unlinks its own segment at exit, so one listed a moment ago may be gone when it is looked at (a
+    dangling name here): it is no stale segment, and the sweep goes on."""
+    shm, proc = tmp_path / "shm", tmp_path / "proc"
+    shm.mkdir()
+    proc.mkdir()
+    uid, old = os.getuid(), time.time() - 3600
+    gone, killed = shm / f"{SHM_PREFIX}_{uid}_127.0.0.1_29500_0", shm / f"{SHM_PREFIX}_{uid}_127.0.0.1_29500_1"
+    gone.symlink_to(tmp_path / "unlinked")
+    killed.write_bytes(b"\0")
+    os.utime(killed, (old, old))
+    assert stale_shm_buffers(shm, proc) == [killed]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -47,7 +48,15 @@ def stale_shm_buffers(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), min_a
             continue
         mapped.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if SHM_PREFIX in line)
     now = time.time()
-    return [p for p in mine if str(p) not in mapped and now - p.stat().st_mtime > min_age_s]
+    return [p for p in mine if str(p) not in mapped and now - modified(p, default=now) > min_age_s]
+
+
+def modified(path: Path, default: float) -> float:
+    """The file's modification time; `default` when it is gone (a segment its own rank unlinked meanwhile)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return default
 
 
 def release_shm_buffers(rank: int) -> None:
@@ -57,8 +66,10 @@ def release_shm_buffers(rank: int) -> None:
         return
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         stale = stale_shm_buffers()
-        size = sum(p.stat().st_size for p in stale)
+        size = 0
         for p in stale:
+            with contextlib.suppress(FileNotFoundError):  # unlinked meanwhile by its own rank
+                size += p.stat().st_size
             p.unlink(missing_ok=True)
         if stale:
             LOG.info("removed %d stale DeepSpeed all-reduce segments (%.0f MiB) from %s, left by earlier multi-rank "
