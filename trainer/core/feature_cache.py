@@ -36,6 +36,7 @@ from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.mixture import catalogue_bounds
 from transrec.data_shards.modalities import ContentOptions
 from transrec.data_shards.shard_io import ItemStore
+from transrec.trainer.core.progress import ProgressLog  # noqa: F401  (re-exported: its former home)
 from transrec.trainer.core.timing_hook import span
 
 
@@ -175,27 +176,6 @@ def resolve_store(setting: str | None, shards: str | Path) -> Path | None:
     except OSError:
         return None
     return folder
-
-
-class ProgressLog:
-    """A log line every `every` seconds with the items done, their rate and the time left, on a terminal or not (in
-    log files, the tqdm bar's stand-in)."""
-
-    def __init__(self, what: str, total: int, log, every: float = 30.0):
-        self.what, self.total, self.log, self.every = what, total, log, every
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if self.log is None or done == 0 or now - self.last < self.every:
-            return
-        self.last = now
-        left = (now - self.t0) / done * (self.total - done)
-        self.log(f"{self.what}: {done}/{self.total} items, {now - self.t0:.0f} s, {done / (now - self.t0):.0f} "
-                 f"items/s, about {left / 60:.1f} min left")
-
-
-_ProgressLog = ProgressLog  # its former name
 
 
 def feature_key(tower, store: ItemStore, items: np.ndarray, content_identity: dict, dtype: torch.dtype) -> str:

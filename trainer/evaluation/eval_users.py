@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from transrec.data_shards import shard_io
+from transrec.trainer.core.progress import ProgressLog
 
 SPLITS = ("valid", "test")
 
@@ -160,6 +161,12 @@ def sampled_users(sequences, sample: UserSample) -> frozenset[int]:
     return frozenset(users.tolist())
 
 
+def users_read(shard_dir, rank: int, world: int, what: str, log=None) -> Iterator[dict]:
+    """rank_records with a progress line every 30 s through `log` (when given): users read, rate, time left."""
+    total = -(-shard_io.load_manifest(Path(shard_dir))["num_users"] // world)  # about a rank's share
+    return ProgressLog(what, total, log, unit="users").counted(rank_records(shard_dir, rank, world))
+
+
 def rank_records(shard_dir, rank: int = 0, world: int = 1) -> Iterator[dict]:
     """The user records one rank owns, streamed: with at least as many sequence shards as ranks, the rank's own
     shards (shard i to rank i % world), so that the ranks of a node read each shard once; otherwise the users with
@@ -180,14 +187,15 @@ class HeldRecords:
     use and held: O(sample) memory, and every later evaluation of the run (both splits, every epoch, popularity)
     reads them from here instead of the shards again."""
 
-    def __init__(self, shard_dir, users: np.ndarray, rank: int = 0, world: int = 1):
-        self.shard_dir, self.rank, self.world = shard_dir, rank, world
+    def __init__(self, shard_dir, users: np.ndarray, rank: int = 0, world: int = 1, log=None):
+        self.shard_dir, self.rank, self.world, self.log = shard_dir, rank, world, log
         self.users = frozenset(users.tolist())
         self._records: list[dict] | None = None
 
     def __iter__(self) -> Iterator[dict]:
         if self._records is None:
-            self._records = [s for s in rank_records(self.shard_dir, self.rank, self.world) if s["user"] in self.users]
+            records = users_read(self.shard_dir, self.rank, self.world, "reading the sampled users' records", self.log)
+            self._records = [s for s in records if s["user"] in self.users]
         return iter(self._records)
 
 
@@ -201,14 +209,14 @@ class EvalStream:
 
     def __init__(self, shard_dir, split: str, max_len: int, users: np.ndarray, targets: np.ndarray,
                  feature_names=(), rank: int = 0, world: int = 1, sample: UserSample | None = None,
-                 held: HeldRecords | None = None):
+                 held: HeldRecords | None = None, log=None):
         _check_split(split)
         self.shard_dir, self.split, self.max_len, self.feature_names = shard_dir, split, max_len, feature_names
         self.rank, self.world, self.sample = rank, world, sample
         self.users, self.targets = (users, targets) if sample is None else sample.of(users, targets)
         self.held = None  # a sample's records, read once and held (shared with the other split's stream: `held`)
         if sample is not None:
-            self.held = held if held is not None else HeldRecords(shard_dir, self.users, rank, world)
+            self.held = held if held is not None else HeldRecords(shard_dir, self.users, rank, world, log)
             if self.held.users != frozenset(self.users.tolist()):
                 raise ValueError("the held records are another sample's users: give both splits the same sample")
 
@@ -241,18 +249,20 @@ class SplitSummary:
     targets: dict[str, np.ndarray]
 
     @classmethod
-    def read(cls, shard_dir, rank: int = 0, world: int = 1) -> SplitSummary:
+    def read(cls, shard_dir, rank: int = 0, world: int = 1, log=None) -> SplitSummary:
         """The summary of the users a rank owns (rank_records; all of them with one rank), streamed from the
-        sequence shards. Ranks' summaries add up to the whole folder's (`merge`)."""
+        sequence shards, with progress lines through `log`. Ranks' summaries add up to the whole folder's
+        (`merge`)."""
         num_items = shard_io.load_manifest(Path(shard_dir))["num_items"]
-        return cls.from_records(rank_records(shard_dir, rank, world), num_items)
+        return cls.from_records(users_read(shard_dir, rank, world, "reading every user's record once", log),
+                                num_items)
 
     @classmethod
-    def of_all_ranks(cls, shard_dir, rank: int, world: int, device: torch.device) -> SplitSummary:
+    def of_all_ranks(cls, shard_dir, rank: int, world: int, device: torch.device, log=None) -> SplitSummary:
         """The whole folder's summary on every rank, each rank reading only the users it owns (rank_records): the
         counts per item added up by one all-reduce, the evaluated users and targets (a few numbers per user)
         gathered."""
-        part = cls.read(shard_dir, rank, world)
+        part = cls.read(shard_dir, rank, world, log)
         if world == 1:
             return part
         counts = {}

@@ -80,7 +80,8 @@ def build_parts(cfg: RunConfig, ds_config_path: str) -> TrainingParts:
     if bounds is not None and cfg.model.side_features:
         raise ValueError("model.side_features: a mixture of catalogues carries no side features (each catalogue "
                          "has its own vocabularies); train without them")
-    summary = ev.SplitSummary.of_all_ranks(shards, rank, world, device)
+    progress = LOG.info if rank == 0 else None  # long passes over the users' records say how far they are
+    summary = ev.SplitSummary.of_all_ranks(shards, rank, world, device, log=progress)
     modality = item_modalities(store, cfg.data.modality_override)
     run_dir = make_run_dir(cfg, rank)
     LOG.info(f"run directory: {run_dir}")
@@ -94,7 +95,7 @@ def build_parts(cfg: RunConfig, ds_config_path: str) -> TrainingParts:
         write_run_record(run_dir, cfg, ds_base, {"world_size": world})
     sample = ev.UserSample(cfg.eval.max_users, cfg.seed) if cfg.eval.max_users else None
     valid_users = ev.EvalStream(shards, "valid", cfg.model.max_len, summary.users["valid"], summary.targets["valid"],
-                                list(user_vocab), rank, world, sample)
+                                list(user_vocab), rank, world, sample, log=progress)
     test_users = ev.EvalStream(shards, "test", cfg.model.max_len, summary.users["test"], summary.targets["test"],
                                list(user_vocab), rank, world, sample, held=valid_users.held)
     if sample is not None:
