@@ -20,30 +20,33 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from transrec.data_shards import integrity, report
+from transrec.data_shards.bad_input import Problems
 from transrec.data_shards.build_histories import (
     ENGINES,
     BuildTimer,
     HistoryStage,
-    Progress,
     stage_histories,
     write_id_maps,
 )
 from transrec.data_shards.build_input import ItemPlan, plan_items
 from transrec.data_shards.log_reader import FORMATS, LogError, log_columns, log_format
-from transrec.data_shards.modalities import MODALITY_RULE, content_kind
-from transrec.data_shards.shard_io import FORMAT_VERSION, DeterministicTarWriter, item_index_dtype
+from transrec.data_shards.modalities import MODALITY_RULE
+from transrec.data_shards.shard_io import FORMAT_VERSION
+from transrec.data_shards.shard_writers import (
+    SequenceShards,
+    write_item_shards,
+    write_sequence_shards,
+)
 from transrec.data_shards.tables import (
     GenericColumns,
-    ItemRecord,
     MissingColumn,
-    Problems,
     RawDomain,
     file_sha256,
     load_generic,
@@ -113,17 +116,6 @@ class BuildOptions:
             raise ValueError(f"--modality image: {self.dataset} has no images: build --modality text{posters}")
 
 
-@dataclass
-class SequenceShards:
-    """The sequence tars written, and what the manifest says of their users."""
-
-    names: list[str] = field(default_factory=list)
-    statistics: dict = field(default_factory=dict)  # users and interactions by history form (report.HistoryForms)
-    train_lengths: dict[str, dict[str, int]] = field(default_factory=dict)  # per shard: histogram of num_train
-    evaluated: int = 0
-    interactions: int = 0
-
-
 def load_domain(opts: BuildOptions) -> RawDomain:
     if opts.dataset == "movielens-100k-mm":
         return load_movielens(opts.source)
@@ -153,11 +145,6 @@ def feature_vocab(values_by_key: dict[str, dict[str, list[str]]]) -> dict[str, l
     return {n: ["<unk>"] + sorted({v for f in values_by_key.values() for v in f.get(n, []) if v}) for n in names}
 
 
-def encode_features(features: dict[str, list[str]], vocab: dict[str, list[str]]) -> dict[str, list[int]]:
-    lookup = {n: {v: i for i, v in enumerate(vs)} for n, vs in vocab.items()}
-    return {n: [lookup[n].get(v, 0) for v in features.get(n, []) if v] or [0] for n in vocab}
-
-
 def build(opts: BuildOptions) -> dict:
     """Build the shards; returns the manifest. Raises SystemExit when no interaction is left to build from, and under
     --strict when bad input is found (the findings are written beside --out).
@@ -180,7 +167,8 @@ def build(opts: BuildOptions) -> dict:
         tmp = fresh_partial_folder(opts.out)
         item_shards = write_item_shards(tmp, domain, plan, token_ids, vocab["item"], opts.items_per_shard)
         timer.done("item shards")
-        sequences = write_sequence_shards(tmp, domain, plan, histories, vocab["user"], opts)
+        sequences = write_sequence_shards(tmp, domain, plan, histories, vocab["user"], opts.users_per_shard,
+                                          opts.min_interactions)
         write_id_maps(tmp / "id_maps.json", plan.usable, histories.raw_users())
         timer.done("sequence shards", f" ({sequences.interactions:,} interactions)")
     finally:
@@ -236,96 +224,6 @@ def fresh_partial_folder(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def write_item_shards(tmp: Path, domain: RawDomain, plan: ItemPlan, token_ids: list[np.ndarray],
-                      item_vocab: dict[str, list[str]], items_per_shard: int) -> list[str]:
-    """items-NNNNNN.tar with each item's metadata and payloads, and item_index.npy, which says where each payload
-    lies in its tar (readers seek to it instead of reading the tar); returns the tars' names."""
-    index = np.zeros(len(plan.usable), dtype=item_index_dtype(plan.names))
-    item_shards: list[str] = []
-    for first in tqdm(range(0, len(plan.usable), items_per_shard), desc="writing item shards", unit="shard",
-                      disable=None):
-        name = f"items-{len(item_shards):06d}.tar"
-        writer = DeterministicTarWriter(tmp / name)
-        for i in range(first, min(first + items_per_shard, len(plan.usable))):
-            index[i]["shard"], index[i]["modality"] = len(item_shards), plan.modality[plan.usable[i]]
-            write_item(writer, i, domain.items[plan.usable[i]], plan, token_ids[i], item_vocab, index)
-        writer.close()
-        item_shards.append(name)
-    np.save(tmp / "item_index.npy", index, allow_pickle=False)
-    return item_shards
-
-
-def write_item(writer: DeterministicTarWriter, i: int, rec: ItemRecord, plan: ItemPlan, tokens: np.ndarray,
-               item_vocab: dict[str, list[str]], index: np.ndarray) -> None:
-    """Item i's metadata and payloads (its tokens, its JPEG when readable, a hook's content) into `writer`, and each
-    payload's offset and size into index[i]."""
-    raw, key = plan.usable[i], f"{i:08d}"
-    meta = {
-        "item": i,
-        "raw_id": raw,
-        "modality": plan.names[plan.modality[raw]],
-        "text": plan.texts[raw],
-        "has_image": plan.has_image[raw],
-        "features": encode_features(rec.features, item_vocab),
-    }
-    writer.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-    payloads = {"text": tokens}
-    if plan.has_image[raw]:
-        payloads["image"] = rec.image_path.read_bytes()
-    if raw in plan.hooked:
-        payloads[plan.hooked[raw][0]] = plan.hooked[raw][1]
-    for kind in map(content_kind, payloads):
-        data, payload_start = kind.pack(payloads[kind.name])  # the payload may follow a header inside the member
-        index[i][f"{kind.name}_offset"] = writer.add(f"{key}.{kind.member}", data) + payload_start
-        index[i][f"{kind.name}_size"] = len(data) - payload_start
-
-
-def write_sequence_shards(tmp: Path, domain: RawDomain, plan: ItemPlan, histories: HistoryStage,
-                          user_vocab: dict[str, list[str]], opts: BuildOptions) -> SequenceShards:
-    """sequences-NNNNNN.tar, one JSON sample per user, and each tar's histogram of training lengths (the loader plans
-    its batches from it without reading the tars). Users arrive one at a time, in shard order."""
-    out = SequenceShards()
-    item_mod = np.array([plan.modality[r] for r in plan.usable], dtype=np.int64)
-    forms = report.HistoryForms(item_mod, plan.names)
-    writer, histogram = None, {}
-    progress = Progress("users written", histories.num_users)
-    for u, (raw, items, times) in enumerate(histories.histories()):
-        progress(u)
-        if u % opts.users_per_shard == 0:
-            if writer is not None:
-                writer.close()
-            name = f"sequences-{len(out.names):06d}.tar"
-            writer = DeterministicTarWriter(tmp / name)
-            histogram = out.train_lengths.setdefault(name, {})
-            out.names.append(name)
-        sample = user_sample(u, raw, items, times, encode_features(domain.user_features.get(raw, {}), user_vocab),
-                             opts.min_interactions)
-        writer.add(f"{u:08d}.json", json.dumps(sample, sort_keys=True).encode())
-        histogram[str(sample["num_train"])] = histogram.get(str(sample["num_train"]), 0) + 1
-        out.evaluated += sample["evaluated"]
-        out.interactions += len(items)
-        forms.add(items)
-    if writer is not None:
-        writer.close()
-    out.statistics = forms.result()
-    return out
-
-
-def user_sample(u: int, raw: str, items: list[int], times: list[float], features: dict[str, list[int]],
-                min_interactions: int) -> dict:
-    """User u's sample: the history by item index, and how much of it is training (SPLIT_RULE)."""
-    is_eval = len(items) >= min_interactions
-    return {
-        "user": u,
-        "raw_id": raw,
-        "items": items,
-        "timestamps": times,
-        "num_train": len(items) - 2 if is_eval else len(items),
-        "evaluated": is_eval,
-        "features": features,
-    }
 
 
 def modality_rule(domain: RawDomain, opts: BuildOptions, names: list[str]) -> str:

@@ -20,11 +20,11 @@ import re
 import unicodedata
 from pathlib import Path
 
+from transrec.data_shards.bad_input import Problems
 from transrec.data_shards.tables import (
     MOVIELENS_TEMPLATE,
     Interaction,
     ItemRecord,
-    Problems,
     RawDomain,
 )
 
