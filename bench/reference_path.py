@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transrec.data_shards.loader import ItemContent, SequenceBatch
+from transrec.data_shards.batch import ItemContent, SequenceBatch
 from transrec.kernels.pytorch.pt_cpc_loss import pt_cpc_loss
 from transrec.trainer.core.model import in_tower_dtype, optimizer_param_groups
 

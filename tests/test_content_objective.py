@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from conftest import content_options, image_content, small_model_config
 
+from transrec.data_shards.batch import attach_step_plan
 from transrec.data_shards.decode import ImageDecoder
-from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
+from transrec.data_shards.loader import LoaderConfig, make_train_loader
 from transrec.data_shards.shard_io import ItemStore
 from transrec.kernels import ops as kernels
 from transrec.trainer.core import losses

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transrec.data_shards.loader import ItemContent, SequenceBatch
+from transrec.data_shards.batch import ItemContent, SequenceBatch
 from transrec.trainer.core.config import DataConfig
 from transrec.trainer.training.device_prefetch import prefetched, resolve_ahead, tensors_of
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import content_options, image_content
 
+from transrec.data_shards.batch import load_item_content
 from transrec.data_shards.decode import CorruptImageError, ImageDecoder
-from transrec.data_shards.loader import LoaderConfig, load_item_content, make_train_loader, window_ends
+from transrec.data_shards.loader import LoaderConfig, make_train_loader, window_ends
 from transrec.data_shards.shard_io import ItemStore, read_sequences
 
 

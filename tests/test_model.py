@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import content_options, image_content, small_model_config
 
-from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.batch import load_item_content
 from transrec.data_shards.shard_io import ItemStore
 from transrec.trainer.core import losses
 from transrec.trainer.core.config import ModelConfig
@@ -191,7 +191,8 @@ def test_stage2_loss_uses_the_user_vector_function(small_model, monkeypatch, ml_
 def test_stage1_loss_equals_masked_full_softmax(small_model, ml_shards):
     """Stage 1 feeds only real (position, next item) pairs to the catalogue softmax: same loss and gradients as
     the naive cross-entropy over every position with padding and zero-weight samples ignored."""
-    from transrec.data_shards.loader import LoaderConfig, attach_step_plan, make_train_loader
+    from transrec.data_shards.batch import attach_step_plan
+    from transrec.data_shards.loader import LoaderConfig, make_train_loader
 
     model, _, _ = small_model
     cfg = LoaderConfig(window=9, batch_size=4, min_len=2, content=image_content())

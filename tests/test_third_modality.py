@@ -17,8 +17,8 @@ from conftest import content_options
 from safetensors.torch import load_file
 from torch import nn
 
+from transrec.data_shards.batch import load_item_content
 from transrec.data_shards.build import BuildOptions, build
-from transrec.data_shards.loader import load_item_content
 from transrec.data_shards.modalities import ContentKind
 from transrec.data_shards.shard_io import ItemStore
 from transrec.trainer.core import modalities

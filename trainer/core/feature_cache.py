@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.batch import load_item_content
 from transrec.data_shards.mixture import catalogue_bounds
 from transrec.data_shards.modalities import ContentOptions
 from transrec.data_shards.shard_io import ItemStore

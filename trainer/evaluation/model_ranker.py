@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transrec.data_shards.loader import load_item_content
+from transrec.data_shards.batch import load_item_content
 from transrec.data_shards.modalities import ContentOptions
 from transrec.data_shards.sequence_table import SequenceTable
 from transrec.data_shards.shard_io import ItemStore, load_manifest
