@@ -12,25 +12,11 @@ import numpy as np
 from tqdm import tqdm
 
 from transrec.data_shards import report
-from transrec.data_shards.build_histories import (
-    HistoryStage,
-    Progress,
-)
+from transrec.data_shards.build_histories import HistoryStage, Progress
 from transrec.data_shards.build_input import ItemPlan
 from transrec.data_shards.modalities import content_kind
 from transrec.data_shards.shard_io import DeterministicTarWriter, item_index_dtype
-from transrec.data_shards.tables import (
-    ItemRecord,
-    RawDomain,
-)
-
-ORDER_RULE = "stable sort of each user's interactions by (timestamp, source row)"
-SPLIT_RULE = (
-    "leave-one-out: last = test, second-last = validation, rest = train; users with < min_interactions are train-only"
-)
-TOKENIZE_BATCH = 512
-DATASETS = ("movielens-100k-mm", "hm-fashion", "movielens-1m", "amazon-office", "generic")
-TEXT_ONLY_DATASETS = ("movielens-1m", "amazon-office")  # movielens-1m gets images only with --posters-from
+from transrec.data_shards.tables import ItemRecord, RawDomain
 
 
 @dataclass
@@ -127,7 +113,7 @@ def write_sequence_shards(tmp: Path, domain: RawDomain, plan: ItemPlan, historie
 
 def user_sample(u: int, raw: str, items: list[int], times: list[float], features: dict[str, list[int]],
                 min_interactions: int) -> dict:
-    """User u's sample: the history by item index, and how much of it is training (SPLIT_RULE)."""
+    """User u's sample: the history by item index, and how much of it is training (build.py's SPLIT_RULE)."""
     is_eval = len(items) >= min_interactions
     return {
         "user": u,
