@@ -95,10 +95,14 @@ class ContentSettings:
     def of(self, name: str) -> object:
         return self.by_modality[name] if name in self.by_modality else content_kind(name).settings
 
+    def options_of(self, name: str, device="cpu", decode: bool = True) -> object:
+        """Modality `name`'s run-time options on `device` (`decode` False: content that is decoded, such as JPEGs,
+        stays bytes)."""
+        return content_kind(name).options(self.of(name), device, decode)
+
     def options(self, device="cpu", decode: bool = True) -> ContentOptions:
-        """Each registered modality's run-time options on `device` (`decode` False: content that is decoded, such as
-        JPEGs, stays bytes)."""
-        return ContentOptions({name: kind.options(self.of(name), device, decode) for name, kind in CONTENT.items()})
+        """Every registered modality's run-time options (options_of)."""
+        return ContentOptions({name: self.options_of(name, device, decode) for name in CONTENT})
 
 
 @dataclass(frozen=True)

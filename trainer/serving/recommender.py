@@ -294,7 +294,7 @@ class Recommender:
         else:
             payload = image_jpeg
         kind = content_kind(tower)  # its options under the model's settings (an image: a Pillow decoder, on the CPU)
-        options = kind.options(content_settings(self.model.cfg, "pil").of(tower), "cpu", True)
+        options = content_settings(self.model.cfg, "pil").options_of(tower, "cpu")
         model_tower = self.model.towers[tower]
         try:
             inputs = kind.collate([payload], np.array([len(self.item_ids)]), options)
